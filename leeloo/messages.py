@@ -1,0 +1,379 @@
+"""
+The LEELOO wire protocol: typed messages, ``decode()`` / ``encode()``, and the
+``ProtocolError`` family.
+
+This module is the specification of what devices and the relay say to each
+other over the WebSocket at ``/ws`` (one JSON object per text frame).  Every
+message and field below is used by devices already in the field: new features
+add messages and fields, they never rename or remove these.
+
+Client -> relay
+    ``register``     ``device_id``? ``crew_code``? ``device_name``?
+    ``create_crew``  ``device_id``? ``crew_code``? ``display_name``? (or ``device_name``)
+    ``join_crew``    ``crew_code`` ``device_id``? ``display_name``? (or ``device_name``)
+    ``message``      ``msg_type`` (default ``"text"``), ``payload`` (object, default ``{}``)
+    ``share_music``  ``spotify_uri`` ``artist`` ``track`` ``album``
+    ``reaction``     ``reaction_type``
+    ``ping``
+
+Relay -> client
+    ``registered`` ``crew_created`` ``crew_joined`` ``member_joined``
+    ``member_offline`` ``message`` ``music_shared`` ``reaction`` ``pong``
+    ``spotify_auth_complete`` ``error``
+
+Unknown fields are ignored, so that newer devices keep working against this
+relay.  A frame that cannot be understood raises a L{ProtocolError} whose
+``code`` is the stable machine-readable error code sent back in an ``error``
+frame.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+# Generated crew codes: prefix plus characters that cannot be misread.
+CREW_CODE_PREFIX = "LEELOO-"
+CREW_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+DEVICE_ID_PREFIX = "leeloo_"
+
+MAX_CREW_CODE_LENGTH = 32
+MAX_DEVICE_ID_LENGTH = 64
+MAX_NAME_LENGTH = 64
+MAX_TYPE_LENGTH = 64
+MAX_FIELD_LENGTH = 1024
+
+_CREW_CODE_RE = re.compile(r"[A-Z0-9_-]{1,%d}" % MAX_CREW_CODE_LENGTH)
+_DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,%d}" % MAX_DEVICE_ID_LENGTH)
+
+
+class ProtocolError(Exception):
+    """
+    A peer's mistake.  C{code} is the stable error code of the contract,
+    C{message} a short sentence safe to show to the peer.
+    """
+
+    code = "invalid_message"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def as_message(self) -> dict:
+        return error(self.code, self.message)
+
+
+class InvalidJSON(ProtocolError):
+    code = "invalid_json"
+
+
+class InvalidMessage(ProtocolError):
+    code = "invalid_message"
+
+
+class UnknownType(ProtocolError):
+    code = "unknown_type"
+
+
+class NotInCrew(ProtocolError):
+    code = "not_in_crew"
+
+
+class InvalidCrewCode(ProtocolError):
+    code = "invalid_crew_code"
+
+
+class BinaryNotSupported(ProtocolError):
+    code = "binary_not_supported"
+
+
+# ---------------------------------------------------------------- incoming
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    device_id: str | None = None
+    crew_code: str | None = None
+    device_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreateCrew:
+    device_id: str | None = None
+    crew_code: str | None = None
+    display_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JoinCrew:
+    crew_code: str
+    device_id: str | None = None
+    display_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CrewMessage:
+    msg_type: str = "text"
+    payload: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ShareMusic:
+    spotify_uri: str | None = None
+    artist: str | None = None
+    track: str | None = None
+    album: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reaction:
+    reaction_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+# ------------------------------------------------------------- validation
+
+
+def _string(obj: Mapping, name: str, max_length: int, required: bool = False) -> str | None:
+    """
+    The string field C{name} of C{obj}, stripped; C{None} when absent, null
+    or empty (as the original relay treated them) unless C{required}.
+    """
+    value = obj.get(name)
+    if value is None or value == "":
+        if required:
+            raise InvalidMessage(f"{name} is required")
+        return None
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{name} must be a string")
+    value = value.strip()
+    if not value:
+        if required:
+            raise InvalidMessage(f"{name} is required")
+        return None
+    if len(value) > max_length:
+        raise InvalidMessage(f"{name} must be at most {max_length} characters")
+    return value
+
+
+def normalize_crew_code(value: Any) -> str:
+    """
+    Upper-case and check a crew code; raise L{InvalidMessage} if it cannot
+    be one.
+    """
+    if not isinstance(value, str):
+        raise InvalidMessage("crew_code must be a string")
+    code = value.strip().upper()
+    if not _CREW_CODE_RE.fullmatch(code):
+        raise InvalidMessage(
+            f"crew_code must be 1-{MAX_CREW_CODE_LENGTH} letters, digits, '-' or '_'"
+        )
+    return code
+
+
+def _crew_code(obj: Mapping, required: bool = False) -> str | None:
+    value = obj.get("crew_code")
+    if value is None or value == "":
+        if required:
+            raise InvalidMessage("crew_code is required")
+        return None
+    return normalize_crew_code(value)
+
+
+def device_id_of(obj: Mapping) -> str | None:
+    """
+    The optional C{device_id} field of C{obj}, checked.
+    """
+    value = _string(obj, "device_id", MAX_DEVICE_ID_LENGTH)
+    if value is not None and not _DEVICE_ID_RE.fullmatch(value):
+        raise InvalidMessage(
+            f"device_id must be 1-{MAX_DEVICE_ID_LENGTH} letters, digits, '_', '.', ':' or '-'"
+        )
+    return value
+
+
+def _display_name(obj: Mapping) -> str | None:
+    name = _string(obj, "display_name", MAX_NAME_LENGTH)
+    if name is None:
+        name = _string(obj, "device_name", MAX_NAME_LENGTH)
+    return name
+
+
+def _register(obj: Mapping) -> Register:
+    return Register(
+        device_id=device_id_of(obj),
+        crew_code=_crew_code(obj),
+        device_name=_string(obj, "device_name", MAX_NAME_LENGTH),
+    )
+
+
+def _create_crew(obj: Mapping) -> CreateCrew:
+    return CreateCrew(
+        device_id=device_id_of(obj),
+        crew_code=_crew_code(obj),
+        display_name=_display_name(obj),
+    )
+
+
+def _join_crew(obj: Mapping) -> JoinCrew:
+    return JoinCrew(
+        crew_code=_crew_code(obj, required=True),
+        device_id=device_id_of(obj),
+        display_name=_display_name(obj),
+    )
+
+
+def _crew_message(obj: Mapping) -> CrewMessage:
+    msg_type = _string(obj, "msg_type", MAX_TYPE_LENGTH) or "text"
+    payload = obj.get("payload")
+    if payload is None:
+        payload = {}
+    elif not isinstance(payload, dict):
+        raise InvalidMessage("payload must be an object")
+    return CrewMessage(msg_type=msg_type, payload=payload)
+
+
+def _share_music(obj: Mapping) -> ShareMusic:
+    return ShareMusic(
+        **{
+            name: _string(obj, name, MAX_FIELD_LENGTH)
+            for name in ("spotify_uri", "artist", "track", "album")
+        }
+    )
+
+
+def _reaction(obj: Mapping) -> Reaction:
+    return Reaction(reaction_type=_string(obj, "reaction_type", MAX_TYPE_LENGTH, required=True))
+
+
+_DECODERS: dict[str, Callable[[Mapping], Any]] = {
+    "register": _register,
+    "create_crew": _create_crew,
+    "join_crew": _join_crew,
+    "message": _crew_message,
+    "share_music": _share_music,
+    "reaction": _reaction,
+    "ping": lambda obj: Ping(),
+}
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(data: bytes | str) -> Any:
+    """
+    Parse strict JSON (no NaN or Infinity); raise L{InvalidJSON} otherwise.
+    """
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        raise InvalidJSON("the frame is not valid JSON") from None
+
+
+def decode(data: bytes | str) -> Any:
+    """
+    Decode one text frame into a typed message.
+
+    @raise ProtocolError: a subclass naming what is wrong with the frame.
+    """
+    obj = parse_json(data)
+    if not isinstance(obj, dict):
+        raise InvalidMessage("a message must be a JSON object")
+    kind = obj.get("type")
+    if kind is None:
+        raise InvalidMessage("type is required")
+    if not isinstance(kind, str):
+        raise InvalidMessage("type must be a string")
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        raise UnknownType(f"unknown message type {kind[:MAX_TYPE_LENGTH]!r}")
+    return decoder(obj)
+
+
+# ---------------------------------------------------------------- outgoing
+
+
+def encode(message: Mapping) -> bytes:
+    """
+    The text frame payload of an outgoing message (compact UTF-8 JSON).
+    """
+    return json.dumps(message, separators=(",", ":")).encode("ascii")
+
+
+def registered(device_id: str) -> dict:
+    return {"type": "registered", "device_id": device_id}
+
+
+def crew_created(device_id: str, crew_code: str) -> dict:
+    return {"type": "crew_created", "device_id": device_id, "crew_code": crew_code}
+
+
+def crew_joined(device_id: str, crew_code: str, members: int, names: list[str]) -> dict:
+    return {
+        "type": "crew_joined",
+        "device_id": device_id,
+        "crew_code": crew_code,
+        "crew_members": members,
+        "member_names": names,
+    }
+
+
+def member_joined(device_id: str, name: str) -> dict:
+    return {"type": "member_joined", "device_id": device_id, "display_name": name}
+
+
+def member_offline(device_id: str, name: str) -> dict:
+    return {"type": "member_offline", "device_id": device_id, "display_name": name}
+
+
+def crew_message(
+    from_device: str, from_name: str, msg_type: str, payload: dict, timestamp: int
+) -> dict:
+    return {
+        "type": "message",
+        "from_device": from_device,
+        "from_name": from_name,
+        "msg_type": msg_type,
+        "payload": payload,
+        "timestamp": timestamp,
+    }
+
+
+def music_shared(share: ShareMusic, pushed_by: str, timestamp: int) -> dict:
+    return {
+        "type": "music_shared",
+        "spotify_uri": share.spotify_uri,
+        "artist": share.artist,
+        "track": share.track,
+        "album": share.album,
+        "pushed_by": pushed_by,
+        "timestamp": timestamp,
+    }
+
+
+def reaction(reaction_type: str, from_name: str, timestamp: int) -> dict:
+    return {
+        "type": "reaction",
+        "reaction_type": reaction_type,
+        "from": from_name,
+        "timestamp": timestamp,
+    }
+
+
+def pong() -> dict:
+    return {"type": "pong"}
+
+
+def spotify_auth_complete(tokens: Mapping) -> dict:
+    return {"type": "spotify_auth_complete", "tokens": dict(tokens)}
+
+
+def error(code: str, message: str, **extra: Any) -> dict:
+    return {"type": "error", "error": code, "message": message, **extra}

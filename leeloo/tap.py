@@ -1,0 +1,296 @@
+"""
+``twistd leeloo``: command-line options -> a frozen L{Config} -> the service
+tree.  This is the only place argv and the environment become objects, and
+the only module that imports the global reactor (in L{makeService}).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from leeloo.relay import Relay
+from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig, SpotifyOAuth
+from leeloo.web import make_site
+from leeloo.websocket import RelayServerFactory, WebSocketLimits
+
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+DEFAULT_DATA_DIR = "leeloo-data"
+DEFAULT_BACKLOG = 1024
+# Endpoint types whose string takes a backlog= argument.
+_BACKLOG_TYPES = {"tcp", "tcp6", "ssl", "unix"}
+
+SETTINGS = (
+    "SPOTIFY_CLIENT_ID",
+    "SPOTIFY_CLIENT_SECRET",
+    "SPOTIFY_REDIRECT_URI",
+    "SPOTIFY_ACCOUNTS_URL",
+    "SPOTIFY_API_URL",
+    "TELEGRAM_API_SECRET",
+)
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    Everything the relay is configured with, validated.
+    """
+
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    limits: WebSocketLimits = WebSocketLimits()
+    spotify: SpotifyConfig | None = None
+    telegram_api_secret: str | None = field(default=None, repr=False)
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """
+    Read a ``KEY=VALUE`` file in the format of the original relay's ``.env``:
+    blank lines and ``#`` comments allowed, values optionally quoted,
+    ``export`` accepted.  Errors name the line, never its value.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
+        raise usage.UsageError(f"cannot read --env-file {path}: {reason}; check the path and its permissions")
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.fullmatch(key):
+            raise usage.UsageError(f"--env-file {path}, line {number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        else:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+def with_default_backlog(description: str) -> str:
+    """
+    Add C{backlog=1024} to an endpoint string that takes one and sets none
+    (Twisted's default of 50 makes a reconnecting fleet wait on SYN retries).
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind in _BACKLOG_TYPES and not re.search(r"(^|:)backlog=", description):
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
+
+
+class _NoReactor:
+    """
+    Stands in for the reactor while endpoint strings are only checked.
+    """
+
+
+def check_endpoint(description: str) -> str:
+    description = with_default_backlog(description)
+    try:
+        serverFromString(_NoReactor(), description)
+    except Exception as e:
+        detail = str(e) or type(e).__name__
+        raise usage.UsageError(
+            f"--listen {description!r} is not a usable endpoint ({detail}); "
+            "use e.g. tcp:8080:interface=127.0.0.1 or systemd:domain=INET:index=0"
+        )
+    return description
+
+
+def prepare_data_dir(path: str) -> Path:
+    directory = Path(path)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise usage.UsageError(
+            f"--data-dir {path} is not a writable directory ({e.strerror or e}); "
+            "create it for the relay's user or pass another --data-dir"
+        )
+    return directory
+
+
+def settings(environ: Mapping[str, str], env_file: str | None) -> dict[str, str]:
+    """
+    The relay's settings: the environment, with the env file filling what
+    it lacks.
+    """
+    merged = read_env_file(env_file) if env_file else {}
+    for key in SETTINGS:
+        if environ.get(key):
+            merged[key] = environ[key]
+    return {k: v for k, v in merged.items() if k in SETTINGS and v}
+
+
+def spotify_config(values: Mapping[str, str]) -> SpotifyConfig | None:
+    needed = ("SPOTIFY_CLIENT_ID", "SPOTIFY_CLIENT_SECRET", "SPOTIFY_REDIRECT_URI")
+    present = [k for k in needed if values.get(k)]
+    if not present:
+        return None
+    if len(present) != len(needed):
+        missing = ", ".join(k for k in needed if k not in present)
+        raise usage.UsageError(f"Spotify is half configured: set {missing} too (or none of them)")
+    return SpotifyConfig(
+        client_id=values["SPOTIFY_CLIENT_ID"],
+        client_secret=values["SPOTIFY_CLIENT_SECRET"],
+        redirect_uri=values["SPOTIFY_REDIRECT_URI"],
+        accounts_url=values.get("SPOTIFY_ACCOUNTS_URL", DEFAULT_ACCOUNTS_URL),
+        api_url=values.get("SPOTIFY_API_URL", DEFAULT_API_URL),
+    )
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be positive")
+    return number
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the LEELOO relay: the WebSocket at /ws that LEELOO devices share "
+        "songs, reactions and messages through, with its HTTP site. Settings "
+        "come from the environment, with --env-file filling what it lacks: "
+        + ", ".join(SETTINGS)
+        + "."
+    )
+    optParameters = [
+        ["data-dir", "d", DEFAULT_DATA_DIR, "Directory the relay keeps its state in (created 0700)."],
+        ["env-file", "e", None, "KEY=VALUE file of settings; the environment wins over it."],
+        ["max-message-size", None, 64 * 1024,
+         "Largest WebSocket message in bytes; larger ones are refused with close 1009.",
+         _positive_int],
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """
+        Endpoint to serve HTTP and WebSocket on (repeatable; Twisted endpoint
+        string, e.g. tcp:8080, ssl:..., systemd:domain=INET:index=0).
+        Default: tcp:8080:interface=127.0.0.1
+        """
+        self["listen"].append(endpoint)
+
+    def postOptions(self) -> None:
+        listen = tuple(check_endpoint(e) for e in self["listen"] or [DEFAULT_LISTEN])
+        values = settings(self._environ, self["env-file"])
+        self.config = Config(
+            listen=listen,
+            data_dir=prepare_data_dir(self["data-dir"]),
+            limits=WebSocketLimits(max_message_size=self["max-message-size"]),
+            spotify=spotify_config(values),
+            telegram_api_secret=values.get("TELEGRAM_API_SECRET"),
+        )
+
+
+def _never_raises(call: Callable[[], Any], log: Logger, what: str) -> Callable[[], None]:
+    """
+    Wrap a timer's callable: a TimerService whose callable raises stops for
+    good, so log the failure and keep going.
+    """
+
+    def safely() -> None:
+        try:
+            call()
+        except Exception:
+            log.failure("timer {what} failed; it will run again", what=what)
+
+    return safely
+
+
+class RelayService(Service):
+    """
+    Owns the relay: logs its limits at start and closes every connection,
+    telling devices to come back, at stop.
+    """
+
+    log = Logger()
+
+    def __init__(self, relay: Relay, ws_factory: RelayServerFactory, config: Config) -> None:
+        self.relay = relay
+        self.ws_factory = ws_factory
+        self.config = config
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(
+            "LEELOO relay starting on {listen}, data in {data_dir}",
+            listen=", ".join(self.config.listen),
+            data_dir=str(self.config.data_dir),
+        )
+        self.ws_factory.log_limits()
+        self.log.info(
+            "Spotify callback {spotify}; bot API {bot}",
+            spotify="configured" if self.config.spotify else "not configured",
+            bot="enabled" if self.config.telegram_api_secret else "disabled (no TELEGRAM_API_SECRET)",
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.relay.shutdown()
+
+
+def build_service(config: Config, reactor: Any, http: Any = None) -> MultiService:
+    """
+    The relay's service tree for C{config} on C{reactor}.  C{http} is the
+    treq-like client Spotify is called with (default: treq on C{reactor}).
+    """
+    import txaio
+
+    txaio.use_twisted()
+    txaio.config.loop = reactor
+
+    relay = Relay(reactor)
+    ws_factory = RelayServerFactory(relay, config.limits)
+    spotify = None
+    if config.spotify is not None:
+        if http is None:
+            from treq.client import HTTPClient
+            from twisted.web.client import Agent, HTTPConnectionPool
+
+            http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+        spotify = SpotifyOAuth(config.spotify, http, reactor)
+    site = make_site(relay, ws_factory, spotify, config.telegram_api_secret, reactor=reactor)
+
+    top = MultiService()
+    RelayService(relay, ws_factory, config).setServiceParent(top)
+    timers = TimerService(60, _never_raises(relay.expire, RelayService.log, "expire tokens"))
+    timers.clock = reactor
+    timers.setServiceParent(top)
+    for description in config.listen:
+        service = StreamServerEndpointService(serverFromString(reactor, description), site)
+        service.setServiceParent(top)
+    top.relay = relay
+    top.site = site
+    return top
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+
+    return build_service(options.config, reactor)

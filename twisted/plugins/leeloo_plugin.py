@@ -1,0 +1,3 @@
+from twisted.application.service import ServiceMaker
+
+leeloo = ServiceMaker("LEELOO relay", "leeloo.tap", "The LEELOO music-sharing relay.", "leeloo")
