@@ -1,0 +1,23 @@
+#!/bin/sh
+# Installs everything the test suite needs on a fresh Debian machine, then
+# runs it.  The README's test command; .ci/run runs exactly this.
+set -eu
+cd "$(dirname "$0")/.."
+
+# Debian packages the end-to-end tests use (real servers on loopback).
+DEBS=""
+missing=""
+for pkg in $DEBS; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+# Regenerate Twisted's plugin cache so twistd finds the leeloo plugin.
+python3 -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+
+exec python3 -m pytest tests "$@"
