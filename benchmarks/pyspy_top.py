@@ -35,6 +35,26 @@ def frame_key(frame: str) -> tuple[str, str]:
     return m.group("func"), path
 
 
+# What the relay was doing, judged from the whole stack; first match wins.
+_PHASES = (
+    ("opening handshake (HTTP request, upgrade, onOpen)", ("WebSocketResource.render", "HTTPChannel.", "processHandshake", "_connectionMade", "onOpen")),
+    ("connection closed (onClose, member_offline)", ("connectionLost", "onClose", "_connectionLost")),
+    ("frame in -> decode -> fan-out -> sendPreparedMessage", ("onMessage", "_onMessageEnd")),
+    ("frame parsing before the message is whole (processData)", ("processData", "WebSocketProtocol._dataReceived")),
+    ("socket writes (doWrite / send)", ("doWrite", "writeSomeData")),
+    ("socket reads (doRead / recv)", ("doRead",)),
+    ("timers (auto-ping, txaio batched calls)", ("runUntilCurrent", "_notify_bucket", "_sendAutoPing")),
+    ("epoll wait and bookkeeping", ("doPoll",)),
+)
+
+
+def phase_of(stack: str, frames: list) -> str:
+    for name, needles in _PHASES:
+        if any(n in stack for n in needles):
+            return name
+    return "other"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("profile")
@@ -43,6 +63,7 @@ def main() -> None:
     self_count: Counter = Counter()
     incl_count: Counter = Counter()
     by_file: Counter = Counter()
+    phases: Counter = Counter()
     total = 0
     with open(args.profile, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -56,6 +77,7 @@ def main() -> None:
             if not frames:
                 continue
             total += count
+            phases[phase_of(stack, frames)] += count
             self_count[frames[-1]] += count
             by_file[frames[-1][1]] += count
             for fr in set(frames):
@@ -70,6 +92,7 @@ def main() -> None:
             print(f"  {100 * count / total:5.1f}%  {fmt(key)}")
 
     print(f"{total} busy samples")
+    show("by activity:", phases, lambda k: k)
     show("self (top of stack):", self_count, lambda k: f"{k[0]}  [{k[1]}]")
     show("inclusive (anywhere in the stack):", incl_count, lambda k: f"{k[0]}  [{k[1]}]")
     show("self by file:", by_file, lambda k: k)

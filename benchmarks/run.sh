@@ -19,7 +19,7 @@
 #   HOLD=5            idle: seconds to hold the registered fleet
 #   RATE=1000 DURATION=8 WARMUP=2    fanout: messages/s, measured and warm-up seconds
 #   SAT_START=500 SAT_STEP=4 SAT_FACTOR=2 SAT_REFINE=3 SAT_RETRIES=1 P99_MS=50   saturate
-#   STORM_CONC=1000   storm: connections pending at once, in total
+#   STORM_CONC=500    storm: connections pending at once, in total
 #   CONNECT_RATE=2000 devices/s while setting up idle/fanout/saturate
 #   PROFILE=py-spy    record the relay with py-spy during saturate (OUTDIR/saturate.pyspy.txt
 #                     and OUTDIR/saturate.profile.txt, the top functions); PROFILE_NATIVE=1 adds --native
@@ -51,7 +51,7 @@ HOLD="${HOLD:-5}"
 RATE="${RATE:-1000}"; DURATION="${DURATION:-8}"; WARMUP="${WARMUP:-2}"
 SAT_START="${SAT_START:-500}"; SAT_STEP="${SAT_STEP:-4}"; SAT_FACTOR="${SAT_FACTOR:-2}"
 SAT_REFINE="${SAT_REFINE:-3}"; SAT_RETRIES="${SAT_RETRIES:-1}"; P99_MS="${P99_MS:-50}"
-STORM_CONC="${STORM_CONC:-1000}"; CONNECT_RATE="${CONNECT_RATE:-2000}"
+STORM_CONC="${STORM_CONC:-500}"; CONNECT_RATE="${CONNECT_RATE:-2000}"
 PROFILE="${PROFILE:-}"; PROFILE_NATIVE="${PROFILE_NATIVE:-}"
 LOADGEN_ARGS="${LOADGEN_ARGS:-}"
 read -ra TWISTD_CMD <<<"${TWISTD:-twistd}"
@@ -158,7 +158,7 @@ run_scenario() {  # $1 = scenario, $2 = devices, rest = loadgen options
     return
   fi
   if [ "$sc" = saturate ] && [ "$PROFILE" = py-spy ]; then
-    py-spy record --pid "$RELAY_PID" --rate 200 --format raw ${PROFILE_NATIVE:+--native} \
+    py-spy record --pid "$RELAY_PID" --rate 200 --nonblocking --format raw ${PROFILE_NATIVE:+--native} \
       -o "$base.pyspy.txt" >"$base.pyspy.log" 2>&1 &
     PROFILER_PID=$!
   fi

@@ -51,6 +51,8 @@ options [defaults]
   --max-rate R            saturate: never offer more messages/s [200000]
   --p99-ms T              saturate: p99 threshold [50]
   --step-retries M        saturate: repeat a failed step up to M times [1]
+  --disturbed-retries M   saturate: and up to M more times when other work took
+                          over 15% of the machine during it [3]
   --min-send-ratio X      saturate: a step that sent less than X of its target is
                           generator-limited and ends the ramp [0.95]
   --settle S              saturate: pause between steps [1]
@@ -72,7 +74,7 @@ const DEFAULTS = {
   url: 'ws://127.0.0.1:8080/ws', 'server-pid': null, n: 2000, 'crew-size': 5, workers: 2, client: 'raw',
   hold: 5, rate: 1000, duration: 8, warmup: 2,
   'start-rate': 500, 'step-seconds': 4, 'ramp-factor': 2, 'refine-steps': 3, 'max-steps': 12, 'max-rate': 200000,
-  'p99-ms': 50, 'step-retries': 1, 'min-send-ratio': 0.95, settle: 1, 'quiet-wait': 10, drain: 5,
+  'p99-ms': 50, 'step-retries': 1, 'disturbed-retries': 3, 'min-send-ratio': 0.95, settle: 1, 'quiet-wait': 10, drain: 5,
   'connect-rate': 2000, 'connect-concurrency': 200, concurrency: 1000, 'register-timeout': 30, 'src-ips': 1,
   'json-out': null, label: '', 'max-seconds': 900, quiet: false, help: false,
 };
@@ -82,7 +84,7 @@ const RANGES = {
   n: [1, 100000, true], 'crew-size': [2, 32, true], workers: [1, 16, true], hold: [0, 3600], rate: [0.1, 1e6],
   duration: [0.5, 3600], warmup: [0, 600], 'start-rate': [0.1, 1e6], 'step-seconds': [0.5, 600],
   'ramp-factor': [1.05, 16], 'refine-steps': [0, 20, true], 'max-steps': [1, 50, true], 'max-rate': [1, 1e6],
-  'p99-ms': [0.01, 1e6], 'step-retries': [0, 5, true], 'min-send-ratio': [0, 1], settle: [0, 600], 'quiet-wait': [0, 600], drain: [0, 600],
+  'p99-ms': [0.01, 1e6], 'step-retries': [0, 5, true], 'disturbed-retries': [0, 10, true], 'min-send-ratio': [0, 1], settle: [0, 600], 'quiet-wait': [0, 600], drain: [0, 600],
   'connect-rate': [0, 1e6], 'connect-concurrency': [1, 100000, true], concurrency: [1, 100000, true],
   'register-timeout': [0.1, 600], 'src-ips': [1, 254, true], 'max-seconds': [1, 86400], 'server-pid': [1, 2 ** 31, true],
 };
@@ -343,7 +345,11 @@ async function phase(rate, seconds) {
     duplicates: sum(rs, (r) => r.dup), misrouted: sum(rs, (r) => r.misrouted), self_echo: sum(rs, (r) => r.self_echo),
     deliveries_per_s: round(received / Math.max((tLast - startAt) / 1000, 1e-9), 1),
     drain_ms: round(Math.max(0, tLast - tSendEnd), 1),
-    latency_ms: lat, send_lag_max_ms: Math.max(...rs.map((r) => r.send_lag_max_ms || 0)),
+    latency_ms: lat,
+    // worst latency of the messages sent in each 250 ms of the step
+    worst_latency_per_250ms: Array.from(rs.reduce((m, r) => m.map((x, i) => Math.max(x, r.timeline[i] || 0)),
+      new Float64Array(rs[0].timeline.length)), (x) => round(x, 1)),
+    send_lag_max_ms: Math.max(...rs.map((r) => r.send_lag_max_ms || 0)),
     send, whole: closeWindow(win, sum(rs, (r) => r.cpu_us), tEnd),
   };
 }
@@ -424,7 +430,7 @@ async function saturate() {
   const thr = opt['p99-ms'];
   Object.assign(result.params, {
     start_rate: opt['start-rate'], step_seconds: opt['step-seconds'], ramp_factor: opt['ramp-factor'],
-    refine_steps: opt['refine-steps'], step_retries: opt['step-retries'], p99_threshold_ms: thr, drain_s: opt.drain,
+    refine_steps: opt['refine-steps'], step_retries: opt['step-retries'], disturbed_retries: opt['disturbed-retries'], p99_threshold_ms: thr, drain_s: opt.drain,
   });
   result.setup = await connectFleet(opt['connect-rate'], opt['connect-concurrency'], 'saturate');
   const steps = [];
@@ -455,9 +461,19 @@ async function saturate() {
     quietBefore = await waitQuiet(opt['quiet-wait']);
     return s;
   };
+  // A failed step is repeated up to --step-retries times, and a failed step
+  // during which other work took more than 15% of the machine up to
+  // --disturbed-retries more times: other load can only make a step fail.
   const step = async (rate, kind) => {
     let s = await once(rate, kind);
-    for (let r = 0; r < opt['step-retries'] && s.verdict !== 'pass' && s.verdict !== 'generator_limited'; r++) s = await once(rate, 'retry');
+    let retries = 0;
+    let disturbed = 0;
+    for (let guard = 0; guard < 20 && s.verdict !== 'pass' && s.verdict !== 'generator_limited'; guard++) {
+      if ((s.send.other_load_pct ?? 0) > 15 && disturbed < opt['disturbed-retries']) disturbed++;
+      else if (retries < opt['step-retries']) retries++;
+      else break;
+      s = await once(rate, 'retry');
+    }
     return s;
   };
   let rate = opt['start-rate'];

@@ -22,6 +22,7 @@ let unexpectedCloses = 0;
 let badFrames = 0;
 let closingAll = false;
 const phases = new Map();
+const TIMELINE_MS = 250;
 
 const SONG = {
   artist: 'Bench Artist', track: 'Bench Track', album: 'Bench Album',
@@ -150,6 +151,9 @@ function newPhase(id, rate, seconds) {
   const ph = {
     id, rate, seconds, cap, target: Math.floor(rate * seconds),
     mask: new Uint32Array(cap), lat: new Float64Array(cap * (cfg.crewSize - 1)), nLat: 0,
+    // the worst latency of the messages sent in each TIMELINE_MS slice: shows
+    // whether slow deliveries come in bursts (a stall) or all along (a queue)
+    timeline: new Float64Array(Math.ceil((seconds * 1000 + 500) / TIMELINE_MS)),
     sent: 0, skipped: 0, expected: 0, received: 0, dup: 0, misrouted: 0, selfEcho: 0, late: 0,
     open: true, tStart: 0, tSendEnd: 0, tLastRecv: 0, lagMax: 0,
   };
@@ -179,7 +183,10 @@ function onFrame(dev, data, isBinary) {
   ph.mask[b.q] |= bit;
   if (!ph.open) { ph.late++; return; }
   ph.received++;
-  ph.lat[ph.nLat++] = tRecv - b.t;
+  const l = tRecv - b.t;
+  ph.lat[ph.nLat++] = l;
+  const slot = Math.min(ph.timeline.length - 1, Math.max(0, Math.floor((b.t - ph.tStart) / TIMELINE_MS)));
+  if (l > ph.timeline[slot]) ph.timeline[slot] = l;
   ph.tLastRecv = tRecv;
 }
 
@@ -240,7 +247,7 @@ async function runPhase({ phase, rate, seconds, startAt, drainS }) {
     phase, target: ph.target, sent: ph.sent - ph.skipped, skipped: ph.skipped, senders: senders.length,
     expected: ph.expected, received: ph.received, dup: ph.dup, misrouted: ph.misrouted, self_echo: ph.selfEcho,
     t_start: ph.tStart, t_send_end: ph.tSendEnd, t_last_recv: ph.tLastRecv, t_end: tEnd, send_lag_max_ms: round(ph.lagMax),
-    lat: ph.lat.slice(0, ph.nLat), send_cpu_us: cSend - c0, cpu_us: cpuUs() - c0,
+    lat: ph.lat.slice(0, ph.nLat), timeline: ph.timeline, send_cpu_us: cSend - c0, cpu_us: cpuUs() - c0,
   };
   // keep the masks for late/duplicate counting a little longer, drop the samples
   ph.lat = new Float64Array(0);
