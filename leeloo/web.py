@@ -238,14 +238,14 @@ class BotAPI(Resource):
             raise APIError(
                 503, "bot_api_disabled", "the bot API is disabled: TELEGRAM_API_SECRET is not set"
             )
-        given = request.getHeader(b"x-api-secret")
+        given = request.getHeader("x-api-secret")
         if given is None or not hmac.compare_digest(given.encode("utf-8"), self._secret):
             self.log.warn("bot API call with a wrong or missing secret from {peer}",
                           peer=getattr(request.getClientAddress(), "host", None))
             raise APIError(401, "unauthorized")
 
     def _body(self, request: Request) -> dict:
-        content_type = (request.getHeader(b"content-type") or "").split(";")[0].strip().lower()
+        content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
         if content_type != "application/json":
             raise APIError(400, "invalid_content_type", "send a JSON body (Content-Type: application/json)")
         raw = request.content.read(MAX_BODY + 1)
