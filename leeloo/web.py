@@ -239,14 +239,14 @@ class BotAPI(Resource):
                 503, "bot_api_disabled", "the bot API is disabled: TELEGRAM_API_SECRET is not set"
             )
         given = request.getHeader(b"x-api-secret")
-        if given is None or not hmac.compare_digest(given.encode("utf-8"), self._secret):
+        if given is None or not hmac.compare_digest(given, self._secret):
             self.log.warn("bot API call with a wrong or missing secret from {peer}",
                           peer=getattr(request.getClientAddress(), "host", None))
             raise APIError(401, "unauthorized")
 
     def _body(self, request: Request) -> dict:
-        content_type = (request.getHeader(b"content-type") or "").split(";")[0].strip().lower()
-        if content_type != "application/json":
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if content_type != b"application/json":
             raise APIError(400, "invalid_content_type", "send a JSON body (Content-Type: application/json)")
         raw = request.content.read(MAX_BODY + 1)
         if len(raw) > MAX_BODY:
