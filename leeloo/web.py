@@ -231,6 +231,9 @@ class BotAPI(Resource):
         except ProtocolError as e:
             e2 = _api_error(e)
             return write_json(request, e2.status, e2.body())
+        except Exception:
+            self.log.failure("bug in bot API call {path}", path=path.decode("ascii", "replace"))
+            return write_json(request, 500, {"error": "internal_error"})
         return write_json(request, 200, answer)
 
     def _authorize(self, request: Request) -> None:
