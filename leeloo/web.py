@@ -154,7 +154,7 @@ class SpotifyCallback(Resource):
             request.write(write_html(request, status, page))
             request.finish()
 
-        self.spotify.exchange_code(code).addCallbacks(exchanged, failed)
+        self.spotify.exchange_code(code).addCallback(exchanged).addErrback(failed)
         return NOT_DONE_YET
 
 
