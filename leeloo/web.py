@@ -145,7 +145,9 @@ class SpotifyCallback(Resource):
                 respond(502, pages.spotify_failed("something went wrong"))
                 return
             self.log.warn("Spotify refused a code exchange: {error}", error=e.error)
-            respond(502 if e.error in ("server_error", "unreachable") else 400,
+            # Only a refused code is the phone's request gone bad; anything
+            # else (Spotify down, our credentials, an odd answer) is upstream.
+            respond(400 if e.error == "invalid_grant" else 502,
                     pages.spotify_failed(e.description))
 
         def respond(status: int, page: bytes) -> None:
