@@ -145,7 +145,9 @@ class SpotifyCallback(Resource):
                 respond(502, pages.spotify_failed("something went wrong"))
                 return
             self.log.warn("Spotify refused a code exchange: {error}", error=e.error)
-            respond(502 if e.error in ("server_error", "unreachable") else 400,
+            # Only a refused code is the phone's request gone bad; anything
+            # else (Spotify down, our credentials, an odd answer) is upstream.
+            respond(400 if e.error == "invalid_grant" else 502,
                     pages.spotify_failed(e.description))
 
         def respond(status: int, page: bytes) -> None:
@@ -154,7 +156,7 @@ class SpotifyCallback(Resource):
             request.write(write_html(request, status, page))
             request.finish()
 
-        self.spotify.exchange_code(code).addCallbacks(exchanged, failed)
+        self.spotify.exchange_code(code).addCallback(exchanged).addErrback(failed)
         return NOT_DONE_YET
 
 
@@ -231,6 +233,9 @@ class BotAPI(Resource):
         except ProtocolError as e:
             e2 = _api_error(e)
             return write_json(request, e2.status, e2.body())
+        except Exception:
+            self.log.failure("bug in bot API call {path}", path=path.decode("ascii", "replace"))
+            return write_json(request, 500, {"error": "internal_error"})
         return write_json(request, 200, answer)
 
     def _authorize(self, request: Request) -> None:
@@ -238,15 +243,15 @@ class BotAPI(Resource):
             raise APIError(
                 503, "bot_api_disabled", "the bot API is disabled: TELEGRAM_API_SECRET is not set"
             )
-        given = request.getHeader("x-api-secret")
-        if given is None or not hmac.compare_digest(given.encode("utf-8"), self._secret):
+        given = request.getHeader(b"x-api-secret")
+        if given is None or not hmac.compare_digest(given, self._secret):
             self.log.warn("bot API call with a wrong or missing secret from {peer}",
                           peer=getattr(request.getClientAddress(), "host", None))
             raise APIError(401, "unauthorized")
 
     def _body(self, request: Request) -> dict:
-        content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
-        if content_type != "application/json":
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if content_type != b"application/json":
             raise APIError(400, "invalid_content_type", "send a JSON body (Content-Type: application/json)")
         raw = request.content.read(MAX_BODY + 1)
         if len(raw) > MAX_BODY:
