@@ -12,12 +12,13 @@ import json
 from typing import Any, Callable
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from leeloo import messages, pages
-from leeloo.messages import InvalidCrewCode, NotInCrew, ProtocolError
+from leeloo.messages import InvalidCrewCode, NotInCrew, ProtocolError, StoreUnavailable
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyError, SpotifyOAuth
 from leeloo.websocket import RelayServerFactory
@@ -44,6 +45,8 @@ class APIError(Exception):
 
 
 def _api_error(e: ProtocolError) -> APIError:
+    if isinstance(e, StoreUnavailable):
+        return APIError(503, e.code, e.message)
     if isinstance(e, InvalidCrewCode):
         return APIError(404, "crew_not_found", e.message)
     if isinstance(e, NotInCrew):
@@ -217,26 +220,38 @@ class BotAPI(Resource):
             (b"GET", b"crew/status"): self.status,
         }
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> Any:
         path = b"/".join(request.postpath).rstrip(b"/")
-        try:
-            methods = [m for (m, p) in self._routes if p == path]
-            if not methods:
-                raise APIError(404, "not_found", "no such bot API call")
-            if request.method not in methods:
-                request.setHeader(b"allow", b", ".join(methods))
-                raise APIError(405, "method_not_allowed", f"use {methods[0].decode()}")
-            self._authorize(request)
-            answer = self._routes[(request.method, path)](request)
-        except APIError as e:
-            return write_json(request, e.status, e.body())
-        except ProtocolError as e:
-            e2 = _api_error(e)
-            return write_json(request, e2.status, e2.body())
-        except Exception:
-            self.log.failure("bug in bot API call {path}", path=path.decode("ascii", "replace"))
-            return write_json(request, 500, {"error": "internal_error"})
-        return write_json(request, 200, answer)
+        d = maybeDeferred(self._dispatch, request, path)
+        d.addCallbacks(lambda answer: (200, answer), self._error, errbackArgs=(path,))
+        d.addCallback(self._answer, request)
+        return NOT_DONE_YET
+
+    def _dispatch(self, request: Request, path: bytes) -> Any:
+        methods = [m for (m, p) in self._routes if p == path]
+        if not methods:
+            raise APIError(404, "not_found", "no such bot API call")
+        if request.method not in methods:
+            request.setHeader(b"allow", b", ".join(methods))
+            raise APIError(405, "method_not_allowed", f"use {methods[0].decode()}")
+        self._authorize(request)
+        return self._routes[(request.method, path)](request)
+
+    def _error(self, failure: Any, path: bytes) -> tuple[int, dict]:
+        if failure.check(APIError):
+            return failure.value.status, failure.value.body()
+        if failure.check(ProtocolError):
+            e = _api_error(failure.value)
+            return e.status, e.body()
+        self.log.failure("bug in bot API call {path}", failure, path=path.decode("ascii", "replace"))
+        return 500, {"error": "internal_error"}
+
+    def _answer(self, answer: tuple[int, dict], request: Request) -> None:
+        if request._disconnected or request.finished:
+            return
+        status, body = answer
+        request.write(write_json(request, status, body))
+        request.finish()
 
     def _authorize(self, request: Request) -> None:
         if self._secret is None:
@@ -286,8 +301,8 @@ class BotAPI(Resource):
             payload = {}
         if not isinstance(payload, dict):
             raise APIError(400, "payload must be an object")
-        reached = self.relay.bot_message(user, code, sender, msg_type, payload)
-        return {"success": True, "devices_reached": reached}
+        d = self.relay.bot_message(user, code, sender, msg_type, payload)
+        return d.addCallback(lambda reached: {"success": True, "devices_reached": reached})
 
     def status(self, request: Request) -> dict:
         code = _arg(request, b"crew_code")

@@ -39,7 +39,8 @@ class RelayTestCase(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(T0)
-        self.relay = Relay(self.clock)
+        ids = iter(range(1, 10**6))
+        self.relay = Relay(self.clock, message_id=lambda: f"m{next(ids)}")
 
     def device(self):
         return Device(self.relay)
@@ -253,6 +254,8 @@ class FanoutTests(RelayTestCase):
             "msg_type": "song_push",
             "payload": {"track": "T", "note": "listen"},
             "timestamp": int((T0 + 1.5) * 1000),
+            "seq": 1,
+            "id": "m1",
         }
         self.assertEqual(b.take(), [expected])
         self.assertEqual(c.take(), [expected])
@@ -303,6 +306,8 @@ class FanoutTests(RelayTestCase):
                 "album": "B",
                 "pushed_by": "Dev 0",
                 "timestamp": int(T0 * 1000),
+                "seq": 1,
+                "id": "m1",
             }],
         )
         self.assertEqual(a.take(), [])
@@ -314,7 +319,9 @@ class FanoutTests(RelayTestCase):
         a, b = self.crew_of(2)
         a.send(type="reaction", reaction_type="fire")
         self.assertEqual(
-            b.take(), [{"type": "reaction", "reaction_type": "fire", "from": "Dev 0", "timestamp": int(T0 * 1000)}]
+            b.take(),
+            [{"type": "reaction", "reaction_type": "fire", "from": "Dev 0", "timestamp": int(T0 * 1000),
+              "seq": 1, "id": "m1"}],
         )
 
     def test_only_the_crew(self):
@@ -395,13 +402,33 @@ class DisconnectTests(RelayTestCase):
 
     def test_shutdown_closes_everyone(self):
         """
-        shutdown closes every connection with 1001 going away.
+        shutdown closes every connection with 1001 going away, and fires
+        once they are all closed and the store is flushed.
         """
         a, b = self.crew_of(2)
         idle = self.device()
-        self.relay.shutdown()
+        done = self.relay.shutdown()
+        self.clock.advance(2)
+        self.successResultOf(done)
         for d in (a, b, idle):
             self.assertEqual(d.peer.closed[0], CLOSE_GOING_AWAY)
+
+    def test_shutdown_spreads_closes(self):
+        """
+        shutdown spreads its closes over the spread window, so the fleet
+        does not reconnect in one burst.
+        """
+        devices = self.crew_of(100)
+        done = self.relay.shutdown(spread=2.0, steps=10)
+        closed_at_start = sum(d.peer.closed is not None for d in devices)
+        self.clock.advance(1.0)
+        closed_halfway = sum(d.peer.closed is not None for d in devices)
+        self.assertNoResult(done)
+        self.clock.advance(1.0)
+        self.successResultOf(done)
+        self.assertEqual(closed_at_start, 10)
+        self.assertEqual(closed_halfway, 60)
+        self.assertTrue(all(d.peer.closed for d in devices))
 
 
 class RefusalTests(RelayTestCase):
@@ -503,13 +530,13 @@ class BotTests(RelayTestCase):
         """
         a, b = self.crew_of(2)
         self.relay.bot_join_crew("42", "alpha", "Tom")
-        reached = self.relay.bot_message("42", "ALPHA", "Tom", "text", {"text": "yo"})
+        reached = self.successResultOf(self.relay.bot_message("42", "ALPHA", "Tom", "text", {"text": "yo"}))
         self.assertEqual(reached, 2)
         for d in (a, b):
             self.assertEqual(
                 d.take(),
                 [{"type": "message", "from_device": "telegram", "from_name": "Tom", "msg_type": "text",
-                  "payload": {"text": "yo"}, "timestamp": int(T0 * 1000)}],
+                  "payload": {"text": "yo"}, "timestamp": int(T0 * 1000), "seq": 1, "id": "m1"}],
             )
 
     def test_bot_not_in_crew(self):

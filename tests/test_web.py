@@ -400,9 +400,13 @@ class BotMessageTests(BotAPIMixin, SynchronousTestCase):
             "msg_type": "song_push",
             "payload": payload,
             "timestamp": int((START + 1.5) * 1000),
+            "seq": 1,
         }
-        self.assertEqual(first.take(), [expected])
-        self.assertEqual(second.take(), [expected])
+        received = first.take()
+        self.assertEqual(second.take(), received)
+        [message] = received
+        self.assertIsInstance(message.pop("id"), str)
+        self.assertEqual(message, expected)
 
     def test_devices_reached(self) -> None:
         """
