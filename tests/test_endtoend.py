@@ -5,55 +5,16 @@ End to end over loopback: the whole service tree on a real reactor with the
 """
 
 import json
-import os
-import re
 import signal
-import sys
 import urllib.request
 
 import txaio
-from twisted.internet import defer, protocol, reactor
-from twisted.internet.threads import deferToThread
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
-from websockets.sync.client import connect
 
 from leeloo.tap import Options, build_service
 
-TIMEOUT = 10
-
-
-def ws_session(port, script):
-    """
-    Run C{script(connect_fn)} in a thread; it drives blocking websockets
-    clients against the relay on C{port}.
-    """
-    url = f"ws://127.0.0.1:{port}/ws"
-
-    def opener():
-        return connect(url, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
-
-    return deferToThread(script, opener)
-
-
-def listening_port(service):
-    """
-    A Deferred firing with the port the service tree's listener bound,
-    leaving the listener's own Deferred (which stopService needs) intact.
-    """
-    [listener] = [s for s in service if hasattr(s, "_waitingForPort")]
-    bound = defer.Deferred()
-
-    def got(port):
-        bound.callback(port)
-        return port
-
-    listener._waitingForPort.addCallback(got)
-    return bound
-
-
-def recv(ws):
-    return json.loads(ws.recv(timeout=TIMEOUT))
-
+from .support import TIMEOUT, RelayProcess, listening_port, recv, ws_session
 
 class ServiceTests(TestCase):
     """
@@ -145,31 +106,6 @@ class ServiceTests(TestCase):
         self.assertEqual((received["from_device"], received["payload"]), ("telegram", {"text": "from the bot"}))
 
 
-class TwistdProtocol(protocol.ProcessProtocol):
-    """
-    Collects a twistd process's output; fires C{port} when the Site logs the
-    port it listens on, and C{ended} with the exit status.
-    """
-
-    def __init__(self):
-        self.output = b""
-        self.port = defer.Deferred()
-        self.ended = defer.Deferred()
-
-    def outReceived(self, data):
-        self.output += data
-        match = re.search(rb"Site starting on (\d+)", self.output)
-        if match and not self.port.called:
-            self.port.callback(int(match.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        if not self.port.called:
-            self.port.errback(RuntimeError(self.output.decode(errors="replace")))
-        self.ended.callback(reason.value)
-
-
 class TwistdTests(TestCase):
     """
     ``twistd leeloo`` as a real process.
@@ -178,19 +114,8 @@ class TwistdTests(TestCase):
     timeout = 60
 
     def twistd(self, *args):
-        proto = TwistdProtocol()
-        argv = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "leeloo", *args,
-        ]
-        transport = reactor.spawnProcess(proto, sys.executable, argv, env=dict(os.environ), path=self.mktemp_dir())
-        self.addCleanup(lambda: transport.pid and transport.signalProcess("KILL"))
-        return proto, transport
-
-    def mktemp_dir(self):
-        path = self.mktemp()
-        os.makedirs(path)
-        return path
+        relay = RelayProcess(self, *args)
+        return relay.proto, relay.transport
 
     @defer.inlineCallbacks
     def test_runs_and_stops_cleanly(self):
