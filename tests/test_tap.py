@@ -223,3 +223,38 @@ class MessageSizeTests(OptionsTestCase):
         """
         for bad in ("0", "-5", "big"):
             self.assertRaises(UsageError, self.parse, "--max-message-size", bad)
+
+
+class TimerTests(SynchronousTestCase):
+    def test_timer_callable_never_raises(self):
+        """
+        A timer's callable that raises, or whose Deferred fails, is logged
+        and does not propagate (a TimerService would stop for good).
+        """
+        from twisted.internet.defer import fail
+        from twisted.logger import Logger, capturedLogs
+
+        from leeloo.tap import _never_raises
+
+        log = Logger()
+        with capturedLogs() as events:
+            _never_raises(lambda: 1 / 0, log, "sync")()
+            _never_raises(lambda: fail(ValueError("disk")), log, "async")()
+        self.assertEqual([e["what"] for e in events], ["sync", "async"])
+        self.assertTrue(all(e.get("log_failure") for e in events))
+        self.flushLoggedErrors(ZeroDivisionError, ValueError)
+
+    def test_prune_logs_counts(self):
+        """
+        The retention timer logs how many messages and crews it pruned.
+        """
+        from twisted.internet.task import Clock
+        from twisted.logger import Logger, capturedLogs
+
+        from leeloo.relay import Relay
+        from leeloo.tap import _prune
+
+        with capturedLogs() as events:
+            self.successResultOf(_prune(Relay(Clock()), Logger()))
+        [event] = [e for e in events if "messages" in e]
+        self.assertEqual((event["messages"], event["crews"]), (0, 0))
