@@ -13,6 +13,9 @@ from twisted.internet.threads import deferToThread
 from websockets.sync.client import connect
 
 TIMEOUT = 10
+# The checkout under test: twistd children import its leeloo (and find its
+# plugin), not whatever leeloo happens to be installed.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ws_session(port, script):
@@ -89,7 +92,9 @@ class RelayProcess:
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
             "-n", "--pidfile=", "leeloo", *args,
         ]
-        self.transport = reactor.spawnProcess(self.proto, sys.executable, argv, env=dict(os.environ), path=cwd)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (CHECKOUT, env.get("PYTHONPATH")) if p)
+        self.transport = reactor.spawnProcess(self.proto, sys.executable, argv, env=env, path=cwd)
         testcase.addCleanup(self._reap)
 
     def stop(self, signal="TERM"):
