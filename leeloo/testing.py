@@ -50,8 +50,14 @@ class FakePeer:
 
 class RecordingClientProtocol(WebSocketClientProtocol):
     """
-    A real Autobahn client that records the messages it receives.
+    A real Autobahn client that records the messages it receives.  A
+    refused handshake leaves C{opened} false and C{closed} true (its
+    C{http_status_line} says why).
     """
+
+    opened = False
+    closed = False
+    close_code: int | None = None
 
     def onConnect(self, response: Any) -> None:
         self.received: list[Any] = []
@@ -93,12 +99,17 @@ class MemoryWebSocketClients:
         self.pumps: list[iosim.IOPump] = []
         self._port = 40000
 
-    def connect(self, protocol: type = RecordingClientProtocol, headers: dict | None = None) -> Any:
+    def connect(self, protocol: type = RecordingClientProtocol, headers: dict | None = None,
+                host: str = "127.0.0.1") -> Any:
+        """
+        Connect a client from address C{host}, sending C{headers} with its
+        handshake; return the client protocol once every byte has moved.
+        """
         self._port += 1
         factory = WebSocketClientFactory(f"ws://127.0.0.1:8080{self.path}", headers=headers)
         factory.protocol = protocol
         server_address = IPv4Address("TCP", "127.0.0.1", 8080)
-        client_address = IPv4Address("TCP", "127.0.0.1", self._port)
+        client_address = IPv4Address("TCP", host, self._port)
         server = self.site.buildProtocol(client_address)
         client = factory.buildProtocol(server_address)
         pump = iosim.connect(

@@ -5,8 +5,10 @@ in memory with twisted.test.iosim, Autobahn's timers on a Clock.
 
 import txaio
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from leeloo.access import OriginPolicy, TrustedProxies
 from leeloo.relay import Relay
 from leeloo.testing import MemoryWebSocketClients, RecordingClientProtocol
 from leeloo.web import make_site
@@ -242,3 +244,290 @@ class LimitTests(WebSocketTestCase):
             self.net.flush()
         self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "deaf", "display_name": "deaf"}])
         self.assertTrue(a.closed)
+
+
+# ------------------------------------------------------ transport limits
+
+
+class GuardedTestCase(WebSocketTestCase):
+    """
+    A relay whose factory has the given trusted proxies and public URL.
+    """
+
+    proxies = TrustedProxies()
+    public_url = None
+
+    def setUp(self):
+        super().setUp()
+        self.factory = RelayServerFactory(self.relay, self.limits, self.proxies, OriginPolicy(self.public_url))
+        self.site = make_site(self.relay, self.factory, None, None, reactor=self.clock)
+        self.net = MemoryWebSocketClients(self.site)
+
+    def status(self, client):
+        """
+        The HTTP status the relay answered C{client}'s handshake with.
+        """
+        return int(client.http_status_line.split()[1])
+
+    def refused(self, client, status):
+        self.assertFalse(client.opened)
+        self.assertTrue(client.closed)
+        self.assertEqual(self.status(client), status)
+
+
+class PerAddressCapTests(GuardedTestCase):
+    limits = WebSocketLimits(max_connections=100, max_connections_per_address=2)
+
+    def test_refused_503(self):
+        """
+        A connection from an address that has as many open as allowed is
+        refused at the handshake with HTTP 503.
+        """
+        self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.1")
+        self.refused(self.net.connect(host="198.51.100.1"), 503)
+
+    def test_other_addresses_unaffected(self):
+        """
+        One address at its cap does not stop another address.
+        """
+        self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.1")
+        self.assertTrue(self.net.connect(host="198.51.100.2").opened)
+
+    def test_slot_freed_on_close(self):
+        """
+        When one of an address's connections closes, it may open another.
+        """
+        first = self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.1")
+        first.sendClose(1000)
+        self.net.flush()
+        self.assertTrue(self.net.connect(host="198.51.100.1").opened)
+
+    def test_slot_freed_on_drop(self):
+        """
+        A connection dropped without a close handshake frees its slot too.
+        """
+        first = self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.1")
+        first.transport.loseConnection()
+        self.net.flush()
+        self.assertTrue(self.net.connect(host="198.51.100.1").opened)
+
+    def test_refusals_counted_and_logged_once(self):
+        """
+        Every refusal is counted; the relay warns once per address reaching
+        its cap, not once per refused connection.
+        """
+        with capturedLogs() as events:
+            for _ in range(5):
+                self.net.connect(host="198.51.100.1")
+        self.assertEqual(self.factory.refused["per_address"], 3)
+        warnings = [formatEvent(e) for e in events if e.get("log_namespace") == "leeloo.websocket"]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("198.51.100.1", warnings[0])
+
+    def test_refusal_carries_security_headers(self):
+        """
+        The 503 carries the relay's security headers and an empty body.
+        """
+        self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.1")
+        client = self.net.connect(host="198.51.100.1")
+        self.assertEqual(client.http_headers["x-content-type-options"], "nosniff")
+        self.assertEqual(client.http_headers["x-frame-options"], "DENY")
+        self.assertIn("default-src 'none'", client.http_headers["content-security-policy"])
+        self.assertEqual(client.http_headers["content-length"], "0")
+
+
+class TotalCapTests(GuardedTestCase):
+    limits = WebSocketLimits(max_connections=2, max_connections_per_address=100)
+
+    def test_refused_503(self):
+        """
+        Once as many connections are open as allowed in total, a new one
+        from any address is refused with HTTP 503.
+        """
+        self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.2")
+        self.refused(self.net.connect(host="198.51.100.3"), 503)
+        self.assertEqual(self.factory.refused["total"], 1)
+
+    def test_slot_freed_on_close(self):
+        """
+        When a connection closes, a new one is accepted again.
+        """
+        first = self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.2")
+        first.sendClose(1000)
+        self.net.flush()
+        self.assertTrue(self.net.connect(host="198.51.100.3").opened)
+        self.assertEqual(self.factory.caps.total, 2)
+
+
+class ForwardedForTests(GuardedTestCase):
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    limits = WebSocketLimits(max_connections_per_address=1)
+
+    def address_of_only_session(self):
+        [session] = self.relay.sessions
+        return session.address
+
+    def test_trusted_proxy_names_client(self):
+        """
+        Through a trusted proxy the core is given the address in
+        X-Forwarded-For.
+        """
+        self.net.connect(host="10.0.0.2", headers={"X-Forwarded-For": "203.0.113.9"})
+        self.assertEqual(self.address_of_only_session(), "203.0.113.9")
+
+    def test_untrusted_peer_header_ignored(self):
+        """
+        X-Forwarded-For from a peer that is not a trusted proxy is ignored:
+        the core is given the peer's address.
+        """
+        self.net.connect(host="198.51.100.1", headers={"X-Forwarded-For": "203.0.113.9"})
+        self.assertEqual(self.address_of_only_session(), "198.51.100.1")
+
+    def test_cap_counts_forwarded_clients(self):
+        """
+        Clients behind one trusted proxy are capped each by their own
+        address, not the proxy's.
+        """
+        self.assertTrue(self.net.connect(host="10.0.0.2", headers={"X-Forwarded-For": "203.0.113.9"}).opened)
+        self.assertTrue(self.net.connect(host="10.0.0.2", headers={"X-Forwarded-For": "203.0.113.10"}).opened)
+        self.refused(self.net.connect(host="10.0.0.2", headers={"X-Forwarded-For": "203.0.113.9"}), 503)
+
+    def test_spoofed_header_does_not_dodge_cap(self):
+        """
+        An untrusted client cannot escape its cap by sending a different
+        X-Forwarded-For each time.
+        """
+        self.net.connect(host="198.51.100.1", headers={"X-Forwarded-For": "203.0.113.1"})
+        self.refused(self.net.connect(host="198.51.100.1", headers={"X-Forwarded-For": "203.0.113.2"}), 503)
+
+
+class PublicOriginTests(GuardedTestCase):
+    public_url = "https://relay.example.org"
+
+    def test_public_origin_opens(self):
+        """
+        A browser page from the public URL opens a WebSocket.
+        """
+        self.assertTrue(self.net.connect(headers={"Origin": "https://relay.example.org"}).opened)
+
+    def test_other_origin_refused_403(self):
+        """
+        A browser page from any other origin is refused with HTTP 403, and
+        the refusal is counted.
+        """
+        self.refused(self.net.connect(headers={"Origin": "https://evil.example.net"}), 403)
+        self.refused(self.net.connect(headers={"Origin": "http://relay.example.org"}), 403)
+        self.assertEqual(self.factory.refused["origin"], 2)
+
+    def test_no_origin_opens(self):
+        """
+        A device, which sends no Origin, opens a WebSocket.
+        """
+        self.assertTrue(self.net.connect().opened)
+
+
+class SameOriginTests(GuardedTestCase):
+    def test_same_host_opens(self):
+        """
+        Without a public URL, a page from the host and port the handshake
+        was sent to opens a WebSocket.
+        """
+        self.assertTrue(self.net.connect(headers={"Origin": "http://127.0.0.1:8080"}).opened)
+
+    def test_other_host_refused_403(self):
+        """
+        Without a public URL, a page from another host or port is refused
+        with HTTP 403.
+        """
+        self.refused(self.net.connect(headers={"Origin": "http://evil.example.net"}), 403)
+        self.refused(self.net.connect(headers={"Origin": "http://127.0.0.1:9999"}), 403)
+
+    def test_no_origin_opens(self):
+        """
+        Without a public URL, a device sending no Origin opens a WebSocket.
+        """
+        self.assertTrue(self.net.connect().opened)
+
+
+class SlowReaderTests(WebSocketTestCase):
+    limits = WebSocketLimits(max_unsent=4096)
+
+    BODY = "lorem-ipsum-body-" * 100  # 1.7 KB
+
+    def server_side(self, device_id):
+        return self.relay.devices[device_id].peer
+
+    def test_websocket_is_transport_producer(self):
+        """
+        After the upgrade the WebSocket, not twisted.web's channel, is its
+        transport's producer.
+        """
+        [a] = self.registered(1)
+        server = self.server_side("d0")
+        self.assertIs(server.transport.producer, server)
+
+    def test_cut_off_past_limit(self):
+        """
+        A reader whose transport has paused the relay and that is sent more
+        than the limit since is disconnected; the rest of the crew keeps
+        receiving and hears it went offline.
+        """
+        a, b, c = self.registered(3)
+        slow = self.server_side("d1")
+        slow.transport.producer.pauseProducing()
+        with capturedLogs() as events:
+            for i in range(4):
+                self.send(a, type="message", payload={"text": self.BODY, "n": i})
+        self.assertTrue(slow.transport.disconnecting)
+        received = c.take()
+        self.assertEqual([m["payload"]["n"] for m in received if m["type"] == "message"], [0, 1, 2, 3])
+        self.assertIn({"type": "member_offline", "device_id": "d1", "display_name": "D1"}, received)
+        self.assertEqual(self.factory.slow_readers, 1)
+        [warning] = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertIn("d1", warning)
+        self.assertNotIn("lorem-ipsum", warning)
+
+    def test_nothing_more_sent_once_cut_off(self):
+        """
+        Nothing more is written for a reader once it is cut off.
+        """
+        a, b = self.registered(2)
+        slow = self.server_side("d1")
+        slow.transport.producer.pauseProducing()
+        sent = []
+        self.patch(slow, "sendPreparedMessage", sent.append)
+        for i in range(6):
+            self.send(a, type="message", payload={"text": self.BODY})
+        self.assertEqual(len(sent), 2)
+
+    def test_resume_resets_count(self):
+        """
+        Bytes sent while paused are forgiven once the transport resumes: a
+        reader that catches up is not cut off.
+        """
+        a, b = self.registered(2)
+        slow = self.server_side("d1")
+        for _ in range(3):
+            slow.transport.producer.pauseProducing()
+            self.send(a, type="message", payload={"text": self.BODY})
+            self.send(a, type="message", payload={"text": self.BODY})
+            slow.transport.producer.resumeProducing()
+        self.assertFalse(slow.transport.disconnecting)
+        self.assertEqual(len(b.take()), 6)
+
+    def test_unpaused_not_limited(self):
+        """
+        While the transport has not paused it, a reader is sent any amount.
+        """
+        a, b = self.registered(2)
+        for _ in range(10):
+            self.send(a, type="message", payload={"text": self.BODY})
+        self.assertEqual(len(b.take()), 10)
+        self.assertFalse(self.server_side("d1").transport.disconnecting)
