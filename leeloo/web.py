@@ -1,29 +1,40 @@
 """
 The HTTP site: the landing page, ``/health``, ``/ws``, the Spotify OAuth
-callback and the Telegram bot API, with one JSON error mapping.
+callback and the Telegram bot API, with one JSON error mapping; and the
+admin site with ``/metrics``.
 
-Resources only translate HTTP to L{leeloo.relay.Relay} calls and back.
+Resources only translate HTTP to L{leeloo.relay.Relay} calls and back.  The
+site's channel and request guard the connection below them: a deadline to
+finish each request (the WebSocket upgrade included), bodies capped, the
+security headers on every response, and no query strings in the access log.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from io import BytesIO
 from typing import Any, Callable
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
+from twisted.web import pages as twisted_pages
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from leeloo import messages, pages
+from leeloo.access import TrustedProxies, is_loopback
 from leeloo.messages import InvalidCrewCode, NotInCrew, ProtocolError, StoreUnavailable
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyError, SpotifyOAuth
 from leeloo.websocket import RelayServerFactory
 
 MAX_BODY = 64 * 1024
+_FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
 
 
 class APIError(Exception):
@@ -65,6 +76,43 @@ def write_html(request: Request, status: int, page: bytes) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"text/html; charset=utf-8")
     return page
+
+
+def client_address(request: Request) -> str | None:
+    """
+    The address C{request} came from: its TCP peer's, or behind one of the
+    site's trusted proxies, the one X-Forwarded-For names.
+    """
+    peer = getattr(request.getClientAddress(), "host", None)
+    proxies = getattr(getattr(request, "site", None), "proxies", None)
+    if not proxies:
+        return peer
+    forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+    return proxies.client_address(
+        peer, b",".join(forwarded).decode("latin-1") if forwarded else None)
+
+
+def from_this_host(request: Request) -> bool:
+    """
+    Whether C{request} came from a loopback address and not through a
+    proxy (a reverse proxy on this host connects from loopback too, and
+    says so with a forwarding header).
+    """
+    if any(request.requestHeaders.hasHeader(h) for h in _FORWARDING_HEADERS):
+        return False
+    return is_loopback(getattr(request.getClientAddress(), "host", None))
+
+
+NOT_FOUND = twisted_pages.notFound()
+
+
+class Directory(Resource):
+    """
+    A resource with fixed children; any other path is the site's one 404.
+    """
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NOT_FOUND
 
 
 class Landing(Resource):
@@ -261,7 +309,7 @@ class BotAPI(Resource):
         given = request.getHeader(b"x-api-secret")
         if given is None or not hmac.compare_digest(given, self._secret):
             self.log.warn("bot API call with a wrong or missing secret from {peer}",
-                          peer=getattr(request.getClientAddress(), "host", None))
+                          peer=client_address(request))
             raise APIError(401, "unauthorized")
 
     def _body(self, request: Request) -> dict:
@@ -269,6 +317,8 @@ class BotAPI(Resource):
         if content_type != b"application/json":
             raise APIError(400, "invalid_content_type", "send a JSON body (Content-Type: application/json)")
         raw = request.content.read(MAX_BODY + 1)
+        # The site refuses larger bodies before they are read; this is for
+        # resources served by another site.
         if len(raw) > MAX_BODY:
             raise APIError(413, "body_too_large", f"the body is over {MAX_BODY} bytes")
         try:
@@ -311,24 +361,315 @@ class BotAPI(Resource):
         return self.relay.crew_status(_crew_code(code))
 
 
+class MetricsResource(Resource):
+    """
+    ``GET /metrics``: the relay's figures for Prometheus.  With
+    C{local_only} (the public site) anyone but this host gets the site's
+    404, as if it were not there.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Any, local_only: bool) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self.local_only = local_only
+
+    def render_GET(self, request: Request) -> bytes:
+        if self.local_only and not from_this_host(request):
+            return NOT_FOUND.render(request)
+        from leeloo.metrics import CONTENT_TYPE
+
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        request.setHeader(b"cache-control", b"no-store")
+        return self.metrics.exposition()
+
+
 def make_root(
     relay: Relay,
     ws_factory: RelayServerFactory,
     spotify: SpotifyOAuth | None,
     bot_secret: str | None,
+    metrics: Any = None,
 ) -> Resource:
-    root = Resource()
+    root = Directory()
     root.putChild(b"", Landing())
     root.putChild(b"index.html", Landing())
     root.putChild(b"health", Health(relay))
     root.putChild(b"ws", WebSocketResource(ws_factory))
-    spotify_root = Resource()
+    spotify_root = Directory()
     spotify_root.putChild(b"callback", SpotifyCallback(relay, spotify))
     root.putChild(b"spotify", spotify_root)
-    api = Resource()
+    api = Directory()
     api.putChild(b"telegram", BotAPI(relay, bot_secret))
     root.putChild(b"api", api)
+    if metrics is not None:
+        root.putChild(b"metrics", MetricsResource(metrics, local_only=True))
     return root
+
+
+# ------------------------------------------------------------- the site
+
+
+@dataclass(frozen=True)
+class HTTPLimits:
+    """
+    What the HTTP site allows a connection.
+
+    @ivar request_timeout: seconds a connection has to finish sending a
+        request (headers and body; the WebSocket upgrade is one), from when
+        it connects or its previous response was sent.
+    @ivar max_body: the largest request body, in bytes.
+    """
+
+    request_timeout: float = 10.0
+    max_body: int = MAX_BODY
+
+    def describe(self) -> str:
+        return (f"a request must arrive within {self.request_timeout:g}s, "
+                f"bodies up to {self.max_body} bytes")
+
+
+class Deadlines:
+    """
+    HTTP connections that must finish a request by a deadline, and one timer
+    for all of them: the connections are kept in deadline order (the
+    timeout is the same for all), so expiring them looks only at those due.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: Any, timeout: float) -> None:
+        self.clock = clock
+        self.timeout = timeout
+        self.expired = 0
+        self._due: OrderedDict[Any, float] = OrderedDict()
+        self._call: Any = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def __contains__(self, channel: Any) -> bool:
+        return channel in self._due
+
+    def watch(self, channel: Any) -> None:
+        """
+        Give C{channel} C{timeout} seconds from now, unless it already has a
+        deadline.
+        """
+        if channel in self._due:
+            return
+        self._due[channel] = self.clock.seconds() + self.timeout
+        if self._call is None:
+            self._call = self.clock.callLater(self.timeout, self._expire)
+
+    def done(self, channel: Any) -> None:
+        """
+        C{channel} finished its request, or is gone.
+        """
+        if self._due.pop(channel, None) is not None and not self._due and self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def _expire(self) -> None:
+        self._call = None
+        now = self.clock.seconds()
+        count = 0
+        while self._due:
+            channel, deadline = next(iter(self._due.items()))
+            if deadline > now:
+                break
+            del self._due[channel]
+            count += 1
+            transport = channel.transport
+            if transport is not None:
+                transport.abortConnection()
+        if count:
+            self.expired += count
+            self.log.info("aborted {count} HTTP connections that did not send a request "
+                          "within {timeout}s", count=count, timeout=self.timeout)
+        if self._due:
+            # Wake at the next deadline, but at most twice a second.
+            wait = max(next(iter(self._due.values())) - now, 0.5)
+            self._call = self.clock.callLater(wait, self._expire)
+
+    def stop(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+class RelayChannel(HTTPChannel):
+    """
+    An HTTP/1.1 connection that must finish each request within the site's
+    deadline, with bodies capped, and that lets go of its request once
+    WebSocketResource has taken the connection over.
+
+    twisted.web's own idle timeout restarts on every byte (a client sending
+    one byte a second never meets it) and Autobahn's opening handshake
+    timeout starts only once twisted.web has parsed the request, so neither
+    stops a slow sender; this deadline does.
+    """
+
+    _refused = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.deadlines.watch(self)
+
+    def allHeadersReceived(self) -> None:
+        if self.length is not None and self.length > self.site.limits.max_body:
+            # Content-Length says it all: refuse before reading a byte of it
+            # (and before twisted.web answers Expect: 100-continue).
+            self.refuse_body()
+            return
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        if self._refused:
+            return
+        self.site.deadlines.done(self)
+        super().allContentReceived()
+        if self.transport is None:
+            # WebSocketResource took the transport (and made the WebSocket
+            # its producer): this channel and the upgrade request are done
+            # for.  Drop the request so neither outlives the handshake.
+            del self.requests[:]
+
+    def requestDone(self, request: Request) -> None:
+        # The next request (or the close, if this one was the last) is due
+        # within the deadline too; a pipelined request already buffered is
+        # parsed right here and clears it again.
+        self.site.deadlines.watch(self)
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.site.deadlines.done(self)
+        super().connectionLost(reason)
+
+    def refuse_body(self) -> None:
+        """
+        Answer 413 and read no more of the request: close our side once the
+        answer is out and discard what the client still sends until it
+        closes its side too, or the deadline aborts it.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        self.site.bodies_refused += 1
+        self.transport.write(self.site.body_too_large)
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
+        else:
+            self.loseConnection()
+
+
+class RelayRequest(Request):
+    """
+    A request whose responses all carry the security headers (and HSTS over
+    TLS when the site has it), and whose body is counted as it arrives.
+    """
+
+    _body_size = 0
+
+    def gotLength(self, length: int | None) -> None:
+        # Bodies are capped well below the size twisted.web would spool to
+        # a temporary file for (and a chunked body would always be).
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_size += len(data)
+        channel = self.channel
+        if self._body_size > channel.site.limits.max_body:
+            channel.refuse_body()
+            return
+        self.content.write(data)
+
+    def process(self) -> None:
+        headers = self.responseHeaders
+        for name, value in pages.SECURITY_HEADERS:
+            headers.setRawHeaders(name, [value])
+        hsts = self.channel.site.hsts
+        if hsts is not None and self.isSecure():
+            headers.setRawHeaders(b"strict-transport-security", [hsts])
+        super().process()
+
+
+def _quoted(value: bytes | str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return value.encode("ascii", "backslashreplace").decode("ascii").replace('"', '\\"')
+
+
+class RelaySite(Site):
+    """
+    The relay's twisted.web site, hardened: L{RelayChannel}s and
+    L{RelayRequest}s, no tracebacks to clients, no idle timer per
+    connection (the request deadline replaces it), and an access log
+    without query strings (the Spotify callback's carries an OAuth code).
+
+    @param hsts: the C{Strict-Transport-Security} value to send over TLS,
+        or C{None} for none.
+    @param name: how the metrics label this site.
+    """
+
+    protocol = RelayChannel
+    requestFactory = RelayRequest
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        resource: Resource,
+        limits: HTTPLimits = HTTPLimits(),
+        proxies: TrustedProxies = TrustedProxies(),
+        hsts: bytes | None = None,
+        name: str = "public",
+        reactor: Any = None,
+    ) -> None:
+        self.proxies = proxies
+        super().__init__(resource, reactor=reactor, timeout=None, logFormatter=self.access_log_line)
+        self.limits = limits
+        self.hsts = hsts
+        self.name = name
+        self.deadlines = Deadlines(self.reactor, limits.request_timeout)
+        self.bodies_refused = 0
+        body = json.dumps({"error": "body_too_large",
+                           "message": f"the body is over {limits.max_body} bytes"}).encode()
+        self.body_too_large = b"\r\n".join([
+            b"HTTP/1.1 413 Content Too Large",
+            b"Content-Type: application/json",
+            b"Cache-Control: no-store",
+            *(name + b": " + value for name, value in pages.SECURITY_HEADERS),
+            b"Content-Length: %d" % len(body),
+            b"Connection: close",
+            b"",
+            body,
+        ])
+
+    def stopFactory(self) -> None:
+        super().stopFactory()
+        self.deadlines.stop()
+
+    def access_log_line(self, timestamp: str, request: Request) -> str:
+        """
+        One access log line: the client address (behind trusted proxies,
+        the forwarded one), the method and path without the query string,
+        status, size and user agent.  No referrer, no query.
+        """
+        path = request.path + (b"?..." if b"?" in request.uri else b"")
+        return '"{}" - - {} "{} {} {}" {} {} "{}"'.format(
+            _quoted(client_address(request)), timestamp,
+            _quoted(request.method), _quoted(path), _quoted(request.clientproto),
+            request.code, request.sentLength or "-",
+            _quoted(request.getHeader(b"user-agent")),
+        )
 
 
 def make_site(
@@ -337,7 +678,41 @@ def make_site(
     spotify: SpotifyOAuth | None,
     bot_secret: str | None,
     reactor: Any = None,
-) -> Site:
-    site = Site(make_root(relay, ws_factory, spotify, bot_secret), reactor=reactor)
-    site.displayTracebacks = False
+    limits: HTTPLimits = HTTPLimits(),
+    proxies: TrustedProxies | None = None,
+    metrics: Any = None,
+    hsts: bytes | None = None,
+) -> RelaySite:
+    """
+    The public site.  C{proxies} defaults to the WebSocket factory's;
+    C{metrics} adds ``/metrics`` for loopback clients (and this site's
+    figures to it).
+    """
+    site = RelaySite(
+        make_root(relay, ws_factory, spotify, bot_secret, metrics),
+        limits=limits,
+        proxies=ws_factory.proxies if proxies is None else proxies,
+        hsts=hsts,
+        reactor=reactor,
+    )
+    if metrics is not None:
+        metrics.add_site(site)
+    return site
+
+
+def make_admin_site(
+    relay: Relay,
+    metrics: Any,
+    reactor: Any = None,
+    limits: HTTPLimits = HTTPLimits(),
+) -> RelaySite:
+    """
+    The site for C{--admin-listen} endpoints: C{/metrics} for anyone who can
+    reach it, and C{/health}.
+    """
+    root = Directory()
+    root.putChild(b"metrics", MetricsResource(metrics, local_only=False))
+    root.putChild(b"health", Health(relay))
+    site = RelaySite(root, limits=limits, name="admin", reactor=reactor)
+    metrics.add_site(site)
     return site
