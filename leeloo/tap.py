@@ -20,11 +20,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from leeloo.access import OriginPolicy, TrustedProxies, parse_network
+from leeloo.metrics import Metrics
 from leeloo.relay import DAY, Relay
 from leeloo.sqlitestore import SchemaError, SQLiteStore
 from leeloo.store import IStore, MemoryStore
 from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig, SpotifyOAuth
-from leeloo.web import make_site
+from leeloo.web import HTTPLimits, make_admin_site, make_site
 from leeloo.websocket import RelayServerFactory, WebSocketLimits
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
@@ -54,6 +56,12 @@ class Config:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     limits: WebSocketLimits = WebSocketLimits()
+    http_limits: HTTPLimits = HTTPLimits()
+    trusted_proxies: tuple[str, ...] = ()
+    public_url: str | None = None
+    admin_listen: tuple[str, ...] = ()
+    # Said once at start, at warning level (never a setting's value).
+    warnings: tuple[str, ...] = ()
     spotify: SpotifyConfig | None = None
     telegram_api_secret: str | None = field(default=None, repr=False)
     store: str = "sqlite"
@@ -111,14 +119,14 @@ class _NoReactor:
     """
 
 
-def check_endpoint(description: str) -> str:
+def check_endpoint(description: str, option: str = "--listen") -> str:
     description = with_default_backlog(description)
     try:
         serverFromString(_NoReactor(), description)
     except Exception as e:
         detail = str(e) or type(e).__name__
         raise usage.UsageError(
-            f"--listen {description!r} is not a usable endpoint ({detail}); "
+            f"{option} {description!r} is not a usable endpoint ({detail}); "
             "use e.g. tcp:8080:interface=127.0.0.1 or systemd:domain=INET:index=0"
         )
     return description
@@ -137,6 +145,40 @@ def prepare_data_dir(path: str) -> Path:
             "create it for the relay's user or pass another --data-dir"
         )
     return directory
+
+
+def env_file_warning(path: str) -> str | None:
+    """
+    A warning if the env file (which holds secrets) grants more than 0600.
+    """
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        return None
+    if mode & ~0o600:
+        return (f"--env-file {path} has mode {mode:04o}: other users may read the secrets in it; "
+                f"chmod 600 {path}")
+    return None
+
+
+def check_proxy(value: str) -> str:
+    try:
+        parse_network(value)
+    except ValueError as e:
+        raise usage.UsageError(f"--trusted-proxy: {e}") from None
+    return value.strip()
+
+
+def check_public_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        OriginPolicy(value)
+    except ValueError as e:
+        raise usage.UsageError(
+            f"--public-url: {e}; give the address browsers reach the relay at, "
+            "e.g. https://relay.example.org") from None
+    return value
 
 
 def settings(environ: Mapping[str, str], env_file: str | None) -> dict[str, str]:
@@ -212,6 +254,21 @@ class Options(usage.Options):
          "Days a crew message is kept for devices that were offline.", _positive_float],
         ["crew-ttl-days", None, 90.0,
          "Days after which a crew with no message and no member seen is forgotten.", _positive_float],
+        ["max-connections", None, 20000,
+         "Most WebSocket connections open at once; more are refused with HTTP 503.", _positive_int],
+        ["max-connections-per-address", None, 256,
+         "Most WebSocket connections from one client address; more are refused with HTTP 503.",
+         _positive_int],
+        ["max-unsent-bytes", None, 1024 * 1024,
+         "A device that falls this many bytes behind reading what the relay sends it is "
+         "disconnected.", _positive_int],
+        ["request-timeout", None, 10.0,
+         "Seconds a connection has to send a whole HTTP request (the WebSocket upgrade "
+         "included); slower ones are aborted.", _positive_float],
+        ["public-url", None, None,
+         "The URL browsers reach the relay at (e.g. https://relay.example.org): the only "
+         "browser Origin allowed to open a WebSocket. Without it, only pages from the same "
+         "host the request was sent to."],
     ]
     optFlags = [
         ["fsync", None, "Make every commit survive a power cut, not only a crash (slower)."],
@@ -221,6 +278,8 @@ class Options(usage.Options):
         super().__init__()
         self._environ = os.environ if environ is None else environ
         self["listen"] = []
+        self["trusted-proxy"] = []
+        self["admin-listen"] = []
 
     def opt_listen(self, endpoint: str) -> None:
         """
@@ -230,13 +289,43 @@ class Options(usage.Options):
         """
         self["listen"].append(endpoint)
 
+    def opt_trusted_proxy(self, network: str) -> None:
+        """
+        Address or CIDR block of a reverse proxy whose X-Forwarded-For names
+        the client (repeatable). X-Forwarded-For from anyone else is ignored.
+        """
+        self["trusted-proxy"].append(check_proxy(network))
+
+    def opt_admin_listen(self, endpoint: str) -> None:
+        """
+        Endpoint to serve the admin site (/metrics, /health) on (repeatable).
+        Default: none; the public site serves /metrics to loopback clients only.
+        """
+        self["admin-listen"].append(endpoint)
+
     def postOptions(self) -> None:
         listen = tuple(check_endpoint(e) for e in self["listen"] or [DEFAULT_LISTEN])
+        admin_listen = tuple(check_endpoint(e, "--admin-listen") for e in self["admin-listen"])
         values = settings(self._environ, self["env-file"])
+        warnings = []
+        if self["env-file"]:
+            warning = env_file_warning(self["env-file"])
+            if warning:
+                warnings.append(warning)
         self.config = Config(
             listen=listen,
             data_dir=prepare_data_dir(self["data-dir"]),
-            limits=WebSocketLimits(max_message_size=self["max-message-size"]),
+            limits=WebSocketLimits(
+                max_message_size=self["max-message-size"],
+                max_connections=self["max-connections"],
+                max_connections_per_address=self["max-connections-per-address"],
+                max_unsent=self["max-unsent-bytes"],
+            ),
+            http_limits=HTTPLimits(request_timeout=self["request-timeout"]),
+            trusted_proxies=tuple(self["trusted-proxy"]),
+            public_url=check_public_url(self["public-url"]),
+            admin_listen=admin_listen,
+            warnings=tuple(warnings),
             spotify=spotify_config(values),
             telegram_api_secret=values.get("TELEGRAM_API_SECRET"),
             store=self["store"],
@@ -297,7 +386,15 @@ class RelayService(Service):
             listen=", ".join(self.config.listen),
             data_dir=str(self.config.data_dir),
         )
+        for warning in self.config.warnings:
+            self.log.warn("{warning}", warning=warning)
         self.ws_factory.log_limits()
+        self.log.info("HTTP limits: {limits}", limits=self.config.http_limits.describe())
+        self.log.info(
+            "metrics: /metrics {where}",
+            where=("on " + ", ".join(self.config.admin_listen) + ", and to loopback clients on the public site")
+            if self.config.admin_listen else "to loopback clients only (no --admin-listen)",
+        )
         self.log.info(
             "Spotify callback {spotify}; bot API {bot}",
             spotify="configured" if self.config.spotify else "not configured",
@@ -348,7 +445,9 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
         retention=config.retention_days * DAY,
         crew_ttl=config.crew_ttl_days * DAY,
     )
-    ws_factory = RelayServerFactory(relay, config.limits)
+    ws_factory = RelayServerFactory(
+        relay, config.limits, TrustedProxies(config.trusted_proxies), OriginPolicy(config.public_url))
+    metrics = Metrics(relay, ws_factory)
     spotify = None
     if config.spotify is not None:
         if http is None:
@@ -357,7 +456,8 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
 
             http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
         spotify = SpotifyOAuth(config.spotify, http, reactor)
-    site = make_site(relay, ws_factory, spotify, config.telegram_api_secret, reactor=reactor)
+    site = make_site(relay, ws_factory, spotify, config.telegram_api_secret, reactor=reactor,
+                     limits=config.http_limits, metrics=metrics)
 
     top = MultiService()
     RelayService(relay, ws_factory, config).setServiceParent(top)
@@ -371,8 +471,16 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
     for description in config.listen:
         service = StreamServerEndpointService(serverFromString(reactor, description), site)
         service.setServiceParent(top)
+    admin_site = None
+    if config.admin_listen:
+        admin_site = make_admin_site(relay, metrics, reactor=reactor, limits=config.http_limits)
+        for description in config.admin_listen:
+            service = StreamServerEndpointService(serverFromString(reactor, description), admin_site)
+            service.setServiceParent(top)
     top.relay = relay
     top.site = site
+    top.admin_site = admin_site
+    top.metrics = metrics
     return top
 
 

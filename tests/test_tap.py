@@ -258,3 +258,161 @@ class TimerTests(SynchronousTestCase):
             self.successResultOf(_prune(Relay(Clock()), Logger()))
         [event] = [e for e in events if "messages" in e]
         self.assertEqual((event["messages"], event["crews"]), (0, 0))
+
+
+class TransportLimitOptionsTests(OptionsTestCase):
+    def test_defaults(self):
+        """
+        The transport limits are on by default: 20000 connections, 256 per
+        client address, 1 MiB unsent, 10 s to send a request, no trusted
+        proxy, no public URL (same-origin browsers only), no admin listener.
+        """
+        config = self.parse()
+        self.assertEqual(
+            (config.limits.max_connections, config.limits.max_connections_per_address,
+             config.limits.max_unsent, config.http_limits.request_timeout),
+            (20000, 256, 1024 * 1024, 10.0))
+        self.assertEqual((config.trusted_proxies, config.public_url, config.admin_listen), ((), None, ()))
+
+    def test_options(self):
+        """
+        Each limit has its option.
+        """
+        config = self.parse(
+            "--max-connections", "100", "--max-connections-per-address", "5",
+            "--max-unsent-bytes", "65536", "--request-timeout", "2.5",
+            "--public-url", "https://relay.example.org",
+            "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1",
+            "--admin-listen", "tcp:9100:interface=127.0.0.1",
+        )
+        self.assertEqual(
+            (config.limits.max_connections, config.limits.max_connections_per_address,
+             config.limits.max_unsent, config.http_limits.request_timeout),
+            (100, 5, 65536, 2.5))
+        self.assertEqual(config.public_url, "https://relay.example.org")
+        self.assertEqual(config.trusted_proxies, ("10.0.0.0/8", "::1"))
+        self.assertEqual(config.admin_listen, ("tcp:9100:interface=127.0.0.1:backlog=1024",))
+
+    def test_invalid_numbers(self):
+        """
+        A non-positive or non-numeric limit is refused.
+        """
+        for option in ("--max-connections", "--max-connections-per-address", "--max-unsent-bytes",
+                       "--request-timeout"):
+            for bad in ("0", "-1", "lots"):
+                self.assertRaises(UsageError, self.parse, option, bad)
+
+    def test_invalid_trusted_proxy(self):
+        """
+        A trusted proxy that is not an address or CIDR block is refused,
+        naming it.
+        """
+        with self.assertRaises(UsageError) as raised:
+            self.parse("--trusted-proxy", "proxy.example.org")
+        self.assertIn("proxy.example.org", str(raised.exception))
+
+    def test_invalid_public_url(self):
+        """
+        A public URL that is not http(s) with a host is refused with an
+        example.
+        """
+        with self.assertRaises(UsageError) as raised:
+            self.parse("--public-url", "relay.example.org")
+        self.assertIn("https://relay.example.org", str(raised.exception))
+
+    def test_invalid_admin_listen(self):
+        """
+        An unusable admin endpoint is refused, naming the option.
+        """
+        with self.assertRaises(UsageError) as raised:
+            self.parse("--admin-listen", "tcp:notaport")
+        self.assertIn("--admin-listen", str(raised.exception))
+
+
+class EnvFilePermissionTests(OptionsTestCase):
+    SECRET = "s3cr3t-value-in-env-file"
+
+    def env_file_mode(self, mode):
+        path = self.env_file(f"TELEGRAM_API_SECRET={self.SECRET}\n")
+        os.chmod(path, mode)
+        return path
+
+    def test_wide_permissions_warned(self):
+        """
+        An env file readable by others gives a start-up warning naming the
+        file, its mode and the fix, never a value.
+        """
+        path = self.env_file_mode(0o644)
+        [warning] = self.parse("--env-file", path).warnings
+        self.assertIn(path, warning)
+        self.assertIn("0644", warning)
+        self.assertIn("chmod 600", warning)
+        self.assertNotIn(self.SECRET, warning)
+
+    def test_private_file_not_warned(self):
+        """
+        A 0600 (or stricter) env file gives no warning.
+        """
+        for mode in (0o600, 0o400):
+            self.assertEqual(self.parse("--env-file", self.env_file_mode(mode)).warnings, ())
+
+    def test_warning_logged_at_start(self):
+        """
+        The warning is logged when the relay starts, at warning level.
+        """
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        config = self.parse("--env-file", self.env_file_mode(0o640))
+        with capturedLogs() as events:
+            started(self, config)
+        [warning] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn("0640", warning)
+        self.assertNotIn(self.SECRET, "".join(formatEvent(e) + repr(e) for e in events))
+
+
+def started(testcase, config):
+    """
+    Build and start the service tree for C{config} on a memory reactor.
+    """
+    previous = txaio.config.loop
+    testcase.addCleanup(setattr, txaio.config, "loop", previous)
+    reactor = MemoryReactorClock()
+    service = build_service(config, reactor)
+    service.startService()
+    testcase.addCleanup(service.stopService)
+    return service, reactor
+
+
+class StartLogTests(OptionsTestCase):
+    def test_limits_logged(self):
+        """
+        The effective transport limits are logged at start.
+        """
+        from twisted.logger import capturedLogs, formatEvent
+
+        config = self.parse("--max-connections", "1234", "--max-connections-per-address", "12",
+                            "--request-timeout", "7", "--trusted-proxy", "10.0.0.0/8",
+                            "--public-url", "https://relay.example.org")
+        with capturedLogs() as events:
+            started(self, config)
+        text = "\n".join(formatEvent(e) for e in events)
+        for fact in ("1234 connections", "12 per client address", "1048576 bytes behind",
+                     "within 7s", "65536 bytes", "10.0.0.0/8", "https://relay.example.org",
+                     "loopback clients only"):
+            self.assertIn(fact, text)
+
+
+class AdminListenTests(OptionsTestCase):
+    def test_admin_site_listens(self):
+        """
+        Each --admin-listen endpoint serves the admin site (with /metrics),
+        not the public one.
+        """
+        config = self.parse("--listen", "tcp:8080:interface=127.0.0.1",
+                            "--admin-listen", "tcp:9100:interface=127.0.0.1")
+        service, reactor = started(self, config)
+        factories = {port: factory for (port, factory, _, _) in reactor.tcpServers}
+        self.assertIs(factories[8080], service.site)
+        self.assertIs(factories[9100], service.admin_site)
+        self.assertIsNot(service.admin_site, service.site)
+        self.assertIn(b"metrics", service.admin_site.resource.children)
