@@ -387,7 +387,7 @@ class RelayService(Service):
             data_dir=str(self.config.data_dir),
         )
         for warning in self.config.warnings:
-            self.log.warn("{warning}", warning=warning)
+            self.log.warn("{problem}", problem=warning)
         self.ws_factory.log_limits()
         self.log.info("HTTP limits: {limits}", limits=self.config.http_limits.describe())
         self.log.info(
