@@ -203,7 +203,9 @@ class BodyLimitTests(RelayOnLoopback):
     def test_413_while_body_still_sent(self):
         """
         A client sending a body over the limit reads the relay's 413, even
-        while it is still sending the body.
+        while it is still sending the body: the relay closes only its side
+        and reads on (were it to close with unread data the client would get
+        a reset instead).
         """
 
         deadlines = self.service.site.deadlines
@@ -220,7 +222,7 @@ class BodyLimitTests(RelayOnLoopback):
         def script(opener):
             connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
             try:
-                connection.request("POST", "/api/telegram/crew/create", body=b"x" * (1024 * 1024),
+                connection.request("POST", "/api/telegram/crew/create", body=b"x" * (32 * 1024 * 1024),
                                    headers={"Content-Type": "application/json"})
                 response = connection.getresponse()
                 return response.status, json.loads(response.read())

@@ -298,8 +298,10 @@ class BodyLimitTests(SiteTestCase):
         """
         channel, transport = self.connect()
         channel.dataReceived(
-            b"POST /record HTTP/1.1\r\nHost: relay.test\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000)
-        channel.dataReceived(b"x" * 95000 + b"GET /record HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+            b"POST /record HTTP/1.1\r\nHost: relay.test\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        for _ in range(99):
+            channel.dataReceived(b"x" * 1000)
+        channel.dataReceived(b"GET /record HTTP/1.1\r\nHost: relay.test\r\n\r\n")
         self.assertEqual(transport.value().count(b"HTTP/1.1"), 1)
         self.assertEqual(self.recorder.rendered, [])
 
