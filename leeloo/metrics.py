@@ -14,7 +14,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
+from leeloo.access import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_ADDRESS
 from leeloo.relay import Relay
+from leeloo.websocket import REFUSED_ORIGIN
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -51,7 +53,7 @@ class RelayCollector:
                                   value=factory.messages_sent)
         refused = CounterMetricFamily(
             "leeloo_websocket_refused", "WebSocket handshakes refused, by reason.", labels=["reason"])
-        for reason in ("origin", "per_address", "total"):
+        for reason in (REFUSED_ORIGIN, TOO_MANY_FROM_ADDRESS, TOO_MANY_CONNECTIONS):
             refused.add_metric([reason], factory.refused[reason])
         yield refused
         yield CounterMetricFamily("leeloo_slow_readers_disconnected",
