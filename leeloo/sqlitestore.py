@@ -26,10 +26,12 @@ from leeloo.store import (
     DELETE_TOKEN,
     PUT_BOT_USER,
     PUT_CREW,
+    PUT_DEVICE,
     PUT_MEMBER,
     PUT_TOKEN,
     BotUserRecord,
     CrewRecord,
+    DeviceRecord,
     IStore,
     LogEntry,
     MemberRecord,
@@ -91,6 +93,15 @@ MIGRATIONS = [
     CREATE UNIQUE INDEX messages_client_msg_id
         ON messages (crew_code, sender, client_msg_id) WHERE client_msg_id IS NOT NULL;
     CREATE INDEX messages_created_at ON messages (created_at);
+    """,
+    # 3: device keys (only their hashes).
+    """
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        key_hash TEXT NOT NULL,
+        bound INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -170,6 +181,11 @@ def _load(db: sqlite3.Connection) -> Snapshot:
         for device, tokens, expires in db.execute(
             "SELECT device_id, tokens, expires_at FROM pending_tokens")
     ]
+    snapshot.devices = [
+        DeviceRecord(device, key_hash, bool(bound), created)
+        for device, key_hash, bound, created in db.execute(
+            "SELECT device_id, key_hash, bound, created_at FROM devices")
+    ]
     for code, seq, created in db.execute(
         "SELECT crew_code, MAX(seq), MAX(created_at) FROM messages GROUP BY crew_code"
     ):
@@ -221,6 +237,11 @@ def _write(cursor: Any, ops: list) -> None:
             )
         elif kind == DELETE_TOKEN:
             cursor.execute("DELETE FROM pending_tokens WHERE device_id = ?", (arg,))
+        elif kind == PUT_DEVICE:
+            cursor.execute(
+                "INSERT OR REPLACE INTO devices (device_id, key_hash, bound, created_at) VALUES (?, ?, ?, ?)",
+                (arg.device_id, arg.key_hash, int(arg.bound), arg.created_at),
+            )
         else:
             raise ValueError(f"unknown store operation {kind!r}")
 

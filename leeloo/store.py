@@ -57,6 +57,19 @@ class TokenRecord:
 
 
 @dataclass(slots=True)
+class DeviceRecord:
+    """
+    A device id's key: only its hash is kept.  C{bound} once the device
+    has presented it.
+    """
+
+    device_id: str
+    key_hash: str
+    bound: bool
+    created_at: float
+
+
+@dataclass(slots=True)
 class LogEntry:
     crew_code: str
     seq: int
@@ -80,6 +93,7 @@ class Snapshot:
     members: list[MemberRecord] = field(default_factory=list)
     bot_users: list[BotUserRecord] = field(default_factory=list)
     tokens: list[TokenRecord] = field(default_factory=list)
+    devices: list[DeviceRecord] = field(default_factory=list)
     last_seq: dict[str, int] = field(default_factory=dict)
     last_message_at: dict[str, float] = field(default_factory=dict)
     client_messages: list[LogEntry] = field(default_factory=list)
@@ -106,6 +120,7 @@ PUT_BOT_USER = "bot_user"  # BotUserRecord
 PUT_TOKEN = "token"  # TokenRecord
 DELETE_TOKEN = "delete_token"  # device id
 APPEND = "append"  # LogEntry
+PUT_DEVICE = "device"  # DeviceRecord
 
 
 class StoreError(Exception):
@@ -172,6 +187,7 @@ class MemoryStore:
         self.members: dict[tuple[str, str], MemberRecord] = {}
         self.bot_users: dict[tuple[str, str], BotUserRecord] = {}
         self.tokens: dict[str, TokenRecord] = {}
+        self.devices: dict[str, DeviceRecord] = {}
         self.log: dict[str, list[LogEntry]] = {}
         self.fail_with: Exception | None = None
 
@@ -181,6 +197,7 @@ class MemoryStore:
             members=[MemberRecord(**_fields(m)) for m in self.members.values()],
             bot_users=list(self.bot_users.values()),
             tokens=list(self.tokens.values()),
+            devices=list(self.devices.values()),
         )
         for code, entries in self.log.items():
             if entries:
@@ -211,6 +228,8 @@ class MemoryStore:
                 self.tokens.pop(arg, None)
             elif kind == APPEND:
                 self.log.setdefault(arg.crew_code, []).append(arg)
+            elif kind == PUT_DEVICE:
+                self.devices[arg.device_id] = arg
             else:
                 raise ValueError(f"unknown store operation {kind!r}")
         return succeed(None)
