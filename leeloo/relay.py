@@ -123,7 +123,7 @@ class Session:
     """
 
     __slots__ = ("peer", "address", "device_id", "name", "crew", "last_sent_seq", "held", "acks",
-                 "bucket", "entries", "strikes")
+                 "bucket", "entries", "strikes", "closing")
 
     def __init__(self, peer: IPeer, address: str | None, bucket: Bucket) -> None:
         self.peer = peer
@@ -137,6 +137,14 @@ class Session:
         self.bucket = bucket
         self.entries: Bucket | None = None
         self.strikes = 0
+        self.closing = False
+
+    def close(self, code: int, reason: str) -> None:
+        """
+        Close the connection; frames still arriving from it are ignored.
+        """
+        self.closing = True
+        self.peer.close(code, reason)
 
     def send(self, message: dict) -> None:
         self.peer.send(Outgoing(message))
@@ -329,6 +337,8 @@ class Relay:
         mistake is answered with an C{error} message; the connection stays,
         unless it keeps being refused.
         """
+        if session.closing:
+            return
         try:
             wait = session.bucket.take(self.clock.seconds(), self.limits.messages)
             if wait:
@@ -340,6 +350,8 @@ class Relay:
             self._refused(session, e)
 
     def receive_binary(self, session: Session) -> None:
+        if session.closing:
+            return
         self._refused(session, BinaryNotSupported("binary frames are not supported; send JSON text"))
 
     def _refused(self, session: Session, error: ProtocolError) -> None:
@@ -349,7 +361,7 @@ class Relay:
             if session.strikes >= self.limits.abuse_strikes:
                 _log.warn("closing a connection from {address} after {strikes} refusals ({code})",
                           address=session.address, strikes=session.strikes, code=error.code)
-                session.peer.close(CLOSE_ABUSE, "too many refused requests")
+                session.close(CLOSE_ABUSE, "too many refused requests")
 
     def disconnect(self, session: Session) -> None:
         """
@@ -389,7 +401,7 @@ class Relay:
 
     def _close_chunk(self, chunk: list, code: int, reason: str, d: Deferred) -> None:
         for session in chunk:
-            session.peer.close(code, reason)
+            session.close(code, reason)
         d.callback(None)
 
     def _goodbye(self) -> Deferred:
@@ -488,7 +500,7 @@ class Relay:
         del self.devices[previous.device_id]
         previous.device_id = None
         self.sessions.discard(previous)
-        previous.peer.close(CLOSE_REPLACED, "replaced by a newer connection for this device")
+        previous.close(CLOSE_REPLACED, "replaced by a newer connection for this device")
 
     def _deliver_pending(self, session: Session) -> None:
         pending = self.pending_tokens.pop(session.device_id, None)
