@@ -10,6 +10,8 @@ has the SQLite implementation; one contract test suite runs against both.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -190,30 +192,73 @@ class MemoryStore:
         return snapshot
 
     def write(self, ops: list) -> Deferred:
+        """
+        Apply C{ops} all or none, like one SQL transaction: an operation that
+        fails undoes the ones before it.  The constraints of the SQLite
+        schema hold here too: one entry per crew and sequence, and no
+        member, bot user or log entry without its crew.
+        """
         if self.fail_with is not None:
             return fail(StoreError(str(self.fail_with)))
-        for kind, arg in ops:
-            if kind == PUT_CREW:
-                self.crews[arg.code] = arg
-            elif kind == DELETE_CREW:
-                self.crews.pop(arg, None)
-                self.log.pop(arg, None)
-                for table in (self.members, self.bot_users):
-                    for key in [k for k in table if k[0] == arg]:
-                        del table[key]
-            elif kind == PUT_MEMBER:
-                self.members[(arg.crew_code, arg.device_id)] = MemberRecord(**_fields(arg))
-            elif kind == PUT_BOT_USER:
-                self.bot_users[(arg.crew_code, arg.user_id)] = arg
-            elif kind == PUT_TOKEN:
-                self.tokens[arg.device_id] = arg
-            elif kind == DELETE_TOKEN:
-                self.tokens.pop(arg, None)
-            elif kind == APPEND:
-                self.log.setdefault(arg.crew_code, []).append(arg)
-            else:
-                raise ValueError(f"unknown store operation {kind!r}")
+        undo: list[Callable[[], Any]] = []
+        try:
+            for kind, arg in ops:
+                self._apply(kind, arg, undo)
+        except Exception:
+            for action in reversed(undo):
+                action()
+            return fail()
         return succeed(None)
+
+    def _apply(self, kind: str, arg: Any, undo: list) -> None:
+        if kind == PUT_CREW:
+            undo.append(_restorer(self.crews, arg.code))
+            self.crews[arg.code] = arg
+        elif kind == DELETE_CREW:
+            undo.append(_restorer(self.crews, arg))
+            undo.append(_restorer(self.log, arg))
+            self.crews.pop(arg, None)
+            self.log.pop(arg, None)
+            for table in (self.members, self.bot_users):
+                for key in [k for k in table if k[0] == arg]:
+                    undo.append(_restorer(table, key))
+                    del table[key]
+        elif kind == PUT_MEMBER:
+            self._check_crew(arg.crew_code)
+            key = (arg.crew_code, arg.device_id)
+            undo.append(_restorer(self.members, key))
+            self.members[key] = MemberRecord(**_fields(arg))
+        elif kind == PUT_BOT_USER:
+            self._check_crew(arg.crew_code)
+            key = (arg.crew_code, arg.user_id)
+            undo.append(_restorer(self.bot_users, key))
+            self.bot_users[key] = arg
+        elif kind == PUT_TOKEN:
+            undo.append(_restorer(self.tokens, arg.device_id))
+            self.tokens[arg.device_id] = arg
+        elif kind == DELETE_TOKEN:
+            undo.append(_restorer(self.tokens, arg))
+            self.tokens.pop(arg, None)
+        elif kind == APPEND:
+            self._check_crew(arg.crew_code)
+            entries = self.log.get(arg.crew_code)
+            if entries is None:
+                undo.append(_restorer(self.log, arg.crew_code))
+                entries = self.log[arg.crew_code] = []
+            # Kept in sequence order; the relay appends in that order.
+            i = len(entries)
+            if entries and entries[-1].seq >= arg.seq:
+                i = bisect.bisect_left(entries, arg.seq, key=_seq)
+                if entries[i].seq == arg.seq:
+                    raise StoreError(f"crew {arg.crew_code}'s log already holds sequence {arg.seq}")
+            entries.insert(i, arg)
+            undo.append(functools.partial(entries.pop, i))
+        else:
+            raise ValueError(f"unknown store operation {kind!r}")
+
+    def _check_crew(self, code: str) -> None:
+        if code not in self.crews:
+            raise StoreError(f"no crew {code}")
 
     def replay(
         self, crew_code: str, after_seq: int, up_to_seq: int, since: float, exclude_sender: str, limit: int
@@ -235,6 +280,19 @@ class MemoryStore:
 
     def close(self) -> Deferred:
         return succeed(None)
+
+
+def _restorer(table: dict, key: Any) -> Callable[[], Any]:
+    """
+    An undo action that puts C{table[key]} back as it is now.
+    """
+    if key in table:
+        return functools.partial(table.__setitem__, key, table[key])
+    return functools.partial(table.pop, key, None)
+
+
+def _seq(entry: LogEntry) -> int:
+    return entry.seq
 
 
 def _fields(record: Any) -> dict:
