@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -188,7 +188,8 @@ class MemoryStore:
             if entries:
                 snapshot.last_seq[code] = entries[-1].seq
                 snapshot.last_message_at[code] = entries[-1].created_at
-            snapshot.client_messages.extend(e for e in entries if e.client_msg_id is not None)
+            snapshot.client_messages.extend(
+                replace(e, payload=b"") for e in entries if e.client_msg_id is not None)
         return snapshot
 
     def write(self, ops: list) -> Deferred:
