@@ -204,7 +204,11 @@ def _write(cursor: Any, ops: list) -> None:
             )
         elif kind == PUT_CREW:
             cursor.execute(
-                "INSERT OR REPLACE INTO crews (code, created_at, created_by) VALUES (?, ?, ?)",
+                # Not INSERT OR REPLACE: replacing deletes the row, and the
+                # delete cascades to the crew's members, bot users and log.
+                "INSERT INTO crews (code, created_at, created_by) VALUES (?, ?, ?) "
+                "ON CONFLICT (code) DO UPDATE SET created_at = excluded.created_at, "
+                "created_by = excluded.created_by",
                 (arg.code, arg.created_at, arg.created_by),
             )
         elif kind == DELETE_CREW:
