@@ -312,17 +312,22 @@ class Journal:
 
     Operations put with a C{key} replace a still-queued operation with the
     same key (a member's acknowledged sequence, say, is written once per
-    batch however often it moved).  A batch that fails fails the Deferreds
-    of its operations; the state operations among them (everything but
-    appends to the log) are queued again and retried after C{retry_delay}.
+    batch however often it moved), and take its place in the queue at their
+    own put: a batch applies as if every operation were applied in the order
+    it was put.  A batch that fails fails the Deferreds of its operations;
+    the state operations among them (everything but appends to the log)
+    are queued again and retried after C{retry_delay}.
     """
 
     def __init__(self, store: IStore, clock: Any, retry_delay: float = 1.0) -> None:
         self.store = store
         self.clock = clock
         self.retry_delay = retry_delay
-        self._queue: list[tuple[tuple[str, Any], Deferred | None]] = []
-        self._keyed: dict[Any, tuple[str, Any]] = {}
+        # (operation, Deferred); (None, d) is a barrier, (None, None) the
+        # place of a keyed operation put again since.
+        self._queue: list[tuple[tuple[str, Any] | None, Deferred | None]] = []
+        # key -> where in the queue that key's operation is
+        self._keyed: dict[Any, int] = {}
         self._committing = False
         self._retry: Any = None
         self._failing = False
@@ -333,7 +338,11 @@ class Journal:
         C{None} when C{wait} is false).
         """
         if key is not None:
-            self._keyed[key] = op
+            queued = self._keyed.get(key)
+            if queued is not None:
+                self._queue[queued] = (None, None)
+            self._keyed[key] = len(self._queue)
+            self._queue.append((op, None))
             d = None
         else:
             d = Deferred() if wait else None
@@ -345,7 +354,7 @@ class Journal:
         """
         A Deferred that fires once everything queued so far is durable.
         """
-        if not self._committing and not self._queue and not self._keyed:
+        if not self._committing and not self._queue:
             return succeed(None)
         d = Deferred()
         self._queue.append((None, d))
@@ -354,15 +363,12 @@ class Journal:
 
     @property
     def idle(self) -> bool:
-        return not (self._committing or self._queue or self._keyed)
+        return not (self._committing or self._queue)
 
     def _flush(self) -> None:
-        if self._committing or self._retry is not None or not (self._queue or self._keyed):
+        if self._committing or self._retry is not None or not self._queue:
             return
-        batch, self._queue = self._queue, []
-        if self._keyed:
-            batch.extend((op, None) for op in self._keyed.values())
-            self._keyed = {}
+        batch, self._queue, self._keyed = self._queue, [], {}
         self._committing = True
         ops = [op for op, _ in batch if op is not None]
         d = self.store.write(ops) if ops else succeed(None)
@@ -382,15 +388,16 @@ class Journal:
         if not self._failing:
             self._failing = True
             _log.error("the store failed to commit {count} operations: {error}",
-                       count=len(batch), error=failure.getErrorMessage())
+                       count=sum(op is not None for op, _ in batch), error=failure.getErrorMessage())
         retry = [(op, None) for op, _ in batch if op is not None and op[0] != APPEND]
         self._queue[:0] = retry
+        self._keyed = {key: i + len(retry) for key, i in self._keyed.items()}
         error = StoreError(failure.getErrorMessage())
         for _, d in batch:
             if d is not None:
                 d.errback(error)
         self._committing = False
-        if self._queue or self._keyed:
+        if self._queue:
             self._retry = self.clock.callLater(self.retry_delay, self._retry_now)
 
     def _retry_now(self) -> None:
