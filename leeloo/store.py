@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -371,7 +371,7 @@ class Journal:
         batch, self._queue, self._keyed = self._queue, [], {}
         self._committing = True
         ops = [op for op, _ in batch if op is not None]
-        d = self.store.write(ops) if ops else succeed(None)
+        d = maybeDeferred(self.store.write, ops) if ops else succeed(None)
         d.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _committed(self, _: Any, batch: list) -> None:
