@@ -151,16 +151,19 @@ def _private_file(path: Path) -> None:
     os.chmod(path, 0o600)
 
 
-def _configure(db: sqlite3.Connection, fsync: bool) -> None:
+BUSY_TIMEOUT = 2.0
+
+
+def _configure(db: sqlite3.Connection, fsync: bool, busy_timeout: float = BUSY_TIMEOUT) -> None:
     db.execute("PRAGMA journal_mode = WAL")
     db.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
     db.execute("PRAGMA foreign_keys = ON")
-    db.execute("PRAGMA busy_timeout = 2000")
+    db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
 
 
-def _connect(path: Path, fsync: bool) -> sqlite3.Connection:
+def _connect(path: Path, fsync: bool, busy_timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    _configure(db, fsync)
+    _configure(db, fsync, busy_timeout)
     return db
 
 
@@ -220,7 +223,11 @@ def _write(cursor: Any, ops: list) -> None:
             )
         elif kind == PUT_CREW:
             cursor.execute(
-                "INSERT OR REPLACE INTO crews (code, created_at, created_by) VALUES (?, ?, ?)",
+                # Not INSERT OR REPLACE: replacing deletes the row, and the
+                # delete cascades to the crew's members, bot users and log.
+                "INSERT INTO crews (code, created_at, created_by) VALUES (?, ?, ?) "
+                "ON CONFLICT (code) DO UPDATE SET created_at = excluded.created_at, "
+                "created_by = excluded.created_by",
                 (arg.code, arg.created_at, arg.created_by),
             )
         elif kind == DELETE_CREW:
@@ -275,14 +282,17 @@ class SQLiteStore:
     @param fsync: make every commit survive a power cut (synchronous=FULL);
         by default commits survive a crash of the process (WAL with
         synchronous=NORMAL).
+    @param busy_timeout: seconds a statement waits for another connection's
+        lock before the operation fails with L{StoreError}.
     """
 
-    def __init__(self, directory: Path | str, reactor: Any, fsync: bool = False) -> None:
+    def __init__(self, directory: Path | str, reactor: Any, fsync: bool = False,
+                 busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.path = Path(directory) / DATABASE_NAME
         self.fsync = fsync
         for suffix in ("", "-wal", "-shm"):
             _private_file(Path(f"{self.path}{suffix}"))
-        db = _connect(self.path, fsync)
+        db = _connect(self.path, fsync, busy_timeout)
         try:
             start = migrate(db)
             if start != SCHEMA_VERSION:
@@ -296,7 +306,7 @@ class SQLiteStore:
             # write of an interaction; adbapi commits it: one commit a batch.
             "sqlite3", str(self.path), check_same_thread=False,
             cp_min=1, cp_max=1, cp_noisy=False, cp_reactor=reactor,
-            cp_openfun=lambda db: _configure(db, fsync),
+            cp_openfun=lambda db: _configure(db, fsync, busy_timeout),
         )
 
     def load(self) -> Snapshot:
