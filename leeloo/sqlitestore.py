@@ -301,6 +301,7 @@ class SQLiteStore:
             self._snapshot = _load(db)
         finally:
             db.close()
+        self._closed = False
         self._pool = adbapi.ConnectionPool(
             # The default isolation level opens a transaction before the first
             # write of an interaction; adbapi commits it: one commit a batch.
@@ -322,7 +323,10 @@ class SQLiteStore:
     @staticmethod
     def _store_error(failure: Any) -> None:
         failure.trap(sqlite3.Error)
-        raise StoreError(f"SQLite: {failure.getErrorMessage()}")
+        # Locked, full or failing disks are operational errors, worth a retry;
+        # a constraint or programming error will fail the same way again.
+        transient = bool(failure.check(sqlite3.OperationalError))
+        raise StoreError(f"SQLite: {failure.getErrorMessage()}", transient=transient)
 
     def write(self, ops: list) -> Deferred:
         return self._run(_write, ops)
@@ -335,5 +339,7 @@ class SQLiteStore:
         return self._run(_prune, log_before)
 
     def close(self) -> Deferred:
-        self._pool.close()
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
         return succeed(None)

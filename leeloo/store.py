@@ -127,8 +127,13 @@ PUT_DEVICE = "device"  # DeviceRecord
 
 class StoreError(Exception):
     """
-    The store could not do what was asked (a full disk, a locked database).
+    The store could not do what was asked: for now (a full disk, a locked
+    database: C{transient}) or for good (the operation itself is wrong).
     """
+
+    def __init__(self, message: str, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class IStore(Interface):
@@ -409,7 +414,15 @@ class Journal:
             self._failing = True
             _log.error("the store failed to commit {count} operations: {error}",
                        count=sum(op is not None for op, _ in batch), error=failure.getErrorMessage())
-        retry = [(op, None) for op, _ in batch if op is not None and op[0] != APPEND]
+        transient = not failure.check(StoreError) or failure.value.transient
+        if transient:
+            retry = [(op, None) for op, _ in batch if op is not None and op[0] != APPEND]
+        else:
+            # Retrying an operation the store refuses for good would fail
+            # every batch after it: drop the batch's state operations.
+            _log.error("dropped {count} state operations the store refused for good",
+                       count=sum(op is not None and op[0] != APPEND for op, _ in batch))
+            retry = []
         self._queue[:0] = retry
         self._keyed = {key: i + len(retry) for key, i in self._keyed.items()}
         error = StoreError(failure.getErrorMessage())

@@ -436,6 +436,21 @@ class RetentionTests(DeliveryTestCase):
         self.assertEqual((deleted, crews), (3, 0))
         self.assertEqual([e.seq for e in self.store.log["ALPHA"]], [4])
 
+    def test_newest_client_msg_id_remembered(self):
+        """
+        The crew's newest message (which the store keeps past retention)
+        stays known by its client_msg_id: a resend of it is answered sent,
+        not stored again.
+        """
+        a = self.device("a")
+        self.say(a, "only", client_msg_id="c1")
+        a.take()
+        self.clock.advance(8 * DAY)
+        self.successResultOf(self.relay.prune())
+        self.say(a, "only", client_msg_id="c1")
+        self.assertEqual(a.take()[0]["type"], "sent")
+        self.assertEqual(len(self.store.log["ALPHA"]), 1)
+
     def test_prune_idle_crews(self):
         """
         A crew with no message and no member seen for crew_ttl is forgotten,

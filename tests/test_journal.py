@@ -52,9 +52,9 @@ class ManualStore:
         d.callback(None)
         return ops
 
-    def refuse(self, reason="disk full"):
+    def refuse(self, reason="disk full", error=None):
         ops, d = self.pending.pop(0)
-        d.errback(OSError(reason))
+        d.errback(error or OSError(reason))
         return ops
 
 
@@ -357,6 +357,23 @@ class FailureTests(JournalTestCase):
         self.assertEqual(str(self.failureResultOf(d1, StoreError).value), "disk full")
         self.failureResultOf(d2, StoreError)
         self.assertEqual(self.events, [("fired", A2), ("fired", C1)])
+
+    def test_permanent_refusal_not_retried(self):
+        """
+        State operations the store refuses for good (not transient) are
+        dropped with an error logged, so they do not fail every batch after
+        them.
+        """
+        self.put(A1)
+        self.put(C1)
+        self.store.commit()
+        self.store.refuse(error=StoreError("constraint failed", transient=False))
+        self.clock.advance(10)
+        self.assertEqual(len(self.writes()), 2)
+        self.assertTrue(self.journal.idle)
+        self.put(C2)
+        self.assertEqual(self.store.commit(), [C2])
+        self.assertIn("dropped", " ".join(e["log_format"] for e in self.errors()))
 
     def test_retry_after_delay(self):
         """
