@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.relay import DAY, Relay
 from leeloo.store import MemoryStore, Replay, StoreError
-from leeloo.testing import FakePeer
+from leeloo.testing import FakePeer, strip_keys
 
 T0 = 1_700_000_000.0
 
@@ -55,6 +55,7 @@ class DeliveryTestCase(SynchronousTestCase):
         return d
 
     def say(self, device, text, **extra):
+        self.clock.advance(0.05)  # a person's pace, within the message rate limit
         device.send(type="message", payload={"text": text}, **extra)
 
 
@@ -125,7 +126,7 @@ class OfflineDeliveryTests(DeliveryTestCase):
         for text in ("one", "two", "three"):
             self.say(a, text)
         back = self.device("b")
-        replies = back.take()
+        replies = strip_keys(back.take())
         self.assertEqual(replies[0], {"type": "registered", "device_id": "b"})
         self.assertEqual([m["payload"]["text"] for m in replies[1:]], ["one", "two", "three"])
         self.say(a, "live")
@@ -434,6 +435,21 @@ class RetentionTests(DeliveryTestCase):
         deleted, crews = self.successResultOf(self.relay.prune())
         self.assertEqual((deleted, crews), (3, 0))
         self.assertEqual([e.seq for e in self.store.log["ALPHA"]], [4])
+
+    def test_newest_client_msg_id_remembered(self):
+        """
+        The crew's newest message (which the store keeps past retention)
+        stays known by its client_msg_id: a resend of it is answered sent,
+        not stored again.
+        """
+        a = self.device("a")
+        self.say(a, "only", client_msg_id="c1")
+        a.take()
+        self.clock.advance(8 * DAY)
+        self.successResultOf(self.relay.prune())
+        self.say(a, "only", client_msg_id="c1")
+        self.assertEqual(a.take()[0]["type"], "sent")
+        self.assertEqual(len(self.store.log["ALPHA"]), 1)
 
     def test_prune_idle_crews(self):
         """
