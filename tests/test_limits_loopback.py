@@ -154,7 +154,9 @@ class HalfOpenHandshakeTests(RelayOnLoopback):
 
 
 class SlowReaderTests(RelayOnLoopback):
-    args = ("--max-unsent-bytes", str(256 * 1024))
+    # The flood is faster than any device is allowed to send.
+    args = ("--max-unsent-bytes", str(256 * 1024),
+            "--messages-per-second", "100000", "--message-burst", "100000")
 
     @defer.inlineCallbacks
     def test_slow_reader_cut_off_crew_served(self):
