@@ -100,14 +100,17 @@ class MemoryWebSocketClients:
         self._port = 40000
 
     def connect(self, protocol: type = RecordingClientProtocol, headers: dict | None = None,
-                host: str = "127.0.0.1") -> Any:
+                host: str = "127.0.0.1", options: dict | None = None) -> Any:
         """
         Connect a client from address C{host}, sending C{headers} with its
-        handshake; return the client protocol once every byte has moved.
+        handshake and with Autobahn C{options} set on its factory; return
+        the client protocol once every byte has moved.
         """
         self._port += 1
         factory = WebSocketClientFactory(f"ws://127.0.0.1:8080{self.path}", headers=headers)
         factory.protocol = protocol
+        if options:
+            factory.setProtocolOptions(**options)
         server_address = IPv4Address("TCP", "127.0.0.1", 8080)
         client_address = IPv4Address("TCP", host, self._port)
         server = self.site.buildProtocol(client_address)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from types import FunctionType
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -64,6 +66,14 @@ class WebSocketLimits:
             f"{self.max_connections_per_address} per client address, "
             f"a reader that falls {self.max_unsent} bytes behind is disconnected"
         )
+
+
+def _class_attribute(value: Any) -> Any:
+    """
+    C{value} as a class attribute that reads back as C{value} from an
+    instance (a function would become a method).
+    """
+    return staticmethod(value) if isinstance(value, FunctionType) else value
 
 
 @implementer(IPeer, IPushProducer)
@@ -258,6 +268,16 @@ class RelayServerFactory(WebSocketServerFactory):
             maxConnections=0,
             trustXForwardedFor=0,
         )
+        # Autobahn copies each of its ~45 options from the factory into
+        # every connection's __dict__, unless the protocol class has it
+        # already.  Give them to a protocol class of this factory's own, so
+        # an idle connection holds its state and not a copy of the options
+        # (options set after this are not seen by connections).
+        base = self.protocol
+        self.protocol = type(base.__name__, (base,), {
+            "__module__": base.__module__,
+            **{name: _class_attribute(getattr(self, name)) for name in base.CONFIG_ATTRS},
+        })
 
     def admit(self, address: str | None) -> None:
         """

@@ -230,6 +230,30 @@ class LimitTests(WebSocketTestCase):
         self.assertGreater(f.autoPingInterval, 0)
         self.assertLessEqual(f.autoPingInterval + f.autoPingTimeout, 60)
 
+    def test_options_read_from_class(self):
+        """
+        A connection reads Autobahn's options from its factory's protocol
+        class; its own __dict__ holds no copy of them.
+        """
+        self.registered(1)
+        server = self.relay.devices["d0"].peer
+        self.assertEqual(server.maxMessagePayloadSize, 64 * 1024)
+        self.assertEqual(server.autoPingInterval, 25)
+        self.assertEqual(set(vars(server)) & set(server.CONFIG_ATTRS), set())
+
+    def test_compression_offer_declined(self):
+        """
+        A client offering permessage-deflate (as the websockets package
+        does) connects, uncompressed.
+        """
+        from autobahn.websocket.compress import PerMessageDeflateOffer
+
+        client = self.net.connect(options={"perMessageCompressionOffers": [PerMessageDeflateOffer()]})
+        self.assertTrue(client.opened)
+        self.assertEqual(client.websocket_extensions_in_use, [])
+        self.send(client, type="ping")
+        self.assertEqual(client.take(), [{"type": "pong"}])
+
     def test_dead_peer_found_by_ping(self):
         """
         A peer that stops answering pings is dropped within a minute and
