@@ -376,7 +376,7 @@ class HTTPSRedirect(Resource):
     def render(self, request: Request) -> bytes:
         if self.challenges is not None and request.path.startswith(ACME_CHALLENGE):
             return self._challenge(request, request.path[len(ACME_CHALLENGE):])
-        host = _host_without_port(request.getHeader(b"host") or "")
+        host = _host_without_port((request.getHeader(b"host") or b"").decode("ascii", "replace"))
         if host is None:
             return _text(request, 400, b"A Host header naming this server is needed.\n")
         target = request.uri
