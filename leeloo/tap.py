@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,14 @@ from typing import Any, Callable, Mapping
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from leeloo.relay import Relay
+from leeloo.relay import DAY, Relay
+from leeloo.sqlitestore import SchemaError, SQLiteStore
+from leeloo.store import IStore, MemoryStore
 from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig, SpotifyOAuth
 from leeloo.tls import CertificateError, LetsEncryptServerEndpoint, ReloadOnHangup, health_fields
 from leeloo.web import make_redirect_site, make_site
@@ -56,6 +60,11 @@ class Config:
     limits: WebSocketLimits = WebSocketLimits()
     spotify: SpotifyConfig | None = None
     telegram_api_secret: str | None = field(default=None, repr=False)
+    store: str = "sqlite"
+    fsync: bool = False
+    replay_limit: int = 50
+    retention_days: float = 7.0
+    crew_ttl_days: float = 90.0
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -109,14 +118,6 @@ class _NoReactor:
     seconds = staticmethod(time.time)
 
 
-class StartupError(SystemExit):
-    """
-    The relay cannot start for a reason outside its command line (a
-    certificate it cannot serve): twistd prints this one line and exits 1,
-    without the usage text a L{usage.UsageError} brings.
-    """
-
-
 def check_endpoint(description: str, option: str = "--listen", webroot: Path | None = None) -> str:
     description = with_default_backlog(description)
     try:
@@ -125,7 +126,10 @@ def check_endpoint(description: str, option: str = "--listen", webroot: Path | N
         line = str(e)
         if webroot is not None:
             line = line.replace("ACME_WEBROOT", str(webroot))
-        raise StartupError(f"leeloo: cannot start: {line}")
+        # Not a usage mistake, so not a UsageError (twistd would print the
+        # whole usage text above it): one line, as makeService does for a
+        # StartupError.
+        raise SystemExit(f"leeloo: cannot start: {line}") from None
     except Exception as e:
         detail = str(e) or type(e).__name__
         raise usage.UsageError(
@@ -199,6 +203,19 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be positive")
+    return number
+
+
+def _store_kind(value: str) -> str:
+    if value not in ("sqlite", "memory"):
+        raise ValueError("must be sqlite or memory")
+    return value
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -217,6 +234,18 @@ class Options(usage.Options):
         ["max-message-size", None, 64 * 1024,
          "Largest WebSocket message in bytes; larger ones are refused with close 1009.",
          _positive_int],
+        ["store", None, "sqlite",
+         "Where state is kept: sqlite (durable, under --data-dir) or memory (lost at exit).",
+         _store_kind],
+        ["replay-limit", None, 50,
+         "Most missed messages replayed to a returning device.", _positive_int],
+        ["retention-days", None, 7.0,
+         "Days a crew message is kept for devices that were offline.", _positive_float],
+        ["crew-ttl-days", None, 90.0,
+         "Days after which a crew with no message and no member seen is forgotten.", _positive_float],
+    ]
+    optFlags = [
+        ["fsync", None, "Make every commit survive a power cut, not only a crash (slower)."],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -254,22 +283,42 @@ class Options(usage.Options):
             limits=WebSocketLimits(max_message_size=self["max-message-size"]),
             spotify=spotify_config(values),
             telegram_api_secret=values.get("TELEGRAM_API_SECRET"),
+            store=self["store"],
+            fsync=bool(self["fsync"]),
+            replay_limit=self["replay-limit"],
+            retention_days=self["retention-days"],
+            crew_ttl_days=self["crew-ttl-days"],
         )
 
 
 def _never_raises(call: Callable[[], Any], log: Logger, what: str) -> Callable[[], None]:
     """
-    Wrap a timer's callable: a TimerService whose callable raises stops for
-    good, so log the failure and keep going.
+    Wrap a timer's callable: a TimerService whose callable raises (or whose
+    Deferred fails) stops for good, so log the failure and keep going.
     """
 
-    def safely() -> None:
+    def failed(failure: Any) -> None:
+        log.failure("timer {what} failed; it will run again", failure, what=what)
+
+    def safely() -> Any:
         try:
-            call()
+            result = call()
         except Exception:
             log.failure("timer {what} failed; it will run again", what=what)
+            return None
+        if isinstance(result, Deferred):
+            return result.addErrback(failed)
+        return None
 
     return safely
+
+
+def _prune(relay: Relay, log: Logger) -> Deferred:
+    def pruned(counts: tuple[int, int]) -> None:
+        log.info("retention: pruned {messages} old messages and {crews} idle crews",
+                 messages=counts[0], crews=counts[1])
+
+    return relay.prune().addCallback(pruned)
 
 
 class RelayService(Service):
@@ -299,9 +348,31 @@ class RelayService(Service):
             bot="enabled" if self.config.telegram_api_secret else "disabled (no TELEGRAM_API_SECRET)",
         )
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred:
         super().stopService()
-        self.relay.shutdown()
+        self.log.info("closing {count} connections and flushing the store",
+                      count=len(self.relay.sessions))
+        d = self.relay.shutdown()
+        d.addBoth(lambda _: self.relay.store.close())
+        return d
+
+
+class StartupError(Exception):
+    """
+    The relay cannot start; the message says why and what to do.
+    """
+
+
+def open_store(config: Config, reactor: Any) -> IStore:
+    if config.store == "memory":
+        return MemoryStore()
+    try:
+        return SQLiteStore(config.data_dir, reactor, fsync=config.fsync)
+    except (sqlite3.Error, SchemaError, OSError) as e:
+        raise StartupError(
+            f"cannot open the database in {config.data_dir}: {e}; "
+            "check the directory's permissions and free space, or restore it from a backup"
+        ) from None
 
 
 def build_service(config: Config, reactor: Any, http: Any = None) -> MultiService:
@@ -314,7 +385,13 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
     txaio.use_twisted()
     txaio.config.loop = reactor
 
-    relay = Relay(reactor)
+    relay = Relay(
+        reactor,
+        open_store(config, reactor),
+        replay_limit=config.replay_limit,
+        retention=config.retention_days * DAY,
+        crew_ttl=config.crew_ttl_days * DAY,
+    )
     ws_factory = RelayServerFactory(relay, config.limits)
     spotify = None
     if config.spotify is not None:
@@ -333,9 +410,13 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
 
     top = MultiService()
     RelayService(relay, ws_factory, config).setServiceParent(top)
-    timers = TimerService(60, _never_raises(relay.expire, RelayService.log, "expire tokens"))
-    timers.clock = reactor
-    timers.setServiceParent(top)
+    for interval, call, what in (
+        (60, relay.expire, "expire tokens"),
+        (3600, lambda: _prune(relay, RelayService.log), "retention"),
+    ):
+        timer = TimerService(interval, _never_raises(call, RelayService.log, what))
+        timer.clock = reactor
+        timer.setServiceParent(top)
     if certificates:
         ReloadOnHangup(reactor, certificates).setServiceParent(top)
     for endpoint in endpoints:
@@ -352,4 +433,7 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
-    return build_service(options.config, reactor)
+    try:
+        return build_service(options.config, reactor)
+    except StartupError as e:
+        raise SystemExit(f"leeloo: {e}") from None

@@ -15,12 +15,13 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from leeloo import messages, pages
-from leeloo.messages import InvalidCrewCode, NotInCrew, ProtocolError
+from leeloo.messages import InvalidCrewCode, NotInCrew, ProtocolError, StoreUnavailable
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyError, SpotifyOAuth
 from leeloo.websocket import RelayServerFactory
@@ -48,6 +49,8 @@ class APIError(Exception):
 
 
 def _api_error(e: ProtocolError) -> APIError:
+    if isinstance(e, StoreUnavailable):
+        return APIError(503, e.code, e.message)
     if isinstance(e, InvalidCrewCode):
         return APIError(404, "crew_not_found", e.message)
     if isinstance(e, NotInCrew):
@@ -159,7 +162,9 @@ class SpotifyCallback(Resource):
                 respond(502, pages.spotify_failed("something went wrong"))
                 return
             self.log.warn("Spotify refused a code exchange: {error}", error=e.error)
-            respond(502 if e.error in ("server_error", "unreachable") else 400,
+            # Only a refused code is the phone's request gone bad; anything
+            # else (Spotify down, our credentials, an odd answer) is upstream.
+            respond(400 if e.error == "invalid_grant" else 502,
                     pages.spotify_failed(e.description))
 
         def respond(status: int, page: bytes) -> None:
@@ -168,7 +173,7 @@ class SpotifyCallback(Resource):
             request.write(write_html(request, status, page))
             request.finish()
 
-        self.spotify.exchange_code(code).addCallbacks(exchanged, failed)
+        self.spotify.exchange_code(code).addCallback(exchanged).addErrback(failed)
         return NOT_DONE_YET
 
 
@@ -229,23 +234,38 @@ class BotAPI(Resource):
             (b"GET", b"crew/status"): self.status,
         }
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> Any:
         path = b"/".join(request.postpath).rstrip(b"/")
-        try:
-            methods = [m for (m, p) in self._routes if p == path]
-            if not methods:
-                raise APIError(404, "not_found", "no such bot API call")
-            if request.method not in methods:
-                request.setHeader(b"allow", b", ".join(methods))
-                raise APIError(405, "method_not_allowed", f"use {methods[0].decode()}")
-            self._authorize(request)
-            answer = self._routes[(request.method, path)](request)
-        except APIError as e:
-            return write_json(request, e.status, e.body())
-        except ProtocolError as e:
-            e2 = _api_error(e)
-            return write_json(request, e2.status, e2.body())
-        return write_json(request, 200, answer)
+        d = maybeDeferred(self._dispatch, request, path)
+        d.addCallbacks(lambda answer: (200, answer), self._error, errbackArgs=(path,))
+        d.addCallback(self._answer, request)
+        return NOT_DONE_YET
+
+    def _dispatch(self, request: Request, path: bytes) -> Any:
+        methods = [m for (m, p) in self._routes if p == path]
+        if not methods:
+            raise APIError(404, "not_found", "no such bot API call")
+        if request.method not in methods:
+            request.setHeader(b"allow", b", ".join(methods))
+            raise APIError(405, "method_not_allowed", f"use {methods[0].decode()}")
+        self._authorize(request)
+        return self._routes[(request.method, path)](request)
+
+    def _error(self, failure: Any, path: bytes) -> tuple[int, dict]:
+        if failure.check(APIError):
+            return failure.value.status, failure.value.body()
+        if failure.check(ProtocolError):
+            e = _api_error(failure.value)
+            return e.status, e.body()
+        self.log.failure("bug in bot API call {path}", failure, path=path.decode("ascii", "replace"))
+        return 500, {"error": "internal_error"}
+
+    def _answer(self, answer: tuple[int, dict], request: Request) -> None:
+        if request._disconnected or request.finished:
+            return
+        status, body = answer
+        request.write(write_json(request, status, body))
+        request.finish()
 
     def _authorize(self, request: Request) -> None:
         if self._secret is None:
@@ -253,14 +273,14 @@ class BotAPI(Resource):
                 503, "bot_api_disabled", "the bot API is disabled: TELEGRAM_API_SECRET is not set"
             )
         given = request.getHeader(b"x-api-secret")
-        if given is None or not hmac.compare_digest(given.encode("utf-8"), self._secret):
+        if given is None or not hmac.compare_digest(given, self._secret):
             self.log.warn("bot API call with a wrong or missing secret from {peer}",
                           peer=getattr(request.getClientAddress(), "host", None))
             raise APIError(401, "unauthorized")
 
     def _body(self, request: Request) -> dict:
-        content_type = (request.getHeader(b"content-type") or "").split(";")[0].strip().lower()
-        if content_type != "application/json":
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if content_type != b"application/json":
             raise APIError(400, "invalid_content_type", "send a JSON body (Content-Type: application/json)")
         raw = request.content.read(MAX_BODY + 1)
         if len(raw) > MAX_BODY:
@@ -295,8 +315,8 @@ class BotAPI(Resource):
             payload = {}
         if not isinstance(payload, dict):
             raise APIError(400, "payload must be an object")
-        reached = self.relay.bot_message(user, code, sender, msg_type, payload)
-        return {"success": True, "devices_reached": reached}
+        d = self.relay.bot_message(user, code, sender, msg_type, payload)
+        return d.addCallback(lambda reached: {"success": True, "devices_reached": reached})
 
     def status(self, request: Request) -> dict:
         code = _arg(request, b"crew_code")

@@ -26,7 +26,7 @@ from twisted.trial.unittest import TestCase
 
 from leeloo import tap
 from leeloo.testca import ThrowawayCA
-from test_tls import LogCapture, handshake, listening_port, temporary_directory
+from tests.test_tls import LogCapture, handshake, listening_port, temporary_directory
 
 DOMAIN = "relay.leeloo.test"
 WORKTREE = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ class CertbotAgainstPebbleTests(TestCase):
 
         # The relay's plain side: the whole site, and the port-80 stand-in.
         plain = tap.Config(listen=("tcp:0:interface=127.0.0.1",), redirect_listen=("tcp:0:interface=127.0.0.1",),
-                           acme_webroot=webroot, data_dir=tmp / "data-plain")
+                           acme_webroot=webroot, data_dir=tmp / "data-plain", store="memory")
         _, (_, http_port) = yield self.start(plain)
 
         # pebble, with a DNS stub that answers 127.0.0.1 for every name.
@@ -162,7 +162,7 @@ class CertbotAgainstPebbleTests(TestCase):
         pidfile.write_text(str(os.getpid()))
         tls = tap.Config(
             listen=(f"letsencrypt:domain={DOMAIN}:port=0:interface=127.0.0.1:directory={letsencrypt}:watch=0",),
-            data_dir=tmp / "data-tls")
+            data_dir=tmp / "data-tls", store="memory")
         service, (tls_port,) = yield self.start(tls)
         [certificates] = [s.endpoint.certificates for s in service if hasattr(s, "_waitingForPort")]
         first = yield deferToThread(handshake, tls_port, DOMAIN, roots)

@@ -508,7 +508,7 @@ class RelayOverTLSTests(TestCase):
     @inlineCallbacks
     def start_relay(self, le: Letsencrypt, domains: str = DOMAIN, **options: str):
         config = tap.Config(listen=(tap.with_default_backlog(le.endpoint_string(domains, **options)),),
-                            data_dir=Path(temporary_directory(self)))
+                            data_dir=Path(temporary_directory(self)), store="memory")
         self.service = tap.build_service(config, reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
