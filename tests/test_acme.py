@@ -32,6 +32,7 @@ DOMAIN = "relay.leeloo.test"
 WORKTREE = Path(__file__).resolve().parent.parent
 HOOK = WORKTREE / "etc" / "certbot-deploy-hook.sh"
 TOOLS = ("pebble", "pebble-challtestsrv", "certbot")
+NOGROUP = 65534
 
 
 def free_port() -> int:
@@ -103,7 +104,8 @@ class CertbotAgainstPebbleTests(TestCase):
         certbot certonly --webroot gets a certificate while the relay serves
         the challenge on its redirect listener; the relay then serves that
         certificate over TLS, and after certbot renew with our deploy hook
-        (SIGHUP) new connections get the renewed one.
+        (SIGHUP) new connections get the renewed one; the renewed key
+        keeps the group and mode given to the first.
         """
         tmp = Path(temporary_directory(self))
         webroot = tmp / "webroot"
@@ -168,6 +170,11 @@ class CertbotAgainstPebbleTests(TestCase):
         first = yield deferToThread(handshake, tls_port, DOMAIN, roots)
         self.assertEqual(first["fingerprint"], certificates.certificate(DOMAIN).fingerprint)
 
+        # README.rst's key permissions: a group that may read privkey*.pem.
+        archive = letsencrypt / "archive" / DOMAIN
+        os.chown(archive / "privkey1.pem", -1, NOGROUP)
+        os.chmod(archive / "privkey1.pem", 0o640)
+
         # certbot renew, with our deploy hook sending SIGHUP to "the relay".
         reloaded = certificates.when_reloaded()
         out, err, code = yield getProcessOutputAndValue(
@@ -179,4 +186,7 @@ class CertbotAgainstPebbleTests(TestCase):
         second = yield deferToThread(handshake, tls_port, DOMAIN, roots)
         self.assertNotEqual(second["fingerprint"], first["fingerprint"])
         renewed = (letsencrypt / "live" / DOMAIN / "cert.pem").read_bytes()
+        # ... which certbot carries over to the renewed key.
+        key = os.stat(archive / "privkey2.pem")
+        self.assertEqual((key.st_gid, key.st_mode & 0o777), (NOGROUP, 0o640))
         self.assertEqual(second["fingerprint"], x509.load_pem_x509_certificate(renewed).fingerprint(hashes.SHA256()).hex())
