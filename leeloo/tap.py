@@ -123,9 +123,7 @@ def check_endpoint(description: str, option: str = "--listen", webroot: Path | N
     try:
         serverFromString(_NoReactor(), description)
     except CertificateError as e:
-        line = str(e)
-        if webroot is not None:
-            line = line.replace("ACME_WEBROOT", str(webroot))
+        line = e.line(webroot)
         # Not a usage mistake, so not a UsageError (twistd would print the
         # whole usage text above it): one line, as makeService does for a
         # StartupError.

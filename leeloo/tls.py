@@ -79,8 +79,21 @@ class CertificateError(Exception):
         self.problem = problem
         self.remedy = remedy
 
+    def line(self, webroot: str | os.PathLike | None = None) -> str:
+        """
+        The message, with the relay's ACME webroot in the certbot command
+        when it is known.
+        """
+        remedy = self.remedy.replace(_WEBROOT, str(webroot) if webroot else "ACME_WEBROOT")
+        if not webroot and _WEBROOT in self.remedy:
+            remedy += " (ACME_WEBROOT: the relay's --acme-webroot)"
+        return f"TLS certificate for {self.domain}: {self.path} {self.problem}; {remedy}"
+
     def __str__(self) -> str:
-        return f"TLS certificate for {self.domain}: {self.path} {self.problem}; {self.remedy}"
+        return self.line()
+
+
+_WEBROOT = "{webroot}"
 
 
 def _utc(seconds: float) -> datetime.datetime:
@@ -125,8 +138,7 @@ def _read(domain: str, path: Path) -> bytes:
     except FileNotFoundError:
         raise CertificateError(
             domain, path, "does not exist",
-            f"get a certificate with: sudo certbot certonly --webroot -w ACME_WEBROOT -d {domain} "
-            "(ACME_WEBROOT is the relay's --acme-webroot)",
+            f"get a certificate with: sudo certbot certonly --webroot -w {_WEBROOT} -d {domain}",
         ) from None
     except PermissionError:
         raise CertificateError(
