@@ -3,14 +3,15 @@
 TLS benchmark for the relay -- loopback only.
 
     PYTHONPATH=. python benchmarks/tls_bench.py [--idle 2000] [--storm 2000]
-        [--clients 1] [--repeat 3] [--json-out FILE]
+        [--clients 2] [--repeat 3] [--store sqlite|memory] [--json-out FILE]
 
 Makes a throwaway CA and an /etc/letsencrypt-like directory in a temporary
 directory, then for release-buffers on and off (and plain ws:// for
 comparison) starts ``twistd -n leeloo --listen letsencrypt:...`` from this
 checkout and measures:
 
-  idle   N WSS devices connect (200 handshakes pending at most), register
+  idle   N WSS devices connect (--idle-concurrency handshakes pending at
+         most, default 200), register
          into crews of 5 and stay idle; the relay's RSS growth per device,
          read from /proc/PID/status.
   storm  M WSS devices connect at once (500 pending at most, split over
@@ -58,6 +59,8 @@ def rss_kib(pid: int) -> int:
 
 
 class Relay:
+    store = "sqlite"
+
     def __init__(self, tmp: Path, mode: str) -> None:
         self.port = free_port()
         data = tmp / f"data-{mode}-{self.port}"
@@ -69,7 +72,7 @@ class Relay:
         self.log = open(tmp / f"relay-{mode}-{self.port}.log", "w")
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon", "--pidfile=",
-             "--logfile=-", "leeloo", "--listen", listen, "--data-dir", str(data)],
+             "--logfile=-", "leeloo", "--listen", listen, "--data-dir", str(data), "--store", self.store],
             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
@@ -131,20 +134,20 @@ def release(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
-def idle(tmp: Path, ca: Path, mode: str, n: int) -> dict:
+def idle(tmp: Path, ca: Path, mode: str, n: int, concurrency: int = 200) -> dict:
     relay = Relay(tmp, mode)
     try:
         warm, _ = devices(relay, ca, 50, 50, mode)
         release(warm)
         time.sleep(1)
         before = relay.rss()
-        procs, reports = devices(relay, ca, n, 200, mode)
+        procs, reports = devices(relay, ca, n, concurrency, mode)
         time.sleep(2)  # let the relay settle before reading its RSS
         after = relay.rss()
         registered = sum(r.get("registered", 0) for r in reports)
         release(procs)
         return {
-            "mode": mode, "devices": n, "registered": registered,
+            "mode": mode, "devices": n, "concurrency": concurrency, "registered": registered,
             "rss_before_kib": before, "rss_after_kib": after,
             "kib_per_device": round((after - before) / max(1, registered), 2),
         }
@@ -178,15 +181,20 @@ def storm(tmp: Path, ca: Path, mode: str, n: int, clients: int, repeat: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--idle", type=int, default=2000, help="idle devices [2000]")
+    parser.add_argument("--idle", type=int, default=2000, help="idle devices; 0: none [2000]")
+    parser.add_argument("--idle-concurrency", type=int, default=200,
+                        help="idle: handshakes pending at most [200]")
     parser.add_argument("--storm", type=int, default=2000, help="devices in the reconnect storm; 0: none [2000]")
-    parser.add_argument("--clients", type=int, default=1, help="node processes for the storm [1]")
+    parser.add_argument("--clients", type=int, default=2, help="node processes for the storm [2]")
     parser.add_argument("--repeat", type=int, default=3, help="storm runs per mode [3]")
     parser.add_argument("--modes", default="tls,tls-nrb,plain",
                         help="tls (release-buffers on), tls-nrb (off), plain (ws://) [all]")
+    parser.add_argument("--store", default="sqlite", choices=["sqlite", "memory"],
+                        help="the relay's --store [sqlite, its default]")
     parser.add_argument("--json-out", help="also write the results here")
     options = parser.parse_args()
 
+    Relay.store = options.store
     tmp = Path(tempfile.mkdtemp(prefix="leeloo-tls-bench-"))
     try:
         authority = ThrowawayCA("bench")
@@ -195,8 +203,9 @@ def main() -> None:
         ca.write_bytes(authority.root_pem)
         results = {"idle": [], "storm": []}
         for mode in options.modes.split(","):
-            results["idle"].append(idle(tmp, ca, mode, options.idle))
-            print(json.dumps(results["idle"][-1]), flush=True)
+            if options.idle > 0:
+                results["idle"].append(idle(tmp, ca, mode, options.idle, options.idle_concurrency))
+                print(json.dumps(results["idle"][-1]), flush=True)
             if options.storm <= 0:
                 continue
             results["storm"].append(storm(tmp, ca, mode, options.storm, options.clients, options.repeat))
