@@ -24,6 +24,23 @@ Relay -> client
     ``sent``             ``client_msg_id`` ``id`` ``seq``
     ``replay_truncated`` ``from_seq`` ``to_seq``
 
+Device identity (trust on first use):
+    ``registered``, ``crew_created`` and ``crew_joined`` carry
+    ``device_key`` when the relay issues one: to a device id that has no
+    bound key.  The key binds the first time the device presents it
+    (``device_key`` in ``register`` / ``create_crew`` / ``join_crew``); from
+    then on that id must always present it, or it is refused with
+    ``device_auth_failed``.  Deployed devices, which never send a key, keep
+    working as legacy ids unless the relay runs with
+    ``--require-device-key``.
+
+Limits:
+    Too many frames per second, or too many attempts to enter crews the
+    device is not a member of (including failed joins), are answered
+    ``{"type":"error","error":"rate_limited","message":..,"retry_after":S}``;
+    persistent excess is closed with 4029.  A newer connection for the same
+    device id closes the older one with 4001.
+
 Delivery (additions that deployed devices never see unless they ask):
     Every crew fan-out (``message``, ``music_shared``, ``reaction``, bot
     messages) carries ``seq``, a per-crew sequence number, and ``id``, a
@@ -50,6 +67,7 @@ frame.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -77,12 +95,13 @@ class ProtocolError(Exception):
 
     code = "invalid_message"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
+        self.extra = extra
 
     def as_message(self) -> dict:
-        return error(self.code, self.message)
+        return error(self.code, self.message, **self.extra)
 
 
 class InvalidJSON(ProtocolError):
@@ -125,6 +144,23 @@ class StoreUnavailable(ProtocolError):
     code = "store_unavailable"
 
 
+class RateLimited(ProtocolError):
+    """
+    Too many messages or crew-entry attempts; C{retry_after} says when to
+    try again (whole seconds).
+    """
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after=max(1, math.ceil(retry_after)))
+        self.retry_after = self.extra["retry_after"]
+
+
+class DeviceAuthFailed(ProtocolError):
+    code = "device_auth_failed"
+
+
 # ---------------------------------------------------------------- incoming
 
 
@@ -134,6 +170,7 @@ class Register:
     crew_code: str | None = None
     device_name: str | None = None
     last_seq: int | None = None
+    device_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +179,7 @@ class CreateCrew:
     crew_code: str | None = None
     display_name: str | None = None
     last_seq: int | None = None
+    device_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +188,7 @@ class JoinCrew:
     device_id: str | None = None
     display_name: str | None = None
     last_seq: int | None = None
+    device_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,12 +310,17 @@ def _client_msg_id(obj: Mapping) -> str | None:
     return _string(obj, "client_msg_id", MAX_TYPE_LENGTH)
 
 
+def _device_key(obj: Mapping) -> str | None:
+    return _string(obj, "device_key", MAX_TYPE_LENGTH)
+
+
 def _register(obj: Mapping) -> Register:
     return Register(
         device_id=device_id_of(obj),
         crew_code=_crew_code(obj),
         device_name=_string(obj, "device_name", MAX_NAME_LENGTH),
         last_seq=_last_seq(obj),
+        device_key=_device_key(obj),
     )
 
 
@@ -286,6 +330,7 @@ def _create_crew(obj: Mapping) -> CreateCrew:
         crew_code=_crew_code(obj),
         display_name=_display_name(obj),
         last_seq=_last_seq(obj),
+        device_key=_device_key(obj),
     )
 
 
@@ -295,6 +340,7 @@ def _join_crew(obj: Mapping) -> JoinCrew:
         device_id=device_id_of(obj),
         display_name=_display_name(obj),
         last_seq=_last_seq(obj),
+        device_key=_device_key(obj),
     )
 
 
@@ -385,22 +431,33 @@ def encode(message: Mapping) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode("ascii")
 
 
-def registered(device_id: str) -> dict:
-    return {"type": "registered", "device_id": device_id}
+def _with_key(message: dict, device_key: str | None) -> dict:
+    if device_key is not None:
+        message["device_key"] = device_key
+    return message
 
 
-def crew_created(device_id: str, crew_code: str) -> dict:
-    return {"type": "crew_created", "device_id": device_id, "crew_code": crew_code}
+def registered(device_id: str, device_key: str | None = None) -> dict:
+    return _with_key({"type": "registered", "device_id": device_id}, device_key)
 
 
-def crew_joined(device_id: str, crew_code: str, members: int, names: list[str]) -> dict:
-    return {
-        "type": "crew_joined",
-        "device_id": device_id,
-        "crew_code": crew_code,
-        "crew_members": members,
-        "member_names": names,
-    }
+def crew_created(device_id: str, crew_code: str, device_key: str | None = None) -> dict:
+    return _with_key({"type": "crew_created", "device_id": device_id, "crew_code": crew_code}, device_key)
+
+
+def crew_joined(
+    device_id: str, crew_code: str, members: int, names: list[str], device_key: str | None = None
+) -> dict:
+    return _with_key(
+        {
+            "type": "crew_joined",
+            "device_id": device_id,
+            "crew_code": crew_code,
+            "crew_members": members,
+            "member_names": names,
+        },
+        device_key,
+    )
 
 
 def member_joined(device_id: str, name: str) -> dict:

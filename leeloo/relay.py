@@ -12,6 +12,7 @@ C{callLater()}); state is written through a L{Journal} to an L{IStore}.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from typing import Any, Callable
 
@@ -20,11 +21,13 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from leeloo import messages
+from leeloo.limits import Bucket, Limiter, RelayLimits
 from leeloo.messages import (
     Ack,
     BinaryNotSupported,
     CreateCrew,
     CrewMessage,
+    DeviceAuthFailed,
     DuplicateClientMessage,
     InvalidAck,
     InvalidCrewCode,
@@ -33,6 +36,7 @@ from leeloo.messages import (
     NotInCrew,
     Ping,
     ProtocolError,
+    RateLimited,
     Reaction,
     Register,
     ShareMusic,
@@ -44,10 +48,12 @@ from leeloo.store import (
     DELETE_TOKEN,
     PUT_BOT_USER,
     PUT_CREW,
+    PUT_DEVICE,
     PUT_MEMBER,
     PUT_TOKEN,
     BotUserRecord,
     CrewRecord,
+    DeviceRecord,
     IStore,
     Journal,
     LogEntry,
@@ -62,6 +68,7 @@ from leeloo.store import (
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_REPLACED = 4001
+CLOSE_ABUSE = 4029
 
 TELEGRAM_DEVICE_ID = "telegram"
 TOKEN_TTL = 3600.0
@@ -115,9 +122,10 @@ class Session:
     catching up on what it missed and live fan-outs wait there.
     """
 
-    __slots__ = ("peer", "address", "device_id", "name", "crew", "last_sent_seq", "held", "acks")
+    __slots__ = ("peer", "address", "device_id", "name", "crew", "last_sent_seq", "held", "acks",
+                 "bucket", "entries", "strikes", "closing")
 
-    def __init__(self, peer: IPeer, address: str | None = None) -> None:
+    def __init__(self, peer: IPeer, address: str | None, bucket: Bucket) -> None:
         self.peer = peer
         self.address = address
         self.device_id: str | None = None
@@ -126,6 +134,17 @@ class Session:
         self.last_sent_seq = 0
         self.held: list[tuple[int, Outgoing]] | None = None
         self.acks = False
+        self.bucket = bucket
+        self.entries: Bucket | None = None
+        self.strikes = 0
+        self.closing = False
+
+    def close(self, code: int, reason: str) -> None:
+        """
+        Close the connection; frames still arriving from it are ignored.
+        """
+        self.closing = True
+        self.peer.close(code, reason)
 
     def send(self, message: dict) -> None:
         self.peer.send(Outgoing(message))
@@ -191,7 +210,7 @@ class Crew:
         self.client_messages: dict[tuple[str, str], ClientMessage] | None = None
 
 
-def generate_crew_code(choice: Callable[[str], str] = secrets.choice, length: int = 4) -> str:
+def generate_crew_code(length: int = 4, choice: Callable[[str], str] = secrets.choice) -> str:
     return messages.CREW_CODE_PREFIX + "".join(
         choice(messages.CREW_CODE_ALPHABET) for _ in range(length)
     )
@@ -203,6 +222,14 @@ def generate_device_id(token_hex: Callable[[int], str] = secrets.token_hex) -> s
 
 def generate_message_id() -> str:
     return secrets.token_hex(8)
+
+
+def generate_device_key() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 class Relay:
@@ -226,9 +253,11 @@ class Relay:
         replay_limit: int = 50,
         retention: float = 7 * DAY,
         crew_ttl: float = 90 * DAY,
-        crew_code: Callable[[], str] = generate_crew_code,
+        limits: RelayLimits = RelayLimits(),
+        crew_code: Callable[[], str] | None = None,
         device_id: Callable[[], str] = generate_device_id,
         message_id: Callable[[], str] = generate_message_id,
+        device_key: Callable[[], str] = generate_device_key,
     ) -> None:
         self.clock = clock
         self.store = store if store is not None else MemoryStore()
@@ -237,9 +266,14 @@ class Relay:
         self.replay_limit = replay_limit
         self.retention = retention
         self.crew_ttl = crew_ttl
-        self._new_crew_code = crew_code
+        self.limits = limits
+        self._new_crew_code = crew_code or (lambda: generate_crew_code(limits.crew_code_length))
         self._new_device_id = device_id
         self._new_message_id = message_id
+        self._new_device_key = device_key
+        self._entries_by_address = Limiter(clock, limits.entries)
+        self._bot_joins = Limiter(clock, limits.entries)
+        self.device_keys: dict[str, DeviceRecord] = {}
         self.started = clock.seconds()
         self.sessions: set[Session] = set()
         self.devices: dict[str, Session] = {}
@@ -277,6 +311,8 @@ class Relay:
                 self.crews[b.crew_code].bot_users[b.user_id] = b.name
         for t in snapshot.tokens:
             self.pending_tokens[t.device_id] = (t.tokens, t.expires_at)
+        for d in snapshot.devices:
+            self.device_keys[d.device_id] = d
         for e in snapshot.client_messages:
             crew = self.crews.get(e.crew_code)
             if crew is not None:
@@ -291,23 +327,41 @@ class Relay:
         return int(self.clock.seconds() * 1000)
 
     def connect(self, peer: IPeer, address: str | None = None) -> Session:
-        session = Session(peer, address)
+        session = Session(peer, address, Bucket(self.limits.messages.burst, self.clock.seconds()))
         self.sessions.add(session)
         return session
 
     def receive(self, session: Session, data: bytes | str) -> None:
         """
         One text frame from C{session}: decode it and act on it.  A peer's
-        mistake is answered with an C{error} message; the connection stays.
+        mistake is answered with an C{error} message; the connection stays,
+        unless it keeps being refused.
         """
+        if session.closing:
+            return
         try:
+            wait = session.bucket.take(self.clock.seconds(), self.limits.messages)
+            if wait:
+                raise RateLimited("too many messages; slow down", wait)
             message = messages.decode(data)
             self._handlers[type(message)](session, message)
+            session.strikes = 0
         except ProtocolError as e:
-            session.send(e.as_message())
+            self._refused(session, e)
 
     def receive_binary(self, session: Session) -> None:
-        session.send(BinaryNotSupported("binary frames are not supported; send JSON text").as_message())
+        if session.closing:
+            return
+        self._refused(session, BinaryNotSupported("binary frames are not supported; send JSON text"))
+
+    def _refused(self, session: Session, error: ProtocolError) -> None:
+        session.send(error.as_message())
+        if isinstance(error, (RateLimited, DeviceAuthFailed)):
+            session.strikes += 1
+            if session.strikes >= self.limits.abuse_strikes:
+                _log.warn("closing a connection from {address} after {strikes} refusals ({code})",
+                          address=session.address, strikes=session.strikes, code=error.code)
+                session.close(CLOSE_ABUSE, "too many refused requests")
 
     def disconnect(self, session: Session) -> None:
         """
@@ -347,7 +401,7 @@ class Relay:
 
     def _close_chunk(self, chunk: list, code: int, reason: str, d: Deferred) -> None:
         for session in chunk:
-            session.peer.close(code, reason)
+            session.close(code, reason)
         d.callback(None)
 
     def _goodbye(self) -> Deferred:
@@ -357,9 +411,71 @@ class Relay:
 
     # ------------------------------------------------------------ identity
 
-    def _identify(self, session: Session, device_id: str | None, name: str | None) -> None:
+    def _authenticate(self, session: Session, device_id: str, key: str | None, claimed: bool) -> str | None:
+        """
+        Check that C{session} may be C{device_id}; return a newly issued key
+        when the id has none bound.  Trust on first use: a key binds the
+        first time it is presented.
+        """
+        record = self.device_keys.get(device_id)
+        if key is not None:
+            digest = key_hash(key)
+            if record is None or (not record.bound and hmac.compare_digest(record.key_hash, digest)):
+                record = self.device_keys[device_id] = DeviceRecord(
+                    device_id, digest, True, record.created_at if record else self.clock.seconds())
+                self.journal.put((PUT_DEVICE, record), wait=False)
+                return None
+            if hmac.compare_digest(record.key_hash, digest):
+                return None
+            self._auth_failed(session, device_id, "wrong key")
+            raise DeviceAuthFailed("the device key does not match this device id")
+        if record is not None and record.bound:
+            self._auth_failed(session, device_id, "no key")
+            raise DeviceAuthFailed("this device id is protected by its device key: present it as device_key")
+        if claimed and self.limits.require_device_key:
+            self._auth_failed(session, device_id, "legacy id")
+            raise DeviceAuthFailed(
+                "this relay requires device keys: register without device_id to get a new id and key")
+        issued = self._new_device_key()
+        record = self.device_keys[device_id] = DeviceRecord(
+            device_id, key_hash(issued), False, self.clock.seconds())
+        self.journal.put((PUT_DEVICE, record), wait=False)
+        return issued
+
+    def _auth_failed(self, session: Session, device_id: str, why: str) -> None:
+        _log.warn("refused device {device_id} from {address}: {why}",
+                  device_id=device_id, address=session.address, why=why)
+
+    def _check_entry(self, session: Session, device_id: str | None, crew: Crew | None) -> None:
+        """
+        Count an attempt to enter C{crew} (or a crew that does not exist)
+        against the connection's and the client address's budgets; a
+        returning member is free.
+        """
+        device_id = device_id or session.device_id
+        if crew is not None and device_id is not None and device_id in crew.members:
+            return
+        now = self.clock.seconds()
+        if session.entries is None:
+            session.entries = Bucket(self.limits.entries.burst, now)
+        wait = session.entries.take(now, self.limits.entries)
+        if session.address is not None:
+            wait = max(wait, self._entries_by_address.take(session.address))
+        if wait:
+            raise RateLimited("too many attempts to enter crews; wait before trying again", wait)
+
+    def _identify(self, session: Session, device_id: str | None, name: str | None,
+                  key: str | None = None) -> str | None:
+        """
+        Make C{session} the connection of C{device_id} (a new id when none
+        is given); return a device key issued to it, if one was.
+        """
+        claimed = device_id is not None
         if device_id is None:
             device_id = session.device_id or self._new_device_id()
+        issued = None
+        if session.device_id != device_id or key is not None:
+            issued = self._authenticate(session, device_id, key, claimed)
         if session.device_id != device_id:
             self._unbind(session)
             previous = self.devices.get(device_id)
@@ -372,6 +488,7 @@ class Relay:
             session.name = name
         elif session.name is None:
             session.name = device_id
+        return issued
 
     def _replace(self, previous: Session) -> None:
         """
@@ -383,7 +500,7 @@ class Relay:
         del self.devices[previous.device_id]
         previous.device_id = None
         self.sessions.discard(previous)
-        previous.peer.close(CLOSE_REPLACED, "replaced by a newer connection for this device")
+        previous.close(CLOSE_REPLACED, "replaced by a newer connection for this device")
 
     def _deliver_pending(self, session: Session) -> None:
         pending = self.pending_tokens.pop(session.device_id, None)
@@ -600,8 +717,10 @@ class Relay:
     def _register(self, session: Session, message: Register) -> None:
         crew = self.crews.get(message.crew_code) if message.crew_code is not None else None
         self._check_last_seq(crew, message.last_seq)
-        self._identify(session, message.device_id, message.device_name)
-        session.send(messages.registered(session.device_id))
+        if message.crew_code is not None:
+            self._check_entry(session, message.device_id, crew)
+        key = self._identify(session, message.device_id, message.device_name, message.device_key)
+        session.send(messages.registered(session.device_id, key))
         self._deliver_pending(session)
         if message.crew_code is not None:
             if crew is None:
@@ -612,8 +731,10 @@ class Relay:
         code = message.crew_code or self._unused_code()
         crew = self.crews.get(code)
         self._check_last_seq(crew, message.last_seq)
-        self._identify(session, message.device_id, message.display_name)
-        session.send(messages.crew_created(session.device_id, code))
+        if message.crew_code is not None:
+            self._check_entry(session, message.device_id, crew)
+        key = self._identify(session, message.device_id, message.display_name, message.device_key)
+        session.send(messages.crew_created(session.device_id, code, key))
         self._deliver_pending(session)
         if crew is None:
             self._enter(session, self._create(code, session.device_id), announce=False)
@@ -622,13 +743,14 @@ class Relay:
 
     def _join_crew(self, session: Session, message: JoinCrew) -> None:
         crew = self.crews.get(message.crew_code)
+        self._check_entry(session, message.device_id, crew)
         if crew is None:
             raise InvalidCrewCode(f"Crew {message.crew_code} not found")
         self._check_last_seq(crew, message.last_seq)
-        self._identify(session, message.device_id, message.display_name)
+        key = self._identify(session, message.device_id, message.display_name, message.device_key)
         others = [m.name for m in crew.online.values() if m is not session]
         online = len(crew.online) + (session.device_id not in crew.online)
-        session.send(messages.crew_joined(session.device_id, crew.code, online, others))
+        session.send(messages.crew_joined(session.device_id, crew.code, online, others, key))
         self._deliver_pending(session)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
 
@@ -682,6 +804,9 @@ class Relay:
         Put a bot user in a crew; return the crew's code and how many of
         its devices are online.
         """
+        wait = self._bot_joins.take(user_id)
+        if wait:
+            raise RateLimited("too many join attempts; wait before trying again", wait)
         crew = self._known_crew(code)
         self._add_bot_user(crew, user_id, name)
         return crew.code, len(crew.online)
@@ -740,6 +865,8 @@ class Relay:
         for device_id in stale:
             del self.pending_tokens[device_id]
             self.journal.put((DELETE_TOKEN, device_id), wait=False)
+        self._entries_by_address.sweep()
+        self._bot_joins.sweep()
         return len(stale)
 
     # ----------------------------------------------------------- retention

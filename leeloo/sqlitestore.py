@@ -26,10 +26,12 @@ from leeloo.store import (
     DELETE_TOKEN,
     PUT_BOT_USER,
     PUT_CREW,
+    PUT_DEVICE,
     PUT_MEMBER,
     PUT_TOKEN,
     BotUserRecord,
     CrewRecord,
+    DeviceRecord,
     IStore,
     LogEntry,
     MemberRecord,
@@ -92,6 +94,15 @@ MIGRATIONS = [
         ON messages (crew_code, sender, client_msg_id) WHERE client_msg_id IS NOT NULL;
     CREATE INDEX messages_created_at ON messages (created_at);
     """,
+    # 3: device keys (only their hashes).
+    """
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        key_hash TEXT NOT NULL,
+        bound INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -140,16 +151,19 @@ def _private_file(path: Path) -> None:
     os.chmod(path, 0o600)
 
 
-def _configure(db: sqlite3.Connection, fsync: bool) -> None:
+BUSY_TIMEOUT = 2.0
+
+
+def _configure(db: sqlite3.Connection, fsync: bool, busy_timeout: float = BUSY_TIMEOUT) -> None:
     db.execute("PRAGMA journal_mode = WAL")
     db.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
     db.execute("PRAGMA foreign_keys = ON")
-    db.execute("PRAGMA busy_timeout = 2000")
+    db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
 
 
-def _connect(path: Path, fsync: bool) -> sqlite3.Connection:
+def _connect(path: Path, fsync: bool, busy_timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    _configure(db, fsync)
+    _configure(db, fsync, busy_timeout)
     return db
 
 
@@ -169,6 +183,11 @@ def _load(db: sqlite3.Connection) -> Snapshot:
         TokenRecord(device, json.loads(tokens), expires)
         for device, tokens, expires in db.execute(
             "SELECT device_id, tokens, expires_at FROM pending_tokens")
+    ]
+    snapshot.devices = [
+        DeviceRecord(device, key_hash, bool(bound), created)
+        for device, key_hash, bound, created in db.execute(
+            "SELECT device_id, key_hash, bound, created_at FROM devices")
     ]
     for code, seq, created in db.execute(
         "SELECT crew_code, MAX(seq), MAX(created_at) FROM messages GROUP BY crew_code"
@@ -204,7 +223,11 @@ def _write(cursor: Any, ops: list) -> None:
             )
         elif kind == PUT_CREW:
             cursor.execute(
-                "INSERT OR REPLACE INTO crews (code, created_at, created_by) VALUES (?, ?, ?)",
+                # Not INSERT OR REPLACE: replacing deletes the row, and the
+                # delete cascades to the crew's members, bot users and log.
+                "INSERT INTO crews (code, created_at, created_by) VALUES (?, ?, ?) "
+                "ON CONFLICT (code) DO UPDATE SET created_at = excluded.created_at, "
+                "created_by = excluded.created_by",
                 (arg.code, arg.created_at, arg.created_by),
             )
         elif kind == DELETE_CREW:
@@ -221,6 +244,11 @@ def _write(cursor: Any, ops: list) -> None:
             )
         elif kind == DELETE_TOKEN:
             cursor.execute("DELETE FROM pending_tokens WHERE device_id = ?", (arg,))
+        elif kind == PUT_DEVICE:
+            cursor.execute(
+                "INSERT OR REPLACE INTO devices (device_id, key_hash, bound, created_at) VALUES (?, ?, ?, ?)",
+                (arg.device_id, arg.key_hash, int(arg.bound), arg.created_at),
+            )
         else:
             raise ValueError(f"unknown store operation {kind!r}")
 
@@ -254,14 +282,17 @@ class SQLiteStore:
     @param fsync: make every commit survive a power cut (synchronous=FULL);
         by default commits survive a crash of the process (WAL with
         synchronous=NORMAL).
+    @param busy_timeout: seconds a statement waits for another connection's
+        lock before the operation fails with L{StoreError}.
     """
 
-    def __init__(self, directory: Path | str, reactor: Any, fsync: bool = False) -> None:
+    def __init__(self, directory: Path | str, reactor: Any, fsync: bool = False,
+                 busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.path = Path(directory) / DATABASE_NAME
         self.fsync = fsync
         for suffix in ("", "-wal", "-shm"):
             _private_file(Path(f"{self.path}{suffix}"))
-        db = _connect(self.path, fsync)
+        db = _connect(self.path, fsync, busy_timeout)
         try:
             start = migrate(db)
             if start != SCHEMA_VERSION:
@@ -275,7 +306,7 @@ class SQLiteStore:
             # write of an interaction; adbapi commits it: one commit a batch.
             "sqlite3", str(self.path), check_same_thread=False,
             cp_min=1, cp_max=1, cp_noisy=False, cp_reactor=reactor,
-            cp_openfun=lambda db: _configure(db, fsync),
+            cp_openfun=lambda db: _configure(db, fsync, busy_timeout),
         )
 
     def load(self) -> Snapshot:

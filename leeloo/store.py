@@ -10,11 +10,13 @@ has the SQLite implementation; one contract test suite runs against both.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -57,6 +59,19 @@ class TokenRecord:
 
 
 @dataclass(slots=True)
+class DeviceRecord:
+    """
+    A device id's key: only its hash is kept.  C{bound} once the device
+    has presented it.
+    """
+
+    device_id: str
+    key_hash: str
+    bound: bool
+    created_at: float
+
+
+@dataclass(slots=True)
 class LogEntry:
     crew_code: str
     seq: int
@@ -80,6 +95,7 @@ class Snapshot:
     members: list[MemberRecord] = field(default_factory=list)
     bot_users: list[BotUserRecord] = field(default_factory=list)
     tokens: list[TokenRecord] = field(default_factory=list)
+    devices: list[DeviceRecord] = field(default_factory=list)
     last_seq: dict[str, int] = field(default_factory=dict)
     last_message_at: dict[str, float] = field(default_factory=dict)
     client_messages: list[LogEntry] = field(default_factory=list)
@@ -106,6 +122,7 @@ PUT_BOT_USER = "bot_user"  # BotUserRecord
 PUT_TOKEN = "token"  # TokenRecord
 DELETE_TOKEN = "delete_token"  # device id
 APPEND = "append"  # LogEntry
+PUT_DEVICE = "device"  # DeviceRecord
 
 
 class StoreError(Exception):
@@ -172,6 +189,7 @@ class MemoryStore:
         self.members: dict[tuple[str, str], MemberRecord] = {}
         self.bot_users: dict[tuple[str, str], BotUserRecord] = {}
         self.tokens: dict[str, TokenRecord] = {}
+        self.devices: dict[str, DeviceRecord] = {}
         self.log: dict[str, list[LogEntry]] = {}
         self.fail_with: Exception | None = None
 
@@ -181,39 +199,87 @@ class MemoryStore:
             members=[MemberRecord(**_fields(m)) for m in self.members.values()],
             bot_users=list(self.bot_users.values()),
             tokens=list(self.tokens.values()),
+            devices=list(self.devices.values()),
         )
         for code, entries in self.log.items():
             if entries:
                 snapshot.last_seq[code] = entries[-1].seq
                 snapshot.last_message_at[code] = entries[-1].created_at
-            snapshot.client_messages.extend(e for e in entries if e.client_msg_id is not None)
+            snapshot.client_messages.extend(
+                replace(e, payload=b"") for e in entries if e.client_msg_id is not None)
         return snapshot
 
     def write(self, ops: list) -> Deferred:
+        """
+        Apply C{ops} all or none, like one SQL transaction: an operation that
+        fails undoes the ones before it.  The constraints of the SQLite
+        schema hold here too: one entry per crew and sequence, and no
+        member, bot user or log entry without its crew.
+        """
         if self.fail_with is not None:
             return fail(StoreError(str(self.fail_with)))
-        for kind, arg in ops:
-            if kind == PUT_CREW:
-                self.crews[arg.code] = arg
-            elif kind == DELETE_CREW:
-                self.crews.pop(arg, None)
-                self.log.pop(arg, None)
-                for table in (self.members, self.bot_users):
-                    for key in [k for k in table if k[0] == arg]:
-                        del table[key]
-            elif kind == PUT_MEMBER:
-                self.members[(arg.crew_code, arg.device_id)] = MemberRecord(**_fields(arg))
-            elif kind == PUT_BOT_USER:
-                self.bot_users[(arg.crew_code, arg.user_id)] = arg
-            elif kind == PUT_TOKEN:
-                self.tokens[arg.device_id] = arg
-            elif kind == DELETE_TOKEN:
-                self.tokens.pop(arg, None)
-            elif kind == APPEND:
-                self.log.setdefault(arg.crew_code, []).append(arg)
-            else:
-                raise ValueError(f"unknown store operation {kind!r}")
+        undo: list[Callable[[], Any]] = []
+        try:
+            for kind, arg in ops:
+                self._apply(kind, arg, undo)
+        except Exception:
+            for action in reversed(undo):
+                action()
+            return fail()
         return succeed(None)
+
+    def _apply(self, kind: str, arg: Any, undo: list) -> None:
+        if kind == PUT_CREW:
+            undo.append(_restorer(self.crews, arg.code))
+            self.crews[arg.code] = arg
+        elif kind == DELETE_CREW:
+            undo.append(_restorer(self.crews, arg))
+            undo.append(_restorer(self.log, arg))
+            self.crews.pop(arg, None)
+            self.log.pop(arg, None)
+            for table in (self.members, self.bot_users):
+                for key in [k for k in table if k[0] == arg]:
+                    undo.append(_restorer(table, key))
+                    del table[key]
+        elif kind == PUT_MEMBER:
+            self._check_crew(arg.crew_code)
+            key = (arg.crew_code, arg.device_id)
+            undo.append(_restorer(self.members, key))
+            self.members[key] = MemberRecord(**_fields(arg))
+        elif kind == PUT_BOT_USER:
+            self._check_crew(arg.crew_code)
+            key = (arg.crew_code, arg.user_id)
+            undo.append(_restorer(self.bot_users, key))
+            self.bot_users[key] = arg
+        elif kind == PUT_TOKEN:
+            undo.append(_restorer(self.tokens, arg.device_id))
+            self.tokens[arg.device_id] = arg
+        elif kind == PUT_DEVICE:
+            undo.append(_restorer(self.devices, arg.device_id))
+            self.devices[arg.device_id] = arg
+        elif kind == DELETE_TOKEN:
+            undo.append(_restorer(self.tokens, arg))
+            self.tokens.pop(arg, None)
+        elif kind == APPEND:
+            self._check_crew(arg.crew_code)
+            entries = self.log.get(arg.crew_code)
+            if entries is None:
+                undo.append(_restorer(self.log, arg.crew_code))
+                entries = self.log[arg.crew_code] = []
+            # Kept in sequence order; the relay appends in that order.
+            i = len(entries)
+            if entries and entries[-1].seq >= arg.seq:
+                i = bisect.bisect_left(entries, arg.seq, key=_seq)
+                if entries[i].seq == arg.seq:
+                    raise StoreError(f"crew {arg.crew_code}'s log already holds sequence {arg.seq}")
+            entries.insert(i, arg)
+            undo.append(functools.partial(entries.pop, i))
+        else:
+            raise ValueError(f"unknown store operation {kind!r}")
+
+    def _check_crew(self, code: str) -> None:
+        if code not in self.crews:
+            raise StoreError(f"no crew {code}")
 
     def replay(
         self, crew_code: str, after_seq: int, up_to_seq: int, since: float, exclude_sender: str, limit: int
@@ -237,6 +303,19 @@ class MemoryStore:
         return succeed(None)
 
 
+def _restorer(table: dict, key: Any) -> Callable[[], Any]:
+    """
+    An undo action that puts C{table[key]} back as it is now.
+    """
+    if key in table:
+        return functools.partial(table.__setitem__, key, table[key])
+    return functools.partial(table.pop, key, None)
+
+
+def _seq(entry: LogEntry) -> int:
+    return entry.seq
+
+
 def _fields(record: Any) -> dict:
     return {name: getattr(record, name) for name in record.__slots__}
 
@@ -253,17 +332,22 @@ class Journal:
 
     Operations put with a C{key} replace a still-queued operation with the
     same key (a member's acknowledged sequence, say, is written once per
-    batch however often it moved).  A batch that fails fails the Deferreds
-    of its operations; the state operations among them (everything but
-    appends to the log) are queued again and retried after C{retry_delay}.
+    batch however often it moved), and take its place in the queue at their
+    own put: a batch applies as if every operation were applied in the order
+    it was put.  A batch that fails fails the Deferreds of its operations;
+    the state operations among them (everything but appends to the log)
+    are queued again and retried after C{retry_delay}.
     """
 
     def __init__(self, store: IStore, clock: Any, retry_delay: float = 1.0) -> None:
         self.store = store
         self.clock = clock
         self.retry_delay = retry_delay
-        self._queue: list[tuple[tuple[str, Any], Deferred | None]] = []
-        self._keyed: dict[Any, tuple[str, Any]] = {}
+        # (operation, Deferred); (None, d) is a barrier, (None, None) the
+        # place of a keyed operation put again since.
+        self._queue: list[tuple[tuple[str, Any] | None, Deferred | None]] = []
+        # key -> where in the queue that key's operation is
+        self._keyed: dict[Any, int] = {}
         self._committing = False
         self._retry: Any = None
         self._failing = False
@@ -274,7 +358,11 @@ class Journal:
         C{None} when C{wait} is false).
         """
         if key is not None:
-            self._keyed[key] = op
+            queued = self._keyed.get(key)
+            if queued is not None:
+                self._queue[queued] = (None, None)
+            self._keyed[key] = len(self._queue)
+            self._queue.append((op, None))
             d = None
         else:
             d = Deferred() if wait else None
@@ -286,7 +374,7 @@ class Journal:
         """
         A Deferred that fires once everything queued so far is durable.
         """
-        if not self._committing and not self._queue and not self._keyed:
+        if not self._committing and not self._queue:
             return succeed(None)
         d = Deferred()
         self._queue.append((None, d))
@@ -295,18 +383,15 @@ class Journal:
 
     @property
     def idle(self) -> bool:
-        return not (self._committing or self._queue or self._keyed)
+        return not (self._committing or self._queue)
 
     def _flush(self) -> None:
-        if self._committing or self._retry is not None or not (self._queue or self._keyed):
+        if self._committing or self._retry is not None or not self._queue:
             return
-        batch, self._queue = self._queue, []
-        if self._keyed:
-            batch.extend((op, None) for op in self._keyed.values())
-            self._keyed = {}
+        batch, self._queue, self._keyed = self._queue, [], {}
         self._committing = True
         ops = [op for op, _ in batch if op is not None]
-        d = self.store.write(ops) if ops else succeed(None)
+        d = maybeDeferred(self.store.write, ops) if ops else succeed(None)
         d.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _committed(self, _: Any, batch: list) -> None:
@@ -323,15 +408,16 @@ class Journal:
         if not self._failing:
             self._failing = True
             _log.error("the store failed to commit {count} operations: {error}",
-                       count=len(batch), error=failure.getErrorMessage())
+                       count=sum(op is not None for op, _ in batch), error=failure.getErrorMessage())
         retry = [(op, None) for op, _ in batch if op is not None and op[0] != APPEND]
         self._queue[:0] = retry
+        self._keyed = {key: i + len(retry) for key, i in self._keyed.items()}
         error = StoreError(failure.getErrorMessage())
         for _, d in batch:
             if d is not None:
                 d.errback(error)
         self._committing = False
-        if self._queue or self._keyed:
+        if self._queue:
             self._retry = self.clock.callLater(self.retry_delay, self._retry_now)
 
     def _retry_now(self) -> None:

@@ -21,6 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from leeloo.limits import Rate, RelayLimits
 from leeloo.relay import DAY, Relay
 from leeloo.sqlitestore import SchemaError, SQLiteStore
 from leeloo.store import IStore, MemoryStore
@@ -65,6 +66,7 @@ class Config:
     replay_limit: int = 50
     retention_days: float = 7.0
     crew_ttl_days: float = 90.0
+    relay_limits: RelayLimits = RelayLimits()
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -208,6 +210,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _code_length(value: str) -> int:
+    length = int(value)
+    if not 4 <= length <= 16:
+        raise ValueError("must be 4 to 16")
+    return length
+
+
 def _store_kind(value: str) -> str:
     if value not in ("sqlite", "memory"):
         raise ValueError("must be sqlite or memory")
@@ -241,9 +250,24 @@ class Options(usage.Options):
          "Days a crew message is kept for devices that were offline.", _positive_float],
         ["crew-ttl-days", None, 90.0,
          "Days after which a crew with no message and no member seen is forgotten.", _positive_float],
+        ["messages-per-second", None, 20.0,
+         "Frames a connection may send per second (token bucket).", _positive_float],
+        ["message-burst", None, 40, "Frames a connection may send in a burst.", _positive_int],
+        ["join-attempts", None, 10,
+         "Attempts to enter crews a device is not a member of (failed joins included), per "
+         "connection and per client address, in --join-window; also bot API joins per user.",
+         _positive_int],
+        ["join-window", None, 600.0, "Seconds over which --join-attempts refill.", _positive_float],
+        ["abuse-strikes", None, 10,
+         "Refusals in a row (rate limits, failed device auth) after which a connection is closed.",
+         _positive_int],
+        ["crew-code-length", None, 4,
+         "Characters in new crew codes after LEELOO- (longer codes resist guessing).", _code_length],
     ]
     optFlags = [
         ["fsync", None, "Make every commit survive a power cut, not only a crash (slower)."],
+        ["require-device-key", None,
+         "Refuse device ids that have no bound device key (once the fleet is updated)."],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -286,6 +310,13 @@ class Options(usage.Options):
             replay_limit=self["replay-limit"],
             retention_days=self["retention-days"],
             crew_ttl_days=self["crew-ttl-days"],
+            relay_limits=RelayLimits(
+                messages=Rate(self["messages-per-second"], self["message-burst"]),
+                entries=Rate.per_window(self["join-attempts"], self["join-window"]),
+                abuse_strikes=self["abuse-strikes"],
+                require_device_key=bool(self["require-device-key"]),
+                crew_code_length=self["crew-code-length"],
+            ),
         )
 
 
@@ -340,6 +371,7 @@ class RelayService(Service):
             data_dir=str(self.config.data_dir),
         )
         self.ws_factory.log_limits()
+        self.log.info("relay limits: {limits}", limits=self.relay.limits.describe())
         self.log.info(
             "Spotify callback {spotify}; bot API {bot}",
             spotify="configured" if self.config.spotify else "not configured",
@@ -389,6 +421,7 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
         replay_limit=config.replay_limit,
         retention=config.retention_days * DAY,
         crew_ttl=config.crew_ttl_days * DAY,
+        limits=config.relay_limits,
     )
     ws_factory = RelayServerFactory(relay, config.limits)
     spotify = None

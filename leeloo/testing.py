@@ -203,3 +203,11 @@ class FakeSpotifyAccounts(Resource):
             "refresh_token": refresh_token,
             "expires_in": expires_in,
         }
+
+
+def strip_keys(received: list) -> list:
+    """
+    C{received} with the C{device_key} the relay issues left out of each
+    message, for tests about something else.
+    """
+    return [{k: v for k, v in m.items() if k != "device_key"} for m in received]

@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from leeloo import messages, pages
-from leeloo.messages import InvalidCrewCode, NotInCrew, ProtocolError, StoreUnavailable
+from leeloo.messages import InvalidCrewCode, NotInCrew, ProtocolError, RateLimited, StoreUnavailable
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyError, SpotifyOAuth
 from leeloo.websocket import RelayServerFactory
@@ -35,20 +35,23 @@ class APIError(Exception):
     An HTTP error answered as C{{"error": error, "message": message}}.
     """
 
-    def __init__(self, status: int, error: str, message: str | None = None) -> None:
+    def __init__(self, status: int, error: str, message: str | None = None, **extra: Any) -> None:
         super().__init__(status, error, message)
         self.status = status
         self.error = error
         self.message = message
+        self.extra = extra
 
     def body(self) -> dict:
         body = {"error": self.error}
         if self.message is not None:
             body["message"] = self.message
-        return body
+        return {**body, **self.extra}
 
 
 def _api_error(e: ProtocolError) -> APIError:
+    if isinstance(e, RateLimited):
+        return APIError(429, e.code, e.message, retry_after=e.retry_after)
     if isinstance(e, StoreUnavailable):
         return APIError(503, e.code, e.message)
     if isinstance(e, InvalidCrewCode):
@@ -264,6 +267,8 @@ class BotAPI(Resource):
         if request._disconnected or request.finished:
             return
         status, body = answer
+        if "retry_after" in body:
+            request.setHeader(b"retry-after", str(body["retry_after"]).encode("ascii"))
         request.write(write_json(request, status, body))
         request.finish()
 

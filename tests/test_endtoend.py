@@ -145,7 +145,7 @@ class TwistdTests(TestCase):
         transport.signalProcess("TERM")
         registered, close_code = yield session
         ended = yield proto.ended
-        self.assertEqual(registered, {"type": "registered", "device_id": "leeloo_bbbbbbbbbbbb"})
+        self.assertEqual((registered["type"], registered["device_id"]), ("registered", "leeloo_bbbbbbbbbbbb"))
         self.assertEqual(close_code, 1001)
         # twistd stops cleanly, then exits by the signal it was sent.
         self.assertIn((ended.exitCode, ended.signal), [(0, None), (None, signal.SIGTERM)])
