@@ -112,14 +112,16 @@ def devices(relay: Relay, ca: Path, n: int, concurrency: int, mode: str, clients
     """
     node = shutil.which("node")
     procs = []
+    offset = 0
     for k in range(clients):
         share = n // clients + (1 if k < n % clients else 0)
         procs.append(subprocess.Popen(
             [node, str(HERE / "tls_client.mjs"), "--port", str(relay.port), "--ca", str(ca),
              "--servername", DOMAIN, "--n", str(share), "--concurrency", str(max(1, concurrency // clients)),
-             "--hold", str(hold), "--max-seconds", str(hold + 60), "--plain", "1" if mode == "plain" else "0"],
+             "--offset", str(offset), "--hold", str(hold), "--max-seconds", str(hold + 60), "--plain", "1" if mode == "plain" else "0"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         ))
+        offset += share
     reports = [json.loads(p.stdout.readline() or "{}") for p in procs]
     return procs, reports
 

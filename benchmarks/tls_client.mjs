@@ -3,6 +3,7 @@
 //
 //   node tls_client.mjs --port P --ca CA.pem --servername NAME --n N
 //        [--concurrency C] [--hold S] [--max-seconds S] [--crew-size K] [--plain 1]
+//        [--offset K]  (device numbers start at K: device ids and source addresses)
 //
 // Opens N TLS connections to 127.0.0.1:P (verifying the server against
 // CA.pem for NAME; --plain 1: plain TCP instead), upgrades each to a WebSocket on /ws and registers it
@@ -26,7 +27,8 @@ const args = Object.fromEntries(
 );
 const port = Number(args.port);
 const host = '127.0.0.1';
-const n = Number(args.n ?? 2000);
+const n = Math.min(Number(args.n ?? 2000), 65000);
+const offset = Number(args.offset ?? 0);
 const concurrency = Number(args.concurrency ?? 500);
 const hold = Number(args.hold ?? 60);
 const maxSeconds = Number(args['max-seconds'] ?? 120);
@@ -79,9 +81,12 @@ function open(i) {
     socket.write(`GET /ws HTTP/1.1\r\nHost: ${servername}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
                  `Sec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
   };
+  // Each device from its own loopback address (127.1.0.1, 127.1.0.2, ...),
+  // as devices in the field are: the relay limits crew entries per address.
+  const localAddress = `127.1.${((i + 1) >> 8) & 255}.${(i + 1) & 255}`;
   const socket = plain
-    ? net.connect({ host, port }, onConnect)
-    : tls.connect({ host, port, ca, servername, ALPNProtocols: ['http/1.1'] }, onConnect);
+    ? net.connect({ host, port, localAddress }, onConnect)
+    : tls.connect({ host, port, localAddress, ca, servername, ALPNProtocols: ['http/1.1'] }, onConnect);
   sockets.push(socket);
   socket.setNoDelay(true);
   socket.on('data', (data) => {
@@ -98,9 +103,10 @@ function open(i) {
     }
     if (state === 'ws' && buffer.length >= 2) {
       const length = buffer[1] & 0x7f;
-      if (buffer.length >= 2 + length && buffer.subarray(2, 2 + length).toString().includes('"registered"')) {
+      if (buffer.length >= 2 + length) {
+        const registered = buffer.subarray(2, 2 + length).toString().includes('"registered"');
         state = 'held';
-        settle(true);
+        settle(registered, registered ? undefined : 'refused');
       }
     }
   });
@@ -109,7 +115,7 @@ function open(i) {
 }
 
 function launch() {
-  while (pending < concurrency && started < n) open(started++);
+  while (pending < concurrency && started < n) open(offset + started++);
 }
 
 launch();
