@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -27,14 +28,15 @@ from leeloo.relay import DAY, Relay
 from leeloo.sqlitestore import SchemaError, SQLiteStore
 from leeloo.store import IStore, MemoryStore
 from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig, SpotifyOAuth
-from leeloo.web import HTTPLimits, make_admin_site, make_site
+from leeloo.tls import CertificateError, LetsEncryptServerEndpoint, ReloadOnHangup, health_fields
+from leeloo.web import HTTPLimits, make_admin_site, make_redirect_site, make_site
 from leeloo.websocket import RelayServerFactory, WebSocketLimits
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 DEFAULT_DATA_DIR = "leeloo-data"
 DEFAULT_BACKLOG = 1024
 # Endpoint types whose string takes a backlog= argument.
-_BACKLOG_TYPES = {"tcp", "tcp6", "ssl", "unix"}
+_BACKLOG_TYPES = {"tcp", "tcp6", "ssl", "unix", "letsencrypt"}
 
 SETTINGS = (
     "SPOTIFY_CLIENT_ID",
@@ -55,6 +57,8 @@ class Config:
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    redirect_listen: tuple[str, ...] = ()
+    acme_webroot: Path | None = None
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     limits: WebSocketLimits = WebSocketLimits()
     http_limits: HTTPLimits = HTTPLimits()
@@ -117,21 +121,44 @@ def with_default_backlog(description: str) -> str:
 
 class _NoReactor:
     """
-    Stands in for the reactor while endpoint strings are only checked.
+    Stands in for the reactor while endpoint strings are only checked (a
+    C{letsencrypt:} endpoint reads its certificates then, and needs the time).
     """
 
+    seconds = staticmethod(time.time)
 
-def check_endpoint(description: str, option: str = "--listen") -> str:
+
+
+def check_endpoint(description: str, option: str = "--listen", webroot: Path | None = None) -> str:
     description = with_default_backlog(description)
     try:
         serverFromString(_NoReactor(), description)
+    except CertificateError as e:
+        line = e.line(webroot)
+        # Not a usage mistake, so not a UsageError (twistd would print the
+        # whole usage text above it): one line, as makeService does for a
+        # StartupError.
+        raise SystemExit(f"leeloo: cannot start: {line}") from None
     except Exception as e:
         detail = str(e) or type(e).__name__
         raise usage.UsageError(
             f"{option} {description!r} is not a usable endpoint ({detail}); "
-            "use e.g. tcp:8080:interface=127.0.0.1 or systemd:domain=INET:index=0"
+            "use e.g. tcp:8080:interface=127.0.0.1, systemd:domain=INET:index=0 "
+            "or letsencrypt:domain=example.com:port=443"
         )
     return description
+
+
+def check_webroot(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    directory = Path(path)
+    if not directory.is_dir():
+        raise usage.UsageError(
+            f"--acme-webroot {path} is not a directory; create it (certbot writes "
+            ".well-known/acme-challenge/ under it) or pass another"
+        )
+    return directory.absolute()
 
 
 def prepare_data_dir(path: str) -> Path:
@@ -251,6 +278,9 @@ class Options(usage.Options):
     optParameters = [
         ["data-dir", "d", DEFAULT_DATA_DIR, "Directory the relay keeps its state in (created 0700)."],
         ["env-file", "e", None, "KEY=VALUE file of settings; the environment wins over it."],
+        ["acme-webroot", None, None,
+         "Directory whose .well-known/acme-challenge/ the --redirect-listen endpoints serve "
+         "(certbot certonly --webroot -w DIR)."],
         ["max-message-size", None, 64 * 1024,
          "Largest WebSocket message in bytes; larger ones are refused with close 1009.",
          _positive_int],
@@ -302,6 +332,7 @@ class Options(usage.Options):
         super().__init__()
         self._environ = os.environ if environ is None else environ
         self["listen"] = []
+        self["redirect-listen"] = []
         self["trusted-proxy"] = []
         self["admin-listen"] = []
 
@@ -312,6 +343,14 @@ class Options(usage.Options):
         Default: tcp:8080:interface=127.0.0.1
         """
         self["listen"].append(endpoint)
+
+    def opt_redirect_listen(self, endpoint: str) -> None:
+        """
+        Endpoint (repeatable; typically tcp:80) that serves only
+        /.well-known/acme-challenge/ from --acme-webroot and redirects
+        everything else to https.
+        """
+        self["redirect-listen"].append(endpoint)
 
     def opt_trusted_proxy(self, network: str) -> None:
         """
@@ -328,7 +367,9 @@ class Options(usage.Options):
         self["admin-listen"].append(endpoint)
 
     def postOptions(self) -> None:
-        listen = tuple(check_endpoint(e) for e in self["listen"] or [DEFAULT_LISTEN])
+        webroot = check_webroot(self["acme-webroot"])
+        listen = tuple(check_endpoint(e, webroot=webroot) for e in self["listen"] or [DEFAULT_LISTEN])
+        redirect_listen = tuple(check_endpoint(e, "--redirect-listen") for e in self["redirect-listen"])
         admin_listen = tuple(check_endpoint(e, "--admin-listen") for e in self["admin-listen"])
         values = settings(self._environ, self["env-file"])
         warnings = []
@@ -338,6 +379,8 @@ class Options(usage.Options):
                 warnings.append(warning)
         self.config = Config(
             listen=listen,
+            redirect_listen=redirect_listen,
+            acme_webroot=webroot,
             data_dir=prepare_data_dir(self["data-dir"]),
             limits=WebSocketLimits(
                 max_message_size=self["max-message-size"],
@@ -414,7 +457,7 @@ class RelayService(Service):
         super().startService()
         self.log.info(
             "LEELOO relay starting on {listen}, data in {data_dir}",
-            listen=", ".join(self.config.listen),
+            listen=", ".join(self.config.listen + tuple(f"{e} (redirect to https)" for e in self.config.redirect_listen)),
             data_dir=str(self.config.data_dir),
         )
         for warning in self.config.warnings:
@@ -489,8 +532,13 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
 
             http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
         spotify = SpotifyOAuth(config.spotify, http, reactor)
-    site = make_site(relay, ws_factory, spotify, config.telegram_api_secret, reactor=reactor,
-                     limits=config.http_limits, metrics=metrics)
+    endpoints = [serverFromString(reactor, description) for description in config.listen]
+    certificates = [e.certificates for e in endpoints if isinstance(e, LetsEncryptServerEndpoint)]
+    site = make_site(
+        relay, ws_factory, spotify, config.telegram_api_secret, reactor=reactor,
+        limits=config.http_limits, metrics=metrics,
+        health_fields=[health_fields(certificates)] if certificates else (),
+    )
 
     top = MultiService()
     RelayService(relay, ws_factory, config).setServiceParent(top)
@@ -501,9 +549,14 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
         timer = TimerService(interval, _never_raises(call, RelayService.log, what))
         timer.clock = reactor
         timer.setServiceParent(top)
-    for description in config.listen:
-        service = StreamServerEndpointService(serverFromString(reactor, description), site)
-        service.setServiceParent(top)
+    if certificates:
+        ReloadOnHangup(reactor, certificates).setServiceParent(top)
+    for endpoint in endpoints:
+        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    if config.redirect_listen:
+        redirect_site = make_redirect_site(config.acme_webroot, reactor=reactor, limits=config.http_limits)
+        for description in config.redirect_listen:
+            StreamServerEndpointService(serverFromString(reactor, description), redirect_site).setServiceParent(top)
     admin_site = None
     if config.admin_listen:
         admin_site = make_admin_site(relay, metrics, reactor=reactor, limits=config.http_limits)

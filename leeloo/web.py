@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import maybeDeferred
@@ -35,6 +38,8 @@ from leeloo.websocket import RelayServerFactory
 
 MAX_BODY = 64 * 1024
 _FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+# Sent over TLS by the public site (two years).
+HSTS = b"max-age=63072000"
 
 
 class APIError(Exception):
@@ -128,14 +133,24 @@ class Landing(Resource):
 
 
 class Health(Resource):
+    """
+    ``GET /health``: the relay's figures, then the fields each of
+    C{extra_fields} (callables returning a dict) adds, such as the TLS
+    certificates' expiry.
+    """
+
     isLeaf = True
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, extra_fields: Iterable[Callable[[], dict]] = ()) -> None:
         super().__init__()
         self.relay = relay
+        self.extra_fields = tuple(extra_fields)
 
     def render_GET(self, request: Request) -> bytes:
-        return write_json(request, 200, self.relay.health())
+        body = self.relay.health()
+        for fields in self.extra_fields:
+            body.update(fields())
+        return write_json(request, 200, body)
 
 
 def _arg(request: Request, name: bytes) -> str | None:
@@ -396,11 +411,12 @@ def make_root(
     spotify: SpotifyOAuth | None,
     bot_secret: str | None,
     metrics: Any = None,
+    health_fields: Iterable[Callable[[], dict]] = (),
 ) -> Resource:
     root = Directory()
     root.putChild(b"", Landing())
     root.putChild(b"index.html", Landing())
-    root.putChild(b"health", Health(relay))
+    root.putChild(b"health", Health(relay, health_fields))
     root.putChild(b"ws", WebSocketResource(ws_factory))
     spotify_root = Directory()
     spotify_root.putChild(b"callback", SpotifyCallback(relay, spotify))
@@ -686,15 +702,17 @@ def make_site(
     limits: HTTPLimits = HTTPLimits(),
     proxies: TrustedProxies | None = None,
     metrics: Any = None,
-    hsts: bytes | None = None,
+    hsts: bytes | None = HSTS,
+    health_fields: Iterable[Callable[[], dict]] = (),
 ) -> RelaySite:
     """
     The public site.  C{proxies} defaults to the WebSocket factory's;
     C{metrics} adds ``/metrics`` for loopback clients (and this site's
-    figures to it).
+    figures to it); responses over TLS carry C{hsts}; C{health_fields} add
+    to ``/health``.
     """
     site = RelaySite(
-        make_root(relay, ws_factory, spotify, bot_secret, metrics),
+        make_root(relay, ws_factory, spotify, bot_secret, metrics=metrics, health_fields=health_fields),
         limits=limits,
         proxies=ws_factory.proxies if proxies is None else proxies,
         hsts=hsts,
@@ -721,3 +739,98 @@ def make_admin_site(
     site = RelaySite(root, limits=limits, name="admin", reactor=reactor)
     metrics.add_site(site)
     return site
+
+
+# ------------------------------------------- port 80: ACME and redirects
+
+ACME_CHALLENGE = b"/.well-known/acme-challenge/"
+_TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,256}")
+_HOST = re.compile(r"([A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}|\[[0-9A-Fa-f:.]+\]")
+MAX_CHALLENGE = 4096
+
+
+class HTTPSRedirect(Resource):
+    """
+    Plain HTTP's only jobs: serve the ACME HTTP-01 challenge files certbot
+    writes under C{webroot/.well-known/acme-challenge/} (no listings, no
+    other files), and send everything else to the same path and query on
+    https, permanently (301 for GET and HEAD, 308 otherwise, which keeps
+    the method and body).
+    """
+
+    isLeaf = True
+
+    def __init__(self, webroot: Path | None) -> None:
+        super().__init__()
+        self.challenges = None if webroot is None else Path(webroot) / ".well-known" / "acme-challenge"
+
+    def render(self, request: Request) -> bytes:
+        if self.challenges is not None and request.path.startswith(ACME_CHALLENGE):
+            return self._challenge(request, request.path[len(ACME_CHALLENGE):])
+        host = _host_without_port((request.getHeader(b"host") or b"").decode("ascii", "replace"))
+        if host is None:
+            return _text(request, 400, b"A Host header naming this server is needed.\n")
+        target = request.uri
+        if not target.startswith(b"/"):
+            parts = urlsplit(target)
+            if not parts.scheme:
+                return _text(request, 400, b"Bad request target.\n")
+            target = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
+        location = b"https://" + host.encode("ascii") + target
+        request.setResponseCode(301 if request.method in (b"GET", b"HEAD") else 308)
+        request.setHeader(b"location", location)
+        return _text(request, None, b"Moved to " + location + b"\n")
+
+    def _challenge(self, request: Request, token: bytes) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _text(request, 405, b"Method not allowed.\n")
+        if not _TOKEN.fullmatch(token):
+            return _text(request, 404, b"No such challenge.\n")
+        path = self.challenges / token.decode("ascii")
+        body = None
+        try:
+            if path.is_file():
+                with open(path, "rb") as f:
+                    body = f.read(MAX_CHALLENGE + 1)
+        except OSError:
+            pass
+        if body is None or len(body) > MAX_CHALLENGE:
+            return _text(request, 404, b"No such challenge.\n")
+        return _text(request, 200, body)
+
+
+def _host_without_port(header: str) -> str | None:
+    """
+    The host of a Host header, lower case, without its port; None when it
+    is not a plain name or address.
+    """
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        host, rest = header[: end + 1], header[end + 1:]
+        if end < 0 or rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return None
+    else:
+        host, colon, port = header.partition(":")
+        if colon and not port.isdigit():
+            return None
+    return host if _HOST.fullmatch(host) else None
+
+
+def _text(request: Request, status: int | None, body: bytes) -> bytes:
+    if status is not None:
+        request.setResponseCode(status)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    return body
+
+
+def make_redirect_site(webroot: Path | None, reactor: Any = None,
+                       limits: HTTPLimits = HTTPLimits()) -> RelaySite:
+    """
+    The Site of C{--redirect-listen}: ACME challenges from C{webroot}, and
+    a permanent redirect to https for everything else; hardened like the
+    others (port 80 is as open to slow senders as 443).
+    """
+    return RelaySite(HTTPSRedirect(webroot), limits=limits, name="redirect", reactor=reactor)

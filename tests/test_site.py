@@ -401,31 +401,42 @@ class SecurityHeaderTests(SiteTestCase):
         """
         self.assertEqual(self.assertHardened(self.get("/metrics")), 404)
 
-    def test_no_hsts_by_default(self):
+    def test_hsts_over_tls_only(self):
         """
-        Without an HSTS value the site sends none, even over TLS.
+        The public site sends HSTS over TLS, and not over plain HTTP.
         """
         _, headers, _ = self.get("/", secure=True)
+        self.assertEqual(headers["strict-transport-security"], "max-age=63072000")
+        _, headers, _ = self.get("/")
         self.assertNotIn("strict-transport-security", headers)
 
 
 class HSTSTests(SiteTestCase):
     def make_site(self) -> RelaySite:
         self.recorder = Recorder()
-        return RelaySite(self.recorder, hsts=b"max-age=63072000", reactor=self.clock)
+        return RelaySite(self.recorder, hsts=b"max-age=300", reactor=self.clock)
 
     def test_hsts_over_tls(self):
         """
-        A site given an HSTS value sends it over TLS...
+        A RelaySite given an HSTS value sends it over TLS...
         """
         _, headers, _ = self.get("/", secure=True)
-        self.assertEqual(headers["strict-transport-security"], "max-age=63072000")
+        self.assertEqual(headers["strict-transport-security"], "max-age=300")
 
     def test_no_hsts_in_clear(self):
         """
         ...and never over plain HTTP.
         """
         _, headers, _ = self.get("/")
+        self.assertNotIn("strict-transport-security", headers)
+
+    def test_no_hsts_without_value(self):
+        """
+        A RelaySite without an HSTS value (the admin and redirect sites)
+        sends none, even over TLS.
+        """
+        self.site = RelaySite(self.recorder, reactor=self.clock)
+        _, headers, _ = self.get("/", secure=True)
         self.assertNotIn("strict-transport-security", headers)
 
 
