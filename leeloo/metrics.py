@@ -56,6 +56,18 @@ class RelayCollector:
         for reason in (REFUSED_ORIGIN, TOO_MANY_FROM_ADDRESS, TOO_MANY_CONNECTIONS):
             refused.add_metric([reason], factory.refused[reason])
         yield refused
+        errors = CounterMetricFamily(
+            "leeloo_websocket_errors_sent", "Error messages sent to devices, by code (rate_limited...).",
+            labels=["code"])
+        for code, count in sorted(factory.errors_sent.items()):
+            errors.add_metric([str(code)], count)
+        yield errors
+        closed = CounterMetricFamily(
+            "leeloo_websocket_closed_by_relay", "WebSockets the relay closed, by close code.",
+            labels=["code"])
+        for code, count in sorted(factory.closed_by_relay.items()):
+            closed.add_metric([str(code)], count)
+        yield closed
         yield CounterMetricFamily("leeloo_slow_readers_disconnected",
                                   "Connections cut off for falling too far behind reading.",
                                   value=factory.slow_readers)

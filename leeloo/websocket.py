@@ -158,7 +158,11 @@ class RelayServerProtocol(WebSocketServerProtocol):
             return
         prepared = message.prepared
         if prepared is None:
+            # Once per message, however many it goes to.
             prepared = message.prepared = self.factory.prepareMessage(message.payload)
+            sent = message.message
+            if sent is not None and sent.get("type") == "error":
+                self.factory.errors_sent[sent.get("error")] += 1
         if self._unsent is not None and self._held_back(len(prepared.payloadHybi)):
             return
         self.factory.messages_sent += 1
@@ -167,6 +171,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
     def close(self, code: int, reason: str) -> None:
         if self.state != self.STATE_OPEN:
             return
+        self.factory.closed_by_relay[code] += 1
         if code == 1000 or 3000 <= code <= 4999:
             self.sendClose(code, reason)
         else:
@@ -237,6 +242,10 @@ class RelayServerFactory(WebSocketServerFactory):
         self.caps = ConnectionCaps(limits.max_connections, limits.max_connections_per_address)
         # Counters for the metrics: plain integers, O(1) to bump.
         self.refused: Counter[str] = Counter()
+        # Error messages sent by code (rate_limited, device_auth_failed...),
+        # and connections the relay closed by close code.
+        self.errors_sent: Counter[str] = Counter()
+        self.closed_by_relay: Counter[int] = Counter()
         self.messages_received = 0
         self.messages_sent = 0
         self.slow_readers = 0

@@ -120,3 +120,22 @@ class AdminSiteTests(MetricsTestCase):
         self.assertEqual(found[("leeloo_http_connections_waiting", (("site", "admin"),))], 1)
         self.assertEqual(found[("leeloo_http_connections_waiting", (("site", "public"),))], 0)
         self.assertIn(("process_resident_memory_bytes", ()), found)
+
+
+class RefusalFigureTests(MetricsTestCase):
+    def test_rate_limited_and_abuse_close(self):
+        """
+        Error messages the relay sends are counted by code (the core's rate
+        limit among them), and the connections it closes by close code.
+        """
+        net = MemoryWebSocketClients(self.site)
+        client = net.connect()
+        burst = int(self.relay.limits.messages.burst)
+        strikes = self.relay.limits.abuse_strikes
+        for _ in range(burst + strikes):
+            client.send_json({"type": "ping"})
+        net.flush()
+        self.assertEqual(client.close_code, 4029)
+        found = samples(self.get("/metrics", host="127.0.0.1")[2])
+        self.assertEqual(found[("leeloo_websocket_errors_sent_total", (("code", "rate_limited"),))], strikes)
+        self.assertEqual(found[("leeloo_websocket_closed_by_relay_total", (("code", "4029"),))], 1)
