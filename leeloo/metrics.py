@@ -80,13 +80,18 @@ class RelayCollector:
         too_large = CounterMetricFamily("leeloo_http_bodies_refused",
                                         "HTTP requests refused with 413 for a body over the limit.",
                                         labels=["site"])
+        responses = CounterMetricFamily("leeloo_http_responses", "HTTP responses, by status.",
+                                        labels=["site", "code"])
         for site in self.sites:
             pending.add_metric([site.name], len(site.deadlines))
             timeouts.add_metric([site.name], site.deadlines.expired)
             too_large.add_metric([site.name], site.bodies_refused)
+            for code, count in sorted(site.responses.items()):
+                responses.add_metric([site.name, str(code)], count)
         yield pending
         yield timeouts
         yield too_large
+        yield responses
 
 
 class Metrics:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -661,6 +661,8 @@ class RelaySite(Site):
         self.name = name
         self.deadlines = Deadlines(self.reactor, limits.request_timeout)
         self.bodies_refused = 0
+        # Responses by status (the bot API's 429s among them).
+        self.responses: Counter[int] = Counter()
         body = json.dumps({"error": "body_too_large",
                            "message": f"the body is over {limits.max_body} bytes"}).encode()
         self.body_too_large = b"\r\n".join([
@@ -677,6 +679,10 @@ class RelaySite(Site):
     def stopFactory(self) -> None:
         super().stopFactory()
         self.deadlines.stop()
+
+    def log(self, request: Request) -> None:
+        self.responses[request.code] += 1
+        super().log(request)
 
     def access_log_line(self, timestamp: str, request: Request) -> str:
         """

@@ -139,3 +139,15 @@ class RefusalFigureTests(MetricsTestCase):
         found = samples(self.get("/metrics", host="127.0.0.1")[2])
         self.assertEqual(found[("leeloo_websocket_errors_sent_total", (("code", "rate_limited"),))], strikes)
         self.assertEqual(found[("leeloo_websocket_closed_by_relay_total", (("code", "4029"),))], 1)
+
+    def test_http_responses_by_status(self):
+        """
+        HTTP responses are counted by status per site (the bot API's 429
+        and 401 among them).
+        """
+        self.get("/health")
+        self.get("/no-such-path")
+        self.get("/no-such-path")
+        found = samples(self.get("/metrics", host="127.0.0.1")[2])
+        self.assertEqual(found[("leeloo_http_responses_total", (("code", "200"), ("site", "public")))], 1)
+        self.assertEqual(found[("leeloo_http_responses_total", (("code", "404"), ("site", "public")))], 2)
