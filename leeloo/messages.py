@@ -15,11 +15,48 @@ Client -> relay
     ``share_music``  ``spotify_uri`` ``artist`` ``track`` ``album``
     ``reaction``     ``reaction_type``
     ``ping``
+    ``ack``          ``seq`` (cumulative: everything up to ``seq`` arrived)
 
 Relay -> client
     ``registered`` ``crew_created`` ``crew_joined`` ``member_joined``
     ``member_offline`` ``message`` ``music_shared`` ``reaction`` ``pong``
     ``spotify_auth_complete`` ``error``
+    ``sent``             ``client_msg_id`` ``id`` ``seq``
+    ``replay_truncated`` ``from_seq`` ``to_seq``
+
+Device identity (trust on first use):
+    ``registered``, ``crew_created`` and ``crew_joined`` carry
+    ``device_key`` when the relay issues one: to a device id that has no
+    bound key.  The key binds the first time the device presents it
+    (``device_key`` in ``register`` / ``create_crew`` / ``join_crew``); from
+    then on that id must always present it, or it is refused with
+    ``device_auth_failed``.  Deployed devices, which never send a key, keep
+    working as legacy ids unless the relay runs with
+    ``--require-device-key``.
+
+Limits:
+    Too many frames per second, or too many attempts to enter crews the
+    device is not a member of (including failed joins), are answered
+    ``{"type":"error","error":"rate_limited","message":..,"retry_after":S}``;
+    persistent excess is closed with 4029.  A newer connection for the same
+    device id closes the older one with 4001.
+
+Delivery (additions that deployed devices never see unless they ask):
+    Every crew fan-out (``message``, ``music_shared``, ``reaction``, bot
+    messages) carries ``seq``, a per-crew sequence number, and ``id``, a
+    message id.  It is stored before it is delivered.  A device that comes
+    back (``register`` with its crew, ``join_crew``, or ``create_crew`` with
+    its existing code) first receives what it missed, in order, then live
+    traffic.  A client may pass ``last_seq`` in ``register`` /
+    ``create_crew`` / ``join_crew`` to resume after that sequence, and send
+    ``{"type":"ack","seq":N}``; a device that does either is resumed from
+    its own acknowledgements and never gets a message twice.  A resuming
+    client that missed more than the replay limit gets the newest and a
+    ``replay_truncated`` naming the sequences it lost.  A sender may add
+    ``client_msg_id`` to any crew message: it is answered ``sent`` once the
+    message is durable, and a resend with the same id is not stored or
+    delivered again (a different body under the same id is
+    ``duplicate_client_msg_id``).
 
 Unknown fields are ignored, so that newer devices keep working against this
 relay.  A frame that cannot be understood raises a L{ProtocolError} whose
@@ -30,6 +67,7 @@ frame.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -57,12 +95,13 @@ class ProtocolError(Exception):
 
     code = "invalid_message"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
+        self.extra = extra
 
     def as_message(self) -> dict:
-        return error(self.code, self.message)
+        return error(self.code, self.message, **self.extra)
 
 
 class InvalidJSON(ProtocolError):
@@ -89,6 +128,39 @@ class BinaryNotSupported(ProtocolError):
     code = "binary_not_supported"
 
 
+class InvalidLastSeq(ProtocolError):
+    code = "invalid_last_seq"
+
+
+class InvalidAck(ProtocolError):
+    code = "invalid_ack"
+
+
+class DuplicateClientMessage(ProtocolError):
+    code = "duplicate_client_msg_id"
+
+
+class StoreUnavailable(ProtocolError):
+    code = "store_unavailable"
+
+
+class RateLimited(ProtocolError):
+    """
+    Too many messages or crew-entry attempts; C{retry_after} says when to
+    try again (whole seconds).
+    """
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after=max(1, math.ceil(retry_after)))
+        self.retry_after = self.extra["retry_after"]
+
+
+class DeviceAuthFailed(ProtocolError):
+    code = "device_auth_failed"
+
+
 # ---------------------------------------------------------------- incoming
 
 
@@ -97,6 +169,8 @@ class Register:
     device_id: str | None = None
     crew_code: str | None = None
     device_name: str | None = None
+    last_seq: int | None = None
+    device_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +178,8 @@ class CreateCrew:
     device_id: str | None = None
     crew_code: str | None = None
     display_name: str | None = None
+    last_seq: int | None = None
+    device_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +187,15 @@ class JoinCrew:
     crew_code: str
     device_id: str | None = None
     display_name: str | None = None
+    last_seq: int | None = None
+    device_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class CrewMessage:
     msg_type: str = "text"
     payload: dict = field(default_factory=dict)
+    client_msg_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +204,18 @@ class ShareMusic:
     artist: str | None = None
     track: str | None = None
     album: str | None = None
+    client_msg_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Reaction:
     reaction_type: str
+    client_msg_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,11 +291,36 @@ def _display_name(obj: Mapping) -> str | None:
     return name
 
 
+def _sequence(obj: Mapping, name: str, error: type[ProtocolError], required: bool = False) -> int | None:
+    value = obj.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{name} must be a whole number")
+    if value < 0:
+        raise error(f"{name} must not be negative")
+    return value
+
+
+def _last_seq(obj: Mapping) -> int | None:
+    return _sequence(obj, "last_seq", InvalidLastSeq)
+
+
+def _client_msg_id(obj: Mapping) -> str | None:
+    return _string(obj, "client_msg_id", MAX_TYPE_LENGTH)
+
+
+def _device_key(obj: Mapping) -> str | None:
+    return _string(obj, "device_key", MAX_TYPE_LENGTH)
+
+
 def _register(obj: Mapping) -> Register:
     return Register(
         device_id=device_id_of(obj),
         crew_code=_crew_code(obj),
         device_name=_string(obj, "device_name", MAX_NAME_LENGTH),
+        last_seq=_last_seq(obj),
+        device_key=_device_key(obj),
     )
 
 
@@ -218,6 +329,8 @@ def _create_crew(obj: Mapping) -> CreateCrew:
         device_id=device_id_of(obj),
         crew_code=_crew_code(obj),
         display_name=_display_name(obj),
+        last_seq=_last_seq(obj),
+        device_key=_device_key(obj),
     )
 
 
@@ -226,6 +339,8 @@ def _join_crew(obj: Mapping) -> JoinCrew:
         crew_code=_crew_code(obj, required=True),
         device_id=device_id_of(obj),
         display_name=_display_name(obj),
+        last_seq=_last_seq(obj),
+        device_key=_device_key(obj),
     )
 
 
@@ -236,7 +351,7 @@ def _crew_message(obj: Mapping) -> CrewMessage:
         payload = {}
     elif not isinstance(payload, dict):
         raise InvalidMessage("payload must be an object")
-    return CrewMessage(msg_type=msg_type, payload=payload)
+    return CrewMessage(msg_type=msg_type, payload=payload, client_msg_id=_client_msg_id(obj))
 
 
 def _share_music(obj: Mapping) -> ShareMusic:
@@ -244,12 +359,20 @@ def _share_music(obj: Mapping) -> ShareMusic:
         **{
             name: _string(obj, name, MAX_FIELD_LENGTH)
             for name in ("spotify_uri", "artist", "track", "album")
-        }
+        },
+        client_msg_id=_client_msg_id(obj),
     )
 
 
 def _reaction(obj: Mapping) -> Reaction:
-    return Reaction(reaction_type=_string(obj, "reaction_type", MAX_TYPE_LENGTH, required=True))
+    return Reaction(
+        reaction_type=_string(obj, "reaction_type", MAX_TYPE_LENGTH, required=True),
+        client_msg_id=_client_msg_id(obj),
+    )
+
+
+def _ack(obj: Mapping) -> Ack:
+    return Ack(seq=_sequence(obj, "seq", InvalidMessage, required=True))
 
 
 _DECODERS: dict[str, Callable[[Mapping], Any]] = {
@@ -260,6 +383,7 @@ _DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "share_music": _share_music,
     "reaction": _reaction,
     "ping": lambda obj: Ping(),
+    "ack": _ack,
 }
 
 
@@ -307,22 +431,33 @@ def encode(message: Mapping) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode("ascii")
 
 
-def registered(device_id: str) -> dict:
-    return {"type": "registered", "device_id": device_id}
+def _with_key(message: dict, device_key: str | None) -> dict:
+    if device_key is not None:
+        message["device_key"] = device_key
+    return message
 
 
-def crew_created(device_id: str, crew_code: str) -> dict:
-    return {"type": "crew_created", "device_id": device_id, "crew_code": crew_code}
+def registered(device_id: str, device_key: str | None = None) -> dict:
+    return _with_key({"type": "registered", "device_id": device_id}, device_key)
 
 
-def crew_joined(device_id: str, crew_code: str, members: int, names: list[str]) -> dict:
-    return {
-        "type": "crew_joined",
-        "device_id": device_id,
-        "crew_code": crew_code,
-        "crew_members": members,
-        "member_names": names,
-    }
+def crew_created(device_id: str, crew_code: str, device_key: str | None = None) -> dict:
+    return _with_key({"type": "crew_created", "device_id": device_id, "crew_code": crew_code}, device_key)
+
+
+def crew_joined(
+    device_id: str, crew_code: str, members: int, names: list[str], device_key: str | None = None
+) -> dict:
+    return _with_key(
+        {
+            "type": "crew_joined",
+            "device_id": device_id,
+            "crew_code": crew_code,
+            "crew_members": members,
+            "member_names": names,
+        },
+        device_key,
+    )
 
 
 def member_joined(device_id: str, name: str) -> dict:
@@ -333,20 +468,21 @@ def member_offline(device_id: str, name: str) -> dict:
     return {"type": "member_offline", "device_id": device_id, "display_name": name}
 
 
-def crew_message(
-    from_device: str, from_name: str, msg_type: str, payload: dict, timestamp: int
-) -> dict:
+def crew_message(from_device: str, from_name: str, msg_type: str, payload: dict) -> dict:
+    """
+    A crew ``message`` without its ``timestamp``, ``seq`` and ``id``, which
+    the relay adds when it stores it (see L{stamped}).
+    """
     return {
         "type": "message",
         "from_device": from_device,
         "from_name": from_name,
         "msg_type": msg_type,
         "payload": payload,
-        "timestamp": timestamp,
     }
 
 
-def music_shared(share: ShareMusic, pushed_by: str, timestamp: int) -> dict:
+def music_shared(share: ShareMusic, pushed_by: str) -> dict:
     return {
         "type": "music_shared",
         "spotify_uri": share.spotify_uri,
@@ -354,17 +490,27 @@ def music_shared(share: ShareMusic, pushed_by: str, timestamp: int) -> dict:
         "track": share.track,
         "album": share.album,
         "pushed_by": pushed_by,
-        "timestamp": timestamp,
     }
 
 
-def reaction(reaction_type: str, from_name: str, timestamp: int) -> dict:
-    return {
-        "type": "reaction",
-        "reaction_type": reaction_type,
-        "from": from_name,
-        "timestamp": timestamp,
-    }
+def reaction(reaction_type: str, from_name: str) -> dict:
+    return {"type": "reaction", "reaction_type": reaction_type, "from": from_name}
+
+
+def stamped(message: dict, timestamp: int, seq: int, message_id: str) -> dict:
+    """
+    C{message} as it is stored and fanned out: with the relay's timestamp,
+    the crew's sequence number and the message id.
+    """
+    return {**message, "timestamp": timestamp, "seq": seq, "id": message_id}
+
+
+def sent(client_msg_id: str, message_id: str, seq: int) -> dict:
+    return {"type": "sent", "client_msg_id": client_msg_id, "id": message_id, "seq": seq}
+
+
+def replay_truncated(from_seq: int, to_seq: int) -> dict:
+    return {"type": "replay_truncated", "from_seq": from_seq, "to_seq": to_seq}
 
 
 def pong() -> dict:

@@ -1,43 +1,80 @@
 """
-The relay's core, sans I/O: crews, sessions, fan-out and pending Spotify
-tokens.
+The relay's core, sans I/O: crews, sessions, fan-out, the crew message log
+and pending Spotify tokens.
 
 Nothing here imports a reactor, a transport or Autobahn.  A connection is a
 L{Session} whose L{IPeer} the core sends through; the WebSocket adapter, the
 bot API and the tests all drive the same L{Relay} with method calls.  Time
-comes from an injected clock (anything with C{seconds()}).
+comes from an injected clock (anything with C{seconds()} and
+C{callLater()}); state is written through a L{Journal} to an L{IStore}.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from leeloo import messages
+from leeloo.limits import Bucket, Limiter, RelayLimits
 from leeloo.messages import (
+    Ack,
     BinaryNotSupported,
     CreateCrew,
     CrewMessage,
+    DeviceAuthFailed,
+    DuplicateClientMessage,
+    InvalidAck,
     InvalidCrewCode,
+    InvalidLastSeq,
     JoinCrew,
     NotInCrew,
     Ping,
     ProtocolError,
+    RateLimited,
     Reaction,
     Register,
     ShareMusic,
+    StoreUnavailable,
+)
+from leeloo.store import (
+    APPEND,
+    DELETE_CREW,
+    DELETE_TOKEN,
+    PUT_BOT_USER,
+    PUT_CREW,
+    PUT_DEVICE,
+    PUT_MEMBER,
+    PUT_TOKEN,
+    BotUserRecord,
+    CrewRecord,
+    DeviceRecord,
+    IStore,
+    Journal,
+    LogEntry,
+    MemberRecord,
+    MemoryStore,
+    Replay,
+    Snapshot,
+    TokenRecord,
 )
 
 # Close codes the relay documents (application reasons live in 4000-4999).
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_REPLACED = 4001
+CLOSE_ABUSE = 4029
 
 TELEGRAM_DEVICE_ID = "telegram"
 TOKEN_TTL = 3600.0
+DAY = 86400.0
+
+_log = Logger()
 
 
 class IPeer(Interface):
@@ -66,9 +103,9 @@ class Outgoing:
 
     __slots__ = ("message", "_payload", "prepared")
 
-    def __init__(self, message: dict) -> None:
+    def __init__(self, message: dict | None, payload: bytes | None = None) -> None:
         self.message = message
-        self._payload: bytes | None = None
+        self._payload = payload
         self.prepared: Any = None
 
     @property
@@ -80,17 +117,34 @@ class Outgoing:
 
 class Session:
     """
-    One connection: who it says it is and which crew it is in.
+    One connection: who it says it is, which crew it is in, and the highest
+    crew sequence it has been sent.  While C{held} is a list, the session is
+    catching up on what it missed and live fan-outs wait there.
     """
 
-    __slots__ = ("peer", "address", "device_id", "name", "crew")
+    __slots__ = ("peer", "address", "device_id", "name", "crew", "last_sent_seq", "held", "acks",
+                 "bucket", "entries", "strikes", "closing")
 
-    def __init__(self, peer: IPeer, address: str | None = None) -> None:
+    def __init__(self, peer: IPeer, address: str | None, bucket: Bucket) -> None:
         self.peer = peer
         self.address = address
         self.device_id: str | None = None
         self.name: str | None = None
         self.crew: Crew | None = None
+        self.last_sent_seq = 0
+        self.held: list[tuple[int, Outgoing]] | None = None
+        self.acks = False
+        self.bucket = bucket
+        self.entries: Bucket | None = None
+        self.strikes = 0
+        self.closing = False
+
+    def close(self, code: int, reason: str) -> None:
+        """
+        Close the connection; frames still arriving from it are ignored.
+        """
+        self.closing = True
+        self.peer.close(code, reason)
 
     def send(self, message: dict) -> None:
         self.peer.send(Outgoing(message))
@@ -99,23 +153,64 @@ class Session:
         return f"<Session {self.device_id!r} in {self.crew.code if self.crew else None!r}>"
 
 
-class Crew:
+class Member:
     """
-    A crew: its code, its members online now (by device id) and the bot
-    users who joined it.
+    A device that belongs to a crew, online or not, and how far it got.
     """
 
-    __slots__ = ("code", "created_at", "created_by", "online", "bot_users")
+    __slots__ = ("device_id", "name", "last_seen", "delivered_seq", "acked_seq")
+
+    def __init__(self, device_id: str, name: str, last_seen: float, delivered_seq: int,
+                 acked_seq: int | None = None) -> None:
+        self.device_id = device_id
+        self.name = name
+        self.last_seen = last_seen
+        self.delivered_seq = delivered_seq
+        self.acked_seq = acked_seq
+
+
+class ClientMessage:
+    """
+    What the relay remembers of a message sent with a C{client_msg_id}:
+    enough to answer a resend without storing it twice.  C{waiting} holds
+    the sessions to answer once it is durable; C{None} once it is.
+    """
+
+    __slots__ = ("id", "seq", "digest", "created_at", "waiting")
+
+    def __init__(self, id: str, seq: int, digest: bytes, created_at: float,
+                 waiting: list | None = None) -> None:
+        self.id = id
+        self.seq = seq
+        self.digest = digest
+        self.created_at = created_at
+        self.waiting = waiting
+
+
+class Crew:
+    """
+    A crew: its members (by device id), the sessions online now, its bot
+    users, and its message sequence: C{last_seq} is the last assigned,
+    C{fanned_seq} the last stored and delivered.
+    """
+
+    __slots__ = ("code", "created_at", "created_by", "online", "members", "bot_users",
+                 "last_seq", "fanned_seq", "last_message_at", "client_messages")
 
     def __init__(self, code: str, created_at: float, created_by: str | None) -> None:
         self.code = code
         self.created_at = created_at
         self.created_by = created_by
         self.online: dict[str, Session] = {}
+        self.members: dict[str, Member] = {}
         self.bot_users: dict[str, str] = {}
+        self.last_seq = 0
+        self.fanned_seq = 0
+        self.last_message_at = 0.0
+        self.client_messages: dict[tuple[str, str], ClientMessage] | None = None
 
 
-def generate_crew_code(choice: Callable[[str], str] = secrets.choice, length: int = 4) -> str:
+def generate_crew_code(length: int = 4, choice: Callable[[str], str] = secrets.choice) -> str:
     return messages.CREW_CODE_PREFIX + "".join(
         choice(messages.CREW_CODE_ALPHABET) for _ in range(length)
     )
@@ -125,27 +220,60 @@ def generate_device_id(token_hex: Callable[[int], str] = secrets.token_hex) -> s
     return messages.DEVICE_ID_PREFIX + token_hex(6)
 
 
+def generate_message_id() -> str:
+    return secrets.token_hex(8)
+
+
+def generate_device_key() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
 class Relay:
     """
     Every crew and every connection of one relay.
 
-    @param clock: an object with C{seconds()}, e.g. the reactor or a
-        L{twisted.internet.task.Clock}.
+    @param clock: an object with C{seconds()} and C{callLater()}, e.g. the
+        reactor or a L{twisted.internet.task.Clock}.
+    @param store: where state is kept (default: in memory).
+    @param replay_limit: the most missed messages replayed to a device.
+    @param retention: seconds a logged message is kept and replayed.
+    @param crew_ttl: seconds after which a crew with no message and no
+        member seen is forgotten.
     """
-
-    log = Logger()
 
     def __init__(
         self,
         clock: Any,
+        store: IStore | None = None,
         token_ttl: float = TOKEN_TTL,
-        crew_code: Callable[[], str] = generate_crew_code,
+        replay_limit: int = 50,
+        retention: float = 7 * DAY,
+        crew_ttl: float = 90 * DAY,
+        limits: RelayLimits = RelayLimits(),
+        crew_code: Callable[[], str] | None = None,
         device_id: Callable[[], str] = generate_device_id,
+        message_id: Callable[[], str] = generate_message_id,
+        device_key: Callable[[], str] = generate_device_key,
     ) -> None:
         self.clock = clock
+        self.store = store if store is not None else MemoryStore()
+        self.journal = Journal(self.store, clock)
         self.token_ttl = token_ttl
-        self._new_crew_code = crew_code
+        self.replay_limit = replay_limit
+        self.retention = retention
+        self.crew_ttl = crew_ttl
+        self.limits = limits
+        self._new_crew_code = crew_code or (lambda: generate_crew_code(limits.crew_code_length))
         self._new_device_id = device_id
+        self._new_message_id = message_id
+        self._new_device_key = device_key
+        self._entries_by_address = Limiter(clock, limits.entries)
+        self._bot_joins = Limiter(clock, limits.entries)
+        self.device_keys: dict[str, DeviceRecord] = {}
         self.started = clock.seconds()
         self.sessions: set[Session] = set()
         self.devices: dict[str, Session] = {}
@@ -159,7 +287,39 @@ class Relay:
             ShareMusic: self._share_music,
             Reaction: self._reaction,
             Ping: self._ping,
+            Ack: self._ack,
         }
+        self.restore(self.store.load())
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """
+        Take up the state a store kept.  Members that were online when the
+        relay last stopped without saying goodbye got everything that was
+        stored by then.
+        """
+        for record in snapshot.crews:
+            crew = self.crews[record.code] = Crew(record.code, record.created_at, record.created_by)
+            crew.last_seq = crew.fanned_seq = snapshot.last_seq.get(record.code, 0)
+            crew.last_message_at = snapshot.last_message_at.get(record.code, 0.0)
+        for m in snapshot.members:
+            crew = self.crews.get(m.crew_code)
+            if crew is not None:
+                delivered = crew.last_seq if m.online else m.delivered_seq
+                crew.members[m.device_id] = Member(m.device_id, m.name, m.last_seen, delivered, m.acked_seq)
+        for b in snapshot.bot_users:
+            if b.crew_code in self.crews:
+                self.crews[b.crew_code].bot_users[b.user_id] = b.name
+        for t in snapshot.tokens:
+            self.pending_tokens[t.device_id] = (t.tokens, t.expires_at)
+        for d in snapshot.devices:
+            self.device_keys[d.device_id] = d
+        for e in snapshot.client_messages:
+            crew = self.crews.get(e.crew_code)
+            if crew is not None:
+                if crew.client_messages is None:
+                    crew.client_messages = {}
+                crew.client_messages[(e.sender, e.client_msg_id)] = ClientMessage(
+                    e.id, e.seq, e.digest, e.created_at)
 
     # ------------------------------------------------------------ sessions
 
@@ -167,24 +327,41 @@ class Relay:
         return int(self.clock.seconds() * 1000)
 
     def connect(self, peer: IPeer, address: str | None = None) -> Session:
-        session = Session(peer, address)
+        session = Session(peer, address, Bucket(self.limits.messages.burst, self.clock.seconds()))
         self.sessions.add(session)
         return session
 
     def receive(self, session: Session, data: bytes | str) -> None:
         """
         One text frame from C{session}: decode it and act on it.  A peer's
-        mistake is answered with an C{error} message; the connection stays.
+        mistake is answered with an C{error} message; the connection stays,
+        unless it keeps being refused.
         """
+        if session.closing:
+            return
         try:
+            wait = session.bucket.take(self.clock.seconds(), self.limits.messages)
+            if wait:
+                raise RateLimited("too many messages; slow down", wait)
             message = messages.decode(data)
             self._handlers[type(message)](session, message)
+            session.strikes = 0
         except ProtocolError as e:
-            self.log.debug("refused a frame: {code}", code=e.code)
-            session.send(e.as_message())
+            self._refused(session, e)
 
     def receive_binary(self, session: Session) -> None:
-        session.send(BinaryNotSupported("binary frames are not supported; send JSON text").as_message())
+        if session.closing:
+            return
+        self._refused(session, BinaryNotSupported("binary frames are not supported; send JSON text"))
+
+    def _refused(self, session: Session, error: ProtocolError) -> None:
+        session.send(error.as_message())
+        if isinstance(error, (RateLimited, DeviceAuthFailed)):
+            session.strikes += 1
+            if session.strikes >= self.limits.abuse_strikes:
+                _log.warn("closing a connection from {address} after {strikes} refusals ({code})",
+                          address=session.address, strikes=session.strikes, code=error.code)
+                session.close(CLOSE_ABUSE, "too many refused requests")
 
     def disconnect(self, session: Session) -> None:
         """
@@ -200,29 +377,118 @@ class Relay:
             self._leave(session, announce=True)
         session.crew = None
 
-    def shutdown(self, code: int = CLOSE_GOING_AWAY, reason: str = "relay restarting") -> None:
+    def shutdown(self, code: int = CLOSE_GOING_AWAY, reason: str = "relay restarting, come back soon",
+                 spread: float = 2.0, steps: int = 20) -> Deferred:
         """
-        Close every connection, telling devices to come back.
+        Close every connection, telling devices to come back, spread over
+        C{spread} seconds so the fleet does not reconnect in one burst; then
+        make everything durable.  Fires when the store is flushed.
         """
+        sessions = list(self.sessions)
+        per_step = max(1, -(-len(sessions) // steps))
+        waits = []
+        for i in range(0, len(sessions), per_step):
+            chunk = sessions[i:i + per_step]
+            delay = spread * i / max(1, len(sessions))
+            d = Deferred()
+            waits.append(d)
+            if delay:
+                self.clock.callLater(delay, self._close_chunk, chunk, code, reason, d)
+            else:
+                self._close_chunk(chunk, code, reason, d)
+        done = DeferredList(waits) if waits else succeed(None)
+        return done.addCallback(lambda _: self._goodbye())
+
+    def _close_chunk(self, chunk: list, code: int, reason: str, d: Deferred) -> None:
+        for session in chunk:
+            session.close(code, reason)
+        d.callback(None)
+
+    def _goodbye(self) -> Deferred:
         for session in list(self.sessions):
-            session.peer.close(code, reason)
+            self.disconnect(session)
+        return self.journal.drain()
 
     # ------------------------------------------------------------ identity
 
-    def _identify(self, session: Session, device_id: str | None, name: str | None) -> None:
+    def _authenticate(self, session: Session, device_id: str, key: str | None, claimed: bool) -> str | None:
+        """
+        Check that C{session} may be C{device_id}; return a newly issued key
+        when the id has none bound.  Trust on first use: a key binds the
+        first time it is presented.
+        """
+        record = self.device_keys.get(device_id)
+        if key is not None:
+            digest = key_hash(key)
+            if record is None or (not record.bound and hmac.compare_digest(record.key_hash, digest)):
+                record = self.device_keys[device_id] = DeviceRecord(
+                    device_id, digest, True, record.created_at if record else self.clock.seconds())
+                self.journal.put((PUT_DEVICE, record), wait=False)
+                return None
+            if hmac.compare_digest(record.key_hash, digest):
+                return None
+            self._auth_failed(session, device_id, "wrong key")
+            raise DeviceAuthFailed("the device key does not match this device id")
+        if record is not None and record.bound:
+            self._auth_failed(session, device_id, "no key")
+            raise DeviceAuthFailed("this device id is protected by its device key: present it as device_key")
+        if claimed and self.limits.require_device_key:
+            self._auth_failed(session, device_id, "legacy id")
+            raise DeviceAuthFailed(
+                "this relay requires device keys: register without device_id to get a new id and key")
+        issued = self._new_device_key()
+        record = self.device_keys[device_id] = DeviceRecord(
+            device_id, key_hash(issued), False, self.clock.seconds())
+        self.journal.put((PUT_DEVICE, record), wait=False)
+        return issued
+
+    def _auth_failed(self, session: Session, device_id: str, why: str) -> None:
+        _log.warn("refused device {device_id} from {address}: {why}",
+                  device_id=device_id, address=session.address, why=why)
+
+    def _check_entry(self, session: Session, device_id: str | None, crew: Crew | None) -> None:
+        """
+        Count an attempt to enter C{crew} (or a crew that does not exist)
+        against the connection's and the client address's budgets; a
+        returning member is free.
+        """
+        device_id = device_id or session.device_id
+        if crew is not None and device_id is not None and device_id in crew.members:
+            return
+        now = self.clock.seconds()
+        if session.entries is None:
+            session.entries = Bucket(self.limits.entries.burst, now)
+        wait = session.entries.take(now, self.limits.entries)
+        if session.address is not None:
+            wait = max(wait, self._entries_by_address.take(session.address))
+        if wait:
+            raise RateLimited("too many attempts to enter crews; wait before trying again", wait)
+
+    def _identify(self, session: Session, device_id: str | None, name: str | None,
+                  key: str | None = None) -> str | None:
+        """
+        Make C{session} the connection of C{device_id} (a new id when none
+        is given); return a device key issued to it, if one was.
+        """
+        claimed = device_id is not None
         if device_id is None:
             device_id = session.device_id or self._new_device_id()
+        issued = None
+        if session.device_id != device_id or key is not None:
+            issued = self._authenticate(session, device_id, key, claimed)
         if session.device_id != device_id:
             self._unbind(session)
             previous = self.devices.get(device_id)
             if previous is not None:
                 self._replace(previous)
             session.device_id = device_id
+            session.last_sent_seq = 0
             self.devices[device_id] = session
         if name is not None:
             session.name = name
         elif session.name is None:
             session.name = device_id
+        return issued
 
     def _replace(self, previous: Session) -> None:
         """
@@ -234,11 +500,12 @@ class Relay:
         del self.devices[previous.device_id]
         previous.device_id = None
         self.sessions.discard(previous)
-        previous.peer.close(CLOSE_REPLACED, "replaced by a newer connection for this device")
+        previous.close(CLOSE_REPLACED, "replaced by a newer connection for this device")
 
     def _deliver_pending(self, session: Session) -> None:
         pending = self.pending_tokens.pop(session.device_id, None)
         if pending is not None:
+            self.journal.put((DELETE_TOKEN, session.device_id), wait=False)
             tokens, expires = pending
             if expires > self.clock.seconds():
                 session.send(messages.spotify_auth_complete(tokens))
@@ -247,7 +514,8 @@ class Relay:
 
     def _create(self, code: str, created_by: str | None) -> Crew:
         crew = self.crews[code] = Crew(code, self.clock.seconds(), created_by)
-        self.log.info("crew {code} created", code=code)
+        self.journal.put((PUT_CREW, CrewRecord(code, crew.created_at, created_by)), wait=False)
+        _log.info("crew {code} created", code=code)
         return crew
 
     def _unused_code(self) -> str:
@@ -256,36 +524,113 @@ class Relay:
             if code not in self.crews:
                 return code
 
-    def _enter(self, session: Session, crew: Crew, announce: bool) -> None:
+    def _check_last_seq(self, crew: Crew | None, last_seq: int | None) -> None:
+        latest = crew.fanned_seq if crew is not None else 0
+        if last_seq is not None and last_seq > latest:
+            raise InvalidLastSeq(f"last_seq {last_seq} is from the future: the crew is at {latest}")
+
+    def _save_member(self, crew: Crew, member: Member, online: bool) -> None:
+        record = MemberRecord(crew.code, member.device_id, member.name, member.last_seen,
+                              member.delivered_seq, member.acked_seq, online)
+        self.journal.put((PUT_MEMBER, record), key=(crew.code, member.device_id))
+
+    def _enter(self, session: Session, crew: Crew, announce: bool, last_seq: int | None = None) -> None:
+        """
+        Put C{session} in C{crew}; a returning member first gets what it
+        missed, then live traffic.
+        """
         if session.crew is crew:
             return
         self._leave(session, announce=True)
+        now = self.clock.seconds()
+        member = crew.members.get(session.device_id)
+        if member is None:
+            start = crew.fanned_seq if last_seq is None else last_seq
+            member = crew.members[session.device_id] = Member(session.device_id, session.name, now, start)
+        elif last_seq is not None:
+            start = last_seq
+        elif member.acked_seq is not None:
+            start = member.acked_seq
+        else:
+            start = member.delivered_seq
+        member.name = session.name
+        member.last_seen = now
+        if last_seq is not None or member.acked_seq is not None:
+            session.acks = True
         session.crew = crew
+        session.last_sent_seq = start
         crew.online[session.device_id] = session
+        self._save_member(crew, member, online=True)
         if announce:
-            self._fanout(crew, messages.member_joined(session.device_id, session.name), session)
+            self._fanout(crew, Outgoing(messages.member_joined(session.device_id, session.name)), session)
+        if start < crew.fanned_seq:
+            self._replay(session, crew, start)
+
+    def _replay(self, session: Session, crew: Crew, start: int) -> None:
+        session.held = []
+        up_to = crew.fanned_seq
+        d = self.store.replay(crew.code, start, up_to, self.clock.seconds() - self.retention,
+                              session.device_id, self.replay_limit)
+        d.addCallbacks(self._replayed, self._replay_failed,
+                       callbackArgs=(session, crew, up_to), errbackArgs=(session, crew, up_to))
+
+    def _replayed(self, replay: Replay, session: Session, crew: Crew, up_to: int) -> None:
+        if session.crew is not crew:
+            session.held = None
+            return
+        if replay.lost is not None and session.acks:
+            session.send(messages.replay_truncated(*replay.lost))
+        for seq, payload in replay.entries:
+            session.peer.send(Outgoing(None, payload))
+        self._release(session, up_to)
+
+    def _replay_failed(self, failure: Any, session: Session, crew: Crew, up_to: int) -> None:
+        _log.error("could not read crew {code}'s log for a returning device: {error}",
+                   code=crew.code, error=failure.getErrorMessage())
+        if session.crew is crew:
+            session.send(StoreUnavailable("missed messages could not be read; reconnect to try again").as_message())
+            self._release(session, up_to)
+
+    def _release(self, session: Session, up_to: int) -> None:
+        held, session.held = session.held or [], None
+        session.last_sent_seq = max(session.last_sent_seq, up_to)
+        for seq, out in held:
+            session.peer.send(out)
+            session.last_sent_seq = max(session.last_sent_seq, seq)
 
     def _leave(self, session: Session, announce: bool) -> None:
         crew = session.crew
         if crew is None:
             return
         session.crew = None
+        session.held = None
         if crew.online.get(session.device_id) is session:
             del crew.online[session.device_id]
+            member = crew.members.get(session.device_id)
+            if member is not None:
+                member.delivered_seq = max(member.delivered_seq, session.last_sent_seq)
+                member.last_seen = self.clock.seconds()
+                self._save_member(crew, member, online=False)
             if announce:
-                self._fanout(crew, messages.member_offline(session.device_id, session.name))
+                self._fanout(crew, Outgoing(messages.member_offline(session.device_id, session.name)))
 
-    def _fanout(self, crew: Crew, message: dict, sender: Session | None = None) -> int:
+    def _fanout(self, crew: Crew, out: Outgoing, sender: Session | None = None, seq: int = 0) -> int:
         """
-        Send C{message} to every online member of C{crew} but C{sender},
-        encoded once; return how many it went to.
+        Send C{out} to every online member of C{crew} but C{sender}, encoded
+        once; return how many it went to.  A crew message (C{seq} > 0) waits
+        behind the replay of a member still catching up.
         """
-        out = Outgoing(message)
         reached = 0
         for member in tuple(crew.online.values()):
-            if member is not sender:
-                member.peer.send(out)
-                reached += 1
+            if member is sender:
+                continue
+            reached += 1
+            if seq:
+                if member.held is not None:
+                    member.held.append((seq, out))
+                    continue
+                member.last_sent_seq = seq
+            member.peer.send(out)
         return reached
 
     def _crew_of(self, session: Session) -> Crew:
@@ -293,64 +638,149 @@ class Relay:
             raise NotInCrew("join or create a crew before sending crew messages")
         return session.crew
 
+    # ----------------------------------------------------------- crew log
+
+    def publish(self, crew: Crew, message: dict, sender_id: str, session: Session | None = None,
+                client_msg_id: str | None = None, digest: bytes | None = None) -> Deferred:
+        """
+        Store C{message} in C{crew}'s log, then fan it out to the crew (but
+        C{session}, its sender).  Fires with the number of devices reached,
+        or fails with L{StoreUnavailable}: then nothing was delivered.
+        """
+        now = self.clock.seconds()
+        seq = crew.last_seq = crew.last_seq + 1
+        message_id = self._new_message_id()
+        out = Outgoing(messages.stamped(message, int(now * 1000), seq, message_id))
+        remembered = None
+        if client_msg_id is not None:
+            if crew.client_messages is None:
+                crew.client_messages = {}
+            remembered = crew.client_messages[(sender_id, client_msg_id)] = ClientMessage(
+                message_id, seq, digest, now, [])
+        entry = LogEntry(crew.code, seq, message_id, sender_id, client_msg_id, digest, now, out.payload)
+        d = self.journal.put((APPEND, entry))
+        return d.addCallbacks(
+            self._stored, self._not_stored,
+            callbackArgs=(crew, out, seq, session, remembered, client_msg_id),
+            errbackArgs=(crew, sender_id, remembered, client_msg_id),
+        )
+
+    def _stored(self, _: Any, crew: Crew, out: Outgoing, seq: int, session: Session | None,
+                remembered: ClientMessage | None, client_msg_id: str | None) -> int:
+        crew.fanned_seq = seq
+        crew.last_message_at = self.clock.seconds()
+        if session is not None and session.crew is crew:
+            session.last_sent_seq = max(session.last_sent_seq, seq)
+        reached = self._fanout(crew, out, session, seq)
+        if remembered is not None:
+            waiting, remembered.waiting = remembered.waiting, None
+            reply = messages.sent(client_msg_id, remembered.id, remembered.seq)
+            for s in [session, *waiting]:
+                if s is not None:
+                    s.send(reply)
+        return reached
+
+    def _not_stored(self, failure: Any, crew: Crew, sender_id: str,
+                    remembered: ClientMessage | None, client_msg_id: str | None) -> None:
+        _log.error("a message to crew {code} was not stored: {error}",
+                   code=crew.code, error=failure.getErrorMessage())
+        if remembered is not None:
+            crew.client_messages.pop((sender_id, client_msg_id), None)
+            for s in remembered.waiting or ():
+                s.send(StoreUnavailable("the message could not be stored; send it again").as_message())
+        raise StoreUnavailable("the message could not be stored and was not delivered; send it again")
+
+    def _send_crew_message(self, session: Session, message: dict, client_msg_id: str | None) -> None:
+        crew = self._crew_of(session)
+        digest = None
+        if client_msg_id is not None:
+            digest = hashlib.sha256(messages.encode(message)).digest()
+            known = crew.client_messages.get((session.device_id, client_msg_id)) if crew.client_messages else None
+            if known is not None:
+                if known.digest != digest:
+                    raise DuplicateClientMessage(
+                        f"client_msg_id {client_msg_id!r} was already used for a different message")
+                if known.waiting is None:
+                    session.send(messages.sent(client_msg_id, known.id, known.seq))
+                else:
+                    known.waiting.append(session)
+                return
+        d = self.publish(crew, message, session.device_id, session, client_msg_id, digest)
+        d.addErrback(self._refuse, session)
+
+    def _refuse(self, failure: Any, session: Session) -> None:
+        failure.trap(ProtocolError)
+        session.send(failure.value.as_message())
+
     # ------------------------------------------------------------ handlers
 
     def _register(self, session: Session, message: Register) -> None:
-        self._identify(session, message.device_id, message.device_name)
-        session.send(messages.registered(session.device_id))
+        crew = self.crews.get(message.crew_code) if message.crew_code is not None else None
+        self._check_last_seq(crew, message.last_seq)
         if message.crew_code is not None:
-            crew = self.crews.get(message.crew_code) or self._create(
-                message.crew_code, session.device_id
-            )
-            self._enter(session, crew, announce=False)
+            self._check_entry(session, message.device_id, crew)
+        key = self._identify(session, message.device_id, message.device_name, message.device_key)
+        session.send(messages.registered(session.device_id, key))
         self._deliver_pending(session)
+        if message.crew_code is not None:
+            if crew is None:
+                crew = self._create(message.crew_code, session.device_id)
+            self._enter(session, crew, announce=False, last_seq=message.last_seq)
 
     def _create_crew(self, session: Session, message: CreateCrew) -> None:
-        self._identify(session, message.device_id, message.display_name)
         code = message.crew_code or self._unused_code()
         crew = self.crews.get(code)
-        if crew is None:
-            crew = self._create(code, session.device_id)
-            self._enter(session, crew, announce=False)
-        else:
-            self._enter(session, crew, announce=True)
-        session.send(messages.crew_created(session.device_id, code))
+        self._check_last_seq(crew, message.last_seq)
+        if message.crew_code is not None:
+            self._check_entry(session, message.device_id, crew)
+        key = self._identify(session, message.device_id, message.display_name, message.device_key)
+        session.send(messages.crew_created(session.device_id, code, key))
         self._deliver_pending(session)
+        if crew is None:
+            self._enter(session, self._create(code, session.device_id), announce=False)
+        else:
+            self._enter(session, crew, announce=True, last_seq=message.last_seq)
 
     def _join_crew(self, session: Session, message: JoinCrew) -> None:
         crew = self.crews.get(message.crew_code)
+        self._check_entry(session, message.device_id, crew)
         if crew is None:
             raise InvalidCrewCode(f"Crew {message.crew_code} not found")
-        self._identify(session, message.device_id, message.display_name)
-        self._enter(session, crew, announce=True)
+        self._check_last_seq(crew, message.last_seq)
+        key = self._identify(session, message.device_id, message.display_name, message.device_key)
         others = [m.name for m in crew.online.values() if m is not session]
-        session.send(
-            messages.crew_joined(session.device_id, crew.code, len(crew.online), others)
-        )
+        online = len(crew.online) + (session.device_id not in crew.online)
+        session.send(messages.crew_joined(session.device_id, crew.code, online, others, key))
         self._deliver_pending(session)
+        self._enter(session, crew, announce=True, last_seq=message.last_seq)
 
     def _crew_message(self, session: Session, message: CrewMessage) -> None:
-        crew = self._crew_of(session)
-        self._fanout(
-            crew,
-            messages.crew_message(
-                session.device_id, session.name, message.msg_type, message.payload, self.now_ms()
-            ),
+        self._send_crew_message(
             session,
+            messages.crew_message(session.device_id, session.name, message.msg_type, message.payload),
+            message.client_msg_id,
         )
 
     def _share_music(self, session: Session, message: ShareMusic) -> None:
-        crew = self._crew_of(session)
-        self._fanout(crew, messages.music_shared(message, session.name, self.now_ms()), session)
+        self._send_crew_message(session, messages.music_shared(message, session.name), message.client_msg_id)
 
     def _reaction(self, session: Session, message: Reaction) -> None:
-        crew = self._crew_of(session)
-        self._fanout(
-            crew, messages.reaction(message.reaction_type, session.name, self.now_ms()), session
-        )
+        self._send_crew_message(
+            session, messages.reaction(message.reaction_type, session.name), message.client_msg_id)
 
     def _ping(self, session: Session, message: Ping) -> None:
         session.send(messages.pong())
+
+    def _ack(self, session: Session, message: Ack) -> None:
+        crew = self._crew_of(session)
+        if message.seq > session.last_sent_seq:
+            raise InvalidAck(
+                f"ack for seq {message.seq}, but the last message sent to you is {session.last_sent_seq}")
+        session.acks = True
+        member = crew.members[session.device_id]
+        if member.acked_seq is None or message.seq > member.acked_seq:
+            member.acked_seq = message.seq
+            self._save_member(crew, member, online=True)
 
     # ------------------------------------------------------------- bot API
 
@@ -360,9 +790,13 @@ class Relay:
             raise InvalidCrewCode(f"Crew {code.strip().upper()} not found")
         return crew
 
+    def _add_bot_user(self, crew: Crew, user_id: str, name: str) -> None:
+        crew.bot_users[user_id] = name
+        self.journal.put((PUT_BOT_USER, BotUserRecord(crew.code, user_id, name)), wait=False)
+
     def bot_create_crew(self, user_id: str, name: str) -> str:
         crew = self._create(self._unused_code(), f"telegram:{user_id}")
-        crew.bot_users[user_id] = name
+        self._add_bot_user(crew, user_id, name)
         return crew.code
 
     def bot_join_crew(self, user_id: str, code: str, name: str) -> tuple[str, int]:
@@ -370,33 +804,36 @@ class Relay:
         Put a bot user in a crew; return the crew's code and how many of
         its devices are online.
         """
+        wait = self._bot_joins.take(user_id)
+        if wait:
+            raise RateLimited("too many join attempts; wait before trying again", wait)
         crew = self._known_crew(code)
-        crew.bot_users[user_id] = name
+        self._add_bot_user(crew, user_id, name)
         return crew.code, len(crew.online)
 
     def bot_message(
         self, user_id: str, code: str, sender_name: str, msg_type: str, payload: dict
-    ) -> int:
+    ) -> Deferred:
         """
-        A bot user's message to a crew it joined; return the devices reached.
+        A bot user's message to a crew it joined.  Fires with the devices
+        reached once it is stored and delivered.
         """
         crew = self._known_crew(code)
         if user_id not in crew.bot_users:
             raise NotInCrew(f"join crew {crew.code} before sending to it")
-        return self._fanout(
-            crew,
-            messages.crew_message(TELEGRAM_DEVICE_ID, sender_name, msg_type, payload, self.now_ms()),
+        return self.publish(
+            crew, messages.crew_message(TELEGRAM_DEVICE_ID, sender_name, msg_type, payload), TELEGRAM_DEVICE_ID
         )
 
     def crew_status(self, code: str) -> dict:
         code = messages.normalize_crew_code(code)
         crew = self.crews.get(code)
-        online: Iterable[Session] = crew.online.values() if crew else ()
+        online = list(crew.online.values()) if crew else []
         bots = crew.bot_users if crew else {}
         return {
             "crew_code": code,
             "exists": crew is not None,
-            "devices_online": len(crew.online) if crew else 0,
+            "devices_online": len(online),
             "device_names": [s.name for s in online],
             "telegram_users": len(bots),
             "telegram_user_names": list(bots.values()),
@@ -414,7 +851,9 @@ class Relay:
         if session is not None:
             session.send(messages.spotify_auth_complete(tokens))
             return True
-        self.pending_tokens[device_id] = (tokens, self.clock.seconds() + self.token_ttl)
+        expires = self.clock.seconds() + self.token_ttl
+        self.pending_tokens[device_id] = (tokens, expires)
+        self.journal.put((PUT_TOKEN, TokenRecord(device_id, tokens, expires)), wait=False)
         return False
 
     def expire(self) -> int:
@@ -425,7 +864,40 @@ class Relay:
         stale = [d for d, (_, expires) in self.pending_tokens.items() if expires <= now]
         for device_id in stale:
             del self.pending_tokens[device_id]
+            self.journal.put((DELETE_TOKEN, device_id), wait=False)
+        self._entries_by_address.sweep()
+        self._bot_joins.sweep()
         return len(stale)
+
+    # ----------------------------------------------------------- retention
+
+    def prune(self) -> Deferred:
+        """
+        Drop log entries older than the retention window and crews with no
+        message and no member seen within C{crew_ttl}.  Fires with
+        C{(messages, crews)} pruned.
+        """
+        now = self.clock.seconds()
+        cutoff = now - self.retention
+        idle_before = now - self.crew_ttl
+        stale = [
+            crew for crew in self.crews.values()
+            if not crew.online
+            and max(crew.created_at, crew.last_message_at,
+                    max((m.last_seen for m in crew.members.values()), default=0.0)) < idle_before
+        ]
+        for crew in stale:
+            del self.crews[crew.code]
+            self.journal.put((DELETE_CREW, crew.code), wait=False)
+        for crew in self.crews.values():
+            if crew.client_messages:
+                # The store keeps each crew's newest entry, and with it its
+                # client_msg_id: keep remembering that one.
+                for key in [k for k, v in crew.client_messages.items()
+                            if v.created_at < cutoff and v.waiting is None and v.seq != crew.last_seq]:
+                    del crew.client_messages[key]
+        d = self.journal.barrier().addCallback(lambda _: self.store.prune(cutoff))
+        return d.addCallback(lambda deleted: (deleted, len(stale)))
 
     # -------------------------------------------------------------- health
 

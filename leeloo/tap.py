@@ -8,26 +8,35 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from leeloo.relay import Relay
+from leeloo.access import OriginPolicy, TrustedProxies, parse_network
+from leeloo.limits import Rate, RelayLimits
+from leeloo.metrics import Metrics
+from leeloo.relay import DAY, Relay
+from leeloo.sqlitestore import SchemaError, SQLiteStore
+from leeloo.store import IStore, MemoryStore
 from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig, SpotifyOAuth
-from leeloo.web import make_site
+from leeloo.tls import CertificateError, LetsEncryptServerEndpoint, ReloadOnHangup, health_fields
+from leeloo.web import HTTPLimits, make_admin_site, make_redirect_site, make_site
 from leeloo.websocket import RelayServerFactory, WebSocketLimits
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 DEFAULT_DATA_DIR = "leeloo-data"
 DEFAULT_BACKLOG = 1024
 # Endpoint types whose string takes a backlog= argument.
-_BACKLOG_TYPES = {"tcp", "tcp6", "ssl", "unix"}
+_BACKLOG_TYPES = {"tcp", "tcp6", "ssl", "unix", "letsencrypt"}
 
 SETTINGS = (
     "SPOTIFY_CLIENT_ID",
@@ -48,10 +57,24 @@ class Config:
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    redirect_listen: tuple[str, ...] = ()
+    acme_webroot: Path | None = None
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     limits: WebSocketLimits = WebSocketLimits()
+    http_limits: HTTPLimits = HTTPLimits()
+    trusted_proxies: tuple[str, ...] = ()
+    public_url: str | None = None
+    admin_listen: tuple[str, ...] = ()
+    # Said once at start, at warning level (never a setting's value).
+    warnings: tuple[str, ...] = ()
     spotify: SpotifyConfig | None = None
     telegram_api_secret: str | None = field(default=None, repr=False)
+    store: str = "sqlite"
+    fsync: bool = False
+    replay_limit: int = 50
+    retention_days: float = 7.0
+    crew_ttl_days: float = 90.0
+    relay_limits: RelayLimits = RelayLimits()
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -98,21 +121,44 @@ def with_default_backlog(description: str) -> str:
 
 class _NoReactor:
     """
-    Stands in for the reactor while endpoint strings are only checked.
+    Stands in for the reactor while endpoint strings are only checked (a
+    C{letsencrypt:} endpoint reads its certificates then, and needs the time).
     """
 
+    seconds = staticmethod(time.time)
 
-def check_endpoint(description: str) -> str:
+
+
+def check_endpoint(description: str, option: str = "--listen", webroot: Path | None = None) -> str:
     description = with_default_backlog(description)
     try:
         serverFromString(_NoReactor(), description)
+    except CertificateError as e:
+        line = e.line(webroot)
+        # Not a usage mistake, so not a UsageError (twistd would print the
+        # whole usage text above it): one line, as makeService does for a
+        # StartupError.
+        raise SystemExit(f"leeloo: cannot start: {line}") from None
     except Exception as e:
         detail = str(e) or type(e).__name__
         raise usage.UsageError(
-            f"--listen {description!r} is not a usable endpoint ({detail}); "
-            "use e.g. tcp:8080:interface=127.0.0.1 or systemd:domain=INET:index=0"
+            f"{option} {description!r} is not a usable endpoint ({detail}); "
+            "use e.g. tcp:8080:interface=127.0.0.1, systemd:domain=INET:index=0 "
+            "or letsencrypt:domain=example.com:port=443"
         )
     return description
+
+
+def check_webroot(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    directory = Path(path)
+    if not directory.is_dir():
+        raise usage.UsageError(
+            f"--acme-webroot {path} is not a directory; create it (certbot writes "
+            ".well-known/acme-challenge/ under it) or pass another"
+        )
+    return directory.absolute()
 
 
 def prepare_data_dir(path: str) -> Path:
@@ -128,6 +174,40 @@ def prepare_data_dir(path: str) -> Path:
             "create it for the relay's user or pass another --data-dir"
         )
     return directory
+
+
+def env_file_warning(path: str) -> str | None:
+    """
+    A warning if the env file (which holds secrets) grants more than 0600.
+    """
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        return None
+    if mode & ~0o600:
+        return (f"--env-file {path} has mode {mode:04o}: other users may read the secrets in it; "
+                f"chmod 600 {path}")
+    return None
+
+
+def check_proxy(value: str) -> str:
+    try:
+        parse_network(value)
+    except ValueError as e:
+        raise usage.UsageError(f"--trusted-proxy: {e}") from None
+    return value.strip()
+
+
+def check_public_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        OriginPolicy(value)
+    except ValueError as e:
+        raise usage.UsageError(
+            f"--public-url: {e}; give the address browsers reach the relay at, "
+            "e.g. https://relay.example.org") from None
+    return value
 
 
 def settings(environ: Mapping[str, str], env_file: str | None) -> dict[str, str]:
@@ -166,6 +246,26 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be positive")
+    return number
+
+
+def _code_length(value: str) -> int:
+    length = int(value)
+    if not 4 <= length <= 16:
+        raise ValueError("must be 4 to 16")
+    return length
+
+
+def _store_kind(value: str) -> str:
+    if value not in ("sqlite", "memory"):
+        raise ValueError("must be sqlite or memory")
+    return value
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -178,15 +278,63 @@ class Options(usage.Options):
     optParameters = [
         ["data-dir", "d", DEFAULT_DATA_DIR, "Directory the relay keeps its state in (created 0700)."],
         ["env-file", "e", None, "KEY=VALUE file of settings; the environment wins over it."],
+        ["acme-webroot", None, None,
+         "Directory whose .well-known/acme-challenge/ the --redirect-listen endpoints serve "
+         "(certbot certonly --webroot -w DIR)."],
         ["max-message-size", None, 64 * 1024,
          "Largest WebSocket message in bytes; larger ones are refused with close 1009.",
          _positive_int],
+        ["store", None, "sqlite",
+         "Where state is kept: sqlite (durable, under --data-dir) or memory (lost at exit).",
+         _store_kind],
+        ["replay-limit", None, 50,
+         "Most missed messages replayed to a returning device.", _positive_int],
+        ["retention-days", None, 7.0,
+         "Days a crew message is kept for devices that were offline.", _positive_float],
+        ["crew-ttl-days", None, 90.0,
+         "Days after which a crew with no message and no member seen is forgotten.", _positive_float],
+        ["max-connections", None, 20000,
+         "Most WebSocket connections open at once; more are refused with HTTP 503.", _positive_int],
+        ["max-connections-per-address", None, 256,
+         "Most WebSocket connections from one client address; more are refused with HTTP 503.",
+         _positive_int],
+        ["max-unsent-bytes", None, 1024 * 1024,
+         "A device that falls this many bytes behind reading what the relay sends it is "
+         "disconnected.", _positive_int],
+        ["request-timeout", None, 10.0,
+         "Seconds a connection has to send a whole HTTP request (the WebSocket upgrade "
+         "included); slower ones are aborted.", _positive_float],
+        ["public-url", None, None,
+         "The URL browsers reach the relay at (e.g. https://relay.example.org): the only "
+         "browser Origin allowed to open a WebSocket. Without it, only pages from the same "
+         "host the request was sent to."],
+        ["messages-per-second", None, 20.0,
+         "Frames a connection may send per second (token bucket).", _positive_float],
+        ["message-burst", None, 40, "Frames a connection may send in a burst.", _positive_int],
+        ["join-attempts", None, 10,
+         "Attempts to enter crews a device is not a member of (failed joins included), per "
+         "connection and per client address, in --join-window; also bot API joins per user.",
+         _positive_int],
+        ["join-window", None, 600.0, "Seconds over which --join-attempts refill.", _positive_float],
+        ["abuse-strikes", None, 10,
+         "Refusals in a row (rate limits, failed device auth) after which a connection is closed.",
+         _positive_int],
+        ["crew-code-length", None, 4,
+         "Characters in new crew codes after LEELOO- (longer codes resist guessing).", _code_length],
+    ]
+    optFlags = [
+        ["fsync", None, "Make every commit survive a power cut, not only a crash (slower)."],
+        ["require-device-key", None,
+         "Refuse device ids that have no bound device key (once the fleet is updated)."],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
         self["listen"] = []
+        self["redirect-listen"] = []
+        self["trusted-proxy"] = []
+        self["admin-listen"] = []
 
     def opt_listen(self, endpoint: str) -> None:
         """
@@ -196,31 +344,100 @@ class Options(usage.Options):
         """
         self["listen"].append(endpoint)
 
+    def opt_redirect_listen(self, endpoint: str) -> None:
+        """
+        Endpoint (repeatable; typically tcp:80) that serves only
+        /.well-known/acme-challenge/ from --acme-webroot and redirects
+        everything else to https.
+        """
+        self["redirect-listen"].append(endpoint)
+
+    def opt_trusted_proxy(self, network: str) -> None:
+        """
+        Address or CIDR block of a reverse proxy whose X-Forwarded-For names
+        the client (repeatable). X-Forwarded-For from anyone else is ignored.
+        """
+        self["trusted-proxy"].append(check_proxy(network))
+
+    def opt_admin_listen(self, endpoint: str) -> None:
+        """
+        Endpoint to serve the admin site (/metrics, /health) on (repeatable).
+        Default: none; the public site serves /metrics to loopback clients only.
+        """
+        self["admin-listen"].append(endpoint)
+
     def postOptions(self) -> None:
-        listen = tuple(check_endpoint(e) for e in self["listen"] or [DEFAULT_LISTEN])
+        webroot = check_webroot(self["acme-webroot"])
+        listen = tuple(check_endpoint(e, webroot=webroot) for e in self["listen"] or [DEFAULT_LISTEN])
+        redirect_listen = tuple(check_endpoint(e, "--redirect-listen") for e in self["redirect-listen"])
+        admin_listen = tuple(check_endpoint(e, "--admin-listen") for e in self["admin-listen"])
         values = settings(self._environ, self["env-file"])
+        warnings = []
+        if self["env-file"]:
+            warning = env_file_warning(self["env-file"])
+            if warning:
+                warnings.append(warning)
         self.config = Config(
             listen=listen,
+            redirect_listen=redirect_listen,
+            acme_webroot=webroot,
             data_dir=prepare_data_dir(self["data-dir"]),
-            limits=WebSocketLimits(max_message_size=self["max-message-size"]),
+            limits=WebSocketLimits(
+                max_message_size=self["max-message-size"],
+                max_connections=self["max-connections"],
+                max_connections_per_address=self["max-connections-per-address"],
+                max_unsent=self["max-unsent-bytes"],
+            ),
+            http_limits=HTTPLimits(request_timeout=self["request-timeout"]),
+            trusted_proxies=tuple(self["trusted-proxy"]),
+            public_url=check_public_url(self["public-url"]),
+            admin_listen=admin_listen,
+            warnings=tuple(warnings),
             spotify=spotify_config(values),
             telegram_api_secret=values.get("TELEGRAM_API_SECRET"),
+            store=self["store"],
+            fsync=bool(self["fsync"]),
+            replay_limit=self["replay-limit"],
+            retention_days=self["retention-days"],
+            crew_ttl_days=self["crew-ttl-days"],
+            relay_limits=RelayLimits(
+                messages=Rate(self["messages-per-second"], self["message-burst"]),
+                entries=Rate.per_window(self["join-attempts"], self["join-window"]),
+                abuse_strikes=self["abuse-strikes"],
+                require_device_key=bool(self["require-device-key"]),
+                crew_code_length=self["crew-code-length"],
+            ),
         )
 
 
 def _never_raises(call: Callable[[], Any], log: Logger, what: str) -> Callable[[], None]:
     """
-    Wrap a timer's callable: a TimerService whose callable raises stops for
-    good, so log the failure and keep going.
+    Wrap a timer's callable: a TimerService whose callable raises (or whose
+    Deferred fails) stops for good, so log the failure and keep going.
     """
 
-    def safely() -> None:
+    def failed(failure: Any) -> None:
+        log.failure("timer {what} failed; it will run again", failure, what=what)
+
+    def safely() -> Any:
         try:
-            call()
+            result = call()
         except Exception:
             log.failure("timer {what} failed; it will run again", what=what)
+            return None
+        if isinstance(result, Deferred):
+            return result.addErrback(failed)
+        return None
 
     return safely
+
+
+def _prune(relay: Relay, log: Logger) -> Deferred:
+    def pruned(counts: tuple[int, int]) -> None:
+        log.info("retention: pruned {messages} old messages and {crews} idle crews",
+                 messages=counts[0], crews=counts[1])
+
+    return relay.prune().addCallback(pruned)
 
 
 class RelayService(Service):
@@ -240,19 +457,50 @@ class RelayService(Service):
         super().startService()
         self.log.info(
             "LEELOO relay starting on {listen}, data in {data_dir}",
-            listen=", ".join(self.config.listen),
+            listen=", ".join(self.config.listen + tuple(f"{e} (redirect to https)" for e in self.config.redirect_listen)),
             data_dir=str(self.config.data_dir),
         )
+        for warning in self.config.warnings:
+            self.log.warn("{problem}", problem=warning)
         self.ws_factory.log_limits()
+        self.log.info("HTTP limits: {limits}", limits=self.config.http_limits.describe())
+        self.log.info(
+            "metrics: /metrics {where}",
+            where=("on " + ", ".join(self.config.admin_listen) + ", and to loopback clients on the public site")
+            if self.config.admin_listen else "to loopback clients only (no --admin-listen)",
+        )
+        self.log.info("relay limits: {limits}", limits=self.relay.limits.describe())
         self.log.info(
             "Spotify callback {spotify}; bot API {bot}",
             spotify="configured" if self.config.spotify else "not configured",
             bot="enabled" if self.config.telegram_api_secret else "disabled (no TELEGRAM_API_SECRET)",
         )
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred:
         super().stopService()
-        self.relay.shutdown()
+        self.log.info("closing {count} connections and flushing the store",
+                      count=len(self.relay.sessions))
+        d = self.relay.shutdown()
+        d.addBoth(lambda _: self.relay.store.close())
+        return d
+
+
+class StartupError(Exception):
+    """
+    The relay cannot start; the message says why and what to do.
+    """
+
+
+def open_store(config: Config, reactor: Any) -> IStore:
+    if config.store == "memory":
+        return MemoryStore()
+    try:
+        return SQLiteStore(config.data_dir, reactor, fsync=config.fsync)
+    except (sqlite3.Error, SchemaError, OSError) as e:
+        raise StartupError(
+            f"cannot open the database in {config.data_dir}: {e}; "
+            "check the directory's permissions and free space, or restore it from a backup"
+        ) from None
 
 
 def build_service(config: Config, reactor: Any, http: Any = None) -> MultiService:
@@ -265,8 +513,17 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
     txaio.use_twisted()
     txaio.config.loop = reactor
 
-    relay = Relay(reactor)
-    ws_factory = RelayServerFactory(relay, config.limits)
+    relay = Relay(
+        reactor,
+        open_store(config, reactor),
+        replay_limit=config.replay_limit,
+        retention=config.retention_days * DAY,
+        crew_ttl=config.crew_ttl_days * DAY,
+        limits=config.relay_limits,
+    )
+    ws_factory = RelayServerFactory(
+        relay, config.limits, TrustedProxies(config.trusted_proxies), OriginPolicy(config.public_url))
+    metrics = Metrics(relay, ws_factory)
     spotify = None
     if config.spotify is not None:
         if http is None:
@@ -275,22 +532,48 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
 
             http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
         spotify = SpotifyOAuth(config.spotify, http, reactor)
-    site = make_site(relay, ws_factory, spotify, config.telegram_api_secret, reactor=reactor)
+    endpoints = [serverFromString(reactor, description) for description in config.listen]
+    certificates = [e.certificates for e in endpoints if isinstance(e, LetsEncryptServerEndpoint)]
+    site = make_site(
+        relay, ws_factory, spotify, config.telegram_api_secret, reactor=reactor,
+        limits=config.http_limits, metrics=metrics,
+        health_fields=[health_fields(certificates)] if certificates else (),
+    )
 
     top = MultiService()
     RelayService(relay, ws_factory, config).setServiceParent(top)
-    timers = TimerService(60, _never_raises(relay.expire, RelayService.log, "expire tokens"))
-    timers.clock = reactor
-    timers.setServiceParent(top)
-    for description in config.listen:
-        service = StreamServerEndpointService(serverFromString(reactor, description), site)
-        service.setServiceParent(top)
+    for interval, call, what in (
+        (60, relay.expire, "expire tokens"),
+        (3600, lambda: _prune(relay, RelayService.log), "retention"),
+    ):
+        timer = TimerService(interval, _never_raises(call, RelayService.log, what))
+        timer.clock = reactor
+        timer.setServiceParent(top)
+    if certificates:
+        ReloadOnHangup(reactor, certificates).setServiceParent(top)
+    for endpoint in endpoints:
+        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    if config.redirect_listen:
+        redirect_site = make_redirect_site(config.acme_webroot, reactor=reactor, limits=config.http_limits)
+        for description in config.redirect_listen:
+            StreamServerEndpointService(serverFromString(reactor, description), redirect_site).setServiceParent(top)
+    admin_site = None
+    if config.admin_listen:
+        admin_site = make_admin_site(relay, metrics, reactor=reactor, limits=config.http_limits)
+        for description in config.admin_listen:
+            service = StreamServerEndpointService(serverFromString(reactor, description), admin_site)
+            service.setServiceParent(top)
     top.relay = relay
     top.site = site
+    top.admin_site = admin_site
+    top.metrics = metrics
     return top
 
 
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
-    return build_service(options.config, reactor)
+    try:
+        return build_service(options.config, reactor)
+    except StartupError as e:
+        raise SystemExit(f"leeloo: {e}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 from typing import Any, Callable
+from urllib.parse import parse_qs
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
@@ -49,8 +50,14 @@ class FakePeer:
 
 class RecordingClientProtocol(WebSocketClientProtocol):
     """
-    A real Autobahn client that records the messages it receives.
+    A real Autobahn client that records the messages it receives.  A
+    refused handshake leaves C{opened} false and C{closed} true (its
+    C{http_status_line} says why).
     """
+
+    opened = False
+    closed = False
+    close_code: int | None = None
 
     def onConnect(self, response: Any) -> None:
         self.received: list[Any] = []
@@ -92,12 +99,20 @@ class MemoryWebSocketClients:
         self.pumps: list[iosim.IOPump] = []
         self._port = 40000
 
-    def connect(self, protocol: type = RecordingClientProtocol, headers: dict | None = None) -> Any:
+    def connect(self, protocol: type = RecordingClientProtocol, headers: dict | None = None,
+                host: str = "127.0.0.1", options: dict | None = None) -> Any:
+        """
+        Connect a client from address C{host}, sending C{headers} with its
+        handshake and with Autobahn C{options} set on its factory; return
+        the client protocol once every byte has moved.
+        """
         self._port += 1
         factory = WebSocketClientFactory(f"ws://127.0.0.1:8080{self.path}", headers=headers)
         factory.protocol = protocol
+        if options:
+            factory.setProtocolOptions(**options)
         server_address = IPv4Address("TCP", "127.0.0.1", 8080)
-        client_address = IPv4Address("TCP", "127.0.0.1", self._port)
+        client_address = IPv4Address("TCP", host, self._port)
         server = self.site.buildProtocol(client_address)
         client = factory.buildProtocol(server_address)
         pump = iosim.connect(
@@ -120,9 +135,16 @@ class MemoryWebSocketClients:
 class FakeSpotifyAccounts(Resource):
     """
     Spotify's accounts service as its published contract describes it:
-    ``POST /api/token`` with HTTP Basic auth and a form body.  C{codes} maps
-    the codes it accepts to the tokens it answers with; C{fail_with} makes
-    it answer every request with that status.
+    ``POST /api/token`` with HTTP Basic auth (the app's client id and
+    secret) and a form body (``grant_type=authorization_code``, ``code``,
+    ``redirect_uri``); errors are JSON C{{"error", "error_description"}}.
+
+    C{codes} maps the codes it accepts (each once) to the tokens it answers
+    with.  C{requests} holds the form fields of every token request (read
+    from the body alone, as Spotify does), C{received} the same with the
+    C{authorization} and C{content_type} headers.  C{fail_with} makes it
+    answer every request with that status: an HTML page, or C{fail_body}
+    as JSON when set.
     """
 
     isLeaf = True
@@ -134,39 +156,60 @@ class FakeSpotifyAccounts(Resource):
         self.redirect_uri = redirect_uri
         self.codes: dict[str, dict] = {}
         self.requests: list[dict] = []
+        self.received: list[dict] = []
         self.fail_with: int | None = None
+        self.fail_body: dict | None = None
 
-    def _error(self, request: Request, status: int, error: str, description: str) -> bytes:
+    def _json(self, request: Request, status: int, body: dict) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"error": error, "error_description": description}).encode()
+        return json.dumps(body).encode()
+
+    def _error(self, request: Request, status: int, error: str, description: str) -> bytes:
+        return self._json(request, status, {"error": error, "error_description": description})
 
     def render_POST(self, request: Request) -> bytes:
         if request.postpath != [b"api", b"token"]:
             request.setResponseCode(404)
             return b"not found"
-        form = {k.decode(): v[0].decode() for k, v in request.args.items()}
+        request.content.seek(0)
+        form = {
+            k.decode(): v[0].decode()
+            for k, v in parse_qs(request.content.read(), keep_blank_values=True).items()
+        }
+        authorization = request.getHeader(b"authorization")
+        content_type = request.getHeader(b"content-type")
         self.requests.append(form)
+        self.received.append(
+            {
+                "authorization": authorization.decode("latin-1") if authorization else None,
+                "content_type": content_type.decode("latin-1") if content_type else None,
+                "form": form,
+            }
+        )
         if self.fail_with is not None:
+            if self.fail_body is not None:
+                return self._json(request, self.fail_with, self.fail_body)
             request.setResponseCode(self.fail_with)
             request.setHeader(b"content-type", b"text/html")
             return b"<html>upstream trouble</html>"
-        expected = base64.b64encode(f"{self.client_id}:{self.client_secret}".encode())
-        if request.getHeader(b"authorization") != "Basic " + expected.decode():
+        expected = b"Basic " + base64.b64encode(f"{self.client_id}:{self.client_secret}".encode())
+        if authorization != expected:
             return self._error(request, 400, "invalid_client", "Invalid client")
-        if request.getHeader(b"content-type") != "application/x-www-form-urlencoded":
+        if (content_type or b"").split(b";")[0].strip() != b"application/x-www-form-urlencoded":
             return self._error(request, 400, "invalid_request", "form body expected")
         if form.get("grant_type") != "authorization_code":
             return self._error(request, 400, "unsupported_grant_type", "grant_type must be authorization_code")
+        if not form.get("code"):
+            return self._error(request, 400, "invalid_request", "code must be supplied")
         if form.get("redirect_uri") != self.redirect_uri:
             return self._error(request, 400, "invalid_grant", "Invalid redirect URI")
-        tokens = self.codes.pop(form.get("code", ""), None)
+        tokens = self.codes.pop(form["code"], None)
         if tokens is None:
             return self._error(request, 400, "invalid_grant", "Invalid authorization code")
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(
-            {"token_type": "Bearer", "scope": "user-read-playback-state", **tokens}
-        ).encode()
+        return self._json(
+            request, 200, {"token_type": "Bearer", "scope": "user-read-playback-state", **tokens}
+        )
 
     def issue(self, code: str, access_token: str, refresh_token: str, expires_in: int = 3600) -> None:
         self.codes[code] = {
@@ -174,3 +217,11 @@ class FakeSpotifyAccounts(Resource):
             "refresh_token": refresh_token,
             "expires_in": expires_in,
         }
+
+
+def strip_keys(received: list) -> list:
+    """
+    C{received} with the C{device_key} the relay issues left out of each
+    message, for tests about something else.
+    """
+    return [{k: v for k, v in m.items() if k != "device_key"} for m in received]

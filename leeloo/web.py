@@ -1,28 +1,45 @@
 """
 The HTTP site: the landing page, ``/health``, ``/ws``, the Spotify OAuth
-callback and the Telegram bot API, with one JSON error mapping.
+callback and the Telegram bot API, with one JSON error mapping; and the
+admin site with ``/metrics``.
 
-Resources only translate HTTP to L{leeloo.relay.Relay} calls and back.
+Resources only translate HTTP to L{leeloo.relay.Relay} calls and back.  The
+site's channel and request guard the connection below them: a deadline to
+finish each request (the WebSocket upgrade included), bodies capped, the
+security headers on every response, and no query strings in the access log.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from typing import Any, Callable
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
+from twisted.web import pages as twisted_pages
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from leeloo import messages, pages
-from leeloo.messages import InvalidCrewCode, NotInCrew, ProtocolError
+from leeloo.access import TrustedProxies, is_loopback
+from leeloo.messages import InvalidCrewCode, NotInCrew, ProtocolError, RateLimited, StoreUnavailable
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyError, SpotifyOAuth
 from leeloo.websocket import RelayServerFactory
 
 MAX_BODY = 64 * 1024
+_FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+# Sent over TLS by the public site (two years).
+HSTS = b"max-age=63072000"
 
 
 class APIError(Exception):
@@ -30,20 +47,25 @@ class APIError(Exception):
     An HTTP error answered as C{{"error": error, "message": message}}.
     """
 
-    def __init__(self, status: int, error: str, message: str | None = None) -> None:
+    def __init__(self, status: int, error: str, message: str | None = None, **extra: Any) -> None:
         super().__init__(status, error, message)
         self.status = status
         self.error = error
         self.message = message
+        self.extra = extra
 
     def body(self) -> dict:
         body = {"error": self.error}
         if self.message is not None:
             body["message"] = self.message
-        return body
+        return {**body, **self.extra}
 
 
 def _api_error(e: ProtocolError) -> APIError:
+    if isinstance(e, RateLimited):
+        return APIError(429, e.code, e.message, retry_after=e.retry_after)
+    if isinstance(e, StoreUnavailable):
+        return APIError(503, e.code, e.message)
     if isinstance(e, InvalidCrewCode):
         return APIError(404, "crew_not_found", e.message)
     if isinstance(e, NotInCrew):
@@ -64,6 +86,43 @@ def write_html(request: Request, status: int, page: bytes) -> bytes:
     return page
 
 
+def client_address(request: Request) -> str | None:
+    """
+    The address C{request} came from: its TCP peer's, or behind one of the
+    site's trusted proxies, the one X-Forwarded-For names.
+    """
+    peer = getattr(request.getClientAddress(), "host", None)
+    proxies = getattr(getattr(request, "site", None), "proxies", None)
+    if not proxies:
+        return peer
+    forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+    return proxies.client_address(
+        peer, b",".join(forwarded).decode("latin-1") if forwarded else None)
+
+
+def from_this_host(request: Request) -> bool:
+    """
+    Whether C{request} came from a loopback address and not through a
+    proxy (a reverse proxy on this host connects from loopback too, and
+    says so with a forwarding header).
+    """
+    if any(request.requestHeaders.hasHeader(h) for h in _FORWARDING_HEADERS):
+        return False
+    return is_loopback(getattr(request.getClientAddress(), "host", None))
+
+
+NOT_FOUND = twisted_pages.notFound()
+
+
+class Directory(Resource):
+    """
+    A resource with fixed children; any other path is the site's one 404.
+    """
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NOT_FOUND
+
+
 class Landing(Resource):
     isLeaf = True
 
@@ -74,14 +133,24 @@ class Landing(Resource):
 
 
 class Health(Resource):
+    """
+    ``GET /health``: the relay's figures, then the fields each of
+    C{extra_fields} (callables returning a dict) adds, such as the TLS
+    certificates' expiry.
+    """
+
     isLeaf = True
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, extra_fields: Iterable[Callable[[], dict]] = ()) -> None:
         super().__init__()
         self.relay = relay
+        self.extra_fields = tuple(extra_fields)
 
     def render_GET(self, request: Request) -> bytes:
-        return write_json(request, 200, self.relay.health())
+        body = self.relay.health()
+        for fields in self.extra_fields:
+            body.update(fields())
+        return write_json(request, 200, body)
 
 
 def _arg(request: Request, name: bytes) -> str | None:
@@ -145,7 +214,9 @@ class SpotifyCallback(Resource):
                 respond(502, pages.spotify_failed("something went wrong"))
                 return
             self.log.warn("Spotify refused a code exchange: {error}", error=e.error)
-            respond(502 if e.error in ("server_error", "unreachable") else 400,
+            # Only a refused code is the phone's request gone bad; anything
+            # else (Spotify down, our credentials, an odd answer) is upstream.
+            respond(400 if e.error == "invalid_grant" else 502,
                     pages.spotify_failed(e.description))
 
         def respond(status: int, page: bytes) -> None:
@@ -154,7 +225,7 @@ class SpotifyCallback(Resource):
             request.write(write_html(request, status, page))
             request.finish()
 
-        self.spotify.exchange_code(code).addCallbacks(exchanged, failed)
+        self.spotify.exchange_code(code).addCallback(exchanged).addErrback(failed)
         return NOT_DONE_YET
 
 
@@ -215,23 +286,40 @@ class BotAPI(Resource):
             (b"GET", b"crew/status"): self.status,
         }
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> Any:
         path = b"/".join(request.postpath).rstrip(b"/")
-        try:
-            methods = [m for (m, p) in self._routes if p == path]
-            if not methods:
-                raise APIError(404, "not_found", "no such bot API call")
-            if request.method not in methods:
-                request.setHeader(b"allow", b", ".join(methods))
-                raise APIError(405, "method_not_allowed", f"use {methods[0].decode()}")
-            self._authorize(request)
-            answer = self._routes[(request.method, path)](request)
-        except APIError as e:
-            return write_json(request, e.status, e.body())
-        except ProtocolError as e:
-            e2 = _api_error(e)
-            return write_json(request, e2.status, e2.body())
-        return write_json(request, 200, answer)
+        d = maybeDeferred(self._dispatch, request, path)
+        d.addCallbacks(lambda answer: (200, answer), self._error, errbackArgs=(path,))
+        d.addCallback(self._answer, request)
+        return NOT_DONE_YET
+
+    def _dispatch(self, request: Request, path: bytes) -> Any:
+        methods = [m for (m, p) in self._routes if p == path]
+        if not methods:
+            raise APIError(404, "not_found", "no such bot API call")
+        if request.method not in methods:
+            request.setHeader(b"allow", b", ".join(methods))
+            raise APIError(405, "method_not_allowed", f"use {methods[0].decode()}")
+        self._authorize(request)
+        return self._routes[(request.method, path)](request)
+
+    def _error(self, failure: Any, path: bytes) -> tuple[int, dict]:
+        if failure.check(APIError):
+            return failure.value.status, failure.value.body()
+        if failure.check(ProtocolError):
+            e = _api_error(failure.value)
+            return e.status, e.body()
+        self.log.failure("bug in bot API call {path}", failure, path=path.decode("ascii", "replace"))
+        return 500, {"error": "internal_error"}
+
+    def _answer(self, answer: tuple[int, dict], request: Request) -> None:
+        if request._disconnected or request.finished:
+            return
+        status, body = answer
+        if "retry_after" in body:
+            request.setHeader(b"retry-after", str(body["retry_after"]).encode("ascii"))
+        request.write(write_json(request, status, body))
+        request.finish()
 
     def _authorize(self, request: Request) -> None:
         if self._secret is None:
@@ -239,16 +327,18 @@ class BotAPI(Resource):
                 503, "bot_api_disabled", "the bot API is disabled: TELEGRAM_API_SECRET is not set"
             )
         given = request.getHeader(b"x-api-secret")
-        if given is None or not hmac.compare_digest(given.encode("utf-8"), self._secret):
+        if given is None or not hmac.compare_digest(given, self._secret):
             self.log.warn("bot API call with a wrong or missing secret from {peer}",
-                          peer=getattr(request.getClientAddress(), "host", None))
+                          peer=client_address(request))
             raise APIError(401, "unauthorized")
 
     def _body(self, request: Request) -> dict:
-        content_type = (request.getHeader(b"content-type") or "").split(";")[0].strip().lower()
-        if content_type != "application/json":
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if content_type != b"application/json":
             raise APIError(400, "invalid_content_type", "send a JSON body (Content-Type: application/json)")
         raw = request.content.read(MAX_BODY + 1)
+        # The site refuses larger bodies before they are read; this is for
+        # resources served by another site.
         if len(raw) > MAX_BODY:
             raise APIError(413, "body_too_large", f"the body is over {MAX_BODY} bytes")
         try:
@@ -281,8 +371,8 @@ class BotAPI(Resource):
             payload = {}
         if not isinstance(payload, dict):
             raise APIError(400, "payload must be an object")
-        reached = self.relay.bot_message(user, code, sender, msg_type, payload)
-        return {"success": True, "devices_reached": reached}
+        d = self.relay.bot_message(user, code, sender, msg_type, payload)
+        return d.addCallback(lambda reached: {"success": True, "devices_reached": reached})
 
     def status(self, request: Request) -> dict:
         code = _arg(request, b"crew_code")
@@ -291,24 +381,322 @@ class BotAPI(Resource):
         return self.relay.crew_status(_crew_code(code))
 
 
+class MetricsResource(Resource):
+    """
+    ``GET /metrics``: the relay's figures for Prometheus.  With
+    C{local_only} (the public site) anyone but this host gets the site's
+    404, as if it were not there.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Any, local_only: bool) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self.local_only = local_only
+
+    def render_GET(self, request: Request) -> bytes:
+        if self.local_only and not from_this_host(request):
+            return NOT_FOUND.render(request)
+        from leeloo.metrics import CONTENT_TYPE
+
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        request.setHeader(b"cache-control", b"no-store")
+        return self.metrics.exposition()
+
+
 def make_root(
     relay: Relay,
     ws_factory: RelayServerFactory,
     spotify: SpotifyOAuth | None,
     bot_secret: str | None,
+    metrics: Any = None,
+    health_fields: Iterable[Callable[[], dict]] = (),
 ) -> Resource:
-    root = Resource()
+    root = Directory()
     root.putChild(b"", Landing())
     root.putChild(b"index.html", Landing())
-    root.putChild(b"health", Health(relay))
+    root.putChild(b"health", Health(relay, health_fields))
     root.putChild(b"ws", WebSocketResource(ws_factory))
-    spotify_root = Resource()
+    spotify_root = Directory()
     spotify_root.putChild(b"callback", SpotifyCallback(relay, spotify))
     root.putChild(b"spotify", spotify_root)
-    api = Resource()
+    api = Directory()
     api.putChild(b"telegram", BotAPI(relay, bot_secret))
     root.putChild(b"api", api)
+    if metrics is not None:
+        root.putChild(b"metrics", MetricsResource(metrics, local_only=True))
     return root
+
+
+# ------------------------------------------------------------- the site
+
+
+@dataclass(frozen=True)
+class HTTPLimits:
+    """
+    What the HTTP site allows a connection.
+
+    @ivar request_timeout: seconds a connection has to finish sending a
+        request (headers and body; the WebSocket upgrade is one), from when
+        it connects or its previous response was sent.
+    @ivar max_body: the largest request body, in bytes.
+    """
+
+    request_timeout: float = 10.0
+    max_body: int = MAX_BODY
+
+    def describe(self) -> str:
+        return (f"a request must arrive within {self.request_timeout:g}s, "
+                f"bodies up to {self.max_body} bytes")
+
+
+class Deadlines:
+    """
+    HTTP connections that must finish a request by a deadline, and one timer
+    for all of them: the connections are kept in deadline order (the
+    timeout is the same for all), so expiring them looks only at those due.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: Any, timeout: float) -> None:
+        self.clock = clock
+        self.timeout = timeout
+        self.expired = 0
+        self._due: OrderedDict[Any, float] = OrderedDict()
+        self._call: Any = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def __contains__(self, channel: Any) -> bool:
+        return channel in self._due
+
+    def watch(self, channel: Any) -> None:
+        """
+        Give C{channel} C{timeout} seconds from now, unless it already has a
+        deadline.
+        """
+        if channel in self._due:
+            return
+        self._due[channel] = self.clock.seconds() + self.timeout
+        if self._call is None:
+            self._call = self.clock.callLater(self.timeout, self._expire)
+
+    def done(self, channel: Any) -> None:
+        """
+        C{channel} finished its request, or is gone.
+        """
+        if self._due.pop(channel, None) is not None and not self._due and self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def _expire(self) -> None:
+        self._call = None
+        now = self.clock.seconds()
+        count = 0
+        while self._due:
+            channel, deadline = next(iter(self._due.items()))
+            if deadline > now:
+                break
+            del self._due[channel]
+            count += 1
+            transport = channel.transport
+            if transport is not None:
+                transport.abortConnection()
+        if count:
+            self.expired += count
+            self.log.info("aborted {count} HTTP connections that did not send a request "
+                          "within {timeout}s", count=count, timeout=self.timeout)
+        if self._due:
+            # Wake at the next deadline, but at most twice a second.
+            wait = max(next(iter(self._due.values())) - now, 0.5)
+            self._call = self.clock.callLater(wait, self._expire)
+
+    def stop(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+class RelayChannel(HTTPChannel):
+    """
+    An HTTP/1.1 connection that must finish each request within the site's
+    deadline, with bodies capped, and that lets go of its request once
+    WebSocketResource has taken the connection over.
+
+    twisted.web's own idle timeout restarts on every byte (a client sending
+    one byte a second never meets it) and Autobahn's opening handshake
+    timeout starts only once twisted.web has parsed the request, so neither
+    stops a slow sender; this deadline does.
+    """
+
+    _refused = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.deadlines.watch(self)
+
+    def allHeadersReceived(self) -> None:
+        if self.length is not None and self.length > self.site.limits.max_body:
+            # Content-Length says it all: refuse before reading a byte of it
+            # (and before twisted.web answers Expect: 100-continue).
+            self.refuse_body()
+            return
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        if self._refused:
+            return
+        self.site.deadlines.done(self)
+        super().allContentReceived()
+        if self.transport is None:
+            # WebSocketResource took the transport (and made the WebSocket
+            # its producer): this channel and the upgrade request are done
+            # for.  Drop the request so neither outlives the handshake.
+            del self.requests[:]
+
+    def requestDone(self, request: Request) -> None:
+        # The next request (or the close, if this one was the last) is due
+        # within the deadline too; a pipelined request already buffered is
+        # parsed right here and clears it again.
+        self.site.deadlines.watch(self)
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.site.deadlines.done(self)
+        super().connectionLost(reason)
+
+    def refuse_body(self) -> None:
+        """
+        Answer 413 and read no more of the request: close our side once the
+        answer is out and discard what the client still sends until it
+        closes its side too, or the deadline aborts it.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        self.site.bodies_refused += 1
+        self.transport.write(self.site.body_too_large)
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
+        else:
+            self.loseConnection()
+
+
+class RelayRequest(Request):
+    """
+    A request whose responses all carry the security headers (and HSTS over
+    TLS when the site has it), and whose body is counted as it arrives.
+    """
+
+    _body_size = 0
+
+    def gotLength(self, length: int | None) -> None:
+        # Bodies are capped well below the size twisted.web would spool to
+        # a temporary file for (and a chunked body would always be).
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_size += len(data)
+        channel = self.channel
+        if self._body_size > channel.site.limits.max_body:
+            channel.refuse_body()
+            return
+        self.content.write(data)
+
+    def process(self) -> None:
+        headers = self.responseHeaders
+        for name, value in pages.SECURITY_HEADERS:
+            headers.setRawHeaders(name, [value])
+        hsts = self.channel.site.hsts
+        if hsts is not None and self.isSecure():
+            headers.setRawHeaders(b"strict-transport-security", [hsts])
+        super().process()
+
+
+def _quoted(value: bytes | str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return value.encode("ascii", "backslashreplace").decode("ascii").replace('"', '\\"')
+
+
+class RelaySite(Site):
+    """
+    The relay's twisted.web site, hardened: L{RelayChannel}s and
+    L{RelayRequest}s, no tracebacks to clients, no idle timer per
+    connection (the request deadline replaces it), and an access log
+    without query strings (the Spotify callback's carries an OAuth code).
+
+    @param hsts: the C{Strict-Transport-Security} value to send over TLS,
+        or C{None} for none.
+    @param name: how the metrics label this site.
+    """
+
+    protocol = RelayChannel
+    requestFactory = RelayRequest
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        resource: Resource,
+        limits: HTTPLimits = HTTPLimits(),
+        proxies: TrustedProxies = TrustedProxies(),
+        hsts: bytes | None = None,
+        name: str = "public",
+        reactor: Any = None,
+    ) -> None:
+        self.proxies = proxies
+        super().__init__(resource, reactor=reactor, timeout=None, logFormatter=self.access_log_line)
+        self.limits = limits
+        self.hsts = hsts
+        self.name = name
+        self.deadlines = Deadlines(self.reactor, limits.request_timeout)
+        self.bodies_refused = 0
+        # Responses by status (the bot API's 429s among them).
+        self.responses: Counter[int] = Counter()
+        body = json.dumps({"error": "body_too_large",
+                           "message": f"the body is over {limits.max_body} bytes"}).encode()
+        self.body_too_large = b"\r\n".join([
+            b"HTTP/1.1 413 Content Too Large",
+            b"Content-Type: application/json",
+            b"Cache-Control: no-store",
+            *(name + b": " + value for name, value in pages.SECURITY_HEADERS),
+            b"Content-Length: %d" % len(body),
+            b"Connection: close",
+            b"",
+            body,
+        ])
+
+    def stopFactory(self) -> None:
+        super().stopFactory()
+        self.deadlines.stop()
+
+    def log(self, request: Request) -> None:
+        self.responses[request.code] += 1
+        super().log(request)
+
+    def access_log_line(self, timestamp: str, request: Request) -> str:
+        """
+        One access log line: the client address (behind trusted proxies,
+        the forwarded one), the method and path without the query string,
+        status, size and user agent.  No referrer, no query.
+        """
+        path = request.path + (b"?..." if b"?" in request.uri else b"")
+        return '"{}" - - {} "{} {} {}" {} {} "{}"'.format(
+            _quoted(client_address(request)), timestamp,
+            _quoted(request.method), _quoted(path), _quoted(request.clientproto),
+            request.code, request.sentLength or "-",
+            _quoted(request.getHeader(b"user-agent")),
+        )
 
 
 def make_site(
@@ -317,7 +705,138 @@ def make_site(
     spotify: SpotifyOAuth | None,
     bot_secret: str | None,
     reactor: Any = None,
-) -> Site:
-    site = Site(make_root(relay, ws_factory, spotify, bot_secret), reactor=reactor)
-    site.displayTracebacks = False
+    limits: HTTPLimits = HTTPLimits(),
+    proxies: TrustedProxies | None = None,
+    metrics: Any = None,
+    hsts: bytes | None = HSTS,
+    health_fields: Iterable[Callable[[], dict]] = (),
+) -> RelaySite:
+    """
+    The public site.  C{proxies} defaults to the WebSocket factory's;
+    C{metrics} adds ``/metrics`` for loopback clients (and this site's
+    figures to it); responses over TLS carry C{hsts}; C{health_fields} add
+    to ``/health``.
+    """
+    site = RelaySite(
+        make_root(relay, ws_factory, spotify, bot_secret, metrics=metrics, health_fields=health_fields),
+        limits=limits,
+        proxies=ws_factory.proxies if proxies is None else proxies,
+        hsts=hsts,
+        reactor=reactor,
+    )
+    if metrics is not None:
+        metrics.add_site(site)
     return site
+
+
+def make_admin_site(
+    relay: Relay,
+    metrics: Any,
+    reactor: Any = None,
+    limits: HTTPLimits = HTTPLimits(),
+) -> RelaySite:
+    """
+    The site for C{--admin-listen} endpoints: C{/metrics} for anyone who can
+    reach it, and C{/health}.
+    """
+    root = Directory()
+    root.putChild(b"metrics", MetricsResource(metrics, local_only=False))
+    root.putChild(b"health", Health(relay))
+    site = RelaySite(root, limits=limits, name="admin", reactor=reactor)
+    metrics.add_site(site)
+    return site
+
+
+# ------------------------------------------- port 80: ACME and redirects
+
+ACME_CHALLENGE = b"/.well-known/acme-challenge/"
+_TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,256}")
+_HOST = re.compile(r"([A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}|\[[0-9A-Fa-f:.]+\]")
+MAX_CHALLENGE = 4096
+
+
+class HTTPSRedirect(Resource):
+    """
+    Plain HTTP's only jobs: serve the ACME HTTP-01 challenge files certbot
+    writes under C{webroot/.well-known/acme-challenge/} (no listings, no
+    other files), and send everything else to the same path and query on
+    https, permanently (301 for GET and HEAD, 308 otherwise, which keeps
+    the method and body).
+    """
+
+    isLeaf = True
+
+    def __init__(self, webroot: Path | None) -> None:
+        super().__init__()
+        self.challenges = None if webroot is None else Path(webroot) / ".well-known" / "acme-challenge"
+
+    def render(self, request: Request) -> bytes:
+        if self.challenges is not None and request.path.startswith(ACME_CHALLENGE):
+            return self._challenge(request, request.path[len(ACME_CHALLENGE):])
+        host = _host_without_port((request.getHeader(b"host") or b"").decode("ascii", "replace"))
+        if host is None:
+            return _text(request, 400, b"A Host header naming this server is needed.\n")
+        target = request.uri
+        if not target.startswith(b"/"):
+            parts = urlsplit(target)
+            if not parts.scheme:
+                return _text(request, 400, b"Bad request target.\n")
+            target = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
+        location = b"https://" + host.encode("ascii") + target
+        request.setResponseCode(301 if request.method in (b"GET", b"HEAD") else 308)
+        request.setHeader(b"location", location)
+        return _text(request, None, b"Moved to " + location + b"\n")
+
+    def _challenge(self, request: Request, token: bytes) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _text(request, 405, b"Method not allowed.\n")
+        if not _TOKEN.fullmatch(token):
+            return _text(request, 404, b"No such challenge.\n")
+        path = self.challenges / token.decode("ascii")
+        body = None
+        try:
+            if path.is_file():
+                with open(path, "rb") as f:
+                    body = f.read(MAX_CHALLENGE + 1)
+        except OSError:
+            pass
+        if body is None or len(body) > MAX_CHALLENGE:
+            return _text(request, 404, b"No such challenge.\n")
+        return _text(request, 200, body)
+
+
+def _host_without_port(header: str) -> str | None:
+    """
+    The host of a Host header, lower case, without its port; None when it
+    is not a plain name or address.
+    """
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        host, rest = header[: end + 1], header[end + 1:]
+        if end < 0 or rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return None
+    else:
+        host, colon, port = header.partition(":")
+        if colon and not port.isdigit():
+            return None
+    return host if _HOST.fullmatch(host) else None
+
+
+def _text(request: Request, status: int | None, body: bytes) -> bytes:
+    if status is not None:
+        request.setResponseCode(status)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    return body
+
+
+def make_redirect_site(webroot: Path | None, reactor: Any = None,
+                       limits: HTTPLimits = HTTPLimits()) -> RelaySite:
+    """
+    The Site of C{--redirect-listen}: ACME challenges from C{webroot}, and
+    a permanent redirect to https for everything else; hardened like the
+    others (port 80 is as open to slow senders as 443).
+    """
+    return RelaySite(HTTPSRedirect(webroot), limits=limits, name="redirect", reactor=reactor)

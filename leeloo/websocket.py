@@ -2,27 +2,49 @@
 The WebSocket adapter: Autobahn frames in, L{leeloo.relay.Relay} calls out.
 
 The protocol implements L{IPeer} for its session; it holds no crew logic.
+It also guards the transport: who may open a WebSocket (the browser origin,
+the connection caps per client address and in total) and how much a reader
+that does not keep up may make the relay hold for it.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from types import FunctionType
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from leeloo.access import TOO_MANY_CONNECTIONS, ConnectionCaps, OriginPolicy, TrustedProxies
+from leeloo.pages import SECURITY_HEADERS
 from leeloo.relay import CLOSE_INTERNAL_ERROR, IPeer, Outgoing, Relay, Session
 
 # Module-level: Autobahn's classes use their own ``log`` (a txaio logger that
 # drops debug events cheaply); overriding it would emit every frame's debug.
 _log = Logger()
 
+MiB = 1024 * 1024
+
+REFUSED_ORIGIN = "origin"
+
+# What Autobahn keeps of the opening handshake once it is done with it.
+_HANDSHAKE_LEFTOVERS = (
+    "http_request_data", "http_response_data", "http_headers", "http_status_line",
+    "http_request_uri", "http_request_path", "http_request_params", "http_request_host",
+    "websocket_origin", "websocket_protocols", "websocket_extensions", "_wskey",
+)
+
 
 @dataclass(frozen=True)
 class WebSocketLimits:
     """
-    Every limit Autobahn applies, set explicitly (its defaults are open).
+    Every limit Autobahn applies, set explicitly (its defaults are open),
+    and the relay's own on connections and unsent bytes.
     """
 
     max_message_size: int = 64 * 1024
@@ -30,32 +52,77 @@ class WebSocketLimits:
     close_handshake_timeout: float = 5.0
     auto_ping_interval: float = 25.0
     auto_ping_timeout: float = 20.0
+    max_connections: int = 20000
+    max_connections_per_address: int = 256
+    max_unsent: int = 1 * MiB
 
     def describe(self) -> str:
         return (
             f"max message {self.max_message_size} bytes, "
             f"open handshake {self.open_handshake_timeout:g}s, "
             f"close handshake {self.close_handshake_timeout:g}s, "
-            f"ping every {self.auto_ping_interval:g}s (timeout {self.auto_ping_timeout:g}s)"
+            f"ping every {self.auto_ping_interval:g}s (timeout {self.auto_ping_timeout:g}s), "
+            f"at most {self.max_connections} connections and "
+            f"{self.max_connections_per_address} per client address, "
+            f"a reader that falls {self.max_unsent} bytes behind is disconnected"
         )
 
 
-@implementer(IPeer)
+def _class_attribute(value: Any) -> Any:
+    """
+    C{value} as a class attribute that reads back as C{value} from an
+    instance (a function would become a method).
+    """
+    return staticmethod(value) if isinstance(value, FunctionType) else value
+
+
+@implementer(IPeer, IPushProducer)
 class RelayServerProtocol(WebSocketServerProtocol):
     """
     One device's WebSocket: translates frames to and from its L{Session}.
+
+    Once upgraded it is its transport's producer, in place of twisted.web's
+    channel: while the transport says its buffer is full (L{pauseProducing})
+    it counts what is sent, and a reader that falls C{max_unsent} bytes
+    behind is disconnected rather than buffered for.
     """
 
     session: Session | None = None
+    # The client address, counted against the caps once admitted.
+    address: str | None = None
+    _admitted = False
+    # Bytes sent since the transport paused us; None while it is not paused.
+    _unsent: float | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # twisted.web's HTTPChannel registered itself as the transport's
+        # producer and stays registered after the upgrade (with it, the
+        # request it parsed).  The WebSocket is the producer now.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+
+    def onConnect(self, request) -> None:
+        factory = self.factory
+        if not factory.origins.allows(request.origin, request.headers.get("host")):
+            factory.refused[REFUSED_ORIGIN] += 1
+            raise ConnectionDeny(403, "Origin Not Allowed")
+        peer = getattr(self.transport.getPeer(), "host", None)
+        address = factory.proxies.client_address(peer, request.headers.get("x-forwarded-for"))
+        factory.admit(address)
+        self.address = address
+        self._admitted = True
 
     def onOpen(self) -> None:
-        peer = self.transport.getPeer()
-        self.session = self.factory.relay.connect(self, getattr(peer, "host", None))
+        for name in _HANDSHAKE_LEFTOVERS:
+            setattr(self, name, None)
+        self.session = self.factory.relay.connect(self, self.address)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
         if session is None:
             return
+        self.factory.messages_received += 1
         try:
             if isBinary:
                 self.factory.relay.receive_binary(session)
@@ -69,6 +136,20 @@ class RelayServerProtocol(WebSocketServerProtocol):
         session, self.session = self.session, None
         if session is not None:
             self.factory.relay.disconnect(session)
+        if self._admitted:
+            self._admitted = False
+            self.factory.release(self.address)
+
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders=None) -> None:
+        # Autobahn's refusals (403, 503, 400...) carry the relay's security
+        # headers and say where the response ends, like twisted.web's.
+        headers = [*(responseHeaders or ()), *SECURITY_HEADERS,
+                   (b"Content-Length", b"0"), (b"Connection", b"close")]
+        lines = [f"HTTP/1.1 {code} {reason}".encode("utf-8")]
+        for name, value in headers:
+            lines.append((name if isinstance(name, bytes) else name.encode("utf-8")) + b": "
+                         + (value if isinstance(value, bytes) else str(value).encode("utf-8")))
+        self.sendData(b"\r\n".join(lines) + b"\r\n\r\n")
 
     # IPeer
 
@@ -77,12 +158,20 @@ class RelayServerProtocol(WebSocketServerProtocol):
             return
         prepared = message.prepared
         if prepared is None:
+            # Once per message, however many it goes to.
             prepared = message.prepared = self.factory.prepareMessage(message.payload)
+            sent = message.message
+            if sent is not None and sent.get("type") == "error":
+                self.factory.errors_sent[sent.get("error")] += 1
+        if self._unsent is not None and self._held_back(len(prepared.payloadHybi)):
+            return
+        self.factory.messages_sent += 1
         self.sendPreparedMessage(prepared)
 
     def close(self, code: int, reason: str) -> None:
         if self.state != self.STATE_OPEN:
             return
+        self.factory.closed_by_relay[code] += 1
         if code == 1000 or 3000 <= code <= 4999:
             self.sendClose(code, reason)
         else:
@@ -91,19 +180,79 @@ class RelayServerProtocol(WebSocketServerProtocol):
             # does for its own limits.
             self.sendCloseFrame(code, reason.encode("utf-8")[:123], isReply=False)
 
+    # IPushProducer: the transport's word on its buffer
+
+    def pauseProducing(self) -> None:
+        if self._unsent is None:
+            self._unsent = 0
+
+    def resumeProducing(self) -> None:
+        if self._unsent is not None and self._unsent <= self.factory.limits.max_unsent:
+            self._unsent = None
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _held_back(self, size: int) -> bool:
+        """
+        Count C{size} more bytes sent while paused; past the limit, cut the
+        reader off and send nothing more (return C{True}).
+        """
+        before = self._unsent
+        self._unsent = before + size
+        limit = self.factory.limits.max_unsent
+        if self._unsent <= limit:
+            return False
+        if before <= limit:
+            self._unsent = float("inf")
+            self.factory.slow_readers += 1
+            _log.warn(
+                "disconnecting {device_id} at {address}: it fell more than {limit} bytes "
+                "behind reading what the relay sends",
+                device_id=self.session.device_id if self.session else None,
+                address=self.address, limit=limit,
+            )
+            self.transport.abortConnection()
+        return True
+
 
 class RelayServerFactory(WebSocketServerFactory):
     """
     Builds L{RelayServerProtocol}s for one L{Relay}, with every Autobahn
-    option set explicitly.
+    option set explicitly, and keeps the connection counts and caps.
+
+    @param proxies: whose X-Forwarded-For names the client address.
+    @param origins: which browser origins may open a WebSocket.
     """
 
     protocol = RelayServerProtocol
 
-    def __init__(self, relay: Relay, limits: WebSocketLimits = WebSocketLimits()) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        limits: WebSocketLimits = WebSocketLimits(),
+        proxies: TrustedProxies = TrustedProxies(),
+        origins: OriginPolicy = OriginPolicy(),
+    ) -> None:
         super().__init__()
         self.relay = relay
         self.limits = limits
+        self.proxies = proxies
+        self.origins = origins
+        self.caps = ConnectionCaps(limits.max_connections, limits.max_connections_per_address)
+        # Counters for the metrics: plain integers, O(1) to bump.
+        self.refused: Counter[str] = Counter()
+        # Error messages sent by code (rate_limited, device_auth_failed...),
+        # and connections the relay closed by close code.
+        self.errors_sent: Counter[str] = Counter()
+        self.closed_by_relay: Counter[int] = Counter()
+        self.messages_received = 0
+        self.messages_sent = 0
+        self.slow_readers = 0
+        # Addresses (and TOO_MANY_CONNECTIONS for the total) whose refusal
+        # was logged since they were last under their cap: one warning each
+        # time a cap is reached, however many are refused.
+        self._warned: set = set()
         self.setProtocolOptions(
             versions=[13],
             webStatus=False,
@@ -122,10 +271,55 @@ class RelayServerFactory(WebSocketServerFactory):
             autoPingInterval=limits.auto_ping_interval,
             autoPingTimeout=limits.auto_ping_timeout,
             autoPingSize=12,
+            # Origins are checked in onConnect (OriginPolicy), which can
+            # compare with the Host header; connections are capped there too.
             allowedOrigins=["*"],
             maxConnections=0,
             trustXForwardedFor=0,
         )
+        # Autobahn copies each of its ~45 options from the factory into
+        # every connection's __dict__, unless the protocol class has it
+        # already.  Give them to a protocol class of this factory's own, so
+        # an idle connection holds its state and not a copy of the options
+        # (options set after this are not seen by connections).
+        base = self.protocol
+        self.protocol = type(base.__name__, (base,), {
+            "__module__": base.__module__,
+            **{name: _class_attribute(getattr(self, name)) for name in base.CONFIG_ATTRS},
+        })
+
+    def admit(self, address: str | None) -> None:
+        """
+        Count a connection from C{address}, or refuse it with a 503.
+
+        @raise ConnectionDeny: a cap is reached.
+        """
+        refused = self.caps.admit(address)
+        if refused is None:
+            return
+        self.refused[refused] += 1
+        if refused == TOO_MANY_CONNECTIONS:
+            if refused not in self._warned:
+                self._warned.add(refused)
+                _log.warn("refusing WebSocket connections: {count} are open, the most allowed",
+                          count=self.caps.total)
+            raise ConnectionDeny(503, "Relay Full, Try Again Later")
+        if address not in self._warned:
+            self._warned.add(address)
+            _log.warn("refusing WebSocket connections from {address}: it has {count} open, the most allowed",
+                      address=address, count=self.caps.max_per_address)
+        raise ConnectionDeny(503, "Too Many Connections From Your Address")
+
+    def release(self, address: str | None) -> None:
+        """
+        A connection L{admit}ted from C{address} closed.
+        """
+        self.caps.release(address)
+        if self._warned:
+            self._warned.discard(address)
+            self._warned.discard(TOO_MANY_CONNECTIONS)
 
     def log_limits(self) -> None:
         _log.info("WebSocket limits: {limits}", limits=self.limits.describe())
+        _log.info("WebSocket origins allowed: {origins}; trusted proxies: {proxies}",
+                  origins=self.origins.describe(), proxies=self.proxies.describe())

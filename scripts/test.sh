@@ -5,7 +5,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 # Debian packages the end-to-end tests use (real servers on loopback).
-DEBS=""
+DEBS="pebble certbot"
 missing=""
 for pkg in $DEBS; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"

@@ -1,0 +1,212 @@
+"""
+Who a connection is from and whether it may come in: the client address
+behind trusted proxies, the browser origins the WebSocket accepts, and the
+connection caps per client address and in total.
+
+Plain objects with no I/O: the WebSocket adapter and the HTTP site ask them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable
+from urllib.parse import urlsplit
+
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parse_network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """
+    An IP address or a CIDR block, as C{--trusted-proxy} takes it.
+
+    @raise ValueError: with a message naming C{value}.
+    """
+    try:
+        return ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or a CIDR block (e.g. 10.0.0.0/8)") from None
+
+
+def _ip(value: str) -> _IP | None:
+    """
+    An address as proxies write it in X-Forwarded-For (C{1.2.3.4},
+    C{1.2.3.4:5678}, C{::1}, C{[::1]:80}), IPv4-mapped IPv6 unwrapped;
+    C{None} if it is not one.
+    """
+    value = value.strip()
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_loopback(host: str | None) -> bool:
+    """
+    Whether C{host} (a transport's peer address) is a loopback address.
+    """
+    ip = _ip(host) if host else None
+    return ip is not None and ip.is_loopback
+
+
+class TrustedProxies:
+    """
+    The reverse proxies whose C{X-Forwarded-For} the relay believes.
+
+    A connection's client address is its TCP peer's, unless that peer is a
+    trusted proxy: then it is the rightmost address in X-Forwarded-For that
+    is not itself a trusted proxy (each proxy appends the address it got the
+    request from, so everything left of that is the client's own say).
+    X-Forwarded-For from anyone else is ignored.
+    """
+
+    __slots__ = ("networks",)
+
+    def __init__(self, networks: Iterable[str] = ()) -> None:
+        self.networks = tuple(parse_network(n) for n in networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def trusts(self, ip: _IP) -> bool:
+        return any(ip.version == n.version and ip in n for n in self.networks)
+
+    def client_address(self, peer: str | None, forwarded_for: str | None) -> str | None:
+        """
+        The client address of a connection from C{peer} (the TCP peer's
+        host) carrying C{forwarded_for} (the X-Forwarded-For header, all its
+        occurrences joined with commas, or C{None}).
+        """
+        if not self.networks or not forwarded_for or peer is None:
+            return peer
+        hop = _ip(peer)
+        if hop is None or not self.trusts(hop):
+            return peer
+        for entry in reversed(forwarded_for.split(",")):
+            ip = _ip(entry)
+            if ip is None:
+                # Not an address: a trusted proxy passed on garbage.  The
+                # last hop we could read is as far as we can see.
+                break
+            hop = ip
+            if not self.trusts(ip):
+                break
+        return str(hop)
+
+    def describe(self) -> str:
+        return ", ".join(str(n) for n in self.networks) or "none (X-Forwarded-For ignored)"
+
+
+def _origin(scheme: str, host: str | None, port: int | None) -> tuple[str, str, int | None] | None:
+    if not host:
+        return None
+    scheme = scheme.lower()
+    return scheme, host.lower().rstrip("."), port if port is not None else _DEFAULT_PORTS.get(scheme)
+
+
+def origin_of(url: str) -> tuple[str, str, int | None] | None:
+    """
+    The C{(scheme, host, port)} of an Origin header or a URL, the default
+    port filled in; C{None} if it has no host or a bad port.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        return _origin(parts.scheme, parts.hostname, parts.port)
+    except ValueError:
+        return None
+
+
+class OriginPolicy:
+    """
+    Which browser pages may open the WebSocket.  Devices send no C{Origin}
+    and are always let in; a browser's C{Origin} must be the relay's
+    C{public_url}, or without one, the same host and port the request was
+    sent to (its C{Host} header).
+    """
+
+    __slots__ = ("public_url", "_allowed")
+
+    def __init__(self, public_url: str | None = None) -> None:
+        self.public_url = public_url
+        self._allowed = None
+        if public_url is not None:
+            self._allowed = origin_of(public_url)
+            if self._allowed is None or self._allowed[0] not in _DEFAULT_PORTS:
+                raise ValueError(f"{public_url!r} is not an http:// or https:// URL with a host")
+
+    def allows(self, origin: str | None, host: str | None) -> bool:
+        """
+        Whether a handshake with this C{Origin} header (C{None} or empty when
+        there is none) sent to this C{Host} header may open a WebSocket.
+        """
+        if not origin:
+            return True
+        theirs = origin_of(origin)
+        if theirs is None:
+            return False
+        if self._allowed is not None:
+            return theirs == self._allowed
+        if not host:
+            return False
+        ours = origin_of(f"{theirs[0]}://{host.strip()}")
+        return ours is not None and theirs == ours
+
+    def describe(self) -> str:
+        if self._allowed is not None:
+            return f"{self.public_url} or none"
+        return "same host as the request or none (no --public-url)"
+
+
+TOO_MANY_FROM_ADDRESS = "per_address"
+TOO_MANY_CONNECTIONS = "total"
+
+
+class ConnectionCaps:
+    """
+    Counts open connections per client address and in total, and refuses
+    those over either cap.
+    """
+
+    __slots__ = ("max_total", "max_per_address", "total", "by_address")
+
+    def __init__(self, max_total: int, max_per_address: int) -> None:
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self.total = 0
+        self.by_address: dict[str | None, int] = {}
+
+    def admit(self, address: str | None) -> str | None:
+        """
+        Count a new connection from C{address}; or, if a cap is reached,
+        count nothing and return which (L{TOO_MANY_CONNECTIONS} or
+        L{TOO_MANY_FROM_ADDRESS}).
+        """
+        if self.total >= self.max_total:
+            return TOO_MANY_CONNECTIONS
+        count = self.by_address.get(address, 0)
+        if count >= self.max_per_address:
+            return TOO_MANY_FROM_ADDRESS
+        self.by_address[address] = count + 1
+        self.total += 1
+        return None
+
+    def release(self, address: str | None) -> None:
+        """
+        A connection L{admit}ted from C{address} closed.
+        """
+        count = self.by_address.get(address, 0)
+        if count <= 1:
+            self.by_address.pop(address, None)
+        else:
+            self.by_address[address] = count - 1
+        self.total -= 1
+
+    def describe(self) -> str:
+        return f"{self.max_total} connections, {self.max_per_address} per client address"

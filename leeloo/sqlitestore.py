@@ -1,0 +1,345 @@
+"""
+The SQLite store: WAL mode, a versioned schema with migrations, and every
+runtime read and write on one database thread (L{twisted.enterprise.adbapi}
+with a single connection), so the reactor never waits on the disk.
+
+The schema is read and migrated, and the state loaded, synchronously at
+start-up, before the relay serves anyone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from leeloo.store import (
+    APPEND,
+    DELETE_CREW,
+    DELETE_TOKEN,
+    PUT_BOT_USER,
+    PUT_CREW,
+    PUT_DEVICE,
+    PUT_MEMBER,
+    PUT_TOKEN,
+    BotUserRecord,
+    CrewRecord,
+    DeviceRecord,
+    IStore,
+    LogEntry,
+    MemberRecord,
+    Snapshot,
+    StoreError,
+    TokenRecord,
+    _replay_window,
+    encode_tokens,
+)
+
+_log = Logger()
+
+DATABASE_NAME = "leeloo.sqlite3"
+
+# Each entry takes the schema from version N to N + 1.
+MIGRATIONS = [
+    # 1: crews, their members and bot users, pending Spotify tokens.
+    """
+    CREATE TABLE crews (
+        code TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        created_by TEXT
+    );
+    CREATE TABLE members (
+        crew_code TEXT NOT NULL REFERENCES crews(code) ON DELETE CASCADE,
+        device_id TEXT NOT NULL,
+        display_name TEXT NOT NULL,
+        last_seen REAL NOT NULL,
+        PRIMARY KEY (crew_code, device_id)
+    );
+    CREATE TABLE bot_users (
+        crew_code TEXT NOT NULL REFERENCES crews(code) ON DELETE CASCADE,
+        user_id TEXT NOT NULL,
+        display_name TEXT NOT NULL,
+        PRIMARY KEY (crew_code, user_id)
+    );
+    CREATE TABLE pending_tokens (
+        device_id TEXT PRIMARY KEY,
+        tokens TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
+    # 2: each crew's message log, and how far each member got.
+    """
+    ALTER TABLE members ADD COLUMN delivered_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE members ADD COLUMN acked_seq INTEGER;
+    ALTER TABLE members ADD COLUMN online INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE messages (
+        crew_code TEXT NOT NULL REFERENCES crews(code) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        id TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        client_msg_id TEXT,
+        digest BLOB,
+        created_at REAL NOT NULL,
+        payload BLOB NOT NULL,
+        PRIMARY KEY (crew_code, seq)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX messages_client_msg_id
+        ON messages (crew_code, sender, client_msg_id) WHERE client_msg_id IS NOT NULL;
+    CREATE INDEX messages_created_at ON messages (created_at);
+    """,
+    # 3: device keys (only their hashes).
+    """
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        key_hash TEXT NOT NULL,
+        bound INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaError(Exception):
+    """
+    The database cannot be used by this relay (too new, or unreadable).
+    """
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """
+    Bring C{db}'s schema up to C{target}, one version per transaction;
+    return the version it started at.
+    """
+    start = current = schema_version(db)
+    if current > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the database is at schema version {current}, newer than this relay's {SCHEMA_VERSION}; "
+            "upgrade the relay"
+        )
+    while current < target:
+        script = MIGRATIONS[current]
+        db.execute("BEGIN")
+        try:
+            for statement in filter(str.strip, script.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {current + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        current += 1
+    return start
+
+
+def _private_file(path: Path) -> None:
+    """
+    Create C{path} (and tighten an existing one) readable by its owner only.
+    """
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    os.chmod(path, 0o600)
+
+
+BUSY_TIMEOUT = 2.0
+
+
+def _configure(db: sqlite3.Connection, fsync: bool, busy_timeout: float = BUSY_TIMEOUT) -> None:
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+
+
+def _connect(path: Path, fsync: bool, busy_timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    _configure(db, fsync, busy_timeout)
+    return db
+
+
+def _load(db: sqlite3.Connection) -> Snapshot:
+    snapshot = Snapshot()
+    snapshot.crews = [CrewRecord(*row) for row in db.execute(
+        "SELECT code, created_at, created_by FROM crews")]
+    snapshot.members = [
+        MemberRecord(code, device, name, seen, delivered, acked, bool(online))
+        for code, device, name, seen, delivered, acked, online in db.execute(
+            "SELECT crew_code, device_id, display_name, last_seen, delivered_seq, acked_seq, online "
+            "FROM members")
+    ]
+    snapshot.bot_users = [BotUserRecord(*row) for row in db.execute(
+        "SELECT crew_code, user_id, display_name FROM bot_users")]
+    snapshot.tokens = [
+        TokenRecord(device, json.loads(tokens), expires)
+        for device, tokens, expires in db.execute(
+            "SELECT device_id, tokens, expires_at FROM pending_tokens")
+    ]
+    snapshot.devices = [
+        DeviceRecord(device, key_hash, bool(bound), created)
+        for device, key_hash, bound, created in db.execute(
+            "SELECT device_id, key_hash, bound, created_at FROM devices")
+    ]
+    for code, seq, created in db.execute(
+        "SELECT crew_code, MAX(seq), MAX(created_at) FROM messages GROUP BY crew_code"
+    ):
+        snapshot.last_seq[code] = seq
+        snapshot.last_message_at[code] = created
+    snapshot.client_messages = [
+        LogEntry(code, seq, id, sender, client_msg_id, digest, created, b"")
+        for code, seq, id, sender, client_msg_id, digest, created in db.execute(
+            "SELECT crew_code, seq, id, sender, client_msg_id, digest, created_at "
+            "FROM messages WHERE client_msg_id IS NOT NULL")
+    ]
+    return snapshot
+
+
+def _write(cursor: Any, ops: list) -> None:
+    for kind, arg in ops:
+        if kind == APPEND:
+            cursor.execute(
+                "INSERT INTO messages (crew_code, seq, id, sender, client_msg_id, digest, created_at, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (arg.crew_code, arg.seq, arg.id, arg.sender, arg.client_msg_id, arg.digest,
+                 arg.created_at, arg.payload),
+            )
+        elif kind == PUT_MEMBER:
+            cursor.execute(
+                "INSERT INTO members (crew_code, device_id, display_name, last_seen, delivered_seq, acked_seq, online) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (crew_code, device_id) DO UPDATE SET "
+                "display_name = excluded.display_name, last_seen = excluded.last_seen, "
+                "delivered_seq = excluded.delivered_seq, acked_seq = excluded.acked_seq, online = excluded.online",
+                (arg.crew_code, arg.device_id, arg.name, arg.last_seen, arg.delivered_seq, arg.acked_seq,
+                 int(arg.online)),
+            )
+        elif kind == PUT_CREW:
+            cursor.execute(
+                # Not INSERT OR REPLACE: replacing deletes the row, and the
+                # delete cascades to the crew's members, bot users and log.
+                "INSERT INTO crews (code, created_at, created_by) VALUES (?, ?, ?) "
+                "ON CONFLICT (code) DO UPDATE SET created_at = excluded.created_at, "
+                "created_by = excluded.created_by",
+                (arg.code, arg.created_at, arg.created_by),
+            )
+        elif kind == DELETE_CREW:
+            cursor.execute("DELETE FROM crews WHERE code = ?", (arg,))
+        elif kind == PUT_BOT_USER:
+            cursor.execute(
+                "INSERT OR REPLACE INTO bot_users (crew_code, user_id, display_name) VALUES (?, ?, ?)",
+                (arg.crew_code, arg.user_id, arg.name),
+            )
+        elif kind == PUT_TOKEN:
+            cursor.execute(
+                "INSERT OR REPLACE INTO pending_tokens (device_id, tokens, expires_at) VALUES (?, ?, ?)",
+                (arg.device_id, encode_tokens(arg.tokens), arg.expires_at),
+            )
+        elif kind == DELETE_TOKEN:
+            cursor.execute("DELETE FROM pending_tokens WHERE device_id = ?", (arg,))
+        elif kind == PUT_DEVICE:
+            cursor.execute(
+                "INSERT OR REPLACE INTO devices (device_id, key_hash, bound, created_at) VALUES (?, ?, ?, ?)",
+                (arg.device_id, arg.key_hash, int(arg.bound), arg.created_at),
+            )
+        else:
+            raise ValueError(f"unknown store operation {kind!r}")
+
+
+def _replay(cursor: Any, crew_code: str, after_seq: int, up_to_seq: int, since: float,
+            exclude_sender: str, limit: int) -> Any:
+    cursor.execute(
+        "SELECT seq, payload FROM messages WHERE crew_code = ? AND seq > ? AND seq <= ? "
+        "AND created_at >= ? AND sender != ? ORDER BY seq DESC LIMIT ?",
+        (crew_code, after_seq, up_to_seq, since, exclude_sender, limit + 1),
+    )
+    rows = [(seq, bytes(payload)) for seq, payload in cursor.fetchall()]
+    rows.reverse()
+    return _replay_window(rows, after_seq, limit)
+
+
+def _prune(cursor: Any, log_before: float) -> int:
+    cursor.execute(
+        "DELETE FROM messages WHERE created_at < ? AND seq < "
+        "(SELECT MAX(seq) FROM messages AS newest WHERE newest.crew_code = messages.crew_code)",
+        (log_before,),
+    )
+    return cursor.rowcount
+
+
+@implementer(IStore)
+class SQLiteStore:
+    """
+    State in C{directory}/leeloo.sqlite3.
+
+    @param fsync: make every commit survive a power cut (synchronous=FULL);
+        by default commits survive a crash of the process (WAL with
+        synchronous=NORMAL).
+    @param busy_timeout: seconds a statement waits for another connection's
+        lock before the operation fails with L{StoreError}.
+    """
+
+    def __init__(self, directory: Path | str, reactor: Any, fsync: bool = False,
+                 busy_timeout: float = BUSY_TIMEOUT) -> None:
+        self.path = Path(directory) / DATABASE_NAME
+        self.fsync = fsync
+        for suffix in ("", "-wal", "-shm"):
+            _private_file(Path(f"{self.path}{suffix}"))
+        db = _connect(self.path, fsync, busy_timeout)
+        try:
+            start = migrate(db)
+            if start != SCHEMA_VERSION:
+                _log.info("database schema migrated from version {start} to {version}",
+                          start=start, version=SCHEMA_VERSION)
+            self._snapshot = _load(db)
+        finally:
+            db.close()
+        self._closed = False
+        self._pool = adbapi.ConnectionPool(
+            # The default isolation level opens a transaction before the first
+            # write of an interaction; adbapi commits it: one commit a batch.
+            "sqlite3", str(self.path), check_same_thread=False,
+            cp_min=1, cp_max=1, cp_noisy=False, cp_reactor=reactor,
+            cp_openfun=lambda db: _configure(db, fsync, busy_timeout),
+        )
+
+    def load(self) -> Snapshot:
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is None:
+            raise RuntimeError("load() is read once, at start")
+        return snapshot
+
+    def _run(self, interaction: Any, *args: Any) -> Deferred:
+        d = self._pool.runInteraction(interaction, *args)
+        return d.addErrback(self._store_error)
+
+    @staticmethod
+    def _store_error(failure: Any) -> None:
+        failure.trap(sqlite3.Error)
+        # Locked, full or failing disks are operational errors, worth a retry;
+        # a constraint or programming error will fail the same way again.
+        transient = bool(failure.check(sqlite3.OperationalError))
+        raise StoreError(f"SQLite: {failure.getErrorMessage()}", transient=transient)
+
+    def write(self, ops: list) -> Deferred:
+        return self._run(_write, ops)
+
+    def replay(self, crew_code: str, after_seq: int, up_to_seq: int, since: float,
+               exclude_sender: str, limit: int) -> Deferred:
+        return self._run(_replay, crew_code, after_seq, up_to_seq, since, exclude_sender, limit)
+
+    def prune(self, log_before: float) -> Deferred:
+        return self._run(_prune, log_before)
+
+    def close(self) -> Deferred:
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
+        return succeed(None)

@@ -1,0 +1,447 @@
+"""
+Durable state behind one interface: L{IStore}, the records it keeps, the
+in-memory L{MemoryStore}, and the L{Journal} that batches writes into group
+commits.
+
+The relay keeps its working state in memory and writes every change through
+the journal; a store only persists and reads back.  L{leeloo.sqlitestore}
+has the SQLite implementation; one contract test suite runs against both.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+_log = Logger()
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(slots=True)
+class CrewRecord:
+    code: str
+    created_at: float
+    created_by: str | None
+
+
+@dataclass(slots=True)
+class MemberRecord:
+    crew_code: str
+    device_id: str
+    name: str
+    last_seen: float
+    delivered_seq: int = 0
+    acked_seq: int | None = None
+    online: bool = False
+
+
+@dataclass(slots=True)
+class BotUserRecord:
+    crew_code: str
+    user_id: str
+    name: str
+
+
+@dataclass(slots=True)
+class TokenRecord:
+    device_id: str
+    tokens: dict
+    expires_at: float
+
+
+@dataclass(slots=True)
+class DeviceRecord:
+    """
+    A device id's key: only its hash is kept.  C{bound} once the device
+    has presented it.
+    """
+
+    device_id: str
+    key_hash: str
+    bound: bool
+    created_at: float
+
+
+@dataclass(slots=True)
+class LogEntry:
+    crew_code: str
+    seq: int
+    id: str
+    sender: str
+    client_msg_id: str | None
+    digest: bytes | None
+    created_at: float
+    payload: bytes
+
+
+@dataclass
+class Snapshot:
+    """
+    Everything a relay needs at start, read back from a store.  C{last_seq}
+    and C{last_message_at} are per crew; C{client_messages} are the log
+    entries that carry a C{client_msg_id} (without their payloads).
+    """
+
+    crews: list[CrewRecord] = field(default_factory=list)
+    members: list[MemberRecord] = field(default_factory=list)
+    bot_users: list[BotUserRecord] = field(default_factory=list)
+    tokens: list[TokenRecord] = field(default_factory=list)
+    devices: list[DeviceRecord] = field(default_factory=list)
+    last_seq: dict[str, int] = field(default_factory=dict)
+    last_message_at: dict[str, float] = field(default_factory=dict)
+    client_messages: list[LogEntry] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """
+    What a returning device missed: C{entries} as C{(seq, payload)} in
+    order, and C{lost} as C{(from_seq, to_seq)} when the limit cut older
+    ones off.
+    """
+
+    entries: list[tuple[int, bytes]]
+    lost: tuple[int, int] | None = None
+
+
+# Write operations: (kind, argument) pairs, applied in order in one
+# transaction.
+PUT_CREW = "crew"  # CrewRecord
+DELETE_CREW = "delete_crew"  # crew code, with its members, bot users and log
+PUT_MEMBER = "member"  # MemberRecord
+PUT_BOT_USER = "bot_user"  # BotUserRecord
+PUT_TOKEN = "token"  # TokenRecord
+DELETE_TOKEN = "delete_token"  # device id
+APPEND = "append"  # LogEntry
+PUT_DEVICE = "device"  # DeviceRecord
+
+
+class StoreError(Exception):
+    """
+    The store could not do what was asked: for now (a full disk, a locked
+    database: C{transient}) or for good (the operation itself is wrong).
+    """
+
+    def __init__(self, message: str, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class IStore(Interface):
+    def load() -> Snapshot:
+        """
+        Read everything back (once, at start, before serving).
+        """
+
+    def write(ops: list) -> Deferred:
+        """
+        Apply C{ops} in one transaction; fail with L{StoreError}.
+        """
+
+    def replay(
+        crew_code: str, after_seq: int, up_to_seq: int, since: float, exclude_sender: str, limit: int
+    ) -> Deferred:
+        """
+        The newest C{limit} log entries of C{crew_code} with C{after_seq <
+        seq <= up_to_seq}, created at or after C{since}, not sent by
+        C{exclude_sender}, as a L{Replay}.
+        """
+
+    def prune(log_before: float) -> Deferred:
+        """
+        Delete log entries created before C{log_before}, keeping each crew's
+        newest (so that its sequence survives a restart); fire with the
+        number deleted.
+        """
+
+    def close() -> Deferred:
+        """
+        Release the store.
+        """
+
+
+def _replay_window(
+    entries: list[tuple[int, bytes]], after_seq: int, limit: int
+) -> Replay:
+    """
+    Cut C{entries} (eligible, oldest first) to the newest C{limit}.
+    """
+    if len(entries) <= limit:
+        return Replay(entries)
+    kept = entries[len(entries) - limit:] if limit else []
+    first_kept = kept[0][0] if kept else entries[-1][0] + 1
+    return Replay(kept, (after_seq + 1, first_kept - 1))
+
+
+@implementer(IStore)
+class MemoryStore:
+    """
+    Keeps everything in dicts: for tests, benchmarks and relays that need no
+    durability.
+    """
+
+    def __init__(self) -> None:
+        self.crews: dict[str, CrewRecord] = {}
+        self.members: dict[tuple[str, str], MemberRecord] = {}
+        self.bot_users: dict[tuple[str, str], BotUserRecord] = {}
+        self.tokens: dict[str, TokenRecord] = {}
+        self.devices: dict[str, DeviceRecord] = {}
+        self.log: dict[str, list[LogEntry]] = {}
+        self.fail_with: Exception | None = None
+
+    def load(self) -> Snapshot:
+        snapshot = Snapshot(
+            crews=list(self.crews.values()),
+            members=[MemberRecord(**_fields(m)) for m in self.members.values()],
+            bot_users=list(self.bot_users.values()),
+            tokens=list(self.tokens.values()),
+            devices=list(self.devices.values()),
+        )
+        for code, entries in self.log.items():
+            if entries:
+                snapshot.last_seq[code] = entries[-1].seq
+                snapshot.last_message_at[code] = entries[-1].created_at
+            snapshot.client_messages.extend(
+                replace(e, payload=b"") for e in entries if e.client_msg_id is not None)
+        return snapshot
+
+    def write(self, ops: list) -> Deferred:
+        """
+        Apply C{ops} all or none, like one SQL transaction: an operation that
+        fails undoes the ones before it.  The constraints of the SQLite
+        schema hold here too: one entry per crew and sequence, and no
+        member, bot user or log entry without its crew.
+        """
+        if self.fail_with is not None:
+            return fail(StoreError(str(self.fail_with)))
+        undo: list[Callable[[], Any]] = []
+        try:
+            for kind, arg in ops:
+                self._apply(kind, arg, undo)
+        except Exception:
+            for action in reversed(undo):
+                action()
+            return fail()
+        return succeed(None)
+
+    def _apply(self, kind: str, arg: Any, undo: list) -> None:
+        if kind == PUT_CREW:
+            undo.append(_restorer(self.crews, arg.code))
+            self.crews[arg.code] = arg
+        elif kind == DELETE_CREW:
+            undo.append(_restorer(self.crews, arg))
+            undo.append(_restorer(self.log, arg))
+            self.crews.pop(arg, None)
+            self.log.pop(arg, None)
+            for table in (self.members, self.bot_users):
+                for key in [k for k in table if k[0] == arg]:
+                    undo.append(_restorer(table, key))
+                    del table[key]
+        elif kind == PUT_MEMBER:
+            self._check_crew(arg.crew_code)
+            key = (arg.crew_code, arg.device_id)
+            undo.append(_restorer(self.members, key))
+            self.members[key] = MemberRecord(**_fields(arg))
+        elif kind == PUT_BOT_USER:
+            self._check_crew(arg.crew_code)
+            key = (arg.crew_code, arg.user_id)
+            undo.append(_restorer(self.bot_users, key))
+            self.bot_users[key] = arg
+        elif kind == PUT_TOKEN:
+            undo.append(_restorer(self.tokens, arg.device_id))
+            self.tokens[arg.device_id] = arg
+        elif kind == PUT_DEVICE:
+            undo.append(_restorer(self.devices, arg.device_id))
+            self.devices[arg.device_id] = arg
+        elif kind == DELETE_TOKEN:
+            undo.append(_restorer(self.tokens, arg))
+            self.tokens.pop(arg, None)
+        elif kind == APPEND:
+            self._check_crew(arg.crew_code)
+            entries = self.log.get(arg.crew_code)
+            if entries is None:
+                undo.append(_restorer(self.log, arg.crew_code))
+                entries = self.log[arg.crew_code] = []
+            # Kept in sequence order; the relay appends in that order.
+            i = len(entries)
+            if entries and entries[-1].seq >= arg.seq:
+                i = bisect.bisect_left(entries, arg.seq, key=_seq)
+                if entries[i].seq == arg.seq:
+                    raise StoreError(f"crew {arg.crew_code}'s log already holds sequence {arg.seq}")
+            entries.insert(i, arg)
+            undo.append(functools.partial(entries.pop, i))
+        else:
+            raise ValueError(f"unknown store operation {kind!r}")
+
+    def _check_crew(self, code: str) -> None:
+        if code not in self.crews:
+            raise StoreError(f"no crew {code}")
+
+    def replay(
+        self, crew_code: str, after_seq: int, up_to_seq: int, since: float, exclude_sender: str, limit: int
+    ) -> Deferred:
+        entries = [
+            (e.seq, e.payload)
+            for e in self.log.get(crew_code, ())
+            if after_seq < e.seq <= up_to_seq and e.created_at >= since and e.sender != exclude_sender
+        ]
+        return succeed(_replay_window(entries, after_seq, limit))
+
+    def prune(self, log_before: float) -> Deferred:
+        deleted = 0
+        for code, entries in self.log.items():
+            keep = [e for e in entries[:-1] if e.created_at >= log_before] + entries[-1:]
+            deleted += len(entries) - len(keep)
+            self.log[code] = keep
+        return succeed(deleted)
+
+    def close(self) -> Deferred:
+        return succeed(None)
+
+
+def _restorer(table: dict, key: Any) -> Callable[[], Any]:
+    """
+    An undo action that puts C{table[key]} back as it is now.
+    """
+    if key in table:
+        return functools.partial(table.__setitem__, key, table[key])
+    return functools.partial(table.pop, key, None)
+
+
+def _seq(entry: LogEntry) -> int:
+    return entry.seq
+
+
+def _fields(record: Any) -> dict:
+    return {name: getattr(record, name) for name in record.__slots__}
+
+
+def encode_tokens(tokens: dict) -> str:
+    return json.dumps(tokens, separators=(",", ":"))
+
+
+class Journal:
+    """
+    Batches writes into group commits: while one batch is being committed,
+    new operations queue up and go together in the next.  Each operation's
+    Deferred fires, in order, once its batch is durable.
+
+    Operations put with a C{key} replace a still-queued operation with the
+    same key (a member's acknowledged sequence, say, is written once per
+    batch however often it moved), and take its place in the queue at their
+    own put: a batch applies as if every operation were applied in the order
+    it was put.  A batch that fails fails the Deferreds of its operations;
+    the state operations among them (everything but appends to the log)
+    are queued again and retried after C{retry_delay}.
+    """
+
+    def __init__(self, store: IStore, clock: Any, retry_delay: float = 1.0) -> None:
+        self.store = store
+        self.clock = clock
+        self.retry_delay = retry_delay
+        # (operation, Deferred); (None, d) is a barrier, (None, None) the
+        # place of a keyed operation put again since.
+        self._queue: list[tuple[tuple[str, Any] | None, Deferred | None]] = []
+        # key -> where in the queue that key's operation is
+        self._keyed: dict[Any, int] = {}
+        self._committing = False
+        self._retry: Any = None
+        self._failing = False
+
+    def put(self, op: tuple[str, Any], key: Any = None, wait: bool = True) -> Deferred | None:
+        """
+        Queue C{op}; return a Deferred that fires once it is durable (or
+        C{None} when C{wait} is false).
+        """
+        if key is not None:
+            queued = self._keyed.get(key)
+            if queued is not None:
+                self._queue[queued] = (None, None)
+            self._keyed[key] = len(self._queue)
+            self._queue.append((op, None))
+            d = None
+        else:
+            d = Deferred() if wait else None
+            self._queue.append((op, d))
+        self._flush()
+        return d
+
+    def barrier(self) -> Deferred:
+        """
+        A Deferred that fires once everything queued so far is durable.
+        """
+        if not self._committing and not self._queue:
+            return succeed(None)
+        d = Deferred()
+        self._queue.append((None, d))
+        self._flush()
+        return d
+
+    @property
+    def idle(self) -> bool:
+        return not (self._committing or self._queue)
+
+    def _flush(self) -> None:
+        if self._committing or self._retry is not None or not self._queue:
+            return
+        batch, self._queue, self._keyed = self._queue, [], {}
+        self._committing = True
+        ops = [op for op, _ in batch if op is not None]
+        d = maybeDeferred(self.store.write, ops) if ops else succeed(None)
+        d.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
+
+    def _committed(self, _: Any, batch: list) -> None:
+        if self._failing:
+            self._failing = False
+            _log.info("the store is writable again")
+        for _, d in batch:
+            if d is not None:
+                d.callback(None)
+        self._committing = False
+        self._flush()
+
+    def _failed(self, failure: Any, batch: list) -> None:
+        if not self._failing:
+            self._failing = True
+            _log.error("the store failed to commit {count} operations: {error}",
+                       count=sum(op is not None for op, _ in batch), error=failure.getErrorMessage())
+        transient = not failure.check(StoreError) or failure.value.transient
+        if transient:
+            retry = [(op, None) for op, _ in batch if op is not None and op[0] != APPEND]
+        else:
+            # Retrying an operation the store refuses for good would fail
+            # every batch after it: drop the batch's state operations.
+            _log.error("dropped {count} state operations the store refused for good",
+                       count=sum(op is not None and op[0] != APPEND for op, _ in batch))
+            retry = []
+        self._queue[:0] = retry
+        self._keyed = {key: i + len(retry) for key, i in self._keyed.items()}
+        error = StoreError(failure.getErrorMessage())
+        for _, d in batch:
+            if d is not None:
+                d.errback(error)
+        self._committing = False
+        if self._queue:
+            self._retry = self.clock.callLater(self.retry_delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._flush()
+
+    def drain(self) -> Deferred:
+        """
+        Fire once nothing is queued or being committed (retries included).
+        """
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        return self.barrier()

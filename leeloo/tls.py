@@ -1,0 +1,618 @@
+"""
+TLS terminated by Twisted itself, from the certificates certbot keeps under
+C{/etc/letsencrypt}: loading and checking them, serving them by SNI, and
+replacing them on renewal without touching the connections already open.
+
+The pieces, from the bottom up:
+
+  - L{load_certificate} reads C{live/DOMAIN/fullchain.pem} and
+    C{privkey.pem} and refuses a pair that cannot serve (unreadable, key
+    and certificate that do not match, expired or not yet valid).
+  - L{CertificateStore} holds one OpenSSL context per domain, picks one by
+    SNI, and replaces a domain's context when its files change (L{check},
+    run by a timer) or when told to (L{reload}, on SIGHUP).  A refused
+    renewal is logged and the old context stays.
+  - L{ServerConnectionCreator} makes each new connection from the store's
+    current context; a connection keeps the context it started with.
+  - L{LetsEncryptServerEndpoint} runs that over TCP and watches the files
+    while it listens; the C{letsencrypt:} endpoint string plugin
+    (C{twisted/plugins/leeloo_endpoints.py}) builds it with
+    L{endpoint_from_string_args}.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from OpenSSL import SSL
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IOpenSSLServerConnectionCreator, IStreamServerEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+log = Logger()
+
+DEFAULT_DIRECTORY = "/etc/letsencrypt"
+DEFAULT_PORT = 443
+DEFAULT_BACKLOG = 1024
+DEFAULT_WATCH_INTERVAL = 60.0
+EXPIRY_WARNING = datetime.timedelta(days=14)
+EXPIRY_WARNING_EVERY = 24 * 3600.0
+
+# Mozilla's "intermediate" configuration (server-side TLS guidelines 5.7),
+# less the DHE suites: they need DH parameters that pyOpenSSL cannot set
+# automatically, and every client the intermediate profile serves has ECDHE.
+INTERMEDIATE_CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+TLS13_CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+ALPN = b"http/1.1"
+
+# A domain names a directory under live/: DNS labels only, nothing that
+# could walk out of it.
+_DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+class CertificateError(Exception):
+    """
+    A certificate that cannot be served, said in one line: the domain, the
+    file, what is wrong and what to do about it.
+    """
+
+    def __init__(self, domain: str, path: Path, problem: str, remedy: str) -> None:
+        super().__init__(domain, path, problem, remedy)
+        self.domain = domain
+        self.path = path
+        self.problem = problem
+        self.remedy = remedy
+
+    def line(self, webroot: str | os.PathLike | None = None) -> str:
+        """
+        The message, with the relay's ACME webroot in the certbot command
+        when it is known.
+        """
+        remedy = self.remedy.replace(_WEBROOT, str(webroot) if webroot else "ACME_WEBROOT")
+        if not webroot and _WEBROOT in self.remedy:
+            remedy += " (ACME_WEBROOT: the relay's --acme-webroot)"
+        return f"TLS certificate for {self.domain}: {self.path} {self.problem}; {remedy}"
+
+    def __str__(self) -> str:
+        return self.line()
+
+
+_WEBROOT = "{webroot}"
+
+
+def _utc(seconds: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+
+
+def iso(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """
+    One domain's certificate chain and key, read and checked.
+    """
+
+    domain: str
+    leaf: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    key: Any
+    fingerprint: str
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        return self.leaf.not_valid_after_utc
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """
+        The DNS names the certificate is for, lower case.
+        """
+        try:
+            alt = self.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        except x509.ExtensionNotFound:
+            return ()
+        return tuple(n.lower() for n in alt.value.get_values_for_type(x509.DNSName))
+
+
+def _read(domain: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CertificateError(
+            domain, path, "does not exist",
+            f"get a certificate with: sudo certbot certonly --webroot -w {_WEBROOT} -d {domain}",
+        ) from None
+    except PermissionError:
+        raise CertificateError(
+            domain, path, "cannot be read by this user (permission denied)",
+            "give the relay's group read access to live/ and archive/ as README.rst "
+            "'TLS with Let's Encrypt' shows",
+        ) from None
+    except OSError as e:
+        raise CertificateError(domain, path, f"cannot be read ({e.strerror or e})",
+                               "check the file and its permissions") from None
+
+
+def load_certificate(directory: str | os.PathLike, domain: str, now: float) -> Certificate:
+    """
+    Read C{live/DOMAIN/fullchain.pem} and C{privkey.pem} under C{directory}
+    and check that they can be served at C{now} (seconds since the epoch).
+
+    @raise CertificateError: they cannot.
+    """
+    live = Path(directory) / "live" / domain
+    chain_path, key_path = live / "fullchain.pem", live / "privkey.pem"
+    renew = f"renew it with: sudo certbot renew --cert-name {domain} --force-renewal"
+    chain_pem = _read(domain, chain_path)
+    key_pem = _read(domain, key_path)
+    try:
+        certificates = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError:
+        raise CertificateError(domain, chain_path, "holds no readable PEM certificate", renew) from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise CertificateError(domain, key_path, "holds no readable unencrypted PEM private key", renew) from None
+    leaf = certificates[0]
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(serialization.Encoding.DER, spki) != key.public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    ):
+        raise CertificateError(domain, key_path, f"does not match the certificate in {chain_path.name}", renew)
+    moment = _utc(now)
+    if moment < leaf.not_valid_before_utc:
+        raise CertificateError(
+            domain, chain_path, f"is not valid before {iso(leaf.not_valid_before_utc)}",
+            "check the system clock, or " + renew,
+        )
+    if moment >= leaf.not_valid_after_utc:
+        raise CertificateError(domain, chain_path, f"expired on {iso(leaf.not_valid_after_utc)}", renew)
+    return Certificate(
+        domain=domain,
+        leaf=leaf,
+        chain=tuple(certificates[1:]),
+        key=key,
+        fingerprint=leaf.fingerprint(hashes.SHA256()).hex(),
+    )
+
+
+def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    # HTTP/1.1 only: the WebSocket upgrade needs it, and there is no h2.
+    return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def make_context(
+    certificate: Certificate,
+    on_server_name: Callable[[SSL.Connection], None] | None = None,
+    release_buffers: bool = True,
+) -> SSL.Context:
+    """
+    An OpenSSL server context for C{certificate}: TLS 1.2 and 1.3 only,
+    Mozilla's intermediate ciphers, ALPN C{http/1.1}, session tickets, the
+    whole chain sent, and (by default) OpenSSL's release-buffers mode so an
+    idle connection holds no read or write buffer.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_max_proto_version(SSL.TLS1_3_VERSION)
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_SINGLE_ECDH_USE)
+    context.set_cipher_list(INTERMEDIATE_CIPHERS)
+    context.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
+    context.set_session_id(b"leeloo")
+    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    if release_buffers:
+        context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    context.use_certificate(certificate.leaf)
+    for intermediate in certificate.chain:
+        context.add_extra_chain_cert(intermediate)
+    context.use_privatekey(certificate.key)
+    context.check_privatekey()
+    context.set_alpn_select_callback(_select_alpn)
+    if on_server_name is not None:
+        context.set_tlsext_servername_callback(on_server_name)
+    return context
+
+
+def _signature(directory: Path, domain: str) -> tuple:
+    """
+    What changes when certbot moves C{live/DOMAIN}'s links to new files.
+    """
+    parts: list[Any] = []
+    for name in ("fullchain.pem", "privkey.pem"):
+        path = directory / "live" / domain / name
+        try:
+            st = os.stat(path)
+            parts.append((os.path.realpath(path), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError as e:
+            parts.append((str(path), e.errno))
+    return tuple(parts)
+
+
+def check_domain(domain: str) -> str:
+    name = domain.strip().lower().rstrip(".")
+    if not _DOMAIN.fullmatch(name):
+        raise ValueError(f"letsencrypt: domain={domain!r} is not a domain name")
+    return name
+
+
+class CertificateStore:
+    """
+    The certificates of C{domains} under C{directory} (laid out as certbot
+    keeps C{/etc/letsencrypt}), each as an OpenSSL context, kept current.
+
+    @param clock: provides C{seconds()}; it decides validity and when to
+        warn of expiry.
+    @raise CertificateError: at construction, when one cannot be served.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        domains: Sequence[str],
+        clock: Any,
+        release_buffers: bool = True,
+    ) -> None:
+        if not domains:
+            raise ValueError("at least one domain is needed")
+        self.directory = Path(directory)
+        self.domains = tuple(domains)
+        self.clock = clock
+        self.release_buffers = release_buffers
+        self._certificates: dict[str, Certificate] = {}
+        self._contexts: dict[str, SSL.Context] = {}
+        self._by_name: dict[str, str] = {}
+        self._signatures: dict[str, tuple] = {}
+        self._warned: dict[str, float] = {}
+        self._waiting: list[Deferred] = []
+        for domain in self.domains:
+            self._signatures[domain] = _signature(self.directory, domain)
+            self._install(load_certificate(self.directory, domain, clock.seconds()))
+
+    def log_certificates(self) -> None:
+        for domain in self.domains:
+            certificate = self._certificates[domain]
+            log.info(
+                "TLS certificate for {domain} ({names}) valid until {not_after}, sha256 {fingerprint}",
+                domain=domain,
+                names=", ".join(certificate.names) or "no DNS names",
+                not_after=iso(certificate.not_after),
+                fingerprint=certificate.fingerprint,
+            )
+
+    # -- serving
+
+    def certificate(self, domain: str) -> Certificate:
+        return self._certificates[domain]
+
+    def default_context(self) -> SSL.Context:
+        """
+        The context a connection starts with: the first domain's.
+        """
+        return self._contexts[self.domains[0]]
+
+    def context_for(self, server_name: bytes | None) -> SSL.Context:
+        """
+        The context for the name a client asked for by SNI: a certificate
+        naming it exactly, else one with a matching wildcard, else the
+        first domain's.
+        """
+        if server_name:
+            name = server_name.decode("ascii", "replace").lower().rstrip(".")
+            domain = self._by_name.get(name)
+            if domain is None and "." in name:
+                domain = self._by_name.get("*." + name.split(".", 1)[1])
+            if domain is not None:
+                return self._contexts[domain]
+        return self.default_context()
+
+    def _on_server_name(self, connection: SSL.Connection) -> None:
+        context = self.context_for(connection.get_servername())
+        if context is not connection.get_context():
+            connection.set_context(context)
+
+    def _install(self, certificate: Certificate) -> None:
+        self._certificates[certificate.domain] = certificate
+        self._contexts[certificate.domain] = make_context(certificate, self._on_server_name, self.release_buffers)
+        by_name: dict[str, str] = {}
+        for domain in reversed(self.domains):
+            if domain in self._certificates:
+                for name in (domain, *self._certificates[domain].names):
+                    by_name[name] = domain
+        self._by_name = by_name
+
+    # -- renewal
+
+    def when_reloaded(self) -> Deferred:
+        """
+        A Deferred that fires with the domain whose certificate is replaced
+        next.
+        """
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def reload(self) -> None:
+        """
+        Read every domain's files again now (on SIGHUP), replacing what
+        changed.  Never raises.
+        """
+        for domain in self.domains:
+            self._signatures[domain] = _signature(self.directory, domain)
+            self._reload(domain, "reload requested")
+
+    def check(self) -> None:
+        """
+        Reload the domains whose files changed since last seen, and warn
+        once a day about a certificate that expires within 14 days.  Run by
+        a timer: never raises.
+        """
+        try:
+            for domain in self.domains:
+                signature = _signature(self.directory, domain)
+                if signature != self._signatures[domain]:
+                    self._signatures[domain] = signature
+                    self._reload(domain, "files changed")
+            self._warn_of_expiry()
+        except Exception:
+            log.failure("checking the TLS certificates failed; will check again")
+
+    def _reload(self, domain: str, why: str) -> None:
+        old = self._certificates[domain]
+        try:
+            new = load_certificate(self.directory, domain, self.clock.seconds())
+            if new.fingerprint == old.fingerprint:
+                log.info("TLS certificate for {domain} unchanged ({why})", domain=domain, why=why)
+                return
+            self._install(new)
+        except CertificateError as e:
+            log.error(
+                "refused the new TLS certificate ({why}): {problem}; still serving the old one, "
+                "valid until {not_after}",
+                why=why,
+                problem=str(e),
+                not_after=iso(old.not_after),
+            )
+            return
+        except Exception:
+            log.failure("reloading the TLS certificate for {domain} failed; still serving the old one",
+                        domain=domain)
+            return
+        self._warned.pop(domain, None)
+        log.info(
+            "TLS certificate for {domain} replaced ({why}): now valid until {not_after}, sha256 {fingerprint}; "
+            "new connections get it, open ones keep theirs",
+            domain=domain,
+            why=why,
+            not_after=iso(new.not_after),
+            fingerprint=new.fingerprint,
+        )
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(domain)
+
+    def _warn_of_expiry(self) -> None:
+        now = self.clock.seconds()
+        for domain, certificate in self._certificates.items():
+            left = certificate.not_after - _utc(now)
+            if left >= EXPIRY_WARNING:
+                continue
+            last = self._warned.get(domain)
+            if last is not None and now - last < EXPIRY_WARNING_EVERY:
+                continue
+            self._warned[domain] = now
+            log.warn(
+                "TLS certificate for {domain} expires on {not_after}, in {days} days: is certbot renewing it? "
+                "(sudo certbot renew --cert-name {domain})",
+                domain=domain,
+                not_after=iso(certificate.not_after),
+                days=max(0, left.days),
+            )
+
+    def not_after(self) -> dict[str, str]:
+        return {domain: iso(c.not_after) for domain, c in self._certificates.items()}
+
+
+def health_fields(stores: Iterable[CertificateStore]) -> Callable[[], dict]:
+    """
+    A provider of C{/health}'s C{tls_not_after}: each domain's certificate
+    expiry, ISO 8601 in UTC.
+    """
+    stores = tuple(stores)
+
+    def fields() -> dict:
+        expiry: dict[str, str] = {}
+        for store in stores:
+            expiry.update(store.not_after())
+        return {"tls_not_after": expiry}
+
+    return fields
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerConnectionCreator:
+    """
+    Makes each new TLS connection from the store's current context; SNI may
+    switch it to another domain's.  A connection keeps the context it was
+    made with, so a renewal never touches one already open.
+    """
+
+    def __init__(self, store: CertificateStore) -> None:
+        self.store = store
+
+    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        return SSL.Connection(self.store.default_context(), None)
+
+
+@implementer(IListeningPort)
+class _WatchingPort:
+    """
+    A listening port that stops watching the certificate files when it
+    stops listening.
+    """
+
+    def __init__(self, port: IListeningPort, watch: LoopingCall | None) -> None:
+        self._port = port
+        self._watch = watch
+
+    def startListening(self) -> None:
+        self._port.startListening()
+
+    def stopListening(self) -> Any:
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        return self._port.stopListening()
+
+    def getHost(self) -> Any:
+        return self._port.getHost()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._port, name)
+
+
+@implementer(IStreamServerEndpoint)
+class LetsEncryptServerEndpoint:
+    """
+    HTTPS on a TCP port with the store's certificates; while it listens it
+    checks the files every C{watch_interval} seconds (0: never).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        certificates: CertificateStore,
+        port: int = DEFAULT_PORT,
+        interface: str = "",
+        backlog: int = DEFAULT_BACKLOG,
+        watch_interval: float = DEFAULT_WATCH_INTERVAL,
+    ) -> None:
+        self.reactor = reactor
+        self.certificates = certificates
+        self.port = port
+        self.interface = interface
+        self.backlog = backlog
+        self.watch_interval = watch_interval
+
+    def listen(self, factory: Any) -> Deferred:
+        tcp = TCP6ServerEndpoint if ":" in self.interface else TCP4ServerEndpoint
+        endpoint = tcp(self.reactor, self.port, self.backlog, self.interface)
+        tls = TLSMemoryBIOFactory(ServerConnectionCreator(self.certificates), False, factory, clock=self.reactor)
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            log.info(
+                "HTTPS on {address}, release-buffers {release}, checking the certificate files "
+                "every {interval}s",
+                address=port.getHost(),
+                release="on" if self.certificates.release_buffers else "off",
+                interval=self.watch_interval,
+            )
+            self.certificates.log_certificates()
+            watch = None
+            if self.watch_interval > 0:
+                watch = LoopingCall(self.certificates.check)
+                watch.clock = self.reactor
+                watch.start(self.watch_interval, now=False)
+            return _WatchingPort(port, watch)
+
+        return endpoint.listen(tls).addCallback(listening)
+
+
+_OPTIONS = ("domain", "port", "interface", "directory", "backlog", "releasebuffers", "watch")
+
+
+def _number(name: str, value: str, kind: type, minimum: float) -> Any:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ValueError(f"letsencrypt: {name}={value!r} is not a number") from None
+    if number < minimum:
+        raise ValueError(f"letsencrypt: {name}={value!r} must be at least {minimum}")
+    return number
+
+
+def endpoint_from_string_args(reactor: Any, *args: str, **kwargs: str) -> LetsEncryptServerEndpoint:
+    """
+    Build the endpoint for
+    C{letsencrypt:domain=D[,D2...][:port=443][:interface=ADDR][:directory=/etc/letsencrypt]
+    [:backlog=1024][:releasebuffers=1][:watch=60]}, loading its certificates.
+
+    @raise ValueError: the string is wrong.
+    @raise CertificateError: a certificate cannot be served.
+    """
+    if args:
+        raise ValueError("letsencrypt: takes only name=value options, e.g. letsencrypt:domain=example.com:port=443")
+    unknown = sorted(set(kwargs) - set(_OPTIONS))
+    if unknown:
+        raise ValueError(f"letsencrypt: unknown option {unknown[0]!r}; known: {', '.join(_OPTIONS)}")
+    if not kwargs.get("domain"):
+        raise ValueError("letsencrypt: needs domain=, e.g. letsencrypt:domain=example.com:port=443")
+    domains = tuple(dict.fromkeys(check_domain(d) for d in kwargs["domain"].split(",") if d.strip()))
+    if not domains:
+        raise ValueError("letsencrypt: needs domain=, e.g. letsencrypt:domain=example.com:port=443")
+    releasebuffers = kwargs.get("releasebuffers", "1")
+    if releasebuffers not in ("0", "1"):
+        raise ValueError(f"letsencrypt: releasebuffers={releasebuffers!r} must be 0 or 1")
+    store = CertificateStore(
+        kwargs.get("directory", DEFAULT_DIRECTORY),
+        domains,
+        reactor,
+        release_buffers=releasebuffers == "1",
+    )
+    return LetsEncryptServerEndpoint(
+        reactor,
+        store,
+        port=_number("port", kwargs.get("port", str(DEFAULT_PORT)), int, 0),
+        interface=kwargs.get("interface", ""),
+        backlog=_number("backlog", kwargs.get("backlog", str(DEFAULT_BACKLOG)), int, 1),
+        watch_interval=_number("watch", kwargs.get("watch", str(DEFAULT_WATCH_INTERVAL)), float, 0),
+    )
+
+
+class ReloadOnHangup(Service):
+    """
+    Reloads the certificates on SIGHUP (certbot's deploy hook sends it).
+    The handler only hands the work to the reactor thread; the previous
+    handler comes back when the service stops.
+    """
+
+    def __init__(self, reactor: Any, stores: Sequence[CertificateStore], signals: Any = None) -> None:
+        import signal
+
+        self.reactor = reactor
+        self.stores = tuple(stores)
+        self._signal = signals or signal
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = self._signal.signal(self._signal.SIGHUP, self._on_hangup)
+
+    def stopService(self) -> None:
+        super().stopService()
+        previous, self._previous = self._previous, None
+        self._signal.signal(self._signal.SIGHUP, self._signal.SIG_DFL if previous is None else previous)
+
+    def _on_hangup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        log.info("SIGHUP: reloading the TLS certificates")
+        for store in self.stores:
+            store.reload()

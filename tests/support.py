@@ -1,0 +1,112 @@
+"""
+Helpers for the tests that run the relay for real: a blocking websockets
+client in a thread, and ``twistd leeloo`` as a child process.
+"""
+
+import json
+import os
+import re
+import sys
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.threads import deferToThread
+from websockets.sync.client import connect
+
+TIMEOUT = 10
+# The checkout under test: twistd children import its leeloo (and find its
+# plugin), not whatever leeloo happens to be installed.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ws_session(port, script):
+    """
+    Run C{script(connect_fn)} in a thread; it drives blocking websockets
+    clients against the relay on C{port}.
+    """
+    url = f"ws://127.0.0.1:{port}/ws"
+
+    def opener():
+        return connect(url, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
+
+    return deferToThread(script, opener)
+
+
+def listening_port(service):
+    """
+    A Deferred firing with the port the service tree's listener bound,
+    leaving the listener's own Deferred (which stopService needs) intact.
+    """
+    [listener] = [s for s in service if hasattr(s, "_waitingForPort")]
+    bound = defer.Deferred()
+
+    def got(port):
+        bound.callback(port)
+        return port
+
+    listener._waitingForPort.addCallback(got)
+    return bound
+
+
+def recv(ws):
+    return json.loads(ws.recv(timeout=TIMEOUT))
+
+
+class TwistdProtocol(protocol.ProcessProtocol):
+    """
+    Collects a twistd process's output; fires C{port} when the Site logs the
+    port it listens on, and C{ended} with the exit status.
+    """
+
+    def __init__(self):
+        self.output = b""
+        self.port = defer.Deferred()
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+        match = re.search(rb"Site starting on (\d+)", self.output)
+        if match and not self.port.called:
+            self.port.callback(int(match.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        if not self.port.called:
+            self.port.errback(RuntimeError(self.output.decode(errors="replace")))
+        self.ended.callback(reason.value)
+
+
+
+class RelayProcess:
+    """
+    ``twistd -n leeloo ARGS`` in a temporary working directory, stopped (and
+    waited for) when the test ends.
+    """
+
+    def __init__(self, testcase, *args, cwd=None):
+        self.proto = TwistdProtocol()
+        if cwd is None:
+            cwd = testcase.mktemp()
+            os.makedirs(cwd)
+        argv = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "leeloo", *args,
+        ]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (CHECKOUT, env.get("PYTHONPATH")) if p)
+        self.transport = reactor.spawnProcess(self.proto, sys.executable, argv, env=env, path=cwd)
+        testcase.addCleanup(self._reap)
+
+    def stop(self, signal="TERM"):
+        """
+        Send C{signal}; fire with the process's end (a ProcessTerminated or
+        ProcessDone) once it has exited.
+        """
+        self.transport.signalProcess(signal)
+        return self.proto.ended
+
+    def _reap(self):
+        if self.proto.ended.called:
+            return None
+        self.transport.signalProcess("KILL")
+        return self.proto.ended

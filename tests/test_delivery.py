@@ -1,0 +1,469 @@
+"""
+Nothing lost: every crew fan-out is logged with a sequence number before it
+is delivered, returning devices get what they missed, acknowledging clients
+get each message exactly once, and retention keeps the log bounded.  The
+core is driven with a FakePeer, a Clock and a store.
+"""
+
+import json
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from leeloo.relay import DAY, Relay
+from leeloo.store import MemoryStore, Replay, StoreError
+from leeloo.testing import FakePeer, strip_keys
+
+T0 = 1_700_000_000.0
+
+
+class Device:
+    def __init__(self, relay):
+        self.relay = relay
+        self.peer = FakePeer()
+        self.session = relay.connect(self.peer)
+
+    def send(self, **fields):
+        self.relay.receive(self.session, json.dumps(fields).encode())
+
+    def take(self):
+        return self.peer.take()
+
+    def texts(self):
+        return [m["payload"]["text"] for m in self.take() if m["type"] == "message"]
+
+    def close(self):
+        self.relay.disconnect(self.session)
+
+
+class DeliveryTestCase(SynchronousTestCase):
+    replay_limit = 50
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.store = MemoryStore()
+        self.relay = self.make_relay()
+
+    def make_relay(self, **kwargs):
+        return Relay(self.clock, self.store, replay_limit=self.replay_limit, **kwargs)
+
+    def device(self, device_id, crew="ALPHA", relay=None, **extra):
+        d = Device(relay or self.relay)
+        d.send(type="register", device_id=device_id, crew_code=crew, device_name=device_id.title(), **extra)
+        return d
+
+    def say(self, device, text, **extra):
+        self.clock.advance(0.05)  # a person's pace, within the message rate limit
+        device.send(type="message", payload={"text": text}, **extra)
+
+
+class SequenceTests(DeliveryTestCase):
+    def test_fanout_carries_seq_and_id(self):
+        """
+        Every crew fan-out carries a per-crew seq, counting from 1, and a
+        message id; other crews count on their own.
+        """
+        a, b = self.device("a"), self.device("b")
+        x, y = self.device("x", "BETA"), self.device("y", "BETA")
+        for d in (a, b, x, y):
+            d.take()
+        self.say(a, "one")
+        a.send(type="share_music", spotify_uri="u", artist="A", track="T", album="B")
+        a.send(type="reaction", reaction_type="love")
+        self.say(x, "other crew")
+        got = b.take()
+        self.assertEqual([m["seq"] for m in got], [1, 2, 3])
+        self.assertEqual(len({m["id"] for m in got}), 3)
+        self.assertEqual(y.take()[0]["seq"], 1)
+
+    def test_logged_before_delivered(self):
+        """
+        A message is delivered only once its store write has committed.
+        """
+        pending = []
+
+        class SlowStore(MemoryStore):
+            def write(self, ops):
+                d = Deferred()
+                pending.append((d, ops))
+                return d
+
+        self.store = SlowStore()
+        self.relay = self.make_relay()
+        a, b = self.device("a"), self.device("b")
+        while pending:
+            pending.pop(0)[0].callback(None)
+        a.take(), b.take()
+        self.say(a, "hello")
+        self.assertEqual(b.take(), [])
+        d, ops = pending.pop(0)
+        self.assertEqual([kind for kind, _ in ops], ["append"])
+        d.callback(None)
+        self.assertEqual(b.texts(), ["hello"])
+
+    def test_bot_messages_logged(self):
+        """
+        Bot messages are logged and replayed like device messages.
+        """
+        a = self.device("a")
+        a.close()
+        self.relay.bot_join_crew("7", "ALPHA", "Tom")
+        self.relay.bot_message("7", "ALPHA", "Tom", "text", {"text": "from telegram"})
+        back = self.device("a")
+        self.assertEqual(back.texts(), ["from telegram"])
+
+
+class OfflineDeliveryTests(DeliveryTestCase):
+    def test_missed_in_order(self):
+        """
+        A deployed device that was off gets what it missed, in order, right
+        after its registered reply, then live traffic.
+        """
+        a, b = self.device("a"), self.device("b")
+        b.close()
+        for text in ("one", "two", "three"):
+            self.say(a, text)
+        back = self.device("b")
+        replies = strip_keys(back.take())
+        self.assertEqual(replies[0], {"type": "registered", "device_id": "b"})
+        self.assertEqual([m["payload"]["text"] for m in replies[1:]], ["one", "two", "three"])
+        self.say(a, "live")
+        self.assertEqual(back.texts(), ["live"])
+
+    def test_join_crew_and_create_crew_replay(self):
+        """
+        join_crew and create_crew with an existing code are returns too.
+        """
+        a = self.device("a")
+        for i, how in enumerate([{"type": "join_crew"}, {"type": "create_crew"}]):
+            device_id = f"dev{i}"
+            self.device(device_id).close()
+            self.say(a, f"missed by {device_id}")
+            d = Device(self.relay)
+            d.send(device_id=device_id, crew_code="alpha", **how)
+            self.assertEqual(d.texts(), [f"missed by {device_id}"])
+
+    def test_no_own_messages(self):
+        """
+        A device's own messages are never replayed to it.
+        """
+        a, b = self.device("a"), self.device("b")
+        self.say(a, "mine")
+        a.close()
+        self.say(b, "theirs")
+        back = self.device("a")
+        self.assertEqual(back.texts(), ["theirs"])
+
+    def test_first_join_starts_at_present(self):
+        """
+        A device joining a crew for the first time gets no history.
+        """
+        a = self.device("a")
+        self.say(a, "before you came")
+        newcomer = self.device("new")
+        self.assertEqual(newcomer.texts(), [])
+
+    def test_replay_limit_for_legacy(self):
+        """
+        A device that does not acknowledge gets at most the last
+        replay_limit missed messages, and no replay_truncated (deployed
+        devices do not know it).
+        """
+        a, b = self.device("a"), self.device("b")
+        b.close()
+        for i in range(60):
+            self.say(a, str(i))
+        back = self.device("b")
+        got = back.take()
+        self.assertEqual([m["payload"]["text"] for m in got[1:]], [str(i) for i in range(10, 60)])
+        self.assertNotIn("replay_truncated", [m["type"] for m in got])
+
+    def test_replay_max_age(self):
+        """
+        Messages older than the retention window are not replayed.
+        """
+        a, b = self.device("a"), self.device("b")
+        b.close()
+        self.say(a, "old")
+        self.clock.advance(8 * DAY)
+        self.say(a, "new")
+        self.assertEqual(self.device("b").texts(), ["new"])
+
+    def test_live_waits_for_replay(self):
+        """
+        While a returning device's replay is being read, live messages wait,
+        and arrive after the replay, in order, without duplicates.
+        """
+        reads = []
+
+        class SlowReplay(MemoryStore):
+            def replay(self, *args):
+                d = Deferred()
+                reads.append((d, MemoryStore.replay(self, *args)))
+                return d
+
+        self.store = SlowReplay()
+        self.relay = self.make_relay()
+        a, b = self.device("a"), self.device("b")
+        b.close()
+        self.say(a, "missed")
+        back = self.device("b")
+        back.take()
+        self.say(a, "live during replay")
+        self.assertEqual(back.take(), [])
+        d, result = reads.pop()
+        d.callback(self.successResultOf(result))
+        self.assertEqual(back.texts(), ["missed", "live during replay"])
+
+    def test_delivered_seq_survives_reopen(self):
+        """
+        After a restart the relay still knows how far each device got: a
+        device that saw everything gets nothing again.
+        """
+        a, b = self.device("a"), self.device("b")
+        self.say(a, "seen")
+        b.close()
+        a.close()
+        relay = self.make_relay()
+        self.assertEqual(self.device("b", relay=relay).texts(), [])
+
+    def test_online_at_crash_not_replayed(self):
+        """
+        Members that were online when the relay died without a goodbye are
+        taken to have received everything stored by then.
+        """
+        a, b = self.device("a"), self.device("b")
+        self.say(a, "delivered live")
+        relay = self.make_relay()  # the old relay vanished: no disconnects
+        self.assertEqual(self.device("b", relay=relay).texts(), [])
+
+
+class AckTests(DeliveryTestCase):
+    replay_limit = 3
+
+    def test_resume_from_last_seq(self):
+        """
+        A client passing last_seq resumes after it, whatever the relay
+        recorded.
+        """
+        a, b = self.device("a"), self.device("b")
+        for text in ("1", "2", "3"):
+            self.say(a, text)
+        b.close()
+        back = self.device("b", last_seq=1)
+        self.assertEqual(back.texts(), ["2", "3"])
+
+    def test_ack_is_the_record(self):
+        """
+        A device that acknowledged is resumed from its acknowledgement.
+        """
+        a, b = self.device("a"), self.device("b")
+        for text in ("1", "2", "3"):
+            self.say(a, text)
+        b.send(type="ack", seq=2)
+        b.close()
+        self.assertEqual(self.device("b").texts(), ["3"])
+
+    def test_truncated(self):
+        """
+        A resuming client that missed more than the limit gets the newest
+        and replay_truncated naming what it lost.
+        """
+        a, b = self.device("a"), self.device("b")
+        b.close()
+        for i in range(1, 7):
+            self.say(a, str(i))
+        back = self.device("b", last_seq=0)
+        got = back.take()[1:]
+        self.assertEqual(got[0], {"type": "replay_truncated", "from_seq": 1, "to_seq": 3})
+        self.assertEqual([m["seq"] for m in got[1:]], [4, 5, 6])
+
+    def test_ack_from_the_future(self):
+        """
+        An ack for a sequence the device was never sent is refused, and
+        its record is unchanged.
+        """
+        a, b = self.device("a"), self.device("b")
+        self.say(a, "1")
+        b.take()
+        b.send(type="ack", seq=5)
+        [reply] = b.take()
+        self.assertEqual((reply["type"], reply["error"]), ("error", "invalid_ack"))
+        self.assertIsNone(self.relay.crews["ALPHA"].members["b"].acked_seq)
+
+    def test_bad_last_seq(self):
+        """
+        A last_seq that is negative, not an integer, or from the future is
+        refused with invalid_last_seq, and the device is not registered.
+        """
+        a = self.device("a")
+        self.say(a, "1")
+        for bad in (-1, "3", 1.5, True, 99):
+            d = Device(self.relay)
+            d.send(type="register", device_id="b", crew_code="ALPHA", last_seq=bad)
+            [reply] = d.take()
+            self.assertEqual((reply["type"], reply["error"]), ("error", "invalid_last_seq"))
+            self.assertNotIn("b", self.relay.devices)
+
+    def test_ack_needs_crew(self):
+        """
+        An ack from a device in no crew is not_in_crew; a malformed ack is
+        invalid_message.
+        """
+        d = Device(self.relay)
+        d.send(type="ack", seq=1)
+        d.send(type="ack", seq="x")
+        self.assertEqual([m["error"] for m in d.take()], ["not_in_crew", "invalid_message"])
+
+
+class ClientMessageIdTests(DeliveryTestCase):
+    def test_sent_once_durable(self):
+        """
+        A message with client_msg_id is answered sent with its id and seq.
+        """
+        a, b = self.device("a"), self.device("b")
+        a.take(), b.take()
+        self.say(a, "hi", client_msg_id="c1")
+        [sent] = a.take()
+        [got] = b.take()
+        self.assertEqual(sent, {"type": "sent", "client_msg_id": "c1", "id": got["id"], "seq": got["seq"]})
+
+    def test_resend_not_delivered_twice(self):
+        """
+        A resend with the same client_msg_id (after a reconnect) is answered
+        sent again and neither stored nor delivered twice.
+        """
+        a, b = self.device("a"), self.device("b")
+        a.take(), b.take()
+        self.say(a, "hi", client_msg_id="c1")
+        first = a.take()
+        a.close()
+        again = self.device("a")
+        again.take()
+        self.say(again, "hi", client_msg_id="c1")
+        self.assertEqual(again.take(), first)
+        self.assertEqual(b.texts(), ["hi"])
+        self.assertEqual(len(self.store.log["ALPHA"]), 1)
+
+    def test_resend_after_restart(self):
+        """
+        The relay remembers client_msg_ids across a restart.
+        """
+        a = self.device("a")
+        self.say(a, "hi", client_msg_id="c1")
+        relay = self.make_relay()
+        back = self.device("a", relay=relay)
+        back.take()
+        self.say(back, "hi", client_msg_id="c1")
+        [sent] = back.take()
+        self.assertEqual((sent["type"], sent["seq"]), ("sent", 1))
+        self.assertEqual(len(self.store.log["ALPHA"]), 1)
+
+    def test_same_id_different_body(self):
+        """
+        Reusing a client_msg_id for a different message is refused; the log
+        and the crew are unaffected.
+        """
+        a, b = self.device("a"), self.device("b")
+        a.take(), b.take()
+        self.say(a, "hi", client_msg_id="c1")
+        a.take(), b.take()
+        self.say(a, "something else", client_msg_id="c1")
+        [reply] = a.take()
+        self.assertEqual((reply["type"], reply["error"]), ("error", "duplicate_client_msg_id"))
+        self.assertEqual(b.take(), [])
+        self.assertEqual(len(self.store.log["ALPHA"]), 1)
+
+    def test_ids_are_per_sender(self):
+        """
+        Two devices may use the same client_msg_id.
+        """
+        a, b = self.device("a"), self.device("b")
+        self.say(a, "from a", client_msg_id="same")
+        self.say(b, "from b", client_msg_id="same")
+        self.assertEqual(len(self.store.log["ALPHA"]), 2)
+
+
+class StoreFailureTests(DeliveryTestCase):
+    def test_store_unavailable(self):
+        """
+        When the store fails, the sender gets store_unavailable, nothing is
+        delivered, connections stay, and sending works again once the store
+        recovers.
+        """
+        a, b = self.device("a"), self.device("b")
+        a.take(), b.take()
+        self.store.fail_with = OSError("database or disk is full")
+        self.say(a, "lost?", client_msg_id="c1")
+        [reply] = a.take()
+        self.assertEqual((reply["type"], reply["error"]), ("error", "store_unavailable"))
+        self.assertEqual(b.take(), [])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        self.store.fail_with = None
+        self.clock.advance(1)
+        self.say(a, "lost?", client_msg_id="c1")
+        self.assertEqual(a.take()[0]["type"], "sent")
+        self.assertEqual(b.texts(), ["lost?"])
+
+    def test_state_retried(self):
+        """
+        Crew and membership writes that fail are retried until the store
+        recovers.
+        """
+        self.store.fail_with = StoreError("locked")
+        self.device("a", crew="NEWCREW")
+        self.assertNotIn("NEWCREW", self.store.crews)
+        self.store.fail_with = None
+        self.clock.advance(1)
+        self.assertIn("NEWCREW", self.store.crews)
+        self.assertIn(("NEWCREW", "a"), self.store.members)
+
+
+class RetentionTests(DeliveryTestCase):
+    def test_prune_old_messages(self):
+        """
+        prune drops log entries older than the retention window, keeping
+        each crew's newest.
+        """
+        a = self.device("a")
+        for text in ("1", "2", "3"):
+            self.say(a, text)
+        self.clock.advance(8 * DAY)
+        self.say(a, "4")
+        deleted, crews = self.successResultOf(self.relay.prune())
+        self.assertEqual((deleted, crews), (3, 0))
+        self.assertEqual([e.seq for e in self.store.log["ALPHA"]], [4])
+
+    def test_newest_client_msg_id_remembered(self):
+        """
+        The crew's newest message (which the store keeps past retention)
+        stays known by its client_msg_id: a resend of it is answered sent,
+        not stored again.
+        """
+        a = self.device("a")
+        self.say(a, "only", client_msg_id="c1")
+        a.take()
+        self.clock.advance(8 * DAY)
+        self.successResultOf(self.relay.prune())
+        self.say(a, "only", client_msg_id="c1")
+        self.assertEqual(a.take()[0]["type"], "sent")
+        self.assertEqual(len(self.store.log["ALPHA"]), 1)
+
+    def test_prune_idle_crews(self):
+        """
+        A crew with no message and no member seen for crew_ttl is forgotten,
+        in memory and in the store; an active crew is kept.
+        """
+        self.device("a", crew="OLD").close()
+        self.clock.advance(80 * DAY)
+        busy = self.device("b", crew="BUSY")
+        self.clock.advance(11 * DAY)
+        deleted, crews = self.successResultOf(self.relay.prune())
+        self.assertEqual(crews, 1)
+        self.assertNotIn("OLD", self.relay.crews)
+        self.assertNotIn("OLD", self.store.crews)
+        self.assertIn("BUSY", self.relay.crews)
+        busy.send(type="ping")
+        self.assertEqual(busy.take()[-1], {"type": "pong"})

@@ -1,0 +1,176 @@
+"""
+Fuzzing: hypothesis-generated frames (random JSON, wrong types, huge and
+deeply nested values, invalid UTF-8, random bytes) against the core and over
+a real connection.  The relay never raises an unhandled error, never closes
+a different connection, and the crew state stays consistent.
+"""
+
+import json
+
+import txaio
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from leeloo.limits import Rate, RelayLimits
+from leeloo.relay import Relay
+from leeloo.testing import FakePeer, MemoryWebSocketClients
+from leeloo.web import make_site
+from leeloo.websocket import RelayServerFactory, WebSocketLimits
+
+txaio.use_twisted()
+
+TYPES = ["register", "create_crew", "join_crew", "message", "share_music", "reaction", "ping", "ack",
+         "nope", ""]
+FIELDS = ["device_id", "crew_code", "device_name", "display_name", "msg_type", "payload", "reaction_type",
+          "spotify_uri", "artist", "track", "album", "last_seq", "seq", "client_msg_id", "device_key"]
+
+scalars = (
+    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
+    | st.floats(allow_nan=False) | st.text(max_size=80)
+    | st.sampled_from(["dev1", "dev2", "dev3", "CREW1", "crew1", "LEELOO-AAAA", "text", "k" * 32])
+)
+values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c,
+                                                                                    max_size=3), max_leaves=10)
+messages = st.fixed_dictionaries(
+    {"type": st.sampled_from(TYPES)},
+    optional={name: values for name in FIELDS},
+).map(lambda m: json.dumps(m).encode())
+junk = st.one_of(
+    st.binary(max_size=64),
+    st.text(max_size=64).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.integers(min_value=1, max_value=3000).map(lambda n: b"[" * n + b"]" * n),
+    st.just(b'{"type":"message","payload":{"text":"' + b"x" * 20000 + b'"}}'),
+)
+ids = st.sampled_from(["dev1", "dev2", "dev3"])
+codes = st.sampled_from(["CREW1", "crew2", "LEELOO-AAAA"])
+well_formed = st.one_of(
+    st.builds(lambda d, c, n: {"type": "register", "device_id": d, "crew_code": c, "device_name": n},
+              ids, codes | st.none(), st.text(max_size=5)),
+    st.builds(lambda d, c: {"type": "join_crew", "device_id": d, "crew_code": c}, ids, codes),
+    st.builds(lambda d, c: {"type": "create_crew", "device_id": d, "crew_code": c}, ids | st.none(),
+              codes | st.none()),
+    st.builds(lambda t, c: {"type": "message", "payload": {"text": t}, "client_msg_id": c},
+              st.text(max_size=5), st.none() | st.sampled_from(["c1", "c2"])),
+    st.builds(lambda n: {"type": "ack", "seq": n}, st.integers(min_value=0, max_value=5)),
+    st.builds(lambda r: {"type": "reaction", "reaction_type": r}, st.sampled_from(["love", "fire"])),
+    st.just({"type": "ping"}),
+).map(lambda m: json.dumps(m).encode())
+frames = st.one_of(well_formed, well_formed, messages, junk)
+
+
+class RelayMachine(RuleBasedStateMachine):
+    """
+    Random connections and frames against one relay core.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.relay = Relay(self.clock, limits=RelayLimits(messages=Rate(1000, 1000),
+                                                          entries=Rate(1000, 1000)))
+        self.peers = []
+
+    @rule()
+    def connect(self):
+        peer = FakePeer()
+        self.peers.append((peer, self.relay.connect(peer, "127.0.0.1")))
+
+    @precondition(lambda self: self.peers)
+    @rule(index=st.integers(min_value=0), frame=frames)
+    def send(self, index, frame):
+        peer, session = self.peers[index % len(self.peers)]
+        self.relay.receive(session, frame)
+
+    @precondition(lambda self: self.peers)
+    @rule(index=st.integers(min_value=0))
+    def disconnect(self, index):
+        peer, session = self.peers.pop(index % len(self.peers))
+        self.relay.disconnect(session)
+
+    @rule()
+    def tick(self):
+        self.clock.advance(1)
+
+    @invariant()
+    def consistent(self):
+        relay = self.relay
+        for device_id, session in relay.devices.items():
+            assert session.device_id == device_id
+            assert session in relay.sessions
+        for code, crew in relay.crews.items():
+            assert crew.code == code
+            for device_id, session in crew.online.items():
+                assert session.crew is crew
+                assert session.device_id == device_id
+                assert relay.devices.get(device_id) is session
+                assert device_id in crew.members
+        for session in relay.sessions:
+            if session.crew is not None:
+                assert session.crew.online.get(session.device_id) is session
+
+    @invariant()
+    def only_protocol_messages(self):
+        for peer, _ in self.peers:
+            for message in peer.take():
+                assert isinstance(message, dict) and isinstance(message.get("type"), str)
+                if message["type"] == "error":
+                    assert isinstance(message["error"], str) and isinstance(message["message"], str)
+
+
+RelayMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+)
+
+
+class CoreFuzzTests(RelayMachine.TestCase):
+    """
+    The core under random connections and frames keeps consistent crew
+    state and answers only with protocol messages.
+    """
+
+
+class ConnectionFuzzTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        previous = txaio.config.loop
+        txaio.config.loop = self.clock
+        self.addCleanup(setattr, txaio.config, "loop", previous)
+        self.relay = Relay(self.clock, limits=RelayLimits(messages=Rate(10**6, 10**6), entries=Rate(10**6, 10**6)))
+        factory = RelayServerFactory(self.relay, WebSocketLimits(max_message_size=16 * 1024))
+        self.net = MemoryWebSocketClients(make_site(self.relay, factory, None, None, reactor=self.clock))
+        self.bystander = self.net.connect()
+        self.bystander.send_json({"type": "register", "device_id": "bystander", "crew_code": "CREW1"})
+        self.net.flush()
+        self.bystander.take()
+
+    def test_random_frames_over_a_connection(self):
+        """
+        Whatever frames one client sends, the relay logs no unhandled error
+        and the bystander in its crew stays connected and served.
+        """
+        from hypothesis import given
+
+        @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(st.lists(st.tuples(frames, st.booleans()), min_size=1, max_size=8))
+        def attack(sequence):
+            client = self.net.connect()
+            client.send_json({"type": "register", "device_id": "fuzzer", "crew_code": "CREW1"})
+            for frame, binary in sequence:
+                if client.closed:
+                    break
+                client.sendMessage(frame, isBinary=binary)
+                self.net.flush()
+            client.sendClose(1000)
+            self.net.flush()
+            self.assertFalse(self.bystander.closed)
+            self.bystander.send_json({"type": "ping"})
+            self.net.flush()
+            self.assertIn({"type": "pong"}, self.bystander.take())
+
+        attack()
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(set(self.relay.devices), {"bystander"})

@@ -1,0 +1,267 @@
+"""
+The wire protocol: decoding every client message, refusing bad frames with
+the right error code, and encoding.
+"""
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from leeloo import messages
+from leeloo.messages import (
+    CreateCrew,
+    CrewMessage,
+    InvalidJSON,
+    InvalidMessage,
+    JoinCrew,
+    Ping,
+    ProtocolError,
+    Reaction,
+    Register,
+    ShareMusic,
+    UnknownType,
+    decode,
+    encode,
+)
+
+
+def frame(**fields):
+    return json.dumps(fields).encode("utf-8")
+
+
+class DecodeTests(SynchronousTestCase):
+    def test_register_all_fields(self):
+        """
+        register carries device_id, crew_code (upper-cased) and device_name.
+        """
+        self.assertEqual(
+            decode(frame(type="register", device_id="leeloo_abc", crew_code="alpha", device_name="Kitchen")),
+            Register(device_id="leeloo_abc", crew_code="ALPHA", device_name="Kitchen"),
+        )
+
+    def test_register_no_fields(self):
+        """
+        Every register field is optional.
+        """
+        self.assertEqual(decode(frame(type="register")), Register())
+
+    def test_empty_strings_are_absent(self):
+        """
+        An empty optional field counts as absent, as the original relay
+        treated it.
+        """
+        self.assertEqual(decode(frame(type="register", device_id="", crew_code="")), Register())
+
+    def test_create_crew_device_name_fallback(self):
+        """
+        create_crew takes display_name, or device_name when that is missing.
+        """
+        self.assertEqual(
+            decode(frame(type="create_crew", device_name="Den")),
+            CreateCrew(display_name="Den"),
+        )
+        self.assertEqual(
+            decode(frame(type="create_crew", display_name="A", device_name="B")).display_name, "A"
+        )
+
+    def test_join_crew_requires_code(self):
+        """
+        join_crew without crew_code is invalid_message.
+        """
+        with self.assertRaises(InvalidMessage) as raised:
+            decode(frame(type="join_crew"))
+        self.assertEqual(raised.exception.message, "crew_code is required")
+
+    def test_join_crew(self):
+        """
+        join_crew upper-cases its crew code.
+        """
+        self.assertEqual(
+            decode(frame(type="join_crew", crew_code="leeloo-7x3k", display_name="Ann")),
+            JoinCrew(crew_code="LEELOO-7X3K", display_name="Ann"),
+        )
+
+    def test_message_defaults(self):
+        """
+        message defaults msg_type to "text" and payload to {}.
+        """
+        self.assertEqual(decode(frame(type="message")), CrewMessage("text", {}))
+
+    def test_message_any_msg_type(self):
+        """
+        A msg_type the relay has never heard of passes through unchanged.
+        """
+        decoded = decode(frame(type="message", msg_type="future_thing", payload={"x": [1, 2]}))
+        self.assertEqual(decoded, CrewMessage("future_thing", {"x": [1, 2]}))
+
+    def test_share_music(self):
+        """
+        share_music carries the four track fields.
+        """
+        self.assertEqual(
+            decode(frame(type="share_music", spotify_uri="spotify:track:1", artist="A", track="T", album="B")),
+            ShareMusic("spotify:track:1", "A", "T", "B"),
+        )
+
+    def test_reaction(self):
+        """
+        reaction carries reaction_type, which is required.
+        """
+        self.assertEqual(decode(frame(type="reaction", reaction_type="fire")), Reaction("fire"))
+        self.assertRaises(InvalidMessage, decode, frame(type="reaction"))
+
+    def test_ping(self):
+        """
+        ping has no fields.
+        """
+        self.assertEqual(decode(frame(type="ping")), Ping())
+
+    def test_unknown_fields_ignored(self):
+        """
+        Fields the relay does not know are ignored.
+        """
+        self.assertEqual(decode(frame(type="ping", extra={"a": 1})), Ping())
+
+
+class RefusalTests(SynchronousTestCase):
+    def assertRefused(self, data, error, code):
+        with self.assertRaises(error) as raised:
+            decode(data)
+        self.assertEqual(raised.exception.code, code)
+        return raised.exception
+
+    def test_not_json(self):
+        """
+        Text that is not JSON is invalid_json.
+        """
+        self.assertRefused(b"hello", InvalidJSON, "invalid_json")
+
+    def test_nan_is_not_json(self):
+        """
+        NaN and Infinity are not JSON and are refused.
+        """
+        self.assertRefused(b'{"type":"message","payload":{"x":NaN}}', InvalidJSON, "invalid_json")
+
+    def test_deep_nesting(self):
+        """
+        Absurdly deep nesting is refused as invalid_json, not a crash.
+        """
+        self.assertRefused(b"[" * 100000 + b"]" * 100000, InvalidJSON, "invalid_json")
+
+    def test_not_an_object(self):
+        """
+        JSON that is not an object is invalid_message.
+        """
+        for data in (b"[]", b"1", b'"register"', b"null"):
+            self.assertRefused(data, InvalidMessage, "invalid_message")
+
+    def test_missing_type(self):
+        """
+        A message without type is invalid_message.
+        """
+        self.assertRefused(frame(device_id="x"), InvalidMessage, "invalid_message")
+
+    def test_type_not_a_string(self):
+        """
+        A type that is not a string is invalid_message.
+        """
+        self.assertRefused(frame(type=["register"]), InvalidMessage, "invalid_message")
+
+    def test_unknown_type(self):
+        """
+        A type the relay does not know is unknown_type, naming it.
+        """
+        error = self.assertRefused(frame(type="teleport"), UnknownType, "unknown_type")
+        self.assertIn("teleport", error.message)
+
+    def test_wrong_field_types(self):
+        """
+        A field of the wrong type is invalid_message naming the field.
+        """
+        cases = [
+            (frame(type="register", device_id=["x"]), "device_id"),
+            (frame(type="register", crew_code=7), "crew_code"),
+            (frame(type="register", device_name={"a": 1}), "device_name"),
+            (frame(type="message", payload="hi"), "payload"),
+            (frame(type="message", msg_type=3), "msg_type"),
+            (frame(type="share_music", artist=["A"]), "artist"),
+            (frame(type="reaction", reaction_type=True), "reaction_type"),
+        ]
+        for data, name in cases:
+            error = self.assertRefused(data, InvalidMessage, "invalid_message")
+            self.assertIn(name, error.message)
+
+    def test_bad_crew_code_characters(self):
+        """
+        A crew code with spaces or punctuation is refused.
+        """
+        self.assertRefused(frame(type="join_crew", crew_code="a b"), InvalidMessage, "invalid_message")
+
+    def test_too_long(self):
+        """
+        Overlong identifiers and names are refused.
+        """
+        self.assertRefused(frame(type="register", device_id="x" * 65), InvalidMessage, "invalid_message")
+        self.assertRefused(frame(type="register", device_name="x" * 65), InvalidMessage, "invalid_message")
+        self.assertRefused(frame(type="join_crew", crew_code="X" * 33), InvalidMessage, "invalid_message")
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.one_of(
+            st.binary(max_size=200),
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                lambda children: st.lists(children, max_size=4)
+                | st.dictionaries(st.text(max_size=10), children, max_size=4),
+                max_leaves=20,
+            ).map(lambda v: json.dumps(v).encode()),
+            st.fixed_dictionaries(
+                {"type": st.sampled_from(sorted(messages._DECODERS) + ["x"])},
+                optional={
+                    k: st.none() | st.integers() | st.text(max_size=70) | st.lists(st.integers(), max_size=2)
+                    | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2)
+                    for k in ("device_id", "crew_code", "device_name", "display_name", "msg_type",
+                              "payload", "reaction_type", "artist", "track", "album", "spotify_uri")
+                },
+            ).map(lambda v: json.dumps(v).encode()),
+        )
+    )
+    def test_decode_only_raises_protocol_errors(self, data):
+        """
+        Whatever the bytes, decode returns a message or raises a
+        ProtocolError with a stable code; nothing else escapes.
+        """
+        try:
+            decode(data)
+        except ProtocolError as e:
+            self.assertIn(e.code, {"invalid_json", "invalid_message", "unknown_type"})
+            self.assertIsInstance(e.message, str)
+
+
+class EncodeTests(SynchronousTestCase):
+    def test_compact_json(self):
+        """
+        encode gives compact JSON bytes that decode to the same object.
+        """
+        message = messages.crew_joined("leeloo_1", "ALPHA", 2, ["Ann"])
+        payload = encode(message)
+        self.assertNotIn(b" ", payload)
+        self.assertEqual(json.loads(payload), message)
+
+    def test_non_ascii_survives(self):
+        """
+        Text beyond ASCII (emoji included) comes out as valid JSON.
+        """
+        message = {"type": "message", "payload": {"text": "caf\u00e9 \U0001f3b5"}}
+        self.assertEqual(json.loads(encode(message)), message)
+
+    def test_error_shape(self):
+        """
+        An error message is {"type":"error","error":CODE,"message":TEXT}.
+        """
+        self.assertEqual(
+            InvalidJSON("nope").as_message(),
+            {"type": "error", "error": "invalid_json", "message": "nope"},
+        )

@@ -1,0 +1,153 @@
+"""
+Tests for L{leeloo.metrics} and where ``/metrics`` is served: on the admin
+site to anyone who reaches it, on the public site to loopback clients only.
+"""
+
+from __future__ import annotations
+
+import txaio
+from prometheus_client.parser import text_string_to_metric_families
+
+from leeloo.metrics import Metrics
+from leeloo.testing import MemoryWebSocketClients
+from leeloo.web import make_admin_site, make_site
+from leeloo.websocket import RelayServerFactory, WebSocketLimits
+
+from .test_site import SiteTestCase
+
+txaio.use_twisted()
+
+
+def samples(body: bytes) -> dict:
+    """
+    The samples of a Prometheus exposition, by name and labels.
+    """
+    found = {}
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+class MetricsTestCase(SiteTestCase):
+    def make_site(self):
+        self.factory = RelayServerFactory(self.relay, WebSocketLimits(max_connections_per_address=2))
+        self.metrics = Metrics(self.relay, self.factory)
+        self.recorder = None
+        return make_site(self.relay, self.factory, None, None, reactor=self.clock, metrics=self.metrics)
+
+
+class PublicSiteTests(MetricsTestCase):
+    def test_loopback_served(self):
+        """
+        A loopback client gets the metrics in Prometheus' text format.
+        """
+        status, headers, body = self.get("/metrics", host="127.0.0.1")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["content-type"].startswith("text/plain; version=0.0.4"))
+        self.assertIn(("leeloo_devices", ()), samples(body))
+
+    def test_remote_gets_404(self):
+        """
+        Anyone else gets the same 404 as for a path that does not exist.
+        """
+        refused = self.get("/metrics", host="203.0.113.9")
+        missing = self.get("/no-such-path", host="203.0.113.9")
+        self.assertEqual(refused[0], 404)
+        self.assertEqual(refused[2], missing[2])
+
+    def test_proxied_gets_404(self):
+        """
+        A request forwarded by a proxy on this host is not a loopback
+        client's.
+        """
+        for header in ("X-Forwarded-For: 203.0.113.9", "Forwarded: for=203.0.113.9", "X-Real-IP: 203.0.113.9"):
+            self.assertEqual(self.get("/metrics", header, host="127.0.0.1")[0], 404, header)
+
+    def test_not_served_without_metrics(self):
+        """
+        A public site made without metrics has no /metrics at all.
+        """
+        site = make_site(self.relay, self.factory, None, None, reactor=self.clock)
+        self.site = site
+        self.assertEqual(self.get("/metrics", host="127.0.0.1")[0], 404)
+
+
+class AdminSiteTests(MetricsTestCase):
+    def setUp(self):
+        super().setUp()
+        self.public = self.site
+        self.site = make_admin_site(self.relay, self.metrics, reactor=self.clock)
+
+    def test_served_to_anyone(self):
+        """
+        The admin site serves /metrics to any address that reaches it.
+        """
+        status, _, body = self.get("/metrics", host="203.0.113.9")
+        self.assertEqual(status, 200)
+        self.assertIn(("leeloo_crews", ()), samples(body))
+
+    def test_nothing_else(self):
+        """
+        The admin site has /metrics and /health, and nothing of the public
+        site.
+        """
+        self.assertEqual(self.get("/health")[0], 200)
+        for path in ("/", "/ws", "/api/telegram/crew/status", "/spotify/callback"):
+            self.assertEqual(self.get(path)[0], 404, path)
+
+    def test_figures(self):
+        """
+        The figures follow the relay: connections, devices and crews now,
+        messages in and out, refusals by reason, waiting HTTP connections.
+        """
+        net = MemoryWebSocketClients(self.public)
+        a, b = net.connect(), net.connect()
+        for client, device in ((a, "d0"), (b, "d1")):
+            client.send_json({"type": "register", "device_id": device, "crew_code": "ALPHA"})
+        net.flush()
+        net.connect()  # a third from 127.0.0.1: refused
+        a.send_json({"type": "message", "payload": {"text": "hi"}})
+        net.flush()
+        self.connect()  # an HTTP connection to the admin site that sends nothing yet
+        found = samples(self.get("/metrics")[2])
+        self.assertEqual(found[("leeloo_websocket_connections", ())], 2)
+        self.assertEqual(found[("leeloo_devices", ())], 2)
+        self.assertEqual(found[("leeloo_crews", ())], 1)
+        self.assertEqual(found[("leeloo_websocket_messages_received_total", ())], 3)
+        self.assertEqual(found[("leeloo_websocket_messages_sent_total", ())], 3)
+        self.assertEqual(found[("leeloo_websocket_refused_total", (("reason", "per_address"),))], 1)
+        self.assertEqual(found[("leeloo_http_connections_waiting", (("site", "admin"),))], 1)
+        self.assertEqual(found[("leeloo_http_connections_waiting", (("site", "public"),))], 0)
+        self.assertIn(("process_resident_memory_bytes", ()), found)
+
+
+class RefusalFigureTests(MetricsTestCase):
+    def test_rate_limited_and_abuse_close(self):
+        """
+        Error messages the relay sends are counted by code (the core's rate
+        limit among them), and the connections it closes by close code.
+        """
+        net = MemoryWebSocketClients(self.site)
+        client = net.connect()
+        burst = int(self.relay.limits.messages.burst)
+        strikes = self.relay.limits.abuse_strikes
+        for _ in range(burst + strikes):
+            client.send_json({"type": "ping"})
+        net.flush()
+        self.assertEqual(client.close_code, 4029)
+        found = samples(self.get("/metrics", host="127.0.0.1")[2])
+        self.assertEqual(found[("leeloo_websocket_errors_sent_total", (("code", "rate_limited"),))], strikes)
+        self.assertEqual(found[("leeloo_websocket_closed_by_relay_total", (("code", "4029"),))], 1)
+
+    def test_http_responses_by_status(self):
+        """
+        HTTP responses are counted by status per site (the bot API's 429
+        and 401 among them).
+        """
+        self.get("/health")
+        self.get("/no-such-path")
+        self.get("/no-such-path")
+        found = samples(self.get("/metrics", host="127.0.0.1")[2])
+        self.assertEqual(found[("leeloo_http_responses_total", (("code", "200"), ("site", "public")))], 1)
+        self.assertEqual(found[("leeloo_http_responses_total", (("code", "404"), ("site", "public")))], 2)

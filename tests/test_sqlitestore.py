@@ -1,0 +1,357 @@
+"""
+What only the SQLite store does: its connection settings, private files,
+schema migrations, refusing a newer schema, failing cleanly (and recovering)
+when the database is locked or full, and keeping SQL off the reactor thread.
+The IStore contract itself is in test_store.
+"""
+
+import os
+import sqlite3
+import stat
+import threading
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from leeloo.sqlitestore import (
+    DATABASE_NAME,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SchemaError,
+    SQLiteStore,
+    schema_version,
+)
+from leeloo.store import (
+    APPEND,
+    PUT_CREW,
+    BotUserRecord,
+    CrewRecord,
+    LogEntry,
+    MemberRecord,
+    Replay,
+    StoreError,
+    TokenRecord,
+)
+
+T0 = 1_700_000_000.0
+ALPHA = "LEELOO-ALFA"
+
+
+def crew_op(code=ALPHA):
+    return (PUT_CREW, CrewRecord(code, T0, "leeloo_a"))
+
+
+def append_op(seq, payload=b"{}"):
+    return (APPEND, LogEntry(ALPHA, seq, f"m{seq}", "leeloo_a", None, None, T0 + seq, payload))
+
+
+class SQLiteTestCase(TestCase):
+    timeout = 10
+
+    def directory(self):
+        path = self.mktemp()
+        os.mkdir(path)
+        return path
+
+    def open(self, directory=None, **kwargs):
+        store = SQLiteStore(directory if directory is not None else self.directory(), reactor, **kwargs)
+        self.addCleanup(self.close, store)
+        return store
+
+    def close(self, store):
+        # ConnectionPool.close() may run only once.
+        if not getattr(store, "_test_closed", False):
+            store._test_closed = True
+            return store.close()
+
+    def connect(self, directory):
+        """
+        Another connection to the database in C{directory}, closed after
+        the test.
+        """
+        db = sqlite3.connect(os.path.join(directory, DATABASE_NAME), isolation_level=None)
+        self.addCleanup(db.close)
+        return db
+
+    def pragma(self, store, name):
+        """
+        The value of PRAGMA C{name} on the connection the store's pool uses.
+        """
+        return store._pool.runInteraction(lambda c: c.execute(f"PRAGMA {name}").fetchone()[0])
+
+
+class ConnectionTests(SQLiteTestCase):
+    """
+    How the store's runtime connection is set up.
+    """
+
+    @inlineCallbacks
+    def test_wal(self):
+        """
+        The database is in WAL mode.
+        """
+        mode = yield self.pragma(self.open(), "journal_mode")
+        self.assertEqual(mode, "wal")
+
+    @inlineCallbacks
+    def test_synchronous_normal(self):
+        """
+        By default commits are synchronous=NORMAL (1): they survive a crash
+        of the process.
+        """
+        synchronous = yield self.pragma(self.open(), "synchronous")
+        self.assertEqual(synchronous, 1)
+
+    @inlineCallbacks
+    def test_synchronous_full(self):
+        """
+        With fsync=True commits are synchronous=FULL (2): they survive a
+        power cut.
+        """
+        synchronous = yield self.pragma(self.open(fsync=True), "synchronous")
+        self.assertEqual(synchronous, 2)
+
+    @inlineCallbacks
+    def test_foreign_keys(self):
+        """
+        Foreign keys are enforced, which deleting a crew relies on to delete
+        its members, bot users and log.
+        """
+        enabled = yield self.pragma(self.open(), "foreign_keys")
+        self.assertEqual(enabled, 1)
+
+    @inlineCallbacks
+    def test_busy_timeout(self):
+        """
+        A statement waits two seconds for another connection's lock by
+        default, or as long as the store is told.
+        """
+        default = yield self.pragma(self.open(), "busy_timeout")
+        short = yield self.pragma(self.open(busy_timeout=0.25), "busy_timeout")
+        self.assertEqual((default, short), (2000, 250))
+
+
+class FileModeTests(SQLiteTestCase):
+    """
+    The database holds pending Spotify tokens: only its owner may read it.
+    """
+
+    def setUp(self):
+        self.addCleanup(os.umask, os.umask(0o022))
+
+    def mode(self, path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    @inlineCallbacks
+    def test_new_files_private(self):
+        """
+        The database file and its -wal and -shm files are created mode 0600
+        whatever the umask.
+        """
+        directory = self.directory()
+        store = self.open(directory)
+        yield store.write([crew_op()])
+        path = os.path.join(directory, DATABASE_NAME)
+        self.assertEqual(
+            {suffix: self.mode(path + suffix) for suffix in ("", "-wal", "-shm")},
+            {"": 0o600, "-wal": 0o600, "-shm": 0o600},
+        )
+
+    def test_existing_file_tightened(self):
+        """
+        A database file readable by others is made mode 0600 when opened.
+        """
+        directory = self.directory()
+        path = os.path.join(directory, DATABASE_NAME)
+        sqlite3.connect(path).close()
+        os.chmod(path, 0o644)
+        self.open(directory)
+        self.assertEqual(self.mode(path), 0o600)
+
+
+class MigrationTests(SQLiteTestCase):
+    """
+    Opening a database brings its schema up to this relay's version.
+    """
+
+    def version_1(self):
+        """
+        A directory with a schema version 1 database, made as the first
+        relay made it, holding a crew, a member, a bot user and a token.
+        """
+        directory = self.directory()
+        db = self.connect(directory)
+        db.executescript(MIGRATIONS[0])
+        db.execute("PRAGMA user_version = 1")
+        db.execute("INSERT INTO crews VALUES (?, ?, ?)", (ALPHA, T0, "leeloo_a"))
+        db.execute("INSERT INTO members VALUES (?, ?, ?, ?)", (ALPHA, "leeloo_a", "Ann", T0 + 1))
+        db.execute("INSERT INTO bot_users VALUES (?, ?, ?)", (ALPHA, "42", "Bob"))
+        db.execute("INSERT INTO pending_tokens VALUES (?, ?, ?)",
+                   ("leeloo_b", '{"access_token":"at"}', T0 + 600))
+        db.close()
+        return directory
+
+    def test_new_database(self):
+        """
+        A new database is created at the current schema version.
+        """
+        directory = self.directory()
+        self.open(directory)
+        self.assertEqual(schema_version(self.connect(directory)), SCHEMA_VERSION)
+
+    def test_from_version_1(self):
+        """
+        A version 1 database is migrated to the current version and its
+        crew, member (with nothing delivered or acknowledged, offline), bot
+        user and token load.
+        """
+        directory = self.version_1()
+        snapshot = self.open(directory).load()
+        self.assertEqual(schema_version(self.connect(directory)), SCHEMA_VERSION)
+        self.assertEqual(
+            (snapshot.crews, snapshot.members, snapshot.bot_users, snapshot.tokens, snapshot.last_seq),
+            ([CrewRecord(ALPHA, T0, "leeloo_a")],
+             [MemberRecord(ALPHA, "leeloo_a", "Ann", T0 + 1, 0, None, False)],
+             [BotUserRecord(ALPHA, "42", "Bob")],
+             [TokenRecord("leeloo_b", {"access_token": "at"}, T0 + 600)],
+             {}),
+        )
+
+    @inlineCallbacks
+    def test_migrated_log(self):
+        """
+        A migrated crew takes log entries and replays them.
+        """
+        store = self.open(self.version_1())
+        yield store.write([append_op(1, b"one")])
+        replay = yield store.replay(ALPHA, 0, 1, 0.0, "nobody", 10)
+        self.assertEqual(replay, Replay([(1, b"one")]))
+
+    def test_failed_migration(self):
+        """
+        A migration that fails is rolled back whole: the database stays at
+        the version it had, with the tables it had.
+        """
+        directory = self.version_1()
+        self.connect(directory).execute("CREATE TABLE messages (x)")
+        self.assertRaises(sqlite3.OperationalError, SQLiteStore, directory, reactor)
+        db = self.connect(directory)
+        self.assertEqual(schema_version(db), 1)
+        columns = [row[1] for row in db.execute("PRAGMA table_info(members)")]
+        self.assertNotIn("delivered_seq", columns)
+
+    def test_newer_schema(self):
+        """
+        A database from a newer relay is refused with SchemaError saying
+        both versions and to upgrade the relay, and left as it is.
+        """
+        directory = self.directory()
+        self.connect(directory).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        error = self.assertRaises(SchemaError, SQLiteStore, directory, reactor)
+        self.assertIn(f"schema version {SCHEMA_VERSION + 1}", str(error))
+        self.assertIn(f"this relay's {SCHEMA_VERSION}", str(error))
+        self.assertIn("upgrade the relay", str(error))
+        self.assertEqual(schema_version(self.connect(directory)), SCHEMA_VERSION + 1)
+
+
+class FailureTests(SQLiteTestCase):
+    """
+    A write the database refuses fails with StoreError, applies nothing,
+    and the store works again once the cause is gone.
+    """
+
+    @inlineCallbacks
+    def test_locked(self):
+        """
+        While another connection holds an exclusive lock, a write fails
+        with StoreError once the busy timeout has passed.
+        """
+        directory = self.directory()
+        store = self.open(directory, busy_timeout=0.05)
+        self.connect(directory).execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        error = yield self.assertFailure(store.write([crew_op()]), StoreError)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertIn("locked", str(error))
+
+    @inlineCallbacks
+    def test_unlocked(self):
+        """
+        A write refused because the database was locked left nothing
+        behind, and the same write succeeds once the lock is released.
+        """
+        directory = self.directory()
+        store = self.open(directory, busy_timeout=0.05)
+        locker = self.connect(directory)
+        locker.execute("BEGIN EXCLUSIVE")
+        batch = [crew_op(), append_op(1)]
+        yield self.assertFailure(store.write(batch), StoreError)
+        locker.execute("ROLLBACK")
+        yield store.write(batch)
+        replay = yield store.replay(ALPHA, 0, 9, 0.0, "nobody", 10)
+        self.assertEqual([seq for seq, _ in replay.entries], [1])
+
+    def limit_pages(self, store, pages):
+        def limit(connection):
+            connection.execute(f"PRAGMA max_page_count = {pages}")
+
+        return store._pool.runWithConnection(limit)
+
+    @inlineCallbacks
+    def test_full(self):
+        """
+        A write to a full database fails with StoreError ('database or disk
+        is full'), and leaves nothing behind.
+        """
+        store = self.open()
+        yield store.write([crew_op()])
+        yield self.limit_pages(store, 1)
+        error = yield self.assertFailure(store.write([append_op(1, b"x" * 100_000)]), StoreError)
+        self.assertIn("full", str(error))
+        replay = yield store.replay(ALPHA, 0, 9, 0.0, "nobody", 10)
+        self.assertEqual(replay, Replay([]))
+
+    @inlineCallbacks
+    def test_room_again(self):
+        """
+        Once there is room again, the write that failed for a full database
+        succeeds.
+        """
+        store = self.open()
+        yield store.write([crew_op()])
+        yield self.limit_pages(store, 1)
+        batch = [append_op(1, b"x" * 100_000)]
+        yield self.assertFailure(store.write(batch), StoreError)
+        yield self.limit_pages(store, 1_000_000)
+        yield store.write(batch)
+        replay = yield store.replay(ALPHA, 0, 9, 0.0, "nobody", 10)
+        self.assertEqual([seq for seq, _ in replay.entries], [1])
+
+
+class ThreadTests(SQLiteTestCase):
+    """
+    The reactor never waits on the disk.
+    """
+
+    @inlineCallbacks
+    def test_sql_off_the_reactor_thread(self):
+        """
+        Writes, replays and pruning run their SQL on a thread other than
+        the reactor's.
+        """
+        self.assertIs(threading.current_thread(), threading.main_thread())
+        store = self.open()
+        statements = []
+
+        def trace(connection):
+            connection.set_trace_callback(lambda sql: statements.append((threading.current_thread(), sql)))
+
+        yield store._pool.runWithConnection(trace)
+        yield store.write([crew_op(), append_op(1)])
+        yield store.replay(ALPHA, 0, 1, 0.0, "nobody", 10)
+        yield store.prune(T0)
+        kinds = {sql.split()[0] for _, sql in statements}
+        self.assertTrue({"INSERT", "SELECT", "DELETE"} <= kinds, kinds)
+        self.assertEqual([sql for thread, sql in statements if thread is threading.main_thread()], [])

@@ -1,0 +1,617 @@
+"""
+The IStore contract, one suite run against every store: what is written
+comes back after a restart, deletes cascade, replay windows and pruning
+select the right log entries, and one write() is one transaction.
+"""
+
+import os
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from leeloo.sqlitestore import SQLiteStore
+from leeloo.store import (
+    APPEND,
+    DELETE_CREW,
+    DELETE_TOKEN,
+    PUT_BOT_USER,
+    PUT_CREW,
+    PUT_MEMBER,
+    PUT_TOKEN,
+    BotUserRecord,
+    CrewRecord,
+    LogEntry,
+    MemberRecord,
+    MemoryStore,
+    Replay,
+    StoreError,
+    TokenRecord,
+)
+
+T0 = 1_700_000_000.0
+ALPHA = "LEELOO-ALFA"
+BRAVO = "LEELOO-BRVO"
+
+
+def contract(test):
+    """
+    Turn a generator test into one that runs on both kinds of test case: it
+    yields Deferreds, and the test case's C{finish} waits for the result
+    (a L{TestCase} returns it to trial; a L{SynchronousTestCase} insists it
+    has already succeeded).
+    """
+    run = inlineCallbacks(test)
+
+    def wrapper(self):
+        return self.finish(run(self))
+
+    wrapper.__name__ = test.__name__
+    wrapper.__qualname__ = test.__qualname__
+    wrapper.__doc__ = test.__doc__
+    return wrapper
+
+
+def entry(seq, crew=ALPHA, sender="leeloo_a", at=None, client_msg_id=None, digest=None, payload=None):
+    return LogEntry(
+        crew, seq, f"m{seq}", sender, client_msg_id, digest,
+        T0 + seq if at is None else at,
+        payload if payload is not None else f'{{"seq":{seq}}}'.encode(),
+    )
+
+
+def appends(*entries):
+    return [(APPEND, e) for e in entries]
+
+
+def with_crew(*ops, code=ALPHA):
+    return [(PUT_CREW, CrewRecord(code, T0, "leeloo_a")), *ops]
+
+
+class StoreContract:
+    """
+    The behaviour every L{leeloo.store.IStore} shares.  A test case mixing
+    this in provides C{make_store()}, C{reopen(store)} (a Deferred firing
+    with the same store as a restarted relay sees it) and C{finish(d)}.
+    """
+
+    def make_store(self):
+        raise NotImplementedError
+
+    def reopen(self, store):
+        raise NotImplementedError
+
+    def finish(self, d):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.store = self.make_store()
+
+    @inlineCallbacks
+    def restart(self):
+        """
+        Reopen the store, as a relay does at start, and load it.
+        """
+        self.store = yield self.reopen(self.store)
+        return self.store.load()
+
+    def failure_of(self, d, *errors):
+        """
+        A Deferred firing with the exception C{d} fails with (one of
+        C{errors}); failing the test if C{d} succeeds.
+        """
+
+        def succeeded(result):
+            self.fail(f"expected {errors}, got the result {result!r}")
+
+        def failed(failure):
+            failure.trap(*errors)
+            return failure.value
+
+        return d.addCallbacks(succeeded, failed)
+
+    # ------------------------------------------------------------- records
+
+    @contract
+    def test_empty(self):
+        """
+        A new store loads nothing.
+        """
+        snapshot = yield self.restart()
+        self.assertEqual(
+            (snapshot.crews, snapshot.members, snapshot.bot_users, snapshot.tokens,
+             snapshot.last_seq, snapshot.last_message_at, snapshot.client_messages),
+            ([], [], [], [], {}, {}, []),
+        )
+
+    @contract
+    def test_crew(self):
+        """
+        A crew put comes back after a restart, with or without its creator.
+        """
+        yield self.store.write([
+            (PUT_CREW, CrewRecord(ALPHA, T0, "leeloo_a")),
+            (PUT_CREW, CrewRecord(BRAVO, T0 + 1, None)),
+        ])
+        snapshot = yield self.restart()
+        self.assertEqual(
+            sorted(snapshot.crews, key=lambda c: c.code),
+            [CrewRecord(ALPHA, T0, "leeloo_a"), CrewRecord(BRAVO, T0 + 1, None)],
+        )
+
+    @contract
+    def test_crew_put_again(self):
+        """
+        Putting a crew that exists updates it and keeps its members, bot
+        users and log.
+        """
+        yield self.store.write(with_crew(
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "A", T0)),
+            (PUT_BOT_USER, BotUserRecord(ALPHA, "42", "Ann")),
+            *appends(entry(1)),
+        ))
+        yield self.store.write([(PUT_CREW, CrewRecord(ALPHA, T0 + 5, "telegram:42"))])
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.crews, [CrewRecord(ALPHA, T0 + 5, "telegram:42")])
+        self.assertEqual([m.device_id for m in snapshot.members], ["leeloo_a"])
+        self.assertEqual(snapshot.bot_users, [BotUserRecord(ALPHA, "42", "Ann")])
+        self.assertEqual(snapshot.last_seq, {ALPHA: 1})
+
+    @contract
+    def test_member(self):
+        """
+        A member comes back with its name, last seen time, delivered and
+        acknowledged sequences and whether it was online.
+        """
+        yield self.store.write(with_crew(
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0 + 1, 7, 5, True)),
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_b", "Bob", T0 + 2)),
+        ))
+        snapshot = yield self.restart()
+        self.assertEqual(
+            sorted(snapshot.members, key=lambda m: m.device_id),
+            [MemberRecord(ALPHA, "leeloo_a", "Ann", T0 + 1, 7, 5, True),
+             MemberRecord(ALPHA, "leeloo_b", "Bob", T0 + 2, 0, None, False)],
+        )
+
+    @contract
+    def test_member_put_again(self):
+        """
+        Putting a member again replaces every field of the one stored.
+        """
+        yield self.store.write(with_crew(
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0, 3, None, True)),
+        ))
+        yield self.store.write([(PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Annie", T0 + 9, 8, 6, False))])
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.members, [MemberRecord(ALPHA, "leeloo_a", "Annie", T0 + 9, 8, 6, False)])
+
+    @contract
+    def test_member_of_one_device_in_two_crews(self):
+        """
+        A device is a member of each crew separately.
+        """
+        yield self.store.write([
+            *with_crew(code=ALPHA), *with_crew(code=BRAVO),
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0, 1)),
+            (PUT_MEMBER, MemberRecord(BRAVO, "leeloo_a", "Ann", T0, 2)),
+        ])
+        snapshot = yield self.restart()
+        self.assertEqual(sorted((m.crew_code, m.delivered_seq) for m in snapshot.members),
+                         [(ALPHA, 1), (BRAVO, 2)])
+
+    @contract
+    def test_bot_user(self):
+        """
+        A bot user comes back with its crew and name; putting it again
+        renames it.
+        """
+        yield self.store.write(with_crew(
+            (PUT_BOT_USER, BotUserRecord(ALPHA, "42", "Ann")),
+            (PUT_BOT_USER, BotUserRecord(ALPHA, "43", "Bob")),
+        ))
+        yield self.store.write([(PUT_BOT_USER, BotUserRecord(ALPHA, "43", "Bobby"))])
+        snapshot = yield self.restart()
+        self.assertEqual(sorted(snapshot.bot_users, key=lambda b: b.user_id),
+                         [BotUserRecord(ALPHA, "42", "Ann"), BotUserRecord(ALPHA, "43", "Bobby")])
+
+    @contract
+    def test_token(self):
+        """
+        Pending tokens come back with their contents and expiry.
+        """
+        tokens = {"access_token": "at", "refresh_token": "rt", "expires_in": 3600, "scope": None}
+        yield self.store.write([(PUT_TOKEN, TokenRecord("leeloo_a", tokens, T0 + 600.5))])
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.tokens, [TokenRecord("leeloo_a", tokens, T0 + 600.5)])
+
+    @contract
+    def test_token_put_again(self):
+        """
+        Putting tokens for a device again replaces the ones pending.
+        """
+        yield self.store.write([(PUT_TOKEN, TokenRecord("leeloo_a", {"access_token": "old"}, T0))])
+        yield self.store.write([(PUT_TOKEN, TokenRecord("leeloo_a", {"access_token": "new"}, T0 + 1))])
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.tokens, [TokenRecord("leeloo_a", {"access_token": "new"}, T0 + 1)])
+
+    @contract
+    def test_delete_token(self):
+        """
+        DELETE_TOKEN removes that device's tokens only; deleting tokens that
+        are not there is harmless.
+        """
+        yield self.store.write([
+            (PUT_TOKEN, TokenRecord("leeloo_a", {"access_token": "a"}, T0)),
+            (PUT_TOKEN, TokenRecord("leeloo_b", {"access_token": "b"}, T0)),
+        ])
+        yield self.store.write([(DELETE_TOKEN, "leeloo_a"), (DELETE_TOKEN, "leeloo_zz")])
+        snapshot = yield self.restart()
+        self.assertEqual([t.device_id for t in snapshot.tokens], ["leeloo_b"])
+
+    @contract
+    def test_log_sequence(self):
+        """
+        After appends, each crew's last sequence and the time of its last
+        message come back; a crew with no log has neither.
+        """
+        yield self.store.write([
+            *with_crew(code=ALPHA), *with_crew(code=BRAVO),
+            *appends(entry(1, at=T0 + 10), entry(2, at=T0 + 20), entry(1, crew=BRAVO, at=T0 + 15)),
+        ])
+        yield self.store.write([*with_crew(code="LEELOO-EMTY"), *appends(entry(3, at=T0 + 30))])
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.last_seq, {ALPHA: 3, BRAVO: 1})
+        self.assertEqual(snapshot.last_message_at, {ALPHA: T0 + 30, BRAVO: T0 + 15})
+
+    @contract
+    def test_client_messages(self):
+        """
+        The log entries that carry a client_msg_id come back, with their id,
+        sequence, sender, digest and time but without payloads.
+        """
+        yield self.store.write(with_crew(*appends(
+            entry(1, client_msg_id="c1", digest=b"\x01" * 32),
+            entry(2),
+            entry(3, sender="leeloo_b", client_msg_id="c1", digest=b"\x02" * 32),
+        )))
+        snapshot = yield self.restart()
+        self.assertEqual(
+            sorted(snapshot.client_messages, key=lambda e: e.seq),
+            [LogEntry(ALPHA, 1, "m1", "leeloo_a", "c1", b"\x01" * 32, T0 + 1, b""),
+             LogEntry(ALPHA, 3, "m3", "leeloo_b", "c1", b"\x02" * 32, T0 + 3, b"")],
+        )
+
+    @contract
+    def test_log_payloads(self):
+        """
+        Appended payloads come back byte for byte after a restart.
+        """
+        payload = '{"text":"héllo \\u0000"}'.encode() + b"\xff\x00"
+        yield self.store.write(with_crew(*appends(entry(1, payload=payload))))
+        yield self.restart()
+        replay = yield self.store.replay(ALPHA, 0, 1, 0.0, "nobody", 10)
+        self.assertEqual(replay, Replay([(1, payload)]))
+
+    @contract
+    def test_delete_crew(self):
+        """
+        DELETE_CREW removes the crew with its members, bot users and log,
+        and leaves other crews alone.
+        """
+        yield self.store.write([
+            *with_crew(code=ALPHA), *with_crew(code=BRAVO),
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0)),
+            (PUT_MEMBER, MemberRecord(BRAVO, "leeloo_a", "Ann", T0)),
+            (PUT_BOT_USER, BotUserRecord(ALPHA, "42", "Ann")),
+            (PUT_BOT_USER, BotUserRecord(BRAVO, "42", "Ann")),
+            *appends(entry(1, client_msg_id="c1"), entry(1, crew=BRAVO, client_msg_id="c1")),
+        ])
+        yield self.store.write([(DELETE_CREW, ALPHA)])
+        snapshot = yield self.restart()
+        self.assertEqual([c.code for c in snapshot.crews], [BRAVO])
+        self.assertEqual([m.crew_code for m in snapshot.members], [BRAVO])
+        self.assertEqual([b.crew_code for b in snapshot.bot_users], [BRAVO])
+        self.assertEqual(snapshot.last_seq, {BRAVO: 1})
+        self.assertEqual([e.crew_code for e in snapshot.client_messages], [BRAVO])
+        replay = yield self.store.replay(ALPHA, 0, 10, 0.0, "nobody", 10)
+        self.assertEqual(replay, Replay([]))
+
+    @contract
+    def test_delete_crew_then_create_again(self):
+        """
+        A crew deleted and created again in one write starts with an empty
+        log: its old entries do not come back.
+        """
+        yield self.store.write(with_crew(*appends(entry(1), entry(2))))
+        yield self.store.write([(DELETE_CREW, ALPHA), *with_crew(*appends(entry(1, at=T0 + 50)))])
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.last_seq, {ALPHA: 1})
+        replay = yield self.store.replay(ALPHA, 0, 10, 0.0, "nobody", 10)
+        self.assertEqual([seq for seq, _ in replay.entries], [1])
+
+    # -------------------------------------------------------- transactions
+
+    @contract
+    def test_unknown_operation(self):
+        """
+        A write with an unknown operation fails with ValueError and applies
+        none of its operations, not even those before it.
+        """
+        d = self.store.write([
+            *with_crew(*appends(entry(1))),
+            (PUT_TOKEN, TokenRecord("leeloo_a", {}, T0)),
+            ("frobnicate", None),
+            (PUT_TOKEN, TokenRecord("leeloo_b", {}, T0)),
+        ])
+        yield self.failure_of(d, ValueError)
+        snapshot = yield self.restart()
+        self.assertEqual((snapshot.crews, snapshot.tokens, snapshot.last_seq), ([], [], {}))
+
+    @contract
+    def test_duplicate_append(self):
+        """
+        Appending a sequence a crew's log already holds fails with
+        StoreError and applies none of the write's operations.
+        """
+        yield self.store.write(with_crew(*appends(entry(1))))
+        d = self.store.write([
+            (PUT_TOKEN, TokenRecord("leeloo_a", {}, T0)),
+            (DELETE_CREW, BRAVO),
+            *appends(entry(2), entry(1, payload=b"again")),
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0)),
+        ])
+        yield self.failure_of(d, StoreError)
+        snapshot = yield self.restart()
+        self.assertEqual((snapshot.tokens, snapshot.members, snapshot.last_seq), ([], [], {ALPHA: 1}))
+        replay = yield self.store.replay(ALPHA, 0, 10, 0.0, "nobody", 10)
+        self.assertEqual(replay, Replay([(1, b'{"seq":1}')]))
+
+    @contract
+    def test_duplicate_append_in_one_write(self):
+        """
+        Two appends of one sequence in one write fail with StoreError and
+        apply nothing.
+        """
+        d = self.store.write(with_crew(*appends(entry(1), entry(1))))
+        yield self.failure_of(d, StoreError)
+        snapshot = yield self.restart()
+        self.assertEqual((snapshot.crews, snapshot.last_seq), ([], {}))
+
+    @contract
+    def test_failed_write_undoes_deletes(self):
+        """
+        A failed write puts back what its earlier operations deleted: the
+        crew with its members, bot users and log, and tokens.
+        """
+        yield self.store.write([
+            *with_crew((PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0)),
+                       (PUT_BOT_USER, BotUserRecord(ALPHA, "42", "Ann")),
+                       *appends(entry(1))),
+            (PUT_TOKEN, TokenRecord("leeloo_a", {}, T0)),
+        ])
+        d = self.store.write([(DELETE_CREW, ALPHA), (DELETE_TOKEN, "leeloo_a"), ("frobnicate", None)])
+        yield self.failure_of(d, ValueError)
+        snapshot = yield self.restart()
+        self.assertEqual(
+            ([c.code for c in snapshot.crews], len(snapshot.members), len(snapshot.bot_users),
+             snapshot.last_seq, len(snapshot.tokens)),
+            ([ALPHA], 1, 1, {ALPHA: 1}, 1),
+        )
+
+    @contract
+    def test_write_after_failure(self):
+        """
+        A store that refused a write takes the next one.
+        """
+        yield self.failure_of(self.store.write(with_crew(("frobnicate", None))), ValueError)
+        yield self.store.write(with_crew(*appends(entry(1))))
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.last_seq, {ALPHA: 1})
+
+    @contract
+    def test_member_of_unknown_crew(self):
+        """
+        A member, bot user or log entry of a crew the store does not hold is
+        refused with StoreError.
+        """
+        for op in [(PUT_MEMBER, MemberRecord(BRAVO, "leeloo_a", "Ann", T0)),
+                   (PUT_BOT_USER, BotUserRecord(BRAVO, "42", "Ann")),
+                   (APPEND, entry(1, crew=BRAVO))]:
+            yield self.failure_of(self.store.write(with_crew(op)), StoreError)
+        snapshot = yield self.restart()
+        self.assertEqual((snapshot.crews, snapshot.members, snapshot.bot_users), ([], [], []))
+
+    @contract
+    def test_empty_write(self):
+        """
+        A write of no operations succeeds.
+        """
+        result = yield self.store.write([])
+        self.assertIsNone(result)
+
+    # -------------------------------------------------------------- replay
+
+    @inlineCallbacks
+    def logged(self, *entries):
+        yield self.store.write([*with_crew(code=ALPHA), *with_crew(code=BRAVO), *appends(*entries)])
+
+    @contract
+    def test_replay_bounds(self):
+        """
+        Replay returns the crew's entries with after_seq < seq <= up_to_seq,
+        oldest first, as (seq, payload).
+        """
+        yield self.logged(*(entry(seq) for seq in range(1, 8)), entry(4, crew=BRAVO))
+        replay = yield self.store.replay(ALPHA, 2, 5, 0.0, "nobody", 10)
+        self.assertEqual(replay, Replay([(3, b'{"seq":3}'), (4, b'{"seq":4}'), (5, b'{"seq":5}')]))
+
+    @contract
+    def test_replay_since(self):
+        """
+        Replay leaves out entries created before C{since}; one created at
+        C{since} is in.
+        """
+        yield self.logged(*(entry(seq, at=T0 + 10 * seq) for seq in range(1, 6)))
+        replay = yield self.store.replay(ALPHA, 0, 5, T0 + 30, "nobody", 10)
+        self.assertEqual([seq for seq, _ in replay.entries], [3, 4, 5])
+        self.assertIsNone(replay.lost)
+
+    @contract
+    def test_replay_exclude_sender(self):
+        """
+        Replay leaves out what the returning device sent itself.
+        """
+        yield self.logged(entry(1, sender="leeloo_a"), entry(2, sender="leeloo_b"),
+                          entry(3, sender="leeloo_a"), entry(4, sender="telegram"))
+        replay = yield self.store.replay(ALPHA, 0, 4, 0.0, "leeloo_a", 10)
+        self.assertEqual([seq for seq, _ in replay.entries], [2, 4])
+
+    @contract
+    def test_replay_limit(self):
+        """
+        Beyond the limit replay keeps the newest entries and reports the
+        older ones as lost, from after_seq + 1 to the first kept - 1.
+        """
+        yield self.logged(*(entry(seq) for seq in range(1, 11)))
+        replay = yield self.store.replay(ALPHA, 2, 9, 0.0, "nobody", 3)
+        self.assertEqual(replay, Replay([(7, b'{"seq":7}'), (8, b'{"seq":8}'), (9, b'{"seq":9}')], (3, 6)))
+
+    @contract
+    def test_replay_limit_after_filters(self):
+        """
+        The limit counts only the entries the device gets: its own and
+        too-old ones do not use it up.
+        """
+        yield self.logged(entry(1, at=T0 - 100), entry(2), entry(3, sender="leeloo_me"),
+                          entry(4), entry(5, sender="leeloo_me"))
+        replay = yield self.store.replay(ALPHA, 0, 5, T0, "leeloo_me", 2)
+        self.assertEqual(replay, Replay([(2, b'{"seq":2}'), (4, b'{"seq":4}')]))
+
+    @contract
+    def test_replay_exactly_limit(self):
+        """
+        As many entries as the limit are all replayed, none lost.
+        """
+        yield self.logged(*(entry(seq) for seq in range(1, 4)))
+        replay = yield self.store.replay(ALPHA, 0, 3, 0.0, "nobody", 3)
+        self.assertEqual(([seq for seq, _ in replay.entries], replay.lost), ([1, 2, 3], None))
+
+    @contract
+    def test_replay_limit_zero(self):
+        """
+        With a limit of 0 nothing is replayed and everything the device
+        missed is lost, up to the newest entry it would have got.
+        """
+        yield self.logged(*(entry(seq) for seq in range(1, 6)))
+        replay = yield self.store.replay(ALPHA, 1, 4, 0.0, "nobody", 0)
+        self.assertEqual(replay, Replay([], (2, 4)))
+
+    @contract
+    def test_replay_empty(self):
+        """
+        Nothing to replay is an empty replay with nothing lost, whatever the
+        limit; an unknown crew replays nothing.
+        """
+        yield self.logged(entry(1), entry(2))
+        for args in [(ALPHA, 2, 2, 0.0, "nobody", 5), (ALPHA, 2, 2, 0.0, "nobody", 0),
+                     (ALPHA, 0, 2, T0 + 100, "nobody", 0), ("LEELOO-NONE", 0, 9, 0.0, "nobody", 5)]:
+            replay = yield self.store.replay(*args)
+            self.assertEqual(replay, Replay([]), args)
+
+    # --------------------------------------------------------------- prune
+
+    @contract
+    def test_prune(self):
+        """
+        Pruning deletes entries created before the cut-off, keeps younger
+        ones, and fires with how many it deleted.
+        """
+        yield self.logged(*(entry(seq, at=T0 + seq) for seq in range(1, 6)),
+                          *(entry(seq, crew=BRAVO, at=T0 + seq) for seq in range(1, 4)))
+        deleted = yield self.store.prune(T0 + 3)
+        self.assertEqual(deleted, 4)
+        alpha = yield self.store.replay(ALPHA, 0, 9, 0.0, "nobody", 10)
+        bravo = yield self.store.replay(BRAVO, 0, 9, 0.0, "nobody", 10)
+        self.assertEqual(([s for s, _ in alpha.entries], [s for s, _ in bravo.entries]), ([3, 4, 5], [3]))
+
+    @contract
+    def test_prune_keeps_newest(self):
+        """
+        Pruning keeps each crew's newest entry however old, so its sequence
+        and last message time survive a restart.
+        """
+        yield self.logged(*(entry(seq, at=T0 + seq) for seq in range(1, 4)), entry(7, crew=BRAVO, at=T0))
+        deleted = yield self.store.prune(T0 + 1000)
+        self.assertEqual(deleted, 2)
+        snapshot = yield self.restart()
+        self.assertEqual((snapshot.last_seq, snapshot.last_message_at),
+                         ({ALPHA: 3, BRAVO: 7}, {ALPHA: T0 + 3, BRAVO: T0}))
+
+    @contract
+    def test_prune_nothing(self):
+        """
+        Pruning an empty log, or one with nothing old, deletes nothing.
+        """
+        deleted = yield self.store.prune(T0)
+        self.assertEqual(deleted, 0)
+        yield self.logged(entry(1), entry(2))
+        deleted = yield self.store.prune(T0)
+        self.assertEqual(deleted, 0)
+
+
+class MemoryStoreTests(StoreContract, SynchronousTestCase):
+    """
+    The contract, on L{MemoryStore}.
+    """
+
+    def make_store(self):
+        return MemoryStore()
+
+    def reopen(self, store):
+        return succeed(store)
+
+    def finish(self, d):
+        self.successResultOf(d)
+
+    def test_fail_with(self):
+        """
+        A MemoryStore told to fail refuses writes with StoreError and
+        applies nothing.
+        """
+        self.store.fail_with = OSError("disk full")
+        failure = self.failureResultOf(self.store.write(with_crew()), StoreError)
+        self.assertEqual(str(failure.value), "disk full")
+        self.assertEqual(self.store.load().crews, [])
+
+
+class SQLiteStoreTests(StoreContract, TestCase):
+    """
+    The contract, on L{SQLiteStore} in a temporary directory with the real
+    reactor (its queries run on a database thread).
+    """
+
+    timeout = 10
+
+    def make_store(self):
+        directory = self.mktemp()
+        os.mkdir(directory)
+        return self.open(directory)
+
+    def open(self, directory):
+        store = SQLiteStore(directory, reactor)
+        self.addCleanup(self.close, store)
+        return store
+
+    def close(self, store):
+        if not getattr(store, "_test_closed", False):
+            store._test_closed = True
+            return store.close()
+
+    @inlineCallbacks
+    def reopen(self, store):
+        yield self.close(store)
+        return self.open(store.path.parent)
+
+    def finish(self, d):
+        return d

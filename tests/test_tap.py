@@ -1,0 +1,418 @@
+"""
+``twistd leeloo`` options: argv and the environment become a validated,
+frozen Config, and bad configuration is a short actionable message.
+"""
+
+import os
+import stat
+
+import txaio
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from leeloo.tap import DEFAULT_LISTEN, Options, build_service, read_env_file, with_default_backlog
+
+
+class OptionsTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.tmp = self.mktemp()
+        os.makedirs(self.tmp)
+        self.data_dir = os.path.join(self.tmp, "data")
+
+    def parse(self, *argv, environ=None):
+        options = Options(environ={} if environ is None else environ)
+        options.parseOptions(["--data-dir", self.data_dir, *argv])
+        return options.config
+
+    def env_file(self, text):
+        path = os.path.join(self.tmp, "relay.env")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+
+class ListenTests(OptionsTestCase):
+    def test_default(self):
+        """
+        With no --listen the relay serves loopback port 8080, backlog 1024.
+        """
+        self.assertEqual(self.parse().listen, (DEFAULT_LISTEN + ":backlog=1024",))
+
+    def test_repeatable(self):
+        """
+        --listen may be given several times; every endpoint is kept in order.
+        """
+        config = self.parse("--listen", "tcp:8081", "--listen", "tcp6:8082:interface=\\:\\:1")
+        self.assertEqual(config.listen, ("tcp:8081:backlog=1024", "tcp6:8082:interface=\\:\\:1:backlog=1024"))
+
+    def test_explicit_backlog_kept(self):
+        """
+        An endpoint string that sets backlog= keeps its own.
+        """
+        self.assertEqual(self.parse("--listen", "tcp:8081:backlog=5").listen, ("tcp:8081:backlog=5",))
+
+    def test_backlog_only_where_accepted(self):
+        """
+        Endpoint types without a backlog argument are left as written.
+        """
+        self.assertEqual(with_default_backlog("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0")
+        self.assertEqual(with_default_backlog("unix:/run/leeloo.sock"), "unix:/run/leeloo.sock:backlog=1024")
+
+    def test_unparsable_endpoint(self):
+        """
+        An endpoint Twisted cannot parse stops start-up naming it and showing
+        a good example.
+        """
+        for bad in ("tcp:notaport", "nosuchtype:1234", "tcp"):
+            with self.assertRaises(UsageError) as raised:
+                self.parse("--listen", bad)
+            self.assertIn(bad, str(raised.exception))
+            self.assertIn("tcp:8080", str(raised.exception))
+
+    def test_listen_backlog_reaches_the_socket(self):
+        """
+        The service tree listens with the backlog the endpoint string says.
+        """
+        previous = txaio.config.loop
+        self.addCleanup(setattr, txaio.config, "loop", previous)
+        reactor = MemoryReactorClock()
+        service = build_service(self.parse("--listen", "tcp:0:interface=127.0.0.1"), reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, backlog, interface), (0, 1024, "127.0.0.1"))
+
+
+class DataDirTests(OptionsTestCase):
+    def test_created_private(self):
+        """
+        The data directory is created, readable by the relay's user only.
+        """
+        config = self.parse()
+        self.assertEqual(str(config.data_dir), self.data_dir)
+        self.assertEqual(stat.S_IMODE(os.stat(self.data_dir).st_mode), 0o700)
+
+    def test_unwritable(self):
+        """
+        A data dir that cannot be written stops start-up with a message
+        naming it and what to do.
+        """
+        blocker = os.path.join(self.tmp, "file")
+        open(blocker, "w").close()
+        with self.assertRaises(UsageError) as raised:
+            Options(environ={}).parseOptions(["--data-dir", os.path.join(blocker, "sub")])
+        self.assertIn("--data-dir", str(raised.exception))
+        self.assertIn("writable", str(raised.exception))
+
+
+class EnvFileTests(OptionsTestCase):
+    def test_format(self):
+        """
+        The env file takes KEY=VALUE lines, comments, blank lines, quotes,
+        export and trailing comments.
+        """
+        path = self.env_file(
+            "# LEELOO relay\n\n"
+            "SPOTIFY_CLIENT_ID=my-client\n"
+            'export SPOTIFY_CLIENT_SECRET="placeholder secret"\n'
+            "SPOTIFY_REDIRECT_URI = https://relay.example/spotify/callback  # where Spotify returns\n"
+            "TELEGRAM_API_SECRET='bot-placeholder'\n"
+        )
+        self.assertEqual(
+            read_env_file(path),
+            {
+                "SPOTIFY_CLIENT_ID": "my-client",
+                "SPOTIFY_CLIENT_SECRET": "placeholder secret",
+                "SPOTIFY_REDIRECT_URI": "https://relay.example/spotify/callback",
+                "TELEGRAM_API_SECRET": "bot-placeholder",
+            },
+        )
+
+    def test_settings_from_file(self):
+        """
+        Settings in the env file configure Spotify and the bot API.
+        """
+        path = self.env_file(
+            "SPOTIFY_CLIENT_ID=cid\nSPOTIFY_CLIENT_SECRET=csecret\n"
+            "SPOTIFY_REDIRECT_URI=https://r/spotify/callback\nSPOTIFY_ACCOUNTS_URL=http://127.0.0.1:9\n"
+            "TELEGRAM_API_SECRET=bot\n"
+        )
+        config = self.parse("--env-file", path)
+        self.assertEqual(config.spotify.client_id, "cid")
+        self.assertEqual(config.spotify.client_secret, "csecret")
+        self.assertEqual(config.spotify.token_url, "http://127.0.0.1:9/api/token")
+        self.assertEqual(config.spotify.api_url, "https://api.spotify.com")
+        self.assertEqual(config.telegram_api_secret, "bot")
+
+    def test_environment_wins(self):
+        """
+        The process environment wins over the env file, which fills the rest.
+        """
+        path = self.env_file("TELEGRAM_API_SECRET=from-file\nSPOTIFY_CLIENT_ID=file-id\n")
+        config = self.parse(
+            "--env-file", path,
+            environ={"TELEGRAM_API_SECRET": "from-env", "SPOTIFY_CLIENT_SECRET": "s", "SPOTIFY_REDIRECT_URI": "u"},
+        )
+        self.assertEqual(config.telegram_api_secret, "from-env")
+        self.assertEqual(config.spotify.client_id, "file-id")
+
+    def test_secrets_not_in_repr(self):
+        """
+        The config's repr never shows a secret.
+        """
+        config = self.parse(environ={"TELEGRAM_API_SECRET": "bot-placeholder-value", "SPOTIFY_CLIENT_ID": "i",
+                                     "SPOTIFY_CLIENT_SECRET": "spotify-placeholder-value",
+                                     "SPOTIFY_REDIRECT_URI": "u"})
+        self.assertNotIn("bot-placeholder-value", repr(config))
+        self.assertNotIn("spotify-placeholder-value", repr(config))
+
+    def test_unreadable(self):
+        """
+        A missing env file stops start-up naming the file.
+        """
+        missing = os.path.join(self.tmp, "nope.env")
+        with self.assertRaises(UsageError) as raised:
+            self.parse("--env-file", missing)
+        self.assertIn(missing, str(raised.exception))
+
+    def test_bad_line_names_line_not_value(self):
+        """
+        A malformed line is reported by number, without its content.
+        """
+        path = self.env_file("A=1\nthis is a placeholder-secret line\n")
+        with self.assertRaises(UsageError) as raised:
+            self.parse("--env-file", path)
+        self.assertIn("line 2", str(raised.exception))
+        self.assertNotIn("placeholder-secret", str(raised.exception))
+
+    def test_half_configured_spotify(self):
+        """
+        Spotify with only some of its settings is refused, naming what is
+        missing.
+        """
+        with self.assertRaises(UsageError) as raised:
+            self.parse(environ={"SPOTIFY_CLIENT_ID": "x"})
+        self.assertIn("SPOTIFY_CLIENT_SECRET", str(raised.exception))
+
+    def test_no_settings(self):
+        """
+        Without settings Spotify and the bot API are off.
+        """
+        config = self.parse()
+        self.assertIsNone(config.spotify)
+        self.assertIsNone(config.telegram_api_secret)
+
+
+class MessageSizeTests(OptionsTestCase):
+    def test_default(self):
+        """
+        The default message size limit is 64 KiB.
+        """
+        self.assertEqual(self.parse().limits.max_message_size, 65536)
+
+    def test_option(self):
+        """
+        --max-message-size sets the limit.
+        """
+        self.assertEqual(self.parse("--max-message-size", "4096").limits.max_message_size, 4096)
+
+    def test_invalid(self):
+        """
+        A non-positive or non-numeric size is refused.
+        """
+        for bad in ("0", "-5", "big"):
+            self.assertRaises(UsageError, self.parse, "--max-message-size", bad)
+
+
+class TimerTests(SynchronousTestCase):
+    def test_timer_callable_never_raises(self):
+        """
+        A timer's callable that raises, or whose Deferred fails, is logged
+        and does not propagate (a TimerService would stop for good).
+        """
+        from twisted.internet.defer import fail
+        from twisted.logger import Logger, capturedLogs
+
+        from leeloo.tap import _never_raises
+
+        log = Logger()
+        with capturedLogs() as events:
+            _never_raises(lambda: 1 / 0, log, "sync")()
+            _never_raises(lambda: fail(ValueError("disk")), log, "async")()
+        self.assertEqual([e["what"] for e in events], ["sync", "async"])
+        self.assertTrue(all(e.get("log_failure") for e in events))
+        self.flushLoggedErrors(ZeroDivisionError, ValueError)
+
+    def test_prune_logs_counts(self):
+        """
+        The retention timer logs how many messages and crews it pruned.
+        """
+        from twisted.internet.task import Clock
+        from twisted.logger import Logger, capturedLogs
+
+        from leeloo.relay import Relay
+        from leeloo.tap import _prune
+
+        with capturedLogs() as events:
+            self.successResultOf(_prune(Relay(Clock()), Logger()))
+        [event] = [e for e in events if "messages" in e]
+        self.assertEqual((event["messages"], event["crews"]), (0, 0))
+
+
+class TransportLimitOptionsTests(OptionsTestCase):
+    def test_defaults(self):
+        """
+        The transport limits are on by default: 20000 connections, 256 per
+        client address, 1 MiB unsent, 10 s to send a request, no trusted
+        proxy, no public URL (same-origin browsers only), no admin listener.
+        """
+        config = self.parse()
+        self.assertEqual(
+            (config.limits.max_connections, config.limits.max_connections_per_address,
+             config.limits.max_unsent, config.http_limits.request_timeout),
+            (20000, 256, 1024 * 1024, 10.0))
+        self.assertEqual((config.trusted_proxies, config.public_url, config.admin_listen), ((), None, ()))
+
+    def test_options(self):
+        """
+        Each limit has its option.
+        """
+        config = self.parse(
+            "--max-connections", "100", "--max-connections-per-address", "5",
+            "--max-unsent-bytes", "65536", "--request-timeout", "2.5",
+            "--public-url", "https://relay.example.org",
+            "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1",
+            "--admin-listen", "tcp:9100:interface=127.0.0.1",
+        )
+        self.assertEqual(
+            (config.limits.max_connections, config.limits.max_connections_per_address,
+             config.limits.max_unsent, config.http_limits.request_timeout),
+            (100, 5, 65536, 2.5))
+        self.assertEqual(config.public_url, "https://relay.example.org")
+        self.assertEqual(config.trusted_proxies, ("10.0.0.0/8", "::1"))
+        self.assertEqual(config.admin_listen, ("tcp:9100:interface=127.0.0.1:backlog=1024",))
+
+    def test_invalid_numbers(self):
+        """
+        A non-positive or non-numeric limit is refused.
+        """
+        for option in ("--max-connections", "--max-connections-per-address", "--max-unsent-bytes",
+                       "--request-timeout"):
+            for bad in ("0", "-1", "lots"):
+                self.assertRaises(UsageError, self.parse, option, bad)
+
+    def test_invalid_trusted_proxy(self):
+        """
+        A trusted proxy that is not an address or CIDR block is refused,
+        naming it.
+        """
+        with self.assertRaises(UsageError) as raised:
+            self.parse("--trusted-proxy", "proxy.example.org")
+        self.assertIn("proxy.example.org", str(raised.exception))
+
+    def test_invalid_public_url(self):
+        """
+        A public URL that is not http(s) with a host is refused with an
+        example.
+        """
+        with self.assertRaises(UsageError) as raised:
+            self.parse("--public-url", "relay.example.org")
+        self.assertIn("https://relay.example.org", str(raised.exception))
+
+    def test_invalid_admin_listen(self):
+        """
+        An unusable admin endpoint is refused, naming the option.
+        """
+        with self.assertRaises(UsageError) as raised:
+            self.parse("--admin-listen", "tcp:notaport")
+        self.assertIn("--admin-listen", str(raised.exception))
+
+
+class EnvFilePermissionTests(OptionsTestCase):
+    SECRET = "s3cr3t-value-in-env-file"
+
+    def env_file_mode(self, mode):
+        path = self.env_file(f"TELEGRAM_API_SECRET={self.SECRET}\n")
+        os.chmod(path, mode)
+        return path
+
+    def test_wide_permissions_warned(self):
+        """
+        An env file readable by others gives a start-up warning naming the
+        file, its mode and the fix, never a value.
+        """
+        path = self.env_file_mode(0o644)
+        [warning] = self.parse("--env-file", path).warnings
+        self.assertIn(path, warning)
+        self.assertIn("0644", warning)
+        self.assertIn("chmod 600", warning)
+        self.assertNotIn(self.SECRET, warning)
+
+    def test_private_file_not_warned(self):
+        """
+        A 0600 (or stricter) env file gives no warning.
+        """
+        for mode in (0o600, 0o400):
+            self.assertEqual(self.parse("--env-file", self.env_file_mode(mode)).warnings, ())
+
+    def test_warning_logged_at_start(self):
+        """
+        The warning is logged when the relay starts, at warning level.
+        """
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        config = self.parse("--env-file", self.env_file_mode(0o640))
+        with capturedLogs() as events:
+            started(self, config)
+        [warning] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn("0640", warning)
+        self.assertNotIn(self.SECRET, "".join(formatEvent(e) + repr(e) for e in events))
+
+
+def started(testcase, config):
+    """
+    Build and start the service tree for C{config} on a memory reactor.
+    """
+    previous = txaio.config.loop
+    testcase.addCleanup(setattr, txaio.config, "loop", previous)
+    reactor = MemoryReactorClock()
+    service = build_service(config, reactor)
+    service.startService()
+    testcase.addCleanup(service.stopService)
+    return service, reactor
+
+
+class StartLogTests(OptionsTestCase):
+    def test_limits_logged(self):
+        """
+        The effective transport limits are logged at start.
+        """
+        from twisted.logger import capturedLogs, formatEvent
+
+        config = self.parse("--max-connections", "1234", "--max-connections-per-address", "12",
+                            "--request-timeout", "7", "--trusted-proxy", "10.0.0.0/8",
+                            "--public-url", "https://relay.example.org")
+        with capturedLogs() as events:
+            started(self, config)
+        text = "\n".join(formatEvent(e) for e in events)
+        for fact in ("1234 connections", "12 per client address", "1048576 bytes behind",
+                     "within 7s", "65536 bytes", "10.0.0.0/8", "https://relay.example.org",
+                     "loopback clients only"):
+            self.assertIn(fact, text)
+
+
+class AdminListenTests(OptionsTestCase):
+    def test_admin_site_listens(self):
+        """
+        Each --admin-listen endpoint serves the admin site (with /metrics),
+        not the public one.
+        """
+        config = self.parse("--listen", "tcp:8080:interface=127.0.0.1",
+                            "--admin-listen", "tcp:9100:interface=127.0.0.1")
+        service, reactor = started(self, config)
+        factories = {port: factory for (port, factory, _, _) in reactor.tcpServers}
+        self.assertIs(factories[8080], service.site)
+        self.assertIs(factories[9100], service.admin_site)
+        self.assertIsNot(service.admin_site, service.site)
+        self.assertIn(b"metrics", service.admin_site.resource.children)

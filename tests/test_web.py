@@ -1,0 +1,1063 @@
+"""
+Tests for L{leeloo.web}: the real resource tree from L{make_root}, driven
+through L{treq.testing.StubTreq}, with time from a L{Clock}, Spotify played
+by L{FakeSpotifyAccounts} and devices by L{FakePeer}s on the same L{Relay}.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from leeloo.relay import Relay
+from leeloo.spotify import SpotifyConfig, SpotifyOAuth
+from leeloo.testing import FakePeer, FakeSpotifyAccounts, strip_keys
+from leeloo.web import make_root
+from leeloo.websocket import RelayServerFactory
+
+BASE = "http://relay.test"
+SECRET = "test-secret"
+START = 1_700_000_000.0
+
+CLIENT_ID = "test-client-id"
+CLIENT_SECRET = "test-client-secret"
+REDIRECT_URI = "https://relay.test/spotify/callback"
+
+DEVICE = "leeloo_00000000000a"
+OTHER_DEVICE = "leeloo_00000000000b"
+CODE = "test-oauth-code-4711"
+ACCESS_TOKEN = "test-access-token-a1"
+REFRESH_TOKEN = "test-refresh-token-r1"
+TOKENS = {"access_token": ACCESS_TOKEN, "refresh_token": REFRESH_TOKEN, "expires_in": 3600}
+
+GENERATED_CREW_CODE = re.compile(r"LEELOO-[ABCDEFGHJKLMNPQRSTUVWXYZ23456789]{4}")
+
+
+class SiteTestMixin:
+    """
+    A relay on a L{Clock}, its root resource behind a L{StubTreq}, and
+    helpers to make requests and connect devices.
+    """
+
+    secret: str | None = SECRET
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.relay = self.make_relay()
+        self.spotify = self.make_spotify()
+        self.http = StubTreq(
+            make_root(self.relay, RelayServerFactory(self.relay), self.spotify, self.secret)
+        )
+
+    def make_relay(self) -> Relay:
+        return Relay(self.clock)
+
+    def make_spotify(self) -> SpotifyOAuth | None:
+        return None
+
+    def call(self, method: str, path: str, **kwargs: Any) -> tuple[Any, bytes]:
+        """
+        Make one request; return the response and its whole body.
+        """
+        d = self.http.request(method, BASE + path, **kwargs)
+        self.http.flush()
+        response = self.successResultOf(d)
+        body = response.content()
+        self.http.flush()
+        return response, self.successResultOf(body)
+
+    def content_type(self, response: Any) -> str:
+        [value] = response.headers.getRawHeaders(b"content-type")
+        return value.decode("latin-1")
+
+    def device(
+        self, device_id: str, crew_code: str | None = None, name: str | None = None
+    ) -> tuple[FakePeer, Any]:
+        """
+        Connect a device and register it, optionally in a crew; forget
+        what it was sent so far.
+        """
+        peer = FakePeer()
+        session = self.relay.connect(peer)
+        self.send(session, type="register", device_id=device_id, crew_code=crew_code, device_name=name)
+        peer.take()
+        return peer, session
+
+    def send(self, session: Any, **message: Any) -> None:
+        self.relay.receive(session, json.dumps(message).encode("utf-8"))
+
+
+# ---------------------------------------------------------------- landing
+
+
+class LandingTests(SiteTestMixin, SynchronousTestCase):
+    def test_html(self) -> None:
+        """
+        C{GET /} is a 200 HTML page.
+        """
+        response, body = self.call("GET", "/")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.content_type(response), "text/html; charset=utf-8")
+        self.assertTrue(body.startswith(b"<!DOCTYPE html>"))
+        self.assertIn(b"LEELOO", body)
+
+    def test_viewport(self) -> None:
+        """
+        The landing page sets a device-width viewport, so phones show it at
+        their own width.
+        """
+        _, body = self.call("GET", "/")
+        self.assertRegex(
+            body.decode("utf-8"),
+            r'<meta name="viewport" content="width=device-width[^"]*">',
+        )
+
+    def test_index_html(self) -> None:
+        """
+        C{/index.html} is the same landing page.
+        """
+        self.assertEqual(self.call("GET", "/index.html")[1], self.call("GET", "/")[1])
+
+
+# ----------------------------------------------------------------- health
+
+
+class HealthTests(SiteTestMixin, SynchronousTestCase):
+    def health(self) -> dict:
+        response, body = self.call("GET", "/health")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.content_type(response), "application/json")
+        return json.loads(body)
+
+    def test_fields(self) -> None:
+        """
+        C{/health} of a fresh relay is status ok, no devices, no crews, no
+        uptime.
+        """
+        body = self.health()
+        self.assertEqual(
+            {k: body[k] for k in ("status", "devices", "crews", "uptime")},
+            {"status": "ok", "devices": 0, "crews": 0, "uptime": 0},
+        )
+
+    def test_devices_connected_now(self) -> None:
+        """
+        C{devices} counts devices connected now: one that disconnected no
+        longer counts.
+        """
+        self.device(DEVICE)
+        _, leaving = self.device(OTHER_DEVICE)
+        self.assertEqual(self.health()["devices"], 2)
+        self.relay.disconnect(leaving)
+        self.assertEqual(self.health()["devices"], 1)
+
+    def test_crews_known(self) -> None:
+        """
+        C{crews} counts every crew the relay knows, from devices and from
+        the bot, including crews with nobody online.
+        """
+        _, session = self.device(DEVICE, crew_code="ALPHA")
+        self.relay.bot_create_crew("42", "Ann")
+        self.relay.disconnect(session)
+        self.assertEqual(self.health()["crews"], 2)
+
+    def test_uptime_follows_clock(self) -> None:
+        """
+        C{uptime} is the whole seconds since the relay started, by its clock.
+        """
+        self.clock.advance(90.7)
+        self.assertEqual(self.health()["uptime"], 90)
+
+
+# ---------------------------------------------------------------- bot API
+
+
+class BotAPIMixin(SiteTestMixin):
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        content_type: str | None = "application/json",
+        secret: str | None = SECRET,
+        params: dict | None = None,
+    ) -> tuple[int, Any]:
+        """
+        Call the bot API; check the answer is JSON (never a traceback) and
+        return its status and decoded body.
+        """
+        headers = {}
+        if secret is not None:
+            headers["X-Api-Secret"] = secret
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        if raw is None and body is not None:
+            raw = json.dumps(body).encode("utf-8")
+        response, data = self.call(
+            method, "/api/telegram/" + path, data=raw, headers=headers, params=params
+        )
+        self.assertEqual(self.content_type(response), "application/json", data)
+        self.assertNotIn(b"Traceback", data)
+        return response.code, json.loads(data)
+
+    def create(self, user: Any = "42", name: str = "Ann") -> str:
+        status, body = self.api(
+            "POST", "crew/create", {"telegram_user_id": user, "display_name": name}
+        )
+        self.assertEqual(status, 200, body)
+        return body["crew_code"]
+
+    def join(self, code: str, user: Any = "42", name: str = "Ann") -> tuple[int, Any]:
+        return self.api(
+            "POST",
+            "crew/join",
+            {"telegram_user_id": user, "crew_code": code, "display_name": name},
+        )
+
+    def message(self, code: str, user: Any = "42", **fields: Any) -> tuple[int, Any]:
+        body = {
+            "telegram_user_id": user,
+            "crew_code": code,
+            "sender_name": "Ann",
+            "msg_type": "text",
+            "payload": {"text": "hi"},
+        }
+        body.update(fields)
+        return self.api("POST", "message", body)
+
+    def status(self, code: str) -> tuple[int, Any]:
+        return self.api("GET", "crew/status", params={"crew_code": code}, content_type=None)
+
+
+class BotCrewTests(BotAPIMixin, SynchronousTestCase):
+    def test_create(self) -> None:
+        """
+        C{crew/create} answers only a new generated crew code.
+        """
+        status, body = self.api(
+            "POST", "crew/create", {"telegram_user_id": "42", "display_name": "Ann"}
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(list(body), ["crew_code"])
+        self.assertRegex(body["crew_code"], GENERATED_CREW_CODE)
+        self.assertIn(body["crew_code"], self.relay.crews)
+
+    def test_create_puts_user_in_crew(self) -> None:
+        """
+        The bot user who created a crew is in it: its status lists the user
+        and the user may message it without joining.
+        """
+        code = self.create("42", "Ann")
+        _, status = self.status(code)
+        self.assertEqual((status["telegram_users"], status["telegram_user_names"]), (1, ["Ann"]))
+        self.assertEqual(self.message(code, "42")[0], 200)
+
+    def test_create_distinct_codes(self) -> None:
+        """
+        Each C{crew/create} makes a different crew.
+        """
+        self.assertNotEqual(self.create("42"), self.create("42"))
+
+    def test_join(self) -> None:
+        """
+        C{crew/join} of an existing crew answers success, the crew code and
+        how many devices are online in it.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        self.device(OTHER_DEVICE, crew_code="ALPHA")
+        self.assertEqual(
+            self.join("ALPHA"),
+            (200, {"success": True, "crew_code": "ALPHA", "devices_online": 2}),
+        )
+
+    def test_join_adds_user(self) -> None:
+        """
+        After C{crew/join} the crew's status lists the bot user.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        self.join("ALPHA", "77", "Bob")
+        self.assertEqual(self.status("ALPHA")[1]["telegram_user_names"], ["Bob"])
+
+    def test_join_unknown_crew(self) -> None:
+        """
+        Joining a crew that does not exist is 404 C{crew_not_found} with a
+        message naming the crew, and creates nothing.
+        """
+        status, body = self.join("NOPE")
+        self.assertEqual(status, 404)
+        self.assertEqual(body["error"], "crew_not_found")
+        self.assertIn("NOPE", body["message"])
+        self.assertNotIn("NOPE", self.relay.crews)
+
+    def test_join_lowercase_code(self) -> None:
+        """
+        A lower-case crew code joins the upper-case crew and is answered
+        upper-cased.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        status, body = self.join("alpha")
+        self.assertEqual((status, body["crew_code"]), (200, "ALPHA"))
+
+    def test_status(self) -> None:
+        """
+        C{crew/status} answers exactly the crew code, that it exists, the
+        online devices' count and names and the bot users' count and names.
+        """
+        self.device(DEVICE, crew_code="ALPHA", name="Kitchen")
+        self.device(OTHER_DEVICE, crew_code="ALPHA", name="Desk")
+        self.join("ALPHA", "42", "Ann")
+        status, body = self.status("ALPHA")
+        self.assertEqual(status, 200)
+        self.assertEqual(
+            body,
+            {
+                "crew_code": "ALPHA",
+                "exists": True,
+                "devices_online": 2,
+                "device_names": ["Kitchen", "Desk"],
+                "telegram_users": 1,
+                "telegram_user_names": ["Ann"],
+            },
+        )
+
+    def test_status_unknown_crew(self) -> None:
+        """
+        The status of a crew that does not exist says so, with zero counts
+        and empty lists.
+        """
+        self.assertEqual(
+            self.status("NOPE"),
+            (
+                200,
+                {
+                    "crew_code": "NOPE",
+                    "exists": False,
+                    "devices_online": 0,
+                    "device_names": [],
+                    "telegram_users": 0,
+                    "telegram_user_names": [],
+                },
+            ),
+        )
+
+    def test_status_lowercase_code(self) -> None:
+        """
+        A lower-case crew code in C{crew/status} finds the upper-case crew.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        _, body = self.status("alpha")
+        self.assertEqual((body["crew_code"], body["exists"]), ("ALPHA", True))
+
+    def test_status_without_code(self) -> None:
+        """
+        C{crew/status} without C{crew_code} is 400 C{crew_code required}.
+        """
+        self.assertEqual(
+            self.api("GET", "crew/status", content_type=None),
+            (400, {"error": "crew_code required"}),
+        )
+
+    def test_integer_user_id(self) -> None:
+        """
+        An integer C{telegram_user_id} (as Telegram sends it) names the same
+        user as its decimal string.
+        """
+        code = self.create(4242)
+        self.assertEqual(self.message(code, "4242")[0], 200)
+        self.device(DEVICE, crew_code="ALPHA")
+        self.join("ALPHA", 77)
+        self.assertEqual(self.message("ALPHA", "77")[0], 200)
+
+
+class BotMessageTests(BotAPIMixin, SynchronousTestCase):
+    def test_devices_receive(self) -> None:
+        """
+        A bot message reaches every online device of the crew as a
+        C{message} from device C{telegram} with the sender's name, the
+        msg_type and payload unchanged and the relay's time in ms.
+        """
+        first, _ = self.device(DEVICE, crew_code="ALPHA")
+        second, _ = self.device(OTHER_DEVICE, crew_code="ALPHA")
+        self.join("ALPHA")
+        self.clock.advance(1.5)
+        payload = {"artist": "A", "track": "T", "album": "L", "spotify_uri": "spotify:track:x",
+                   "album_art_url": None, "note": "listen"}
+        self.message("ALPHA", sender_name="Ann", msg_type="song_push", payload=payload)
+        expected = {
+            "type": "message",
+            "from_device": "telegram",
+            "from_name": "Ann",
+            "msg_type": "song_push",
+            "payload": payload,
+            "timestamp": int((START + 1.5) * 1000),
+            "seq": 1,
+        }
+        received = first.take()
+        self.assertEqual(second.take(), received)
+        [message] = received
+        self.assertIsInstance(message.pop("id"), str)
+        self.assertEqual(message, expected)
+
+    def test_devices_reached(self) -> None:
+        """
+        The answer is success with the number of devices the message
+        reached.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        self.device(OTHER_DEVICE, crew_code="ALPHA")
+        self.join("ALPHA")
+        self.assertEqual(self.message("ALPHA"), (200, {"success": True, "devices_reached": 2}))
+
+    def test_no_device_online(self) -> None:
+        """
+        A message to a crew with nobody online reaches no device.
+        """
+        code = self.create()
+        self.assertEqual(self.message(code), (200, {"success": True, "devices_reached": 0}))
+
+    def test_other_crews_untouched(self) -> None:
+        """
+        Devices of other crews do not receive the message.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        outsider, _ = self.device(OTHER_DEVICE, crew_code="BRAVO")
+        self.join("ALPHA")
+        self.message("ALPHA")
+        self.assertEqual(outsider.take(), [])
+
+    def test_not_in_crew(self) -> None:
+        """
+        A user who has not joined the crew is refused 403 C{not_in_crew}
+        and no device receives anything.
+        """
+        member, _ = self.device(DEVICE, crew_code="ALPHA")
+        status, body = self.message("ALPHA", "99")
+        self.assertEqual((status, body["error"]), (403, "not_in_crew"))
+        self.assertEqual(member.take(), [])
+
+    def test_unknown_crew(self) -> None:
+        """
+        A message to a crew that does not exist is 404 C{crew_not_found}.
+        """
+        status, body = self.message("NOPE")
+        self.assertEqual((status, body["error"]), (404, "crew_not_found"))
+
+    def test_lowercase_code(self) -> None:
+        """
+        A lower-case crew code reaches the upper-case crew.
+        """
+        member, _ = self.device(DEVICE, crew_code="ALPHA")
+        self.join("ALPHA")
+        self.assertEqual(self.message("alpha")[1]["devices_reached"], 1)
+        self.assertEqual(len(member.take()), 1)
+
+
+class BotAuthTests(BotAPIMixin, SynchronousTestCase):
+    def test_wrong_secret(self) -> None:
+        """
+        A wrong secret (even a prefix of the right one) is 401
+        C{{"error": "unauthorized"}} and does nothing.
+        """
+        for wrong in ("other-secret", SECRET[:-1], SECRET + "x", SECRET.upper()):
+            status, body = self.api(
+                "POST", "crew/create", {"telegram_user_id": "42", "display_name": "Ann"},
+                secret=wrong,
+            )
+            self.assertEqual((status, body), (401, {"error": "unauthorized"}), wrong)
+        self.assertEqual(self.relay.crews, {})
+
+    def test_missing_secret(self) -> None:
+        """
+        A call without C{X-Api-Secret} is 401 C{unauthorized}.
+        """
+        status, body = self.api(
+            "POST", "crew/create", {"telegram_user_id": "42", "display_name": "Ann"}, secret=None
+        )
+        self.assertEqual((status, body), (401, {"error": "unauthorized"}))
+        self.assertEqual(self.relay.crews, {})
+
+    def test_status_needs_secret(self) -> None:
+        """
+        C{crew/status} is behind the secret too.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        status, body = self.api(
+            "GET", "crew/status", params={"crew_code": "ALPHA"}, content_type=None, secret="nope"
+        )
+        self.assertEqual((status, body), (401, {"error": "unauthorized"}))
+
+    def test_secret_before_body(self) -> None:
+        """
+        The secret is checked before the body is read: a wrong secret with a
+        malformed body is 401, not 400.
+        """
+        status, _ = self.api("POST", "crew/create", raw=b"{not json", secret="nope")
+        self.assertEqual(status, 401)
+
+
+class BotDisabledTests(BotAPIMixin, SynchronousTestCase):
+    secret = None
+
+    def test_disabled(self) -> None:
+        """
+        Without a configured secret the bot API is 503 C{bot_api_disabled},
+        whatever secret the caller sends.
+        """
+        for given in (None, "", SECRET):
+            status, body = self.api(
+                "POST", "crew/create", {"telegram_user_id": "42", "display_name": "Ann"},
+                secret=given,
+            )
+            self.assertEqual((status, body["error"]), (503, "bot_api_disabled"), given)
+        self.assertEqual(self.relay.crews, {})
+
+
+class BotEmptySecretTests(BotAPIMixin, SynchronousTestCase):
+    secret = ""
+
+    def test_empty_secret_disables(self) -> None:
+        """
+        An empty configured secret disables the bot API rather than letting
+        an empty header in.
+        """
+        status, body = self.api(
+            "POST", "crew/create", {"telegram_user_id": "42", "display_name": "Ann"}, secret=""
+        )
+        self.assertEqual((status, body["error"]), (503, "bot_api_disabled"))
+
+
+class BotInputTests(BotAPIMixin, SynchronousTestCase):
+    def test_malformed_json(self) -> None:
+        """
+        A body that is not JSON is 400 C{invalid_json}.
+        """
+        status, body = self.api("POST", "crew/create", raw=b'{"telegram_user_id": ')
+        self.assertEqual((status, body["error"]), (400, "invalid_json"))
+
+    def test_not_utf8(self) -> None:
+        """
+        A body that is not UTF-8 is 400 C{invalid_json}.
+        """
+        status, body = self.api("POST", "crew/create", raw=b'{"display_name": "\xff"}')
+        self.assertEqual((status, body["error"]), (400, "invalid_json"))
+
+    def test_wrong_content_type(self) -> None:
+        """
+        A body that is not sent as C{application/json} is 400
+        C{invalid_content_type}, even when it is JSON, and does nothing.
+        """
+        status, body = self.api(
+            "POST", "crew/create", {"telegram_user_id": "42", "display_name": "Ann"},
+            content_type="text/plain",
+        )
+        self.assertEqual((status, body["error"]), (400, "invalid_content_type"))
+        self.assertEqual(self.relay.crews, {})
+
+    def test_missing_content_type(self) -> None:
+        """
+        A body without a content type is 400 C{invalid_content_type}.
+        """
+        status, body = self.api(
+            "POST", "crew/create", {"telegram_user_id": "42", "display_name": "Ann"},
+            content_type=None,
+        )
+        self.assertEqual((status, body["error"]), (400, "invalid_content_type"))
+
+    def test_content_type_parameters(self) -> None:
+        """
+        C{application/json} with a charset parameter, in any case, is JSON.
+        """
+        status, _ = self.api(
+            "POST", "crew/create", {"telegram_user_id": "42", "display_name": "Ann"},
+            content_type="Application/JSON; charset=utf-8",
+        )
+        self.assertEqual(status, 200)
+
+    def test_not_an_object(self) -> None:
+        """
+        A JSON body that is not an object is 400 C{invalid_body}.
+        """
+        for body in ([], ["42", "Ann"], "42", 42, None):
+            status, answer = self.api("POST", "crew/create", raw=json.dumps(body).encode())
+            self.assertEqual((status, answer["error"]), (400, "invalid_body"), body)
+
+    def test_too_large(self) -> None:
+        """
+        A body over 64 KiB is 413 C{body_too_large}.
+        """
+        raw = json.dumps({"telegram_user_id": "42", "display_name": "x" * 70_000}).encode()
+        status, body = self.api("POST", "crew/create", raw=raw)
+        self.assertEqual((status, body["error"]), (413, "body_too_large"))
+
+    def assertRequired(self, path: str, complete: dict) -> None:
+        for name in complete:
+            for missing in ({}, {name: None}, {name: ""}, {name: "   "}):
+                body = {k: v for k, v in complete.items() if k != name}
+                body.update(missing)
+                self.assertEqual(
+                    self.api("POST", path, body), (400, {"error": f"{name} required"}), body
+                )
+
+    def test_create_required(self) -> None:
+        """
+        C{crew/create} without (or with an empty) C{telegram_user_id} or
+        C{display_name} is 400 C{"<field> required"}.
+        """
+        self.assertRequired("crew/create", {"telegram_user_id": "42", "display_name": "Ann"})
+        self.assertEqual(self.relay.crews, {})
+
+    def test_join_required(self) -> None:
+        """
+        C{crew/join} without C{telegram_user_id}, C{crew_code} or
+        C{display_name} is 400 C{"<field> required"}.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        self.assertRequired(
+            "crew/join", {"telegram_user_id": "42", "crew_code": "ALPHA", "display_name": "Ann"}
+        )
+        self.assertEqual(self.relay.crews["ALPHA"].bot_users, {})
+
+    def test_message_required(self) -> None:
+        """
+        C{message} without C{telegram_user_id}, C{crew_code} or
+        C{sender_name} is 400 C{"<field> required"} and reaches nobody.
+        """
+        member, _ = self.device(DEVICE, crew_code="ALPHA")
+        self.join("ALPHA", "42")
+        self.assertRequired(
+            "message", {"telegram_user_id": "42", "crew_code": "ALPHA", "sender_name": "Ann"}
+        )
+        self.assertEqual(member.take(), [])
+
+    def test_wrong_types(self) -> None:
+        """
+        A field of the wrong type is 400 with an error naming the field.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        self.join("ALPHA", "42")
+        cases = [
+            ("crew/create", {"telegram_user_id": "42", "display_name": 7}, "display_name"),
+            ("crew/create", {"telegram_user_id": True, "display_name": "Ann"}, "telegram_user_id"),
+            ("crew/create", {"telegram_user_id": ["42"], "display_name": "Ann"}, "telegram_user_id"),
+            ("crew/create", {"telegram_user_id": 4.2, "display_name": "Ann"}, "telegram_user_id"),
+            ("crew/join", {"telegram_user_id": "42", "crew_code": ["ALPHA"], "display_name": "Ann"},
+             "crew_code"),
+            ("message", {"telegram_user_id": "42", "crew_code": "ALPHA", "sender_name": {}},
+             "sender_name"),
+            ("message", {"telegram_user_id": "42", "crew_code": "ALPHA", "sender_name": "Ann",
+                         "msg_type": 3}, "msg_type"),
+            ("message", {"telegram_user_id": "42", "crew_code": "ALPHA", "sender_name": "Ann",
+                         "payload": "hi"}, "payload"),
+            ("message", {"telegram_user_id": "42", "crew_code": "ALPHA", "sender_name": "Ann",
+                         "payload": ["hi"]}, "payload"),
+        ]
+        for path, body, field in cases:
+            status, answer = self.api("POST", path, body)
+            self.assertEqual(status, 400, body)
+            self.assertTrue(answer["error"].startswith(field + " "), answer)
+        self.assertEqual(list(self.relay.crews), ["ALPHA"])
+
+    def test_invalid_crew_code(self) -> None:
+        """
+        A crew code with characters no crew code has is 400, not a lookup.
+        """
+        status, body = self.join("no such crew!")
+        self.assertEqual(status, 400)
+        self.assertIn("crew_code", body["error"])
+
+    def test_unknown_path(self) -> None:
+        """
+        An unknown bot API path is 404 JSON C{not_found}.
+        """
+        status, body = self.api("POST", "crew/delete", {})
+        self.assertEqual((status, body["error"]), (404, "not_found"))
+
+    def test_wrong_method(self) -> None:
+        """
+        A known path with the wrong method is 405 JSON naming the allowed
+        method in C{Allow}.
+        """
+        for method, path, allowed in (
+            ("GET", "crew/create", b"POST"),
+            ("GET", "message", b"POST"),
+            ("POST", "crew/status", b"GET"),
+        ):
+            response, body = self.call(
+                method, "/api/telegram/" + path, headers={"X-Api-Secret": SECRET}
+            )
+            self.assertEqual(response.code, 405, path)
+            self.assertEqual(self.content_type(response), "application/json")
+            self.assertEqual(json.loads(body)["error"], "method_not_allowed")
+            self.assertEqual(response.headers.getRawHeaders(b"allow"), [allowed])
+
+
+class FailingRelay(Relay):
+    """
+    A relay with a bug in every bot call and in token delivery.
+    """
+
+    def bot_create_crew(self, user_id: str, name: str) -> str:
+        raise RuntimeError("a bug with a secret detail")
+
+    def deliver_tokens(self, device_id: str, tokens: dict) -> bool:
+        raise RuntimeError("a bug with a secret detail")
+
+
+class BotInternalErrorTests(BotAPIMixin, SynchronousTestCase):
+    def make_relay(self) -> Relay:
+        return FailingRelay(self.clock)
+
+    def test_bug_is_json_500(self) -> None:
+        """
+        A bug behind the bot API is answered 500 JSON C{internal_error}
+        that tells nothing about it, and is logged.
+        """
+        status, body = self.api(
+            "POST", "crew/create", {"telegram_user_id": "42", "display_name": "Ann"}
+        )
+        self.assertEqual((status, body), (500, {"error": "internal_error"}))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+# ---------------------------------------------------------------- Spotify
+
+
+class SpotifyCallbackMixin(SiteTestMixin):
+    def make_spotify(self) -> SpotifyOAuth | None:
+        self.accounts = FakeSpotifyAccounts(CLIENT_ID, CLIENT_SECRET, REDIRECT_URI)
+        self.accounts.issue(CODE, ACCESS_TOKEN, REFRESH_TOKEN, expires_in=3600)
+        config = SpotifyConfig(
+            CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, accounts_url="http://accounts.test"
+        )
+        return SpotifyOAuth(config, http=StubTreq(self.accounts), clock=self.clock)
+
+    def callback(self, **params: str) -> tuple[int, bytes]:
+        """
+        The phone's request to the callback; return the status and page,
+        checking it is HTML.
+        """
+        response, body = self.call("GET", "/spotify/callback", params=params)
+        self.assertEqual(self.content_type(response), "text/html; charset=utf-8")
+        self.assertTrue(body.startswith(b"<!DOCTYPE html>"))
+        return response.code, body
+
+    def assertNoSecrets(self, page: bytes) -> None:
+        for value in (CODE, ACCESS_TOKEN, REFRESH_TOKEN, CLIENT_SECRET):
+            self.assertNotIn(value.encode(), page)
+
+
+class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
+    def test_online_device_receives_tokens(self) -> None:
+        """
+        A device online when the callback arrives receives the tokens at
+        once in C{spotify_auth_complete}.
+        """
+        peer, _ = self.device(DEVICE)
+        self.callback(code=CODE, state=DEVICE)
+        self.assertEqual(peer.take(), [{"type": "spotify_auth_complete", "tokens": TOKENS}])
+
+    def test_phone_page(self) -> None:
+        """
+        The phone sees a 200 HTML page saying Spotify is connected.
+        """
+        self.device(DEVICE)
+        status, page = self.callback(code=CODE, state=DEVICE)
+        self.assertEqual(status, 200)
+        self.assertIn(b"Spotify is connected", page)
+
+    def test_token_request(self) -> None:
+        """
+        The callback exchanges the code at the token endpoint with exactly
+        the contract's form fields and the app's Basic auth.
+        """
+        self.callback(code=CODE, state=DEVICE)
+        self.assertEqual(
+            self.accounts.received,
+            [
+                {
+                    "authorization": "Basic "
+                    + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode(),
+                    "content_type": "application/x-www-form-urlencoded",
+                    "form": {
+                        "grant_type": "authorization_code",
+                        "code": CODE,
+                        "redirect_uri": REDIRECT_URI,
+                    },
+                }
+            ],
+        )
+
+    def test_other_devices_get_nothing(self) -> None:
+        """
+        Only the device named by C{state} receives the tokens, even in the
+        same crew.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        other, _ = self.device(OTHER_DEVICE, crew_code="ALPHA")
+        self.callback(code=CODE, state=DEVICE)
+        self.assertEqual(other.take(), [])
+
+    def test_offline_then_register(self) -> None:
+        """
+        A device offline at the callback receives the tokens right after
+        its C{registered} when it registers later.
+        """
+        status, _ = self.callback(code=CODE, state=DEVICE)
+        self.assertEqual(status, 200)
+        peer = FakePeer()
+        self.send(self.relay.connect(peer), type="register", device_id=DEVICE)
+        self.assertEqual(
+            strip_keys(peer.take()),
+            [
+                {"type": "registered", "device_id": DEVICE},
+                {"type": "spotify_auth_complete", "tokens": TOKENS},
+            ],
+        )
+
+    def test_offline_then_create_crew(self) -> None:
+        """
+        A device offline at the callback receives the tokens when it next
+        creates a crew.
+        """
+        self.callback(code=CODE, state=DEVICE)
+        peer = FakePeer()
+        self.send(self.relay.connect(peer), type="create_crew", device_id=DEVICE)
+        self.assertIn({"type": "spotify_auth_complete", "tokens": TOKENS}, peer.take())
+
+    def test_offline_then_join_crew(self) -> None:
+        """
+        A device offline at the callback receives the tokens when it next
+        joins a crew.
+        """
+        self.device(OTHER_DEVICE, crew_code="ALPHA")
+        self.callback(code=CODE, state=DEVICE)
+        peer = FakePeer()
+        self.send(self.relay.connect(peer), type="join_crew", device_id=DEVICE, crew_code="ALPHA")
+        self.assertIn({"type": "spotify_auth_complete", "tokens": TOKENS}, peer.take())
+
+    def test_delivered_once(self) -> None:
+        """
+        Kept tokens are delivered once: the device's next connection gets
+        none.
+        """
+        self.callback(code=CODE, state=DEVICE)
+        first = FakePeer()
+        session = self.relay.connect(first)
+        self.send(session, type="register", device_id=DEVICE)
+        self.assertIn("spotify_auth_complete", [m["type"] for m in first.take()])
+        self.relay.disconnect(session)
+        again = FakePeer()
+        self.send(self.relay.connect(again), type="register", device_id=DEVICE)
+        self.assertEqual(strip_keys(again.take()), [{"type": "registered", "device_id": DEVICE}])
+
+    def test_kept_within_the_hour(self) -> None:
+        """
+        Tokens are still delivered to a device that comes back just within
+        the hour.
+        """
+        self.callback(code=CODE, state=DEVICE)
+        self.clock.advance(3599)
+        peer = FakePeer()
+        self.send(self.relay.connect(peer), type="register", device_id=DEVICE)
+        self.assertIn({"type": "spotify_auth_complete", "tokens": TOKENS}, peer.take())
+
+    def test_forgotten_after_the_hour(self) -> None:
+        """
+        A device that comes back after the hour receives no tokens.
+        """
+        self.callback(code=CODE, state=DEVICE)
+        self.clock.advance(3601)
+        peer = FakePeer()
+        self.send(self.relay.connect(peer), type="register", device_id=DEVICE)
+        self.assertEqual(strip_keys(peer.take()), [{"type": "registered", "device_id": DEVICE}])
+
+    def test_invalid_grant(self) -> None:
+        """
+        A code Spotify refuses shows the phone a 400 page with Spotify's
+        description in words, and the device receives nothing.
+        """
+        peer, _ = self.device(DEVICE)
+        status, page = self.callback(code="test-unknown-code", state=DEVICE)
+        self.assertEqual(status, 400)
+        self.assertIn(b"Invalid authorization code", page)
+        self.assertNotIn(b"test-unknown-code", page)
+        self.assertEqual(peer.take(), [])
+
+    def test_spotify_server_error(self) -> None:
+        """
+        Spotify answering 500 shows the phone a 502 error page, and no token
+        is delivered or kept.
+        """
+        self.accounts.fail_with = 500
+        peer, _ = self.device(DEVICE)
+        status, page = self.callback(code=CODE, state=DEVICE)
+        self.assertEqual(status, 502)
+        self.assertIn(b"That did not work", page)
+        self.assertEqual(peer.take(), [])
+        self.assertEqual(self.relay.pending_tokens, {})
+
+    def test_spotify_unavailable_json(self) -> None:
+        """
+        Spotify answering 503 with an OAuth JSON error is a 502 too: the
+        failure is upstream, not the phone's.
+        """
+        self.accounts.fail_with = 503
+        self.accounts.fail_body = {
+            "error": "temporarily_unavailable",
+            "error_description": "Try again later",
+        }
+        status, page = self.callback(code=CODE, state=DEVICE)
+        self.assertEqual(status, 502)
+        self.assertIn(b"Try again later", page)
+
+    def test_spotify_refuses_relay_credentials(self) -> None:
+        """
+        Spotify refusing the relay's own client credentials is a 502: the
+        phone did nothing wrong.
+        """
+        self.accounts.client_secret = "rotated-test-secret"
+        status, page = self.callback(code=CODE, state=DEVICE)
+        self.assertEqual(status, 502)
+        self.assertNoSecrets(page)
+
+    def test_spotify_unusable_answer(self) -> None:
+        """
+        Spotify accepting the code but answering no usable token is a 502.
+        """
+        self.accounts.codes[CODE] = {"refresh_token": REFRESH_TOKEN}
+        status, _ = self.callback(code=CODE, state=DEVICE)
+        self.assertEqual(status, 502)
+
+    def test_access_denied(self) -> None:
+        """
+        The user declining at Spotify (C{error=access_denied}) gets a
+        friendly 200 page, and Spotify is not called.
+        """
+        status, page = self.callback(error="access_denied", state=DEVICE)
+        self.assertEqual(status, 200)
+        self.assertIn(b"You chose not to connect Spotify", page)
+        self.assertEqual(self.accounts.requests, [])
+
+    def test_other_error(self) -> None:
+        """
+        Another C{error} from Spotify is a 400 page naming it in words, and
+        Spotify is not called.
+        """
+        status, page = self.callback(error="server_error", state=DEVICE)
+        self.assertEqual(status, 400)
+        self.assertIn(b"server error", page)
+        self.assertEqual(self.accounts.requests, [])
+
+    def test_no_code(self) -> None:
+        """
+        A callback without C{code} is 400, and Spotify is not called.
+        """
+        status, _ = self.callback(state=DEVICE)
+        self.assertEqual(status, 400)
+        self.assertEqual(self.accounts.requests, [])
+
+    def test_no_state(self) -> None:
+        """
+        A callback without C{state} is 400 and does not spend the code.
+        """
+        status, _ = self.callback(code=CODE)
+        self.assertEqual(status, 400)
+        self.assertEqual(self.accounts.requests, [])
+
+    def test_invalid_state(self) -> None:
+        """
+        A C{state} that cannot be a device id is 400 and does not spend the
+        code.
+        """
+        for state in ("not a device!", "<script>", "x" * 65):
+            status, _ = self.callback(code=CODE, state=state)
+            self.assertEqual(status, 400, state)
+        self.assertEqual(self.accounts.requests, [])
+
+    def test_pages_never_hold_secrets(self) -> None:
+        """
+        No page the phone sees, on success or failure, holds the code, a
+        token or the client secret.
+        """
+        self.device(DEVICE)
+        pages = [self.callback(code=CODE, state=DEVICE)[1]]
+        pages.append(self.callback(code=CODE, state=DEVICE)[1])  # spent: invalid_grant
+        self.accounts.fail_with = 500
+        pages.append(self.callback(code=CODE, state=DEVICE)[1])
+        pages.append(self.callback(code=CODE)[1])
+        for page in pages:
+            self.assertNoSecrets(page)
+
+    def test_logs_never_hold_secrets(self) -> None:
+        """
+        Nothing the relay logs around a callback holds the code or a token.
+        """
+        with capturedLogs() as events:
+            self.callback(code=CODE, state=DEVICE)
+            self.callback(code=CODE, state=DEVICE)
+            self.accounts.fail_with = 500
+            self.callback(code=CODE, state=DEVICE)
+        self.assertTrue(events)
+        for event in events:
+            text = formatEvent(event) + repr(event)
+            for value in (CODE, ACCESS_TOKEN, REFRESH_TOKEN, CLIENT_SECRET):
+                self.assertNotIn(value, text)
+
+    def test_error_description_escaped(self) -> None:
+        """
+        HTML in Spotify's error description is shown escaped, not as markup.
+        """
+        self.accounts.fail_with = 400
+        self.accounts.fail_body = {
+            "error": "invalid_grant",
+            "error_description": '<script>alert("x")</script>',
+        }
+        _, page = self.callback(code=CODE, state=DEVICE)
+        self.assertNotIn(b"<script>", page)
+        self.assertIn(b"&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;", page)
+
+    def test_error_parameter_escaped(self) -> None:
+        """
+        HTML in the C{error} parameter is shown escaped, not as markup.
+        """
+        _, page = self.callback(error="<b>bad</b>", state=DEVICE)
+        self.assertNotIn(b"<b>bad", page)
+        self.assertIn(b"&lt;b&gt;bad&lt;/b&gt;", page)
+
+
+class SpotifyNotConfiguredTests(SpotifyCallbackMixin, SynchronousTestCase):
+    def make_spotify(self) -> SpotifyOAuth | None:
+        return None
+
+    def test_not_configured(self) -> None:
+        """
+        Without Spotify configured the callback is a 503 page.
+        """
+        status, page = self.callback(code=CODE, state=DEVICE)
+        self.assertEqual(status, 503)
+        self.assertIn(b"Spotify is not set up", page)
+
+
+class SpotifyDeliveryBugTests(SpotifyCallbackMixin, SynchronousTestCase):
+    def make_relay(self) -> Relay:
+        return FailingRelay(self.clock)
+
+    def test_bug_after_exchange_finishes_the_page(self) -> None:
+        """
+        A bug while handing over the tokens still answers the phone, with a
+        502 page, and is logged.
+        """
+        status, page = self.callback(code=CODE, state=DEVICE)
+        self.assertEqual(status, 502)
+        self.assertNoSecrets(page)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

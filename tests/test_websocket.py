@@ -1,0 +1,557 @@
+"""
+The WebSocket adapter: a real Autobahn client against the real Site, wired
+in memory with twisted.test.iosim, Autobahn's timers on a Clock.
+"""
+
+import txaio
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from leeloo.access import OriginPolicy, TrustedProxies
+from leeloo.relay import Relay
+from leeloo.testing import MemoryWebSocketClients, RecordingClientProtocol, strip_keys
+from leeloo.web import make_site
+from leeloo.websocket import RelayServerFactory, WebSocketLimits
+
+txaio.use_twisted()
+
+
+class DeafClient(RecordingClientProtocol):
+    """
+    A client whose device hung: it never answers a ping.
+    """
+
+    def onPing(self, payload):
+        pass
+
+
+class WebSocketTestCase(SynchronousTestCase):
+    limits = WebSocketLimits()
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        previous = txaio.config.loop
+        txaio.config.loop = self.clock
+        self.addCleanup(setattr, txaio.config, "loop", previous)
+        self.relay = Relay(self.clock)
+        self.factory = RelayServerFactory(self.relay, self.limits)
+        self.site = make_site(self.relay, self.factory, None, None, reactor=self.clock)
+        self.net = MemoryWebSocketClients(self.site)
+
+    def client(self):
+        client = self.net.connect()
+        self.assertTrue(client.opened)
+        return client
+
+    def send(self, client, **fields):
+        client.send_json(fields)
+        self.net.flush()
+
+    def registered(self, n, code="ALPHA"):
+        clients = []
+        for i in range(n):
+            c = self.client()
+            self.send(c, type="register", device_id=f"d{i}", crew_code=code, device_name=f"D{i}")
+            self.assertEqual(strip_keys(c.take()), [{"type": "registered", "device_id": f"d{i}"}])
+            clients.append(c)
+        return clients
+
+
+class ContractTests(WebSocketTestCase):
+    def test_create_join_share(self):
+        """
+        Over a real client: create_crew, join_crew (lower-case code),
+        member_joined, share_music fan-out without echo, and pong.
+        """
+        a, b = self.client(), self.client()
+        self.send(a, type="create_crew", device_id="a", display_name="Ann")
+        [created] = strip_keys(a.take())
+        code = created["crew_code"]
+        self.assertEqual(created, {"type": "crew_created", "device_id": "a", "crew_code": code})
+        self.send(b, type="join_crew", crew_code=code.lower(), device_id="b", display_name="Bob")
+        self.assertEqual(
+            strip_keys(b.take()),
+            [{"type": "crew_joined", "device_id": "b", "crew_code": code, "crew_members": 2,
+              "member_names": ["Ann"]}],
+        )
+        self.assertEqual(a.take(), [{"type": "member_joined", "device_id": "b", "display_name": "Bob"}])
+        self.send(b, type="share_music", spotify_uri="spotify:track:1", artist="A", track="T", album="B")
+        [shared] = a.take()
+        self.assertEqual((shared["type"], shared["pushed_by"]), ("music_shared", "Bob"))
+        self.assertEqual(b.take(), [])
+        self.send(b, type="ping")
+        self.assertEqual(b.take(), [{"type": "pong"}])
+
+    def test_message_and_reaction(self):
+        """
+        message and reaction reach the rest of the crew over real frames.
+        """
+        a, b, c = self.registered(3)
+        self.send(a, type="message", msg_type="nudge")
+        self.send(b, type="reaction", reaction_type="love")
+        self.assertEqual([m["type"] for m in c.take()], ["message", "reaction"])
+        self.assertEqual([m["type"] for m in a.take()], ["reaction"])
+        self.assertEqual([m["type"] for m in b.take()], ["message"])
+
+    def test_member_offline_on_close(self):
+        """
+        A client that closes its WebSocket is announced member_offline.
+        """
+        a, b = self.registered(2)
+        a.sendClose(1000)
+        self.net.flush()
+        self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "d0", "display_name": "D0"}])
+        self.assertEqual(self.relay.health()["devices"], 1)
+
+    def test_dropped_connection_goes_offline(self):
+        """
+        A connection lost without a close handshake is announced too.
+        """
+        a, b = self.registered(2)
+        a.transport.loseConnection()
+        self.net.flush()
+        self.assertEqual(b.take()[0]["type"], "member_offline")
+
+    def test_framed_once_per_fanout(self):
+        """
+        One fan-out prepares its frame once for all members.
+        """
+        a, b, c, d = self.registered(4)
+        prepared = []
+        original = self.factory.prepareMessage
+        self.factory.prepareMessage = lambda payload: prepared.append(payload) or original(payload)
+        self.send(a, type="message", payload={"text": "x"})
+        self.assertEqual(len(prepared), 1)
+        self.assertEqual([len(x.take()) for x in (b, c, d)], [1, 1, 1])
+
+
+class BadInputTests(WebSocketTestCase):
+    limits = WebSocketLimits(max_message_size=1024)
+
+    def test_bad_frames_answered_and_connection_kept(self):
+        """
+        Every malformed frame is answered with its error code and the
+        connection keeps working.
+        """
+        a, b = self.registered(2)
+        for raw, code in [
+            (b"{{{", "invalid_json"),
+            (b'"a string"', "invalid_message"),
+            (b"{}", "invalid_message"),
+            (b'{"type":"nope"}', "unknown_type"),
+            (b'{"type":"register","device_id":[1]}', "invalid_message"),
+            (b'{"type":"message","payload":[]}', "invalid_message"),
+        ]:
+            a.sendMessage(raw)
+            self.net.flush()
+            [reply] = a.take()
+            self.assertEqual((reply["type"], reply["error"]), ("error", code))
+        self.send(a, type="reaction", reaction_type="fire")
+        self.assertEqual([m["type"] for m in b.take()], ["reaction"])
+        self.assertFalse(a.closed)
+
+    def test_not_in_crew(self):
+        """
+        A crew message before joining a crew is answered not_in_crew.
+        """
+        c = self.client()
+        self.send(c, type="message", payload={"text": "hello?"})
+        self.assertEqual(c.take()[0]["error"], "not_in_crew")
+
+    def test_binary_frame(self):
+        """
+        A binary frame is answered binary_not_supported; the connection stays.
+        """
+        a, b = self.registered(2)
+        a.sendMessage(b"\x00\x01", isBinary=True)
+        self.net.flush()
+        self.assertEqual(a.take()[0]["error"], "binary_not_supported")
+        self.send(a, type="ping")
+        self.assertEqual(a.take(), [{"type": "pong"}])
+
+    def test_oversized_message_closed_1009(self):
+        """
+        A message over the size limit is refused with close 1009, and the
+        rest of the crew hears the device went offline.
+        """
+        a, b = self.registered(2)
+        a.sendMessage(b'{"type":"message","payload":{"text":"' + b"x" * 2000 + b'"}}')
+        self.net.flush()
+        self.assertTrue(a.closed)
+        self.assertEqual(a.close_code, 1009)
+        self.assertEqual(b.take()[0]["type"], "member_offline")
+
+    def test_invalid_utf8_closed(self):
+        """
+        A text frame that is not UTF-8 is a protocol error Autobahn closes
+        with 1007; other connections are unaffected.
+        """
+        a, b = self.registered(2)
+        a.sendMessage(b"\xff\xfe\xfd")
+        self.net.flush()
+        self.assertEqual(a.close_code, 1007)
+        self.send(b, type="ping")
+        self.assertEqual(b.take()[-1], {"type": "pong"})
+
+    def test_bug_closes_1011(self):
+        """
+        A bug while handling a frame is logged and that connection closed
+        with 1011; the relay goes on serving others.
+        """
+        a, b = self.registered(2)
+
+        def broken(session, message):
+            raise ZeroDivisionError("a bug")
+
+        from leeloo.messages import Ping
+
+        self.patch(self.relay, "_handlers", {**self.relay._handlers, Ping: broken})
+        self.send(a, type="ping")
+        self.assertEqual(a.close_code, 1011)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.send(b, type="reaction", reaction_type="love")
+        self.assertFalse(b.closed)
+
+
+class LimitTests(WebSocketTestCase):
+    def test_options_set_explicitly(self):
+        """
+        Autobahn's limits are the relay's, not Autobahn's open defaults.
+        """
+        f = self.factory
+        self.assertEqual(f.maxMessagePayloadSize, 64 * 1024)
+        self.assertEqual(f.maxFramePayloadSize, 64 * 1024)
+        self.assertFalse(f.failByDrop)
+        self.assertFalse(f.webStatus)
+        self.assertGreater(f.openHandshakeTimeout, 0)
+        self.assertGreater(f.closeHandshakeTimeout, 0)
+        self.assertGreater(f.autoPingInterval, 0)
+        self.assertLessEqual(f.autoPingInterval + f.autoPingTimeout, 60)
+
+    def test_options_read_from_class(self):
+        """
+        A connection reads Autobahn's options from its factory's protocol
+        class; its own __dict__ holds no copy of them.
+        """
+        self.registered(1)
+        server = self.relay.devices["d0"].peer
+        self.assertEqual(server.maxMessagePayloadSize, 64 * 1024)
+        self.assertEqual(server.autoPingInterval, 25)
+        self.assertEqual(set(vars(server)) & set(server.CONFIG_ATTRS), set())
+
+    def test_compression_offer_declined(self):
+        """
+        A client offering permessage-deflate (as the websockets package
+        does) connects, uncompressed.
+        """
+        from autobahn.websocket.compress import PerMessageDeflateOffer
+
+        client = self.net.connect(options={"perMessageCompressionOffers": [PerMessageDeflateOffer()]})
+        self.assertTrue(client.opened)
+        self.assertEqual(client.websocket_extensions_in_use, [])
+        self.send(client, type="ping")
+        self.assertEqual(client.take(), [{"type": "pong"}])
+
+    def test_dead_peer_found_by_ping(self):
+        """
+        A peer that stops answering pings is dropped within a minute and
+        announced offline.
+        """
+        [b] = self.registered(1)
+        a = self.net.connect(protocol=DeafClient)
+        self.send(a, type="join_crew", crew_code="ALPHA", device_id="deaf")
+        b.take()
+        for _ in range(60):
+            self.clock.advance(1)
+            self.net.flush()
+        self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "deaf", "display_name": "deaf"}])
+        self.assertTrue(a.closed)
+
+
+# ------------------------------------------------------ transport limits
+
+
+class GuardedTestCase(WebSocketTestCase):
+    """
+    A relay whose factory has the given trusted proxies and public URL.
+    """
+
+    proxies = TrustedProxies()
+    public_url = None
+
+    def setUp(self):
+        super().setUp()
+        self.factory = RelayServerFactory(self.relay, self.limits, self.proxies, OriginPolicy(self.public_url))
+        self.site = make_site(self.relay, self.factory, None, None, reactor=self.clock)
+        self.net = MemoryWebSocketClients(self.site)
+
+    def status(self, client):
+        """
+        The HTTP status the relay answered C{client}'s handshake with.
+        """
+        return int(client.http_status_line.split()[1])
+
+    def refused(self, client, status):
+        self.assertFalse(client.opened)
+        self.assertTrue(client.closed)
+        self.assertEqual(self.status(client), status)
+
+
+class PerAddressCapTests(GuardedTestCase):
+    limits = WebSocketLimits(max_connections=100, max_connections_per_address=2)
+
+    def test_refused_503(self):
+        """
+        A connection from an address that has as many open as allowed is
+        refused at the handshake with HTTP 503.
+        """
+        self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.1")
+        self.refused(self.net.connect(host="198.51.100.1"), 503)
+
+    def test_other_addresses_unaffected(self):
+        """
+        One address at its cap does not stop another address.
+        """
+        self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.1")
+        self.assertTrue(self.net.connect(host="198.51.100.2").opened)
+
+    def test_slot_freed_on_close(self):
+        """
+        When one of an address's connections closes, it may open another.
+        """
+        first = self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.1")
+        first.sendClose(1000)
+        self.net.flush()
+        self.assertTrue(self.net.connect(host="198.51.100.1").opened)
+
+    def test_slot_freed_on_drop(self):
+        """
+        A connection dropped without a close handshake frees its slot too.
+        """
+        first = self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.1")
+        first.transport.loseConnection()
+        self.net.flush()
+        self.assertTrue(self.net.connect(host="198.51.100.1").opened)
+
+    def test_refusals_counted_and_logged_once(self):
+        """
+        Every refusal is counted; the relay warns once per address reaching
+        its cap, not once per refused connection.
+        """
+        with capturedLogs() as events:
+            for _ in range(5):
+                self.net.connect(host="198.51.100.1")
+        self.assertEqual(self.factory.refused["per_address"], 3)
+        warnings = [formatEvent(e) for e in events if e.get("log_namespace") == "leeloo.websocket"]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("198.51.100.1", warnings[0])
+
+    def test_refusal_carries_security_headers(self):
+        """
+        The 503 carries the relay's security headers and an empty body.
+        """
+        self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.1")
+        client = self.net.connect(host="198.51.100.1")
+        self.assertEqual(client.http_headers["x-content-type-options"], "nosniff")
+        self.assertEqual(client.http_headers["x-frame-options"], "DENY")
+        self.assertIn("default-src 'none'", client.http_headers["content-security-policy"])
+        self.assertEqual(client.http_headers["content-length"], "0")
+
+
+class TotalCapTests(GuardedTestCase):
+    limits = WebSocketLimits(max_connections=2, max_connections_per_address=100)
+
+    def test_refused_503(self):
+        """
+        Once as many connections are open as allowed in total, a new one
+        from any address is refused with HTTP 503.
+        """
+        self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.2")
+        self.refused(self.net.connect(host="198.51.100.3"), 503)
+        self.assertEqual(self.factory.refused["total"], 1)
+
+    def test_slot_freed_on_close(self):
+        """
+        When a connection closes, a new one is accepted again.
+        """
+        first = self.net.connect(host="198.51.100.1")
+        self.net.connect(host="198.51.100.2")
+        first.sendClose(1000)
+        self.net.flush()
+        self.assertTrue(self.net.connect(host="198.51.100.3").opened)
+        self.assertEqual(self.factory.caps.total, 2)
+
+
+class ForwardedForTests(GuardedTestCase):
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    limits = WebSocketLimits(max_connections_per_address=1)
+
+    def address_of_only_session(self):
+        [session] = self.relay.sessions
+        return session.address
+
+    def test_trusted_proxy_names_client(self):
+        """
+        Through a trusted proxy the core is given the address in
+        X-Forwarded-For.
+        """
+        self.net.connect(host="10.0.0.2", headers={"X-Forwarded-For": "203.0.113.9"})
+        self.assertEqual(self.address_of_only_session(), "203.0.113.9")
+
+    def test_untrusted_peer_header_ignored(self):
+        """
+        X-Forwarded-For from a peer that is not a trusted proxy is ignored:
+        the core is given the peer's address.
+        """
+        self.net.connect(host="198.51.100.1", headers={"X-Forwarded-For": "203.0.113.9"})
+        self.assertEqual(self.address_of_only_session(), "198.51.100.1")
+
+    def test_cap_counts_forwarded_clients(self):
+        """
+        Clients behind one trusted proxy are capped each by their own
+        address, not the proxy's.
+        """
+        self.assertTrue(self.net.connect(host="10.0.0.2", headers={"X-Forwarded-For": "203.0.113.9"}).opened)
+        self.assertTrue(self.net.connect(host="10.0.0.2", headers={"X-Forwarded-For": "203.0.113.10"}).opened)
+        self.refused(self.net.connect(host="10.0.0.2", headers={"X-Forwarded-For": "203.0.113.9"}), 503)
+
+    def test_spoofed_header_does_not_dodge_cap(self):
+        """
+        An untrusted client cannot escape its cap by sending a different
+        X-Forwarded-For each time.
+        """
+        self.net.connect(host="198.51.100.1", headers={"X-Forwarded-For": "203.0.113.1"})
+        self.refused(self.net.connect(host="198.51.100.1", headers={"X-Forwarded-For": "203.0.113.2"}), 503)
+
+
+class PublicOriginTests(GuardedTestCase):
+    public_url = "https://relay.example.org"
+
+    def test_public_origin_opens(self):
+        """
+        A browser page from the public URL opens a WebSocket.
+        """
+        self.assertTrue(self.net.connect(headers={"Origin": "https://relay.example.org"}).opened)
+
+    def test_other_origin_refused_403(self):
+        """
+        A browser page from any other origin is refused with HTTP 403, and
+        the refusal is counted.
+        """
+        self.refused(self.net.connect(headers={"Origin": "https://evil.example.net"}), 403)
+        self.refused(self.net.connect(headers={"Origin": "http://relay.example.org"}), 403)
+        self.assertEqual(self.factory.refused["origin"], 2)
+
+    def test_no_origin_opens(self):
+        """
+        A device, which sends no Origin, opens a WebSocket.
+        """
+        self.assertTrue(self.net.connect().opened)
+
+
+class SameOriginTests(GuardedTestCase):
+    def test_same_host_opens(self):
+        """
+        Without a public URL, a page from the host and port the handshake
+        was sent to opens a WebSocket.
+        """
+        self.assertTrue(self.net.connect(headers={"Origin": "http://127.0.0.1:8080"}).opened)
+
+    def test_other_host_refused_403(self):
+        """
+        Without a public URL, a page from another host or port is refused
+        with HTTP 403.
+        """
+        self.refused(self.net.connect(headers={"Origin": "http://evil.example.net"}), 403)
+        self.refused(self.net.connect(headers={"Origin": "http://127.0.0.1:9999"}), 403)
+
+    def test_no_origin_opens(self):
+        """
+        Without a public URL, a device sending no Origin opens a WebSocket.
+        """
+        self.assertTrue(self.net.connect().opened)
+
+
+class SlowReaderTests(WebSocketTestCase):
+    limits = WebSocketLimits(max_unsent=4096)
+
+    BODY = "lorem-ipsum-body-" * 100  # 1.7 KB
+
+    def server_side(self, device_id):
+        return self.relay.devices[device_id].peer
+
+    def test_websocket_is_transport_producer(self):
+        """
+        After the upgrade the WebSocket, not twisted.web's channel, is its
+        transport's producer.
+        """
+        [a] = self.registered(1)
+        server = self.server_side("d0")
+        self.assertIs(server.transport.producer, server)
+
+    def test_cut_off_past_limit(self):
+        """
+        A reader whose transport has paused the relay and that is sent more
+        than the limit since is disconnected; the rest of the crew keeps
+        receiving and hears it went offline.
+        """
+        a, b, c = self.registered(3)
+        slow = self.server_side("d1")
+        slow.transport.producer.pauseProducing()
+        with capturedLogs() as events:
+            for i in range(4):
+                self.send(a, type="message", payload={"text": self.BODY, "n": i})
+        self.assertTrue(slow.transport.disconnecting)
+        received = c.take()
+        self.assertEqual([m["payload"]["n"] for m in received if m["type"] == "message"], [0, 1, 2, 3])
+        self.assertIn({"type": "member_offline", "device_id": "d1", "display_name": "D1"}, received)
+        self.assertEqual(self.factory.slow_readers, 1)
+        [warning] = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertIn("d1", warning)
+        self.assertNotIn("lorem-ipsum", warning)
+
+    def test_nothing_more_sent_once_cut_off(self):
+        """
+        Nothing more is written for a reader once it is cut off.
+        """
+        a, b = self.registered(2)
+        slow = self.server_side("d1")
+        slow.transport.producer.pauseProducing()
+        sent = []
+        self.patch(slow, "sendPreparedMessage", sent.append)
+        for i in range(6):
+            self.send(a, type="message", payload={"text": self.BODY})
+        self.assertEqual(len(sent), 2)
+
+    def test_resume_resets_count(self):
+        """
+        Bytes sent while paused are forgiven once the transport resumes: a
+        reader that catches up is not cut off.
+        """
+        a, b = self.registered(2)
+        slow = self.server_side("d1")
+        for _ in range(3):
+            slow.transport.producer.pauseProducing()
+            self.send(a, type="message", payload={"text": self.BODY})
+            self.send(a, type="message", payload={"text": self.BODY})
+            slow.transport.producer.resumeProducing()
+        self.assertFalse(slow.transport.disconnecting)
+        self.assertEqual(len(b.take()), 6)
+
+    def test_unpaused_not_limited(self):
+        """
+        While the transport has not paused it, a reader is sent any amount.
+        """
+        a, b = self.registered(2)
+        for _ in range(10):
+            self.send(a, type="message", payload={"text": self.BODY})
+        self.assertEqual(len(b.take()), 10)
+        self.assertFalse(self.server_side("d1").transport.disconnecting)
