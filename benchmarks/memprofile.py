@@ -67,7 +67,15 @@ def main() -> None:
     tracemalloc.start(1)
     data_dir = tempfile.mkdtemp(prefix="leeloo-memprofile.")
     options = tap.Options()
-    options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--data-dir", data_dir])
+    argv = ["--listen", "tcp:0:interface=127.0.0.1", "--data-dir", data_dir]
+    # every device comes from one loopback address: lift the relay's
+    # per-address and per-connection limits where it has them (as run.sh does)
+    for name, value in (("join-attempts", "1000000"), ("messages-per-second", "100000"),
+                        ("message-burst", "100000"), ("max-connections-per-address", "1000000"),
+                        ("max-connections", "1000000")):
+        if name + "=" in getattr(options, "longOpt", ()):
+            argv += [f"--{name}", value]
+    options.parseOptions(argv)
     top = tap.makeService(options)
     top.startService()
     relay = top.relay

@@ -23,6 +23,8 @@
 #   CONNECT_RATE=2000 devices/s while setting up idle/fanout/saturate
 #   PROFILE=py-spy    record the relay with py-spy during saturate (OUTDIR/saturate.pyspy.txt
 #                     and OUTDIR/saturate.profile.txt, the top functions); PROFILE_NATIVE=1 adds --native
+#   RAISE_LIMITS=1    pass the relay options that lift its per-address and per-connection
+#                     limits (those this relay has); 0 runs it with its defaults
 #   LOADGEN_ARGS="..." extra load-generator options for every scenario
 #   TWISTD=twistd     the twistd command, split on spaces (e.g. TWISTD="python3 benchmarks/gcwatch.py
 #                     /tmp/gc.json" records GC pauses); READY_TIMEOUT=30 seconds for the relay to listen
@@ -80,6 +82,20 @@ fi
 
 # The checkout's relay wins over any installed one.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+# The load comes from one loopback address at rates no person reaches: raise
+# the relay's per-connection and per-address limits where this relay has them
+# (RAISE_LIMITS=0 keeps the relay's defaults).  Extra args after -- come later
+# and win.
+LIMIT_ARGS=()
+if [ "${RAISE_LIMITS:-1}" = 1 ]; then
+  HELP_TEXT="$("${TWISTD_CMD[@]}" leeloo --help 2>/dev/null)"
+  for pair in join-attempts=1000000 messages-per-second=100000 message-burst=100000 \
+              max-connections-per-address=1000000 max-connections=1000000; do
+    case "$HELP_TEXT" in *"--${pair%%=*}="*) LIMIT_ARGS+=("--$pair") ;; esac
+  done
+fi
+RELAY_ARGS=(${LIMIT_ARGS[@]+"${LIMIT_ARGS[@]}"} ${RELAY_ARGS[@]+"${RELAY_ARGS[@]}"})
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
