@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, succeed
@@ -203,54 +205,79 @@ def _load(db: sqlite3.Connection) -> Snapshot:
     return snapshot
 
 
+# Each write operation: its statement and its row.
+_STATEMENTS: dict[str, tuple[str, Callable[[Any], tuple]]] = {
+    APPEND: (
+        "INSERT INTO messages (crew_code, seq, id, sender, client_msg_id, digest, created_at, payload) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        lambda e: (e.crew_code, e.seq, e.id, e.sender, e.client_msg_id, e.digest, e.created_at, e.payload),
+    ),
+    PUT_MEMBER: (
+        "INSERT INTO members (crew_code, device_id, display_name, last_seen, delivered_seq, acked_seq, online) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (crew_code, device_id) DO UPDATE SET "
+        "display_name = excluded.display_name, last_seen = excluded.last_seen, "
+        "delivered_seq = excluded.delivered_seq, acked_seq = excluded.acked_seq, online = excluded.online",
+        lambda m: (m.crew_code, m.device_id, m.name, m.last_seen, m.delivered_seq, m.acked_seq, int(m.online)),
+    ),
+    PUT_CREW: (
+        # Not INSERT OR REPLACE: replacing deletes the row, and the delete
+        # cascades to the crew's members, bot users and log.
+        "INSERT INTO crews (code, created_at, created_by) VALUES (?, ?, ?) "
+        "ON CONFLICT (code) DO UPDATE SET created_at = excluded.created_at, "
+        "created_by = excluded.created_by",
+        lambda c: (c.code, c.created_at, c.created_by),
+    ),
+    DELETE_CREW: ("DELETE FROM crews WHERE code = ?", lambda code: (code,)),
+    PUT_BOT_USER: (
+        "INSERT OR REPLACE INTO bot_users (crew_code, user_id, display_name) VALUES (?, ?, ?)",
+        lambda b: (b.crew_code, b.user_id, b.name),
+    ),
+    PUT_TOKEN: (
+        "INSERT OR REPLACE INTO pending_tokens (device_id, tokens, expires_at) VALUES (?, ?, ?)",
+        lambda t: (t.device_id, encode_tokens(t.tokens), t.expires_at),
+    ),
+    DELETE_TOKEN: ("DELETE FROM pending_tokens WHERE device_id = ?", lambda device_id: (device_id,)),
+    PUT_DEVICE: (
+        "INSERT OR REPLACE INTO devices (device_id, key_hash, bound, created_at) VALUES (?, ?, ?, ?)",
+        lambda d: (d.device_id, d.key_hash, int(d.bound), d.created_at),
+    ),
+}
+
+
+_APPEND_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?)"
+_APPEND_ROWS = 1000  # 8,000 parameters, well under SQLite's limit
+
+
+def _append_many(cursor: Any, rows: list[tuple]) -> None:
+    """
+    Insert log entries with one multi-row INSERT per thousand.  SQLite lets
+    go of the GIL around each statement it steps; one statement a batch
+    (not one a message) keeps this thread from queueing for the GIL behind
+    the reactor once per message.
+    """
+    sql, row = _STATEMENTS[APPEND]
+    head = sql[: sql.index("VALUES") + len("VALUES ")]
+    for start in range(0, len(rows), _APPEND_ROWS):
+        chunk = rows[start:start + _APPEND_ROWS]
+        cursor.execute(head + ", ".join([_APPEND_VALUES] * len(chunk)),
+                       [value for r in chunk for value in r])
+
+
 def _write(cursor: Any, ops: list) -> None:
-    for kind, arg in ops:
-        if kind == APPEND:
-            cursor.execute(
-                "INSERT INTO messages (crew_code, seq, id, sender, client_msg_id, digest, created_at, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (arg.crew_code, arg.seq, arg.id, arg.sender, arg.client_msg_id, arg.digest,
-                 arg.created_at, arg.payload),
-            )
-        elif kind == PUT_MEMBER:
-            cursor.execute(
-                "INSERT INTO members (crew_code, device_id, display_name, last_seen, delivered_seq, acked_seq, online) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (crew_code, device_id) DO UPDATE SET "
-                "display_name = excluded.display_name, last_seen = excluded.last_seen, "
-                "delivered_seq = excluded.delivered_seq, acked_seq = excluded.acked_seq, online = excluded.online",
-                (arg.crew_code, arg.device_id, arg.name, arg.last_seen, arg.delivered_seq, arg.acked_seq,
-                 int(arg.online)),
-            )
-        elif kind == PUT_CREW:
-            cursor.execute(
-                # Not INSERT OR REPLACE: replacing deletes the row, and the
-                # delete cascades to the crew's members, bot users and log.
-                "INSERT INTO crews (code, created_at, created_by) VALUES (?, ?, ?) "
-                "ON CONFLICT (code) DO UPDATE SET created_at = excluded.created_at, "
-                "created_by = excluded.created_by",
-                (arg.code, arg.created_at, arg.created_by),
-            )
-        elif kind == DELETE_CREW:
-            cursor.execute("DELETE FROM crews WHERE code = ?", (arg,))
-        elif kind == PUT_BOT_USER:
-            cursor.execute(
-                "INSERT OR REPLACE INTO bot_users (crew_code, user_id, display_name) VALUES (?, ?, ?)",
-                (arg.crew_code, arg.user_id, arg.name),
-            )
-        elif kind == PUT_TOKEN:
-            cursor.execute(
-                "INSERT OR REPLACE INTO pending_tokens (device_id, tokens, expires_at) VALUES (?, ?, ?)",
-                (arg.device_id, encode_tokens(arg.tokens), arg.expires_at),
-            )
-        elif kind == DELETE_TOKEN:
-            cursor.execute("DELETE FROM pending_tokens WHERE device_id = ?", (arg,))
-        elif kind == PUT_DEVICE:
-            cursor.execute(
-                "INSERT OR REPLACE INTO devices (device_id, key_hash, bound, created_at) VALUES (?, ?, ?, ?)",
-                (arg.device_id, arg.key_hash, int(arg.bound), arg.created_at),
-            )
-        else:
+    """
+    Apply C{ops} in order, each run of operations of one kind as one
+    statement where it can (a batch of appends is one INSERT).
+    """
+    for kind, run in groupby(ops, key=itemgetter(0)):
+        statement = _STATEMENTS.get(kind)
+        if statement is None:
             raise ValueError(f"unknown store operation {kind!r}")
+        sql, row = statement
+        rows = [row(arg) for _, arg in run]
+        if kind == APPEND and len(rows) > 1:
+            _append_many(cursor, rows)
+        else:
+            cursor.executemany(sql, rows)
 
 
 def _replay(cursor: Any, crew_code: str, after_seq: int, up_to_seq: int, since: float,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -570,8 +571,17 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
     return top
 
 
+# How long a thread that wants the GIL waits for the reactor thread to let
+# go of it.  Python's default is 5 ms; the database thread takes the GIL a
+# few times for every batch it commits, so at the default each batch waits
+# up to 15 ms behind a busy reactor, and every message with it.
+GIL_SWITCH_INTERVAL = 0.0005
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
+
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
     try:
         return build_service(options.config, reactor)
