@@ -263,11 +263,21 @@ def _append_many(cursor: Any, rows: list[tuple]) -> None:
                        [value for r in chunk for value in r])
 
 
+# Without a crew deletion in a batch, its operations may run grouped by kind
+# (each kind's in put order): crews before what refers to them, a token's
+# puts and deletes in one group.  A reconnect storm's batch is then a few
+# statements, not three per device.
+_RANK = {PUT_CREW: 0, PUT_DEVICE: 1, PUT_MEMBER: 2, PUT_BOT_USER: 3, APPEND: 4,
+         PUT_TOKEN: 5, DELETE_TOKEN: 5}
+
+
 def _write(cursor: Any, ops: list) -> None:
     """
-    Apply C{ops} in order, each run of operations of one kind as one
-    statement where it can (a batch of appends is one INSERT).
+    Apply C{ops}, each run of operations of one kind as one statement where
+    it can (a batch of appends is one INSERT).
     """
+    if all(kind in _RANK for kind, _ in ops):
+        ops = sorted(ops, key=lambda op: _RANK[op[0]])
     for kind, run in groupby(ops, key=itemgetter(0)):
         statement = _STATEMENTS.get(kind)
         if statement is None:
