@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import Interface
 
 from leeloo import messages
 from leeloo.limits import Bucket, Limiter, RelayLimits

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from twisted.enterprise import adbapi
+from twisted.internet.task import LoopingCall
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -47,6 +48,7 @@ from leeloo.store import (
 _log = Logger()
 
 DATABASE_NAME = "leeloo.sqlite3"
+CHECKPOINT_INTERVAL = 1.0
 
 # Each entry takes the schema from version N to N + 1.
 MIGRATIONS = [
@@ -156,8 +158,11 @@ def _private_file(path: Path) -> None:
 BUSY_TIMEOUT = 2.0
 
 
-def _configure(db: sqlite3.Connection, fsync: bool, busy_timeout: float = BUSY_TIMEOUT) -> None:
+def _configure(db: sqlite3.Connection, fsync: bool, busy_timeout: float = BUSY_TIMEOUT,
+               checkpoints: bool = True) -> None:
     db.execute("PRAGMA journal_mode = WAL")
+    if not checkpoints:
+        db.execute("PRAGMA wal_autocheckpoint = 0")
     db.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
     db.execute("PRAGMA foreign_keys = ON")
     db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
@@ -344,8 +349,24 @@ class SQLiteStore:
             # write of an interaction; adbapi commits it: one commit a batch.
             "sqlite3", str(self.path), check_same_thread=False,
             cp_min=1, cp_max=1, cp_noisy=False, cp_reactor=reactor,
+            cp_openfun=lambda db: _configure(db, fsync, busy_timeout, checkpoints=False),
+        )
+        # WAL checkpoints (which copy the log into the database and fsync
+        # it) run on a connection and thread of their own, every second, so
+        # that no commit waits behind one: commits only append to the WAL.
+        self._checkpoints = adbapi.ConnectionPool(
+            "sqlite3", str(self.path), check_same_thread=False,
+            cp_min=1, cp_max=1, cp_noisy=False, cp_reactor=reactor,
             cp_openfun=lambda db: _configure(db, fsync, busy_timeout),
         )
+        self._checkpointing = LoopingCall(self._checkpoint)
+        self._checkpointing.clock = reactor
+        self._checkpointing.start(CHECKPOINT_INTERVAL, now=False).addErrback(
+            lambda f: _log.failure("WAL checkpoints stopped", f))
+
+    def _checkpoint(self) -> Deferred:
+        d = self._checkpoints.runQuery("PRAGMA wal_checkpoint(PASSIVE)")
+        return d.addErrback(lambda f: _log.warn("WAL checkpoint failed: {error}", error=f.getErrorMessage()))
 
     def load(self) -> Snapshot:
         snapshot, self._snapshot = self._snapshot, None
@@ -378,5 +399,8 @@ class SQLiteStore:
     def close(self) -> Deferred:
         if not self._closed:
             self._closed = True
+            if self._checkpointing.running:
+                self._checkpointing.stop()
+            self._checkpoints.close()
             self._pool.close()
         return succeed(None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol

@@ -7,12 +7,12 @@ core is driven with a FakePeer, a Clock and a store.
 
 import json
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.relay import DAY, Relay
-from leeloo.store import MemoryStore, Replay, StoreError
+from leeloo.store import MemoryStore, StoreError
 from leeloo.testing import FakePeer, strip_keys
 
 T0 = 1_700_000_000.0
@@ -236,6 +236,7 @@ class OfflineDeliveryTests(DeliveryTestCase):
         """
         a, b = self.device("a"), self.device("b")
         self.say(a, "delivered live")
+        self.assertEqual(b.texts(), ["delivered live"])
         relay = self.make_relay()  # the old relay vanished: no disconnects
         self.assertEqual(self.device("b", relay=relay).texts(), [])
 

@@ -126,7 +126,6 @@ class TwistdTests(TestCase):
         proto, transport = self.twistd("--listen", "tcp:0:interface=127.0.0.1")
         port = yield proto.port
         ready = defer.Deferred()
-        closing = defer.Deferred()
 
         def script(opener):
             from websockets.exceptions import ConnectionClosed

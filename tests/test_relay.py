@@ -4,7 +4,6 @@ every row of the WebSocket contract, fan-out, and refusals.
 """
 
 import json
-import re
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase

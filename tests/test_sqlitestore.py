@@ -355,3 +355,29 @@ class ThreadTests(SQLiteTestCase):
         kinds = {sql.split()[0] for _, sql in statements}
         self.assertTrue({"INSERT", "SELECT", "DELETE"} <= kinds, kinds)
         self.assertEqual([sql for thread, sql in statements if thread is threading.main_thread()], [])
+
+
+class CheckpointTests(SQLiteTestCase):
+    @inlineCallbacks
+    def test_commits_never_checkpoint(self):
+        """
+        The writing connection never checkpoints the WAL itself (that would
+        make a commit wait for an fsync of the database).
+        """
+        store = self.open()
+        self.assertEqual((yield self.pragma(store, "wal_autocheckpoint")), 0)
+
+    @inlineCallbacks
+    def test_checkpoint_on_its_own_connection(self):
+        """
+        A checkpoint, on the store's other connection, copies every committed
+        WAL frame into the database.
+        """
+        store = self.open()
+        yield store.write([crew_op()] + [append_op(seq) for seq in range(1, 200)])
+        busy, frames, copied = (yield store._checkpoints.runQuery("PRAGMA wal_checkpoint(PASSIVE)"))[0]
+        self.assertEqual(busy, 0)
+        self.assertGreater(frames, 0)
+        self.assertEqual(copied, frames)
+        self.assertFalse(store._checkpoints is store._pool)
+        self.assertTrue(store._checkpointing.running)
