@@ -173,7 +173,14 @@ class RelayServerProtocol(WebSocketServerProtocol):
         if self._unsent is not None and self._held_back(len(prepared.payloadHybi)):
             return
         self.factory.messages_sent += 1
-        self.sendPreparedMessage(prepared)
+        if self.send_queue:
+            self.sendPreparedMessage(prepared)
+        else:
+            # What sendPreparedMessage does for an uncompressed connection
+            # with nothing queued, without the debug line whose arguments
+            # Autobahn formats for every send (compression is never
+            # negotiated: perMessageCompressionAccept refuses every offer).
+            self.transport.write(prepared.payloadHybi)
 
     def close(self, code: int, reason: str) -> None:
         if self.state != self.STATE_OPEN:

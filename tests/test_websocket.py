@@ -526,7 +526,7 @@ class SlowReaderTests(WebSocketTestCase):
         slow = self.server_side("d1")
         slow.transport.producer.pauseProducing()
         sent = []
-        self.patch(slow, "sendPreparedMessage", sent.append)
+        self.patch(slow.transport, "write", sent.append)
         for i in range(6):
             self.send(a, type="message", payload={"text": self.BODY})
         self.assertEqual(len(sent), 2)
