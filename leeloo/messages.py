@@ -69,6 +69,8 @@ from __future__ import annotations
 import json
 import math
 import re
+
+import orjson
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -387,17 +389,15 @@ _DECODERS: dict[str, Callable[[Mapping], Any]] = {
 }
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_json(data: bytes | str) -> Any:
     """
     Parse strict JSON (no NaN or Infinity); raise L{InvalidJSON} otherwise.
     """
     try:
-        return json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, RecursionError, UnicodeDecodeError):
+        # orjson is strict already: no NaN or Infinity, no lone surrogates,
+        # integers within 64 bits, nesting at most 1024 deep.
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
         raise InvalidJSON("the frame is not valid JSON") from None
 
 
@@ -428,7 +428,12 @@ def encode(message: Mapping) -> bytes:
     """
     The text frame payload of an outgoing message (compact UTF-8 JSON).
     """
-    return json.dumps(message, separators=(",", ":")).encode("ascii")
+    try:
+        return orjson.dumps(message)
+    except TypeError:
+        # Text orjson will not write (a lone surrogate from a source that
+        # did not come through parse_json): escaped, ASCII JSON instead.
+        return json.dumps(message, separators=(",", ":")).encode("ascii")
 
 
 def _with_key(message: dict, device_key: str | None) -> dict:

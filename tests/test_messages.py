@@ -144,6 +144,13 @@ class RefusalTests(SynchronousTestCase):
         """
         self.assertRefused(b'{"type":"message","payload":{"x":NaN}}', InvalidJSON, "invalid_json")
 
+    def test_lone_surrogate_refused(self):
+        """
+        A frame whose text escapes a lone surrogate is not valid JSON text
+        and is refused.
+        """
+        self.assertRefused(b'{"type":"message","payload":{"t":"\\ud800"}}', InvalidJSON, "invalid_json")
+
     def test_deep_nesting(self):
         """
         Absurdly deep nesting is refused as invalid_json, not a crash.
@@ -256,6 +263,13 @@ class EncodeTests(SynchronousTestCase):
         """
         message = {"type": "message", "payload": {"text": "caf\u00e9 \U0001f3b5"}}
         self.assertEqual(json.loads(encode(message)), message)
+
+    def test_lone_surrogate_escaped(self):
+        """
+        Text with a lone surrogate (which orjson will not write) still
+        encodes, as escaped ASCII JSON.
+        """
+        self.assertEqual(json.loads(encode({"text": "a\ud800b"})), {"text": "a\ud800b"})
 
     def test_error_shape(self):
         """
