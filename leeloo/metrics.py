@@ -21,6 +21,16 @@ from leeloo.websocket import REFUSED_ORIGIN
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
+
+def _by_code(name: str, documentation: str, counts: Any) -> CounterMetricFamily:
+    """
+    A counter labelled by code, from a Counter of counts.
+    """
+    family = CounterMetricFamily(name, documentation, labels=["code"])
+    for code, count in sorted(counts.items()):
+        family.add_metric([str(code)], count)
+    return family
+
 class RelayCollector:
     """
     Reads the relay's gauges and counters at scrape time.
@@ -56,18 +66,10 @@ class RelayCollector:
         for reason in (REFUSED_ORIGIN, TOO_MANY_FROM_ADDRESS, TOO_MANY_CONNECTIONS):
             refused.add_metric([reason], factory.refused[reason])
         yield refused
-        errors = CounterMetricFamily(
-            "leeloo_websocket_errors_sent", "Error messages sent to devices, by code (rate_limited...).",
-            labels=["code"])
-        for code, count in sorted(factory.errors_sent.items()):
-            errors.add_metric([str(code)], count)
-        yield errors
-        closed = CounterMetricFamily(
-            "leeloo_websocket_closed_by_relay", "WebSockets the relay closed, by close code.",
-            labels=["code"])
-        for code, count in sorted(factory.closed_by_relay.items()):
-            closed.add_metric([str(code)], count)
-        yield closed
+        yield _by_code("leeloo_websocket_errors_sent",
+                       "Error messages sent to devices, by code (rate_limited...).", factory.errors_sent)
+        yield _by_code("leeloo_websocket_closed_by_relay",
+                       "WebSockets the relay closed, by close code.", factory.closed_by_relay)
         yield CounterMetricFamily("leeloo_slow_readers_disconnected",
                                   "Connections cut off for falling too far behind reading.",
                                   value=factory.slow_readers)

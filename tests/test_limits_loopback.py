@@ -47,7 +47,14 @@ class RelayOnLoopback(TestCase):
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-        yield self.start()
+        yield self.start(http=self.prepare())
+
+    def prepare(self):
+        """
+        Set up what the relay needs before it starts; return the HTTP client
+        it calls Spotify with (None: its own).
+        """
+        return None
 
     @defer.inlineCallbacks
     def start(self, http=None):
@@ -256,13 +263,7 @@ class NoSecretsInLogsTests(RelayOnLoopback):
     BOT_BODY = "leak-message-body-from-the-bot"
     REDIRECT_URI = "https://relay.leak.test/spotify/callback"
 
-    @defer.inlineCallbacks
-    def setUp(self):
-        previous = txaio.config.loop
-        self.addCleanup(setattr, txaio.config, "loop", previous)
-        self.events = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+    def prepare(self):
         # Autobahn's own debug events too: every level the relay can log at.
         txaio.set_global_log_level("debug")
         self.addCleanup(txaio.set_global_log_level, "info")
@@ -288,7 +289,7 @@ class NoSecretsInLogsTests(RelayOnLoopback):
         os.chmod(env_file, 0o644)
         self.args = ("--env-file", env_file)
         self.environ = {}
-        yield self.start(http=HTTPClient(Agent(reactor, pool=pool)))
+        return HTTPClient(Agent(reactor, pool=pool))
 
     @defer.inlineCallbacks
     def test_full_session_logs_no_secrets(self):
