@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -111,16 +111,18 @@ class ThrowawayCA:
         names: Iterable[str],
         not_before: datetime.datetime | None = None,
         not_after: datetime.datetime | None = None,
+        key: Any = None,
     ) -> Issued:
         """
         A leaf certificate for C{names} (DNS names or IP addresses), valid
-        from a day ago for 90 days unless told otherwise.
+        from a day ago for 90 days unless told otherwise, for C{key} (by
+        default a new P-256 key).
         """
         import ipaddress
 
         names = list(names)
         now = _now()
-        key = _key()
+        key = key or _key()
         alt: list[x509.GeneralName] = []
         for n in names:
             try:

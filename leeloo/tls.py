@@ -8,12 +8,19 @@ The pieces, from the bottom up:
   - L{load_certificate} reads C{live/DOMAIN/fullchain.pem} and
     C{privkey.pem} and refuses a pair that cannot serve (unreadable, key
     and certificate that do not match, expired or not yet valid).
-  - L{CertificateStore} holds one OpenSSL context per domain, picks one by
+  - L{make_context} turns one into an C{ssl.SSLContext}: TLS is done by
+    the standard library's C{ssl} module, on the system's OpenSSL (patched
+    by the distribution's security updates), which holds an idle
+    connection in less memory than the newer OpenSSL bundled in
+    C{cryptography}'s wheels (see L{TLSConnection}).
+  - L{CertificateStore} holds one context per domain, picks one by
     SNI, and replaces a domain's context when its files change (L{check},
     run by a timer) or when told to (L{reload}, on SIGHUP).  A refused
     renewal is logged and the old context stays.
   - L{ServerConnectionCreator} makes each new connection from the store's
     current context; a connection keeps the context it started with.
+  - L{TLSConnection} is one connection: an C{ssl.SSLObject} over memory
+    BIOs, driven by Twisted's C{TLSMemoryBIOProtocol}.
   - L{LetsEncryptServerEndpoint} runs that over TCP and watches the files
     while it listens; the C{letsencrypt:} endpoint string plugin
     (C{twisted/plugins/leeloo_endpoints.py}) builds it with
@@ -22,16 +29,19 @@ The pieces, from the bottom up:
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
 import datetime
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from OpenSSL import SSL
+from OpenSSL.SSL import Connection, Error, SysCallError, WantReadError, ZeroReturnError
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -51,15 +61,18 @@ EXPIRY_WARNING = datetime.timedelta(days=14)
 EXPIRY_WARNING_EVERY = 24 * 3600.0
 
 # Mozilla's "intermediate" configuration (server-side TLS guidelines 5.7),
-# less the DHE suites: they need DH parameters that pyOpenSSL cannot set
-# automatically, and every client the intermediate profile serves has ECDHE.
+# less the DHE suites: they need DH parameters, and every client the
+# intermediate profile serves has ECDHE.  Its TLS 1.3 suites are OpenSSL's
+# default ones (AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305), and the
+# client's preference decides, as the profile says.
+# OpenSSL's security level 2, whatever the system's configuration says,
+# refuses keys weaker than RSA 2048 bits (Let's Encrypt issues no weaker).
 INTERMEDIATE_CIPHERS = (
-    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:@SECLEVEL=2"
 )
-TLS13_CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
-ALPN = b"http/1.1"
+ALPN = "http/1.1"
 
 # A domain names a directory under live/: DNS labels only, nothing that
 # could walk out of it.
@@ -151,6 +164,10 @@ def _read(domain: str, path: Path) -> bytes:
                                "check the file and its permissions") from None
 
 
+def _renew(domain: str) -> str:
+    return f"renew it with: sudo certbot renew --cert-name {domain} --force-renewal"
+
+
 def load_certificate(directory: str | os.PathLike, domain: str, now: float) -> Certificate:
     """
     Read C{live/DOMAIN/fullchain.pem} and C{privkey.pem} under C{directory}
@@ -160,7 +177,7 @@ def load_certificate(directory: str | os.PathLike, domain: str, now: float) -> C
     """
     live = Path(directory) / "live" / domain
     chain_path, key_path = live / "fullchain.pem", live / "privkey.pem"
-    renew = f"renew it with: sudo certbot renew --cert-name {domain} --force-renewal"
+    renew = _renew(domain)
     chain_pem = _read(domain, chain_path)
     key_pem = _read(domain, key_path)
     try:
@@ -194,41 +211,215 @@ def load_certificate(directory: str | os.PathLike, domain: str, now: float) -> C
     )
 
 
-def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
-    # HTTP/1.1 only: the WebSocket upgrade needs it, and there is no h2.
-    return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+def _pem(certificate: Certificate) -> bytes:
+    """
+    The chain, leaf first, then the key, as one PEM file.
+    """
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (certificate.leaf, *certificate.chain))
+    return chain + certificate.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _load_chain(context: ssl.SSLContext, pem: bytes) -> None:
+    """
+    Give C{context} the chain and key in C{pem} without writing the key to
+    a disk: C{ssl} loads only from a path, so the path is an anonymous
+    memory file's.
+    """
+    fd = os.memfd_create("leeloo-tls", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(pem)
+        while view:
+            view = view[os.write(fd, view):]
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+# OpenSSL's SSL_CTX_ctrl() commands and mode bit: the standard library sets
+# SSL_MODE_RELEASE_BUFFERS on every context and offers no way to clear it,
+# which only the benchmark's comparison ever wants.
+_SSL_CTRL_MODE = 33
+_SSL_CTRL_CLEAR_MODE = 78
+_SSL_MODE_RELEASE_BUFFERS = 0x10
+
+
+def _ctrl(context: ssl.SSLContext, command: int, argument: int) -> int:
+    """
+    C{SSL_CTX_ctrl()} on C{context}'s C{SSL_CTX}, through the libssl the
+    C{ssl} module is linked with.  The C{SSL_CTX} pointer is the first
+    field after the object header of CPython's C{_ssl._SSLContext}; it is
+    checked against the context's options before it is used.
+
+    @raise NotImplementedError: this Python's C{ssl} module does not allow it.
+    """
+    try:
+        libssl = ctypes.CDLL(_ssl.__file__)
+        get_options, ctrl = libssl.SSL_CTX_get_options, libssl.SSL_CTX_ctrl
+    except (OSError, AttributeError) as e:
+        raise NotImplementedError(f"this Python's ssl module does not expose libssl ({e})") from None
+    get_options.restype, get_options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
+    ctrl.restype, ctrl.argtypes = ctypes.c_long, [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not pointer or get_options(pointer) != context.options:
+        raise NotImplementedError("this Python's ssl module does not lay out its contexts as CPython's does")
+    return ctrl(pointer, command, argument, None)
+
+
+def releases_buffers(context: ssl.SSLContext) -> bool:
+    """
+    Whether C{context} has OpenSSL's release-buffers mode on: an idle
+    connection then holds no read or write record buffer (some 34 KiB).
+    """
+    return bool(_ctrl(context, _SSL_CTRL_MODE, 0) & _SSL_MODE_RELEASE_BUFFERS)
 
 
 def make_context(
     certificate: Certificate,
-    on_server_name: Callable[[SSL.Connection], None] | None = None,
+    on_server_name: Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None] | None = None,
     release_buffers: bool = True,
-) -> SSL.Context:
+) -> ssl.SSLContext:
     """
-    An OpenSSL server context for C{certificate}: TLS 1.2 and 1.3 only,
-    Mozilla's intermediate ciphers, ALPN C{http/1.1}, session tickets, the
-    whole chain sent, and (by default) OpenSSL's release-buffers mode so an
-    idle connection holds no read or write buffer.
+    A server context for C{certificate}: TLS 1.2 and 1.3 only, Mozilla's
+    intermediate ciphers chosen by the client's preference, ALPN
+    C{http/1.1} only (no h2: the WebSocket upgrade needs HTTP/1.1), session
+    tickets, the whole chain sent, and (unless told otherwise) OpenSSL's
+    release-buffers mode.
+
+    @raise ssl.SSLError: OpenSSL refuses the certificate or the key.
     """
-    context = SSL.Context(SSL.TLS_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
-    context.set_max_proto_version(SSL.TLS1_3_VERSION)
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_SINGLE_ECDH_USE)
-    context.set_cipher_list(INTERMEDIATE_CIPHERS)
-    context.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
-    context.set_session_id(b"leeloo")
-    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-    if release_buffers:
-        context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    context.use_certificate(certificate.leaf)
-    for intermediate in certificate.chain:
-        context.add_extra_chain_cert(intermediate)
-    context.use_privatekey(certificate.key)
-    context.check_privatekey()
-    context.set_alpn_select_callback(_select_alpn)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_SINGLE_ECDH_USE
+    context.options &= ~(ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_TICKET)
+    context.set_ciphers(INTERMEDIATE_CIPHERS)
+    context.set_alpn_protocols([ALPN])
+    _load_chain(context, _pem(certificate))
+    if not release_buffers:
+        try:
+            _ctrl(context, _SSL_CTRL_CLEAR_MODE, _SSL_MODE_RELEASE_BUFFERS)
+        except NotImplementedError as e:
+            raise ValueError(f"letsencrypt: releasebuffers=0 is not possible here: {e}") from None
     if on_server_name is not None:
-        context.set_tlsext_servername_callback(on_server_name)
+        context.sni_callback = on_server_name
     return context
+
+
+def _error(e: ssl.SSLError) -> Error:
+    """
+    pyOpenSSL's form of C{e}, the one C{TLSMemoryBIOProtocol} understands:
+    an end of the stream without a close_notify is the C{SysCallError}
+    it takes for a lost connection.
+    """
+    if isinstance(e, ssl.SSLEOFError):
+        return SysCallError(-1, "Unexpected EOF")
+    return Error([(e.library or "SSL routines", "", e.reason or str(e))])
+
+
+class TLSConnection(Connection):
+    """
+    One server-side TLS connection: an C{ssl.SSLObject} over two memory
+    BIOs, in the shape of the pyOpenSSL C{Connection} that Twisted's
+    C{TLSMemoryBIOProtocol} drives and Autobahn asks for the TLS channel
+    binding (both check for that class).  It has the methods they call and
+    raises the pyOpenSSL exceptions they expect; any other of
+    C{Connection}'s methods raises C{AttributeError}.
+
+    Why not pyOpenSSL itself: its connections run on the OpenSSL bundled in
+    C{cryptography}'s wheels (4.0 as of this writing), where one costs some
+    8 KiB more than on the system's OpenSSL 3.0 that the C{ssl} module uses.
+    """
+
+    __slots__ = ("_incoming", "_outgoing", "_tls")
+    # Connection.__getattr__ looks here for a socket to delegate to.
+    _socket = None
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+
+    @property
+    def tls(self) -> ssl.SSLObject:
+        return self._tls
+
+    def set_accept_state(self) -> None:
+        # Made server side already.
+        pass
+
+    def set_app_data(self, data: Any) -> None:
+        # Twisted hands over its protocol; nothing here calls back into it.
+        pass
+
+    def do_handshake(self) -> None:
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            raise WantReadError() from None
+        except ssl.SSLError as e:
+            raise _error(e) from None
+
+    def bio_write(self, data: bytes) -> int:
+        return self._incoming.write(data)
+
+    def bio_read(self, size: int) -> bytes:
+        data = self._outgoing.read(size)
+        if not data:
+            raise WantReadError()
+        return data
+
+    def bio_shutdown(self) -> None:
+        self._incoming.write_eof()
+
+    def recv(self, size: int) -> bytes:
+        try:
+            data = self._tls.read(size)
+        except ssl.SSLWantReadError:
+            raise WantReadError() from None
+        except ssl.SSLError as e:
+            raise _error(e) from None
+        if not data:
+            # The ssl module's word for the peer's close_notify.
+            raise ZeroReturnError()
+        return data
+
+    def send(self, data: bytes) -> int:
+        try:
+            return self._tls.write(data)
+        except ssl.SSLWantReadError:
+            raise WantReadError() from None
+        except ssl.SSLError as e:
+            raise _error(e) from None
+
+    def shutdown(self) -> bool:
+        """
+        Send close_notify; C{True} once the peer's has come too.
+        """
+        try:
+            self._tls.unwrap()
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLError as e:
+            raise _error(e) from None
+        return True
+
+    def get_peer_certificate(self) -> None:
+        # The relay asks no client for a certificate.
+        return None
+
+    def get_alpn_proto_negotiated(self) -> bytes:
+        return (self._tls.selected_alpn_protocol() or "").encode("ascii")
+
+    def get_peer_finished(self) -> bytes | None:
+        """
+        The C{tls-unique} channel binding (RFC 5929), which Autobahn asks
+        for by this name: the client's Finished message after a full
+        handshake (the server's after a resumed one); C{None} before the
+        handshake is done.
+        """
+        return self._tls.get_channel_binding("tls-unique")
 
 
 def _signature(directory: Path, domain: str) -> tuple:
@@ -277,7 +468,7 @@ class CertificateStore:
         self.clock = clock
         self.release_buffers = release_buffers
         self._certificates: dict[str, Certificate] = {}
-        self._contexts: dict[str, SSL.Context] = {}
+        self._contexts: dict[str, ssl.SSLContext] = {}
         self._by_name: dict[str, str] = {}
         self._signatures: dict[str, tuple] = {}
         self._warned: dict[str, float] = {}
@@ -302,20 +493,20 @@ class CertificateStore:
     def certificate(self, domain: str) -> Certificate:
         return self._certificates[domain]
 
-    def default_context(self) -> SSL.Context:
+    def default_context(self) -> ssl.SSLContext:
         """
         The context a connection starts with: the first domain's.
         """
         return self._contexts[self.domains[0]]
 
-    def context_for(self, server_name: bytes | None) -> SSL.Context:
+    def context_for(self, server_name: str | None) -> ssl.SSLContext:
         """
         The context for the name a client asked for by SNI: a certificate
         naming it exactly, else one with a matching wildcard, else the
         first domain's.
         """
         if server_name:
-            name = server_name.decode("ascii", "replace").lower().rstrip(".")
+            name = server_name.lower().rstrip(".")
             domain = self._by_name.get(name)
             if domain is None and "." in name:
                 domain = self._by_name.get("*." + name.split(".", 1)[1])
@@ -323,14 +514,20 @@ class CertificateStore:
                 return self._contexts[domain]
         return self.default_context()
 
-    def _on_server_name(self, connection: SSL.Connection) -> None:
-        context = self.context_for(connection.get_servername())
-        if context is not connection.get_context():
-            connection.set_context(context)
+    def _on_server_name(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        chosen = self.context_for(server_name)
+        if chosen is not context:
+            connection.context = chosen
 
     def _install(self, certificate: Certificate) -> None:
-        self._certificates[certificate.domain] = certificate
-        self._contexts[certificate.domain] = make_context(certificate, self._on_server_name, self.release_buffers)
+        domain = certificate.domain
+        try:
+            context = make_context(certificate, self._on_server_name, self.release_buffers)
+        except ssl.SSLError as e:
+            raise CertificateError(domain, self.directory / "live" / domain / "fullchain.pem",
+                                   f"is refused by OpenSSL ({e.reason or e})", _renew(domain)) from None
+        self._certificates[domain] = certificate
+        self._contexts[domain] = context
         by_name: dict[str, str] = {}
         for domain in reversed(self.domains):
             if domain in self._certificates:
@@ -457,8 +654,8 @@ class ServerConnectionCreator:
     def __init__(self, store: CertificateStore) -> None:
         self.store = store
 
-    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
-        return SSL.Connection(self.store.default_context(), None)
+    def serverConnectionForTLS(self, protocol: Any) -> TLSConnection:
+        return TLSConnection(self.store.default_context())
 
 
 @implementer(IListeningPort)

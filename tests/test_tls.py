@@ -6,6 +6,7 @@ a throwaway CA laid out like C{/etc/letsencrypt}.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
 from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -29,6 +31,7 @@ from twisted.internet.ssl import Certificate as TwistedCertificate, optionsForCl
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import globalLogPublisher
+from twisted.protocols.tls import _representsEOF
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -230,18 +233,43 @@ class CertificateLoadingTests(SynchronousTestCase):
 
     def test_context_options(self):
         """
-        The context allows TLS 1.2 and 1.3 only, and sets release-buffers
-        unless told not to.
+        The context allows TLS 1.2 and 1.3 only, sends session tickets,
+        lets the client's cipher preference decide (Mozilla's intermediate
+        profile), and sets release-buffers unless told not to.
         """
         le = Letsencrypt(self)
         certificate = tls.load_certificate(le.path, DOMAIN, FixedClock().seconds())
         on = tls.make_context(certificate)
         off = tls.make_context(certificate, release_buffers=False)
-        self.assertTrue(on.set_mode(0) & SSL.MODE_RELEASE_BUFFERS)
-        self.assertFalse(off.set_mode(0) & SSL.MODE_RELEASE_BUFFERS)
-        options = on.set_options(0)
-        self.assertTrue(options & SSL.OP_NO_COMPRESSION)
-        self.assertFalse(options & SSL.OP_NO_TICKET)
+        self.assertTrue(tls.releases_buffers(on))
+        self.assertFalse(tls.releases_buffers(off))
+        self.assertEqual((on.minimum_version, on.maximum_version), (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3))
+        self.assertTrue(on.options & ssl.OP_NO_COMPRESSION)
+        self.assertFalse(on.options & (ssl.OP_NO_TICKET | ssl.OP_CIPHER_SERVER_PREFERENCE))
+        self.assertGreater(on.num_tickets, 0)
+        offered = {c["name"] for c in on.get_ciphers() if c["protocol"] == "TLSv1.2"}
+        self.assertEqual(offered, set(tls.INTERMEDIATE_CIPHERS.split(":")[:-1]))
+
+    def test_weak_key_refused_by_openssl(self):
+        """
+        A pair cryptography reads but OpenSSL refuses (an RSA key of 1024
+        bits, under security level 2) fails start-up with one line, and as
+        a renewal keeps the old certificate.
+        """
+        le = Letsencrypt(self)
+        store = CertificateStore(le.path, [DOMAIN], FixedClock())
+        old = le.fingerprint()
+        logged = LogCapture(self)
+        weak = le.ca.issue([DOMAIN], key=rsa.generate_private_key(public_exponent=65537, key_size=1024))
+        le.tree.install(DOMAIN, weak)
+        store.check()
+        self.assertEqual(store.certificate(DOMAIN).fingerprint, old)
+        [error] = logged.texts("error")
+        self.assertIn("fullchain.pem is refused by OpenSSL", error)
+        e = self.assertRaises(CertificateError, CertificateStore, le.path, [DOMAIN], FixedClock())
+        self.assertIn("is refused by OpenSSL", e.line())
+        self.assertIn("certbot renew --cert-name relay.leeloo.test", e.line())
+        self.assertNotIn("\n", e.line())
 
     def test_sni_lookup(self):
         """
@@ -251,11 +279,11 @@ class CertificateLoadingTests(SynchronousTestCase):
         le = Letsencrypt(self, DOMAIN)
         le.renew(OTHER, names=[OTHER, "*.pics.leeloo.test"])
         store = CertificateStore(le.path, [DOMAIN, OTHER], FixedClock())
-        first, second = store.default_context(), store.context_for(OTHER.encode())
+        first, second = store.default_context(), store.context_for(OTHER)
         self.assertIsNot(first, second)
-        self.assertIs(store.context_for(b"a.pics.leeloo.test"), second)
-        self.assertIs(store.context_for(b"RELAY.leeloo.test."), first)
-        self.assertIs(store.context_for(b"unknown.example"), first)
+        self.assertIs(store.context_for("a.pics.leeloo.test"), second)
+        self.assertIs(store.context_for("RELAY.leeloo.test."), first)
+        self.assertIs(store.context_for("unknown.example"), first)
         self.assertIs(store.context_for(None), first)
 
     def test_check_picks_up_renewal(self):
@@ -367,6 +395,143 @@ class CertificateLoadingTests(SynchronousTestCase):
             le.issued[OTHER].cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
         self.assertEqual(sorted(fields["tls_not_after"]), sorted([DOMAIN, OTHER]))
+
+
+class MemoryPair:
+    """
+    A L{tls.TLSConnection} and a standard library client, wired by hand
+    through memory BIOs.
+    """
+
+    def __init__(self, le: Letsencrypt, alpn: list[str] | None = None) -> None:
+        certificate = tls.load_certificate(le.path, DOMAIN, FixedClock().seconds())
+        self.server = tls.TLSConnection(tls.make_context(certificate))
+        context = ssl.create_default_context(cadata=le.ca.root_pem.decode("ascii"))
+        context.set_alpn_protocols(alpn or ["http/1.1"])
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.client = context.wrap_bio(self.incoming, self.outgoing, server_hostname=DOMAIN)
+
+    def to_server(self) -> None:
+        if data := self.outgoing.read():
+            self.server.bio_write(data)
+
+    def to_client(self) -> None:
+        while True:
+            try:
+                self.incoming.write(self.server.bio_read(2 ** 15))
+            except SSL.WantReadError:
+                return
+
+    def handshake(self) -> None:
+        for _ in range(5):
+            for side, call in ((self.client, self.client.do_handshake), (self.server, self.server.do_handshake)):
+                try:
+                    call()
+                except (ssl.SSLWantReadError, SSL.WantReadError):
+                    pass
+                self.to_server()
+                self.to_client()
+        # The server's session tickets come after its Finished.
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.client.read(1)
+
+
+class TLSConnectionTests(SynchronousTestCase):
+    """
+    L{tls.TLSConnection} behaves as the pyOpenSSL C{Connection} that
+    Twisted's C{TLSMemoryBIOProtocol} and Autobahn use.
+    """
+
+    def test_is_a_connection_with_only_its_own_methods(self):
+        """
+        It passes for a pyOpenSSL Connection (Twisted and Autobahn check),
+        and a method it does not have fails plainly.
+        """
+        pair = MemoryPair(Letsencrypt(self))
+        self.assertIsInstance(pair.server, SSL.Connection)
+        self.assertRaises(AttributeError, pair.server.get_cipher_name)
+
+    def test_handshake_data_and_alpn(self):
+        """
+        The handshake needs the client's bytes (WantReadError until then),
+        after which data goes both ways, ALPN is http/1.1 and the channel
+        binding is the client's.
+        """
+        pair = MemoryPair(Letsencrypt(self), alpn=["h2", "http/1.1"])
+        self.assertRaises(SSL.WantReadError, pair.server.do_handshake)
+        self.assertRaises(SSL.WantReadError, pair.server.bio_read, 100)
+        self.assertIsNone(pair.server.get_peer_finished())
+        pair.handshake()
+        self.assertEqual(pair.server.get_alpn_proto_negotiated(), b"http/1.1")
+        self.assertEqual(pair.server.get_peer_finished(), pair.client.get_channel_binding("tls-unique"))
+        self.assertIsNone(pair.server.get_peer_certificate())
+        self.assertRaises(SSL.WantReadError, pair.server.recv, 100)
+        pair.client.write(b"GET /ws HTTP/1.1\r\n")
+        pair.to_server()
+        self.assertEqual(pair.server.recv(100), b"GET /ws HTTP/1.1\r\n")
+        self.assertEqual(pair.server.send(b"HTTP/1.1 101 Switching Protocols\r\n"), 34)
+        pair.to_client()
+        self.assertEqual(pair.client.read(100), b"HTTP/1.1 101 Switching Protocols\r\n")
+
+    def test_no_alpn_overlap(self):
+        """
+        A client offering only h2 gets no protocol.
+        """
+        pair = MemoryPair(Letsencrypt(self), alpn=["h2"])
+        pair.handshake()
+        self.assertEqual(pair.server.get_alpn_proto_negotiated(), b"")
+
+    def test_peer_closes_first(self):
+        """
+        The client's close_notify is a ZeroReturnError; replying to it
+        completes the shutdown.
+        """
+        pair = MemoryPair(Letsencrypt(self))
+        pair.handshake()
+        with contextlib.suppress(ssl.SSLWantReadError):
+            pair.client.unwrap()
+        pair.to_server()
+        self.assertRaises(SSL.ZeroReturnError, pair.server.recv, 100)
+        self.assertTrue(pair.server.shutdown())
+        pair.to_client()
+        pair.client.unwrap()
+
+    def test_server_closes_first(self):
+        """
+        The server's shutdown is incomplete (False) until the client's
+        close_notify comes back.
+        """
+        pair = MemoryPair(Letsencrypt(self))
+        pair.handshake()
+        self.assertFalse(pair.server.shutdown())
+        pair.to_client()
+        pair.client.unwrap()
+        pair.to_server()
+        self.assertTrue(pair.server.shutdown())
+
+    def test_eof_without_close_notify_is_a_lost_connection(self):
+        """
+        The stream ending without close_notify is the SysCallError that
+        Twisted reports as a lost connection.
+        """
+        pair = MemoryPair(Letsencrypt(self))
+        pair.handshake()
+        pair.server.bio_shutdown()
+        e = self.assertRaises(SSL.SysCallError, pair.server.recv, 100)
+        self.assertTrue(_representsEOF(e))
+
+    def test_garbage_is_an_error(self):
+        """
+        Plain HTTP to the TLS port fails the handshake with pyOpenSSL's
+        Error, carrying OpenSSL's reason.
+        """
+        pair = MemoryPair(Letsencrypt(self))
+        pair.server.bio_write(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+        e = self.assertRaises(SSL.Error, pair.server.do_handshake)
+        self.assertNotIsInstance(e, SSL.WantReadError)
+        self.assertFalse(_representsEOF(e))
+        [(library, _, reason)] = e.args[0]
+        self.assertEqual(reason.upper(), "HTTP_REQUEST")
 
 
 class EndpointStringTests(SynchronousTestCase):
