@@ -21,7 +21,6 @@ from leeloo.websocket import REFUSED_ORIGIN
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
-
 def _by_code(name: str, documentation: str, counts: Any) -> CounterMetricFamily:
     """
     A counter labelled by code, from a Counter of counts.
@@ -30,6 +29,7 @@ def _by_code(name: str, documentation: str, counts: Any) -> CounterMetricFamily:
     for code, count in sorted(counts.items()):
         family.add_metric([str(code)], count)
     return family
+
 
 class RelayCollector:
     """
