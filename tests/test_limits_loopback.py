@@ -17,13 +17,14 @@ import urllib.request
 
 import txaio
 from treq.client import HTTPClient
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
+from leeloo.relay import Outgoing
 from leeloo.tap import Options, build_service
 from leeloo.testing import FakeSpotifyAccounts
 
@@ -108,6 +109,30 @@ def raw_websocket(port: int, receive_buffer: int | None = None) -> socket.socket
     return sock
 
 
+def read_frame(sock: socket.socket) -> bytes:
+    """
+    The payload of the next (unmasked, unfragmented) frame the relay sends
+    on C{sock}.
+    """
+
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "the relay closed the connection"
+            data += chunk
+        return data
+
+    first, second = exactly(2)
+    assert first == 0x81, hex(first)
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", exactly(2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", exactly(8))
+    return exactly(length)
+
+
 class HalfOpen(protocol.Protocol):
     """
     Starts a WebSocket handshake and never finishes it.
@@ -121,6 +146,106 @@ class HalfOpen(protocol.Protocol):
 
     def connectionLost(self, reason):
         self.lost.callback(None)
+
+
+class DirectWriteTests(RelayOnLoopback):
+    """
+    A frame for a device goes to its socket at once when nothing is waiting
+    in the transport, and after it when something is.
+    """
+
+    args = ("--messages-per-second", "100000", "--message-burst", "100000")
+
+    def relay(self):
+        return self.service.site.resource.children[b"ws"]._factory.relay
+
+    @defer.inlineCallbacks
+    def test_frame_on_the_wire_before_the_reactor_turns(self):
+        """
+        Sending to a device writes to its socket in the call itself: the
+        bytes are there to read before the reactor runs again.
+        """
+
+        def register():
+            sock = raw_websocket(self.port)
+            sock.sendall(masked_frame(json.dumps(
+                {"type": "register", "device_id": "leeloo_d12ec7d12ec7", "crew_code": "wire"}).encode()))
+            self.assertEqual(json.loads(read_frame(sock))["type"], "registered")
+            return sock
+
+        sock = yield threads.deferToThread(register)
+        peer = self.relay().devices["leeloo_d12ec7d12ec7"].peer
+        try:
+            peer.send(Outgoing({"type": "pong"}))
+            frame = sock.recv(1024, socket.MSG_DONTWAIT)
+        finally:
+            sock.close()
+        self.assertEqual(frame[2:], b'{"type":"pong"}')
+        yield peer.is_closed
+
+    @defer.inlineCallbacks
+    def test_waits_behind_what_the_transport_holds(self):
+        """
+        A frame does not overtake bytes the transport is still holding: it
+        goes after them.
+        """
+
+        def register():
+            sock = raw_websocket(self.port)
+            sock.sendall(masked_frame(json.dumps(
+                {"type": "register", "device_id": "leeloo_0de40de40de4", "crew_code": "behind"}).encode()))
+            self.assertEqual(json.loads(read_frame(sock))["type"], "registered")
+            return sock
+
+        sock = yield threads.deferToThread(register)
+        self.addCleanup(sock.close)
+        peer = self.relay().devices["leeloo_0de40de40de4"].peer
+        first = b'{"type":"first"}'
+        # Held by the transport until the reactor turns.
+        peer.transport.write(bytes([0x81, len(first)]) + first)
+        peer.send(Outgoing({"type": "second"}))
+        frames = yield threads.deferToThread(lambda: [read_frame(sock), read_frame(sock)])
+        self.assertEqual(frames, [first, b'{"type":"second"}'])
+        sock.close()
+        yield peer.is_closed
+
+    @defer.inlineCallbacks
+    def test_order_kept_when_the_socket_fills(self):
+        """
+        A device that reads nothing while its crew sends fills its socket;
+        what follows waits in the transport, and it gets every message, in
+        order, once it reads.
+        """
+        text = "x" * 4000
+        count = 150
+
+        def script(opener):
+            full = raw_websocket(self.port, receive_buffer=4096)
+            full.sendall(masked_frame(json.dumps(
+                {"type": "register", "device_id": "leeloo_f0110000f011", "crew_code": "order"}).encode()))
+            self.assertEqual(json.loads(read_frame(full))["type"], "registered")
+            with opener() as sender, opener() as witness:
+                for ws, device in ((sender, "leeloo_5e0de45e0de4"), (witness, "leeloo_a17e55a17e55")):
+                    ws.send(json.dumps({"type": "register", "device_id": device, "crew_code": "order"}))
+                    recv(ws)
+                for n in range(count):
+                    sender.send(json.dumps({"type": "message", "payload": {"text": text, "n": n}}))
+                # The witness has them all: so has the full device's share,
+                # in its socket or its transport.
+                seen = 0
+                while seen < count:
+                    if recv(witness)["type"] == "message":
+                        seen += 1
+                got = []
+                while len(got) < count:
+                    message = json.loads(read_frame(full))
+                    if message["type"] == "message":
+                        got.append(message["payload"]["n"])
+                full.close()
+                return got
+
+        got = yield ws_session(self.port, script)
+        self.assertEqual(got, list(range(count)))
 
 
 class HalfOpenHandshakeTests(RelayOnLoopback):
