@@ -39,11 +39,13 @@ def frame_key(frame: str) -> tuple[str, str]:
 _PHASES = (
     ("opening handshake (HTTP request, upgrade, onOpen)", ("WebSocketResource.render", "HTTPChannel.", "processHandshake", "_connectionMade", "onOpen")),
     ("connection closed (onClose, member_offline)", ("connectionLost", "onClose", "_connectionLost")),
-    ("frame in -> decode -> fan-out -> sendPreparedMessage", ("onMessage", "_onMessageEnd")),
+    ("database thread (adbapi: commits, checkpoints)", ("_runInteraction", "ThreadWorker")),
+    ("socket writes (send)", ("doWrite", "writeSomeData", "RelayServerProtocol._write")),
+    ("fan-out (framing, per-recipient bookkeeping)", ("Relay._fanout", "RelayServerProtocol.send")),
+    ("frame in -> decode -> relay core", ("onMessage", "_onMessageEnd")),
     ("frame parsing before the message is whole (processData)", ("processData", "WebSocketProtocol._dataReceived")),
-    ("socket writes (doWrite / send)", ("doWrite", "writeSomeData")),
     ("socket reads (doRead / recv)", ("doRead",)),
-    ("timers (auto-ping, txaio batched calls)", ("runUntilCurrent", "_notify_bucket", "_sendAutoPing")),
+    ("timers and thread callbacks (commit results, auto-ping)", ("runUntilCurrent", "_notify_bucket", "_sendAutoPing")),
     ("epoll wait and bookkeeping", ("doPoll",)),
 )
 

@@ -35,6 +35,7 @@ import datetime
 import os
 import re
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -254,6 +255,8 @@ def _ctrl(context: ssl.SSLContext, command: int, argument: int) -> int:
 
     @raise NotImplementedError: this Python's C{ssl} module does not allow it.
     """
+    if sys.implementation.name != "cpython":
+        raise NotImplementedError("only CPython's ssl module is known")
     try:
         libssl = ctypes.CDLL(_ssl.__file__)
         get_options, ctrl = libssl.SSL_CTX_get_options, libssl.SSL_CTX_ctrl
