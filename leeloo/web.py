@@ -177,6 +177,12 @@ class SpotifyCallback(Resource):
         self.relay = relay
         self.spotify = spotify
 
+    def render_HEAD(self, request: Request) -> bytes:
+        # Not GET's headers: twisted.web would run GET for a HEAD, and spend
+        # the one-time code for a link checker or a preview fetcher.
+        request.setHeader(b"allow", b"GET")
+        return write_html(request, 405, pages.bad_request("Open this link in a browser."))
+
     def render_GET(self, request: Request) -> Any:
         error = _arg(request, b"error")
         if error == "access_denied":

@@ -797,6 +797,22 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
             ],
         )
 
+    def test_head_does_not_spend_the_code(self) -> None:
+        """
+        A HEAD request (a link checker, a preview) is answered 405 with
+        Allow: GET and leaves the code unspent for the phone's GET.
+        """
+        peer, _ = self.device(DEVICE)
+        response, body = self.call("HEAD", "/spotify/callback", params={"code": CODE, "state": DEVICE})
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"GET"])
+        self.assertEqual(body, b"")
+        self.assertEqual(self.accounts.received, [])
+        self.assertEqual(peer.take(), [])
+        status, _ = self.callback(code=CODE, state=DEVICE)
+        self.assertEqual(status, 200)
+        self.assertEqual(peer.take(), [{"type": "spotify_auth_complete", "tokens": TOKENS}])
+
     def test_other_devices_get_nothing(self) -> None:
         """
         Only the device named by C{state} receives the tokens, even in the
