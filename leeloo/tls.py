@@ -344,10 +344,6 @@ class TLSConnection(Connection):
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
 
-    @property
-    def tls(self) -> ssl.SSLObject:
-        return self._tls
-
     def set_accept_state(self) -> None:
         # Made server side already.
         pass
