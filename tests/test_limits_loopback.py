@@ -133,6 +133,18 @@ def read_frame(sock: socket.socket) -> bytes:
     return exactly(length)
 
 
+def registered_device(port: int, device_id: str, crew_code: str, receive_buffer: int | None = None) -> socket.socket:
+    """
+    A raw WebSocket that has registered C{device_id} in C{crew_code} (run
+    it in a thread: it blocks).
+    """
+    sock = raw_websocket(port, receive_buffer)
+    sock.sendall(masked_frame(json.dumps(
+        {"type": "register", "device_id": device_id, "crew_code": crew_code}).encode()))
+    reply = json.loads(read_frame(sock))
+    assert reply["type"] == "registered", reply
+    return sock
+
 class HalfOpen(protocol.Protocol):
     """
     Starts a WebSocket handshake and never finishes it.
@@ -165,15 +177,7 @@ class DirectWriteTests(RelayOnLoopback):
         Sending to a device writes to its socket in the call itself: the
         bytes are there to read before the reactor runs again.
         """
-
-        def register():
-            sock = raw_websocket(self.port)
-            sock.sendall(masked_frame(json.dumps(
-                {"type": "register", "device_id": "leeloo_d12ec7d12ec7", "crew_code": "wire"}).encode()))
-            self.assertEqual(json.loads(read_frame(sock))["type"], "registered")
-            return sock
-
-        sock = yield threads.deferToThread(register)
+        sock = yield threads.deferToThread(registered_device, self.port, "leeloo_d12ec7d12ec7", "wire")
         peer = self.relay().devices["leeloo_d12ec7d12ec7"].peer
         try:
             peer.send(Outgoing({"type": "pong"}))
@@ -189,15 +193,7 @@ class DirectWriteTests(RelayOnLoopback):
         A frame does not overtake bytes the transport is still holding: it
         goes after them.
         """
-
-        def register():
-            sock = raw_websocket(self.port)
-            sock.sendall(masked_frame(json.dumps(
-                {"type": "register", "device_id": "leeloo_0de40de40de4", "crew_code": "behind"}).encode()))
-            self.assertEqual(json.loads(read_frame(sock))["type"], "registered")
-            return sock
-
-        sock = yield threads.deferToThread(register)
+        sock = yield threads.deferToThread(registered_device, self.port, "leeloo_0de40de40de4", "behind")
         self.addCleanup(sock.close)
         peer = self.relay().devices["leeloo_0de40de40de4"].peer
         first = b'{"type":"first"}'
@@ -220,10 +216,7 @@ class DirectWriteTests(RelayOnLoopback):
         count = 150
 
         def script(opener):
-            full = raw_websocket(self.port, receive_buffer=4096)
-            full.sendall(masked_frame(json.dumps(
-                {"type": "register", "device_id": "leeloo_f0110000f011", "crew_code": "order"}).encode()))
-            self.assertEqual(json.loads(read_frame(full))["type"], "registered")
+            full = registered_device(self.port, "leeloo_f0110000f011", "order", receive_buffer=4096)
             with opener() as sender, opener() as witness:
                 for ws, device in ((sender, "leeloo_5e0de45e0de4"), (witness, "leeloo_a17e55a17e55")):
                     ws.send(json.dumps({"type": "register", "device_id": device, "crew_code": "order"}))
