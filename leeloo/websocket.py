@@ -193,14 +193,16 @@ class RelayServerProtocol(WebSocketServerProtocol):
         waiting, as asyncio's transports do; what the socket does not take
         goes to the transport.  Twisted would buffer it and send it on the
         reactor's next turn: two more epoll_ctl() calls and a turn per
-        delivery.
+        delivery.  (C{_tempDataLen}, C{offset} and C{dataBuffer} are
+        Twisted's FileDescriptor buffer, not its public API: the
+        DirectWriteTests in test_limits_loopback fail if they change.)
         """
         transport = self.transport
-        socket = self._socket
-        if (socket is not None and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+        sock = self._socket
+        if (sock is not None and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
                 and transport.connected and not transport.disconnecting):
             try:
-                sent = socket.send(data)
+                sent = sock.send(data)
             except OSError:
                 # Full (EAGAIN) or broken: the transport finds out which.
                 sent = 0
