@@ -62,6 +62,28 @@ class Issued:
         return key_pem(self.key)
 
 
+def _ca_certificate(
+    subject: x509.Name, key: Any, signing_key: Any, issuer: x509.Name | None, path_length: int
+) -> x509.Certificate:
+    """
+    A CA certificate for C{key}, valid from a day ago for ten years, signed
+    by C{signing_key} as C{issuer} (itself when None).
+    """
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer or subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _DAY)
+        .not_valid_after(now + 3650 * _DAY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(signing_key, hashes.SHA256())
+    )
+
+
 class ThrowawayCA:
     """
     A root and an intermediate, like Let's Encrypt's: leaves are signed by
@@ -70,36 +92,11 @@ class ThrowawayCA:
     """
 
     def __init__(self, name: str = "LEELOO throwaway") -> None:
-        now = _now()
         self.root_key = _key()
-        self.root = (
-            x509.CertificateBuilder()
-            .subject_name(_name(f"{name} root"))
-            .issuer_name(_name(f"{name} root"))
-            .public_key(self.root_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _DAY)
-            .not_valid_after(now + 3650 * _DAY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-            )
-            .sign(self.root_key, hashes.SHA256())
-        )
+        self.root = _ca_certificate(_name(f"{name} root"), self.root_key, self.root_key, None, 1)
         self.intermediate_key = _key()
-        self.intermediate = (
-            x509.CertificateBuilder()
-            .subject_name(_name(f"{name} intermediate"))
-            .issuer_name(self.root.subject)
-            .public_key(self.intermediate_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _DAY)
-            .not_valid_after(now + 3650 * _DAY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-            )
-            .sign(self.root_key, hashes.SHA256())
+        self.intermediate = _ca_certificate(
+            _name(f"{name} intermediate"), self.intermediate_key, self.root_key, self.root.subject, 0
         )
 
     @property

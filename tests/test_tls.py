@@ -424,9 +424,9 @@ class MemoryPair:
 
     def handshake(self) -> None:
         for _ in range(5):
-            for side, call in ((self.client, self.client.do_handshake), (self.server, self.server.do_handshake)):
+            for step in (self.client.do_handshake, self.server.do_handshake):
                 try:
-                    call()
+                    step()
                 except (ssl.SSLWantReadError, SSL.WantReadError):
                     pass
                 self.to_server()
