@@ -242,7 +242,7 @@ class DirectWriteTests(RelayOnLoopback):
 
 
 class HalfOpenHandshakeTests(RelayOnLoopback):
-    args = ("--request-timeout", "2")
+    args = ("--request-timeout", "2", "--connect-rate", "1000")
 
     @defer.inlineCallbacks
     def test_half_open_handshakes_do_not_stop_a_device(self):
