@@ -16,7 +16,7 @@ from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from .support import TIMEOUT, RelayProcess
-from .test_limits_loopback import raw_websocket
+from .test_limits_loopback import masked, next_frame, raw_websocket
 
 MiB = 1024 * 1024
 
@@ -37,45 +37,6 @@ def proc_status(pid: int) -> dict[str, int]:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    """
-    A masked frame as a client sends it (payloads under 126 bytes).
-    """
-    mask = os.urandom(4)
-    return (bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask
-            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-
-def next_frame(sock: socket.socket) -> tuple[int, bytes] | None:
-    """
-    The opcode and payload of the next frame the relay sends, or C{None}
-    once it has closed the connection.
-    """
-
-    def exactly(n: int) -> bytes | None:
-        data = b""
-        while len(data) < n:
-            try:
-                chunk = sock.recv(n - len(data))
-            except OSError:
-                return None
-            if not chunk:
-                return None
-            data += chunk
-        return data
-
-    head = exactly(2)
-    if head is None:
-        return None
-    length = head[1] & 0x7F
-    if length == 126:
-        (length,) = struct.unpack("!H", exactly(2) or b"\0\0")
-    elif length == 127:
-        (length,) = struct.unpack("!Q", exactly(8) or b"\0" * 8)
-    payload = exactly(length)
-    return None if payload is None else (head[0] & 0x0F, payload)
 
 
 def http_get(port: int, path: str, source: str = "127.0.0.1") -> bytes:
