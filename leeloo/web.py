@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.web import pages as twisted_pages
 from twisted.web.error import UnsupportedMethod
@@ -615,9 +616,15 @@ class RelayChannel(HTTPChannel):
     def turn_away(self, reason: str, wait: float) -> None:
         """
         Answer a connection over its address's limits (503 for too many
-        open, 429 for too many new) and close it, reading nothing.
+        open, 429 for too many new) and close it, reading nothing.  Over
+        TLS it is aborted unanswered: an answer would cost a handshake,
+        the work the limits are there to spare.
         """
         self._refused = True
+        self.site.gate_warn(reason, self.transport.getPeer())
+        if ISSLTransport.providedBy(self.transport):
+            self.transport.abortConnection()
+            return
         if reason == CONNECTING_TOO_FAST:
             response = canned_response(
                 429, {"error": "connecting_too_fast", "message": "too many new connections from your address",
@@ -625,7 +632,7 @@ class RelayChannel(HTTPChannel):
                 [(b"Retry-After", b"%d" % math.ceil(wait))])
         else:
             response = TOO_MANY_FROM_ADDRESS
-        self.site.gate_warn(reason, self.transport.getPeer())
+        self.site.responses[int(response[9:12])] += 1
         self.transport.write(response)
         self.transport.loseConnection()
 
@@ -740,6 +747,7 @@ class RelayChannel(HTTPChannel):
             return
         self._refused = True
         self.site.deadlines.watch(self)
+        self.site.responses[int(response[9:12])] += 1
         self.transport.write(response)
         half_close = getattr(self.transport, "loseWriteConnection", None)
         if half_close is not None:

@@ -535,6 +535,17 @@ class GateTests(SiteTestCase):
         _, other = self.connect("198.51.100.2")
         self.assertFalse(other.disconnecting)
 
+    def test_tls_aborted_unanswered(self):
+        """
+        Over TLS a connection over the cap is aborted without an answer
+        (which would cost the relay a handshake).
+        """
+        self.connect(secure=True)
+        self.connect(secure=True)
+        _, transport = self.connect(secure=True)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnected)
+
     def test_closing_frees_a_place(self):
         """
         Once a connection from an address closes, another may open.
