@@ -45,6 +45,10 @@ from leeloo.websocket import RelayServerFactory
 _log = Logger()
 
 MAX_BODY = 64 * 1024
+# Seconds a connection turned away by the gate has to read its answer and
+# close, and how many may do so at once (past that they are closed at once).
+LINGER = 2.0
+MAX_LINGERING = 1024
 _FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
 # Sent over TLS by the public site (two years).
 HSTS = b"max-age=63072000"
@@ -512,9 +516,12 @@ class Deadlines:
 
     log = Logger()
 
-    def __init__(self, clock: Any, timeout: float) -> None:
+    def __init__(self, clock: Any, timeout: float,
+                 aborted: str = "aborted {count} HTTP connections that did not send a request "
+                                "within {timeout}s") -> None:
         self.clock = clock
         self.timeout = timeout
+        self.aborted = aborted
         self.expired = 0
         self._due: OrderedDict[Any, float] = OrderedDict()
         self._call: Any = None
@@ -559,8 +566,7 @@ class Deadlines:
                 transport.abortConnection()
         if count:
             self.expired += count
-            self.log.info("aborted {count} HTTP connections that did not send a request "
-                          "within {timeout}s", count=count, timeout=self.timeout)
+            self.log.info(self.aborted, count=count, timeout=self.timeout)
         if self._due:
             # Wake at the next deadline, but at most twice a second.
             wait = max(next(iter(self._due.values())) - now, 0.5)
@@ -594,6 +600,8 @@ class RelayChannel(HTTPChannel):
     """
 
     _refused = False
+    # The answer of a connection the gate turned away, until it is sent.
+    _answer: bytes | None = None
     # The peer host the site's gate counted this connection against.
     _gated: str | None = None
     # Bytes of the request head so far, and its lines (the request line
@@ -616,9 +624,13 @@ class RelayChannel(HTTPChannel):
     def turn_away(self, reason: str, wait: float) -> None:
         """
         Answer a connection over its address's limits (503 for too many
-        open, 429 for too many new) and close it, reading nothing.  Over
-        TLS it is aborted unanswered: an answer would cost a handshake,
-        the work the limits are there to spare.
+        open, 429 for too many new) and close it.  The answer waits for the
+        first bytes of its request (a client must have sent its request to
+        read an answer, and closing with it unread would reset the
+        connection), for LINGER seconds at most; the rest is discarded
+        unparsed.  While too many wait, the answer goes at once.  Over TLS
+        the connection is aborted unanswered: an answer would cost a
+        handshake, the work the limits are there to spare.
         """
         self._refused = True
         self.site.gate_warn(reason, self.transport.getPeer())
@@ -632,13 +644,27 @@ class RelayChannel(HTTPChannel):
                 [(b"Retry-After", b"%d" % math.ceil(wait))])
         else:
             response = TOO_MANY_FROM_ADDRESS
-        self.site.responses[int(response[9:12])] += 1
-        self.transport.write(response)
-        self.transport.loseConnection()
+        lingering = self.site.lingering
+        if len(lingering) < MAX_LINGERING and hasattr(self.transport, "loseWriteConnection"):
+            self._answer = response
+            lingering.watch(self)
+        else:
+            # Refused connections flood in: answer each as best we can,
+            # and hold no descriptor for them.
+            self.site.responses[int(response[9:12])] += 1
+            self.transport.write(response)
+            self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if not self._refused:
             super().dataReceived(data)
+        elif self._answer is not None:
+            # A turned-away connection's request: answer it, close our
+            # side, and discard the rest until the client closes.
+            response, self._answer = self._answer, None
+            self.site.responses[int(response[9:12])] += 1
+            self.transport.write(response)
+            self.transport.loseWriteConnection()
 
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
@@ -723,6 +749,7 @@ class RelayChannel(HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self.site.deadlines.done(self)
+        self.site.lingering.done(self)
         if self._gated is not None:
             self.site.gate.release(self._gated)
             self._gated = None
@@ -854,6 +881,11 @@ class RelaySite(Site):
         self.name = name
         self.gate = gate
         self.deadlines = Deadlines(self.reactor, limits.request_timeout)
+        # Connections the gate turned away, until their clients close or
+        # LINGER seconds pass.
+        self.lingering = Deadlines(
+            self.reactor, min(LINGER, limits.request_timeout),
+            "aborted {count} refused connections that did not close within {timeout}s")
         self.bodies_refused = 0
         # Responses by status (the bot API's 429s among them).
         self.responses: Counter[int] = Counter()
@@ -883,6 +915,7 @@ class RelaySite(Site):
     def stopFactory(self) -> None:
         super().stopFactory()
         self.deadlines.stop()
+        self.lingering.stop()
 
     def log(self, request: Request) -> None:
         self.responses[request.code] += 1

@@ -8,6 +8,7 @@ child process: what they cost is read from the relay process itself
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import time
@@ -190,9 +191,9 @@ class BoundedTests(TestCase):
     def test_idle_connections_capped(self):
         """
         Plain TCP connections that never send a byte count against
-        --max-connections-per-address: past it the relay answers 503 and
-        closes them, so it holds no more descriptors for one address; another
-        address still gets in.
+        --max-connections-per-address: past it the relay closes them (after
+        a short wait for a request to answer 503), so it holds no more
+        descriptors for one address; another address still gets in.
         """
         yield self.start("--max-connections-per-address", "50", "--connect-rate", "100000",
                          "--request-timeout", "30")
@@ -205,21 +206,23 @@ class BoundedTests(TestCase):
                 sock.settimeout(TIMEOUT)
                 sock.connect(("127.0.0.1", self.port))
                 sockets.append(sock)
-            # Answered once the relay has accepted all those before it.
+            # Wait for the relay to close those it refused (they become
+            # readable: end of file or reset), for TIMEOUT at most.
+            closed = set()
+            end = time.monotonic() + TIMEOUT
+            while len(closed) < 50 and time.monotonic() < end:
+                readable, _, _ = select.select([s for s in sockets if s not in closed], [], [],
+                                               max(0.0, end - time.monotonic()))
+                closed.update(readable)
+            # Answered once the relay has seen everything before it.
             health = http_get(self.port, "/health", "127.0.0.2")
             held = open_fds(self.pid) - fds_before
-            refused = 0
             for sock in sockets:
-                sock.settimeout(0.05)
-                try:
-                    if sock.recv(100).startswith(b"HTTP/1.1 503 "):
-                        refused += 1
-                except socket.timeout:
-                    pass
                 sock.close()
-            return health, held, refused
+            return health, held, len(closed)
 
-        health, held, refused = yield threads.deferToThread(attack)
+        health, held, closed = yield threads.deferToThread(attack)
         self.assertIn(b" 200 ", health.split(b"\r\n", 1)[0])
-        self.assertLessEqual(held, 50)
-        self.assertEqual(refused, 50)
+        self.assertEqual(closed, 50)
+        # The 50 let in, and a few the relay may have opened meanwhile.
+        self.assertLessEqual(held, 55)

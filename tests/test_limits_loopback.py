@@ -139,6 +139,16 @@ def close_code(sock: socket.socket, frame: tuple[int, bytes]) -> int | None:
     return struct.unpack("!H", frame[1][:2])[0] if len(frame[1]) >= 2 else None
 
 
+def close_cleanly(sock: socket.socket) -> None:
+    """
+    Close a raw WebSocket and read until the relay drops it (so it is done
+    with the connection when the test ends).
+    """
+    sock.sendall(masked(0x8, struct.pack("!H", 1000)))
+    while next_frame(sock) is not None:
+        pass
+
+
 def raw_websocket(port: int, receive_buffer: int | None = None) -> socket.socket:
     """
     A blocking socket that has done a WebSocket handshake with the relay.
@@ -706,6 +716,7 @@ class FragmentTests(RelayOnLoopback):
             frame = next_frame(sock)
             if frame is not None and frame[0] == 0x8:
                 return "closed", close_code(sock, frame)
+            close_cleanly(sock)
         finally:
             sock.close()
         return frame
@@ -745,7 +756,9 @@ class PingTests(RelayOnLoopback):
             sock = raw_websocket(self.port)
             try:
                 sock.sendall(b"".join(masked(0x9, b"ping-%d" % n) for n in range(5)))
-                return [next_frame(sock) for _ in range(5)]
+                frames = [next_frame(sock) for _ in range(5)]
+                close_cleanly(sock)
+                return frames
             finally:
                 sock.close()
 

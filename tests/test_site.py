@@ -26,7 +26,8 @@ from zope.interface import implementer
 from leeloo.access import TrustedProxies
 from leeloo.relay import Relay
 from leeloo.testing import MemoryWebSocketClients
-from leeloo.web import MAX_BODY, HTTPLimits, RelayRequest, RelaySite, make_redirect_site, make_site
+from leeloo import web
+from leeloo.web import LINGER, MAX_BODY, HTTPLimits, RelayRequest, RelaySite, make_redirect_site, make_site
 from leeloo.websocket import RelayServerFactory
 
 txaio.use_twisted()
@@ -505,6 +506,17 @@ class PipeliningTests(SiteTestCase):
         self.assertTrue(transport.disconnected)
 
 
+class HalfClosingTransport(StringTransport):
+    """
+    A StringTransport that can close its writing side only, as TCP's can.
+    """
+
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
 class GateTests(SiteTestCase):
     """
     The site's L{ConnectionGate} counts every TCP connection by its peer
@@ -512,28 +524,85 @@ class GateTests(SiteTestCase):
     """
 
     limits = HTTPLimits(max_connections_per_address=2, connect_rate=5)
+    REQUEST = b"GET /record HTTP/1.1\r\nHost: relay.test\r\n\r\n"
 
     def make_site(self) -> RelaySite:
         site = super().make_site()
         site.gate = self.limits.gate(self.clock, TrustedProxies(["10.0.0.0/8"]))
         return site
 
+    def connect(self, host: str = "198.51.100.1", secure: bool = False):
+        if secure:
+            return super().connect(host, secure)
+        transport = HalfClosingTransport(peerAddress=IPv4Address("TCP", host, 50000))
+        channel = self.site.buildProtocol(transport.getPeer())
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def answer(self, host: str = "198.51.100.1"):
+        """
+        The answer to a request on a new connection from C{host}.
+        """
+        channel, transport = self.connect(host)
+        channel.dataReceived(self.REQUEST)
+        return parse_response(transport.value()), transport
+
     def test_over_the_cap_refused(self):
         """
         A third connection from an address with two open is answered 503
-        and closed; the two are served, and another address gets in.
+        once its request arrives, its writing side closed, and the request
+        not served; another address gets in.
         """
-        first, _ = self.connect()
-        second, _ = self.connect()
-        channel, transport = self.connect()
-        status, headers, body = parse_response(transport.value())
+        self.connect()
+        self.connect()
+        (status, headers, body), transport = self.answer()
         self.assertEqual((status, json.loads(body)["error"]), (503, "too_many_connections"))
         self.assertEqual(headers["x-frame-options"], "DENY")
-        self.assertTrue(transport.disconnecting)
-        channel.dataReceived(b"GET /record HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+        self.assertTrue(transport.write_closed)
         self.assertEqual(self.recorder.rendered, [])
-        _, other = self.connect("198.51.100.2")
-        self.assertFalse(other.disconnecting)
+        (status, _, _), _ = self.answer("198.51.100.2")
+        self.assertEqual(status, 200)
+
+    def test_turned_away_waits_for_the_request(self):
+        """
+        A turned-away connection is answered only once it sends (a client
+        reads no answer before it has sent its request), and what it sends
+        after is discarded unparsed.
+        """
+        self.connect()
+        self.connect()
+        channel, transport = self.connect()
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(self.REQUEST)
+        channel.dataReceived(self.REQUEST * 3)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+        self.assertEqual(self.recorder.rendered, [])
+
+    def test_turned_away_silent_aborted_soon(self):
+        """
+        A turned-away connection that sends nothing is aborted after
+        LINGER seconds, well before the request deadline.
+        """
+        self.connect()
+        self.connect()
+        channel, transport = self.connect()
+        self.clock.advance(LINGER)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(transport.value(), b"")
+
+    def test_flood_of_refusals_answered_at_once(self):
+        """
+        While MAX_LINGERING turned-away connections wait, more are answered
+        and closed at once: refusals hold no descriptors.
+        """
+        self.patch(web, "MAX_LINGERING", 1)
+        self.connect()
+        self.connect()
+        _, waiting = self.connect()
+        _, flooded = self.connect()
+        self.assertEqual(waiting.value(), b"")
+        self.assertEqual(parse_response(flooded.value())[0], 503)
+        self.assertTrue(flooded.disconnecting)
 
     def test_tls_aborted_unanswered(self):
         """
@@ -553,10 +622,8 @@ class GateTests(SiteTestCase):
         first, _ = self.connect()
         self.connect()
         first.connectionLost(None)
-        self.clock.advance(1)
-        _, transport = self.connect()
-        self.assertEqual(transport.value(), b"")
-        self.assertFalse(transport.disconnecting)
+        (status, _, _), _ = self.answer()
+        self.assertEqual(status, 200)
 
     def test_connect_rate(self):
         """
@@ -566,17 +633,15 @@ class GateTests(SiteTestCase):
         """
         for _ in range(10):
             channel, transport = self.connect()
-            self.assertEqual(transport.value(), b"")
             channel.connectionLost(None)
-        _, refused = self.connect()
-        status, headers, _ = parse_response(refused.value())
+        (status, headers, _), _ = self.answer()
         self.assertEqual((status, headers["retry-after"]), (429, "1"))
         self.clock.advance(0.1)
-        _, still = self.connect()
-        self.assertEqual(parse_response(still.value())[0], 429)
+        (status, _, _), _ = self.answer()
+        self.assertEqual(status, 429)
         self.clock.advance(0.2)
-        _, admitted = self.connect()
-        self.assertEqual(admitted.value(), b"")
+        (status, _, _), _ = self.answer()
+        self.assertEqual(status, 200)
 
     def test_refusals_logged_once_per_address(self):
         """
@@ -594,8 +659,8 @@ class GateTests(SiteTestCase):
         A trusted proxy's connections carry many clients: the gate does not
         count them.
         """
-        transports = [self.connect("10.0.0.7")[1] for _ in range(5)]
-        self.assertEqual([t.value() for t in transports], [b""] * 5)
+        statuses = [self.answer("10.0.0.7")[0][0] for _ in range(5)]
+        self.assertEqual(statuses, [200] * 5)
 
     def test_shared_with_the_redirect_site(self):
         """
@@ -606,9 +671,8 @@ class GateTests(SiteTestCase):
         redirect = make_redirect_site(None, reactor=self.clock, gate=self.site.gate)
         transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.1", 50001))
         redirect.buildProtocol(transport.getPeer()).makeConnection(transport)
-        self.connect()
-        _, third = self.connect()
-        self.assertEqual(parse_response(third.value())[0], 503)
+        (status, _, _), _ = self.answer()
+        self.assertEqual(status, 503)
 
 
 class BadRequestTests(SiteTestCase):
