@@ -226,3 +226,35 @@ class BoundedTests(TestCase):
         self.assertEqual(closed, 50)
         # The 50 let in, and a few the relay may have opened meanwhile.
         self.assertLessEqual(held, 55)
+
+    @defer.inlineCallbacks
+    def test_reconnecting_is_no_way_around_the_message_rate(self):
+        """
+        A client that opens a new connection for each burst of messages
+        (each within the per-connection rate) gets no more through than
+        --connect-rate connections' worth: 20 at once, then 10 a second.
+        """
+        yield self.start()
+        burst = masked(0x1, b'{"type":"ping"}') * 40
+
+        def attack():
+            answered = refused = 0
+            start = time.monotonic()
+            while time.monotonic() - start < 3:
+                try:
+                    sock = raw_websocket(self.port)
+                except (AssertionError, OSError):
+                    refused += 1
+                    continue
+                sock.sendall(burst)
+                for _ in range(40):
+                    frame = next_frame(sock)
+                    if frame is None:
+                        break
+                    answered += b'"pong"' in frame[1]
+                sock.close()
+            return answered, refused, time.monotonic() - start
+
+        answered, refused, elapsed = yield threads.deferToThread(attack)
+        self.assertLessEqual(answered, (20 + 10 * elapsed + 1) * 40, f"{answered} in {elapsed:.1f}s")
+        self.assertGreater(refused, 0)
