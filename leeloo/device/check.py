@@ -18,6 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.python.failure import Failure
 
 from leeloo import __version__, messages
+from leeloo.device.client import cancel_close_timer
 from leeloo.device.connection import RelayURL, describe, endpoint_for
 from leeloo.messages import ProtocolError
 
@@ -54,6 +55,7 @@ class CheckProtocol(WebSocketClientProtocol):
     def connectionLost(self, reason: Failure) -> None:
         self.lost_reason = reason
         super().connectionLost(reason)
+        cancel_close_timer(self)
 
     def onOpen(self) -> None:
         self.opened.callback(self)

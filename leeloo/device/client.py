@@ -138,6 +138,26 @@ class DeviceProtocol(WebSocketClientProtocol):
     def send_frame(self, message: dict) -> None:
         self.sendMessage(messages.encode(message))
 
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        cancel_close_timer(self)
+
+
+def cancel_close_timer(proto: WebSocketClientProtocol) -> None:
+    """
+    Cancel the close-handshake timer Autobahn leaves running when the
+    connection drops before the relay answered our close (its
+    connectionLost cancels the ping and opening timers, not this one).
+    Pinned by tests.device.test_loopback's stop-while-dropping test.
+    """
+    call = getattr(proto, "closeHandshakeTimeoutCall", None)
+    if call is not None:
+        try:
+            call.cancel()
+        except Exception:
+            pass
+        proto.closeHandshakeTimeoutCall = None
+
 
 class LeelooDevice(Service):
     """
@@ -219,6 +239,8 @@ class LeelooDevice(Service):
         self._expected: str | None = None
         self._binds = 0
         self._stopping: Deferred | None = None
+        self._close_waiters: list[Deferred] = []
+        self.close_timeout = 5.0
         self._entry_waiters: list[tuple[tuple, Deferred]] = []
         self._waiting: dict[str, Deferred] = {}
         self._unproductive = 0
@@ -283,9 +305,21 @@ class LeelooDevice(Service):
         self._service.startService()
 
     def stopService(self) -> Deferred:
+        """
+        Close the WebSocket cleanly (the relay tells the crew the device
+        went offline) and stop reconnecting.
+        """
         super().stopService()
         if self._stopping is not None and self.phase == "stopped":
             return self._stopping
+        proto = self._proto
+        if (proto is not None and proto.state == proto.STATE_OPEN
+                and not getattr(proto.transport, "disconnecting", False)):
+            closed = Deferred()
+            self._close_waiters.append(closed)
+            proto.sendClose(1000, "device stopping")
+            closed.addTimeout(self.close_timeout, self.reactor)
+            return closed.addBoth(lambda _: self._stop(None))
         return self._stop(None)
 
     def _stop(self, reason: Exception | None) -> Deferred:
@@ -311,10 +345,10 @@ class LeelooDevice(Service):
         self.phase = "stopped"
         self.stopped_by = reason
         _log.error("device {device_id} stopped: {reason}", device_id=self.device_id, reason=str(reason))
-        self._emit("stopped", {"type": "stopped", "error": getattr(reason, "code", "device_error"),
-                               "message": str(reason)})
         if self.running:
             Service.stopService(self)
+        self._emit("stopped", {"type": "stopped", "error": getattr(reason, "code", "device_error"),
+                               "message": str(reason)})
         self._stopping = None
         self.reactor.callLater(0, self._stop, reason)
 
@@ -680,6 +714,9 @@ class LeelooDevice(Service):
             return
         if proto is not self._proto:
             return
+        waiters, self._close_waiters = self._close_waiters, []
+        for w in waiters:
+            w.callback(None)
         was_ready = self.phase == "ready"
         self._proto = None
         self._entering = None
