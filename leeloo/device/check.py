@@ -14,7 +14,7 @@ import secrets
 from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, inlineCallbacks
 from twisted.python.failure import Failure
 
 from leeloo import __version__, messages
@@ -133,7 +133,7 @@ class Check:
         return 0
 
     def _failed(self, failure: Failure) -> int:
-        if failure.check(CancelledError):
+        if failure.check(CancelledError, TimeoutError):
             why = f"timed out after {self.timeout:g}s"
         elif failure.check(ProtocolError):
             why = f"the relay answered {failure.value.code}: {failure.value.message}"
@@ -144,11 +144,24 @@ class Check:
         self.say(CROSS, f"{self.step}: {why}")
         return 1
 
-    def _close(self, result: Any) -> Any:
+    def _close(self, result: Any) -> Deferred:
+        """
+        Close every connection (cleanly if it is open), then fire with
+        C{result}.
+        """
+        waits = []
         for c in self.connections:
-            if c.state != c.STATE_CLOSED:
+            if c.closed.called:
+                continue
+            if c.state == c.STATE_OPEN:
                 c.sendClose(1000)
-        return result
+            else:
+                c.transport.abortConnection()
+            waits.append(c.closed)
+        d = DeferredList(waits)
+        d.addTimeout(2.0, self.reactor)
+        d.addBoth(lambda _: result)
+        return d
 
     @inlineCallbacks
     def _connect(self, which: str):
@@ -156,7 +169,8 @@ class Check:
         factory = WebSocketClientFactory(self.relay.url, reactor=self.reactor,
                                          useragent=f"leeloo-device/{__version__} check")
         factory.protocol = CheckProtocol
-        factory.setProtocolOptions(openHandshakeTimeout=self.timeout, closeHandshakeTimeout=2.0)
+        # The check's own timeout names the step; Autobahn's is a backstop.
+        factory.setProtocolOptions(openHandshakeTimeout=self.timeout + 5, closeHandshakeTimeout=2.0)
         endpoint = endpoint_for(self.reactor, self.relay, self.trust_root, timeout=self.timeout)
         proto = yield endpoint.connect(factory)
         self.connections.append(proto)

@@ -124,6 +124,8 @@ class _DeviceCommand:
         self.out = out
         self.result: Deferred = Deferred(self._cancel)
         self.device: Any = None
+        # Once the outcome is known, what stopping the device says is noise.
+        self.finishing = False
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -150,8 +152,9 @@ class _DeviceCommand:
         return self.result
 
     def _finish(self, status: int) -> None:
-        if self.result.called:
+        if self.result.called or self.finishing:
             return
+        self.finishing = True
         timer = getattr(self, "_timer", None)
         if timer is not None and timer.active():
             timer.cancel()
@@ -159,10 +162,13 @@ class _DeviceCommand:
         d.addBoth(lambda _: self.result.called or self.result.callback(status))
 
     def _cancel(self, result: Deferred) -> None:
+        self.finishing = True
         self.device.stopService()
         result.callback(0)
 
     def _fail(self, failure: Failure, what: str) -> None:
+        if self.finishing:
+            return
         value = failure.value
         code = getattr(value, "code", None)
         why = f"{code}: {getattr(value, 'message', value)}" if code else str(value)
@@ -170,6 +176,8 @@ class _DeviceCommand:
         self._finish(1)
 
     def _stopped(self, frame: dict) -> None:
+        if self.finishing:
+            return
         self.say(f"{CROSS} {frame.get('message')}")
         self._finish(1)
 
