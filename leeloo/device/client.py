@@ -241,6 +241,8 @@ class LeelooDevice(Service):
         self._stopping: Deferred | None = None
         self._close_waiters: list[Deferred] = []
         self.close_timeout = 5.0
+        self._entry_timer: Any = None
+        self.entry_timeout = open_timeout
         self._entry_waiters: list[tuple[tuple, Deferred]] = []
         self._waiting: dict[str, Deferred] = {}
         self._unproductive = 0
@@ -328,6 +330,7 @@ class LeelooDevice(Service):
         self.phase = "stopped"
         self.stopped_by = reason
         self._cancel_timer()
+        self._cancel_entry_timer()
         d = self._stopping = self._service.stopService()
         waiting, self._waiting = self._waiting, {}
         why = str(reason) if reason is not None else "the device was stopped"
@@ -426,8 +429,24 @@ class LeelooDevice(Service):
         if code and kind != "register" and code in self.state.last_seq:
             frame["last_seq"] = self.state.last_seq[code]
         proto.send_frame(frame)
+        self._cancel_entry_timer()
+        self._entry_timer = self.reactor.callLater(self.entry_timeout, self._entry_timed_out, proto)
+
+    def _entry_timed_out(self, proto: DeviceProtocol) -> None:
+        self._entry_timer = None
+        if proto is self._proto and self.phase == "entering":
+            _log.warn("the relay did not answer {kind} within {timeout}s; reconnecting",
+                      kind=self._entering[0] if self._entering else "entry", timeout=self.entry_timeout)
+            proto.sendClose(1000, "no answer")
+
+    def _cancel_entry_timer(self) -> None:
+        if self._entry_timer is not None:
+            if self._entry_timer.active():
+                self._entry_timer.cancel()
+            self._entry_timer = None
 
     def _entered(self, proto: DeviceProtocol, frame: dict) -> None:
+        self._cancel_entry_timer()
         target = self._entering
         self._entering = None
         c = self.state.config
@@ -438,7 +457,7 @@ class LeelooDevice(Service):
             c.device_id, changed = device_id, True
         if isinstance(code, str) and code != c.crew_code:
             c.crew_code, c.crew_id, changed = code, code, True
-        if changed or not self.state.path("crew_config.json").exists():
+        if changed or self.state.config_changed():
             self.state.save_config()
         key = frame.get("device_key")
         if isinstance(key, str) and key:
@@ -489,6 +508,7 @@ class LeelooDevice(Service):
                 d.errback(NotInCrew(f"the device left crew {entry.get('crew_code')} before this was sent"))
 
     def _entry_refused(self, error: ProtocolError) -> None:
+        self._cancel_entry_timer()
         kind, code, explicit = self._entering or self._target
         if error.code == "invalid_crew_code":
             if explicit:
@@ -723,6 +743,7 @@ class LeelooDevice(Service):
         self._binds = 0
         self.crew_code = None
         self._cancel_timer()
+        self._cancel_entry_timer()
         if self.phase != "stopped":
             self.phase = "offline"
         if not was_ready:

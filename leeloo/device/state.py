@@ -181,6 +181,17 @@ class DeviceState:
     def _write(self, name: str, data: bytes, mode: int) -> None:
         atomic_write(self.path(name), data, mode, self.fsync)
 
+    def config_changed(self) -> bool:
+        """
+        Whether the four fields differ from what C{crew_config.json} holds
+        (or it does not exist yet).
+        """
+        c = self.config
+        on_disk = self._config_extra
+        return not self.path(CREW_CONFIG).exists() or any(
+            on_disk.get(k) != v for k, v in (("device_id", c.device_id), ("crew_id", c.crew_id),
+                                             ("crew_code", c.crew_code), ("display_name", c.display_name)))
+
     def save_config(self) -> None:
         """
         Write C{crew_config.json} with the four fields the deployed client

@@ -66,16 +66,12 @@ class ProcessTests(TestCase):
     @defer.inlineCallbacks
     def test_bad_usage_exits_2(self):
         """
-        No command, an unknown command, a URL that is not ws:// or wss://,
-        a missing --state or an unreadable --ca file: a usage message and
-        status 2.
+        The command without arguments prints its usage and exits 2.
         """
-        for args in ([], ["frobnicate"], ["check", "http://relay.example/ws"], ["listen", "ws://h/ws"],
-                     ["check", "ws://h/ws", "--ca", "/nonexistent/ca.pem"], ["check", "ws://h/ws", "--timeout", "0"]):
-            out, err, status = yield leeloo_device(*args)
-            self.assertEqual(status, 2, args)
-            self.assertIn("usage: leeloo-device", err)
-            self.assertNotIn("Traceback", err)
+        out, err, status = yield leeloo_device()
+        self.assertEqual(status, 2)
+        self.assertIn("usage: leeloo-device", err)
+        self.assertNotIn("Traceback", err)
 
     @defer.inlineCallbacks
     def test_send_reaches_the_crew(self):
@@ -115,6 +111,24 @@ class ProcessTests(TestCase):
         self.assertIn("outbox", line)
         with open(os.path.join(state, "outbox.json")) as f:
             self.assertEqual(json.load(f)["messages"][0]["message"]["payload"], {"text": "later"})
+
+
+class UsageTests(SynchronousTestCase):
+
+    def test_bad_usage_exits_2(self):
+        """
+        An unknown command, a URL that is not ws:// or wss://, a missing
+        --state, an unreadable --ca file or a timeout of zero: a usage
+        message (no traceback) and status 2.
+        """
+        for args in (["frobnicate"], ["check", "http://relay.example/ws"], ["listen", "ws://h/ws"],
+                     ["check", "ws://h/ws", "--ca", "/nonexistent/ca.pem"], ["check", "ws://h/ws", "--timeout", "0"],
+                     ["pair-spotify", "ws://h/ws", "--state", "d", "--client-id", "c"]):
+            err = io.StringIO()
+            self.patch(sys, "stderr", err)
+            e = self.assertRaises(SystemExit, cli.parse, args)
+            self.assertEqual(e.code, 2, args)
+            self.assertIn("usage: leeloo-device", err.getvalue())
 
 
 class InProcessTests(TestCase):

@@ -219,6 +219,40 @@ class EntryTests(DeviceTestCase):
         self.clock.advance(0.1)
         self.assertEqual([f["type"] for f in conn.take()], ["join_crew"])
 
+    def test_unanswered_entry_closes_the_connection(self):
+        """
+        A relay that does not answer the entry within open_timeout gets the
+        connection closed (then the device reconnects with backoff).
+        """
+        device = self.device(open_timeout=4.0)
+        conn = self.open(device)
+        self.clock.advance(3.9)
+        self.assertIsNone(conn.closed)
+        self.clock.advance(0.1)
+        self.assertEqual(conn.closed, 1000)
+
+    def test_answered_entry_keeps_the_connection(self):
+        """
+        Once the relay answered the entry, the entry timeout no longer
+        applies.
+        """
+        device = self.device(open_timeout=4.0)
+        conn = self.ready(device)
+        self.clock.advance(60)
+        self.assertIsNone(conn.closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_new_display_name_is_saved(self):
+        """
+        A display name given to the device replaces the saved one in
+        crew_config.json once the device is in its crew.
+        """
+        self.write("crew_config.json", {"device_id": "leeloo_aaaaaaaaaaaa", "crew_id": "ALPHA",
+                                        "crew_code": "ALPHA", "display_name": "Old"})
+        device = self.device(name="New")
+        self.ready(device)
+        self.assertEqual(self.read("crew_config.json")["display_name"], "New")
+
     def test_device_auth_failed_stops_and_reports(self):
         """
         device_auth_failed stops the device for good: a stopped event names
