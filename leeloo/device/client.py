@@ -136,6 +136,13 @@ class DeviceProtocol(WebSocketClientProtocol):
         self.factory.device._closed(self, code, reason)
 
     def send_frame(self, message: dict) -> None:
+        """
+        Send C{message}; on a connection already closing it is dropped (a
+        send stays in the outbox, the position is saved: the next
+        connection catches up).
+        """
+        if self.state != self.STATE_OPEN:
+            return
         self.sendMessage(messages.encode(message))
 
     def connectionLost(self, reason: Any) -> None:

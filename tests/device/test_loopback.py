@@ -175,6 +175,65 @@ class RestartTests(LoopbackTestCase):
             self.assertEqual(json.load(f)["messages"], [])
 
 
+    @defer.inlineCallbacks
+    def test_relay_that_lost_its_data(self):
+        """
+        A relay that comes back without its data (a new data directory)
+        does not know the device's crew: the device creates it again under
+        the same code, forgets its old position, and gets the new
+        messages, whose sequence starts again at 1.
+        """
+        a, a_events, b, b_events = yield self.crew_of_two()
+        yield a.send_text("old 1")
+        yield a.send_text("old 2")
+        yield b_events.wait("message", lambda f: f["payload"]["text"] == "old 2", after=0)
+        code = b.crew_code
+        lost = b_events.wait("disconnected")
+        yield self.relay.stop()
+        yield lost
+        fresh = self.relay.data_dir.with_name(self.relay.data_dir.name + "-fresh")
+        fresh.mkdir(mode=0o700)
+        self.relay.data_dir = fresh
+        yield self.relay.start()
+        yield defer.gatherResults([a_events.wait("connected"), b_events.wait("connected")])
+        self.assertIn(code, self.relay.relay.crews)
+        arrived = b_events.wait("message", lambda f: f["payload"]["text"] == "new 1")
+        sent = yield a.send_text("new 1")
+        self.assertEqual(sent["seq"], 1)
+        self.assertEqual((yield arrived)["seq"], 1)
+        self.assertEqual((b.crew_code, a.crew_code), (code, code))
+
+
+class ReplayLimitTests(TestCase):
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_truncated_replay_is_surfaced(self):
+        """
+        A device that missed more than the relay's replay limit gets the
+        newest messages and a replay_truncated naming what it lost, handed
+        to its observers.
+        """
+        self.relay = yield LoopbackRelay(self, replay_limit=2).start()
+        gate = GatedEndpoint(TCP4ClientEndpoint(reactor, "127.0.0.1", self.relay.port))
+        a, a_events, b, b_events = yield LoopbackTestCase.crew_of_two(self, endpoint=gate)
+        yield a.send_text("seen")
+        yield b_events.wait("message", after=0)
+        gate.close()
+        lost = b_events.wait("disconnected")
+        b._proto.transport.loseConnection()
+        yield lost
+        sent = yield defer.gatherResults([a.send_text(f"missed {i}") for i in range(5)])
+        truncated = b_events.wait("replay_truncated")
+        gate.open()
+        gap = yield truncated
+        yield b_events.wait("message", lambda f: f["payload"]["text"] == "missed 4", after=0)
+        self.assertEqual((gap["from_seq"], gap["to_seq"]), (sent[0]["seq"], sent[2]["seq"]))
+        self.assertEqual([f["payload"]["text"] for f in b_events.frames("message")],
+                         ["seen", "missed 3", "missed 4"])
+
+
 class IdentityTests(LoopbackTestCase):
 
     @defer.inlineCallbacks
