@@ -184,8 +184,6 @@ class LeelooDevice(Service):
         one the URL names (tests, proxies).
     """
 
-    name = "leeloo-device"
-
     def __init__(
         self,
         url: str,
