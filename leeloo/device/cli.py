@@ -13,7 +13,7 @@ import sys
 from typing import Any, Sequence
 from urllib.parse import quote, urlencode
 
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
 from leeloo.device.check import CROSS, TICK, Check

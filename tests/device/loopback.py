@@ -4,7 +4,6 @@ The relay service on loopback, in this process, and devices against it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import txaio

@@ -225,7 +225,6 @@ class PackagingTests(SynchronousTestCase):
         Importing every relay module (and the twistd plugin) imports
         nothing from leeloo.device.
         """
-        from twisted.internet.utils import getProcessOutputAndValue  # noqa: F401 (documentation)
         import subprocess
 
         script = (

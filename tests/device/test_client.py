@@ -358,6 +358,21 @@ class ReceiveTests(DeviceTestCase):
         self.assertEqual(conn.take(), [{"type": "ack", "seq": 3}])
         self.assertEqual(self.read("relay_state.json"), {"last_seq": {"ALPHA": 3}})
 
+    def test_share_music_and_reaction_frames_are_events_too(self):
+        """
+        The relay's top-level music_shared and reaction fan-outs (from
+        clients that send share_music or reaction) reach their own
+        observers and are acknowledged like messages.
+        """
+        device = self.device()
+        conn = self.ready(device)
+        self.says(device, conn, type="music_shared", spotify_uri="spotify:track:1", artist="A", track="T",
+                  album="L", pushed_by="Bob", timestamp=1, seq=1, id="a")
+        self.says(device, conn, type="reaction", reaction_type="love", **{"from": "Bob"}, timestamp=1, seq=2, id="b")
+        self.assertEqual(self.fired("music_shared")[0]["track"], "T")
+        self.assertEqual(self.fired("reaction")[0]["reaction_type"], "love")
+        self.assertEqual(conn.take(), [{"type": "ack", "seq": 1}, {"type": "ack", "seq": 2}])
+
     def test_observers_by_msg_type(self):
         """
         on_message observers see only their msg_type; a type no deployed

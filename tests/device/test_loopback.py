@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 from leeloo.device import DeviceStopped
 
 from ..support import ws_session, recv
-from .loopback import Events, GatedEndpoint, LoopbackRelay, start_device
+from .loopback import GatedEndpoint, LoopbackRelay, start_device
 
 
 class LoopbackTestCase(TestCase):
