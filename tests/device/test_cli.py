@@ -83,7 +83,7 @@ class ProcessTests(TestCase):
         device, events = start_device(self, relay.url(), "Ann")
         joined = yield events.wait("connected", after=0)
         arrived = events.wait("message")
-        state = self.mktemp()
+        state = os.path.abspath(self.mktemp())
         out, err, status = yield leeloo_device("send", relay.url(), "--state", state, "--crew",
                                                joined["crew_code"], "--name", "Cli", "hello from the shell")
         self.assertEqual((status, err), (0, ""), out)
@@ -102,7 +102,7 @@ class ProcessTests(TestCase):
         port = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
         number = port.getHost().port
         yield port.stopListening()
-        state = self.mktemp()
+        state = os.path.abspath(self.mktemp())
         out, err, status = yield leeloo_device("send", f"ws://127.0.0.1:{number}/ws", "--state", state,
                                                "--timeout", "0.5", "later")
         self.assertEqual((status, err), (1, ""))
@@ -180,7 +180,7 @@ class InProcessTests(TestCase):
         its state, and its QR code, then saves the tokens the relay sends
         to spotify_tokens.json and exits 0.
         """
-        state = self.mktemp()
+        state = os.path.abspath(self.mktemp())
         os.makedirs(state)
         with open(os.path.join(state, "crew_config.json"), "w") as f:
             json.dump({"device_id": "leeloo_cccccccccccc", "crew_code": "PAIR"}, f)
