@@ -109,6 +109,27 @@ class ExchangeTests(LoopbackTestCase):
             self.assertEqual(json.load(f), tokens)
 
 
+class KeepaliveTests(LoopbackTestCase):
+
+    @defer.inlineCallbacks
+    def test_silent_relay_connection_is_dropped_and_replaced(self):
+        """
+        The device pings the relay over the WebSocket; when the relay stops
+        answering (its side stops reading), the device drops the connection
+        after the ping timeout and connects again.
+        """
+        a, a_events = start_device(self, self.relay.url(), "Ann", ping_interval=0.2, ping_timeout=0.3)
+        yield a_events.wait("connected", after=0)
+        server = self.relay.relay.devices[a.device_id].peer
+        dropped = a_events.wait("disconnected")
+        back = a_events.wait("connected")
+        server.transport.pauseProducing()
+        lost = yield dropped
+        server.transport.resumeProducing()
+        self.assertIn("ping", lost["reason"].lower())
+        yield back
+
+
 class RestartTests(LoopbackTestCase):
 
     @defer.inlineCallbacks
