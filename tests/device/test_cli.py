@@ -64,6 +64,27 @@ class ProcessTests(TestCase):
         self.assertIn("refused", line)
 
     @defer.inlineCallbacks
+    def test_check_over_tls_with_and_without_the_ca(self):
+        """
+        Against a relay with a certificate from a private CA, check fails
+        with one line about the certificate, and passes with --ca.
+        """
+        from .test_check import tls_listen
+
+        listen, ca = tls_listen(self)
+        relay = yield LoopbackRelay(self, listen=listen, store="memory").start()
+        ca_file = os.path.abspath(self.mktemp())
+        with open(ca_file, "wb") as f:
+            f.write(ca.root_pem)
+        url = relay.url("wss", "localhost")
+        out, err, status = yield leeloo_device("check", url)
+        self.assertEqual((status, err), (1, ""))
+        [line] = out.splitlines()
+        self.assertIn("certificate", line)
+        out, err, status = yield leeloo_device("check", url, "--ca", ca_file)
+        self.assertEqual((status, err), (0, ""), out)
+
+    @defer.inlineCallbacks
     def test_bad_usage_exits_2(self):
         """
         The command without arguments prints its usage and exits 2.
