@@ -538,6 +538,17 @@ class SendTests(DeviceTestCase):
         self.assertEqual(failure.value.code, "outbox_full")
         self.assertEqual(len(self.read("outbox.json")["messages"]), 2)
 
+    def test_default_outbox_holds_100(self):
+        """
+        By default the outbox takes 100 unconfirmed messages; the 101st
+        send fails at once.
+        """
+        device = self.device()
+        for i in range(100):
+            device.send_text(f"m{i}")
+        self.failureResultOf(device.send_text("one too many"), OutboxFull)
+        self.assertEqual(len(self.read("outbox.json")["messages"]), 100)
+
     def test_message_the_relay_would_refuse_fails_with_its_code(self):
         """
         A message the relay's decoder refuses fails at once with the same
