@@ -141,6 +141,9 @@ class _DeviceCommand:
         except StateError as e:
             self.say(f"{CROSS} {e}")
             return _fired(1)
+        except OSError as e:
+            self.say(f"{CROSS} cannot use the state directory {self.args.state}: {e.strerror}")
+            return _fired(1)
         self.device.on("stopped", self._stopped)
         getattr(self, "_" + self.args.command.replace("-", "_"))()
         if self.args.crew:

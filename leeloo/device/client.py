@@ -629,7 +629,10 @@ class LeelooDevice(Service):
         d = self._waiting.pop(client_msg_id, None)
         if d is not None:
             d.callback(frame)
-        self._emit("sent", frame)
+        if d is not None or len(self.state.outbox) != before:
+            # A resend the relay had stored already is confirmed again:
+            # report each message once.
+            self._emit("sent", frame)
 
     def _later(self, delay: float, call: Callable[[], None]) -> None:
         """

@@ -195,6 +195,28 @@ class InProcessTests(TestCase):
         self.assertEqual((message["from_name"], message["payload"]), ("Ann", {"text": "to the listener"}))
 
     @defer.inlineCallbacks
+    def test_unusable_state_directory_is_one_line(self):
+        """
+        A state directory that cannot be created, or holds a broken
+        crew_config.json, fails the command with one line naming it.
+        """
+        blocker = self.mktemp()
+        with open(blocker, "w") as f:
+            f.write("a file, not a directory")
+        d, out = self.run_command("listen", self.relay.url(), "--state", os.path.join(blocker, "state"))
+        self.assertEqual((yield d), 1)
+        [line] = out.getvalue().splitlines()
+        self.assertIn("cannot use the state directory", line)
+        broken = self.mktemp()
+        os.makedirs(broken)
+        with open(os.path.join(broken, "crew_config.json"), "w") as f:
+            f.write("{")
+        d, out = self.run_command("send", self.relay.url(), "--state", broken, "hi")
+        self.assertEqual((yield d), 1)
+        [line] = out.getvalue().splitlines()
+        self.assertIn("crew_config.json is not valid JSON", line)
+
+    @defer.inlineCallbacks
     def test_pair_spotify_shows_the_url_and_waits_for_the_tokens(self):
         """
         pair-spotify prints Spotify's authorize URL with the device id as

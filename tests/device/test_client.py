@@ -471,6 +471,20 @@ class SendTests(DeviceTestCase):
         self.assertEqual(self.successResultOf(d), sent)
         self.assertEqual(self.read("outbox.json"), {"messages": []})
 
+    def test_repeated_confirmation_is_reported_once(self):
+        """
+        A second sent for the same client_msg_id (the answer to a resend)
+        fires no second sent event.
+        """
+        device = self.device()
+        conn = self.ready(device)
+        device.send_text("one")
+        [frame] = conn.take()
+        sent = {"type": "sent", "client_msg_id": frame["client_msg_id"], "id": "x", "seq": 5}
+        self.says(device, conn, **sent)
+        self.says(device, conn, **sent)
+        self.assertEqual(self.fired("sent"), [sent])
+
     def test_every_send_is_a_message_of_its_type(self):
         """
         Reactions, songs, nudges and hangs go out as message frames with
