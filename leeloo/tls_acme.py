@@ -698,8 +698,8 @@ class ManagedCertificate:
 
     def when_done(self) -> Deferred:
         """
-        Fires with the outcome (an L{Issued}, or the L{AcmeFailure}'s
-        Failure as a value) of the next attempt to finish.
+        Fires with the outcome (an L{Issued}, or the exception) of the
+        next attempt to finish, once the next step is scheduled.
         """
         d: Deferred = Deferred()
         self._waiting.append(d)
@@ -831,6 +831,8 @@ class ManagedCertificate:
 
     def _finished(self, outcome: Any) -> None:
         self._busy = None
+        if isinstance(outcome, Failure):
+            outcome = outcome.value
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(outcome)
@@ -899,6 +901,11 @@ class AcmeService(Service):
         super().stopService()
         for certificate in self.certificates.values():
             certificate.stop()
+        if self.pool.joined:
+            return None
+        self.pool.joined = True
         # The thread may be inside a request (NETWORK_TIMEOUT at most):
         # wait for it without blocking the reactor.
-        return deferToThread(self.pool.stop)
+        pool, self.pool = self.pool, ThreadPool(minthreads=0, maxthreads=1, name="leeloo-acme")
+        self.issuer.pool = self.pool
+        return deferToThread(pool.stop)
