@@ -193,6 +193,9 @@ def acme_config(options: Mapping[str, Any], listen: list[str]) -> AcmeConfig | N
                 raise usage.UsageError(
                     f"--listen: {domain} is on both an acme: and a letsencrypt: endpoint; one certificate "
                     "source per domain (see README.rst 'Automatic HTTPS' to switch between them)")
+    directory = options["acme-directory"]
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", directory or ""):
+        raise usage.UsageError(f"--acme-directory {directory!r} is not an http(s) URL; e.g. {LETS_ENCRYPT}")
     bundle = options["acme-ca-bundle"]
     if bundle is not None and not os.access(bundle, os.R_OK):
         raise usage.UsageError(f"--acme-ca-bundle {bundle} is not a readable file; give the PEM file of "
@@ -209,6 +212,21 @@ def acme_config(options: Mapping[str, Any], listen: list[str]) -> AcmeConfig | N
         ca_bundle=None if bundle is None else Path(bundle).absolute(),
         retry=options["acme-retry"],
     )
+
+
+_TLS_TYPES = {"acme", "letsencrypt", "ssl"}
+
+
+def acme_warning(listen: tuple[str, ...], redirect_listen: tuple[str, ...]) -> str | None:
+    """
+    A warning when acme: endpoints have no plain-HTTP listener to answer
+    their HTTP-01 challenges on.
+    """
+    plain = [d for d in listen if d.split(":", 1)[0].strip().lower() not in _TLS_TYPES]
+    if plain or redirect_listen:
+        return None
+    return ("acme: endpoints need the ACME server to reach the relay over plain HTTP on port 80 for the "
+            "HTTP-01 challenge, and no --redirect-listen or plain --listen is given: add --redirect-listen tcp:80")
 
 
 def check_webroot(path: str | None) -> Path | None:
@@ -450,6 +468,10 @@ class Options(usage.Options):
         admin_listen = tuple(check_endpoint(e, "--admin-listen") for e in self["admin-listen"])
         values = settings(self._environ, self["env-file"])
         warnings = []
+        if acme is not None:
+            warning = acme_warning(listen, redirect_listen)
+            if warning:
+                warnings.append(warning)
         if self["env-file"]:
             warning = env_file_warning(self["env-file"])
             if warning:

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -403,9 +403,8 @@ class AcmeIssuer:
         self.offers_renewal_info: bool | None = None
 
     def _run(self, call: Callable[..., Any], *args: Any) -> Deferred:
-        if self.pool is None:
-            return deferToThread(call, *args)
-        return deferToThreadPool(self.reactor, self.pool, call, *args)
+        pool = self.reactor.getThreadPool() if self.pool is None else self.pool
+        return deferToThreadPool(self.reactor, pool, call, *args)
 
     # -- blocking, in the thread
 
@@ -515,6 +514,7 @@ class AcmeIssuer:
                 log.info("ACME order {order}: answering the HTTP-01 challenge for {domain}",
                          order=order.uri, domain=domain)
                 yield self._run(self._answer, acme, challenge, response)
+            log.info("ACME order {order}: waiting for validation, then finalizing", order=order.uri)
             fullchain = yield self._run(self._finalize, acme, order)
         except Exception as e:
             self._forget(e)
@@ -908,4 +908,4 @@ class AcmeService(Service):
         # wait for it without blocking the reactor.
         pool, self.pool = self.pool, ThreadPool(minthreads=0, maxthreads=1, name="leeloo-acme")
         self.issuer.pool = self.pool
-        return deferToThread(pool.stop)
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), pool.stop)

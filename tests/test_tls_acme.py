@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import ssl
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +29,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate as TwistedCertificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -47,7 +49,7 @@ from leeloo.tls_acme import (
 )
 from leeloo.web import make_redirect_site
 from tests.test_acme import Server, free_port
-from tests.test_tls import LogCapture, WaitingClient, handshake, listening_port, temporary_directory
+from tests.test_tls import WORKTREE, LogCapture, WaitingClient, handshake, listening_port, temporary_directory
 
 DOMAIN = "relay.leeloo.test"
 OTHER = "www.leeloo.test"
@@ -170,6 +172,26 @@ class OptionsTests(SynchronousTestCase):
                               "--listen", "acme:domain=*.leeloo.test")
         self.assertIn("wildcard", str(e))
 
+    def test_directory_must_be_a_url(self):
+        """
+        An --acme-directory that is not an http(s) URL is refused.
+        """
+        e = self.assertRaises(usage.UsageError, self.parse, "--acme-agree-tos", "--listen",
+                              f"acme:domain={DOMAIN}", "--acme-directory", "letsencrypt")
+        self.assertIn("--acme-directory 'letsencrypt' is not an http(s) URL", str(e))
+
+    def test_warns_without_plain_listener(self):
+        """
+        acme: endpoints with no plain-HTTP listener for the challenge get a
+        start-up warning naming --redirect-listen; with one, none.
+        """
+        config = self.parse("--acme-agree-tos", "--listen", f"acme:domain={DOMAIN}").config
+        [warning] = config.warnings
+        self.assertIn("add --redirect-listen tcp:80", warning)
+        config = self.parse("--acme-agree-tos", "--listen", f"acme:domain={DOMAIN}",
+                            "--redirect-listen", "tcp:0:interface=127.0.0.1").config
+        self.assertEqual(config.warnings, ())
+
     def test_missing_ca_bundle_refused(self):
         """
         An --acme-ca-bundle that cannot be read is refused.
@@ -177,6 +199,29 @@ class OptionsTests(SynchronousTestCase):
         e = self.assertRaises(usage.UsageError, self.parse, "--acme-agree-tos", "--listen",
                               f"acme:domain={DOMAIN}", "--acme-ca-bundle", "/nonexistent/ca.pem")
         self.assertIn("--acme-ca-bundle /nonexistent/ca.pem", str(e))
+
+
+class TwistdTests(TestCase):
+    """
+    C{twistd leeloo} with an acme: endpoint.
+    """
+
+    @inlineCallbacks
+    def test_without_terms_prints_one_line(self):
+        """
+        Without --acme-agree-tos twistd exits 1 with one line, no traceback.
+        """
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from twisted.scripts.twistd import run; run()", "--nodaemon", "--pidfile=", "leeloo",
+             "--data-dir", temporary_directory(self), "--listen", f"acme:domain={DOMAIN}"],
+            env={**os.environ, "PYTHONPATH": WORKTREE},
+        )
+        self.assertEqual(code, 1)
+        lines = err.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("--acme-agree-tos", lines[0])
+        self.assertNotIn(b"Traceback", out + err)
 
 
 # ---------------------------------------------------------------- renewal
@@ -780,3 +825,9 @@ class AgainstPebbleTests(TestCase):
         self.assertLess(abs(managed.next_attempt - renewal_due(managed.store.certificate(DOMAIN))), 0.01)
         self.assertEqual((data / "certificates" / "account.key").read_bytes(), account)
         self.assertFalse([t for t in logged.texts() if "ACME order" in t or "ACME account" in t])
+        # A renewal now (as when one is due) logs in to the same account.
+        renewed = yield managed.attempt().addCallback(lambda _: managed.store.certificate(DOMAIN))
+        self.assertNotEqual(renewed.fingerprint, fingerprint)
+        [account_line] = [t for t in logged.texts() if "ACME account" in t]
+        self.assertTrue(account_line.endswith(": existing"), account_line)
+        self.assertEqual((data / "certificates" / "account.key").read_bytes(), account)
