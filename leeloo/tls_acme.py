@@ -712,6 +712,10 @@ class ManagedCertificate:
         missing = [d for d in self.domains if d not in names]
         if missing:
             return f"the certificate does not cover {','.join(missing)}"
+        if self.state.last_order is None:
+            # Copied in (from certbot, when switching over): serve it
+            # while the relay orders its own.
+            return "the certificate in live/ was not ordered by this relay; serving it meanwhile"
         return None
 
     def _schedule(self, when: float, wake: float | None = None) -> None:

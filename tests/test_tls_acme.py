@@ -463,6 +463,20 @@ class ManagedCertificateTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(len(self.issuer.orders), 2)
 
+    def test_imported_certificate_served_while_ordering(self):
+        """
+        A certificate copied into live/NAME/ (certbot's, when switching
+        over) is served at once, and the relay orders its own meanwhile.
+        """
+        copied = self.issued()
+        LetsEncryptDirectory(self.directory).install(DOMAIN, fullchain=copied.fullchain_pem, privkey=copied.key_pem)
+        manager = self.manager()
+        self.clock.advance(0)
+        self.assertEqual(manager.store.pending, {})
+        leaf = x509.load_pem_x509_certificates(copied.fullchain_pem)[0]
+        self.assertEqual(manager.store.certificate(DOMAIN).fingerprint, leaf.fingerprint(hashes.SHA256()).hex())
+        self.assertEqual(len(self.issuer.orders), 1)
+
     def test_ari_window_renews_earlier(self):
         """
         Where the CA offers renewal info, a window earlier than the
