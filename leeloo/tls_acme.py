@@ -29,6 +29,7 @@ State, under C{--data-dir}::
     certificates/account.key              the ACME account key (0600)
     certificates/live/NAME/fullchain.pem  the certificate and its chain
     certificates/live/NAME/privkey.pem    its key (0600)
+    certificates/staging/live/NAME/       a new pair, checked before it replaces them
     certificates/renewal/NAME.json        failures, next attempt, last order
 """
 
@@ -61,10 +62,12 @@ from leeloo.tls import (
     DEFAULT_PORT,
     DEFAULT_WATCH_INTERVAL,
     Certificate,
+    CertificateError,
     CertificateStore,
     LetsEncryptServerEndpoint,
     check_domain,
     iso,
+    load_certificate,
 )
 
 log = Logger()
@@ -651,6 +654,8 @@ class ManagedCertificate:
         self.issuer = issuer
         self.clock = clock
         self.live = directory / "live" / name
+        # Where an issued pair is checked before it replaces live/NAME/'s.
+        self.staging = directory / "staging"
         self.state_path = directory / "renewal" / f"{name}.json"
         self.backoff = backoff
         self.state = RenewalState.load(self.state_path)
@@ -783,9 +788,18 @@ class ManagedCertificate:
         return d
 
     def _issued(self, issued: Issued) -> Issued:
+        staged = self.staging / "live" / self.name
+        write_private(staged / "privkey.pem", issued.key_pem)
+        write_private(staged / "fullchain.pem", issued.fullchain_pem, 0o644)
+        try:
+            load_certificate(self.staging, self.name, self.clock.seconds())
+        except CertificateError as e:
+            # The files served now stay as they are.
+            raise AcmeFailure(f"the issued certificate cannot be served: {e.path.name} {e.problem}",
+                              issued.order) from None
         self.live.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_private(self.live / "privkey.pem", issued.key_pem)
-        write_private(self.live / "fullchain.pem", issued.fullchain_pem, 0o644)
+        os.replace(staged / "privkey.pem", self.live / "privkey.pem")
+        os.replace(staged / "fullchain.pem", self.live / "fullchain.pem")
         if not self.store.reload_domain(self.name, "ACME order " + issued.order):
             raise AcmeFailure("the issued certificate cannot be served (see the refusal above)", issued.order)
         certificate = self.store.certificate(self.name)

@@ -448,7 +448,25 @@ class ManagedCertificateTests(SynchronousTestCase):
         good, other = self.issued(), self.issued()
         self.issuer.orders[0][1].callback(Issued(good.order, good.fullchain_pem, other.key_pem))
         self.assertIn(DOMAIN, manager.store.pending)
+        self.assertIn("privkey.pem does not match", manager.state.last_error)
         self.assertEqual(manager.next_attempt, self.clock.seconds() + 60)
+
+    def test_unservable_renewal_keeps_files(self):
+        """
+        A renewal that cannot be served leaves the certificate served, and
+        its files, as they were.
+        """
+        manager = self.manager()
+        self.clock.advance(0)
+        self.issuer.orders[0][1].callback(self.issued())
+        before = manager.store.certificate(DOMAIN).fingerprint
+        files = (self.directory / "live" / DOMAIN / "privkey.pem").read_bytes()
+        self.clock.advance(60 * DAY)
+        good, other = self.issued(), self.issued()
+        self.issuer.orders[1][1].callback(Issued(good.order, good.fullchain_pem, other.key_pem))
+        self.assertEqual(manager.store.certificate(DOMAIN).fingerprint, before)
+        self.assertEqual((self.directory / "live" / DOMAIN / "privkey.pem").read_bytes(), files)
+        self.assertEqual(manager.state.failures, 1)
 
     def test_certificate_missing_a_domain_is_reordered(self):
         """
