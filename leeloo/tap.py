@@ -31,8 +31,9 @@ from leeloo.sqlitestore import SchemaError, SQLiteStore
 from leeloo.store import IStore, MemoryStore
 from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig, SpotifyOAuth
 from leeloo.tls import CertificateError, LetsEncryptServerEndpoint, ReloadOnHangup, health_fields
-from leeloo.tls_acme import LETS_ENCRYPT, LETS_ENCRYPT_STAGING, AcmeConfig, AcmeService
-from leeloo import tls_acme
+from leeloo.tls_acme import (
+    LETS_ENCRYPT, LETS_ENCRYPT_STAGING, AcmeConfig, AcmeService, certificate_groups, is_acme, parse_endpoint,
+)
 from leeloo.web import HTTPLimits, make_admin_site, make_redirect_site, make_site
 from leeloo.websocket import RelayServerFactory, WebSocketLimits
 
@@ -175,15 +176,15 @@ def acme_config(options: Mapping[str, Any], listen: list[str]) -> AcmeConfig | N
     """
     endpoints = []
     for description in listen:
-        if tls_acme.is_acme(description):
+        if is_acme(description):
             try:
-                endpoints.append(tls_acme.parse_endpoint(description))
+                endpoints.append(parse_endpoint(description))
             except ValueError as e:
                 raise usage.UsageError(f"--listen {description!r}: {e}") from None
     if not endpoints:
         return None
     try:
-        tls_acme.certificate_groups(endpoints)
+        certificate_groups(endpoints)
     except ValueError as e:
         raise usage.UsageError(f"--listen: {e}") from None
     certbot = set().union(*(letsencrypt_domains(d) for d in listen))
@@ -462,7 +463,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         webroot = check_webroot(self["acme-webroot"])
         acme = acme_config(self, self["listen"])
-        listen = tuple(e if tls_acme.is_acme(e) else check_endpoint(e, webroot=webroot)
+        listen = tuple(e if is_acme(e) else check_endpoint(e, webroot=webroot)
                        for e in self["listen"] or [DEFAULT_LISTEN])
         redirect_listen = tuple(check_endpoint(e, "--redirect-listen") for e in self["redirect-listen"])
         admin_listen = tuple(check_endpoint(e, "--admin-listen") for e in self["admin-listen"])
@@ -634,7 +635,12 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
         spotify = SpotifyOAuth(config.spotify, http, reactor)
     acme = None
     if config.acme is not None:
-        acme = AcmeService(reactor, config.acme, config.data_dir / "certificates")
+        try:
+            acme = AcmeService(reactor, config.acme, config.data_dir / "certificates")
+        except OSError as e:
+            raise StartupError(
+                f"cannot use {config.data_dir / 'certificates'} for the acme: certificates "
+                f"({e.strerror or e}); check that the relay's user owns it") from None
     acme_specs = {spec.description: spec for spec in (config.acme.endpoints if config.acme else ())}
     endpoints = [acme.endpoint(acme_specs[description]) if description in acme_specs
                  else serverFromString(reactor, description) for description in config.listen]

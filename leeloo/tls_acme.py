@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -402,6 +402,8 @@ class AcmeIssuer:
         self.challenges = challenges
         self.pool = pool
         self._client: Any = None
+        # One log-in at a time, shared by the certificates that wait for it.
+        self._login = DeferredLock()
         # Whether the directory offers ARI (renewalInfo), once known.
         self.offers_renewal_info: bool | None = None
 
@@ -480,8 +482,11 @@ class AcmeIssuer:
 
     # -- the reactor thread
 
+    def _account(self) -> Deferred:
+        return self._login.run(self._log_in)
+
     @inlineCallbacks
-    def _account(self):
+    def _log_in(self):
         if self._client is None:
             try:
                 acme, uri, status = yield self._run(self._connect)

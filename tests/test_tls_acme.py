@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from treq.testing import StubTreq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate as TwistedCertificate, optionsForClientTLS
 from twisted.internet.task import Clock
@@ -736,6 +736,29 @@ class AgainstPebbleTests(TestCase):
         seen = client.transport.getPeerCertificate().to_cryptography()
         self.assertEqual(seen.fingerprint(hashes.SHA256()), leaf.fingerprint(hashes.SHA256()))
         self.assertTrue(any("ACME order https://127.0.0.1" in t and "issued" in t for t in logged.texts("info")))
+
+    @inlineCallbacks
+    def test_two_certificates_one_account(self):
+        """
+        Two acme: endpoints with different domains get a certificate each,
+        through one account registered once.
+        """
+        logged = LogCapture(self)
+        pebble = yield Pebble(self, free_port()).start()
+        config = self.config(pebble, Path(temporary_directory(self)))
+        second = parse_endpoint(f"acme:domain={OTHER}:port=0:interface=127.0.0.1:watch=0")
+        config = tap.Config(**{**config.__dict__, "listen": config.listen + (second.description,),
+                               "acme": tls_acme.AcmeConfig(**{**config.acme.__dict__,
+                                                              "endpoints": config.acme.endpoints + (second,)})})
+        service = tap.build_service(config, reactor)
+        managed = list(service.acme.certificates.values())
+        done = [m.when_done() for m in managed]
+        service.startService()
+        self.addCleanup(service.stopService)
+        outcomes = yield gatherResults(done)
+        self.assertEqual([type(o) for o in outcomes], [Issued, Issued])
+        self.assertEqual([m.store.certificate(m.name).names for m in managed], [(DOMAIN,), (OTHER,)])
+        self.assertEqual(len([t for t in logged.texts() if "ACME account" in t]), 1)
 
     @inlineCallbacks
     def test_renewal_while_websocket_connected(self):
