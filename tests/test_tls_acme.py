@@ -767,10 +767,13 @@ class AgainstPebbleTests(TestCase):
         third is left (challenge on its plain --listen): new connections get
         the new certificate and a WebSocket opened before keeps working.
         """
+        logged = LogCapture(self)
         pebble = yield Pebble(self, free_port(), certificateValidityPeriod=12).start()
         service, port, managed = yield self.start(self.config(pebble, Path(temporary_directory(self))))
         issued = yield managed.when_done()
         self.assertIsInstance(issued, Issued)
+        self.assertTrue(any("GET /.well-known/acme-challenge/" in t and '" 200 ' in t for t in logged.texts()),
+                        "pebble's validation did not reach the relay's plain --listen")
         first = managed.store.certificate(DOMAIN)
         lifetime = (first.leaf.not_valid_after_utc - first.leaf.not_valid_before_utc).total_seconds()
         self.assertLessEqual(lifetime, 13)
