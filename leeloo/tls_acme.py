@@ -667,6 +667,7 @@ class ManagedCertificate:
         self.attempts = 0
         self._call: Any = None
         self._renew_at: float | None = None
+        self._wake_at: float | None = None
         self._running = False
         self._busy: Deferred | None = None
         self._waiting: list[Deferred] = []
@@ -700,11 +701,12 @@ class ManagedCertificate:
     @property
     def next_attempt(self) -> float | None:
         """
-        When the next order is planned (seconds since the epoch), or None.
+        When the next order is planned (seconds since the epoch; with ARI,
+        when the renewal window is asked again first), or None.
         """
         if self._call is None or not self._call.active():
             return None
-        return self._call.getTime()
+        return self._wake_at
 
     def when_done(self) -> Deferred:
         """
@@ -738,6 +740,7 @@ class ManagedCertificate:
             self._call.cancel()
         self._renew_at = when
         at = when if wake is None else min(when, wake)
+        self._wake_at = at
         self._call = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._due)
 
     @inlineCallbacks
