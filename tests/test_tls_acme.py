@@ -723,7 +723,7 @@ class AgainstPebbleTests(TestCase):
         data = Path(temporary_directory(self))
         service, port, managed = yield self.start(self.config(pebble, data, plain="redirect",
                                                                domains=f"{DOMAIN},{OTHER}"))
-        yield managed.store.when_reloaded()
+        yield managed.when_done()
         certificates = data / "certificates"
         for key in (certificates / "account.key", certificates / "live" / DOMAIN / "privkey.pem"):
             self.assertEqual(os.stat(key).st_mode & 0o777, 0o600)
@@ -871,7 +871,7 @@ class AgainstPebbleTests(TestCase):
         data = Path(temporary_directory(self))
         config = self.config(pebble, data)
         service, port, managed = yield self.start(config)
-        yield managed.store.when_reloaded()
+        yield managed.when_done()
         fingerprint = managed.store.certificate(DOMAIN).fingerprint
         account = (data / "certificates" / "account.key").read_bytes()
         yield service.stopService()
