@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import ssl
 import sys
@@ -48,6 +49,7 @@ from leeloo.tls_acme import (
     renewal_due,
 )
 from leeloo.web import make_redirect_site
+from tests.support import RelayProcess
 from tests.test_acme import Server, free_port
 from tests.test_tls import WORKTREE, LogCapture, WaitingClient, handshake, listening_port, temporary_directory
 
@@ -521,6 +523,57 @@ class ManagedCertificateTests(SynchronousTestCase):
         self.assertEqual((len(self.issuer.orders), manager.next_attempt), (1, None))
 
 
+class FakeAcmeClient:
+    """
+    Stands in for C{acme.client.ClientV2}: a real C{Directory}, and a
+    C{renewal_time} that answers C{window}.
+    """
+
+    def __init__(self, directory: dict, window) -> None:
+        from acme import messages
+
+        self.directory = messages.Directory(directory)
+        self.window = window
+        self.asked: list[bytes] = []
+
+    def renewal_time(self, cert_pem: bytes):
+        self.asked.append(cert_pem)
+        return self.window, datetime.datetime.now() + datetime.timedelta(hours=6)
+
+
+class RenewalInfoTests(TestCase):
+    """
+    L{tls_acme.AcmeIssuer.renewal_time}: the CA's ARI window, where its
+    directory offers renewalInfo.
+    """
+
+    def issuer(self, client: FakeAcmeClient) -> tls_acme.AcmeIssuer:
+        issuer = tls_acme.AcmeIssuer(reactor, tls_acme.AcmeConfig(endpoints=()), Path(temporary_directory(self)) / "k",
+                                     Challenges())
+        issuer._client = client
+        return issuer
+
+    @inlineCallbacks
+    def test_window_where_offered(self):
+        """
+        With renewalInfo in the directory, the window's time is returned.
+        """
+        window = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+        client = FakeAcmeClient({"newAccount": "https://ca.test/acct", "renewalInfo": "https://ca.test/ari"}, window)
+        when = yield self.issuer(client).renewal_time(b"PEM")
+        self.assertEqual((when, client.asked), (window.timestamp(), [b"PEM"]))
+
+    @inlineCallbacks
+    def test_none_without_renewal_info(self):
+        """
+        Without renewalInfo (Debian's pebble) nothing is asked and the
+        answer is None.
+        """
+        client = FakeAcmeClient({"newAccount": "https://ca.test/acct"}, None)
+        when = yield self.issuer(client).renewal_time(b"PEM")
+        self.assertEqual((when, client.asked), (None, []))
+
+
 class StoreTests(SynchronousTestCase):
     """
     The certificate store's part: placeholders, /health, and the expiry
@@ -860,6 +913,66 @@ class AgainstPebbleTests(TestCase):
         yield deferToThread(lambda: None)
         self.assertEqual(managed.attempts, 1)
         self.assertIn(DOMAIN, managed.store.pending)
+
+    @inlineCallbacks
+    def test_failed_challenge(self):
+        """
+        A challenge the CA cannot validate (nothing answers on its HTTP
+        port) fails the order, logged with the order's URL and the CA's
+        problem, and is retried later, not at once.
+        """
+        logged = LogCapture(self)
+        pebble = yield Pebble(self, free_port()).start()
+        config = self.config(pebble, Path(temporary_directory(self)), retry=30)
+        # The plain listener is not where pebble connects.
+        config = tap.Config(**{**config.__dict__, "listen": (config.listen[0], "tcp:0:interface=127.0.0.1")})
+        service, port, managed = yield self.start(config)
+        failure = yield managed.when_done()
+        self.assertIsInstance(failure, AcmeFailure)
+        self.assertTrue(failure.order.startswith(f"https://127.0.0.1:{pebble.port}/"), failure.order)
+        [line] = [t for t in logged.texts("error") if "ACME order" in t]
+        self.assertIn(f"ACME order {failure.order} for {DOMAIN} failed: challenge failed: {DOMAIN}: "
+                      "urn:ietf:params:acme:error:connection", line)
+        self.assertGreaterEqual(managed.next_attempt - reactor.seconds(), 29)
+        # Its token is no longer answered.
+        self.assertEqual(len(service.acme.challenges), 0)
+
+    @inlineCallbacks
+    def test_twistd_gets_certificate(self):
+        """
+        twistd leeloo with --listen acme:... and the --acme-* options gets
+        its certificate from pebble and serves it.
+        """
+        pebble = yield Pebble(self, free_port()).start()
+        relay = RelayProcess(
+            self, "--data-dir", temporary_directory(self), "--store", "memory",
+            "--listen", f"acme:domain={DOMAIN}:port=0:interface=127.0.0.1",
+            "--redirect-listen", f"tcp:{pebble.http_port}:interface=127.0.0.1",
+            "--acme-directory", pebble.directory_url, "--acme-ca-bundle", str(pebble.ca_bundle),
+            "--acme-agree-tos", "--acme-retry", "30")
+        yield relay.proto.port
+        output = yield self.wait_for(relay, re.compile(rb"ACME order \S+: certificate for \S+ issued"))
+        port = int(re.search(rb"HTTPS on IPv4Address\(type='TCP', host='127.0.0.1', port=(\d+)\)", output).group(1))
+        seen = yield deferToThread(handshake, port, DOMAIN, pebble.root_pem)
+        self.assertEqual(seen["version"], "TLSv1.3")
+        yield relay.stop()
+        self.assertNotIn(b"Traceback", relay.proto.output)
+
+    def wait_for(self, relay: RelayProcess, pattern) -> Deferred:
+        """
+        Fires with the process's output once C{pattern} is in it.
+        """
+        found: Deferred = Deferred()
+        received = relay.proto.outReceived
+
+        def watch(data: bytes) -> None:
+            received(data)
+            if not found.called and pattern.search(relay.proto.output):
+                found.callback(relay.proto.output)
+
+        relay.proto.outReceived = relay.proto.errReceived = watch
+        watch(b"")
+        return found
 
     @inlineCallbacks
     def test_restart_reuses_account_and_certificate(self):
