@@ -368,7 +368,8 @@ class Options(usage.Options):
          "ACME directory URL acme: endpoints order from (Let's Encrypt's staging: "
          f"{LETS_ENCRYPT_STAGING})."],
         ["acme-ca-bundle", None, None,
-         "PEM file of the roots to check the ACME server's HTTPS against (default: the system's)."],
+         "PEM file of the roots to check the ACME server's HTTPS against (default: certifi's, as "
+         "requests uses)."],
         ["acme-retry", None, 60.0,
          "Seconds before retrying a failed ACME order; doubled (with jitter) after each failure, "
          "at most a day.", _positive_float],

@@ -16,7 +16,9 @@ The pieces, from the bottom up:
   - L{CertificateStore} holds one context per domain, picks one by
     SNI, and replaces a domain's context when its files change (L{check},
     run by a timer) or when told to (L{reload}, on SIGHUP).  A refused
-    renewal is logged and the old context stays.
+    renewal is logged and the old context stays.  For the relay's own ACME
+    client (L{leeloo.tls_acme}) it serves a placeholder while a domain
+    waits for its first certificate.
   - L{ServerConnectionCreator} makes each new connection from the store's
     current context; a connection keeps the context it started with.
   - L{TLSConnection} is one connection: an C{ssl.SSLObject} over memory
