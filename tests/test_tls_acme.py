@@ -23,6 +23,7 @@ from pathlib import Path
 from autobahn.twisted.websocket import WebSocketClientFactory
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
@@ -794,12 +795,12 @@ class AgainstPebbleTests(TestCase):
     def test_two_certificates_one_account(self):
         """
         Two acme: endpoints with different domains get a certificate each,
-        through one account registered once.
+        through one account registered once; key=rsa2048 gets an RSA key.
         """
         logged = LogCapture(self)
         pebble = yield Pebble(self, free_port()).start()
         config = self.config(pebble, Path(temporary_directory(self)))
-        second = parse_endpoint(f"acme:domain={OTHER}:port=0:interface=127.0.0.1:watch=0")
+        second = parse_endpoint(f"acme:domain={OTHER}:port=0:interface=127.0.0.1:watch=0:key=rsa2048")
         config = tap.Config(**{**config.__dict__, "listen": config.listen + (second.description,),
                                "acme": tls_acme.AcmeConfig(**{**config.acme.__dict__,
                                                               "endpoints": config.acme.endpoints + (second,)})})
@@ -812,6 +813,11 @@ class AgainstPebbleTests(TestCase):
         self.assertEqual([type(o) for o in outcomes], [Issued, Issued])
         self.assertEqual([m.store.certificate(m.name).names for m in managed], [(DOMAIN,), (OTHER,)])
         self.assertEqual(len([t for t in logged.texts() if "ACME account" in t]), 1)
+        keys = [m.store.certificate(m.name).key for m in managed]
+        self.assertIsInstance(keys[0], ec.EllipticCurvePrivateKey)
+        self.assertEqual(keys[0].curve.name, "secp256r1")
+        self.assertIsInstance(keys[1], rsa.RSAPrivateKey)
+        self.assertEqual(keys[1].key_size, 2048)
 
     @inlineCallbacks
     def test_renewal_while_websocket_connected(self):
