@@ -28,6 +28,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web import pages as twisted_pages
 from twisted.web.error import UnsupportedMethod
 from twisted.web.http import HTTPChannel
@@ -717,6 +718,7 @@ class RelayChannel(HTTPChannel):
         # transport holds more than its buffer; pinned by PipeliningTests).
         if not self._waitingForTransport:
             self.site.deadlines.done(self)
+        transport = self.transport
         super().allContentReceived()
         if self.transport is None:
             # WebSocketResource took the transport (and made the WebSocket
@@ -724,6 +726,11 @@ class RelayChannel(HTTPChannel):
             # for.  Drop the request so neither outlives the handshake.
             self.site.deadlines.done(self)
             del self.requests[:]
+            if self._gated is not None:
+                # The WebSocket now gets the connection's end, not this
+                # channel: it frees the connection's place under the gate.
+                _protocol_of(transport).gate_slot = (self.site.gate, self._gated)
+                self._gated = None
 
     def requestDone(self, request: Request) -> None:
         # The next request (or the close, if this one was the last) is due
@@ -786,6 +793,19 @@ class RelayChannel(HTTPChannel):
             half_close()
         else:
             self.loseConnection()
+
+
+def _protocol_of(transport: Any) -> Any:
+    """
+    The protocol C{transport} delivers to (behind TLS, the wrapped one), as
+    WebSocketResource installed it.
+    """
+    if isinstance(transport, ProtocolWrapper):
+        return transport.wrappedProtocol
+    protocol = transport.protocol
+    if isinstance(protocol, ProtocolWrapper):
+        return protocol.wrappedProtocol
+    return protocol
 
 
 class RelayRequest(Request):

@@ -100,6 +100,10 @@ class RelayServerProtocol(WebSocketServerProtocol):
     _socket = None
     # Frames of the message being received so far.
     _fragments = 0
+    # The site's connection gate and the address it counted this
+    # connection against, handed over by the HTTP channel at the upgrade:
+    # released when the connection ends.
+    gate_slot: tuple | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -173,6 +177,15 @@ class RelayServerProtocol(WebSocketServerProtocol):
         except Exception:
             _log.failure("bug while handling a frame from {device_id}", device_id=session.device_id)
             self.close(CLOSE_INTERNAL_ERROR, "internal error")
+
+    def connectionLost(self, reason: Any) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            slot, self.gate_slot = self.gate_slot, None
+            if slot is not None:
+                gate, host = slot
+                gate.release(host)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         session, self.session = self.session, None

@@ -664,6 +664,29 @@ class ConnectionCapTests(RelayOnLoopback):
         self.assertEqual((status, answer), (503, "registered"))
 
 
+class UpgradedConnectionCapTests(RelayOnLoopback):
+    args = ("--max-connections-per-address", "2", "--connect-rate", "1000")
+
+    @defer.inlineCallbacks
+    def test_closed_websockets_free_their_places(self):
+        """
+        A WebSocket that closes frees its place under its address's cap
+        like a plain HTTP connection: devices connecting one after another
+        (and more often than the cap) all get in.
+        """
+        def devices(opener):
+            answers = []
+            for n in range(5):
+                with opener() as ws:
+                    ws.send(json.dumps({"type": "register", "device_id": "leeloo_%012x" % n}))
+                    answers.append(recv(ws)["type"])
+            return answers
+
+        answers = yield ws_session(self.port, devices)
+        self.assertEqual(answers, ["registered"] * 5)
+        self.assertEqual(self.service.site.gate.by_address, {})
+
+
 class ConnectRateTests(RelayOnLoopback):
     """
     New connections from one address are rate limited: reconnecting is no

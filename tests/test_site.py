@@ -252,6 +252,24 @@ class UpgradeTests(SiteTestCase):
         self.assertEqual(client.take(), [{"type": "pong"}])
         self.assertEqual(self.site.deadlines.expired, 0)
 
+    def test_websocket_frees_its_gate_place(self):
+        """
+        An upgraded connection counts under its address's cap until the
+        WebSocket closes, then frees its place (the WebSocket, not the
+        channel, sees the connection end).
+        """
+        self.site.gate = HTTPLimits(max_connections_per_address=1).gate(self.clock)
+        net = MemoryWebSocketClients(self.site)
+        first = net.connect()
+        self.assertTrue(first.opened)
+        self.assertEqual(self.site.gate.by_address, {"127.0.0.1": 1})
+        refused = net.connect()
+        self.assertFalse(refused.opened)
+        first.sendClose(1000)
+        net.flush()
+        self.assertEqual(self.site.gate.by_address, {})
+        self.assertTrue(net.connect().opened)
+
     def test_upgrade_request_released(self):
         """
         Once the connection is upgraded, the HTTP request it came as is

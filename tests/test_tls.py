@@ -721,6 +721,31 @@ class RelayOverTLSTests(TestCase):
         self.assertEqual((shared["type"], shared["spotify_uri"]), ("music_shared", "spotify:track:1"))
 
     @inlineCallbacks
+    def test_closed_wss_frees_its_gate_place(self):
+        """
+        A WSS device counts under its address's connection cap until its
+        WebSocket closes; then its place is free (the WebSocket behind TLS,
+        not the HTTP channel, sees the connection end).
+        """
+        le = Letsencrypt(self)
+        yield self.start_relay(le)
+        gate = self.service.site.gate
+        released = Deferred()
+        release = gate.release
+
+        def releasing(host):
+            release(host)
+            if not released.called:
+                released.callback(host)
+
+        self.patch(gate, "release", releasing)
+        client = yield self.device(le, {"device_id": "leeloo_9a7e9a7e9a7e"})
+        self.assertEqual(gate.by_address, {"127.0.0.1": 1})
+        client.sendClose()
+        host = yield released
+        self.assertEqual((host, gate.by_address), ("127.0.0.1", {}))
+
+    @inlineCallbacks
     def test_chain_alpn_and_hsts(self):
         """
         The server sends the whole chain (the client trusts only the root),
