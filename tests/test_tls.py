@@ -758,9 +758,9 @@ class RelayOverTLSTests(TestCase):
         yield self.device(le, {"device_id": "leeloo_ca9ca9ca9ca9"})
 
         def refused():
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
             context = ssl.create_default_context(cadata=le.ca.root_pem.decode())
             try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
                 with context.wrap_socket(sock, server_hostname=DOMAIN):
                     return "handshake done"
             except (ssl.SSLError, OSError) as e:
