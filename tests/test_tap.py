@@ -437,6 +437,24 @@ class StartLogTests(OptionsTestCase):
             self.assertIn(fact, text)
 
 
+class BoundsLogTests(OptionsTestCase):
+    def test_bounds_logged(self):
+        """
+        The connection gate's limits and the fragment limit are logged at
+        start with the other limits.
+        """
+        from twisted.logger import capturedLogs, formatEvent
+
+        config = self.parse("--max-connections-per-address", "12", "--connect-rate", "3",
+                            "--max-fragments", "9")
+        with capturedLogs() as events:
+            started(self, config)
+        text = "\n".join(formatEvent(e) for e in events)
+        for fact in ("12 connections per client address", "3 new ones a second per address (bursts of 6)",
+                     "in at most 9 frames"):
+            self.assertIn(fact, text)
+
+
 class AdminListenTests(OptionsTestCase):
     def test_admin_site_listens(self):
         """
