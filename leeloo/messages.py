@@ -146,6 +146,14 @@ class StoreUnavailable(ProtocolError):
     code = "store_unavailable"
 
 
+class CrewLimit(ProtocolError):
+    """
+    The relay has no unused crew code left to hand out.
+    """
+
+    code = "crew_limit"
+
+
 class RateLimited(ProtocolError):
     """
     Too many messages or crew-entry attempts; C{retry_after} says when to

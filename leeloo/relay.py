@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 from typing import Any, Callable
 
@@ -26,6 +27,7 @@ from leeloo.messages import (
     Ack,
     BinaryNotSupported,
     CreateCrew,
+    CrewLimit,
     CrewMessage,
     DeviceAuthFailed,
     DuplicateClientMessage,
@@ -73,6 +75,9 @@ CLOSE_ABUSE = 4029
 TELEGRAM_DEVICE_ID = "telegram"
 TOKEN_TTL = 3600.0
 DAY = 86400.0
+# Random codes tried at each length before a longer one; the longest.
+CODE_TRIES = 8
+MAX_GENERATED_CODE_LENGTH = 16
 
 _log = Logger()
 
@@ -210,6 +215,39 @@ class Crew:
         self.client_messages: dict[tuple[str, str], ClientMessage] | None = None
 
 
+class _Publication:
+    """
+    A crew message on its way to the log.  The journal numbers it when its
+    batch is formed (calling it), so that a batch that fails spends no
+    sequence number: C{seq} and C{out}, the stamped message, are set then.
+    """
+
+    __slots__ = ("crew", "message", "id", "sender", "client_msg_id", "digest", "created_at",
+                 "remembered", "seq", "out")
+
+    def __init__(self, crew: Crew, message: dict, id: str, sender: str, client_msg_id: str | None,
+                 digest: bytes | None, created_at: float, remembered: ClientMessage | None) -> None:
+        self.crew = crew
+        self.message = message
+        self.id = id
+        self.sender = sender
+        self.client_msg_id = client_msg_id
+        self.digest = digest
+        self.created_at = created_at
+        self.remembered = remembered
+        self.seq = 0
+        self.out: Outgoing | None = None
+
+    def __call__(self) -> LogEntry:
+        crew = self.crew
+        seq = self.seq = crew.last_seq = crew.last_seq + 1
+        self.out = Outgoing(messages.stamped(self.message, int(self.created_at * 1000), seq, self.id))
+        if self.remembered is not None:
+            self.remembered.seq = seq
+        return LogEntry(crew.code, seq, self.id, self.sender, self.client_msg_id, self.digest,
+                        self.created_at, self.out.payload)
+
+
 def generate_crew_code(length: int = 4, choice: Callable[[str], str] = secrets.choice) -> str:
     return messages.CREW_CODE_PREFIX + "".join(
         choice(messages.CREW_CODE_ALPHABET) for _ in range(length)
@@ -228,6 +266,17 @@ def generate_device_key() -> str:
     return secrets.token_urlsafe(24)
 
 
+def client_digest(message: Any) -> bytes:
+    """
+    What identifies a crew message as its sender sent it (its type and
+    fields but its C{client_msg_id}), whatever name it is sent under.
+    """
+    fields = {name: getattr(message, name) for name in message.__slots__ if name != "client_msg_id"}
+    canonical = json.dumps([type(message).__name__, fields], sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).digest()
+
+
 def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
@@ -243,6 +292,8 @@ class Relay:
     @param retention: seconds a logged message is kept and replayed.
     @param crew_ttl: seconds after which a crew with no message and no
         member seen is forgotten.
+    @param crew_code: makes a random crew code with the given number of
+        characters after the prefix.
     """
 
     def __init__(
@@ -254,7 +305,7 @@ class Relay:
         retention: float = 7 * DAY,
         crew_ttl: float = 90 * DAY,
         limits: RelayLimits = RelayLimits(),
-        crew_code: Callable[[], str] | None = None,
+        crew_code: Callable[[int], str] = generate_crew_code,
         device_id: Callable[[], str] = generate_device_id,
         message_id: Callable[[], str] = generate_message_id,
         device_key: Callable[[], str] = generate_device_key,
@@ -267,7 +318,7 @@ class Relay:
         self.retention = retention
         self.crew_ttl = crew_ttl
         self.limits = limits
-        self._new_crew_code = crew_code or (lambda: generate_crew_code(limits.crew_code_length))
+        self._new_crew_code = crew_code
         self._new_device_id = device_id
         self._new_message_id = message_id
         self._new_device_key = device_key
@@ -519,10 +570,20 @@ class Relay:
         return crew
 
     def _unused_code(self) -> str:
-        while True:
-            code = self._new_crew_code()
-            if code not in self.crews:
-                return code
+        """
+        A random code no crew has: a few tries at the configured length,
+        then one character longer, and so on.
+
+        @raise CrewLimit: not even the longest codes found a free one.
+        """
+        for length in range(self.limits.crew_code_length, MAX_GENERATED_CODE_LENGTH + 1):
+            for _ in range(CODE_TRIES):
+                code = self._new_crew_code(length)
+                if code not in self.crews:
+                    return code
+        _log.error("no unused crew code found after {tries} tries up to {length} characters",
+                   tries=CODE_TRIES, length=MAX_GENERATED_CODE_LENGTH)
+        raise CrewLimit("the relay cannot create more crews now; try again later")
 
     def _check_last_seq(self, crew: Crew | None, last_seq: int | None) -> None:
         latest = crew.fanned_seq if crew is not None else 0
@@ -645,28 +706,27 @@ class Relay:
         """
         Store C{message} in C{crew}'s log, then fan it out to the crew (but
         C{session}, its sender).  Fires with the number of devices reached,
-        or fails with L{StoreUnavailable}: then nothing was delivered.
+        or fails with L{StoreUnavailable}: then nothing was delivered, and
+        no sequence number was spent on it.
         """
         now = self.clock.seconds()
-        seq = crew.last_seq = crew.last_seq + 1
         message_id = self._new_message_id()
-        out = Outgoing(messages.stamped(message, int(now * 1000), seq, message_id))
         remembered = None
         if client_msg_id is not None:
             if crew.client_messages is None:
                 crew.client_messages = {}
             remembered = crew.client_messages[(sender_id, client_msg_id)] = ClientMessage(
-                message_id, seq, digest, now, [])
-        entry = LogEntry(crew.code, seq, message_id, sender_id, client_msg_id, digest, now, out.payload)
+                message_id, 0, digest, now, [])
+        entry = _Publication(crew, message, message_id, sender_id, client_msg_id, digest, now, remembered)
         d = self.journal.put((APPEND, entry))
         return d.addCallbacks(
             self._stored, self._not_stored,
-            callbackArgs=(crew, out, seq, session, remembered, client_msg_id),
-            errbackArgs=(crew, sender_id, remembered, client_msg_id),
+            callbackArgs=(entry, session),
+            errbackArgs=(entry,),
         )
 
-    def _stored(self, _: Any, crew: Crew, out: Outgoing, seq: int, session: Session | None,
-                remembered: ClientMessage | None, client_msg_id: str | None) -> int:
+    def _stored(self, _: Any, entry: "_Publication", session: Session | None) -> int:
+        crew, seq, out, remembered = entry.crew, entry.seq, entry.out, entry.remembered
         crew.fanned_seq = seq
         crew.last_message_at = self.clock.seconds()
         if session is not None and session.crew is crew:
@@ -674,30 +734,38 @@ class Relay:
         reached = self._fanout(crew, out, session, seq)
         if remembered is not None:
             waiting, remembered.waiting = remembered.waiting, None
-            reply = messages.sent(client_msg_id, remembered.id, remembered.seq)
+            reply = messages.sent(entry.client_msg_id, remembered.id, remembered.seq)
             for s in [session, *waiting]:
                 if s is not None:
                     s.send(reply)
         return reached
 
-    def _not_stored(self, failure: Any, crew: Crew, sender_id: str,
-                    remembered: ClientMessage | None, client_msg_id: str | None) -> None:
+    def _not_stored(self, failure: Any, entry: "_Publication") -> None:
+        crew, client_msg_id, remembered = entry.crew, entry.client_msg_id, entry.remembered
         _log.error("a message to crew {code} was not stored: {error}",
                    code=crew.code, error=failure.getErrorMessage())
+        if entry.seq:
+            # Its whole batch failed, and no later batch has been numbered
+            # yet: the next message takes the first sequence this one had.
+            crew.last_seq = min(crew.last_seq, entry.seq - 1)
+        extra = {} if client_msg_id is None else {"client_msg_id": client_msg_id}
         if remembered is not None:
-            crew.client_messages.pop((sender_id, client_msg_id), None)
+            crew.client_messages.pop((entry.sender, client_msg_id), None)
             for s in remembered.waiting or ():
-                s.send(StoreUnavailable("the message could not be stored; send it again").as_message())
-        raise StoreUnavailable("the message could not be stored and was not delivered; send it again")
+                s.send(StoreUnavailable("the message could not be stored; send it again", **extra).as_message())
+        raise StoreUnavailable("the message could not be stored and was not delivered; send it again", **extra)
 
-    def _send_crew_message(self, session: Session, message: dict, client_msg_id: str | None) -> None:
+    def _send_crew_message(self, session: Session, message: dict, client_msg_id: str | None,
+                           received: Any = None) -> None:
         crew = self._crew_of(session)
         digest = None
         if client_msg_id is not None:
-            digest = hashlib.sha256(messages.encode(message)).digest()
+            digest = client_digest(received)
             known = crew.client_messages.get((session.device_id, client_msg_id)) if crew.client_messages else None
             if known is not None:
-                if known.digest != digest:
+                # Entries stored by earlier relays hashed the fan-out, sender's name
+                # included: a resend of one of those matches that digest.
+                if known.digest != digest and known.digest != hashlib.sha256(messages.encode(message)).digest():
                     raise DuplicateClientMessage(
                         f"client_msg_id {client_msg_id!r} was already used for a different message")
                 if known.waiting is None:
@@ -734,12 +802,32 @@ class Relay:
         if message.crew_code is not None:
             self._check_entry(session, message.device_id, crew)
         key = self._identify(session, message.device_id, message.display_name, message.device_key)
+        if crew is None:
+            # A new crew is answered once it is durable: a code handed out
+            # and then lost in a crash could be handed to someone else.
+            self._enter(session, self._create(code, session.device_id), announce=False)
+            self.journal.barrier().addCallbacks(
+                self._crew_stored, self._crew_not_stored,
+                callbackArgs=(session, session.device_id, code, key), errbackArgs=(session, code))
+            return
         session.send(messages.crew_created(session.device_id, code, key))
         self._deliver_pending(session)
-        if crew is None:
-            self._enter(session, self._create(code, session.device_id), announce=False)
-        else:
-            self._enter(session, crew, announce=True, last_seq=message.last_seq)
+        self._enter(session, crew, announce=True, last_seq=message.last_seq)
+
+    def _crew_stored(self, _: Any, session: Session, device_id: str, code: str, key: str | None) -> None:
+        if session.closing or session not in self.sessions or session.device_id != device_id:
+            return
+        session.send(messages.crew_created(device_id, code, key))
+        self._deliver_pending(session)
+
+    def _crew_not_stored(self, failure: Any, session: Session, code: str) -> None:
+        # The crew stays, and its record is retried with the relay's other
+        # state; the device is told it was not created, and may ask again.
+        _log.error("crew {code} was not stored: {error}", code=code, error=failure.getErrorMessage())
+        if not session.closing and session in self.sessions:
+            if session.crew is not None and session.crew.code == code:
+                self._leave(session, announce=False)
+            session.send(StoreUnavailable("the crew could not be stored; try again").as_message())
 
     def _join_crew(self, session: Session, message: JoinCrew) -> None:
         crew = self.crews.get(message.crew_code)
@@ -758,15 +846,16 @@ class Relay:
         self._send_crew_message(
             session,
             messages.crew_message(session.device_id, session.name, message.msg_type, message.payload),
-            message.client_msg_id,
+            message.client_msg_id, message,
         )
 
     def _share_music(self, session: Session, message: ShareMusic) -> None:
-        self._send_crew_message(session, messages.music_shared(message, session.name), message.client_msg_id)
+        self._send_crew_message(session, messages.music_shared(message, session.name), message.client_msg_id,
+                                message)
 
     def _reaction(self, session: Session, message: Reaction) -> None:
         self._send_crew_message(
-            session, messages.reaction(message.reaction_type, session.name), message.client_msg_id)
+            session, messages.reaction(message.reaction_type, session.name), message.client_msg_id, message)
 
     def _ping(self, session: Session, message: Ping) -> None:
         session.send(messages.pong())
@@ -794,10 +883,19 @@ class Relay:
         crew.bot_users[user_id] = name
         self.journal.put((PUT_BOT_USER, BotUserRecord(crew.code, user_id, name)), wait=False)
 
-    def bot_create_crew(self, user_id: str, name: str) -> str:
+    def bot_create_crew(self, user_id: str, name: str) -> Deferred:
+        """
+        A new crew with a bot user in it; fires with its code once it is
+        durable, or fails with L{StoreUnavailable}.
+        """
         crew = self._create(self._unused_code(), f"telegram:{user_id}")
         self._add_bot_user(crew, user_id, name)
-        return crew.code
+
+        def failed(failure: Any) -> None:
+            _log.error("crew {code} was not stored: {error}", code=crew.code, error=failure.getErrorMessage())
+            raise StoreUnavailable("the crew could not be stored; try again")
+
+        return self.journal.barrier().addCallbacks(lambda _: crew.code, failed)
 
     def bot_join_crew(self, user_id: str, code: str, name: str) -> tuple[str, int]:
         """

@@ -395,7 +395,10 @@ class Journal:
             return
         batch, self._queue, self._keyed = self._queue, [], {}
         self._committing = True
-        ops = [op for op, _ in batch if op is not None]
+        # An argument may be a callable that makes it (a log entry gets its
+        # sequence number when its batch is formed).
+        ops = [(kind, arg() if callable(arg) else arg) for (kind, arg), _ in
+               ((op, d) for op, d in batch if op is not None)]
         d = maybeDeferred(self.store.write, ops) if ops else succeed(None)
         d.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 

@@ -149,7 +149,7 @@ class CreateCrewTests(RelayTestCase):
         A generated code never names a crew that already exists.
         """
         codes = iter(["LEELOO-AAAA", "LEELOO-AAAA", "LEELOO-BBBB"])
-        relay = Relay(self.clock, crew_code=lambda: next(codes))
+        relay = Relay(self.clock, crew_code=lambda length: next(codes))
         a, b = Device(relay), Device(relay)
         a.send(type="create_crew")
         b.send(type="create_crew")
@@ -552,7 +552,7 @@ class BotTests(RelayTestCase):
         A crew created by a bot user lists that user; devices joining show up
         in its status.
         """
-        code = self.relay.bot_create_crew("7", "Tina")
+        code = self.successResultOf(self.relay.bot_create_crew("7", "Tina"))
         d = self.device()
         d.send(type="join_crew", crew_code=code, device_name="Den")
         self.assertEqual(
