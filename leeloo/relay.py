@@ -11,6 +11,7 @@ C{callLater()}); state is written through a L{Journal} to an L{IStore}.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -47,6 +48,7 @@ from leeloo.messages import (
 from leeloo.store import (
     APPEND,
     DELETE_CREW,
+    DELETE_DEVICE,
     DELETE_TOKEN,
     PUT_BOT_USER,
     PUT_CREW,
@@ -473,7 +475,8 @@ class Relay:
             digest = key_hash(key)
             if record is None or (not record.bound and hmac.compare_digest(record.key_hash, digest)):
                 record = self.device_keys[device_id] = DeviceRecord(
-                    device_id, digest, True, record.created_at if record else self.clock.seconds())
+                    device_id, digest, True, record.created_at if record else self.clock.seconds(),
+                    self.clock.seconds())
                 self.journal.put((PUT_DEVICE, record), wait=False)
                 return None
             if hmac.compare_digest(record.key_hash, digest):
@@ -493,15 +496,33 @@ class Relay:
         self.journal.put((PUT_DEVICE, record), wait=False)
         return issued
 
+    def _seen_outside_crews(self, device_id: str) -> None:
+        """
+        Note that C{device_id} was here without entering a crew (a member
+        is seen through its memberships), so that it is not pruned.
+        """
+        record = self.device_keys.get(device_id)
+        if record is not None:
+            record = self.device_keys[device_id] = dataclasses.replace(record, last_seen=self.clock.seconds())
+            self.journal.put((PUT_DEVICE, record), key=(PUT_DEVICE, device_id))
+
     def _auth_failed(self, session: Session, device_id: str, why: str) -> None:
         _log.warn("refused device {device_id} from {address}: {why}",
                   device_id=device_id, address=session.address, why=why)
 
+    def _unseen(self, session: Session, device_id: str | None) -> bool:
+        """
+        Whether C{session} would be a device id the relay has never seen.
+        """
+        device_id = device_id or session.device_id
+        return device_id is None or device_id not in self.device_keys
+
     def _check_entry(self, session: Session, device_id: str | None, crew: Crew | None) -> None:
         """
-        Count an attempt to enter C{crew} (or a crew that does not exist)
-        against the connection's and the client address's budgets; a
-        returning member is free.
+        Count an attempt to enter C{crew} (or a crew that does not exist,
+        or to create one, or to register a new device id) against the
+        connection's and the client address's budgets; a returning member
+        is free.
         """
         device_id = device_id or session.device_id
         if crew is not None and device_id is not None and device_id in crew.members:
@@ -785,9 +806,11 @@ class Relay:
     def _register(self, session: Session, message: Register) -> None:
         crew = self.crews.get(message.crew_code) if message.crew_code is not None else None
         self._check_last_seq(crew, message.last_seq)
-        if message.crew_code is not None:
+        if message.crew_code is not None or self._unseen(session, message.device_id):
             self._check_entry(session, message.device_id, crew)
         key = self._identify(session, message.device_id, message.device_name, message.device_key)
+        if message.crew_code is None:
+            self._seen_outside_crews(session.device_id)
         session.send(messages.registered(session.device_id, key))
         self._deliver_pending(session)
         if message.crew_code is not None:
@@ -799,8 +822,7 @@ class Relay:
         code = message.crew_code or self._unused_code()
         crew = self.crews.get(code)
         self._check_last_seq(crew, message.last_seq)
-        if message.crew_code is not None:
-            self._check_entry(session, message.device_id, crew)
+        self._check_entry(session, message.device_id, crew)
         key = self._identify(session, message.device_id, message.display_name, message.device_key)
         if crew is None:
             # A new crew is answered once it is durable: a code handed out
@@ -971,8 +993,9 @@ class Relay:
 
     def prune(self) -> Deferred:
         """
-        Drop log entries older than the retention window and crews with no
-        message and no member seen within C{crew_ttl}.  Fires with
+        Drop log entries older than the retention window, crews with no
+        message and no member seen within C{crew_ttl}, and the records of
+        device ids in no crew not seen within C{crew_ttl}.  Fires with
         C{(messages, crews)} pruned.
         """
         now = self.clock.seconds()
@@ -987,6 +1010,18 @@ class Relay:
         for crew in stale:
             del self.crews[crew.code]
             self.journal.put((DELETE_CREW, crew.code), wait=False)
+        members = {device_id for crew in self.crews.values() for device_id in crew.members}
+        idle_devices = [
+            device_id for device_id, record in self.device_keys.items()
+            if device_id not in members and device_id not in self.devices
+            and (record.last_seen if record.last_seen is not None else record.created_at) < idle_before
+        ]
+        for device_id in idle_devices:
+            del self.device_keys[device_id]
+            self.journal.put((DELETE_DEVICE, device_id), wait=False)
+        if idle_devices:
+            _log.info("retention: forgot {count} device ids in no crew and not seen for {days:g} days",
+                      count=len(idle_devices), days=self.crew_ttl / DAY)
         for crew in self.crews.values():
             if crew.client_messages:
                 # The store keeps each crew's newest entry, and with it its

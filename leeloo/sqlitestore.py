@@ -26,6 +26,7 @@ from zope.interface import implementer
 from leeloo.store import (
     APPEND,
     DELETE_CREW,
+    DELETE_DEVICE,
     DELETE_TOKEN,
     PUT_BOT_USER,
     PUT_CREW,
@@ -106,6 +107,10 @@ MIGRATIONS = [
         bound INTEGER NOT NULL,
         created_at REAL NOT NULL
     );
+    """,
+    # 4: when a device in no crew was last seen (so that it can be pruned).
+    """
+    ALTER TABLE devices ADD COLUMN last_seen REAL;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -192,9 +197,9 @@ def _load(db: sqlite3.Connection) -> Snapshot:
             "SELECT device_id, tokens, expires_at FROM pending_tokens")
     ]
     snapshot.devices = [
-        DeviceRecord(device, key_hash, bool(bound), created)
-        for device, key_hash, bound, created in db.execute(
-            "SELECT device_id, key_hash, bound, created_at FROM devices")
+        DeviceRecord(device, key_hash, bool(bound), created, seen)
+        for device, key_hash, bound, created, seen in db.execute(
+            "SELECT device_id, key_hash, bound, created_at, last_seen FROM devices")
     ]
     for code, seq, created in db.execute(
         "SELECT crew_code, MAX(seq), MAX(created_at) FROM messages GROUP BY crew_code"
@@ -243,9 +248,11 @@ _STATEMENTS: dict[str, tuple[str, Callable[[Any], tuple]]] = {
     ),
     DELETE_TOKEN: ("DELETE FROM pending_tokens WHERE device_id = ?", lambda device_id: (device_id,)),
     PUT_DEVICE: (
-        "INSERT OR REPLACE INTO devices (device_id, key_hash, bound, created_at) VALUES (?, ?, ?, ?)",
-        lambda d: (d.device_id, d.key_hash, int(d.bound), d.created_at),
+        "INSERT OR REPLACE INTO devices (device_id, key_hash, bound, created_at, last_seen) "
+        "VALUES (?, ?, ?, ?, ?)",
+        lambda d: (d.device_id, d.key_hash, int(d.bound), d.created_at, d.last_seen),
     ),
+    DELETE_DEVICE: ("DELETE FROM devices WHERE device_id = ?", lambda device_id: (device_id,)),
 }
 
 

@@ -69,6 +69,9 @@ class DeviceRecord:
     key_hash: str
     bound: bool
     created_at: float
+    # When it last registered outside any crew (a member is seen through
+    # its memberships); None: when it was created.
+    last_seen: float | None = None
 
 
 @dataclass(slots=True)
@@ -123,6 +126,7 @@ PUT_TOKEN = "token"  # TokenRecord
 DELETE_TOKEN = "delete_token"  # device id
 APPEND = "append"  # LogEntry
 PUT_DEVICE = "device"  # DeviceRecord
+DELETE_DEVICE = "delete_device"  # device id
 
 
 class StoreError(Exception):
@@ -262,6 +266,9 @@ class MemoryStore:
         elif kind == PUT_DEVICE:
             undo.append(_restorer(self.devices, arg.device_id))
             self.devices[arg.device_id] = arg
+        elif kind == DELETE_DEVICE:
+            undo.append(_restorer(self.devices, arg))
+            self.devices.pop(arg, None)
         elif kind == DELETE_TOKEN:
             undo.append(_restorer(self.tokens, arg))
             self.tokens.pop(arg, None)
