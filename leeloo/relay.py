@@ -75,6 +75,9 @@ CLOSE_REPLACED = 4001
 CLOSE_ABUSE = 4029
 
 TELEGRAM_DEVICE_ID = "telegram"
+# A device back in its crew within this many seconds was never away, as
+# far as the crew hears.
+PRESENCE_GRACE = 10.0
 TOKEN_TTL = 3600.0
 DAY = 86400.0
 # Random codes tried at each length before a longer one; the longest.
@@ -294,6 +297,8 @@ class Relay:
     @param retention: seconds a logged message is kept and replayed.
     @param crew_ttl: seconds after which a crew with no message and no
         member seen is forgotten.
+    @param presence_grace: seconds a device's crew hears nothing of it
+        leaving; back within them, it hears neither that nor its return.
     @param crew_code: makes a random crew code with the given number of
         characters after the prefix.
     """
@@ -307,6 +312,7 @@ class Relay:
         retention: float = 7 * DAY,
         crew_ttl: float = 90 * DAY,
         limits: RelayLimits = RelayLimits(),
+        presence_grace: float = PRESENCE_GRACE,
         crew_code: Callable[[int], str] = generate_crew_code,
         device_id: Callable[[], str] = generate_device_id,
         message_id: Callable[[], str] = generate_message_id,
@@ -320,6 +326,10 @@ class Relay:
         self.retention = retention
         self.crew_ttl = crew_ttl
         self.limits = limits
+        self.presence_grace = presence_grace
+        # (crew code, device id) -> (the timer announcing it offline, the
+        # sessions online in the crew when it left)
+        self._leaving: dict[tuple[str, str], tuple[Any, frozenset]] = {}
         self._new_crew_code = crew_code
         self._new_device_id = device_id
         self._new_message_id = message_id
@@ -460,6 +470,10 @@ class Relay:
     def _goodbye(self) -> Deferred:
         for session in list(self.sessions):
             self.disconnect(session)
+        # Nobody is left to tell.
+        for call, _ in self._leaving.values():
+            call.cancel()
+        self._leaving.clear()
         return self.journal.drain()
 
     # ------------------------------------------------------------ identity
@@ -643,7 +657,14 @@ class Relay:
         session.last_sent_seq = start
         crew.online[session.device_id] = session
         self._save_member(crew, member, online=True)
-        if announce:
+        witnesses = self._returned(crew, session)
+        if witnesses is not None:
+            # Back within the grace: only those who came since hear of it.
+            joined = Outgoing(messages.member_joined(session.device_id, session.name))
+            for other in tuple(crew.online.values()):
+                if other is not session and other not in witnesses:
+                    other.peer.send(joined)
+        elif announce:
             self._fanout(crew, Outgoing(messages.member_joined(session.device_id, session.name)), session)
         if start < crew.fanned_seq:
             self._replay(session, crew, start)
@@ -694,7 +715,39 @@ class Relay:
                 member.last_seen = self.clock.seconds()
                 self._save_member(crew, member, online=False)
             if announce:
-                self._fanout(crew, Outgoing(messages.member_offline(session.device_id, session.name)))
+                self._announce_offline(crew, session)
+
+    def _announce_offline(self, crew: Crew, session: Session) -> None:
+        """
+        Tell C{crew} that C{session}'s device went offline, unless it is
+        back within the presence grace.
+        """
+        out = Outgoing(messages.member_offline(session.device_id, session.name))
+        if self.presence_grace <= 0:
+            self._fanout(crew, out)
+            return
+        key = (crew.code, session.device_id)
+        earlier = self._leaving.pop(key, None)
+        if earlier is not None:
+            earlier[0].cancel()
+        call = self.clock.callLater(self.presence_grace, self._gone, crew, key, out)
+        self._leaving[key] = (call, frozenset(crew.online.values()))
+
+    def _gone(self, crew: Crew, key: tuple[str, str], out: Outgoing) -> None:
+        del self._leaving[key]
+        if key[1] not in crew.online and self.crews.get(crew.code) is crew:
+            self._fanout(crew, out)
+
+    def _returned(self, crew: Crew, session: Session) -> frozenset | None:
+        """
+        If C{session}'s device left C{crew} within the presence grace, take
+        back the announcement of its leaving: return who was online then.
+        """
+        leaving = self._leaving.pop((crew.code, session.device_id), None)
+        if leaving is None:
+            return None
+        leaving[0].cancel()
+        return leaving[1]
 
     def _fanout(self, crew: Crew, out: Outgoing, sender: Session | None = None, seq: int = 0) -> int:
         """

@@ -76,6 +76,7 @@ class Config:
     replay_limit: int = 50
     retention_days: float = 7.0
     crew_ttl_days: float = 90.0
+    presence_grace: float = 10.0
     relay_limits: RelayLimits = RelayLimits()
 
 
@@ -255,6 +256,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be zero or more")
+    return number
+
+
 def _code_length(value: str) -> int:
     length = int(value)
     if not 4 <= length <= 16:
@@ -321,6 +329,9 @@ class Options(usage.Options):
         ["abuse-strikes", None, 10,
          "Refusals in a row (rate limits, failed device auth) after which a connection is closed.",
          _positive_int],
+        ["presence-grace", None, 10.0,
+         "Seconds before a crew hears a member went offline; a device back within them is "
+         "announced neither offline nor joined (Wi-Fi blips, crew hopping).", _non_negative_float],
         ["crew-code-length", None, 4,
          "Characters in new crew codes after LEELOO- (longer codes resist guessing).", _code_length],
     ]
@@ -402,6 +413,7 @@ class Options(usage.Options):
             replay_limit=self["replay-limit"],
             retention_days=self["retention-days"],
             crew_ttl_days=self["crew-ttl-days"],
+            presence_grace=self["presence-grace"],
             relay_limits=RelayLimits(
                 messages=Rate(self["messages-per-second"], self["message-burst"]),
                 entries=Rate.per_window(self["join-attempts"], self["join-window"]),
@@ -522,6 +534,7 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
         retention=config.retention_days * DAY,
         crew_ttl=config.crew_ttl_days * DAY,
         limits=config.relay_limits,
+        presence_grace=config.presence_grace,
     )
     ws_factory = RelayServerFactory(
         relay, config.limits, TrustedProxies(config.trusted_proxies), OriginPolicy(config.public_url))
