@@ -80,6 +80,9 @@ TELEGRAM_DEVICE_ID = "telegram"
 PRESENCE_GRACE = 10.0
 TOKEN_TTL = 3600.0
 DAY = 86400.0
+MiB = 1024 * 1024
+CREW_LOG_BYTES = 16 * MiB
+STORE_QUEUE_BYTES = 8 * MiB
 # Random codes tried at each length before a longer one; the longest.
 CODE_TRIES = 8
 MAX_GENERATED_CODE_LENGTH = 16
@@ -100,6 +103,18 @@ class IPeer(Interface):
     def close(code: int, reason: str) -> None:
         """
         Close the connection with a documented close code.
+        """
+
+    def pause_reading() -> None:
+        """
+        Read nothing more from the connection until L{resume_reading} (the
+        store is behind: what is not read stays in the sender's socket,
+        not in the relay's memory).
+        """
+
+    def resume_reading() -> None:
+        """
+        Read from the connection again.
         """
 
 
@@ -205,7 +220,7 @@ class Crew:
     """
 
     __slots__ = ("code", "created_at", "created_by", "online", "members", "bot_users",
-                 "last_seq", "fanned_seq", "last_message_at", "client_messages")
+                 "last_seq", "fanned_seq", "last_message_at", "client_messages", "log_bytes", "trimming")
 
     def __init__(self, code: str, created_at: float, created_by: str | None) -> None:
         self.code = code
@@ -218,6 +233,10 @@ class Crew:
         self.fanned_seq = 0
         self.last_message_at = 0.0
         self.client_messages: dict[tuple[str, str], ClientMessage] | None = None
+        # The bytes in its stored log (an estimate, never too low), and
+        # while the log is being trimmed, the bytes stored since.
+        self.log_bytes = 0
+        self.trimming: int | None = None
 
 
 class _Publication:
@@ -297,6 +316,12 @@ class Relay:
     @param retention: seconds a logged message is kept and replayed.
     @param crew_ttl: seconds after which a crew with no message and no
         member seen is forgotten.
+    @param crew_log_bytes: the most bytes of messages kept in one crew's
+        log; past it, the oldest go (down to three quarters of it), but
+        never the newest C{replay_limit}.
+    @param store_queue_bytes: the most bytes of messages waiting for the
+        store before the relay stops reading from their senders (it reads
+        again once half of it is written).
     @param presence_grace: seconds a device's crew hears nothing of it
         leaving; back within them, it hears neither that nor its return.
     @param crew_code: makes a random crew code with the given number of
@@ -313,6 +338,8 @@ class Relay:
         crew_ttl: float = 90 * DAY,
         limits: RelayLimits = RelayLimits(),
         presence_grace: float = PRESENCE_GRACE,
+        crew_log_bytes: int = CREW_LOG_BYTES,
+        store_queue_bytes: int = STORE_QUEUE_BYTES,
         crew_code: Callable[[int], str] = generate_crew_code,
         device_id: Callable[[], str] = generate_device_id,
         message_id: Callable[[], str] = generate_message_id,
@@ -321,12 +348,18 @@ class Relay:
         self.clock = clock
         self.store = store if store is not None else MemoryStore()
         self.journal = Journal(self.store, clock)
+        self.journal.on_batch = self._store_progressed
         self.token_ttl = token_ttl
         self.replay_limit = replay_limit
         self.retention = retention
         self.crew_ttl = crew_ttl
         self.limits = limits
         self.presence_grace = presence_grace
+        self.crew_log_bytes = crew_log_bytes
+        self.store_queue_bytes = store_queue_bytes
+        # Sessions not read from until the store catches up.
+        self.paused: set[Session] = set()
+        self._frame_size = 0
         # (crew code, device id) -> (the timer announcing it offline, the
         # sessions online in the crew when it left)
         self._leaving: dict[tuple[str, str], tuple[Any, frozenset]] = {}
@@ -364,6 +397,7 @@ class Relay:
             crew = self.crews[record.code] = Crew(record.code, record.created_at, record.created_by)
             crew.last_seq = crew.fanned_seq = snapshot.last_seq.get(record.code, 0)
             crew.last_message_at = snapshot.last_message_at.get(record.code, 0.0)
+            crew.log_bytes = snapshot.log_bytes.get(record.code, 0)
         for m in snapshot.members:
             crew = self.crews.get(m.crew_code)
             if crew is not None:
@@ -406,6 +440,7 @@ class Relay:
             wait = session.bucket.take(self.clock.seconds(), self.limits.messages)
             if wait:
                 raise RateLimited("too many messages; slow down", wait)
+            self._frame_size = len(data)
             message = messages.decode(data)
             self._handlers[type(message)](session, message)
             session.strikes = 0
@@ -432,6 +467,7 @@ class Relay:
         device went offline.
         """
         self.sessions.discard(session)
+        self.paused.discard(session)
         self._unbind(session)
 
     def _unbind(self, session: Session) -> None:
@@ -776,12 +812,12 @@ class Relay:
     # ----------------------------------------------------------- crew log
 
     def publish(self, crew: Crew, message: dict, sender_id: str, session: Session | None = None,
-                client_msg_id: str | None = None, digest: bytes | None = None) -> Deferred:
+                client_msg_id: str | None = None, digest: bytes | None = None, size: int = 0) -> Deferred:
         """
-        Store C{message} in C{crew}'s log, then fan it out to the crew (but
-        C{session}, its sender).  Fires with the number of devices reached,
-        or fails with L{StoreUnavailable}: then nothing was delivered, and
-        no sequence number was spent on it.
+        Store C{message} (about C{size} bytes) in C{crew}'s log, then fan it
+        out to the crew (but C{session}, its sender).  Fires with the number
+        of devices reached, or fails with L{StoreUnavailable}: then nothing
+        was delivered, and no sequence number was spent on it.
         """
         now = self.clock.seconds()
         message_id = self._new_message_id()
@@ -792,7 +828,12 @@ class Relay:
             remembered = crew.client_messages[(sender_id, client_msg_id)] = ClientMessage(
                 message_id, 0, digest, now, [])
         entry = _Publication(crew, message, message_id, sender_id, client_msg_id, digest, now, remembered)
-        d = self.journal.put((APPEND, entry))
+        d = self.journal.put((APPEND, entry), size=size)
+        if session is not None and self.journal.backlog > self.store_queue_bytes and session not in self.paused:
+            # The store is behind: read no more from this sender until it
+            # catches up, rather than hold what it sends.
+            self.paused.add(session)
+            session.peer.pause_reading()
         return d.addCallbacks(
             self._stored, self._not_stored,
             callbackArgs=(entry, session),
@@ -803,6 +844,7 @@ class Relay:
         crew, seq, out, remembered = entry.crew, entry.seq, entry.out, entry.remembered
         crew.fanned_seq = seq
         crew.last_message_at = self.clock.seconds()
+        self._logged(crew, len(out.payload))
         if session is not None and session.crew is crew:
             session.last_sent_seq = max(session.last_sent_seq, seq)
         reached = self._fanout(crew, out, session, seq)
@@ -813,6 +855,36 @@ class Relay:
                 if s is not None:
                     s.send(reply)
         return reached
+
+    def _store_progressed(self) -> None:
+        if self.paused and self.journal.backlog <= self.store_queue_bytes // 2:
+            paused, self.paused = self.paused, set()
+            for session in paused:
+                session.peer.resume_reading()
+
+    def _logged(self, crew: Crew, size: int) -> None:
+        """
+        C{size} more bytes are in C{crew}'s log: past the bound, trim it.
+        """
+        crew.log_bytes += size
+        if crew.trimming is not None:
+            crew.trimming += size
+        elif crew.log_bytes > self.crew_log_bytes:
+            crew.trimming = 0
+            d = self.store.trim(crew.code, self.crew_log_bytes * 3 // 4, self.replay_limit)
+            d.addCallbacks(self._trimmed, self._not_trimmed, callbackArgs=(crew,), errbackArgs=(crew,))
+
+    def _trimmed(self, result: tuple[int, int], crew: Crew) -> None:
+        first_kept, left = result
+        crew.log_bytes, crew.trimming = left + crew.trimming, None
+        if crew.client_messages:
+            # What the log no longer holds cannot be answered as a resend.
+            for key in [k for k, v in crew.client_messages.items() if v.waiting is None and v.seq < first_kept]:
+                del crew.client_messages[key]
+
+    def _not_trimmed(self, failure: Any, crew: Crew) -> None:
+        crew.trimming = None
+        _log.warn("could not trim crew {code}'s log: {error}", code=crew.code, error=failure.getErrorMessage())
 
     def _not_stored(self, failure: Any, entry: "_Publication") -> None:
         crew, client_msg_id, remembered = entry.crew, entry.client_msg_id, entry.remembered
@@ -847,7 +919,7 @@ class Relay:
                 else:
                     known.waiting.append(session)
                 return
-        d = self.publish(crew, message, session.device_id, session, client_msg_id, digest)
+        d = self.publish(crew, message, session.device_id, session, client_msg_id, digest, self._frame_size)
         d.addErrback(self._refuse, session)
 
     def _refuse(self, failure: Any, session: Session) -> None:
@@ -994,9 +1066,8 @@ class Relay:
         crew = self._known_crew(code)
         if user_id not in crew.bot_users:
             raise NotInCrew(f"join crew {crew.code} before sending to it")
-        return self.publish(
-            crew, messages.crew_message(TELEGRAM_DEVICE_ID, sender_name, msg_type, payload), TELEGRAM_DEVICE_ID
-        )
+        message = messages.crew_message(TELEGRAM_DEVICE_ID, sender_name, msg_type, payload)
+        return self.publish(crew, message, TELEGRAM_DEVICE_ID, size=len(messages.encode(message)))
 
     def crew_status(self, code: str) -> dict:
         code = messages.normalize_crew_code(code)

@@ -77,6 +77,8 @@ class Config:
     retention_days: float = 7.0
     crew_ttl_days: float = 90.0
     presence_grace: float = 10.0
+    crew_log_bytes: int = 16 * 1024 * 1024
+    store_queue_bytes: int = 8 * 1024 * 1024
     relay_limits: RelayLimits = RelayLimits()
 
 
@@ -303,6 +305,12 @@ class Options(usage.Options):
          "Days a crew message is kept for devices that were offline.", _positive_float],
         ["crew-ttl-days", None, 90.0,
          "Days after which a crew with no message and no member seen is forgotten.", _positive_float],
+        ["crew-log-bytes", None, 16 * 1024 * 1024,
+         "Most bytes of messages kept in one crew's log; past it the oldest go (never the "
+         "newest --replay-limit).", _positive_int],
+        ["store-queue-bytes", None, 8 * 1024 * 1024,
+         "Most bytes of messages waiting for the store; past it the relay stops reading from "
+         "their senders until half is written.", _positive_int],
         ["max-connections", None, 20000,
          "Most WebSocket connections open at once; more are refused with HTTP 503.", _positive_int],
         ["max-connections-per-address", None, 256,
@@ -414,6 +422,8 @@ class Options(usage.Options):
             retention_days=self["retention-days"],
             crew_ttl_days=self["crew-ttl-days"],
             presence_grace=self["presence-grace"],
+            crew_log_bytes=self["crew-log-bytes"],
+            store_queue_bytes=self["store-queue-bytes"],
             relay_limits=RelayLimits(
                 messages=Rate(self["messages-per-second"], self["message-burst"]),
                 entries=Rate.per_window(self["join-attempts"], self["join-window"]),
@@ -535,6 +545,8 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
         crew_ttl=config.crew_ttl_days * DAY,
         limits=config.relay_limits,
         presence_grace=config.presence_grace,
+        crew_log_bytes=config.crew_log_bytes,
+        store_queue_bytes=config.store_queue_bytes,
     )
     ws_factory = RelayServerFactory(
         relay, config.limits, TrustedProxies(config.trusted_proxies), OriginPolicy(config.public_url))
