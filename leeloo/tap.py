@@ -495,6 +495,10 @@ class RelayService(Service):
         )
         self.log.info("relay limits: {limits}", limits=self.relay.limits.describe())
         self.log.info(
+            "store limits: crew logs of at most {log} bytes, senders paused past {queue} bytes "
+            "waiting for the store; presence grace {grace:g}s",
+            log=self.relay.crew_log_bytes, queue=self.relay.store_queue_bytes, grace=self.relay.presence_grace)
+        self.log.info(
             "Spotify callback {spotify}; bot API {bot}",
             spotify="configured" if self.config.spotify else "not configured",
             bot="enabled" if self.config.telegram_api_secret else "disabled (no TELEGRAM_API_SECRET)",

@@ -6,6 +6,7 @@ directory is measured), flooded and abused by raw sockets and real clients.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -322,14 +323,14 @@ class PresenceLoopbackTests(LoopbackTestCase):
         """
 
         def script(opener):
-            with opener() as victim, opener() as elsewhere:
+            with contextlib.ExitStack() as stack, opener() as victim, opener() as elsewhere:
                 victim.send(json.dumps({"type": "register", "device_id": "leeloo_71c71c71c71c", "crew_code": "HOME"}))
                 elsewhere.send(json.dumps({"type": "register", "device_id": "leeloo_e15e15e15e15",
                                            "crew_code": "AWAY"}))
                 recv(victim), recv(elsewhere)
                 hoppers = []
                 for i in range(5):
-                    h = opener()
+                    h = stack.enter_context(opener())
                     hoppers.append(h)
                     h.send(json.dumps({"type": "register", "device_id": f"leeloo_{i:012x}", "crew_code": "HOME"}))
                     recv(h)
@@ -348,8 +349,6 @@ class PresenceLoopbackTests(LoopbackTestCase):
                     heard = []
                     while not heard or heard[-1]["type"] != "pong":
                         heard.append(recv(victim))
-                for h in hoppers[1:]:
-                    h.close()
                 return heard
 
         heard = yield ws_session(self.port, script)
