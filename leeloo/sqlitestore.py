@@ -381,6 +381,12 @@ class SQLiteStore:
             # The default isolation level opens a transaction before the first
             # write of an interaction; adbapi commits it: one commit a batch.
             "sqlite3", str(self.path), check_same_thread=False,
+            # A cached statement keeps a copy of what was last bound to it
+            # until it runs again: a batch's multi-row INSERT (one statement
+            # per row count) would keep that batch's payloads, megabytes a
+            # statement, for good.  Compiling each batch's few statements
+            # afresh costs microseconds.
+            cached_statements=0,
             cp_min=1, cp_max=1, cp_noisy=False, cp_reactor=reactor,
             cp_openfun=lambda db: _configure(db, fsync, busy_timeout, checkpoints=False),
         )

@@ -6,6 +6,7 @@ the only module that imports the global reactor (in L{makeService}).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import re
@@ -618,10 +619,34 @@ GIL_SWITCH_INTERVAL = 0.0005
 GC_THRESHOLDS = (10_000, 20, 20)
 
 
+# glibc's malloc serves blocks under its mmap threshold from the heap, and
+# raises that threshold each time a larger block is freed: after a flood of
+# 64 KiB messages every message buffer lives in the heap, and what the flood
+# left there stays resident long after.  A fixed threshold (glibc's own
+# starting value) and trim threshold give the memory back once freed.
+MALLOC_THRESHOLD = 128 * 1024
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc(threshold: int = MALLOC_THRESHOLD) -> bool:
+    """
+    Fix glibc's mmap and trim thresholds at C{threshold}; return whether
+    the C library took them (other C libraries have no C{mallopt}).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return all(mallopt(option, threshold) == 1 for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    tune_malloc()
     gc.set_threshold(*GC_THRESHOLDS)
     # What exists once the relay has started (modules, the service tree,
     # the state it loaded) lives as long as the process: keep it out of

@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from leeloo.tap import DEFAULT_LISTEN, Options, build_service, read_env_file, with_default_backlog
+from leeloo.tap import DEFAULT_LISTEN, Options, build_service, read_env_file, tune_malloc, with_default_backlog
 
 
 class OptionsTestCase(SynchronousTestCase):
@@ -445,3 +445,12 @@ class StoreLimitOptionsTests(OptionsTestCase):
         for option, bad in (("--crew-log-bytes", "0"), ("--store-queue-bytes", "-1"),
                             ("--presence-grace", "-1"), ("--presence-grace", "soon")):
             self.assertRaises(UsageError, self.parse, option, bad)
+
+
+class MallocTuningTests(SynchronousTestCase):
+    def test_glibc_takes_thresholds(self):
+        """
+        glibc (this machine's C library, and the servers') accepts the fixed
+        mmap and trim thresholds through mallopt.
+        """
+        self.assertTrue(tune_malloc())
