@@ -13,8 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from leeloo.limits import Rate, RelayLimits
 from leeloo.messages import CrewLimit, StoreUnavailable
 from leeloo.relay import CODE_TRIES, DAY, MAX_GENERATED_CODE_LENGTH, PRESENCE_GRACE, Relay
-from leeloo.store import MemoryStore, StoreError
-from leeloo.testing import FakePeer, strip_keys
+from leeloo.store import MemoryStore
+from leeloo.testing import FakePeer
 
 T0 = 1_700_000_000.0
 

@@ -15,7 +15,8 @@ import threading
 import urllib.error
 import urllib.request
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from .support import TIMEOUT, RelayProcess, recv, ws_session
@@ -183,17 +184,10 @@ class FloodTests(ChildRelay):
         for _ in range(50):
             if not os.path.getsize(wal):
                 break
-            yield deferLater(0.1)
+            yield deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(os.path.getsize(wal), 0)
         self.assertLess(disk(self.data_dir), 8 * MiB)
         yield relay.stop("TERM")
-
-
-def deferLater(seconds: float) -> defer.Deferred:
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater as later
-
-    return later(reactor, seconds, lambda: None)
 
 
 class DurableCrewTests(ChildRelay):
@@ -423,3 +417,93 @@ class StoreRefusalLoopbackTests(LoopbackTestCase):
         self.assertEqual((refused["error"], refused["client_msg_id"]), ("store_unavailable", "c1"))
         self.assertEqual((sent["client_msg_id"], sent["seq"]), ("c2", 1))
         self.assertEqual((delivered["payload"]["text"], delivered["seq"]), ("kept", 1))
+
+
+class BackPressureLoopbackTests(LoopbackTestCase):
+    args = ("--messages-per-second", "100000", "--message-burst", "100000",
+            "--store-queue-bytes", str(1 * MiB))
+
+    def stall_store(self):
+        """
+        Hold every store write until L{release} (a disk gone slow).
+        """
+        store = self.relay().store
+        self.held = []
+        real = store.write
+
+        def held(ops):
+            d = defer.Deferred()
+            self.held.append((d, ops))
+            return d
+
+        def release():
+            store.write = real
+            while self.held:
+                d, ops = self.held.pop(0)
+                real(ops).chainDeferred(d)
+
+        store.write = held
+        self.release = release
+
+    @defer.inlineCallbacks
+    def test_sender_paused_while_store_behind(self):
+        """
+        While the store is stalled, a sender of 60 KiB messages is read
+        only until about --store-queue-bytes wait for the store: then the
+        relay stops reading from it (its sends block) instead of holding
+        what it sends.  Once the store catches up every message is stored
+        and answered.
+        """
+        body = "x" * (60 * KiB)
+        sock = yield threads.deferToThread(raw_websocket, self.port)
+        self.addCleanup(sock.close)
+        yield threads.deferToThread(send, sock, type="register", device_id="leeloo_f100df100df1",
+                                    crew_code="FLOOD")
+        yield threads.deferToThread(receive, sock)
+        self.stall_store()
+        frames = [frame(json.dumps({"type": "message", "payload": {"text": body},
+                                    "client_msg_id": f"c{n}"}).encode()) for n in range(600)]
+
+        def push(start: int, offset: int) -> tuple[int, int]:
+            """
+            Send frames from C{frames[start][offset:]} on; return where the
+            sending blocked for a second (or the end).
+            """
+            sock.settimeout(1)
+            try:
+                for n in range(start, len(frames)):
+                    data = frames[n]
+                    while offset < len(data):
+                        offset += sock.send(data[offset:])
+                    offset = 0
+                return len(frames), 0
+            except TimeoutError:
+                return n, offset
+            finally:
+                sock.settimeout(TIMEOUT)
+
+        stopped_at, offset = yield threads.deferToThread(push, 0, 0)
+        relay = self.relay()
+        self.assertLess(stopped_at, len(frames), "the relay read everything the sender sent")
+        self.assertEqual(len(relay.paused), 1)
+        self.assertLess(relay.journal.backlog, 1 * MiB + 2 * 64 * KiB)
+        self.release()
+        rest = yield threads.deferToThread(push, stopped_at, offset)
+        self.assertEqual(rest, (len(frames), 0))
+
+        def answers() -> int:
+            count = 0
+            while count < len(frames):
+                reply = receive(sock)
+                assert reply["type"] == "sent", reply
+                count += 1
+            # A close handshake, so the relay is done with the connection.
+            sock.sendall(bytes([0x88, 0x82]) + b"\0\0\0\0" + struct.pack("!H", 1000))
+            while sock.recv(4096):
+                pass
+            return count
+
+        answered = yield threads.deferToThread(answers)
+        self.assertEqual(answered, len(frames))
+        self.assertEqual(relay.paused, set())
+        self.assertEqual(relay.crews["FLOOD"].fanned_seq, len(frames))
