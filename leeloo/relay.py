@@ -944,10 +944,11 @@ class Relay:
             self._enter(session, crew, announce=False, last_seq=message.last_seq)
 
     def _create_crew(self, session: Session, message: CreateCrew) -> None:
-        code = message.crew_code or self._unused_code()
-        crew = self.crews.get(code)
+        crew = self.crews.get(message.crew_code) if message.crew_code is not None else None
         self._check_last_seq(crew, message.last_seq)
+        # Counted before a code is searched for: a refused flood costs no search.
         self._check_entry(session, message.device_id, crew)
+        code = message.crew_code or self._unused_code()
         key = self._identify(session, message.device_id, message.display_name, message.device_key)
         if crew is None:
             # A new crew is answered once it is durable: a code handed out

@@ -512,3 +512,20 @@ class BackPressureTests(BoundsTestCase):
             self.a.send(type="message", payload={"text": "x" * 1000})
         self.a.close()
         self.assertEqual(self.relay.paused, set())
+
+
+class RefusedCreateTests(BoundsTestCase):
+    limits = RelayLimits(messages=Rate(1000, 1000), entries=Rate.per_window(1, 600))
+
+    def test_refused_create_searches_no_code(self):
+        """
+        A create_crew refused by the entry budget does not search for a code.
+        """
+        calls = []
+        self.relay = self.make_relay(crew_code=lambda length: calls.append(length) or f"LEELOO-{len(calls)}")
+        d = self.device()
+        d.send(type="create_crew")
+        d.take()
+        del calls[:]
+        d.send(type="create_crew")
+        self.assertEqual((d.take()[0]["error"], calls), ("rate_limited", []))
