@@ -726,6 +726,7 @@ class Relay:
             if crew is None:
                 crew = self._create(message.crew_code, session.device_id)
             self._enter(session, crew, announce=False, last_seq=message.last_seq)
+        self._log_entry("register", session)
 
     def _create_crew(self, session: Session, message: CreateCrew) -> None:
         code = message.crew_code or self._unused_code()
@@ -740,6 +741,7 @@ class Relay:
             self._enter(session, self._create(code, session.device_id), announce=False)
         else:
             self._enter(session, crew, announce=True, last_seq=message.last_seq)
+        self._log_entry("create_crew", session)
 
     def _join_crew(self, session: Session, message: JoinCrew) -> None:
         crew = self.crews.get(message.crew_code)
@@ -753,6 +755,17 @@ class Relay:
         session.send(messages.crew_joined(session.device_id, crew.code, online, others, key))
         self._deliver_pending(session)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
+        self._log_entry("join_crew", session)
+
+    @staticmethod
+    def _log_entry(action: str, session: Session) -> None:
+        """
+        The lifecycle line for a device that identified itself: who, from
+        where, in which crew (never what it sent).
+        """
+        _log.info("{action}: device {device_id} from {address}, crew {crew}", action=action,
+                  device_id=session.device_id, address=session.address,
+                  crew=session.crew.code if session.crew is not None else None)
 
     def _crew_message(self, session: Session, message: CrewMessage) -> None:
         self._send_crew_message(
