@@ -348,7 +348,8 @@ class PerAddressCapTests(GuardedTestCase):
             for _ in range(5):
                 self.net.connect(host="198.51.100.1")
         self.assertEqual(self.factory.refused["per_address"], 3)
-        warnings = [formatEvent(e) for e in events if e.get("log_namespace") == "leeloo.websocket"]
+        warnings = [formatEvent(e) for e in events
+                    if e.get("log_namespace") == "leeloo.websocket" and e["log_level"] == LogLevel.warn]
         self.assertEqual(len(warnings), 1)
         self.assertIn("198.51.100.1", warnings[0])
 
