@@ -279,6 +279,9 @@ class Relay:
         self.devices: dict[str, Session] = {}
         self.crews: dict[str, Crew] = {}
         self.pending_tokens: dict[str, tuple[dict, float]] = {}
+        # Set by shutdown: the close code and reason of connections opening now.
+        self._stopping: tuple[int, str] | None = None
+        self._when_gone: list[Deferred] = []
         self._handlers = {
             Register: self._register,
             CreateCrew: self._create_crew,
@@ -329,6 +332,8 @@ class Relay:
     def connect(self, peer: IPeer, address: str | None = None) -> Session:
         session = Session(peer, address, Bucket(self.limits.messages.burst, self.clock.seconds()))
         self.sessions.add(session)
+        if self._stopping is not None:
+            session.close(*self._stopping)
         return session
 
     def receive(self, session: Session, data: bytes | str) -> None:
@@ -368,8 +373,8 @@ class Relay:
         C{session}'s connection closed: the rest of its crew hears that the
         device went offline.
         """
-        self.sessions.discard(session)
         self._unbind(session)
+        self._discard(session)
 
     def _unbind(self, session: Session) -> None:
         if session.device_id is not None and self.devices.get(session.device_id) is session:
@@ -378,12 +383,17 @@ class Relay:
         session.crew = None
 
     def shutdown(self, code: int = CLOSE_GOING_AWAY, reason: str = "relay restarting, come back soon",
-                 spread: float = 2.0, steps: int = 20) -> Deferred:
+                 spread: float = 2.0, steps: int = 20, grace: float = 10.0) -> Deferred:
         """
         Close every connection, telling devices to come back, spread over
-        C{spread} seconds so the fleet does not reconnect in one burst; then
-        make everything durable.  Fires when the store is flushed.
+        C{spread} seconds so the fleet does not reconnect in one burst, and
+        wait until every one has gone (L{disconnect}): its close is on the
+        wire once its transport says so, not when C{close()} returns.  One
+        still open C{grace} seconds after the last close is given up on.
+        Connections opening meanwhile are closed at once.  Then make
+        everything durable.  Fires when the store is flushed.
         """
+        self._stopping = (code, reason)
         sessions = list(self.sessions)
         per_step = max(1, -(-len(sessions) // steps))
         waits = []
@@ -397,12 +407,39 @@ class Relay:
             else:
                 self._close_chunk(chunk, code, reason, d)
         done = DeferredList(waits) if waits else succeed(None)
+        done.addCallback(lambda _: self._all_gone(grace))
         return done.addCallback(lambda _: self._goodbye())
 
     def _close_chunk(self, chunk: list, code: int, reason: str, d: Deferred) -> None:
         for session in chunk:
             session.close(code, reason)
         d.callback(None)
+
+    def _all_gone(self, grace: float) -> Deferred:
+        """
+        Fires once no session is left, or after C{grace} seconds.
+        """
+        if not self.sessions:
+            return succeed(None)
+        gone: Deferred = Deferred()
+        self._when_gone.append(gone)
+
+        def give_up() -> None:
+            if not gone.called:
+                _log.warn("{count} connections did not close within {grace:g}s of being told to; "
+                          "dropping them", count=len(self.sessions), grace=grace)
+                self._when_gone.remove(gone)
+                gone.callback(None)
+
+        timer = self.clock.callLater(grace, give_up)
+        return gone.addCallback(lambda _: timer.cancel() if timer.active() else None)
+
+    def _discard(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if self._when_gone and not self.sessions:
+            waiting, self._when_gone = self._when_gone, []
+            for d in waiting:
+                d.callback(None)
 
     def _goodbye(self) -> Deferred:
         for session in list(self.sessions):
@@ -499,7 +536,7 @@ class Relay:
         previous.crew = None
         del self.devices[previous.device_id]
         previous.device_id = None
-        self.sessions.discard(previous)
+        self._discard(previous)
         previous.close(CLOSE_REPLACED, "replaced by a newer connection for this device")
 
     def _deliver_pending(self, session: Session) -> None:

@@ -482,7 +482,9 @@ class RelayService(Service):
         super().stopService()
         self.log.info("closing {count} connections and flushing the store",
                       count=len(self.relay.sessions))
-        d = self.relay.shutdown()
+        # Autobahn drops a connection whose device does not answer the
+        # close within its close handshake timeout: wait a little longer.
+        d = self.relay.shutdown(grace=self.config.limits.close_handshake_timeout + 1)
         d.addBoth(lambda _: self.relay.store.close())
         return d
 

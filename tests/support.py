@@ -8,6 +8,7 @@ import os
 import re
 import sys
 
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.threads import deferToThread
 from websockets.sync.client import connect
@@ -110,3 +111,57 @@ class RelayProcess:
             return None
         self.transport.signalProcess("KILL")
         return self.proto.ended
+
+
+class ClosingClient(WebSocketClientProtocol):
+    """
+    An Autobahn device that registers when it opens; C{registered} fires
+    with the reply and C{closed} with the close code the relay sent (None
+    when its connection went without a close frame).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.registered = defer.Deferred()
+        self.closed = defer.Deferred()
+
+    def onOpen(self):
+        self.sendMessage(json.dumps({"type": "register", **self.factory.register(self)}).encode())
+
+    def onMessage(self, payload, isBinary):
+        if not self.registered.called:
+            self.registered.callback(json.loads(payload))
+
+    def onClose(self, wasClean, code, reason):
+        if not self.registered.called:
+            self.registered.errback(RuntimeError(f"closed before registering: {code} {reason}"))
+        if not self.closed.called:
+            self.closed.callback(self.remoteCloseCode)
+
+
+def closing_clients(count, connect, url, crew_size=5):
+    """
+    Connect C{count} L{ClosingClient}s with C{connect(factory)} (an
+    endpoint's connect); fire with them once every one has registered, in
+    crews of C{crew_size}.
+    """
+    factory = WebSocketClientFactory(url)
+    factory.protocol = ClosingClient
+    # No handshake timers left on the reactor: the test's timeout bounds it.
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    numbers = iter(range(count))
+
+    def register(client):
+        n = next(numbers)
+        return {"device_id": f"leeloo_{n:012x}", "crew_code": f"CREW{n // crew_size}"}
+
+    factory.register = register
+    clients = []
+
+    def connected(client):
+        clients.append(client)
+        return client.registered
+
+    d = defer.gatherResults([connect(factory).addCallback(connected) for _ in range(count)],
+                            consumeErrors=True)
+    return d.addCallback(lambda _: clients)

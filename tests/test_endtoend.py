@@ -6,15 +6,17 @@ End to end over loopback: the whole service tree on a real reactor with the
 
 import json
 import signal
+from collections import Counter
 import urllib.request
 
 import txaio
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
 
 from leeloo.tap import Options, build_service
 
-from .support import TIMEOUT, RelayProcess, listening_port, recv, ws_session
+from .support import TIMEOUT, RelayProcess, closing_clients, listening_port, recv, ws_session
 
 class ServiceTests(TestCase):
     """
@@ -151,6 +153,31 @@ class TwistdTests(TestCase):
         self.assertIn(b"Server Shut Down", proto.output)
         self.assertIn(b"LEELOO relay starting", proto.output)
         self.assertIn(b"WebSocket limits", proto.output)
+
+    def test_sigterm_closes_every_websocket_with_1001(self):
+        """
+        On SIGTERM every one of 200 registered WebSocket devices receives
+        its 1001 close frame before the relay exits cleanly.
+        """
+        return self.sigterm_closes_every_websocket()
+
+    def test_sigterm_closes_every_websocket_with_1001_memory_store(self):
+        """
+        So does a relay whose store has nothing to flush (its shutdown does
+        not wait on the database thread).
+        """
+        return self.sigterm_closes_every_websocket("--store", "memory")
+
+    @defer.inlineCallbacks
+    def sigterm_closes_every_websocket(self, *store):
+        relay = RelayProcess(self, "--listen", "tcp:0:interface=127.0.0.1", "--join-attempts", "1000", *store)
+        port = yield relay.proto.port
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        clients = yield closing_clients(200, endpoint.connect, f"ws://127.0.0.1:{port}/ws")
+        ended = yield relay.stop()
+        codes = yield defer.gatherResults([c.closed for c in clients])
+        self.assertEqual(Counter(codes), {1001: 200})
+        self.assertIn((ended.exitCode, ended.signal), [(0, None), (None, signal.SIGTERM)])
 
     @defer.inlineCallbacks
     def test_bad_configuration_is_one_message(self):
