@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -25,7 +25,9 @@ from twisted.python import usage
 
 from leeloo.access import OriginPolicy, TrustedProxies, parse_network
 from leeloo.limits import Rate, RelayLimits
+from leeloo.listening import Listener, Readiness
 from leeloo.metrics import Metrics
+from leeloo.process import exit_process, sd_notify
 from leeloo.relay import DAY, Relay
 from leeloo.sqlitestore import SchemaError, SQLiteStore
 from leeloo.store import IStore, MemoryStore
@@ -108,6 +110,14 @@ def read_env_file(path: str) -> dict[str, str]:
             value = value.split(" #", 1)[0].rstrip()
         values[key] = value
     return values
+
+
+def as_written(description: str) -> str:
+    """
+    An endpoint string without the backlog L{with_default_backlog} added.
+    """
+    suffix = f":backlog={DEFAULT_BACKLOG}"
+    return description[:-len(suffix)] if description.endswith(suffix) else description
 
 
 def with_default_backlog(description: str) -> str:
@@ -459,7 +469,8 @@ class RelayService(Service):
         super().startService()
         self.log.info(
             "LEELOO relay starting on {listen}, data in {data_dir}",
-            listen=", ".join(self.config.listen + tuple(f"{e} (redirect to https)" for e in self.config.redirect_listen)),
+            listen=", ".join([as_written(e) for e in self.config.listen]
+                             + [f"{as_written(e)} (redirect to https)" for e in self.config.redirect_listen]),
             data_dir=str(self.config.data_dir),
         )
         for warning in self.config.warnings:
@@ -507,10 +518,15 @@ def open_store(config: Config, reactor: Any) -> IStore:
         ) from None
 
 
-def build_service(config: Config, reactor: Any, http: Any = None) -> MultiService:
+def build_service(config: Config, reactor: Any, http: Any = None,
+                  exit: Callable[[int], None] | None = None,
+                  notify: Callable[[str], Any] | None = None) -> MultiService:
     """
     The relay's service tree for C{config} on C{reactor}.  C{http} is the
-    treq-like client Spotify is called with (default: treq on C{reactor}).
+    treq-like client Spotify is called with (default: treq on C{reactor});
+    C{exit} ends the process when an endpoint cannot listen (default:
+    L{exit_process}); C{notify} tells the service manager how the relay is
+    doing (default: L{sd_notify}).
     """
     import txaio
 
@@ -555,18 +571,23 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
         timer.setServiceParent(top)
     if certificates:
         ReloadOnHangup(reactor, certificates).setServiceParent(top)
-    for endpoint in endpoints:
-        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    listeners = [Listener(endpoint, site, "--listen", as_written(description))
+                 for endpoint, description in zip(endpoints, config.listen)]
     if config.redirect_listen:
         redirect_site = make_redirect_site(config.acme_webroot, reactor=reactor, limits=config.http_limits)
         for description in config.redirect_listen:
-            StreamServerEndpointService(serverFromString(reactor, description), redirect_site).setServiceParent(top)
+            listeners.append(Listener(serverFromString(reactor, description), redirect_site,
+                                      "--redirect-listen", as_written(description)))
     admin_site = None
     if config.admin_listen:
         admin_site = make_admin_site(relay, metrics, reactor=reactor, limits=config.http_limits)
         for description in config.admin_listen:
-            service = StreamServerEndpointService(serverFromString(reactor, description), admin_site)
-            service.setServiceParent(top)
+            listeners.append(Listener(serverFromString(reactor, description), admin_site,
+                                      "--admin-listen", as_written(description)))
+    for listener in listeners:
+        listener.setServiceParent(top)
+    Readiness(listeners, notify or sd_notify, exit or exit_process(reactor),
+              when_running=reactor.callWhenRunning).setServiceParent(top)
     top.relay = relay
     top.site = site
     top.admin_site = admin_site

@@ -62,18 +62,40 @@ class TwistdProtocol(protocol.ProcessProtocol):
         self.output = b""
         self.port = defer.Deferred()
         self.ended = defer.Deferred()
+        self._ready = None
+        self._waiting = []
+
+    def ready(self):
+        """
+        A Deferred firing with the ports of the relay's ready line, in its
+        order (or failing with the output if the relay exits first).
+        """
+        if self._ready is not None:
+            return defer.succeed(self._ready)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
 
     def outReceived(self, data):
         self.output += data
         match = re.search(rb"Site starting on (\d+)", self.output)
         if match and not self.port.called:
             self.port.callback(int(match.group(1)))
+        match = re.search(rb"LEELOO relay \S+ ready: (.*)\n", self.output)
+        if match and self._ready is None:
+            self._ready = [int(p) for p in re.findall(rb" on \S+:(\d+)(?:;|$)", match.group(1))]
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(self._ready)
 
     errReceived = outReceived
 
     def processEnded(self, reason):
         if not self.port.called:
             self.port.errback(RuntimeError(self.output.decode(errors="replace")))
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(RuntimeError(self.output.decode(errors="replace")))
         self.ended.callback(reason.value)
 
 
@@ -84,7 +106,7 @@ class RelayProcess:
     waited for) when the test ends.
     """
 
-    def __init__(self, testcase, *args, cwd=None):
+    def __init__(self, testcase, *args, cwd=None, environ=None):
         self.proto = TwistdProtocol()
         if cwd is None:
             cwd = testcase.mktemp()
@@ -93,7 +115,7 @@ class RelayProcess:
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
             "-n", "--pidfile=", "leeloo", *args,
         ]
-        env = dict(os.environ)
+        env = dict(os.environ, **(environ or {}))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (CHECKOUT, env.get("PYTHONPATH")) if p)
         self.transport = reactor.spawnProcess(self.proto, sys.executable, argv, env=env, path=cwd)
         testcase.addCleanup(self._reap)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from OpenSSL import SSL
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.ssl import Certificate as TwistedCertificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
@@ -971,6 +971,39 @@ class RelayOverTLSTests(TestCase):
         yield reloaded
         seen = yield self.probe(le)
         self.assertEqual(seen["fingerprint"], le.fingerprint())
+
+
+class StopOverTLSTests(TestCase):
+    """
+    ``twistd leeloo`` on a C{letsencrypt:} endpoint, stopped with SIGTERM.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_sigterm_closes_every_wss_device_with_1001(self):
+        """
+        On SIGTERM every one of 50 registered WSS devices receives its 1001
+        close frame (through TLS) before the relay exits.
+        """
+        from collections import Counter
+
+        from .support import RelayProcess, closing_clients
+
+        le = Letsencrypt(self)
+        relay = RelayProcess(self, "--listen", le.endpoint_string(), "--store", "memory",
+                             "--join-attempts", "1000", cwd=temporary_directory(self))
+        # Its Site logs no plain "Site starting on PORT" line.
+        relay.proto.port.addErrback(lambda f: None)
+        [port] = yield relay.proto.ready()
+        options = optionsForClientTLS(DOMAIN, trustRoot=TwistedCertificate.loadPEM(le.ca.root_pem))
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+        clients = yield closing_clients(50, endpoint.connect, f"wss://{DOMAIN}/ws")
+        ended = yield relay.stop()
+        codes = yield DeferredList([c.closed for c in clients], consumeErrors=True)
+        self.assertEqual(Counter(code for _, code in codes), {1001: 50})
+        self.assertIn((ended.exitCode, ended.signal), [(0, None), (None, signal.SIGTERM)])
+        self.assertNotIn(b"SSL error", relay.proto.output)
 
 
 class ReloadOnHangupTests(SynchronousTestCase):
