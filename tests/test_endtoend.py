@@ -180,6 +180,44 @@ class TwistdTests(TestCase):
         self.assertIn((ended.exitCode, ended.signal), [(0, None), (None, signal.SIGTERM)])
 
     @defer.inlineCallbacks
+    def test_each_bad_option_is_one_line(self):
+        """
+        twistd leeloo with a bad option value exits 1 printing one line that
+        names the option, the value and what is allowed: not twistd's usage
+        text.
+        """
+        import os
+        import sys
+
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        from .support import CHECKOUT
+
+        env_file = os.path.abspath(self.mktemp())
+        with open(env_file, "w") as f:
+            f.write("TELEGRAM_API_SECRET=choose-a-long-random-string\n")
+        os.chmod(env_file, 0o600)
+        cases = [
+            (["--max-message-size", "-5"], "leeloo: --max-message-size -5: must be a whole number, 1 or more"),
+            (["--store", "postgres"], "leeloo: --store postgres: must be sqlite or memory"),
+            (["--listen", "tcp:notaport"], "leeloo: --listen tcp:notaport is not a usable endpoint"),
+            (["--no-such-option"], "leeloo: option --no-such-option not recognized"),
+            (["--env-file", env_file], "leeloo: TELEGRAM_API_SECRET in --env-file"),
+        ]
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        runs = [getProcessOutputAndValue(
+            sys.executable, ["-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+                             "leeloo", *argv],
+            env={**os.environ, "PYTHONPATH": CHECKOUT}, path=cwd) for argv, _ in cases]
+        results = yield defer.gatherResults(runs)
+        for (argv, expected), (out, err, code) in zip(cases, results):
+            self.assertEqual(code, 1, argv)
+            self.assertEqual(out, b"", argv)
+            [line] = err.decode().splitlines()
+            self.assertTrue(line.startswith(expected), line)
+
+    @defer.inlineCallbacks
     def test_bad_configuration_is_one_message(self):
         """
         Bad configuration stops twistd leeloo with a message naming the
