@@ -327,7 +327,9 @@ def _error(e: ssl.SSLError) -> Error:
     """
     if isinstance(e, ssl.SSLZeroReturnError):
         return ZeroReturnError()
-    if isinstance(e, ssl.SSLEOFError):
+    # Python before 3.11.3 (Debian 12's 3.11.2) raises a plain SSLError with
+    # OpenSSL 3's reason for it rather than SSLEOFError.
+    if isinstance(e, ssl.SSLEOFError) or e.reason == "UNEXPECTED_EOF_WHILE_READING":
         return SysCallError(-1, "Unexpected EOF")
     return Error([(e.library or "SSL routines", "", e.reason or str(e))])
 

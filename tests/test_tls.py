@@ -589,6 +589,19 @@ class TLSConnectionTests(SynchronousTestCase):
         self.assertIsInstance(seen["relay"], SSL.SysCallError)
         self.assertTrue(_representsEOF(seen["relay"]))
 
+    def test_eof_as_older_pythons_raise_it_is_a_lost_connection(self):
+        """
+        The end of the stream as Python before 3.11.3 (Debian 12's 3.11.2)
+        reports it, a plain SSLError with OpenSSL's UNEXPECTED_EOF_WHILE_READING
+        rather than SSLEOFError, is a lost connection too.
+        """
+        old = ssl.SSLError(1, "[SSL: UNEXPECTED_EOF_WHILE_READING] unexpected eof while reading")
+        old.library, old.reason = "SSL", "UNEXPECTED_EOF_WHILE_READING"
+        self.assertNotIsInstance(old, ssl.SSLEOFError)
+        error = tls._error(old)
+        self.assertIsInstance(error, SSL.SysCallError)
+        self.assertTrue(_representsEOF(error))
+
     def test_close_notify_after_own_is_a_clean_close(self):
         """
         The client's close_notify answering the relay's is the
