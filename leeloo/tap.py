@@ -158,6 +158,9 @@ def check_endpoint(description: str, option: str = "--listen", webroot: Path | N
         raise SystemExit(f"leeloo: cannot start: {line}") from None
     except Exception as e:
         detail = str(e) or type(e).__name__
+        if description.split(":", 1)[0].strip().lower() == "systemd" and isinstance(e, (IndexError, ValueError)):
+            detail = ("systemd passed no socket with that index: this endpoint is for a relay started by "
+                      "a .socket unit (socket activation)")
         raise usage.UsageError(
             f"{option} {shlex.quote(written)} is not a usable endpoint ({detail}); "
             "use e.g. tcp:8080:interface=127.0.0.1, systemd:domain=INET:index=0 "

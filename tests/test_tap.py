@@ -475,6 +475,15 @@ class OneLineTests(OptionsTestCase):
         self.assertIn("--listen tcp:notaport is not a usable endpoint", str(raised.exception))
         self.assertNotIn("backlog", str(raised.exception))
 
+    def test_systemd_endpoint_without_socket(self):
+        """
+        A systemd: endpoint with no socket passed says it needs socket
+        activation.
+        """
+        with self.assertRaises(UsageError) as raised:
+            Options(environ={}).parseOptions(["--data-dir", self.data_dir, "--listen", "systemd:domain=INET:index=0"])
+        self.assertIn("socket activation", str(raised.exception))
+
     def test_help_is_clean(self):
         """
         --help has no stray runs of spaces inside an entry, and the --listen

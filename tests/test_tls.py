@@ -699,6 +699,35 @@ class StartupTests(TestCase):
         self.assertIn(os.path.join(le.path, "live", OTHER, "fullchain.pem"), line)
         self.assertIn(f"certbot certonly --webroot -w {os.path.abspath(webroot)} -d {OTHER}", line)
 
+    def test_taken_port_stops_with_one_line(self):
+        """
+        A letsencrypt: endpoint whose port is taken stops the relay (exit 1)
+        with one line naming it as written and the reason.
+        """
+        import txaio
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        le = Letsencrypt(self)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        endpoint = (f"letsencrypt:domain={DOMAIN}:port={taken.getsockname()[1]}:interface=127.0.0.1:"
+                    f"directory={le.path}")
+        options = tap.Options(environ={})
+        options.parseOptions(["--data-dir", temporary_directory(self), "--store", "memory", "--listen", endpoint])
+        previous = txaio.config.loop
+        self.addCleanup(setattr, txaio.config, "loop", previous)
+        exits = []
+        service = tap.build_service(options.config, reactor, exit=exits.append, notify=lambda state: None)
+        with capturedLogs() as events:
+            service.privilegedStartService()
+            service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(exits, [1])
+        [line] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.critical]
+        self.assertIn(f"cannot listen on --listen {endpoint}: address already in use", line)
+
     @inlineCallbacks
     def test_twistd_prints_one_line(self):
         """
