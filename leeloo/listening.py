@@ -34,9 +34,9 @@ def explain(reason: BaseException) -> str:
             return (f"address already in use: another program listens on {port} (the old nginx or "
                     f"PM2 relay?); stop it (sudo ss -ltnp 'sport = :{port}' names it) or listen elsewhere")
         if code == errno.EACCES:
-            return (f"permission denied: ports below 1024 need the CAP_NET_BIND_SERVICE capability "
-                    f"(etc/leeloo.service grants it with AmbientCapabilities=) or socket activation "
-                    f"(--listen systemd:domain=INET:index=0)")
+            return ("permission denied: ports below 1024 need the CAP_NET_BIND_SERVICE capability "
+                    "(etc/leeloo.service grants it with AmbientCapabilities=) or socket activation "
+                    "(--listen systemd:domain=INET:index=0)")
         if code == errno.EADDRNOTAVAIL:
             return (f"address {reason.interface or '?'} is not one of this machine's: "
                     f"check interface= in the endpoint")
@@ -118,13 +118,15 @@ class Readiness(Service):
         self.exit = exit
         self.when_running = when_running
         self.ready = False
+        # While startService waits on the listeners: what they gave at once.
+        self._early: list | None = None
 
     def startService(self) -> None:
         super().startService()
         # Every listener usually knows at once (TCP, TLS, unix and systemd
         # endpoints do): then settle here, outside the Deferred, where an
         # exit is an exit and not a Deferred's error.
-        self._early: list | None = []
+        self._early = []
         gatherResults([l.listening for l in self.listeners], consumeErrors=True).addBoth(self._arrived)
         early, self._early = self._early, None
         if early:
