@@ -19,7 +19,7 @@ if [ -n "$missing" ]; then
 fi
 
 . scripts/venv.sh
-"$PY" -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test,device]' --config-settings editable_mode=compat
 "$PY" -c "$PLUGIN_CACHE"
 
 exec "$PY" -m pytest tests "$@"
