@@ -7,7 +7,9 @@
 # downloaded again; pip installs into it whatever is missing or too old.
 
 VENV="${LEELOO_VENV:-.venv}"
-if [ ! -x "$VENV/bin/python" ]; then
+# (Re)made when missing, or left without pip by a "python3 -m venv" that
+# ran before python3-venv was installed.
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
     if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
         # Debian and Ubuntu ship the venv module's pip in a package of its own.
         SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
