@@ -452,6 +452,19 @@ class OneLineTests(OptionsTestCase):
                 self.parse(option, value)
             self.assertEqual(str(raised.exception), f"{option} {value}: must be {allowed}")
 
+    def test_every_checked_option_names_itself(self):
+        """
+        Every option with a checked value, present and future, fails with
+        the one line naming it and the value.
+        """
+        checked = [p[0] for p in Options.optParameters if len(p) > 4]
+        self.assertIn("max-message-size", checked)
+        for name in checked:
+            with self.assertRaises(UsageError) as raised:
+                self.parse(f"--{name}", "not-a-value")
+            self.assertTrue(str(raised.exception).startswith(f"--{name} not-a-value: must be "),
+                            str(raised.exception))
+
     def test_under_twistd_a_mistake_is_one_line_and_status_1(self):
         """
         Under twistd a mistake exits with one line (twistd would print its
