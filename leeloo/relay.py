@@ -452,6 +452,20 @@ class Relay:
         except ProtocolError as e:
             self._refused(session, e)
 
+    def receive_ping(self, session: Session) -> bool:
+        """
+        A WebSocket ping from C{session}: it counts against the message
+        rate like any frame.  Whether to answer it with a pong (if not, the
+        session was refused, as for a text frame over the rate).
+        """
+        if session.closing:
+            return False
+        wait = session.bucket.take(self.clock.seconds(), self.limits.messages)
+        if wait:
+            self._refused(session, RateLimited("too many messages; slow down", wait))
+            return False
+        return True
+
     def receive_binary(self, session: Session) -> None:
         if session.closing:
             return

@@ -501,6 +501,9 @@ class Options(usage.Options):
         ["max-message-size", None, 64 * 1024,
          "Largest WebSocket message in bytes; larger ones are refused with close 1009.",
          _positive_int],
+        ["max-fragments", None, 64,
+         "Most frames one WebSocket message may come in; more are refused with close 1009.",
+         _positive_int],
         ["store", None, "sqlite",
          "Where state is kept: sqlite (durable, under --data-dir) or memory (lost at exit).",
          _store_kind],
@@ -519,8 +522,12 @@ class Options(usage.Options):
         ["max-connections", None, 20000,
          "Most WebSocket connections open at once; more are refused with HTTP 503.", _positive_int],
         ["max-connections-per-address", None, 256,
-         "Most WebSocket connections from one client address; more are refused with HTTP 503.",
+         "Most TCP connections (plain HTTP and WebSocket) open at once from one client address; "
+         "more are answered HTTP 503 and closed before they are read.",
          _positive_int],
+        ["connect-rate", None, 10.0,
+         "New TCP connections a second from one client address, in bursts of twice as many; "
+         "more are answered HTTP 429 and closed.", _positive_float],
         ["max-unsent-bytes", None, 1024 * 1024,
          "A device that falls this many bytes behind reading what the relay sends it is "
          "disconnected.", _positive_int],
@@ -645,8 +652,13 @@ class Options(usage.Options):
                 max_connections=self["max-connections"],
                 max_connections_per_address=self["max-connections-per-address"],
                 max_unsent=self["max-unsent-bytes"],
+                max_fragments=self["max-fragments"],
             ),
-            http_limits=HTTPLimits(request_timeout=self["request-timeout"]),
+            http_limits=HTTPLimits(
+                request_timeout=self["request-timeout"],
+                max_connections_per_address=self["max-connections-per-address"],
+                connect_rate=self["connect-rate"],
+            ),
             trusted_proxies=tuple(self["trusted-proxy"]),
             public_url=check_public_url(self["public-url"]),
             admin_listen=admin_listen,
@@ -799,8 +811,10 @@ def build_service(config: Config, reactor: Any, http: Any = None,
         crew_log_bytes=config.crew_log_bytes,
         store_queue_bytes=config.store_queue_bytes,
     )
-    ws_factory = RelayServerFactory(
-        relay, config.limits, TrustedProxies(config.trusted_proxies), OriginPolicy(config.public_url))
+    proxies = TrustedProxies(config.trusted_proxies)
+    ws_factory = RelayServerFactory(relay, config.limits, proxies, OriginPolicy(config.public_url))
+    # One count of connections per address for the public and redirect sites.
+    gate = config.http_limits.gate(reactor, proxies)
     metrics = Metrics(relay, ws_factory)
     spotify = None
     if config.spotify is not None:
@@ -828,6 +842,7 @@ def build_service(config: Config, reactor: Any, http: Any = None,
         limits=config.http_limits, metrics=metrics,
         health_fields=[health_fields(certificates)] if certificates else (),
         challenges=challenges,
+        gate=gate,
     )
 
     top = MultiService()
@@ -845,7 +860,7 @@ def build_service(config: Config, reactor: Any, http: Any = None,
                  for endpoint, description in zip(endpoints, config.listen)]
     if config.redirect_listen:
         redirect_site = make_redirect_site(config.acme_webroot, reactor=reactor, limits=config.http_limits,
-                                           challenges=challenges)
+                                           challenges=challenges, gate=gate)
         for description in config.redirect_listen:
             listeners.append(Listener(serverFromString(reactor, description), redirect_site,
                                       "--redirect-listen", as_written(description)))

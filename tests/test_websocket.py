@@ -3,6 +3,8 @@ The WebSocket adapter: a real Autobahn client against the real Site, wired
 in memory with twisted.test.iosim, Autobahn's timers on a Clock.
 """
 
+import json
+
 import txaio
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -608,3 +610,91 @@ class LifecycleLogTests(WebSocketTestCase):
             self.net.flush()
         self.assertIn("device d0 at 127.0.0.1 disconnected, close code 1001 from the relay",
                       [formatEvent(e) for e in events])
+
+
+class PongRecorder(RecordingClientProtocol):
+    def onConnect(self, response):
+        super().onConnect(response)
+        self.pongs = []
+
+    def onPong(self, payload):
+        self.pongs.append(payload)
+
+
+class ControlFrameTests(WebSocketTestCase):
+    """
+    Pings count like any frame: against the message rate, and their pongs
+    against the bytes a reader may leave unread.
+    """
+
+    limits = WebSocketLimits(max_unsent=4096)
+
+    def pinger(self):
+        client = self.net.connect(PongRecorder)
+        self.assertTrue(client.opened)
+        return client
+
+    def test_pings_over_the_rate_refused(self):
+        """
+        Past the message burst, pings get no pong but a rate_limited
+        error, as text frames do.
+        """
+        client = self.pinger()
+        for n in range(45):
+            client.sendPing(b"%d" % n)
+        self.net.flush()
+        self.assertEqual(client.pongs, [b"%d" % n for n in range(40)])
+        self.assertEqual({m["error"] for m in client.take()}, {"rate_limited"})
+
+    def test_pings_share_the_rate_with_messages(self):
+        """
+        Pings spend the same bucket as text frames.
+        """
+        client = self.pinger()
+        for n in range(40):
+            client.sendPing(b"p")
+        self.send(client, type="ping")
+        self.assertEqual([m.get("error") for m in client.take()], ["rate_limited"])
+
+    def test_pongs_count_as_unsent(self):
+        """
+        A reader whose transport is full is disconnected once the pongs
+        written for it pass the limit.
+        """
+        client = self.pinger()
+        [server] = self.relay.sessions
+        peer = server.peer
+        peer.transport.producer.pauseProducing()
+        for n in range(40):
+            client.sendPing(b"x" * 125)
+            self.net.flush()
+            if peer.transport.disconnecting:
+                break
+        self.assertTrue(peer.transport.disconnecting)
+        # 32 pongs of 127 bytes fit in 4096; the 33rd does not.
+        self.assertEqual(n, 32)
+        self.assertEqual(self.factory.slow_readers, 1)
+
+
+class FragmentTests(WebSocketTestCase):
+    limits = WebSocketLimits(max_fragments=64)
+
+    def test_at_the_limit_received(self):
+        """
+        A message in --max-fragments frames is received whole.
+        """
+        client = self.client()
+        text = json.dumps({"type": "register", "device_id": "d0", "pad": "x" * 20}).encode()
+        client.sendMessage(text, fragmentSize=-(-len(text) // 64))
+        self.net.flush()
+        self.assertEqual([m["type"] for m in client.take()], ["registered"])
+
+    def test_over_the_limit_closed_1009(self):
+        """
+        One frame more closes the connection with 1009.
+        """
+        client = self.client()
+        client.sendMessage(b" " * 65, fragmentSize=1)
+        self.net.flush()
+        self.assertTrue(client.closed)
+        self.assertEqual(client.close_code, 1009)
