@@ -68,11 +68,14 @@ from leeloo.store import (
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_REPLACED = 4001
+CLOSE_BIND_TIMEOUT = 4008
 CLOSE_ABUSE = 4029
 
 TELEGRAM_DEVICE_ID = "telegram"
 TOKEN_TTL = 3600.0
 DAY = 86400.0
+EPHEMERAL_AGE = 600.0
+BIND_TIMEOUT = 60.0
 
 _log = Logger()
 
@@ -120,10 +123,16 @@ class Session:
     One connection: who it says it is, which crew it is in, and the highest
     crew sequence it has been sent.  While C{held} is a list, the session is
     catching up on what it missed and live fan-outs wait there.
+
+    C{proven_seq} is how far the device is known to have received (its
+    transport proved it: see L{Relay.delivered}); C{epoch} counts the
+    session's entries into crews, so that a proof taken in one crew is never
+    applied in another.  C{bind_timer} closes it if it binds no device in
+    time.
     """
 
     __slots__ = ("peer", "address", "device_id", "name", "crew", "last_sent_seq", "held", "acks",
-                 "bucket", "entries", "strikes", "closing")
+                 "bucket", "entries", "strikes", "closing", "proven_seq", "epoch", "bind_timer")
 
     def __init__(self, peer: IPeer, address: str | None, bucket: Bucket) -> None:
         self.peer = peer
@@ -138,6 +147,9 @@ class Session:
         self.entries: Bucket | None = None
         self.strikes = 0
         self.closing = False
+        self.proven_seq = 0
+        self.epoch = 0
+        self.bind_timer: Any = None
 
     def close(self, code: int, reason: str) -> None:
         """
@@ -243,6 +255,13 @@ class Relay:
     @param retention: seconds a logged message is kept and replayed.
     @param crew_ttl: seconds after which a crew with no message and no
         member seen is forgotten.
+    @param legacy_replay_age: seconds within which a missed message is
+        replayed to a legacy device (one that has never sent C{ack} or
+        C{last_seq}, and takes every frame for a new one).
+    @param ephemeral_age: the same for nudges and reactions.
+    @param bind_timeout: seconds a connection may stay without binding a
+        device (no successful register, create_crew or join_crew) before
+        it is closed with L{CLOSE_BIND_TIMEOUT}; 0 never.
     """
 
     def __init__(
@@ -254,6 +273,9 @@ class Relay:
         retention: float = 7 * DAY,
         crew_ttl: float = 90 * DAY,
         limits: RelayLimits = RelayLimits(),
+        legacy_replay_age: float = DAY,
+        ephemeral_age: float = EPHEMERAL_AGE,
+        bind_timeout: float = BIND_TIMEOUT,
         crew_code: Callable[[], str] | None = None,
         device_id: Callable[[], str] = generate_device_id,
         message_id: Callable[[], str] = generate_message_id,
@@ -267,6 +289,9 @@ class Relay:
         self.retention = retention
         self.crew_ttl = crew_ttl
         self.limits = limits
+        self.legacy_replay_age = legacy_replay_age
+        self.ephemeral_age = ephemeral_age
+        self.bind_timeout = bind_timeout
         self._new_crew_code = crew_code or (lambda: generate_crew_code(limits.crew_code_length))
         self._new_device_id = device_id
         self._new_message_id = message_id
@@ -279,6 +304,10 @@ class Relay:
         self.devices: dict[str, Session] = {}
         self.crews: dict[str, Crew] = {}
         self.pending_tokens: dict[str, tuple[dict, float]] = {}
+        # telegram user id -> the codes of the crews it is in (in join order)
+        self.bot_user_index: dict[str, dict[str, None]] = {}
+        # Deferreds waiting for every session to be gone (see shutdown)
+        self._on_empty: list[Deferred] = []
         self._handlers = {
             Register: self._register,
             CreateCrew: self._create_crew,
@@ -293,9 +322,10 @@ class Relay:
 
     def restore(self, snapshot: Snapshot) -> None:
         """
-        Take up the state a store kept.  Members that were online when the
-        relay last stopped without saying goodbye got everything that was
-        stored by then.
+        Take up the state a store kept.  Each member resumes from the
+        position it was proven to have received (see L{delivered}), also
+        when the relay last stopped without saying goodbye: what was sent to
+        it but not proven is sent again.
         """
         for record in snapshot.crews:
             crew = self.crews[record.code] = Crew(record.code, record.created_at, record.created_by)
@@ -304,11 +334,12 @@ class Relay:
         for m in snapshot.members:
             crew = self.crews.get(m.crew_code)
             if crew is not None:
-                delivered = crew.last_seq if m.online else m.delivered_seq
-                crew.members[m.device_id] = Member(m.device_id, m.name, m.last_seen, delivered, m.acked_seq)
+                crew.members[m.device_id] = Member(m.device_id, m.name, m.last_seen, m.delivered_seq,
+                                                   m.acked_seq)
         for b in snapshot.bot_users:
             if b.crew_code in self.crews:
                 self.crews[b.crew_code].bot_users[b.user_id] = b.name
+                self.bot_user_index.setdefault(b.user_id, {})[b.crew_code] = None
         for t in snapshot.tokens:
             self.pending_tokens[t.device_id] = (t.tokens, t.expires_at)
         for d in snapshot.devices:
@@ -329,7 +360,44 @@ class Relay:
     def connect(self, peer: IPeer, address: str | None = None) -> Session:
         session = Session(peer, address, Bucket(self.limits.messages.burst, self.clock.seconds()))
         self.sessions.add(session)
+        if self.bind_timeout:
+            session.bind_timer = self.clock.callLater(self.bind_timeout, self._bind_expired, session)
         return session
+
+    def _bind_expired(self, session: Session) -> None:
+        session.bind_timer = None
+        if session.device_id is None and not session.closing and session in self.sessions:
+            _log.info("closing a connection from {address} that bound no device in {timeout} seconds",
+                      address=session.address, timeout=self.bind_timeout)
+            session.close(CLOSE_BIND_TIMEOUT, "no device registered in time; reconnect and register")
+
+    def delivery_mark(self, session: Session) -> tuple[int, int]:
+        """
+        What C{session} has been sent so far, to pass to L{delivered} once
+        the device proves it received everything sent before now (its
+        answer to a WebSocket ping sent now, say).
+        """
+        return (session.epoch, session.last_sent_seq)
+
+    def delivered(self, session: Session, mark: tuple[int, int]) -> None:
+        """
+        The device of C{session} proved that it received everything sent up
+        to C{mark} (from L{delivery_mark}).  For a legacy device, which
+        never acknowledges, this proven position is the one the relay keeps
+        and resumes it from: frames written into a link that died without a
+        close are never counted as delivered.
+        """
+        epoch, seq = mark
+        if epoch != session.epoch or seq <= session.proven_seq:
+            return
+        session.proven_seq = seq
+        crew = session.crew
+        if crew is None or session.acks or crew.online.get(session.device_id) is not session:
+            return
+        member = crew.members.get(session.device_id)
+        if member is not None and seq > member.delivered_seq:
+            member.delivered_seq = seq
+            self._save_member(crew, member, online=True)
 
     def receive(self, session: Session, data: bytes | str) -> None:
         """
@@ -369,7 +437,14 @@ class Relay:
         device went offline.
         """
         self.sessions.discard(session)
+        if session.bind_timer is not None:
+            session.bind_timer.cancel()
+            session.bind_timer = None
         self._unbind(session)
+        if not self.sessions and self._on_empty:
+            waiting, self._on_empty = self._on_empty, []
+            for d in waiting:
+                d.callback(None)
 
     def _unbind(self, session: Session) -> None:
         if session.device_id is not None and self.devices.get(session.device_id) is session:
@@ -378,11 +453,13 @@ class Relay:
         session.crew = None
 
     def shutdown(self, code: int = CLOSE_GOING_AWAY, reason: str = "relay restarting, come back soon",
-                 spread: float = 2.0, steps: int = 20) -> Deferred:
+                 spread: float = 2.0, steps: int = 20, close_wait: float = 0.0) -> Deferred:
         """
         Close every connection, telling devices to come back, spread over
-        C{spread} seconds so the fleet does not reconnect in one burst; then
-        make everything durable.  Fires when the store is flushed.
+        C{spread} seconds so the fleet does not reconnect in one burst; wait
+        up to C{close_wait} seconds for them to answer (a device that answers
+        the close proves it received everything sent before it); then make
+        everything durable.  Fires when the store is flushed.
         """
         sessions = list(self.sessions)
         per_step = max(1, -(-len(sessions) // steps))
@@ -397,7 +474,32 @@ class Relay:
             else:
                 self._close_chunk(chunk, code, reason, d)
         done = DeferredList(waits) if waits else succeed(None)
+        if close_wait:
+            done.addCallback(lambda _: self._all_gone(close_wait))
         return done.addCallback(lambda _: self._goodbye())
+
+    def _all_gone(self, timeout: float) -> Deferred | None:
+        """
+        A Deferred that fires once every session is gone, or after
+        C{timeout} seconds.
+        """
+        if not self.sessions:
+            return None
+        d = Deferred()
+        self._on_empty.append(d)
+        timer = self.clock.callLater(timeout, self._stop_waiting, d)
+
+        def gone(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(gone)
+
+    def _stop_waiting(self, d: Deferred) -> None:
+        if d in self._on_empty:
+            self._on_empty.remove(d)
+            d.callback(None)
 
     def _close_chunk(self, chunk: list, code: int, reason: str, d: Deferred) -> None:
         for session in chunk:
@@ -484,6 +586,9 @@ class Relay:
             session.device_id = device_id
             session.last_sent_seq = 0
             self.devices[device_id] = session
+            if session.bind_timer is not None:
+                session.bind_timer.cancel()
+                session.bind_timer = None
         if name is not None:
             session.name = name
         elif session.name is None:
@@ -558,7 +663,8 @@ class Relay:
         if last_seq is not None or member.acked_seq is not None:
             session.acks = True
         session.crew = crew
-        session.last_sent_seq = start
+        session.last_sent_seq = session.proven_seq = start
+        session.epoch += 1
         crew.online[session.device_id] = session
         self._save_member(crew, member, online=True)
         if announce:
@@ -567,10 +673,21 @@ class Relay:
             self._replay(session, crew, start)
 
     def _replay(self, session: Session, crew: Crew, start: int) -> None:
+        """
+        Send C{session} what it missed after C{start}.  A legacy device
+        (C{session.acks} false), which takes every frame for a new one, gets
+        only messages younger than C{legacy_replay_age}, and nudges and
+        reactions younger than C{ephemeral_age}; then the replay limit cuts.
+        """
         session.held = []
         up_to = crew.fanned_seq
-        d = self.store.replay(crew.code, start, up_to, self.clock.seconds() - self.retention,
-                              session.device_id, self.replay_limit)
+        now = self.clock.seconds()
+        since = ephemeral_since = now - self.retention
+        if not session.acks:
+            since = max(since, now - self.legacy_replay_age)
+            ephemeral_since = max(since, now - self.ephemeral_age)
+        d = self.store.replay(crew.code, start, up_to, since, session.device_id, self.replay_limit,
+                              ephemeral_since)
         d.addCallbacks(self._replayed, self._replay_failed,
                        callbackArgs=(session, crew, up_to), errbackArgs=(session, crew, up_to))
 
@@ -581,7 +698,7 @@ class Relay:
         if replay.lost is not None and session.acks:
             session.send(messages.replay_truncated(*replay.lost))
         for seq, payload in replay.entries:
-            session.peer.send(Outgoing(None, payload))
+            session.peer.send(Outgoing(None, messages.replayed(payload)))
         self._release(session, up_to)
 
     def _replay_failed(self, failure: Any, session: Session, crew: Crew, up_to: int) -> None:
@@ -595,7 +712,8 @@ class Relay:
         held, session.held = session.held or [], None
         session.last_sent_seq = max(session.last_sent_seq, up_to)
         for seq, out in held:
-            session.peer.send(out)
+            if out is not None:
+                session.peer.send(out)
             session.last_sent_seq = max(session.last_sent_seq, seq)
 
     def _leave(self, session: Session, announce: bool) -> None:
@@ -608,7 +726,10 @@ class Relay:
             del crew.online[session.device_id]
             member = crew.members.get(session.device_id)
             if member is not None:
-                member.delivered_seq = max(member.delivered_seq, session.last_sent_seq)
+                # A legacy device never acknowledges: only what its
+                # transport proved it received counts as delivered.
+                sent = session.last_sent_seq if session.acks else session.proven_seq
+                member.delivered_seq = max(member.delivered_seq, sent)
                 member.last_seen = self.clock.seconds()
                 self._save_member(crew, member, online=False)
             if announce:
@@ -657,7 +778,8 @@ class Relay:
                 crew.client_messages = {}
             remembered = crew.client_messages[(sender_id, client_msg_id)] = ClientMessage(
                 message_id, seq, digest, now, [])
-        entry = LogEntry(crew.code, seq, message_id, sender_id, client_msg_id, digest, now, out.payload)
+        entry = LogEntry(crew.code, seq, message_id, sender_id, client_msg_id, digest, now, out.payload,
+                         messages.is_ephemeral(message))
         d = self.journal.put((APPEND, entry))
         return d.addCallbacks(
             self._stored, self._not_stored,
@@ -670,7 +792,12 @@ class Relay:
         crew.fanned_seq = seq
         crew.last_message_at = self.clock.seconds()
         if session is not None and session.crew is crew:
-            session.last_sent_seq = max(session.last_sent_seq, seq)
+            # The sender never gets its own message: it counts as sent to
+            # it, in its place (after what it is still catching up on).
+            if session.held is not None:
+                session.held.append((seq, None))
+            else:
+                session.last_sent_seq = max(session.last_sent_seq, seq)
         reached = self._fanout(crew, out, session, seq)
         if remembered is not None:
             waiting, remembered.waiting = remembered.waiting, None
@@ -792,6 +919,7 @@ class Relay:
 
     def _add_bot_user(self, crew: Crew, user_id: str, name: str) -> None:
         crew.bot_users[user_id] = name
+        self.bot_user_index.setdefault(user_id, {})[crew.code] = None
         self.journal.put((PUT_BOT_USER, BotUserRecord(crew.code, user_id, name)), wait=False)
 
     def bot_create_crew(self, user_id: str, name: str) -> str:
@@ -824,6 +952,19 @@ class Relay:
         return self.publish(
             crew, messages.crew_message(TELEGRAM_DEVICE_ID, sender_name, msg_type, payload), TELEGRAM_DEVICE_ID
         )
+
+    def bot_user_crews(self, user_id: str) -> list[dict]:
+        """
+        The crews bot user C{user_id} is in, with its name in each and how
+        many devices of each are online.
+        """
+        crews = []
+        for code in self.bot_user_index.get(user_id, ()):
+            crew = self.crews.get(code)
+            if crew is not None and user_id in crew.bot_users:
+                crews.append({"crew_code": code, "display_name": crew.bot_users[user_id],
+                              "devices_online": len(crew.online)})
+        return crews
 
     def crew_status(self, code: str) -> dict:
         code = messages.normalize_crew_code(code)
@@ -889,6 +1030,12 @@ class Relay:
         for crew in stale:
             del self.crews[crew.code]
             self.journal.put((DELETE_CREW, crew.code), wait=False)
+            for user_id in crew.bot_users:
+                codes = self.bot_user_index.get(user_id)
+                if codes is not None:
+                    codes.pop(crew.code, None)
+                    if not codes:
+                        del self.bot_user_index[user_id]
         for crew in self.crews.values():
             if crew.client_messages:
                 # The store keeps each crew's newest entry, and with it its

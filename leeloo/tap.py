@@ -26,7 +26,7 @@ from twisted.python import usage
 from leeloo.access import OriginPolicy, TrustedProxies, parse_network
 from leeloo.limits import Rate, RelayLimits
 from leeloo.metrics import Metrics
-from leeloo.relay import DAY, Relay
+from leeloo.relay import BIND_TIMEOUT, DAY, EPHEMERAL_AGE, Relay
 from leeloo.sqlitestore import SchemaError, SQLiteStore
 from leeloo.store import IStore, MemoryStore
 from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig, SpotifyOAuth
@@ -77,6 +77,9 @@ class Config:
     retention_days: float = 7.0
     crew_ttl_days: float = 90.0
     relay_limits: RelayLimits = RelayLimits()
+    legacy_replay_age: float = DAY
+    ephemeral_age: float = EPHEMERAL_AGE
+    bind_timeout: float = BIND_TIMEOUT
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -255,6 +258,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be 0 or more")
+    return number
+
+
 def _code_length(value: str) -> int:
     length = int(value)
     if not 4 <= length <= 16:
@@ -295,6 +305,20 @@ class Options(usage.Options):
          "Days a crew message is kept for devices that were offline.", _positive_float],
         ["crew-ttl-days", None, 90.0,
          "Days after which a crew with no message and no member seen is forgotten.", _positive_float],
+        ["legacy-replay-age", None, DAY,
+         "Seconds within which a missed message is replayed to a legacy device (one that never "
+         "sends ack or last_seq, and takes every frame for a new one).", _positive_float],
+        ["ephemeral-age", None, EPHEMERAL_AGE,
+         "Seconds within which a missed nudge or reaction is replayed to a legacy device.",
+         _positive_float],
+        ["ping-interval", None, 25.0,
+         "Seconds between the WebSocket pings that keep each connection alive and prove what a "
+         "device received.", _positive_float],
+        ["ping-timeout", None, 20.0,
+         "Seconds a device has to answer a ping before its connection is dropped.", _positive_float],
+        ["bind-timeout", None, BIND_TIMEOUT,
+         "Seconds a connection may stay without registering, creating or joining a crew before "
+         "it is closed with 4008; 0 never.", _non_negative_float],
         ["max-connections", None, 20000,
          "Most WebSocket connections open at once; more are refused with HTTP 503.", _positive_int],
         ["max-connections-per-address", None, 256,
@@ -389,6 +413,8 @@ class Options(usage.Options):
                 max_connections=self["max-connections"],
                 max_connections_per_address=self["max-connections-per-address"],
                 max_unsent=self["max-unsent-bytes"],
+                auto_ping_interval=self["ping-interval"],
+                auto_ping_timeout=self["ping-timeout"],
             ),
             http_limits=HTTPLimits(request_timeout=self["request-timeout"]),
             trusted_proxies=tuple(self["trusted-proxy"]),
@@ -409,6 +435,9 @@ class Options(usage.Options):
                 require_device_key=bool(self["require-device-key"]),
                 crew_code_length=self["crew-code-length"],
             ),
+            legacy_replay_age=self["legacy-replay-age"],
+            ephemeral_age=self["ephemeral-age"],
+            bind_timeout=self["bind-timeout"],
         )
 
 
@@ -482,7 +511,9 @@ class RelayService(Service):
         super().stopService()
         self.log.info("closing {count} connections and flushing the store",
                       count=len(self.relay.sessions))
-        d = self.relay.shutdown()
+        # Devices that answer the close prove what they received: wait for
+        # them as long as Autobahn waits for the answer.
+        d = self.relay.shutdown(close_wait=self.config.limits.close_handshake_timeout)
         d.addBoth(lambda _: self.relay.store.close())
         return d
 
@@ -522,6 +553,9 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
         retention=config.retention_days * DAY,
         crew_ttl=config.crew_ttl_days * DAY,
         limits=config.relay_limits,
+        legacy_replay_age=config.legacy_replay_age,
+        ephemeral_age=config.ephemeral_age,
+        bind_timeout=config.bind_timeout,
     )
     ws_factory = RelayServerFactory(
         relay, config.limits, TrustedProxies(config.trusted_proxies), OriginPolicy(config.public_url))

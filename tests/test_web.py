@@ -601,7 +601,9 @@ class BotInputTests(BotAPIMixin, SynchronousTestCase):
 
     def assertRequired(self, path: str, complete: dict) -> None:
         for name in complete:
-            for missing in ({}, {name: None}, {name: ""}, {name: "   "}):
+            # A whitespace-only crew code is a refused code, not a missing one.
+            blanks = ({name: "   "},) if name != "crew_code" else ()
+            for missing in ({}, {name: None}, {name: ""}, *blanks):
                 body = {k: v for k, v in complete.items() if k != name}
                 body.update(missing)
                 self.assertEqual(
@@ -669,11 +671,12 @@ class BotInputTests(BotAPIMixin, SynchronousTestCase):
 
     def test_invalid_crew_code(self) -> None:
         """
-        A crew code with characters no crew code has is 400, not a lookup.
+        A crew code the devices' rule refuses (a control character) is 400
+        C{invalid_crew_code}, not a lookup.
         """
-        status, body = self.join("no such crew!")
-        self.assertEqual(status, 400)
-        self.assertIn("crew_code", body["error"])
+        status, body = self.join("bad\x07code")
+        self.assertEqual((status, body["error"]), (400, "invalid_crew_code"))
+        self.assertIn("control", body["message"])
 
     def test_unknown_path(self) -> None:
         """
