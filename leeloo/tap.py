@@ -502,6 +502,12 @@ class RelayService(Service):
         )
         self.log.info("relay limits: {limits}", limits=self.relay.limits.describe())
         self.log.info(
+            "legacy devices are replayed messages from the last {age:g}s, nudges and reactions from "
+            "the last {ephemeral:g}s; connections that bind no device are closed after {bind}",
+            age=self.relay.legacy_replay_age, ephemeral=self.relay.ephemeral_age,
+            bind=f"{self.relay.bind_timeout:g}s" if self.relay.bind_timeout else "never (off)",
+        )
+        self.log.info(
             "Spotify callback {spotify}; bot API {bot}",
             spotify="configured" if self.config.spotify else "not configured",
             bot="enabled" if self.config.telegram_api_secret else "disabled (no TELEGRAM_API_SECRET)",
