@@ -22,8 +22,9 @@ from leeloo.tap import Options, build_service
 from .support import TIMEOUT, DeviceProcess, RelayProcess, listening_port, recv, ws_session
 
 SECRET = "test-secret"
-# Keepalive in a second, so that a frozen device is dropped at once.
-FAST_KEEPALIVE = ("--ping-interval", "0.5", "--ping-timeout", "0.5")
+# Keepalive within seconds, so that a frozen device is dropped soon (with
+# room for a busy machine to answer in time).
+FAST_KEEPALIVE = ("--ping-interval", "0.5", "--ping-timeout", "2")
 ANN = "leeloo_aaaaaaaaaaaa"
 BOB = "leeloo_bbbbbbbbbbbb"
 
@@ -290,7 +291,11 @@ class TwistdTests(TestCase):
         return relay, port
 
 
-class FrozenDeviceTests(TwistdTests):
+class DeviceScenario(TwistdTests):
+    """
+    Ann on a websockets client, Bob on deployed device processes.
+    """
+
     def join(self, port, a):
         """
         Ann (the websockets client C{a}) in crew HOME, and Bob (a deployed
@@ -331,6 +336,8 @@ class FrozenDeviceTests(TwistdTests):
         # at most one ping interval's worth twice: here, at most "before"
         self.assertLessEqual(len(got), len(missed) + 2)
 
+
+class FrozenDeviceTests(DeviceScenario):
     @defer.inlineCallbacks
     def test_frozen_then_dropped(self):
         """
@@ -405,6 +412,32 @@ class FrozenDeviceTests(TwistdTests):
         relay, port = yield self.start()
         received = yield ws_session(port, lambda opener: self.ann_back(port, opener))
         self.assertEverything(received, missed)
+
+
+class CleanRestartTests(DeviceScenario):
+    @defer.inlineCallbacks
+    def test_close_answer_proves(self):
+        """
+        A deployed device that answers the relay's close at a clean stop
+        has proved what it received: back after the restart, it is not
+        sent it again (no ping proved it: the interval is a minute).
+        """
+        relay, port = yield self.start("--ping-interval", "60")
+        devices = []
+
+        def before(opener):
+            with opener() as a:
+                devices.append(self.join(port, a))
+                say(a, "seen")
+                devices[0].until(lambda m: m.get("payload", {}).get("text") == "seen")
+
+        yield ws_session(port, before)
+        yield relay.stop("TERM")
+        closed = yield ws_session(port, lambda opener: devices[0].until(lambda m: m["type"] == "_closed"))
+        relay, port = yield self.start()
+        received = yield ws_session(port, lambda opener: self.ann_back(port, opener))
+        self.assertEqual(closed[-1], {"type": "_closed", "code": 1001})
+        self.assertEqual(texts(received), ["after"])
 
 
 class BotStateTests(TwistdTests):
