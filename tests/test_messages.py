@@ -209,9 +209,9 @@ class RefusalTests(SynchronousTestCase):
         """
         cases = {" a b ": "A B", "home.crew": "HOME.CREW", "café": "CAFÉ", "straße": "STRASSE",
                  "b827eb12ab34": "B827EB12AB34", "\tx\n": "X", "ﬁ": "FI"}
-        for given, code in cases.items():
-            self.assertEqual(decode(frame(type="join_crew", crew_code=given)).crew_code, code, given)
-            self.assertEqual(decode(frame(type="create_crew", crew_code=given)).crew_code, code, given)
+        for sent, code in cases.items():
+            self.assertEqual(decode(frame(type="join_crew", crew_code=sent)).crew_code, code, sent)
+            self.assertEqual(decode(frame(type="create_crew", crew_code=sent)).crew_code, code, sent)
 
     def test_crew_code_refused(self):
         """
@@ -222,9 +222,9 @@ class RefusalTests(SynchronousTestCase):
         cases = [("   ", "whitespace"), ("\u3000", "whitespace"), ("X" * 65, "64"),
                  ("ß" * 33, "64"), ("a\x00b", "control"), ("a\nb", "control"), ("\x7f", "control")]
         for kind in ("join_crew", "create_crew", "register"):
-            for given, rule in cases:
-                error = self.assertRefused(frame(type=kind, crew_code=given), InvalidCrewCode, "invalid_crew_code")
-                self.assertIn(rule, error.message, (kind, given))
+            for sent, rule in cases:
+                error = self.assertRefused(frame(type=kind, crew_code=sent), InvalidCrewCode, "invalid_crew_code")
+                self.assertIn(rule, error.message, (kind, sent))
 
     def test_crew_code_longest(self):
         """
