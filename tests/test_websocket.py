@@ -589,8 +589,10 @@ class ProofOfReceiptTests(WebSocketTestCase):
 
     def test_pong_proves(self):
         """
-        The pong answering the keepalive ping (sent through sendPing)
-        proves what was sent before the ping.
+        The pong answering the keepalive ping proves what was sent before
+        the ping.  (This pins that Autobahn's auto-ping goes through the
+        public sendPing and its pong reaches onPong, which the adapter
+        overrides.)
         """
         self.crew()
         self.assertEqual(self.delivered(), 0)
@@ -627,7 +629,8 @@ class ProofOfReceiptTests(WebSocketTestCase):
     def test_close_answered_proves(self):
         """
         A device that answers the relay's close proves everything sent
-        before it.
+        before it.  (This pins that Autobahn calls onCloseFrame in
+        STATE_CLOSING for the answer to its own close.)
         """
         a, b = self.crew()
         self.relay.devices["b"].close(4001, "test")
