@@ -488,11 +488,11 @@ class LegacyReplayTests(DeliveryTestCase):
     for a new one: it gets only what is fresh.
     """
 
-    replay_limit = 3
+    replay_limit = 10
 
     def make_relay(self, **kwargs):
-        return Relay(self.clock, self.store, replay_limit=self.replay_limit,
-                     legacy_replay_age=3600, ephemeral_age=60, **kwargs)
+        kwargs.setdefault("replay_limit", self.replay_limit)
+        return Relay(self.clock, self.store, legacy_replay_age=3600, ephemeral_age=60, **kwargs)
 
     def away(self):
         a, b = self.device("a"), self.device("b")
@@ -539,6 +539,7 @@ class LegacyReplayTests(DeliveryTestCase):
         The age filters apply first, then the replay limit: stale nudges,
         even the newest, do not use it up.
         """
+        self.relay = self.make_relay(replay_limit=3)
         a = self.away()
         self.say(a, "one")
         self.say(a, "two")
