@@ -5,6 +5,7 @@ every row of the WebSocket contract, fan-out, and refusals.
 
 import json
 
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -673,6 +674,13 @@ class ShutdownWaitTests(RelayTestCase):
 
 
 class BotUserCrewsTests(RelayTestCase):
+    def created(self, user_id, name):
+        """
+        The code of a crew the bot user creates (once it is durable, if the
+        relay waits for that).
+        """
+        return self.successResultOf(maybeDeferred(self.relay.bot_create_crew, user_id, name))
+
     def test_crews_of_user(self):
         """
         bot_user_crews lists a user's crews in join order with its name
@@ -680,8 +688,8 @@ class BotUserCrewsTests(RelayTestCase):
         """
         self.crew_of(2, "HOME")
         self.relay.bot_join_crew("7", "home", "Tina")
-        code = self.relay.bot_create_crew("7", "T.")
-        self.relay.bot_create_crew("8", "Other")
+        code = self.created("7", "T.")
+        self.created("8", "Other")
         self.assertEqual(self.relay.bot_user_crews("7"), [
             {"crew_code": "HOME", "display_name": "Tina", "devices_online": 2},
             {"crew_code": code, "display_name": "T.", "devices_online": 0},
@@ -692,7 +700,7 @@ class BotUserCrewsTests(RelayTestCase):
         """
         A crew pruned as idle leaves the user's list.
         """
-        self.relay.bot_create_crew("7", "Tina")
+        self.created("7", "Tina")
         self.clock.advance(91 * 86400)
         self.relay.prune()
         self.assertEqual(self.relay.bot_user_crews("7"), [])

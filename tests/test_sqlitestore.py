@@ -230,13 +230,13 @@ class MigrationTests(SQLiteTestCase):
     @inlineCallbacks
     def test_migration_marks_ephemeral(self):
         """
-        Migrating to version 4 marks the nudges and reactions already logged
-        as ephemeral: a replay with C{ephemeral_since} leaves them out.
+        The migration that adds C{ephemeral} marks the nudges and reactions
+        already logged: a replay with C{ephemeral_since} leaves them out.
         """
         directory = self.directory()
         db = self.connect(directory)
-        migrate(db, 3)
-        db.execute("INSERT INTO crews VALUES (?, ?, ?)", (ALPHA, T0, "leeloo_a"))
+        migrate(db, next(i for i, script in enumerate(MIGRATIONS) if "ephemeral" in script))
+        db.execute("INSERT INTO crews (code, created_at, created_by) VALUES (?, ?, ?)", (ALPHA, T0, "leeloo_a"))
         payloads = [
             b'{"type":"message","msg_type":"text","payload":{"text":"hi"}}',
             b'{"type":"message","msg_type":"nudge","payload":{}}',
@@ -246,8 +246,8 @@ class MigrationTests(SQLiteTestCase):
             b"not json",
         ]
         for seq, payload in enumerate(payloads, 1):
-            db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, NULL, NULL, ?, ?)",
-                       (ALPHA, seq, f"m{seq}", "leeloo_a", T0, payload))
+            db.execute("INSERT INTO messages (crew_code, seq, id, sender, created_at, payload) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (ALPHA, seq, f"m{seq}", "leeloo_a", T0, payload))
         db.close()
         store = self.open(directory)
         replay = yield store.replay(ALPHA, 0, 6, 0.0, "nobody", 10, T0 + 1)
