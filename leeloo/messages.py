@@ -197,6 +197,41 @@ class DeviceAuthFailed(ProtocolError):
     code = "device_auth_failed"
 
 
+# Every error code of the contract, by its class: what a client turns an
+# ``error`` frame back into (L{error_from}).
+ERRORS: dict[str, type[ProtocolError]] = {
+    cls.code: cls
+    for cls in (InvalidJSON, InvalidMessage, UnknownType, NotInCrew, InvalidCrewCode,
+                BinaryNotSupported, InvalidLastSeq, InvalidAck, DuplicateClientMessage,
+                StoreUnavailable, RateLimited, DeviceAuthFailed)
+}
+
+
+def error_from(frame: Mapping) -> ProtocolError:
+    """
+    The typed error an ``error`` frame carries: the class of its code (a
+    plain L{ProtocolError} with that C{code} for a code this version does
+    not know), its message and its other fields.  The inverse of
+    L{ProtocolError.as_message}.
+    """
+    code = frame.get("error")
+    code = code if isinstance(code, str) and code else "unknown_error"
+    text = frame.get("message")
+    text = text if isinstance(text, str) and text else code
+    extra = {k: v for k, v in frame.items() if k not in ("type", "error", "message")}
+    cls = ERRORS.get(code)
+    if cls is RateLimited:
+        retry_after = extra.get("retry_after")
+        if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)) or not retry_after >= 0:
+            retry_after = 1
+        return RateLimited(text, min(retry_after, 3600))
+    if cls is None:
+        e = ProtocolError(text, **extra)
+        e.code = code
+        return e
+    return cls(text, **extra)
+
+
 # ---------------------------------------------------------------- incoming
 
 

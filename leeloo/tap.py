@@ -31,6 +31,9 @@ from leeloo.sqlitestore import SchemaError, SQLiteStore
 from leeloo.store import IStore, MemoryStore
 from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig, SpotifyOAuth
 from leeloo.tls import CertificateError, LetsEncryptServerEndpoint, ReloadOnHangup, health_fields
+from leeloo.tls_acme import (
+    LETS_ENCRYPT, LETS_ENCRYPT_STAGING, AcmeConfig, AcmeService, certificate_groups, is_acme, parse_endpoint,
+)
 from leeloo.web import HTTPLimits, make_admin_site, make_redirect_site, make_site
 from leeloo.websocket import RelayServerFactory, WebSocketLimits
 
@@ -80,6 +83,8 @@ class Config:
     legacy_replay_age: float = DAY
     ephemeral_age: float = EPHEMERAL_AGE
     bind_timeout: float = BIND_TIMEOUT
+    # The acme: endpoints of listen, with the --acme-* options.
+    acme: AcmeConfig | None = None
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -152,6 +157,80 @@ def check_endpoint(description: str, option: str = "--listen", webroot: Path | N
             "or letsencrypt:domain=example.com:port=443"
         )
     return description
+
+
+_DOMAIN_OPTION = re.compile(r"(?:^|:)domain=([^:]*)")
+
+
+def letsencrypt_domains(description: str) -> set[str]:
+    """
+    The domains a C{letsencrypt:} listen string serves (none for others).
+    """
+    if description.split(":", 1)[0].strip().lower() != "letsencrypt":
+        return set()
+    return {d.strip().lower().rstrip(".") for m in _DOMAIN_OPTION.finditer(description)
+            for d in m.group(1).split(",") if d.strip()}
+
+
+def acme_config(options: Mapping[str, Any], listen: list[str]) -> AcmeConfig | None:
+    """
+    The C{acme:} endpoints among C{listen}, checked, with the C{--acme-*}
+    options; None when there are none.
+    """
+    endpoints = []
+    for description in listen:
+        if is_acme(description):
+            try:
+                endpoints.append(parse_endpoint(description))
+            except ValueError as e:
+                raise usage.UsageError(f"--listen {description!r}: {e}") from None
+    if not endpoints:
+        return None
+    try:
+        certificate_groups(endpoints)
+    except ValueError as e:
+        raise usage.UsageError(f"--listen: {e}") from None
+    certbot = set().union(*(letsencrypt_domains(d) for d in listen))
+    for endpoint in endpoints:
+        for domain in endpoint.domains:
+            if domain in certbot:
+                raise usage.UsageError(
+                    f"--listen: {domain} is on both an acme: and a letsencrypt: endpoint; one certificate "
+                    "source per domain (see README.rst 'Automatic HTTPS' to switch between them)")
+    directory = options["acme-directory"]
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", directory or ""):
+        raise usage.UsageError(f"--acme-directory {directory!r} is not an http(s) URL; e.g. {LETS_ENCRYPT}")
+    bundle = options["acme-ca-bundle"]
+    if bundle is not None and not os.access(bundle, os.R_OK):
+        raise usage.UsageError(f"--acme-ca-bundle {bundle} is not a readable file; give the PEM file of "
+                               "the roots the ACME server's HTTPS certificate is checked against")
+    if not options["acme-agree-tos"]:
+        raise SystemExit(
+            f"leeloo: cannot start: the acme: endpoint orders certificates from {options['acme-directory']}, "
+            "which needs its terms of service accepted: read them (Let's Encrypt's: "
+            "https://letsencrypt.org/repository/) and pass --acme-agree-tos")
+    return AcmeConfig(
+        endpoints=tuple(endpoints),
+        directory_url=options["acme-directory"],
+        email=options["acme-email"],
+        ca_bundle=None if bundle is None else Path(bundle).absolute(),
+        retry=options["acme-retry"],
+    )
+
+
+_TLS_TYPES = {"acme", "letsencrypt", "ssl"}
+
+
+def acme_warning(listen: tuple[str, ...], redirect_listen: tuple[str, ...]) -> str | None:
+    """
+    A warning when acme: endpoints have no plain-HTTP listener to answer
+    their HTTP-01 challenges on.
+    """
+    plain = [d for d in listen if d.split(":", 1)[0].strip().lower() not in _TLS_TYPES]
+    if plain or redirect_listen:
+        return None
+    return ("acme: endpoints need the ACME server to reach the relay over plain HTTP on port 80 for the "
+            "HTTP-01 challenge, and no --redirect-listen or plain --listen is given: add --redirect-listen tcp:80")
 
 
 def check_webroot(path: str | None) -> Path | None:
@@ -293,6 +372,17 @@ class Options(usage.Options):
         ["acme-webroot", None, None,
          "Directory whose .well-known/acme-challenge/ the --redirect-listen endpoints serve "
          "(certbot certonly --webroot -w DIR)."],
+        ["acme-email", None, None,
+         "Contact e-mail for the ACME account of acme: endpoints (optional)."],
+        ["acme-directory", None, LETS_ENCRYPT,
+         "ACME directory URL acme: endpoints order from (Let's Encrypt's staging: "
+         f"{LETS_ENCRYPT_STAGING})."],
+        ["acme-ca-bundle", None, None,
+         "PEM file of the roots to check the ACME server's HTTPS against (default: certifi's, as "
+         "requests uses)."],
+        ["acme-retry", None, 60.0,
+         "Seconds before retrying a failed ACME order; doubled (with jitter) after each failure, "
+         "at most a day.", _positive_float],
         ["max-message-size", None, 64 * 1024,
          "Largest WebSocket message in bytes; larger ones are refused with close 1009.",
          _positive_int],
@@ -349,6 +439,7 @@ class Options(usage.Options):
          "Characters in new crew codes after LEELOO- (longer codes resist guessing).", _code_length],
     ]
     optFlags = [
+        ["acme-agree-tos", None, "Accept the ACME server's terms of service (needed by acme: endpoints)."],
         ["fsync", None, "Make every commit survive a power cut, not only a crash (slower)."],
         ["require-device-key", None,
          "Refuse device ids that have no bound device key (once the fleet is updated)."],
@@ -365,7 +456,9 @@ class Options(usage.Options):
     def opt_listen(self, endpoint: str) -> None:
         """
         Endpoint to serve HTTP and WebSocket on (repeatable; Twisted endpoint
-        string, e.g. tcp:8080, ssl:..., systemd:domain=INET:index=0).
+        string, e.g. tcp:8080, ssl:..., systemd:domain=INET:index=0,
+        letsencrypt:domain=D:port=443, or acme:domain=D[,D2]:port=443 for a
+        certificate the relay gets and renews itself).
         Default: tcp:8080:interface=127.0.0.1
         """
         self["listen"].append(endpoint)
@@ -394,11 +487,17 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         webroot = check_webroot(self["acme-webroot"])
-        listen = tuple(check_endpoint(e, webroot=webroot) for e in self["listen"] or [DEFAULT_LISTEN])
+        acme = acme_config(self, self["listen"])
+        listen = tuple(e if is_acme(e) else check_endpoint(e, webroot=webroot)
+                       for e in self["listen"] or [DEFAULT_LISTEN])
         redirect_listen = tuple(check_endpoint(e, "--redirect-listen") for e in self["redirect-listen"])
         admin_listen = tuple(check_endpoint(e, "--admin-listen") for e in self["admin-listen"])
         values = settings(self._environ, self["env-file"])
         warnings = []
+        if acme is not None:
+            warning = acme_warning(listen, redirect_listen)
+            if warning:
+                warnings.append(warning)
         if self["env-file"]:
             warning = env_file_warning(self["env-file"])
             if warning:
@@ -438,6 +537,7 @@ class Options(usage.Options):
             legacy_replay_age=self["legacy-replay-age"],
             ephemeral_age=self["ephemeral-age"],
             bind_timeout=self["bind-timeout"],
+            acme=acme,
         )
 
 
@@ -574,12 +674,24 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
 
             http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
         spotify = SpotifyOAuth(config.spotify, http, reactor)
-    endpoints = [serverFromString(reactor, description) for description in config.listen]
-    certificates = [e.certificates for e in endpoints if isinstance(e, LetsEncryptServerEndpoint)]
+    acme = None
+    if config.acme is not None:
+        try:
+            acme = AcmeService(reactor, config.acme, config.data_dir / "certificates")
+        except OSError as e:
+            raise StartupError(
+                f"cannot use {config.data_dir / 'certificates'} for the acme: certificates "
+                f"({e.strerror or e}); check that the relay's user owns it") from None
+    acme_specs = {spec.description: spec for spec in (config.acme.endpoints if config.acme else ())}
+    endpoints = [acme.endpoint(acme_specs[description]) if description in acme_specs
+                 else serverFromString(reactor, description) for description in config.listen]
+    certificates = list(dict.fromkeys(e.certificates for e in endpoints if isinstance(e, LetsEncryptServerEndpoint)))
+    challenges = acme.challenges.lookup if acme is not None else None
     site = make_site(
         relay, ws_factory, spotify, config.telegram_api_secret, reactor=reactor,
         limits=config.http_limits, metrics=metrics,
         health_fields=[health_fields(certificates)] if certificates else (),
+        challenges=challenges,
     )
 
     top = MultiService()
@@ -596,9 +708,14 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
     for endpoint in endpoints:
         StreamServerEndpointService(endpoint, site).setServiceParent(top)
     if config.redirect_listen:
-        redirect_site = make_redirect_site(config.acme_webroot, reactor=reactor, limits=config.http_limits)
+        redirect_site = make_redirect_site(config.acme_webroot, reactor=reactor, limits=config.http_limits,
+                                           challenges=challenges)
         for description in config.redirect_listen:
             StreamServerEndpointService(serverFromString(reactor, description), redirect_site).setServiceParent(top)
+    if acme is not None:
+        # After the listeners: it starts ordering once they listen (the
+        # challenges are answered there), and stops before them.
+        acme.setServiceParent(top)
     admin_site = None
     if config.admin_listen:
         admin_site = make_admin_site(relay, metrics, reactor=reactor, limits=config.http_limits)
@@ -609,6 +726,7 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
     top.site = site
     top.admin_site = admin_site
     top.metrics = metrics
+    top.acme = acme
     return top
 
 

@@ -16,7 +16,7 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+python3 -m pip install -q --disable-pip-version-check -e '.[test,device]' --config-settings editable_mode=compat
 # Regenerate Twisted's plugin cache so twistd finds the leeloo plugin.
 python3 -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 

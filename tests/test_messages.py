@@ -315,3 +315,44 @@ class EncodeTests(SynchronousTestCase):
             InvalidJSON("nope").as_message(),
             {"type": "error", "error": "invalid_json", "message": "nope"},
         )
+
+
+class ErrorFromTests(SynchronousTestCase):
+    """
+    L{messages.error_from}: an error frame back into its typed error (what
+    the device client raises).
+    """
+
+    def test_every_code_comes_back_as_its_class(self):
+        """
+        Every error the relay sends turns back into the class that made it,
+        with its code and message.
+        """
+        for code, cls in messages.ERRORS.items():
+            if cls is messages.RateLimited:
+                original = cls("slow down", 3)
+            else:
+                original = cls(f"about {code}")
+            back = messages.error_from(original.as_message())
+            self.assertIs(type(back), cls)
+            self.assertEqual(back.as_message(), original.as_message())
+
+    def test_rate_limited_keeps_retry_after(self):
+        """
+        retry_after survives the round trip; a missing or nonsense one
+        becomes 1 second, a huge one at most an hour.
+        """
+        frame = {"type": "error", "error": "rate_limited", "message": "m"}
+        self.assertEqual(messages.error_from({**frame, "retry_after": 7}).retry_after, 7)
+        self.assertEqual(messages.error_from(frame).retry_after, 1)
+        self.assertEqual(messages.error_from({**frame, "retry_after": "soon"}).retry_after, 1)
+        self.assertEqual(messages.error_from({**frame, "retry_after": 1e9}).retry_after, 3600)
+
+    def test_unknown_code_keeps_its_code(self):
+        """
+        A code this version does not know (a newer relay's) is a plain
+        ProtocolError carrying that code and the frame's other fields.
+        """
+        e = messages.error_from({"type": "error", "error": "brand_new", "message": "m", "hint": 2})
+        self.assertEqual((type(e), e.code, e.message, e.extra), (ProtocolError, "brand_new", "m", {"hint": 2}))
+        self.assertEqual(messages.error_from({"type": "error"}).code, "unknown_error")
