@@ -6,6 +6,7 @@ the only module that imports the global reactor (in L{makeService}).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import re
@@ -79,6 +80,9 @@ class Config:
     replay_limit: int = 50
     retention_days: float = 7.0
     crew_ttl_days: float = 90.0
+    presence_grace: float = 10.0
+    crew_log_bytes: int = 16 * 1024 * 1024
+    store_queue_bytes: int = 8 * 1024 * 1024
     relay_limits: RelayLimits = RelayLimits()
     legacy_replay_age: float = DAY
     ephemeral_age: float = EPHEMERAL_AGE
@@ -340,7 +344,7 @@ def _positive_float(value: str) -> float:
 def _non_negative_float(value: str) -> float:
     number = float(value)
     if not number >= 0 or number == float("inf"):
-        raise ValueError("must be 0 or more")
+        raise ValueError("must be zero or more, and finite")
     return number
 
 
@@ -409,6 +413,12 @@ class Options(usage.Options):
         ["bind-timeout", None, BIND_TIMEOUT,
          "Seconds a connection may stay without registering, creating or joining a crew before "
          "it is closed with 4008; 0 never.", _non_negative_float],
+        ["crew-log-bytes", None, 16 * 1024 * 1024,
+         "Most bytes of messages kept in one crew's log; past it the oldest go (never the "
+         "newest --replay-limit).", _positive_int],
+        ["store-queue-bytes", None, 8 * 1024 * 1024,
+         "Most bytes of messages waiting for the store; past it the relay stops reading from "
+         "their senders until half is written.", _positive_int],
         ["max-connections", None, 20000,
          "Most WebSocket connections open at once; more are refused with HTTP 503.", _positive_int],
         ["max-connections-per-address", None, 256,
@@ -435,6 +445,9 @@ class Options(usage.Options):
         ["abuse-strikes", None, 10,
          "Refusals in a row (rate limits, failed device auth) after which a connection is closed.",
          _positive_int],
+        ["presence-grace", None, 10.0,
+         "Seconds before a crew hears a member went offline; a device back within them is "
+         "announced neither offline nor joined (Wi-Fi blips, crew hopping).", _non_negative_float],
         ["crew-code-length", None, 4,
          "Characters in new crew codes after LEELOO- (longer codes resist guessing).", _code_length],
     ]
@@ -527,6 +540,9 @@ class Options(usage.Options):
             replay_limit=self["replay-limit"],
             retention_days=self["retention-days"],
             crew_ttl_days=self["crew-ttl-days"],
+            presence_grace=self["presence-grace"],
+            crew_log_bytes=self["crew-log-bytes"],
+            store_queue_bytes=self["store-queue-bytes"],
             relay_limits=RelayLimits(
                 messages=Rate(self["messages-per-second"], self["message-burst"]),
                 entries=Rate.per_window(self["join-attempts"], self["join-window"]),
@@ -608,6 +624,10 @@ class RelayService(Service):
             bind=f"{self.relay.bind_timeout:g}s" if self.relay.bind_timeout else "never (off)",
         )
         self.log.info(
+            "store limits: crew logs of at most {log} bytes, senders paused past {queue} bytes "
+            "waiting for the store; presence grace {grace:g}s",
+            log=self.relay.crew_log_bytes, queue=self.relay.store_queue_bytes, grace=self.relay.presence_grace)
+        self.log.info(
             "Spotify callback {spotify}; bot API {bot}",
             spotify="configured" if self.config.spotify else "not configured",
             bot="enabled" if self.config.telegram_api_secret else "disabled (no TELEGRAM_API_SECRET)",
@@ -662,6 +682,9 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
         legacy_replay_age=config.legacy_replay_age,
         ephemeral_age=config.ephemeral_age,
         bind_timeout=config.bind_timeout,
+        presence_grace=config.presence_grace,
+        crew_log_bytes=config.crew_log_bytes,
+        store_queue_bytes=config.store_queue_bytes,
     )
     ws_factory = RelayServerFactory(
         relay, config.limits, TrustedProxies(config.trusted_proxies), OriginPolicy(config.public_url))
@@ -747,10 +770,34 @@ GIL_SWITCH_INTERVAL = 0.0005
 GC_THRESHOLDS = (10_000, 20, 20)
 
 
+# glibc's malloc serves blocks under its mmap threshold from the heap, and
+# raises that threshold each time a larger block is freed: after a flood of
+# 64 KiB messages every message buffer lives in the heap, and what the flood
+# left there stays resident long after.  A fixed threshold (glibc's own
+# starting value) and trim threshold give the memory back once freed.
+MALLOC_THRESHOLD = 128 * 1024
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc(threshold: int = MALLOC_THRESHOLD) -> bool:
+    """
+    Fix glibc's mmap and trim thresholds at C{threshold}; return whether
+    the C library took them (other C libraries have no C{mallopt}).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return all(mallopt(option, threshold) == 1 for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    tune_malloc()
     gc.set_threshold(*GC_THRESHOLDS)
     # What exists once the relay has started (modules, the service tree,
     # the state it loaded) lives as long as the process: keep it out of

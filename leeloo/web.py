@@ -31,7 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from leeloo import messages, pages
 from leeloo.access import TrustedProxies, is_loopback
-from leeloo.messages import InvalidCrewCode, NotInCrew, ProtocolError, RateLimited, StoreUnavailable
+from leeloo.messages import CrewLimit, InvalidCrewCode, NotInCrew, ProtocolError, RateLimited, StoreUnavailable
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyError, SpotifyOAuth
 from leeloo.websocket import RelayServerFactory
@@ -64,7 +64,7 @@ class APIError(Exception):
 def _api_error(e: ProtocolError) -> APIError:
     if isinstance(e, RateLimited):
         return APIError(429, e.code, e.message, retry_after=e.retry_after)
-    if isinstance(e, StoreUnavailable):
+    if isinstance(e, (StoreUnavailable, CrewLimit)):
         return APIError(503, e.code, e.message)
     if isinstance(e, InvalidCrewCode):
         return APIError(404, "crew_not_found", e.message)
@@ -382,7 +382,7 @@ class BotAPI(Resource):
     def create(self, request: Request) -> dict:
         body = self._body(request)
         user, name = _user_id(body), _name(body, "display_name")
-        return {"crew_code": self.relay.bot_create_crew(user, name)}
+        return self.relay.bot_create_crew(user, name).addCallback(lambda code: {"crew_code": code})
 
     def join(self, request: Request) -> dict:
         body = self._body(request)

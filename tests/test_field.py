@@ -25,6 +25,8 @@ SECRET = "test-secret"
 # Keepalive within seconds, so that a frozen device is dropped soon (with
 # room for a busy machine to answer in time).
 FAST_KEEPALIVE = ("--ping-interval", "0.5", "--ping-timeout", "2")
+# The tests wait for member_offline as the sign that a device is gone.
+NO_GRACE = ("--presence-grace", "0")
 ANN = "leeloo_aaaaaaaaaaaa"
 BOB = "leeloo_bbbbbbbbbbbb"
 
@@ -106,7 +108,7 @@ class InProcessRelay(TestCase):
         self.addCleanup(setattr, txaio.config, "loop", previous)
         options = Options(environ={"TELEGRAM_API_SECRET": SECRET})
         options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--store", "memory",
-                              "--data-dir", self.mktemp(), *self.args])
+                              "--data-dir", self.mktemp(), *NO_GRACE, *self.args])
         self.service = build_service(options.config, reactor)
         self.relay = self.service.relay
         self.clock = self.relay.clock = SteppedClock(reactor)
@@ -286,7 +288,7 @@ class TwistdTests(TestCase):
     @defer.inlineCallbacks
     def start(self, *args):
         relay = RelayProcess(self, "--listen", "tcp:0:interface=127.0.0.1", "--data-dir", self.data_dir,
-                             *FAST_KEEPALIVE, *args)
+                             *FAST_KEEPALIVE, *NO_GRACE, *args)
         port = yield relay.proto.port
         return relay, port
 
