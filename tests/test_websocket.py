@@ -698,3 +698,107 @@ class FragmentTests(WebSocketTestCase):
         self.net.flush()
         self.assertTrue(client.closed)
         self.assertEqual(client.close_code, 1009)
+
+class SilentCloser(RecordingClientProtocol):
+    """
+    A client whose link died: it never answers a close.
+    """
+
+    def onCloseFrame(self, code, reasonRaw):
+        return None
+
+
+class ProofOfReceiptTests(WebSocketTestCase):
+    """
+    The adapter tells the relay what a legacy device proved it received:
+    its pong to the keepalive ping, or its answer to the relay's close.
+    """
+
+    limits = WebSocketLimits(auto_ping_interval=5, auto_ping_timeout=5)
+
+    def crew(self, protocol=RecordingClientProtocol):
+        [a] = self.registered(1)
+        b = self.net.connect(protocol=protocol)
+        self.send(b, type="join_crew", crew_code="ALPHA", device_id="b")
+        a.take()
+        b.take()
+        self.send(a, type="message", payload={"text": "one"})
+        self.assertEqual([m["payload"]["text"] for m in b.take()], ["one"])
+        return a, b
+
+    def delivered(self):
+        return self.relay.crews["ALPHA"].members["b"].delivered_seq
+
+    def test_pong_proves(self):
+        """
+        The pong answering the keepalive ping proves what was sent before
+        the ping.  (This pins that Autobahn's auto-ping goes through the
+        public sendPing and its pong reaches onPong, which the adapter
+        overrides.)
+        """
+        self.crew()
+        self.assertEqual(self.delivered(), 0)
+        self.clock.advance(5)
+        self.net.flush()
+        self.assertEqual(self.delivered(), 1)
+
+    def test_no_pong_no_proof(self):
+        """
+        A device that answers no ping proves nothing, and is dropped.
+        """
+        a, b = self.crew(DeafClient)
+        for _ in range(12):
+            self.clock.advance(1)
+            self.net.flush()
+        self.assertTrue(b.closed)
+        self.assertEqual(self.delivered(), 0)
+
+    def test_ping_before_frames(self):
+        """
+        A pong proves only the frames sent before its ping; the next one
+        proves the rest.
+        """
+        a, b = self.crew()
+        self.clock.advance(5)  # the ping is written, not yet moved
+        self.relay.receive(self.relay.devices["d0"], b'{"type":"message","payload":{"text":"two"}}')
+        self.net.flush()
+        self.assertEqual([m["payload"]["text"] for m in b.take()], ["two"])
+        self.assertEqual(self.delivered(), 1)
+        self.clock.advance(5)
+        self.net.flush()
+        self.assertEqual(self.delivered(), 2)
+
+    def test_close_answered_proves(self):
+        """
+        A device that answers the relay's close proves everything sent
+        before it.  (This pins that Autobahn calls onCloseFrame in
+        STATE_CLOSING for the answer to its own close.)
+        """
+        a, b = self.crew()
+        self.relay.devices["b"].close(4001, "test")
+        self.net.flush()
+        self.assertTrue(b.closed)
+        self.assertEqual(self.delivered(), 1)
+
+    def test_close_unanswered_proves_nothing(self):
+        """
+        A device that does not answer the relay's close proves nothing.
+        """
+        a, b = self.crew(SilentCloser)
+        self.relay.devices["b"].close(4001, "test")
+        self.net.flush()
+        for _ in range(6):
+            self.clock.advance(1)
+            self.net.flush()
+        self.assertNotIn("b", self.relay.devices)
+        self.assertEqual(self.delivered(), 0)
+
+    def test_device_close_proves_nothing(self):
+        """
+        A close the device starts proves nothing: it may have been sent
+        before the device read what was in flight.
+        """
+        a, b = self.crew()
+        b.sendClose(1000)
+        self.net.flush()
+        self.assertEqual(self.delivered(), 0)
