@@ -11,7 +11,8 @@
 # log, and OUTDIR/summary.txt (one line per scenario).  OUTDIR defaults to
 # benchmarks/out/DATE-LABEL.
 #
-# Sizes are environment variables; the defaults finish in about 1.5 minutes:
+# Sizes are environment variables; the defaults took about 4 minutes on a
+# 2-core machine (saturate most of it, longer when the machine is busy):
 #   SCENARIOS="idle fanout saturate storm"
 #   N=2000            devices in every scenario, unless one of these is set:
 #   N_IDLE N_FANOUT N_SAT N_STORM
@@ -91,7 +92,7 @@ LIMIT_ARGS=()
 if [ "${RAISE_LIMITS:-1}" = 1 ]; then
   HELP_TEXT="$("${TWISTD_CMD[@]}" leeloo --help 2>/dev/null)"
   for pair in join-attempts=1000000 messages-per-second=100000 message-burst=100000 \
-              max-connections-per-address=1000000 max-connections=1000000; do
+              max-connections-per-address=1000000 max-connections=1000000 connect-rate=1000000; do
     case "$HELP_TEXT" in *"--${pair%%=*}="*) LIMIT_ARGS+=("--$pair") ;; esac
   done
 fi

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from html import escape
 
+from twisted.web.http import RESPONSES
+
 # Sent with every HTTP response.  The pages here use one inline <style> and
 # nothing else: no script, image, font, frame or form; keep the policy and
 # the pages in step.
@@ -20,6 +22,16 @@ SECURITY_HEADERS = (
     (b"Referrer-Policy", b"no-referrer"),
     (b"X-Frame-Options", b"DENY"),
 )
+
+
+def reason_phrase(status: int) -> bytes:
+    """
+    The standard reason phrase of HTTP C{status} (twisted.web lacks a few).
+    """
+    return RESPONSES.get(status) or _MORE_PHRASES.get(status, b"Error")
+
+
+_MORE_PHRASES = {429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
 
 _STYLE = """
 :root { color-scheme: light dark; --accent: #ff5c8a; }

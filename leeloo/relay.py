@@ -402,8 +402,9 @@ class Relay:
         self.pending_tokens: dict[str, tuple[dict, float]] = {}
         # telegram user id -> the codes of the crews it is in (in join order)
         self.bot_user_index: dict[str, dict[str, None]] = {}
-        # Deferreds waiting for every session to be gone (see shutdown)
-        self._on_empty: list[Deferred] = []
+        # Set by shutdown: the close code and reason of connections opening now.
+        self._stopping: tuple[int, str] | None = None
+        self._when_gone: list[Deferred] = []
         self._handlers = {
             Register: self._register,
             CreateCrew: self._create_crew,
@@ -459,6 +460,8 @@ class Relay:
         self.sessions.add(session)
         if self.bind_timeout:
             session.bind_timer = self.clock.callLater(self.bind_timeout, self._bind_expired, session)
+        if self._stopping is not None:
+            session.close(*self._stopping)
         return session
 
     def _bind_expired(self, session: Session) -> None:
@@ -515,6 +518,20 @@ class Relay:
         except ProtocolError as e:
             self._refused(session, e)
 
+    def receive_ping(self, session: Session) -> bool:
+        """
+        A WebSocket ping from C{session}: it counts against the message
+        rate like any frame.  Whether to answer it with a pong (if not, the
+        session was refused, as for a text frame over the rate).
+        """
+        if session.closing:
+            return False
+        wait = session.bucket.take(self.clock.seconds(), self.limits.messages)
+        if wait:
+            self._refused(session, RateLimited("too many messages; slow down", wait))
+            return False
+        return True
+
     def receive_binary(self, session: Session) -> None:
         if session.closing:
             return
@@ -534,16 +551,12 @@ class Relay:
         C{session}'s connection closed: the rest of its crew hears that the
         device went offline.
         """
-        self.sessions.discard(session)
+        self.paused.discard(session)
         if session.bind_timer is not None:
             session.bind_timer.cancel()
             session.bind_timer = None
-        self.paused.discard(session)
         self._unbind(session)
-        if not self.sessions and self._on_empty:
-            waiting, self._on_empty = self._on_empty, []
-            for d in waiting:
-                d.callback(None)
+        self._discard(session)
 
     def _unbind(self, session: Session) -> None:
         if session.device_id is not None and self.devices.get(session.device_id) is session:
@@ -552,14 +565,17 @@ class Relay:
         session.crew = None
 
     def shutdown(self, code: int = CLOSE_GOING_AWAY, reason: str = "relay restarting, come back soon",
-                 spread: float = 2.0, steps: int = 20, close_wait: float = 0.0) -> Deferred:
+                 spread: float = 2.0, steps: int = 20, grace: float = 10.0) -> Deferred:
         """
         Close every connection, telling devices to come back, spread over
-        C{spread} seconds so the fleet does not reconnect in one burst; wait
-        up to C{close_wait} seconds for them to answer (a device that answers
-        the close proves it received everything sent before it); then make
+        C{spread} seconds so the fleet does not reconnect in one burst, and
+        wait until every one has gone (L{disconnect}): its close is on the
+        wire once its transport says so, not when C{close()} returns.  One
+        still open C{grace} seconds after the last close is given up on.
+        Connections opening meanwhile are closed at once.  Then make
         everything durable.  Fires when the store is flushed.
         """
+        self._stopping = (code, reason)
         sessions = list(self.sessions)
         per_step = max(1, -(-len(sessions) // steps))
         waits = []
@@ -573,37 +589,39 @@ class Relay:
             else:
                 self._close_chunk(chunk, code, reason, d)
         done = DeferredList(waits) if waits else succeed(None)
-        if close_wait:
-            done.addCallback(lambda _: self._all_gone(close_wait))
+        done.addCallback(lambda _: self._all_gone(grace))
         return done.addCallback(lambda _: self._goodbye())
-
-    def _all_gone(self, timeout: float) -> Deferred | None:
-        """
-        A Deferred that fires once every session is gone, or after
-        C{timeout} seconds.
-        """
-        if not self.sessions:
-            return None
-        d = Deferred()
-        self._on_empty.append(d)
-        timer = self.clock.callLater(timeout, self._stop_waiting, d)
-
-        def gone(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        return d.addBoth(gone)
-
-    def _stop_waiting(self, d: Deferred) -> None:
-        if d in self._on_empty:
-            self._on_empty.remove(d)
-            d.callback(None)
 
     def _close_chunk(self, chunk: list, code: int, reason: str, d: Deferred) -> None:
         for session in chunk:
             session.close(code, reason)
         d.callback(None)
+
+    def _all_gone(self, grace: float) -> Deferred:
+        """
+        Fires once no session is left, or after C{grace} seconds.
+        """
+        if not self.sessions:
+            return succeed(None)
+        gone: Deferred = Deferred()
+        self._when_gone.append(gone)
+
+        def give_up() -> None:
+            if not gone.called:
+                _log.warn("{count} connections did not close within {grace:g}s of being told to; "
+                          "dropping them", count=len(self.sessions), grace=grace)
+                self._when_gone.remove(gone)
+                gone.callback(None)
+
+        timer = self.clock.callLater(grace, give_up)
+        return gone.addCallback(lambda _: timer.cancel() if timer.active() else None)
+
+    def _discard(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if self._when_gone and not self.sessions:
+            waiting, self._when_gone = self._when_gone, []
+            for d in waiting:
+                d.callback(None)
 
     def _goodbye(self) -> Deferred:
         for session in list(self.sessions):
@@ -726,7 +744,7 @@ class Relay:
         previous.crew = None
         del self.devices[previous.device_id]
         previous.device_id = None
-        self.sessions.discard(previous)
+        self._discard(previous)
         previous.close(CLOSE_REPLACED, "replaced by a newer connection for this device")
 
     def _deliver_pending(self, session: Session) -> None:
@@ -1068,6 +1086,7 @@ class Relay:
             if crew is None:
                 crew = self._create(message.crew_code, session.device_id)
             self._enter(session, crew, announce=False, last_seq=message.last_seq)
+        self._log_entry("register", session)
 
     def _create_crew(self, session: Session, message: CreateCrew) -> None:
         crew = self.crews.get(message.crew_code) if message.crew_code is not None else None
@@ -1083,10 +1102,12 @@ class Relay:
             self.journal.barrier().addCallbacks(
                 self._crew_stored, self._crew_not_stored,
                 callbackArgs=(session, session.device_id, code, key), errbackArgs=(session, code))
+            self._log_entry("create_crew", session)
             return
         session.send(messages.crew_created(session.device_id, code, key))
         self._deliver_pending(session)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
+        self._log_entry("create_crew", session)
 
     def _crew_stored(self, _: Any, session: Session, device_id: str, code: str, key: str | None) -> None:
         if session.closing or session not in self.sessions or session.device_id != device_id:
@@ -1115,6 +1136,17 @@ class Relay:
         session.send(messages.crew_joined(session.device_id, crew.code, online, others, key))
         self._deliver_pending(session)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
+        self._log_entry("join_crew", session)
+
+    @staticmethod
+    def _log_entry(action: str, session: Session) -> None:
+        """
+        The lifecycle line for a device that identified itself: who, from
+        where, in which crew (never what it sent).
+        """
+        _log.info("{action}: device {device_id} from {address}, crew {crew}", action=action,
+                  device_id=session.device_id, address=session.address,
+                  crew=session.crew.code if session.crew is not None else None)
 
     def _crew_message(self, session: Session, message: CrewMessage) -> None:
         self._send_crew_message(

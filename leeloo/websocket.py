@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from leeloo.access import TOO_MANY_CONNECTIONS, ConnectionCaps, OriginPolicy, TrustedProxies
-from leeloo.pages import SECURITY_HEADERS
+from leeloo.pages import SECURITY_HEADERS, reason_phrase
 from leeloo.relay import CLOSE_INTERNAL_ERROR, IPeer, Outgoing, Relay, Session
 from leeloo.timers import TimerWheel
 
@@ -57,10 +57,11 @@ class WebSocketLimits:
     max_connections: int = 20000
     max_connections_per_address: int = 256
     max_unsent: int = 1 * MiB
+    max_fragments: int = 64
 
     def describe(self) -> str:
         return (
-            f"max message {self.max_message_size} bytes, "
+            f"max message {self.max_message_size} bytes in at most {self.max_fragments} frames, "
             f"open handshake {self.open_handshake_timeout:g}s, "
             f"close handshake {self.close_handshake_timeout:g}s, "
             f"ping every {self.auto_ping_interval:g}s (timeout {self.auto_ping_timeout:g}s), "
@@ -107,6 +108,12 @@ class RelayServerProtocol(WebSocketServerProtocol):
     _ping_mark: Any = None
     # The relay's delivery mark when it sent its close.
     _close_mark: Any = None
+    # Frames of the message being received so far.
+    _fragments = 0
+    # The site's connection gate and the address it counted this
+    # connection against, handed over by the HTTP channel at the upgrade:
+    # released when the connection ends.
+    gate_slot: tuple | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -139,6 +146,34 @@ class RelayServerProtocol(WebSocketServerProtocol):
         for name in _HANDSHAKE_LEFTOVERS:
             setattr(self, name, None)
         self.session = self.factory.relay.connect(self, self.address)
+        _log.info("WebSocket connected from {address}", address=self.address)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self._fragments = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        # Each fragment costs the relay a bytes object and a list slot
+        # (65,000 one-byte fragments held 3.5 MiB): more than max_fragments
+        # fail the connection as a message over the size limit does, with
+        # 1009 (Autobahn's _fail_connection, pinned by FragmentTests).
+        self._fragments += 1
+        if self._fragments > self.factory.limits.max_fragments and not self.failedByMe:
+            self._fail_connection(self.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
+                                  f"message in more than {self.factory.limits.max_fragments} frames")
+        super().onMessageFrameBegin(length)
+
+    def onPing(self, payload: bytes) -> None:
+        # A ping is a frame like any other: it counts against the message
+        # rate, and its pong against the bytes a reader may leave unread.
+        session = self.session
+        if session is None or self.state != self.STATE_OPEN:
+            return
+        if not self.factory.relay.receive_ping(session):
+            return
+        if self._unsent is not None and self._held_back(2 + len(payload)):
+            return
+        self.sendPong(payload)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
@@ -177,9 +212,24 @@ class RelayServerProtocol(WebSocketServerProtocol):
             self.factory.relay.delivered(session, self._close_mark)
         return super().onCloseFrame(code, reasonRaw)
 
+    def connectionLost(self, reason: Any) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            slot, self.gate_slot = self.gate_slot, None
+            if slot is not None:
+                gate, host = slot
+                gate.release(host)
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         session, self.session = self.session, None
         if session is not None:
+            # The code the closing side sent (1006: none, the connection
+            # was lost).
+            by_relay = bool(self.closedByMe and self.localCloseCode)
+            _log.info("device {device_id} at {address} disconnected, close code {code} from the {side}",
+                      device_id=session.device_id, address=self.address,
+                      code=self.localCloseCode if by_relay else code, side="relay" if by_relay else "device")
             self.factory.relay.disconnect(session)
         if self._admitted:
             self._admitted = False
@@ -187,10 +237,12 @@ class RelayServerProtocol(WebSocketServerProtocol):
 
     def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders=None) -> None:
         # Autobahn's refusals (403, 503, 400...) carry the relay's security
-        # headers and say where the response ends, like twisted.web's.
+        # headers and say where the response ends, like twisted.web's.  The
+        # status line has the standard reason phrase: Autobahn's reasons
+        # quote what the client sent (a bad Sec-WebSocket-Key, an Origin).
         headers = [*(responseHeaders or ()), *SECURITY_HEADERS,
                    (b"Content-Length", b"0"), (b"Connection", b"close")]
-        lines = [f"HTTP/1.1 {code} {reason}".encode("utf-8")]
+        lines = [b"HTTP/1.1 %d %s" % (code, reason_phrase(code))]
         for name, value in headers:
             lines.append((name if isinstance(name, bytes) else name.encode("utf-8")) + b": "
                          + (value if isinstance(value, bytes) else str(value).encode("utf-8")))
@@ -373,8 +425,10 @@ class RelayServerFactory(WebSocketServerFactory):
             autoPingTimeout=limits.auto_ping_timeout,
             autoPingSize=12,
             # Origins are checked in onConnect (OriginPolicy), which can
-            # compare with the Host header; connections are capped there too.
+            # compare with the Host header and answers 403 (Origin: null
+            # too); connections are capped there too.
             allowedOrigins=["*"],
+            allowNullOrigin=True,
             maxConnections=0,
             trustXForwardedFor=0,
         )

@@ -3,6 +3,8 @@ The WebSocket adapter: a real Autobahn client against the real Site, wired
 in memory with twisted.test.iosim, Autobahn's timers on a Clock.
 """
 
+import json
+
 import txaio
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -354,7 +356,8 @@ class PerAddressCapTests(GuardedTestCase):
             for _ in range(5):
                 self.net.connect(host="198.51.100.1")
         self.assertEqual(self.factory.refused["per_address"], 3)
-        warnings = [formatEvent(e) for e in events if e.get("log_namespace") == "leeloo.websocket"]
+        warnings = [formatEvent(e) for e in events
+                    if e.get("log_namespace") == "leeloo.websocket" and e["log_level"] == LogLevel.warn]
         self.assertEqual(len(warnings), 1)
         self.assertIn("198.51.100.1", warnings[0])
 
@@ -669,3 +672,134 @@ class ProofOfReceiptTests(WebSocketTestCase):
         b.sendClose(1000)
         self.net.flush()
         self.assertEqual(self.delivered(), 0)
+
+
+class LifecycleLogTests(WebSocketTestCase):
+    BODY = "a-secret-message-body"
+
+    def test_lifecycle_lines_carry_the_fields_never_a_body(self):
+        """
+        A device connecting, registering (id, crew, client address) and
+        disconnecting (close code) is logged at info level, as the original
+        relay printed; nothing a device sends in a message is logged.
+        """
+        with capturedLogs() as events:
+            a = self.net.connect(host="198.51.100.7")
+            b = self.net.connect(host="198.51.100.8")
+            self.send(a, type="register", device_id="leeloo_aaaaaaaaaaaa", crew_code="alpha")
+            self.send(b, type="join_crew", device_id="leeloo_bbbbbbbbbbbb", crew_code="ALPHA",
+                      display_name="Bob")
+            self.send(a, type="message", msg_type="text", payload={"text": self.BODY})
+            self.send(a, type="share_music", spotify_uri=f"spotify:track:{self.BODY}", artist=self.BODY,
+                      track=self.BODY, album=self.BODY)
+            self.send(a, type="not json" + self.BODY)
+            a.sendClose(1000)
+            self.net.flush()
+        info = [formatEvent(e) for e in events
+                if e["log_level"] == LogLevel.info and e["log_namespace"].startswith("leeloo")]
+        self.assertIn("WebSocket connected from 198.51.100.7", info)
+        self.assertIn("register: device leeloo_aaaaaaaaaaaa from 198.51.100.7, crew ALPHA", info)
+        self.assertIn("join_crew: device leeloo_bbbbbbbbbbbb from 198.51.100.8, crew ALPHA", info)
+        self.assertIn("device leeloo_aaaaaaaaaaaa at 198.51.100.7 disconnected, close code 1000 from the device",
+                      info)
+        everything = "\n".join(formatEvent(e) + repr(e) for e in events)
+        self.assertNotIn(self.BODY, everything)
+
+    def test_relay_close_logged_with_its_code(self):
+        """
+        A connection the relay closes is logged with the relay's code.
+        """
+        [a] = self.registered(1)
+        with capturedLogs() as events:
+            self.relay.shutdown(spread=0)
+            self.net.flush()
+        self.assertIn("device d0 at 127.0.0.1 disconnected, close code 1001 from the relay",
+                      [formatEvent(e) for e in events])
+
+
+class PongRecorder(RecordingClientProtocol):
+    def onConnect(self, response):
+        super().onConnect(response)
+        self.pongs = []
+
+    def onPong(self, payload):
+        self.pongs.append(payload)
+
+
+class ControlFrameTests(WebSocketTestCase):
+    """
+    Pings count like any frame: against the message rate, and their pongs
+    against the bytes a reader may leave unread.
+    """
+
+    limits = WebSocketLimits(max_unsent=4096)
+
+    def pinger(self):
+        client = self.net.connect(PongRecorder)
+        self.assertTrue(client.opened)
+        return client
+
+    def test_pings_over_the_rate_refused(self):
+        """
+        Past the message burst, pings get no pong but a rate_limited
+        error, as text frames do.
+        """
+        client = self.pinger()
+        for n in range(45):
+            client.sendPing(b"%d" % n)
+        self.net.flush()
+        self.assertEqual(client.pongs, [b"%d" % n for n in range(40)])
+        self.assertEqual({m["error"] for m in client.take()}, {"rate_limited"})
+
+    def test_pings_share_the_rate_with_messages(self):
+        """
+        Pings spend the same bucket as text frames.
+        """
+        client = self.pinger()
+        for n in range(40):
+            client.sendPing(b"p")
+        self.send(client, type="ping")
+        self.assertEqual([m.get("error") for m in client.take()], ["rate_limited"])
+
+    def test_pongs_count_as_unsent(self):
+        """
+        A reader whose transport is full is disconnected once the pongs
+        written for it pass the limit.
+        """
+        client = self.pinger()
+        [server] = self.relay.sessions
+        peer = server.peer
+        peer.transport.producer.pauseProducing()
+        for n in range(40):
+            client.sendPing(b"x" * 125)
+            self.net.flush()
+            if peer.transport.disconnecting:
+                break
+        self.assertTrue(peer.transport.disconnecting)
+        # 32 pongs of 127 bytes fit in 4096; the 33rd does not.
+        self.assertEqual(n, 32)
+        self.assertEqual(self.factory.slow_readers, 1)
+
+
+class FragmentTests(WebSocketTestCase):
+    limits = WebSocketLimits(max_fragments=64)
+
+    def test_at_the_limit_received(self):
+        """
+        A message in --max-fragments frames is received whole.
+        """
+        client = self.client()
+        text = json.dumps({"type": "register", "device_id": "d0", "pad": "x" * 20}).encode()
+        client.sendMessage(text, fragmentSize=-(-len(text) // 64))
+        self.net.flush()
+        self.assertEqual([m["type"] for m in client.take()], ["registered"])
+
+    def test_over_the_limit_closed_1009(self):
+        """
+        One frame more closes the connection with 1009.
+        """
+        client = self.client()
+        client.sendMessage(b" " * 65, fragmentSize=1)
+        self.net.flush()
+        self.assertTrue(client.closed)
+        self.assertEqual(client.close_code, 1009)
