@@ -279,11 +279,34 @@ def _name(body: dict, name: str) -> str:
     return _field(body, name)[: messages.MAX_NAME_LENGTH]
 
 
-def _crew_code(value: str) -> str:
+def _crew_code(value: Any) -> str:
+    """
+    A crew code from the bot, by the devices' rule (L{normalize_crew_code}):
+    missing is 400 C{"crew_code required"}, refused is 400
+    C{invalid_crew_code}.
+    """
+    if value is None or value == "":
+        raise APIError(400, "crew_code required")
+    if not isinstance(value, str):
+        raise APIError(400, "crew_code must be a string")
     try:
         return messages.normalize_crew_code(value)
     except ProtocolError as e:
-        raise APIError(400, e.message) from None
+        raise APIError(400, e.code, e.message) from None
+
+
+def _raw_arg(request: Request, name: bytes) -> str | None:
+    """
+    The query argument C{name} as it was sent (not stripped); C{None} when
+    absent, empty or not UTF-8.
+    """
+    values = request.args.get(name)
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8") or None
+    except UnicodeDecodeError:
+        return None
 
 
 class BotAPI(Resource):
@@ -304,6 +327,7 @@ class BotAPI(Resource):
             (b"POST", b"crew/join"): self.join,
             (b"POST", b"message"): self.message,
             (b"GET", b"crew/status"): self.status,
+            (b"GET", b"user/crews"): self.user_crews,
         }
 
     def render(self, request: Request) -> Any:
@@ -376,14 +400,14 @@ class BotAPI(Resource):
 
     def join(self, request: Request) -> dict:
         body = self._body(request)
-        user, code, name = _user_id(body), _crew_code(_field(body, "crew_code")), _name(body, "display_name")
+        user, code, name = _user_id(body), _crew_code(body.get("crew_code")), _name(body, "display_name")
         code, online = self.relay.bot_join_crew(user, code, name)
         return {"success": True, "crew_code": code, "devices_online": online}
 
     def message(self, request: Request) -> dict:
         body = self._body(request)
         user = _user_id(body)
-        code = _crew_code(_field(body, "crew_code"))
+        code = _crew_code(body.get("crew_code"))
         sender = _name(body, "sender_name")
         msg_type = _field(body, "msg_type", "text")[: messages.MAX_TYPE_LENGTH]
         payload = body.get("payload")
@@ -395,10 +419,19 @@ class BotAPI(Resource):
         return d.addCallback(lambda reached: {"success": True, "devices_reached": reached})
 
     def status(self, request: Request) -> dict:
-        code = _arg(request, b"crew_code")
-        if code is None:
-            raise APIError(400, "crew_code required")
-        return self.relay.crew_status(_crew_code(code))
+        return self.relay.crew_status(_crew_code(_raw_arg(request, b"crew_code")))
+
+    def user_crews(self, request: Request) -> dict:
+        """
+        The crews a bot user is in, so that a restarted bot can rebuild
+        its own map: C{telegram_user_id} echoed as given.
+        """
+        given = _raw_arg(request, b"telegram_user_id")
+        # Looked up as the other calls store it: stripped, at most 64.
+        user = (given or "").strip()[: messages.MAX_DEVICE_ID_LENGTH]
+        if not user:
+            raise APIError(400, "telegram_user_id required")
+        return {"telegram_user_id": given, "crews": self.relay.bot_user_crews(user)}
 
 
 class MetricsResource(Resource):

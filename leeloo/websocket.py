@@ -88,6 +88,11 @@ class RelayServerProtocol(WebSocketServerProtocol):
     channel: while the transport says its buffer is full (L{pauseProducing})
     it counts what is sent, and a reader that falls C{max_unsent} bytes
     behind is disconnected rather than buffered for.
+
+    It also tells the relay what the device proved it received: each ping
+    it sends (Autobahn's keepalive sends them through L{sendPing}) notes
+    what had been sent before it, and the pong that answers it proves that
+    much; so does the device's answer to a close the relay started.
     """
 
     session: Session | None = None
@@ -104,6 +109,12 @@ class RelayServerProtocol(WebSocketServerProtocol):
     # connection against, handed over by the HTTP channel at the upgrade:
     # released when the connection ends.
     gate_slot: tuple | None = None
+
+    # The payload of the last ping sent, and the relay's delivery mark then.
+    _ping_payload: bytes | None = None
+    _ping_mark: Any = None
+    # The relay's delivery mark when it sent its close.
+    _close_mark: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -188,6 +199,29 @@ class RelayServerProtocol(WebSocketServerProtocol):
                 gate, host = slot
                 gate.release(host)
 
+    def sendPing(self, payload: bytes | None = None) -> None:
+        super().sendPing(payload)
+        session = self.session
+        if payload and session is not None and self.state == self.STATE_OPEN:
+            self._ping_payload = payload
+            self._ping_mark = self.factory.relay.delivery_mark(session)
+
+    def onPong(self, payload: bytes) -> None:
+        # Also a pong Autobahn no longer waits for (it stops waiting when
+        # other traffic arrives first): it proves the same.
+        if payload and payload == self._ping_payload:
+            mark, self._ping_payload, self._ping_mark = self._ping_mark, None, None
+            if self.session is not None:
+                self.factory.relay.delivered(self.session, mark)
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> Any:
+        session = self.session
+        if self.state == self.STATE_CLOSING and self._close_mark is not None and session is not None:
+            # The device answers the close the relay sent after everything
+            # else: it got all of it.
+            self.factory.relay.delivered(session, self._close_mark)
+        return super().onCloseFrame(code, reasonRaw)
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         session, self.session = self.session, None
         if session is not None:
@@ -267,6 +301,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
         if self.state != self.STATE_OPEN:
             return
         self.factory.closed_by_relay[code] += 1
+        if self.session is not None:
+            self._close_mark = self.factory.relay.delivery_mark(self.session)
         if code == 1000 or 3000 <= code <= 4999:
             self.sendClose(code, reason)
         else:

@@ -144,7 +144,8 @@ def flood_crew(port: int, device_id: str, crew_code: str, count: int, body: str)
 
 
 class FloodTests(ChildRelay):
-    args = ("--messages-per-second", "100000", "--message-burst", "100000", "--join-attempts", "1000")
+    args = ("--messages-per-second", "100000", "--message-burst", "100000", "--join-attempts", "1000",
+            "--connect-rate", "100000")
 
     @defer.inlineCallbacks
     def test_memory_bounded_under_flood(self):

@@ -243,6 +243,9 @@ class UpgradeTests(SiteTestCase):
         net = MemoryWebSocketClients(self.site)
         client = net.connect()
         self.assertTrue(client.opened)
+        client.send_json({"type": "register"})
+        net.flush()
+        client.take()
         for _ in range(60):
             self.clock.advance(1)
             net.flush()

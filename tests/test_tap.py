@@ -365,6 +365,55 @@ class TransportLimitOptionsTests(OptionsTestCase):
         self.assertIn("--admin-listen", str(raised.exception))
 
 
+class FieldOptionsTests(OptionsTestCase):
+    def test_defaults(self):
+        """
+        Legacy devices are replayed a day of messages and ten minutes of
+        nudges and reactions; pings every 25 s with 20 s to answer;
+        unbound connections closed after a minute.
+        """
+        config = self.parse()
+        self.assertEqual(
+            (config.legacy_replay_age, config.ephemeral_age, config.limits.auto_ping_interval,
+             config.limits.auto_ping_timeout, config.bind_timeout),
+            (86400.0, 600.0, 25.0, 20.0, 60.0))
+
+    def test_options_reach_the_relay(self):
+        """
+        Each option reaches the relay or its WebSocket factory.
+        """
+        config = self.parse("--legacy-replay-age", "3600", "--ephemeral-age", "30",
+                            "--ping-interval", "0.5", "--ping-timeout", "1.5", "--bind-timeout", "0")
+        service, _ = started(self, config)
+        relay = service.relay
+        self.assertEqual((relay.legacy_replay_age, relay.ephemeral_age, relay.bind_timeout), (3600, 30, 0))
+        [factory] = {r.ws_factory for r in service if hasattr(r, "ws_factory")}
+        self.assertEqual((factory.autoPingInterval, factory.autoPingTimeout), (0.5, 1.5))
+
+    def test_invalid(self):
+        """
+        Ages and ping times must be positive; the bind timeout 0 or more.
+        """
+        for option in ("--legacy-replay-age", "--ephemeral-age", "--ping-interval", "--ping-timeout"):
+            for bad in ("0", "-1", "soon", "nan"):
+                self.assertRaises(UsageError, self.parse, option, bad)
+        for bad in ("-1", "soon", "nan", "inf"):
+            self.assertRaises(UsageError, self.parse, "--bind-timeout", bad)
+
+    def test_logged_at_start(self):
+        """
+        The effective ages, ping times and bind timeout are logged at start.
+        """
+        from twisted.logger import capturedLogs, formatEvent
+
+        config = self.parse("--legacy-replay-age", "3600", "--ephemeral-age", "30", "--ping-interval", "7")
+        with capturedLogs() as events:
+            started(self, config)
+        text = "\n".join(formatEvent(e) for e in events)
+        for fact in ("last 3600s", "last 30s", "after 60s", "ping every 7s"):
+            self.assertIn(fact, text)
+
+
 class EnvFilePermissionTests(OptionsTestCase):
     SECRET = "s3cr3t-value-in-env-file"
 

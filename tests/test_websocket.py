@@ -569,6 +569,49 @@ class SlowReaderTests(WebSocketTestCase):
         self.assertFalse(self.server_side("d1").transport.disconnecting)
 
 
+class LifecycleLogTests(WebSocketTestCase):
+    BODY = "a-secret-message-body"
+
+    def test_lifecycle_lines_carry_the_fields_never_a_body(self):
+        """
+        A device connecting, registering (id, crew, client address) and
+        disconnecting (close code) is logged at info level, as the original
+        relay printed; nothing a device sends in a message is logged.
+        """
+        with capturedLogs() as events:
+            a = self.net.connect(host="198.51.100.7")
+            b = self.net.connect(host="198.51.100.8")
+            self.send(a, type="register", device_id="leeloo_aaaaaaaaaaaa", crew_code="alpha")
+            self.send(b, type="join_crew", device_id="leeloo_bbbbbbbbbbbb", crew_code="ALPHA",
+                      display_name="Bob")
+            self.send(a, type="message", msg_type="text", payload={"text": self.BODY})
+            self.send(a, type="share_music", spotify_uri=f"spotify:track:{self.BODY}", artist=self.BODY,
+                      track=self.BODY, album=self.BODY)
+            self.send(a, type="not json" + self.BODY)
+            a.sendClose(1000)
+            self.net.flush()
+        info = [formatEvent(e) for e in events
+                if e["log_level"] == LogLevel.info and e["log_namespace"].startswith("leeloo")]
+        self.assertIn("WebSocket connected from 198.51.100.7", info)
+        self.assertIn("register: device leeloo_aaaaaaaaaaaa from 198.51.100.7, crew ALPHA", info)
+        self.assertIn("join_crew: device leeloo_bbbbbbbbbbbb from 198.51.100.8, crew ALPHA", info)
+        self.assertIn("device leeloo_aaaaaaaaaaaa at 198.51.100.7 disconnected, close code 1000 from the device",
+                      info)
+        everything = "\n".join(formatEvent(e) + repr(e) for e in events)
+        self.assertNotIn(self.BODY, everything)
+
+    def test_relay_close_logged_with_its_code(self):
+        """
+        A connection the relay closes is logged with the relay's code.
+        """
+        [a] = self.registered(1)
+        with capturedLogs() as events:
+            self.relay.shutdown(spread=0)
+            self.net.flush()
+        self.assertIn("device d0 at 127.0.0.1 disconnected, close code 1001 from the relay",
+                      [formatEvent(e) for e in events])
+
+
 class PongRecorder(RecordingClientProtocol):
     def onConnect(self, response):
         super().onConnect(response)
@@ -656,45 +699,106 @@ class FragmentTests(WebSocketTestCase):
         self.assertTrue(client.closed)
         self.assertEqual(client.close_code, 1009)
 
+class SilentCloser(RecordingClientProtocol):
+    """
+    A client whose link died: it never answers a close.
+    """
 
-class LifecycleLogTests(WebSocketTestCase):
-    BODY = "a-secret-message-body"
+    def onCloseFrame(self, code, reasonRaw):
+        return None
 
-    def test_lifecycle_lines_carry_the_fields_never_a_body(self):
-        """
-        A device connecting, registering (id, crew, client address) and
-        disconnecting (close code) is logged at info level, as the original
-        relay printed; nothing a device sends in a message is logged.
-        """
-        with capturedLogs() as events:
-            a = self.net.connect(host="198.51.100.7")
-            b = self.net.connect(host="198.51.100.8")
-            self.send(a, type="register", device_id="leeloo_aaaaaaaaaaaa", crew_code="alpha")
-            self.send(b, type="join_crew", device_id="leeloo_bbbbbbbbbbbb", crew_code="ALPHA",
-                      display_name="Bob")
-            self.send(a, type="message", msg_type="text", payload={"text": self.BODY})
-            self.send(a, type="share_music", spotify_uri=f"spotify:track:{self.BODY}", artist=self.BODY,
-                      track=self.BODY, album=self.BODY)
-            self.send(a, type="not json" + self.BODY)
-            a.sendClose(1000)
-            self.net.flush()
-        info = [formatEvent(e) for e in events
-                if e["log_level"] == LogLevel.info and e["log_namespace"].startswith("leeloo")]
-        self.assertIn("WebSocket connected from 198.51.100.7", info)
-        self.assertIn("register: device leeloo_aaaaaaaaaaaa from 198.51.100.7, crew ALPHA", info)
-        self.assertIn("join_crew: device leeloo_bbbbbbbbbbbb from 198.51.100.8, crew ALPHA", info)
-        self.assertIn("device leeloo_aaaaaaaaaaaa at 198.51.100.7 disconnected, close code 1000 from the device",
-                      info)
-        everything = "\n".join(formatEvent(e) + repr(e) for e in events)
-        self.assertNotIn(self.BODY, everything)
 
-    def test_relay_close_logged_with_its_code(self):
-        """
-        A connection the relay closes is logged with the relay's code.
-        """
+class ProofOfReceiptTests(WebSocketTestCase):
+    """
+    The adapter tells the relay what a legacy device proved it received:
+    its pong to the keepalive ping, or its answer to the relay's close.
+    """
+
+    limits = WebSocketLimits(auto_ping_interval=5, auto_ping_timeout=5)
+
+    def crew(self, protocol=RecordingClientProtocol):
         [a] = self.registered(1)
-        with capturedLogs() as events:
-            self.relay.shutdown(spread=0)
+        b = self.net.connect(protocol=protocol)
+        self.send(b, type="join_crew", crew_code="ALPHA", device_id="b")
+        a.take()
+        b.take()
+        self.send(a, type="message", payload={"text": "one"})
+        self.assertEqual([m["payload"]["text"] for m in b.take()], ["one"])
+        return a, b
+
+    def delivered(self):
+        return self.relay.crews["ALPHA"].members["b"].delivered_seq
+
+    def test_pong_proves(self):
+        """
+        The pong answering the keepalive ping proves what was sent before
+        the ping.  (This pins that Autobahn's auto-ping goes through the
+        public sendPing and its pong reaches onPong, which the adapter
+        overrides.)
+        """
+        self.crew()
+        self.assertEqual(self.delivered(), 0)
+        self.clock.advance(5)
+        self.net.flush()
+        self.assertEqual(self.delivered(), 1)
+
+    def test_no_pong_no_proof(self):
+        """
+        A device that answers no ping proves nothing, and is dropped.
+        """
+        a, b = self.crew(DeafClient)
+        for _ in range(12):
+            self.clock.advance(1)
             self.net.flush()
-        self.assertIn("device d0 at 127.0.0.1 disconnected, close code 1001 from the relay",
-                      [formatEvent(e) for e in events])
+        self.assertTrue(b.closed)
+        self.assertEqual(self.delivered(), 0)
+
+    def test_ping_before_frames(self):
+        """
+        A pong proves only the frames sent before its ping; the next one
+        proves the rest.
+        """
+        a, b = self.crew()
+        self.clock.advance(5)  # the ping is written, not yet moved
+        self.relay.receive(self.relay.devices["d0"], b'{"type":"message","payload":{"text":"two"}}')
+        self.net.flush()
+        self.assertEqual([m["payload"]["text"] for m in b.take()], ["two"])
+        self.assertEqual(self.delivered(), 1)
+        self.clock.advance(5)
+        self.net.flush()
+        self.assertEqual(self.delivered(), 2)
+
+    def test_close_answered_proves(self):
+        """
+        A device that answers the relay's close proves everything sent
+        before it.  (This pins that Autobahn calls onCloseFrame in
+        STATE_CLOSING for the answer to its own close.)
+        """
+        a, b = self.crew()
+        self.relay.devices["b"].close(4001, "test")
+        self.net.flush()
+        self.assertTrue(b.closed)
+        self.assertEqual(self.delivered(), 1)
+
+    def test_close_unanswered_proves_nothing(self):
+        """
+        A device that does not answer the relay's close proves nothing.
+        """
+        a, b = self.crew(SilentCloser)
+        self.relay.devices["b"].close(4001, "test")
+        self.net.flush()
+        for _ in range(6):
+            self.clock.advance(1)
+            self.net.flush()
+        self.assertNotIn("b", self.relay.devices)
+        self.assertEqual(self.delivered(), 0)
+
+    def test_device_close_proves_nothing(self):
+        """
+        A close the device starts proves nothing: it may have been sent
+        before the device read what was in flight.
+        """
+        a, b = self.crew()
+        b.sendClose(1000)
+        self.net.flush()
+        self.assertEqual(self.delivered(), 0)
