@@ -278,6 +278,8 @@ class Relay:
         self.sessions: set[Session] = set()
         self.devices: dict[str, Session] = {}
         self.crews: dict[str, Crew] = {}
+        # Crews with at least one member online (kept as members come and go).
+        self.crews_online = 0
         self.pending_tokens: dict[str, tuple[dict, float]] = {}
         self._handlers = {
             Register: self._register,
@@ -559,6 +561,8 @@ class Relay:
             session.acks = True
         session.crew = crew
         session.last_sent_seq = start
+        if not crew.online:
+            self.crews_online += 1
         crew.online[session.device_id] = session
         self._save_member(crew, member, online=True)
         if announce:
@@ -606,6 +610,8 @@ class Relay:
         session.held = None
         if crew.online.get(session.device_id) is session:
             del crew.online[session.device_id]
+            if not crew.online:
+                self.crews_online -= 1
             member = crew.members.get(session.device_id)
             if member is not None:
                 member.delivered_seq = max(member.delivered_seq, session.last_sent_seq)
@@ -906,5 +912,6 @@ class Relay:
             "status": "ok",
             "devices": len(self.devices),
             "crews": len(self.crews),
+            "crews_online": self.crews_online,
             "uptime": int(self.clock.seconds() - self.started),
         }
