@@ -197,6 +197,7 @@
       img.alt = "Album art";
       img.src = image;
       img.referrerPolicy = "no-referrer";
+      img.addEventListener("error", function () { img.hidden = true; });
       li.insertBefore(img, li.body);
     }
     line(li, "track", text(fields.track) || "A song");

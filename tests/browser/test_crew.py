@@ -1,0 +1,201 @@
+"""
+The /crew browser client in real headless Chromium, as a member of a crew
+beside devices that speak the WebSocket protocol (the deployed devices'
+frames): joining, live traffic both ways, what was missed, reconnecting
+after a relay restart, and its states.
+"""
+
+import json
+
+from twisted.internet import defer, reactor
+from twisted.internet.threads import blockingCallFromThread
+from websockets.sync.client import connect
+
+from ..support import TIMEOUT
+from .support import RelayBrowserTestCase, in_thread
+
+ART = "https://i.scdn.co/image/ab67616d0000b273aaaaaaaaaaaaaaaaaaaaaaaa"
+
+
+def device(stack, port, name, code=None, create=False, device_id=None):
+    """
+    A raw WebSocket device in crew C{code} (created when C{create}; a new
+    code when C{code} is None), closed with C{stack}: its socket and reply.
+    """
+    ws = stack.enter_context(
+        connect(f"ws://127.0.0.1:{port}/ws", open_timeout=TIMEOUT, close_timeout=TIMEOUT))
+    hello = {"type": "create_crew" if create else "join_crew", "display_name": name}
+    if code is not None:
+        hello["crew_code"] = code
+    if device_id is not None:
+        hello["device_id"] = device_id
+    ws.send(json.dumps(hello))
+    return ws, json.loads(ws.recv(timeout=TIMEOUT))
+
+
+def next_of(ws, *kinds):
+    """
+    The next frame the device receives whose type (or msg_type) is one of
+    C{kinds}.
+    """
+    while True:
+        frame = json.loads(ws.recv(timeout=TIMEOUT))
+        if frame.get("type") in kinds or frame.get("msg_type") in kinds:
+            return frame
+
+
+def say(ws, msg_type, **payload):
+    ws.send(json.dumps({"type": "message", "msg_type": msg_type, "payload": payload}))
+
+
+class CrewTests(RelayBrowserTestCase):
+    @defer.inlineCallbacks
+    def test_two_tabs_see_each_others_text_and_reaction(self):
+        """
+        Two tabs of one browser join a crew as two members (each its own
+        device id); each sees the other online and, live, the other's text
+        and reaction; a device in the crew sees both by their names and
+        receives what they send.
+        """
+
+        def script(stack):
+            dev, created = device(stack, self.port, "Den", create=True)
+            code = created["crew_code"]
+            b = self.browser()
+            b.driver.get(self.base + "/crew")
+            b.ready()
+            b.join(code, "Ann")
+            b.wait_state("online")
+            ann = b.driver.current_window_handle
+            joined = [next_of(dev, "member_joined")["display_name"]]
+            b.driver.switch_to.new_window("tab")
+            b.driver.get(self.base + "/crew?code=" + code.lower())
+            b.ready()
+            prefilled = b.find("#crew-code").get_attribute("value")
+            b.join(code, "Bob")
+            b.wait_state("online")
+            bob = b.driver.current_window_handle
+            joined.append(next_of(dev, "member_joined")["display_name"])
+            bob_sees = b.text_of("#online")
+            b.find("#text").send_keys("hello from Bob")
+            b.find("#text-form button").click()
+            b.wait(lambda d: "sent" in b.feed_texts()[0], "Bob's text was never confirmed")
+            from_bob = next_of(dev, "text")
+            b.driver.switch_to.window(ann)
+            b.wait_feed("hello from Bob")
+            ann_sees = b.text_of("#online")
+            b.find("#react-love").click()
+            from_ann = next_of(dev, "reaction")
+            b.driver.switch_to.window(bob)
+            b.wait_feed("sent love")
+            ids = b.driver.execute_script(
+                "return Object.keys(localStorage).filter(function (k) { return k.indexOf('leeloo.') === 0; })"
+                ".map(function (k) { return JSON.parse(localStorage.getItem(k)).device_id; });")
+            return (code, prefilled, joined, bob_sees, ann_sees, from_bob, from_ann, ids,
+                    b.console_errors())
+
+        (code, prefilled, joined, bob_sees, ann_sees, from_bob, from_ann, ids,
+         errors) = yield in_thread(script)
+        self.assertEqual(prefilled, code)
+        self.assertEqual(joined, ["Ann", "Bob"])
+        self.assertIn("Ann", bob_sees)
+        self.assertIn("Den", bob_sees)
+        self.assertIn("Bob", ann_sees)
+        self.assertEqual((from_bob["from_name"], from_bob["payload"]), ("Bob", {"text": "hello from Bob"}))
+        self.assertEqual((from_ann["from_name"], from_ann["payload"]), ("Ann", {"reaction": "love", "to_device": None}))
+        self.assertEqual(len(set(ids)), 2)
+        self.assertEqual(errors, [])
+
+    @defer.inlineCallbacks
+    def test_device_song_push_shows_title_artist_and_art(self):
+        """
+        A song a device pushes (the devices' song_push, and share_music)
+        shows at once with its title, artist, album, album art from
+        Spotify's image host and a link to open it in Spotify.
+        """
+
+        def script(stack):
+            dev, created = device(stack, self.port, "Den", create=True)
+            b = self.browser()
+            b.driver.get(self.base + "/crew?code=" + created["crew_code"])
+            b.ready()
+            b.join(created["crew_code"], "Ann")
+            b.wait_state("online")
+            say(dev, "song_push", artist="Björk", track="Hyperballad", album="Post",
+                spotify_uri="spotify:track:6rqhFgbbKwnb9MLmUQDhG6", album_art_url=ART, note="for you")
+            b.wait_feed("Hyperballad")
+            pushed = b.find("#feed li")
+            pushed = (pushed.text, pushed.find_element("css selector", "img").get_attribute("src"),
+                      pushed.find_element("css selector", "a").get_attribute("href"))
+            dev.send(json.dumps({"type": "share_music", "spotify_uri": "spotify:track:1VdZ0vKfR5jneCmWIUAMxK",
+                                 "artist": "Daft Punk", "track": "One More Time", "album": "Discovery"}))
+            b.wait_feed("One More Time")
+            shared = b.find("#feed li")
+            return pushed, (shared.text, shared.find_element("css selector", "a").get_attribute("href"))
+
+        (text, art, link), (shared, shared_link) = yield in_thread(script)
+        for part in ("Den shared a song", "Hyperballad", "Björk", "Post", "for you"):
+            self.assertIn(part, text)
+        self.assertEqual(art, ART)
+        self.assertEqual(link, "https://open.spotify.com/track/6rqhFgbbKwnb9MLmUQDhG6")
+        self.assertIn("One More Time", shared)
+        self.assertIn("Daft Punk", shared)
+        self.assertEqual(shared_link, "https://open.spotify.com/track/1VdZ0vKfR5jneCmWIUAMxK")
+
+    @defer.inlineCallbacks
+    def test_browser_sends_song_nudge_and_hang_are_shown(self):
+        """
+        A song the browser shares from an open.spotify.com link reaches the
+        devices as song_push with its spotify: URI; a nudge as nudge; and a
+        device's nudge and hang proposal show in the browser.
+        """
+
+        def script(stack):
+            dev, created = device(stack, self.port, "Den", create=True)
+            b = self.browser()
+            b.driver.get(self.base + "/crew?code=" + created["crew_code"])
+            b.ready()
+            b.join(created["crew_code"], "Ann")
+            b.wait_state("online")
+            b.find("#song-link").send_keys("https://open.spotify.com/intl-de/track/6rqhFgbbKwnb9MLmUQDhG6?si=abc")
+            b.find("#song-track").send_keys("Hyperballad")
+            b.find("#song-note").send_keys("listen")
+            b.find("#song-form button").click()
+            song = next_of(dev, "song_push")
+            b.find("#nudge").click()
+            nudge = next_of(dev, "nudge")
+            say(dev, "nudge")
+            b.wait_feed("nudged the crew")
+            say(dev, "hang_propose", datetime="Friday 8pm", description="pizza")
+            b.wait_feed("pizza")
+            return song, nudge, b.feed_texts()
+
+        song, nudge, feed = yield in_thread(script)
+        self.assertEqual(song["from_name"], "Ann")
+        self.assertEqual(
+            {k: song["payload"][k] for k in ("spotify_uri", "track", "note")},
+            {"spotify_uri": "spotify:track:6rqhFgbbKwnb9MLmUQDhG6", "track": "Hyperballad", "note": "listen"})
+        self.assertEqual(nudge["payload"], {})
+        self.assertIn("Den", feed[1])
+        self.assertIn("Friday 8pm", feed[0])
+
+    @defer.inlineCallbacks
+    def test_unknown_crew_shows_the_error_state(self):
+        """
+        A crew code the relay does not know shows the unknown-crew state
+        with the form to try another, and the page stops trying.
+        """
+
+        def script(stack):
+            b = self.browser()
+            b.driver.get(self.base + "/crew?code=NOPE")
+            b.ready()
+            b.join("nope", "Ann")
+            b.wait_state("unknown-crew")
+            return (b.text_of("#status"), b.find("#join-view").is_displayed(),
+                    b.find("#crew-view").is_displayed(), b.find("#crew-code").get_attribute("value"),
+                    b.driver.execute_script("return location.search"))
+
+        status, form, crew, code, search = yield in_thread(script)
+        self.assertIn("There is no crew NOPE", status)
+        self.assertEqual((form, crew, code, search), (True, False, "NOPE", ""))
