@@ -604,6 +604,13 @@
     setState("idle", "This browser forgot its LEELOO id and crews. Enter a crew code to join.");
   });
 
+  // Leaving the page says goodbye at once (the crew sees this member go
+  // offline); a page restored from the back/forward cache comes back.
+  window.addEventListener("pagehide", function () { disconnect(); });
+  window.addEventListener("pageshow", function (event) {
+    if (event.persisted && crew !== null) connect();
+  });
+
   // ------------------------------------------------------------ start
 
   claimSlot().then(function (claimed) {

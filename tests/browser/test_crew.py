@@ -199,3 +199,179 @@ class CrewTests(RelayBrowserTestCase):
         status, form, crew, code, search = yield in_thread(script)
         self.assertIn("There is no crew NOPE", status)
         self.assertEqual((form, crew, code, search), (True, False, "NOPE", ""))
+
+
+class ResumeTests(RelayBrowserTestCase):
+    @defer.inlineCallbacks
+    def test_reconnects_after_a_relay_restart(self):
+        """
+        When the relay restarts the page goes offline, reconnects by itself
+        and takes up where it was: what a device sent while the page could
+        not connect is shown, and what it had already shown is not shown
+        again.
+        """
+
+        def script(stack):
+            dev, created = device(stack, self.port, "Den", create=True, device_id="leeloo_aaaaaaaaaaaa")
+            code = created["crew_code"]
+            b = self.browser()
+            b.driver.get(self.base + "/crew?code=" + code)
+            b.ready()
+            b.join(code, "Ann")
+            b.wait_state("online")
+            say(dev, "text", text="before the restart")
+            b.wait_feed("before the restart")
+            blockingCallFromThread(reactor, self.stop_relay)
+            b.wait(lambda d: b.state() in ("offline", "connecting"), "the page never noticed the relay went")
+            # Keep the page from reconnecting until the device has spoken,
+            # so that what follows is something it missed.
+            b.driver.execute_cdp_cmd("Network.enable", {})
+            b.driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+                "offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+            blockingCallFromThread(reactor, self.start_relay)
+            again, _ = device(stack, self.port, "Den", code, device_id="leeloo_aaaaaaaaaaaa")
+            say(again, "text", text="while you were away")
+            say(again, "reaction", reaction="fire", to_device=None)
+            b.driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+                "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+            b.wait_state("online")
+            b.wait_feed("while you were away")
+            b.wait_feed("sent fire")
+            b.find("#text").send_keys("back again")
+            b.find("#text-form button").click()
+            return next_of(again, "text"), b.feed_texts()
+
+        back, feed = yield in_thread(script)
+        self.assertEqual(back["payload"], {"text": "back again"})
+        self.assertEqual(sum("before the restart" in t for t in feed), 1)
+        self.assertEqual(sum("while you were away" in t for t in feed), 1)
+
+    @defer.inlineCallbacks
+    def test_shows_what_was_missed_since_the_last_visit(self):
+        """
+        A browser that comes back to /crew rejoins its crew with the device
+        id, key and last seq it kept, and is shown what the crew sent while
+        it was away, once.
+        """
+
+        def script(stack):
+            dev, created = device(stack, self.port, "Den", create=True)
+            code = created["crew_code"]
+            b = self.browser()
+            b.driver.get(self.base + "/crew?code=" + code)
+            b.ready()
+            b.join(code, "Ann")
+            b.wait_state("online")
+            say(dev, "text", text="first")
+            b.wait_feed("first")
+            kept = b.driver.execute_script("return JSON.parse(localStorage.getItem('leeloo.identity.0'))")
+            b.driver.get("about:blank")
+            offline = next_of(dev, "member_offline")
+            say(dev, "text", text="missed one")
+            say(dev, "text", text="missed two")
+            b.driver.get(self.base + "/crew")
+            b.ready()
+            b.wait_state("online")
+            b.wait_feed("missed two")
+            back = next_of(dev, "member_joined")
+            return kept, offline, back, b.feed_texts()
+
+        kept, offline, back, feed = yield in_thread(script)
+        self.assertEqual(kept["name"], "Ann")
+        self.assertRegex(kept["device_id"], r"^leeloo_[0-9a-f]{12}$")
+        self.assertTrue(kept["device_key"])
+        self.assertEqual(list(kept["seqs"].values()), [1])
+        self.assertEqual(offline["device_id"], kept["device_id"])
+        self.assertEqual((back["device_id"], back["display_name"]), (kept["device_id"], "Ann"))
+        self.assertEqual(["missed two" in feed[0], "missed one" in feed[1], len(feed)], [True, True, 2])
+
+    @defer.inlineCallbacks
+    def test_forget_this_browser(self):
+        """
+        "Forget this browser" leaves the crew and removes everything the
+        page stored; the next visit is a new device.
+        """
+
+        def script(stack):
+            dev, created = device(stack, self.port, "Den", create=True)
+            b = self.browser()
+            b.driver.get(self.base + "/crew?code=" + created["crew_code"])
+            b.ready()
+            b.join(created["crew_code"], "Ann")
+            b.wait_state("online")
+            before = b.driver.execute_script("return Object.keys(localStorage)")
+            b.find("#forget").click()
+            offline = next_of(dev, "member_offline")
+            after = b.driver.execute_script("return Object.keys(localStorage)")
+            return before, after, offline, b.state(), b.find("#join-view").is_displayed()
+
+        before, after, offline, state, form = yield in_thread(script)
+        self.assertEqual(before, ["leeloo.identity.0"])
+        self.assertEqual(after, [])
+        self.assertEqual(offline["display_name"], "Ann")
+        self.assertEqual((state, form), ("idle", True))
+
+
+HOSTILE = '<img src=x onerror="window.pwned=1"><script>window.pwned=1</script><b>bold</b>'
+# Names are at most 64 characters.
+HOSTILE_NAME = '<img src=x onerror="window.pwned=1"><b>Den</b>'
+
+
+class HostileContentTests(RelayBrowserTestCase):
+    @defer.inlineCallbacks
+    def test_markup_in_every_field_stays_text(self):
+        """
+        Script and markup in every field of every kind of crew message (and
+        in the sender's name) is shown as the text it is: nothing runs, no
+        element is made from it, no link but Spotify's and no image but
+        from Spotify's image hosts.
+        """
+
+        def script(stack):
+            dev, created = device(stack, self.port, HOSTILE_NAME, create=True)
+            b = self.browser()
+            b.driver.get(self.base + "/crew?code=" + created["crew_code"])
+            b.ready()
+            b.join(created["crew_code"], "Ann")
+            b.wait_state("online")
+            h = HOSTILE
+            say(dev, "text", text=h)
+            say(dev, "reaction", reaction=h, to_device=h)
+            say(dev, "song_push", artist=h, track=h, album=h, note=h,
+                spotify_uri="javascript:window.pwned=1", album_art_url="javascript:window.pwned=1")
+            say(dev, "song_push", artist=h, track=h, album=h, note=h,
+                spotify_uri="https://open.spotify.com.evil.example/track/1",
+                album_art_url="https://i.scdn.co.evil.example/x.png")
+            say(dev, "song_push", track="fine", spotify_uri="spotify:track:" + h,
+                album_art_url="http://i.scdn.co/image/x")
+            say(dev, "hang_propose", datetime=h, description=h)
+            say(dev, "hang_confirm")
+            say(dev, HOSTILE_NAME, text=h)  # a msg_type this page does not know
+            dev.send(json.dumps({"type": "share_music", "spotify_uri": h, "artist": h, "track": h, "album": h}))
+            dev.send(json.dumps({"type": "reaction", "reaction_type": HOSTILE_NAME}))
+            say(dev, "text", text={"nested": h}, extra=[h])
+            say(dev, "text", text="the end")
+            b.wait_feed("the end")
+            found = b.driver.execute_script(
+                "var feed = document.getElementById('feed');"
+                "return {pwned: window.pwned === 1,"
+                " made: feed.querySelectorAll('script, b, img[src=\"x\"]').length,"
+                " images: Array.prototype.map.call(feed.querySelectorAll('img'), function (i) { return i.src; }),"
+                " links: Array.prototype.map.call(feed.querySelectorAll('a'), function (a) { return a.href; }),"
+                " online: document.getElementById('online').textContent};")
+            return found, b.feed_texts()
+
+        found, feed = yield in_thread(script)
+        self.assertFalse(found["pwned"])
+        self.assertEqual(found["made"], 0)
+        self.assertEqual(found["images"], [])
+        self.assertEqual(found["links"], [])
+        self.assertIn(HOSTILE_NAME, found["online"])
+        self.assertEqual(len(feed), 12)
+        # The sender in every item, the unknown msg_type and the
+        # reaction_type (both at most 64 characters).
+        self.assertEqual(sum(t.count(HOSTILE_NAME) for t in feed), 12 + 2)
+        # The text, the reaction, both hostile songs (title, artist, album,
+        # note), the hang (when and what) and share_music (title, artist,
+        # album): all literally there.
+        self.assertEqual(sum(t.count(HOSTILE) for t in feed), 1 + 1 + 4 + 4 + 2 + 3)
