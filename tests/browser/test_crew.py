@@ -375,3 +375,113 @@ class HostileContentTests(RelayBrowserTestCase):
         # note), the hang (when and what) and share_music (title, artist,
         # album): all literally there.
         self.assertEqual(sum(t.count(HOSTILE) for t in feed), 1 + 1 + 4 + 4 + 2 + 3)
+
+
+# Installed before the page's own script: a text "refuse me" goes out with
+# a payload that is not an object, so that the relay refuses it.
+SPOIL_A_FRAME = """
+(function () {
+  var send = WebSocket.prototype.send;
+  WebSocket.prototype.send = function (data) {
+    var frame = JSON.parse(data);
+    if (frame.payload && frame.payload.text === "refuse me") { frame.payload = "spoilt"; data = JSON.stringify(frame); }
+    return send.call(this, data);
+  };
+  window.noticesSeen = [];
+  new MutationObserver(function () {
+    var notice = document.getElementById("notice");
+    if (notice && notice.textContent) window.noticesSeen.push(notice.getAttribute("data-kind"));
+  }).observe(document, {subtree: true, childList: true, characterData: true, attributes: true});
+})();
+"""
+
+
+class RefusalTests(RelayBrowserTestCase):
+    relay_args = ("--messages-per-second", "1", "--message-burst", "4")
+
+    def joined(self, stack, b):
+        dev, created = device(stack, self.port, "Den", create=True)
+        b.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": SPOIL_A_FRAME})
+        b.driver.get(self.base + "/crew?code=" + created["crew_code"])
+        b.ready()
+        b.join(created["crew_code"], "Ann")
+        b.wait_state("online")
+        return dev
+
+    @defer.inlineCallbacks
+    def test_refused_message(self):
+        """
+        A message the relay refuses shows the refused state with the
+        relay's reason, and is marked not sent; the page stays online and
+        the next message goes through.
+        """
+
+        def script(stack):
+            b = self.browser()
+            dev = self.joined(stack, b)
+            b.find("#text").send_keys("refuse me")
+            b.find("#text-form button").click()
+            b.wait(lambda d: b.find("#notice").get_attribute("data-kind") == "refused", "no refused notice")
+            notice = b.text_of("#notice")
+            mine = b.feed_texts()[0]
+            b.find("#text").send_keys("fine")
+            b.find("#text-form button").click()
+            return notice, mine, b.state(), next_of(dev, "text")
+
+        notice, mine, state, received = yield in_thread(script)
+        self.assertIn("payload must be an object", notice)
+        self.assertIn("not sent: payload must be an object", mine)
+        self.assertEqual(state, "online")
+        self.assertEqual(received["payload"], {"text": "fine"})
+
+    @defer.inlineCallbacks
+    def test_rate_limited(self):
+        """
+        When the relay says to slow down, the page shows the rate-limited
+        state, waits as long as the relay asks, then sends what it held
+        back: every reaction arrives, once.
+        """
+
+        def script(stack):
+            b = self.browser()
+            dev = self.joined(stack, b)
+            for _ in range(6):
+                b.find("#react-fire").click()
+            received = [next_of(dev, "reaction") for _ in range(6)]
+            b.wait(lambda d: all("sent" in t for t in b.feed_texts()), "not every reaction was confirmed")
+            say(dev, "text", text="sentinel")
+            b.wait_feed("sentinel")
+            dev.send(json.dumps({"type": "ping"}))
+            extra = next_of(dev, "reaction", "pong")
+            return received, extra, b.driver.execute_script("return window.noticesSeen")
+
+        received, extra, notices = yield in_thread(script)
+        self.assertEqual([r["payload"]["reaction"] for r in received], ["fire"] * 6)
+        self.assertEqual(extra["type"], "pong")
+        self.assertIn("rate-limited", notices)
+
+
+class JoinLimitTests(RelayBrowserTestCase):
+    relay_args = ("--join-attempts", "1")
+
+    @defer.inlineCallbacks
+    def test_join_limits_apply_to_the_browser(self):
+        """
+        The relay's limit on joining crews applies to a browser like to any
+        device: from an address that has used up its attempts, the page
+        shows the rate-limited state and stays out of the crew.
+        """
+
+        def script(stack):
+            # Creating a named crew is this address's one attempt.
+            _, created = device(stack, self.port, "Den", "HOME", create=True)
+            b = self.browser()
+            b.driver.get(self.base + "/crew?code=HOME")
+            b.ready()
+            b.join("HOME", "Ann")
+            b.wait(lambda d: b.find("#notice").get_attribute("data-kind") == "rate-limited", "no rate-limited notice")
+            return b.text_of("#notice"), b.state()
+
+        notice, state = yield in_thread(script)
+        self.assertIn("wait", notice)
+        self.assertEqual(state, "offline")
