@@ -4,8 +4,11 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-# Debian packages the end-to-end tests use (real servers on loopback).
-DEBS="pebble certbot"
+# Debian packages the end-to-end tests use (real servers on loopback, and
+# headless Chromium with its driver for the page tests).
+DEBS="pebble certbot chromium chromium-driver"
+# npm fetches axe-core for them: NodeSource's nodejs has it, Debian packages it apart.
+command -v npm >/dev/null 2>&1 || DEBS="$DEBS npm"
 missing=""
 for pkg in $DEBS; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
@@ -19,5 +22,8 @@ fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test,device]' --config-settings editable_mode=compat
 # Regenerate Twisted's plugin cache so twistd finds the leeloo plugin.
 python3 -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+
+# axe-core for the page tests' accessibility checks (tests/browser/node_modules, gitignored).
+npm install --silent --no-save --no-audit --no-fund --prefix tests/browser axe-core@4.11.0
 
 exec python3 -m pytest tests "$@"
