@@ -1,6 +1,8 @@
 """
-The HTML the relay shows people: the landing page and the pages a phone sees
-after Spotify's consent screen.  Every value put into a page is escaped.
+The HTML the relay shows people: the landing page, the crew page (the
+browser client, filled in by C{static/crew.js}) and the pages a phone sees
+after Spotify's consent screen, all in one look (C{static/leeloo.css}).
+Every value put into a page is escaped; nothing from the wire is.
 """
 
 from __future__ import annotations
