@@ -36,10 +36,12 @@ Device identity (trust on first use):
 
 Limits:
     Too many frames per second, or too many attempts to enter crews the
-    device is not a member of (including failed joins), are answered
+    device is not a member of (including failed joins, creating crews and
+    registering device ids the relay has never seen), are answered
     ``{"type":"error","error":"rate_limited","message":..,"retry_after":S}``;
     persistent excess is closed with 4029.  A newer connection for the same
-    device id closes the older one with 4001.
+    device id closes the older one with 4001.  When no unused crew code can
+    be found, ``create_crew`` is answered ``crew_limit``.
 
 Delivery (additions that deployed devices never see unless they ask):
     Every crew fan-out (``message``, ``music_shared``, ``reaction``, bot
@@ -56,7 +58,8 @@ Delivery (additions that deployed devices never see unless they ask):
     ``client_msg_id`` to any crew message: it is answered ``sent`` once the
     message is durable, and a resend with the same id is not stored or
     delivered again (a different body under the same id is
-    ``duplicate_client_msg_id``).
+    ``duplicate_client_msg_id``).  A message the store refuses is answered
+    ``store_unavailable`` carrying its ``client_msg_id``.
 
 Unknown fields are ignored, so that newer devices keep working against this
 relay.  A frame that cannot be understood raises a L{ProtocolError} whose
@@ -144,6 +147,14 @@ class DuplicateClientMessage(ProtocolError):
 
 class StoreUnavailable(ProtocolError):
     code = "store_unavailable"
+
+
+class CrewLimit(ProtocolError):
+    """
+    The relay has no unused crew code left to hand out.
+    """
+
+    code = "crew_limit"
 
 
 class RateLimited(ProtocolError):

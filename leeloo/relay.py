@@ -11,8 +11,10 @@ C{callLater()}); state is written through a L{Journal} to an L{IStore}.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
+import json
 import secrets
 from typing import Any, Callable
 
@@ -26,6 +28,7 @@ from leeloo.messages import (
     Ack,
     BinaryNotSupported,
     CreateCrew,
+    CrewLimit,
     CrewMessage,
     DeviceAuthFailed,
     DuplicateClientMessage,
@@ -45,6 +48,7 @@ from leeloo.messages import (
 from leeloo.store import (
     APPEND,
     DELETE_CREW,
+    DELETE_DEVICE,
     DELETE_TOKEN,
     PUT_BOT_USER,
     PUT_CREW,
@@ -71,8 +75,17 @@ CLOSE_REPLACED = 4001
 CLOSE_ABUSE = 4029
 
 TELEGRAM_DEVICE_ID = "telegram"
+# A device back in its crew within this many seconds was never away, as
+# far as the crew hears.
+PRESENCE_GRACE = 10.0
 TOKEN_TTL = 3600.0
 DAY = 86400.0
+MiB = 1024 * 1024
+CREW_LOG_BYTES = 16 * MiB
+STORE_QUEUE_BYTES = 8 * MiB
+# Random codes tried at each length before a longer one; the longest.
+CODE_TRIES = 8
+MAX_GENERATED_CODE_LENGTH = 16
 
 _log = Logger()
 
@@ -90,6 +103,18 @@ class IPeer(Interface):
     def close(code: int, reason: str) -> None:
         """
         Close the connection with a documented close code.
+        """
+
+    def pause_reading() -> None:
+        """
+        Read nothing more from the connection until L{resume_reading} (the
+        store is behind: what is not read stays in the sender's socket,
+        not in the relay's memory).
+        """
+
+    def resume_reading() -> None:
+        """
+        Read from the connection again.
         """
 
 
@@ -195,7 +220,7 @@ class Crew:
     """
 
     __slots__ = ("code", "created_at", "created_by", "online", "members", "bot_users",
-                 "last_seq", "fanned_seq", "last_message_at", "client_messages")
+                 "last_seq", "fanned_seq", "last_message_at", "client_messages", "log_bytes", "trimming")
 
     def __init__(self, code: str, created_at: float, created_by: str | None) -> None:
         self.code = code
@@ -208,6 +233,43 @@ class Crew:
         self.fanned_seq = 0
         self.last_message_at = 0.0
         self.client_messages: dict[tuple[str, str], ClientMessage] | None = None
+        # The bytes in its stored log (an estimate, never too low), and
+        # while the log is being trimmed, the bytes stored since.
+        self.log_bytes = 0
+        self.trimming: int | None = None
+
+
+class _Publication:
+    """
+    A crew message on its way to the log.  The journal numbers it when its
+    batch is formed (calling it), so that a batch that fails spends no
+    sequence number: C{seq} and C{out}, the stamped message, are set then.
+    """
+
+    __slots__ = ("crew", "message", "id", "sender", "client_msg_id", "digest", "created_at",
+                 "remembered", "seq", "out")
+
+    def __init__(self, crew: Crew, message: dict, id: str, sender: str, client_msg_id: str | None,
+                 digest: bytes | None, created_at: float, remembered: ClientMessage | None) -> None:
+        self.crew = crew
+        self.message = message
+        self.id = id
+        self.sender = sender
+        self.client_msg_id = client_msg_id
+        self.digest = digest
+        self.created_at = created_at
+        self.remembered = remembered
+        self.seq = 0
+        self.out: Outgoing | None = None
+
+    def __call__(self) -> LogEntry:
+        crew = self.crew
+        seq = self.seq = crew.last_seq = crew.last_seq + 1
+        self.out = Outgoing(messages.stamped(self.message, int(self.created_at * 1000), seq, self.id))
+        if self.remembered is not None:
+            self.remembered.seq = seq
+        return LogEntry(crew.code, seq, self.id, self.sender, self.client_msg_id, self.digest,
+                        self.created_at, self.out.payload)
 
 
 def generate_crew_code(length: int = 4, choice: Callable[[str], str] = secrets.choice) -> str:
@@ -228,6 +290,17 @@ def generate_device_key() -> str:
     return secrets.token_urlsafe(24)
 
 
+def client_digest(message: Any) -> bytes:
+    """
+    What identifies a crew message as its sender sent it (its type and
+    fields but its C{client_msg_id}), whatever name it is sent under.
+    """
+    fields = {name: getattr(message, name) for name in message.__slots__ if name != "client_msg_id"}
+    canonical = json.dumps([type(message).__name__, fields], sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).digest()
+
+
 def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
@@ -243,6 +316,16 @@ class Relay:
     @param retention: seconds a logged message is kept and replayed.
     @param crew_ttl: seconds after which a crew with no message and no
         member seen is forgotten.
+    @param crew_log_bytes: the most bytes of messages kept in one crew's
+        log; past it, the oldest go (down to three quarters of it), but
+        never the newest C{replay_limit}.
+    @param store_queue_bytes: the most bytes of messages waiting for the
+        store before the relay stops reading from their senders (it reads
+        again once half of it is written).
+    @param presence_grace: seconds a device's crew hears nothing of it
+        leaving; back within them, it hears neither that nor its return.
+    @param crew_code: makes a random crew code with the given number of
+        characters after the prefix.
     """
 
     def __init__(
@@ -254,7 +337,10 @@ class Relay:
         retention: float = 7 * DAY,
         crew_ttl: float = 90 * DAY,
         limits: RelayLimits = RelayLimits(),
-        crew_code: Callable[[], str] | None = None,
+        presence_grace: float = PRESENCE_GRACE,
+        crew_log_bytes: int = CREW_LOG_BYTES,
+        store_queue_bytes: int = STORE_QUEUE_BYTES,
+        crew_code: Callable[[int], str] = generate_crew_code,
         device_id: Callable[[], str] = generate_device_id,
         message_id: Callable[[], str] = generate_message_id,
         device_key: Callable[[], str] = generate_device_key,
@@ -262,12 +348,22 @@ class Relay:
         self.clock = clock
         self.store = store if store is not None else MemoryStore()
         self.journal = Journal(self.store, clock)
+        self.journal.on_batch = self._store_progressed
         self.token_ttl = token_ttl
         self.replay_limit = replay_limit
         self.retention = retention
         self.crew_ttl = crew_ttl
         self.limits = limits
-        self._new_crew_code = crew_code or (lambda: generate_crew_code(limits.crew_code_length))
+        self.presence_grace = presence_grace
+        self.crew_log_bytes = crew_log_bytes
+        self.store_queue_bytes = store_queue_bytes
+        # Sessions not read from until the store catches up.
+        self.paused: set[Session] = set()
+        self._frame_size = 0
+        # (crew code, device id) -> (the timer announcing it offline, the
+        # sessions online in the crew when it left)
+        self._leaving: dict[tuple[str, str], tuple[Any, frozenset]] = {}
+        self._new_crew_code = crew_code
         self._new_device_id = device_id
         self._new_message_id = message_id
         self._new_device_key = device_key
@@ -303,6 +399,7 @@ class Relay:
             crew = self.crews[record.code] = Crew(record.code, record.created_at, record.created_by)
             crew.last_seq = crew.fanned_seq = snapshot.last_seq.get(record.code, 0)
             crew.last_message_at = snapshot.last_message_at.get(record.code, 0.0)
+            crew.log_bytes = snapshot.log_bytes.get(record.code, 0)
         for m in snapshot.members:
             crew = self.crews.get(m.crew_code)
             if crew is not None:
@@ -345,6 +442,7 @@ class Relay:
             wait = session.bucket.take(self.clock.seconds(), self.limits.messages)
             if wait:
                 raise RateLimited("too many messages; slow down", wait)
+            self._frame_size = len(data)
             message = messages.decode(data)
             self._handlers[type(message)](session, message)
             session.strikes = 0
@@ -371,6 +469,7 @@ class Relay:
         device went offline.
         """
         self.sessions.discard(session)
+        self.paused.discard(session)
         self._unbind(session)
 
     def _unbind(self, session: Session) -> None:
@@ -409,6 +508,10 @@ class Relay:
     def _goodbye(self) -> Deferred:
         for session in list(self.sessions):
             self.disconnect(session)
+        # Nobody is left to tell.
+        for call, _ in self._leaving.values():
+            call.cancel()
+        self._leaving.clear()
         return self.journal.drain()
 
     # ------------------------------------------------------------ identity
@@ -424,7 +527,8 @@ class Relay:
             digest = key_hash(key)
             if record is None or (not record.bound and hmac.compare_digest(record.key_hash, digest)):
                 record = self.device_keys[device_id] = DeviceRecord(
-                    device_id, digest, True, record.created_at if record else self.clock.seconds())
+                    device_id, digest, True, record.created_at if record else self.clock.seconds(),
+                    self.clock.seconds())
                 self.journal.put((PUT_DEVICE, record), wait=False)
                 return None
             if hmac.compare_digest(record.key_hash, digest):
@@ -444,15 +548,33 @@ class Relay:
         self.journal.put((PUT_DEVICE, record), wait=False)
         return issued
 
+    def _seen_outside_crews(self, device_id: str) -> None:
+        """
+        Note that C{device_id} was here without entering a crew (a member
+        is seen through its memberships), so that it is not pruned.
+        """
+        record = self.device_keys.get(device_id)
+        if record is not None:
+            record = self.device_keys[device_id] = dataclasses.replace(record, last_seen=self.clock.seconds())
+            self.journal.put((PUT_DEVICE, record), key=(PUT_DEVICE, device_id))
+
     def _auth_failed(self, session: Session, device_id: str, why: str) -> None:
         _log.warn("refused device {device_id} from {address}: {why}",
                   device_id=device_id, address=session.address, why=why)
 
+    def _unseen(self, session: Session, device_id: str | None) -> bool:
+        """
+        Whether C{session} would be a device id the relay has never seen.
+        """
+        device_id = device_id or session.device_id
+        return device_id is None or device_id not in self.device_keys
+
     def _check_entry(self, session: Session, device_id: str | None, crew: Crew | None) -> None:
         """
-        Count an attempt to enter C{crew} (or a crew that does not exist)
-        against the connection's and the client address's budgets; a
-        returning member is free.
+        Count an attempt to enter C{crew} (or a crew that does not exist,
+        or to create one, or to register a new device id) against the
+        connection's and the client address's budgets; a returning member
+        is free.
         """
         device_id = device_id or session.device_id
         if crew is not None and device_id is not None and device_id in crew.members:
@@ -521,10 +643,20 @@ class Relay:
         return crew
 
     def _unused_code(self) -> str:
-        while True:
-            code = self._new_crew_code()
-            if code not in self.crews:
-                return code
+        """
+        A random code no crew has: a few tries at the configured length,
+        then one character longer, and so on.
+
+        @raise CrewLimit: not even the longest codes found a free one.
+        """
+        for length in range(self.limits.crew_code_length, MAX_GENERATED_CODE_LENGTH + 1):
+            for _ in range(CODE_TRIES):
+                code = self._new_crew_code(length)
+                if code not in self.crews:
+                    return code
+        _log.error("no unused crew code found after {tries} tries up to {length} characters",
+                   tries=CODE_TRIES, length=MAX_GENERATED_CODE_LENGTH)
+        raise CrewLimit("the relay cannot create more crews now; try again later")
 
     def _check_last_seq(self, crew: Crew | None, last_seq: int | None) -> None:
         latest = crew.fanned_seq if crew is not None else 0
@@ -565,7 +697,14 @@ class Relay:
             self.crews_online += 1
         crew.online[session.device_id] = session
         self._save_member(crew, member, online=True)
-        if announce:
+        witnesses = self._returned(crew, session)
+        if witnesses is not None:
+            # Back within the grace: only those who came since hear of it.
+            joined = Outgoing(messages.member_joined(session.device_id, session.name))
+            for other in tuple(crew.online.values()):
+                if other is not session and other not in witnesses:
+                    other.peer.send(joined)
+        elif announce:
             self._fanout(crew, Outgoing(messages.member_joined(session.device_id, session.name)), session)
         if start < crew.fanned_seq:
             self._replay(session, crew, start)
@@ -618,7 +757,39 @@ class Relay:
                 member.last_seen = self.clock.seconds()
                 self._save_member(crew, member, online=False)
             if announce:
-                self._fanout(crew, Outgoing(messages.member_offline(session.device_id, session.name)))
+                self._announce_offline(crew, session)
+
+    def _announce_offline(self, crew: Crew, session: Session) -> None:
+        """
+        Tell C{crew} that C{session}'s device went offline, unless it is
+        back within the presence grace.
+        """
+        out = Outgoing(messages.member_offline(session.device_id, session.name))
+        if self.presence_grace <= 0:
+            self._fanout(crew, out)
+            return
+        key = (crew.code, session.device_id)
+        earlier = self._leaving.pop(key, None)
+        if earlier is not None:
+            earlier[0].cancel()
+        call = self.clock.callLater(self.presence_grace, self._gone, crew, key, out)
+        self._leaving[key] = (call, frozenset(crew.online.values()))
+
+    def _gone(self, crew: Crew, key: tuple[str, str], out: Outgoing) -> None:
+        del self._leaving[key]
+        if key[1] not in crew.online and self.crews.get(crew.code) is crew:
+            self._fanout(crew, out)
+
+    def _returned(self, crew: Crew, session: Session) -> frozenset | None:
+        """
+        If C{session}'s device left C{crew} within the presence grace, take
+        back the announcement of its leaving: return who was online then.
+        """
+        leaving = self._leaving.pop((crew.code, session.device_id), None)
+        if leaving is None:
+            return None
+        leaving[0].cancel()
+        return leaving[1]
 
     def _fanout(self, crew: Crew, out: Outgoing, sender: Session | None = None, seq: int = 0) -> int:
         """
@@ -647,63 +818,106 @@ class Relay:
     # ----------------------------------------------------------- crew log
 
     def publish(self, crew: Crew, message: dict, sender_id: str, session: Session | None = None,
-                client_msg_id: str | None = None, digest: bytes | None = None) -> Deferred:
+                client_msg_id: str | None = None, digest: bytes | None = None, size: int = 0) -> Deferred:
         """
-        Store C{message} in C{crew}'s log, then fan it out to the crew (but
-        C{session}, its sender).  Fires with the number of devices reached,
-        or fails with L{StoreUnavailable}: then nothing was delivered.
+        Store C{message} (about C{size} bytes) in C{crew}'s log, then fan it
+        out to the crew (but C{session}, its sender).  Fires with the number
+        of devices reached, or fails with L{StoreUnavailable}: then nothing
+        was delivered, and no sequence number was spent on it.
         """
         now = self.clock.seconds()
-        seq = crew.last_seq = crew.last_seq + 1
         message_id = self._new_message_id()
-        out = Outgoing(messages.stamped(message, int(now * 1000), seq, message_id))
         remembered = None
         if client_msg_id is not None:
             if crew.client_messages is None:
                 crew.client_messages = {}
             remembered = crew.client_messages[(sender_id, client_msg_id)] = ClientMessage(
-                message_id, seq, digest, now, [])
-        entry = LogEntry(crew.code, seq, message_id, sender_id, client_msg_id, digest, now, out.payload)
-        d = self.journal.put((APPEND, entry))
+                message_id, 0, digest, now, [])
+        entry = _Publication(crew, message, message_id, sender_id, client_msg_id, digest, now, remembered)
+        d = self.journal.put((APPEND, entry), size=size)
+        if session is not None and self.journal.backlog > self.store_queue_bytes and session not in self.paused:
+            # The store is behind: read no more from this sender until it
+            # catches up, rather than hold what it sends.
+            self.paused.add(session)
+            session.peer.pause_reading()
         return d.addCallbacks(
             self._stored, self._not_stored,
-            callbackArgs=(crew, out, seq, session, remembered, client_msg_id),
-            errbackArgs=(crew, sender_id, remembered, client_msg_id),
+            callbackArgs=(entry, session),
+            errbackArgs=(entry,),
         )
 
-    def _stored(self, _: Any, crew: Crew, out: Outgoing, seq: int, session: Session | None,
-                remembered: ClientMessage | None, client_msg_id: str | None) -> int:
+    def _stored(self, _: Any, entry: "_Publication", session: Session | None) -> int:
+        crew, seq, out, remembered = entry.crew, entry.seq, entry.out, entry.remembered
         crew.fanned_seq = seq
         crew.last_message_at = self.clock.seconds()
+        self._logged(crew, len(out.payload))
         if session is not None and session.crew is crew:
             session.last_sent_seq = max(session.last_sent_seq, seq)
         reached = self._fanout(crew, out, session, seq)
         if remembered is not None:
             waiting, remembered.waiting = remembered.waiting, None
-            reply = messages.sent(client_msg_id, remembered.id, remembered.seq)
+            reply = messages.sent(entry.client_msg_id, remembered.id, remembered.seq)
             for s in [session, *waiting]:
                 if s is not None:
                     s.send(reply)
         return reached
 
-    def _not_stored(self, failure: Any, crew: Crew, sender_id: str,
-                    remembered: ClientMessage | None, client_msg_id: str | None) -> None:
+    def _store_progressed(self) -> None:
+        if self.paused and self.journal.backlog <= self.store_queue_bytes // 2:
+            paused, self.paused = self.paused, set()
+            for session in paused:
+                session.peer.resume_reading()
+
+    def _logged(self, crew: Crew, size: int) -> None:
+        """
+        C{size} more bytes are in C{crew}'s log: past the bound, trim it.
+        """
+        crew.log_bytes += size
+        if crew.trimming is not None:
+            crew.trimming += size
+        elif crew.log_bytes > self.crew_log_bytes:
+            crew.trimming = 0
+            d = self.store.trim(crew.code, self.crew_log_bytes * 3 // 4, self.replay_limit)
+            d.addCallbacks(self._trimmed, self._not_trimmed, callbackArgs=(crew,), errbackArgs=(crew,))
+
+    def _trimmed(self, result: tuple[int, int], crew: Crew) -> None:
+        first_kept, left = result
+        crew.log_bytes, crew.trimming = left + crew.trimming, None
+        if crew.client_messages:
+            # What the log no longer holds cannot be answered as a resend.
+            for key in [k for k, v in crew.client_messages.items() if v.waiting is None and v.seq < first_kept]:
+                del crew.client_messages[key]
+
+    def _not_trimmed(self, failure: Any, crew: Crew) -> None:
+        crew.trimming = None
+        _log.warn("could not trim crew {code}'s log: {error}", code=crew.code, error=failure.getErrorMessage())
+
+    def _not_stored(self, failure: Any, entry: "_Publication") -> None:
+        crew, client_msg_id, remembered = entry.crew, entry.client_msg_id, entry.remembered
         _log.error("a message to crew {code} was not stored: {error}",
                    code=crew.code, error=failure.getErrorMessage())
+        if entry.seq:
+            # Its whole batch failed, and no later batch has been numbered
+            # yet: the next message takes the first sequence this one had.
+            crew.last_seq = min(crew.last_seq, entry.seq - 1)
+        extra = {} if client_msg_id is None else {"client_msg_id": client_msg_id}
         if remembered is not None:
-            crew.client_messages.pop((sender_id, client_msg_id), None)
+            crew.client_messages.pop((entry.sender, client_msg_id), None)
             for s in remembered.waiting or ():
-                s.send(StoreUnavailable("the message could not be stored; send it again").as_message())
-        raise StoreUnavailable("the message could not be stored and was not delivered; send it again")
+                s.send(StoreUnavailable("the message could not be stored; send it again", **extra).as_message())
+        raise StoreUnavailable("the message could not be stored and was not delivered; send it again", **extra)
 
-    def _send_crew_message(self, session: Session, message: dict, client_msg_id: str | None) -> None:
+    def _send_crew_message(self, session: Session, message: dict, client_msg_id: str | None,
+                           received: Any = None) -> None:
         crew = self._crew_of(session)
         digest = None
         if client_msg_id is not None:
-            digest = hashlib.sha256(messages.encode(message)).digest()
+            digest = client_digest(received)
             known = crew.client_messages.get((session.device_id, client_msg_id)) if crew.client_messages else None
             if known is not None:
-                if known.digest != digest:
+                # Entries stored by earlier relays hashed the fan-out, sender's name
+                # included: a resend of one of those matches that digest.
+                if known.digest != digest and known.digest != hashlib.sha256(messages.encode(message)).digest():
                     raise DuplicateClientMessage(
                         f"client_msg_id {client_msg_id!r} was already used for a different message")
                 if known.waiting is None:
@@ -711,7 +925,7 @@ class Relay:
                 else:
                     known.waiting.append(session)
                 return
-        d = self.publish(crew, message, session.device_id, session, client_msg_id, digest)
+        d = self.publish(crew, message, session.device_id, session, client_msg_id, digest, self._frame_size)
         d.addErrback(self._refuse, session)
 
     def _refuse(self, failure: Any, session: Session) -> None:
@@ -723,9 +937,11 @@ class Relay:
     def _register(self, session: Session, message: Register) -> None:
         crew = self.crews.get(message.crew_code) if message.crew_code is not None else None
         self._check_last_seq(crew, message.last_seq)
-        if message.crew_code is not None:
+        if message.crew_code is not None or self._unseen(session, message.device_id):
             self._check_entry(session, message.device_id, crew)
         key = self._identify(session, message.device_id, message.device_name, message.device_key)
+        if message.crew_code is None:
+            self._seen_outside_crews(session.device_id)
         session.send(messages.registered(session.device_id, key))
         self._deliver_pending(session)
         if message.crew_code is not None:
@@ -734,18 +950,38 @@ class Relay:
             self._enter(session, crew, announce=False, last_seq=message.last_seq)
 
     def _create_crew(self, session: Session, message: CreateCrew) -> None:
-        code = message.crew_code or self._unused_code()
-        crew = self.crews.get(code)
+        crew = self.crews.get(message.crew_code) if message.crew_code is not None else None
         self._check_last_seq(crew, message.last_seq)
-        if message.crew_code is not None:
-            self._check_entry(session, message.device_id, crew)
+        # Counted before a code is searched for: a refused flood costs no search.
+        self._check_entry(session, message.device_id, crew)
+        code = message.crew_code or self._unused_code()
         key = self._identify(session, message.device_id, message.display_name, message.device_key)
+        if crew is None:
+            # A new crew is answered once it is durable: a code handed out
+            # and then lost in a crash could be handed to someone else.
+            self._enter(session, self._create(code, session.device_id), announce=False)
+            self.journal.barrier().addCallbacks(
+                self._crew_stored, self._crew_not_stored,
+                callbackArgs=(session, session.device_id, code, key), errbackArgs=(session, code))
+            return
         session.send(messages.crew_created(session.device_id, code, key))
         self._deliver_pending(session)
-        if crew is None:
-            self._enter(session, self._create(code, session.device_id), announce=False)
-        else:
-            self._enter(session, crew, announce=True, last_seq=message.last_seq)
+        self._enter(session, crew, announce=True, last_seq=message.last_seq)
+
+    def _crew_stored(self, _: Any, session: Session, device_id: str, code: str, key: str | None) -> None:
+        if session.closing or session not in self.sessions or session.device_id != device_id:
+            return
+        session.send(messages.crew_created(device_id, code, key))
+        self._deliver_pending(session)
+
+    def _crew_not_stored(self, failure: Any, session: Session, code: str) -> None:
+        # The crew stays, and its record is retried with the relay's other
+        # state; the device is told it was not created, and may ask again.
+        _log.error("crew {code} was not stored: {error}", code=code, error=failure.getErrorMessage())
+        if not session.closing and session in self.sessions:
+            if session.crew is not None and session.crew.code == code:
+                self._leave(session, announce=False)
+            session.send(StoreUnavailable("the crew could not be stored; try again").as_message())
 
     def _join_crew(self, session: Session, message: JoinCrew) -> None:
         crew = self.crews.get(message.crew_code)
@@ -764,15 +1000,16 @@ class Relay:
         self._send_crew_message(
             session,
             messages.crew_message(session.device_id, session.name, message.msg_type, message.payload),
-            message.client_msg_id,
+            message.client_msg_id, message,
         )
 
     def _share_music(self, session: Session, message: ShareMusic) -> None:
-        self._send_crew_message(session, messages.music_shared(message, session.name), message.client_msg_id)
+        self._send_crew_message(session, messages.music_shared(message, session.name), message.client_msg_id,
+                                message)
 
     def _reaction(self, session: Session, message: Reaction) -> None:
         self._send_crew_message(
-            session, messages.reaction(message.reaction_type, session.name), message.client_msg_id)
+            session, messages.reaction(message.reaction_type, session.name), message.client_msg_id, message)
 
     def _ping(self, session: Session, message: Ping) -> None:
         session.send(messages.pong())
@@ -800,10 +1037,19 @@ class Relay:
         crew.bot_users[user_id] = name
         self.journal.put((PUT_BOT_USER, BotUserRecord(crew.code, user_id, name)), wait=False)
 
-    def bot_create_crew(self, user_id: str, name: str) -> str:
+    def bot_create_crew(self, user_id: str, name: str) -> Deferred:
+        """
+        A new crew with a bot user in it; fires with its code once it is
+        durable, or fails with L{StoreUnavailable}.
+        """
         crew = self._create(self._unused_code(), f"telegram:{user_id}")
         self._add_bot_user(crew, user_id, name)
-        return crew.code
+
+        def failed(failure: Any) -> None:
+            _log.error("crew {code} was not stored: {error}", code=crew.code, error=failure.getErrorMessage())
+            raise StoreUnavailable("the crew could not be stored; try again")
+
+        return self.journal.barrier().addCallbacks(lambda _: crew.code, failed)
 
     def bot_join_crew(self, user_id: str, code: str, name: str) -> tuple[str, int]:
         """
@@ -827,9 +1073,8 @@ class Relay:
         crew = self._known_crew(code)
         if user_id not in crew.bot_users:
             raise NotInCrew(f"join crew {crew.code} before sending to it")
-        return self.publish(
-            crew, messages.crew_message(TELEGRAM_DEVICE_ID, sender_name, msg_type, payload), TELEGRAM_DEVICE_ID
-        )
+        message = messages.crew_message(TELEGRAM_DEVICE_ID, sender_name, msg_type, payload)
+        return self.publish(crew, message, TELEGRAM_DEVICE_ID, size=len(messages.encode(message)))
 
     def crew_status(self, code: str) -> dict:
         code = messages.normalize_crew_code(code)
@@ -879,8 +1124,9 @@ class Relay:
 
     def prune(self) -> Deferred:
         """
-        Drop log entries older than the retention window and crews with no
-        message and no member seen within C{crew_ttl}.  Fires with
+        Drop log entries older than the retention window, crews with no
+        message and no member seen within C{crew_ttl}, and the records of
+        device ids in no crew not seen within C{crew_ttl}.  Fires with
         C{(messages, crews)} pruned.
         """
         now = self.clock.seconds()
@@ -895,6 +1141,18 @@ class Relay:
         for crew in stale:
             del self.crews[crew.code]
             self.journal.put((DELETE_CREW, crew.code), wait=False)
+        members = {device_id for crew in self.crews.values() for device_id in crew.members}
+        idle_devices = [
+            device_id for device_id, record in self.device_keys.items()
+            if device_id not in members and device_id not in self.devices
+            and (record.last_seen if record.last_seen is not None else record.created_at) < idle_before
+        ]
+        for device_id in idle_devices:
+            del self.device_keys[device_id]
+            self.journal.put((DELETE_DEVICE, device_id), wait=False)
+        if idle_devices:
+            _log.info("retention: forgot {count} device ids in no crew and not seen for {days:g} days",
+                      count=len(idle_devices), days=self.crew_ttl / DAY)
         for crew in self.crews.values():
             if crew.client_messages:
                 # The store keeps each crew's newest entry, and with it its

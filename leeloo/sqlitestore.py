@@ -26,6 +26,7 @@ from zope.interface import implementer
 from leeloo.store import (
     APPEND,
     DELETE_CREW,
+    DELETE_DEVICE,
     DELETE_TOKEN,
     PUT_BOT_USER,
     PUT_CREW,
@@ -49,6 +50,10 @@ _log = Logger()
 
 DATABASE_NAME = "leeloo.sqlite3"
 CHECKPOINT_INTERVAL = 1.0
+# What the WAL is cut back to each time a checkpoint lets it start over
+# (a flood can grow it far past this); when the store is idle it is
+# truncated to nothing.
+JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 # Each entry takes the schema from version N to N + 1.
 MIGRATIONS = [
@@ -107,6 +112,10 @@ MIGRATIONS = [
         created_at REAL NOT NULL
     );
     """,
+    # 4: when a device in no crew was last seen (so that it can be pruned).
+    """
+    ALTER TABLE devices ADD COLUMN last_seen REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -161,6 +170,7 @@ BUSY_TIMEOUT = 2.0
 def _configure(db: sqlite3.Connection, fsync: bool, busy_timeout: float = BUSY_TIMEOUT,
                checkpoints: bool = True) -> None:
     db.execute("PRAGMA journal_mode = WAL")
+    db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
     if not checkpoints:
         db.execute("PRAGMA wal_autocheckpoint = 0")
     db.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
@@ -192,15 +202,16 @@ def _load(db: sqlite3.Connection) -> Snapshot:
             "SELECT device_id, tokens, expires_at FROM pending_tokens")
     ]
     snapshot.devices = [
-        DeviceRecord(device, key_hash, bool(bound), created)
-        for device, key_hash, bound, created in db.execute(
-            "SELECT device_id, key_hash, bound, created_at FROM devices")
+        DeviceRecord(device, key_hash, bool(bound), created, seen)
+        for device, key_hash, bound, created, seen in db.execute(
+            "SELECT device_id, key_hash, bound, created_at, last_seen FROM devices")
     ]
-    for code, seq, created in db.execute(
-        "SELECT crew_code, MAX(seq), MAX(created_at) FROM messages GROUP BY crew_code"
+    for code, seq, created, size in db.execute(
+        "SELECT crew_code, MAX(seq), MAX(created_at), SUM(length(payload)) FROM messages GROUP BY crew_code"
     ):
         snapshot.last_seq[code] = seq
         snapshot.last_message_at[code] = created
+        snapshot.log_bytes[code] = size
     snapshot.client_messages = [
         LogEntry(code, seq, id, sender, client_msg_id, digest, created, b"")
         for code, seq, id, sender, client_msg_id, digest, created in db.execute(
@@ -243,9 +254,11 @@ _STATEMENTS: dict[str, tuple[str, Callable[[Any], tuple]]] = {
     ),
     DELETE_TOKEN: ("DELETE FROM pending_tokens WHERE device_id = ?", lambda device_id: (device_id,)),
     PUT_DEVICE: (
-        "INSERT OR REPLACE INTO devices (device_id, key_hash, bound, created_at) VALUES (?, ?, ?, ?)",
-        lambda d: (d.device_id, d.key_hash, int(d.bound), d.created_at),
+        "INSERT OR REPLACE INTO devices (device_id, key_hash, bound, created_at, last_seen) "
+        "VALUES (?, ?, ?, ?, ?)",
+        lambda d: (d.device_id, d.key_hash, int(d.bound), d.created_at, d.last_seen),
     ),
+    DELETE_DEVICE: ("DELETE FROM devices WHERE device_id = ?", lambda device_id: (device_id,)),
 }
 
 
@@ -316,6 +329,24 @@ def _prune(cursor: Any, log_before: float) -> int:
     return cursor.rowcount
 
 
+def _trim(cursor: Any, crew_code: str, max_bytes: int, keep: int) -> tuple[int, int]:
+    # Newest first, with the running total of the payloads: the first row
+    # (past the kept ones) that takes the total over the bound, and every
+    # older one, go.
+    cursor.execute(
+        "SELECT seq, total FROM (SELECT seq, SUM(length(payload)) OVER w AS total, "
+        "ROW_NUMBER() OVER w AS n FROM messages WHERE crew_code = ? WINDOW w AS (ORDER BY seq DESC)) "
+        "WHERE total > ? AND n > ? ORDER BY seq DESC LIMIT 1",
+        (crew_code, max_bytes, max(1, keep)),
+    )
+    row = cursor.fetchone()
+    if row is not None:
+        cursor.execute("DELETE FROM messages WHERE crew_code = ? AND seq <= ?", (crew_code, row[0]))
+    cursor.execute("SELECT MIN(seq), SUM(length(payload)) FROM messages WHERE crew_code = ?", (crew_code,))
+    first, left = cursor.fetchone()
+    return first or 0, left or 0
+
+
 @implementer(IStore)
 class SQLiteStore:
     """
@@ -344,10 +375,18 @@ class SQLiteStore:
         finally:
             db.close()
         self._closed = False
+        self._written = False
+        self._truncated = False
         self._pool = adbapi.ConnectionPool(
             # The default isolation level opens a transaction before the first
             # write of an interaction; adbapi commits it: one commit a batch.
             "sqlite3", str(self.path), check_same_thread=False,
+            # A cached statement keeps a copy of what was last bound to it
+            # until it runs again: a batch's multi-row INSERT (one statement
+            # per row count) would keep that batch's payloads, megabytes a
+            # statement, for good.  Compiling each batch's few statements
+            # afresh costs microseconds.
+            cached_statements=0,
             cp_min=1, cp_max=1, cp_noisy=False, cp_reactor=reactor,
             cp_openfun=lambda db: _configure(db, fsync, busy_timeout, checkpoints=False),
         )
@@ -364,9 +403,31 @@ class SQLiteStore:
         self._checkpointing.start(CHECKPOINT_INTERVAL, now=False).addErrback(
             lambda f: _log.failure("WAL checkpoints stopped", f))
 
-    def _checkpoint(self) -> Deferred:
-        d = self._checkpoints.runQuery("PRAGMA wal_checkpoint(PASSIVE)")
+    def _checkpoint(self) -> Deferred | None:
+        # While writes come, a passive checkpoint (it never makes a commit
+        # wait); once a whole interval passed without one, a TRUNCATE
+        # checkpoint gives the WAL's disk space back.
+        if self._written:
+            self._written = False
+            self._truncated = False
+            mode = "PASSIVE"
+        elif not self._truncated:
+            self._truncated = True
+            mode = "TRUNCATE"
+        else:
+            return None
+        d = self._checkpoints.runQuery(f"PRAGMA wal_checkpoint({mode})")
+        if mode == "TRUNCATE":
+            d.addCallback(self._idle_checkpointed)
         return d.addErrback(lambda f: _log.warn("WAL checkpoint failed: {error}", error=f.getErrorMessage()))
+
+    def _idle_checkpointed(self, rows: list) -> None:
+        [(busy, _, _)] = rows
+        if busy:
+            # Someone was reading or writing: try again next time.
+            self._truncated = False
+        else:
+            _log.debug("store idle: WAL checkpointed and truncated")
 
     def load(self) -> Snapshot:
         snapshot, self._snapshot = self._snapshot, None
@@ -387,6 +448,7 @@ class SQLiteStore:
         raise StoreError(f"SQLite: {failure.getErrorMessage()}", transient=transient)
 
     def write(self, ops: list) -> Deferred:
+        self._written = True
         return self._run(_write, ops)
 
     def replay(self, crew_code: str, after_seq: int, up_to_seq: int, since: float,
@@ -394,7 +456,12 @@ class SQLiteStore:
         return self._run(_replay, crew_code, after_seq, up_to_seq, since, exclude_sender, limit)
 
     def prune(self, log_before: float) -> Deferred:
+        self._written = True
         return self._run(_prune, log_before)
+
+    def trim(self, crew_code: str, max_bytes: int, keep: int) -> Deferred:
+        self._written = True
+        return self._run(_trim, crew_code, max_bytes, keep)
 
     def close(self) -> Deferred:
         if not self._closed:

@@ -69,6 +69,9 @@ class DeviceRecord:
     key_hash: str
     bound: bool
     created_at: float
+    # When it last registered outside any crew (a member is seen through
+    # its memberships); None: when it was created.
+    last_seen: float | None = None
 
 
 @dataclass(slots=True)
@@ -99,6 +102,8 @@ class Snapshot:
     last_seq: dict[str, int] = field(default_factory=dict)
     last_message_at: dict[str, float] = field(default_factory=dict)
     client_messages: list[LogEntry] = field(default_factory=list)
+    # The bytes of payload in each crew's log.
+    log_bytes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +128,7 @@ PUT_TOKEN = "token"  # TokenRecord
 DELETE_TOKEN = "delete_token"  # device id
 APPEND = "append"  # LogEntry
 PUT_DEVICE = "device"  # DeviceRecord
+DELETE_DEVICE = "delete_device"  # device id
 
 
 class StoreError(Exception):
@@ -161,6 +167,14 @@ class IStore(Interface):
         Delete log entries created before C{log_before}, keeping each crew's
         newest (so that its sequence survives a restart); fire with the
         number deleted.
+        """
+
+    def trim(crew_code: str, max_bytes: int, keep: int) -> Deferred:
+        """
+        Delete C{crew_code}'s oldest log entries until the payloads of the
+        rest come to at most C{max_bytes}, but never the newest C{keep}
+        (at least one); fire with C{(first_kept_seq, bytes_left)}
+        (C{first_kept_seq} is 0 for an empty log).
         """
 
     def close() -> Deferred:
@@ -210,6 +224,7 @@ class MemoryStore:
             if entries:
                 snapshot.last_seq[code] = entries[-1].seq
                 snapshot.last_message_at[code] = entries[-1].created_at
+                snapshot.log_bytes[code] = sum(len(e.payload) for e in entries)
             snapshot.client_messages.extend(
                 replace(e, payload=b"") for e in entries if e.client_msg_id is not None)
         return snapshot
@@ -262,6 +277,9 @@ class MemoryStore:
         elif kind == PUT_DEVICE:
             undo.append(_restorer(self.devices, arg.device_id))
             self.devices[arg.device_id] = arg
+        elif kind == DELETE_DEVICE:
+            undo.append(_restorer(self.devices, arg))
+            self.devices.pop(arg, None)
         elif kind == DELETE_TOKEN:
             undo.append(_restorer(self.tokens, arg))
             self.tokens.pop(arg, None)
@@ -304,8 +322,31 @@ class MemoryStore:
             self.log[code] = keep
         return succeed(deleted)
 
+    def trim(self, crew_code: str, max_bytes: int, keep: int) -> Deferred:
+        entries = self.log.get(crew_code, [])
+        first, left = _trim_point([len(e.payload) for e in entries], max_bytes, keep)
+        del entries[:first]
+        return succeed((entries[0].seq if entries else 0, left))
+
     def close(self) -> Deferred:
         return succeed(None)
+
+
+def _trim_point(sizes: list[int], max_bytes: int, keep: int) -> tuple[int, int]:
+    """
+    For log entries of C{sizes} (oldest first): how many of the oldest to
+    delete so the rest fit C{max_bytes}, keeping at least the newest
+    C{keep} (and one); and the bytes left.
+    """
+    keep = max(1, keep)
+    total = 0
+    first = len(sizes)
+    for i in range(len(sizes) - 1, -1, -1):
+        if total + sizes[i] > max_bytes and len(sizes) - i > keep:
+            break
+        total += sizes[i]
+        first = i
+    return first, total
 
 
 def _restorer(table: dict, key: Any) -> Callable[[], Any]:
@@ -356,12 +397,25 @@ class Journal:
         self._committing = False
         self._retry: Any = None
         self._failing = False
+        # Bytes (as the putters count them) queued, and in the batch being
+        # committed; called with nothing after each batch.
+        self._queued_bytes = 0
+        self._batch_bytes = 0
+        self.on_batch: Callable[[], Any] | None = None
 
-    def put(self, op: tuple[str, Any], key: Any = None, wait: bool = True) -> Deferred | None:
+    @property
+    def backlog(self) -> int:
         """
-        Queue C{op}; return a Deferred that fires once it is durable (or
-        C{None} when C{wait} is false).
+        The bytes of the operations queued or being committed.
         """
+        return self._queued_bytes + self._batch_bytes
+
+    def put(self, op: tuple[str, Any], key: Any = None, wait: bool = True, size: int = 0) -> Deferred | None:
+        """
+        Queue C{op} (of about C{size} bytes); return a Deferred that fires
+        once it is durable (or C{None} when C{wait} is false).
+        """
+        self._queued_bytes += size
         if key is not None:
             queued = self._keyed.get(key)
             if queued is not None:
@@ -394,8 +448,12 @@ class Journal:
         if self._committing or self._retry is not None or not self._queue:
             return
         batch, self._queue, self._keyed = self._queue, [], {}
+        self._batch_bytes, self._queued_bytes = self._queued_bytes, 0
         self._committing = True
-        ops = [op for op, _ in batch if op is not None]
+        # An argument may be a callable that makes it (a log entry gets its
+        # sequence number when its batch is formed).
+        ops = [(kind, arg() if callable(arg) else arg) for (kind, arg), _ in
+               ((op, d) for op, d in batch if op is not None)]
         d = maybeDeferred(self.store.write, ops) if ops else succeed(None)
         d.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
@@ -407,7 +465,10 @@ class Journal:
             if d is not None:
                 d.callback(None)
         self._committing = False
+        self._batch_bytes = 0
         self._flush()
+        if self.on_batch is not None:
+            self.on_batch()
 
     def _failed(self, failure: Any, batch: list) -> None:
         if not self._failing:
@@ -430,8 +491,11 @@ class Journal:
             if d is not None:
                 d.errback(error)
         self._committing = False
+        self._batch_bytes = 0
         if self._queue:
             self._retry = self.clock.callLater(self.retry_delay, self._retry_now)
+        if self.on_batch is not None:
+            self.on_batch()
 
     def _retry_now(self) -> None:
         self._retry = None

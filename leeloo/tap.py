@@ -6,6 +6,7 @@ the only module that imports the global reactor (in L{makeService}).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import re
@@ -31,6 +32,9 @@ from leeloo.sqlitestore import SchemaError, SQLiteStore
 from leeloo.store import IStore, MemoryStore
 from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig, SpotifyOAuth
 from leeloo.tls import CertificateError, LetsEncryptServerEndpoint, ReloadOnHangup, health_fields
+from leeloo.tls_acme import (
+    LETS_ENCRYPT, LETS_ENCRYPT_STAGING, AcmeConfig, AcmeService, certificate_groups, is_acme, parse_endpoint,
+)
 from leeloo.web import HTTPLimits, make_admin_site, make_redirect_site, make_site
 from leeloo.websocket import RelayServerFactory, WebSocketLimits
 
@@ -76,7 +80,12 @@ class Config:
     replay_limit: int = 50
     retention_days: float = 7.0
     crew_ttl_days: float = 90.0
+    presence_grace: float = 10.0
+    crew_log_bytes: int = 16 * 1024 * 1024
+    store_queue_bytes: int = 8 * 1024 * 1024
     relay_limits: RelayLimits = RelayLimits()
+    # The acme: endpoints of listen, with the --acme-* options.
+    acme: AcmeConfig | None = None
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -149,6 +158,80 @@ def check_endpoint(description: str, option: str = "--listen", webroot: Path | N
             "or letsencrypt:domain=example.com:port=443"
         )
     return description
+
+
+_DOMAIN_OPTION = re.compile(r"(?:^|:)domain=([^:]*)")
+
+
+def letsencrypt_domains(description: str) -> set[str]:
+    """
+    The domains a C{letsencrypt:} listen string serves (none for others).
+    """
+    if description.split(":", 1)[0].strip().lower() != "letsencrypt":
+        return set()
+    return {d.strip().lower().rstrip(".") for m in _DOMAIN_OPTION.finditer(description)
+            for d in m.group(1).split(",") if d.strip()}
+
+
+def acme_config(options: Mapping[str, Any], listen: list[str]) -> AcmeConfig | None:
+    """
+    The C{acme:} endpoints among C{listen}, checked, with the C{--acme-*}
+    options; None when there are none.
+    """
+    endpoints = []
+    for description in listen:
+        if is_acme(description):
+            try:
+                endpoints.append(parse_endpoint(description))
+            except ValueError as e:
+                raise usage.UsageError(f"--listen {description!r}: {e}") from None
+    if not endpoints:
+        return None
+    try:
+        certificate_groups(endpoints)
+    except ValueError as e:
+        raise usage.UsageError(f"--listen: {e}") from None
+    certbot = set().union(*(letsencrypt_domains(d) for d in listen))
+    for endpoint in endpoints:
+        for domain in endpoint.domains:
+            if domain in certbot:
+                raise usage.UsageError(
+                    f"--listen: {domain} is on both an acme: and a letsencrypt: endpoint; one certificate "
+                    "source per domain (see README.rst 'Automatic HTTPS' to switch between them)")
+    directory = options["acme-directory"]
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", directory or ""):
+        raise usage.UsageError(f"--acme-directory {directory!r} is not an http(s) URL; e.g. {LETS_ENCRYPT}")
+    bundle = options["acme-ca-bundle"]
+    if bundle is not None and not os.access(bundle, os.R_OK):
+        raise usage.UsageError(f"--acme-ca-bundle {bundle} is not a readable file; give the PEM file of "
+                               "the roots the ACME server's HTTPS certificate is checked against")
+    if not options["acme-agree-tos"]:
+        raise SystemExit(
+            f"leeloo: cannot start: the acme: endpoint orders certificates from {options['acme-directory']}, "
+            "which needs its terms of service accepted: read them (Let's Encrypt's: "
+            "https://letsencrypt.org/repository/) and pass --acme-agree-tos")
+    return AcmeConfig(
+        endpoints=tuple(endpoints),
+        directory_url=options["acme-directory"],
+        email=options["acme-email"],
+        ca_bundle=None if bundle is None else Path(bundle).absolute(),
+        retry=options["acme-retry"],
+    )
+
+
+_TLS_TYPES = {"acme", "letsencrypt", "ssl"}
+
+
+def acme_warning(listen: tuple[str, ...], redirect_listen: tuple[str, ...]) -> str | None:
+    """
+    A warning when acme: endpoints have no plain-HTTP listener to answer
+    their HTTP-01 challenges on.
+    """
+    plain = [d for d in listen if d.split(":", 1)[0].strip().lower() not in _TLS_TYPES]
+    if plain or redirect_listen:
+        return None
+    return ("acme: endpoints need the ACME server to reach the relay over plain HTTP on port 80 for the "
+            "HTTP-01 challenge, and no --redirect-listen or plain --listen is given: add --redirect-listen tcp:80")
 
 
 def check_webroot(path: str | None) -> Path | None:
@@ -255,6 +338,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be zero or more")
+    return number
+
+
 def _code_length(value: str) -> int:
     length = int(value)
     if not 4 <= length <= 16:
@@ -283,6 +373,17 @@ class Options(usage.Options):
         ["acme-webroot", None, None,
          "Directory whose .well-known/acme-challenge/ the --redirect-listen endpoints serve "
          "(certbot certonly --webroot -w DIR)."],
+        ["acme-email", None, None,
+         "Contact e-mail for the ACME account of acme: endpoints (optional)."],
+        ["acme-directory", None, LETS_ENCRYPT,
+         "ACME directory URL acme: endpoints order from (Let's Encrypt's staging: "
+         f"{LETS_ENCRYPT_STAGING})."],
+        ["acme-ca-bundle", None, None,
+         "PEM file of the roots to check the ACME server's HTTPS against (default: certifi's, as "
+         "requests uses)."],
+        ["acme-retry", None, 60.0,
+         "Seconds before retrying a failed ACME order; doubled (with jitter) after each failure, "
+         "at most a day.", _positive_float],
         ["max-message-size", None, 64 * 1024,
          "Largest WebSocket message in bytes; larger ones are refused with close 1009.",
          _positive_int],
@@ -295,6 +396,12 @@ class Options(usage.Options):
          "Days a crew message is kept for devices that were offline.", _positive_float],
         ["crew-ttl-days", None, 90.0,
          "Days after which a crew with no message and no member seen is forgotten.", _positive_float],
+        ["crew-log-bytes", None, 16 * 1024 * 1024,
+         "Most bytes of messages kept in one crew's log; past it the oldest go (never the "
+         "newest --replay-limit).", _positive_int],
+        ["store-queue-bytes", None, 8 * 1024 * 1024,
+         "Most bytes of messages waiting for the store; past it the relay stops reading from "
+         "their senders until half is written.", _positive_int],
         ["max-connections", None, 20000,
          "Most WebSocket connections open at once; more are refused with HTTP 503.", _positive_int],
         ["max-connections-per-address", None, 256,
@@ -321,10 +428,14 @@ class Options(usage.Options):
         ["abuse-strikes", None, 10,
          "Refusals in a row (rate limits, failed device auth) after which a connection is closed.",
          _positive_int],
+        ["presence-grace", None, 10.0,
+         "Seconds before a crew hears a member went offline; a device back within them is "
+         "announced neither offline nor joined (Wi-Fi blips, crew hopping).", _non_negative_float],
         ["crew-code-length", None, 4,
          "Characters in new crew codes after LEELOO- (longer codes resist guessing).", _code_length],
     ]
     optFlags = [
+        ["acme-agree-tos", None, "Accept the ACME server's terms of service (needed by acme: endpoints)."],
         ["fsync", None, "Make every commit survive a power cut, not only a crash (slower)."],
         ["require-device-key", None,
          "Refuse device ids that have no bound device key (once the fleet is updated)."],
@@ -341,7 +452,9 @@ class Options(usage.Options):
     def opt_listen(self, endpoint: str) -> None:
         """
         Endpoint to serve HTTP and WebSocket on (repeatable; Twisted endpoint
-        string, e.g. tcp:8080, ssl:..., systemd:domain=INET:index=0).
+        string, e.g. tcp:8080, ssl:..., systemd:domain=INET:index=0,
+        letsencrypt:domain=D:port=443, or acme:domain=D[,D2]:port=443 for a
+        certificate the relay gets and renews itself).
         Default: tcp:8080:interface=127.0.0.1
         """
         self["listen"].append(endpoint)
@@ -370,11 +483,17 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         webroot = check_webroot(self["acme-webroot"])
-        listen = tuple(check_endpoint(e, webroot=webroot) for e in self["listen"] or [DEFAULT_LISTEN])
+        acme = acme_config(self, self["listen"])
+        listen = tuple(e if is_acme(e) else check_endpoint(e, webroot=webroot)
+                       for e in self["listen"] or [DEFAULT_LISTEN])
         redirect_listen = tuple(check_endpoint(e, "--redirect-listen") for e in self["redirect-listen"])
         admin_listen = tuple(check_endpoint(e, "--admin-listen") for e in self["admin-listen"])
         values = settings(self._environ, self["env-file"])
         warnings = []
+        if acme is not None:
+            warning = acme_warning(listen, redirect_listen)
+            if warning:
+                warnings.append(warning)
         if self["env-file"]:
             warning = env_file_warning(self["env-file"])
             if warning:
@@ -402,6 +521,9 @@ class Options(usage.Options):
             replay_limit=self["replay-limit"],
             retention_days=self["retention-days"],
             crew_ttl_days=self["crew-ttl-days"],
+            presence_grace=self["presence-grace"],
+            crew_log_bytes=self["crew-log-bytes"],
+            store_queue_bytes=self["store-queue-bytes"],
             relay_limits=RelayLimits(
                 messages=Rate(self["messages-per-second"], self["message-burst"]),
                 entries=Rate.per_window(self["join-attempts"], self["join-window"]),
@@ -409,6 +531,7 @@ class Options(usage.Options):
                 require_device_key=bool(self["require-device-key"]),
                 crew_code_length=self["crew-code-length"],
             ),
+            acme=acme,
         )
 
 
@@ -473,6 +596,10 @@ class RelayService(Service):
         )
         self.log.info("relay limits: {limits}", limits=self.relay.limits.describe())
         self.log.info(
+            "store limits: crew logs of at most {log} bytes, senders paused past {queue} bytes "
+            "waiting for the store; presence grace {grace:g}s",
+            log=self.relay.crew_log_bytes, queue=self.relay.store_queue_bytes, grace=self.relay.presence_grace)
+        self.log.info(
             "Spotify callback {spotify}; bot API {bot}",
             spotify="configured" if self.config.spotify else "not configured",
             bot="enabled" if self.config.telegram_api_secret else "disabled (no TELEGRAM_API_SECRET)",
@@ -522,6 +649,9 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
         retention=config.retention_days * DAY,
         crew_ttl=config.crew_ttl_days * DAY,
         limits=config.relay_limits,
+        presence_grace=config.presence_grace,
+        crew_log_bytes=config.crew_log_bytes,
+        store_queue_bytes=config.store_queue_bytes,
     )
     ws_factory = RelayServerFactory(
         relay, config.limits, TrustedProxies(config.trusted_proxies), OriginPolicy(config.public_url))
@@ -534,12 +664,24 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
 
             http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
         spotify = SpotifyOAuth(config.spotify, http, reactor)
-    endpoints = [serverFromString(reactor, description) for description in config.listen]
-    certificates = [e.certificates for e in endpoints if isinstance(e, LetsEncryptServerEndpoint)]
+    acme = None
+    if config.acme is not None:
+        try:
+            acme = AcmeService(reactor, config.acme, config.data_dir / "certificates")
+        except OSError as e:
+            raise StartupError(
+                f"cannot use {config.data_dir / 'certificates'} for the acme: certificates "
+                f"({e.strerror or e}); check that the relay's user owns it") from None
+    acme_specs = {spec.description: spec for spec in (config.acme.endpoints if config.acme else ())}
+    endpoints = [acme.endpoint(acme_specs[description]) if description in acme_specs
+                 else serverFromString(reactor, description) for description in config.listen]
+    certificates = list(dict.fromkeys(e.certificates for e in endpoints if isinstance(e, LetsEncryptServerEndpoint)))
+    challenges = acme.challenges.lookup if acme is not None else None
     site = make_site(
         relay, ws_factory, spotify, config.telegram_api_secret, reactor=reactor,
         limits=config.http_limits, metrics=metrics,
         health_fields=[health_fields(certificates)] if certificates else (),
+        challenges=challenges,
     )
 
     top = MultiService()
@@ -556,9 +698,14 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
     for endpoint in endpoints:
         StreamServerEndpointService(endpoint, site).setServiceParent(top)
     if config.redirect_listen:
-        redirect_site = make_redirect_site(config.acme_webroot, reactor=reactor, limits=config.http_limits)
+        redirect_site = make_redirect_site(config.acme_webroot, reactor=reactor, limits=config.http_limits,
+                                           challenges=challenges)
         for description in config.redirect_listen:
             StreamServerEndpointService(serverFromString(reactor, description), redirect_site).setServiceParent(top)
+    if acme is not None:
+        # After the listeners: it starts ordering once they listen (the
+        # challenges are answered there), and stops before them.
+        acme.setServiceParent(top)
     admin_site = None
     if config.admin_listen:
         admin_site = make_admin_site(relay, metrics, reactor=reactor, limits=config.http_limits)
@@ -569,6 +716,7 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
     top.site = site
     top.admin_site = admin_site
     top.metrics = metrics
+    top.acme = acme
     return top
 
 
@@ -589,10 +737,34 @@ GIL_SWITCH_INTERVAL = 0.0005
 GC_THRESHOLDS = (10_000, 20, 20)
 
 
+# glibc's malloc serves blocks under its mmap threshold from the heap, and
+# raises that threshold each time a larger block is freed: after a flood of
+# 64 KiB messages every message buffer lives in the heap, and what the flood
+# left there stays resident long after.  A fixed threshold (glibc's own
+# starting value) and trim threshold give the memory back once freed.
+MALLOC_THRESHOLD = 128 * 1024
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc(threshold: int = MALLOC_THRESHOLD) -> bool:
+    """
+    Fix glibc's mmap and trim thresholds at C{threshold}; return whether
+    the C library took them (other C libraries have no C{mallopt}).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return all(mallopt(option, threshold) == 1 for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    tune_malloc()
     gc.set_threshold(*GC_THRESHOLDS)
     # What exists once the relay has started (modules, the service tree,
     # the state it loaded) lives as long as the process: keep it out of

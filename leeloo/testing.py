@@ -32,6 +32,7 @@ class FakePeer:
         self.sent: list[dict] = []
         self.payloads: list[bytes] = []
         self.closed: tuple[int, str] | None = None
+        self.paused = False
 
     def send(self, message: Outgoing) -> None:
         self.payloads.append(message.payload)
@@ -39,6 +40,12 @@ class FakePeer:
 
     def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
 
     def take(self) -> list[dict]:
         """

@@ -16,7 +16,9 @@ The pieces, from the bottom up:
   - L{CertificateStore} holds one context per domain, picks one by
     SNI, and replaces a domain's context when its files change (L{check},
     run by a timer) or when told to (L{reload}, on SIGHUP).  A refused
-    renewal is logged and the old context stays.
+    renewal is logged and the old context stays.  For the relay's own ACME
+    client (L{leeloo.tls_acme}) it serves a placeholder while a domain
+    waits for its first certificate.
   - L{ServerConnectionCreator} makes each new connection from the store's
     current context; a connection keeps the context it started with.
   - L{TLSConnection} is one connection: an C{ssl.SSLObject} over memory
@@ -450,7 +452,14 @@ class CertificateStore:
 
     @param clock: provides C{seconds()}; it decides validity and when to
         warn of expiry.
-    @raise CertificateError: at construction, when one cannot be served.
+    @param placeholder: makes a stand-in L{Certificate} for a domain whose
+        files cannot be served yet (the relay's own ACME client is getting
+        them): the domain is then I{pending} (L{pending} says why) until
+        its files load.  Without it such a domain is an error.
+    @param renewer: who renews the certificates, for the expiry warning:
+        C{"certbot"} or C{"acme"} (the relay itself).
+    @raise CertificateError: at construction, when one cannot be served
+        and there is no C{placeholder}.
     """
 
     def __init__(
@@ -459,6 +468,8 @@ class CertificateStore:
         domains: Sequence[str],
         clock: Any,
         release_buffers: bool = True,
+        placeholder: Callable[[str], Certificate] | None = None,
+        renewer: str = "certbot",
     ) -> None:
         if not domains:
             raise ValueError("at least one domain is needed")
@@ -472,13 +483,31 @@ class CertificateStore:
         self._signatures: dict[str, tuple] = {}
         self._warned: dict[str, float] = {}
         self._waiting: list[Deferred] = []
+        self.renewer = renewer
+        # Domains served by a placeholder, with why.
+        self.pending: dict[str, str] = {}
         for domain in self.domains:
             self._signatures[domain] = _signature(self.directory, domain)
-            self._install(load_certificate(self.directory, domain, clock.seconds()))
+            try:
+                certificate = load_certificate(self.directory, domain, clock.seconds())
+            except CertificateError as e:
+                if placeholder is None:
+                    raise
+                self.pending[domain] = _pending_reason(e)
+                certificate = placeholder(domain)
+            self._install(certificate)
 
     def log_certificates(self) -> None:
         for domain in self.domains:
             certificate = self._certificates[domain]
+            if domain in self.pending:
+                log.info(
+                    "TLS certificate for {domain} pending ({why}): serving a self-signed placeholder "
+                    "until it arrives",
+                    domain=domain,
+                    why=self.pending[domain],
+                )
+                continue
             log.info(
                 "TLS certificate for {domain} ({names}) valid until {not_after}, sha256 {fingerprint}",
                 domain=domain,
@@ -554,6 +583,21 @@ class CertificateStore:
             self._signatures[domain] = _signature(self.directory, domain)
             self._reload(domain, "reload requested")
 
+    def reload_domain(self, domain: str, why: str) -> bool:
+        """
+        Read C{domain}'s files again now; whether the certificate served is
+        then theirs (replaced, or unchanged).  Never raises.
+        """
+        self._signatures[domain] = _signature(self.directory, domain)
+        return self._reload(domain, why)
+
+    def set_pending(self, domain: str, why: str) -> None:
+        """
+        Say why C{domain}, if it is still pending, is still pending.
+        """
+        if domain in self.pending:
+            self.pending[domain] = why
+
     def check(self) -> None:
         """
         Reload the domains whose files changed since last seen, and warn
@@ -570,15 +614,19 @@ class CertificateStore:
         except Exception:
             log.failure("checking the TLS certificates failed; will check again")
 
-    def _reload(self, domain: str, why: str) -> None:
+    def _reload(self, domain: str, why: str) -> bool:
         old = self._certificates[domain]
         try:
             new = load_certificate(self.directory, domain, self.clock.seconds())
             if new.fingerprint == old.fingerprint:
                 log.info("TLS certificate for {domain} unchanged ({why})", domain=domain, why=why)
-                return
+                return True
             self._install(new)
         except CertificateError as e:
+            if domain in self.pending:
+                log.info("TLS certificate for {domain} still pending ({why}): {problem}",
+                         domain=domain, why=why, problem=_pending_reason(e))
+                return False
             log.error(
                 "refused the new TLS certificate ({why}): {problem}; still serving the old one, "
                 "valid until {not_after}",
@@ -586,12 +634,13 @@ class CertificateStore:
                 problem=str(e),
                 not_after=iso(old.not_after),
             )
-            return
+            return False
         except Exception:
             log.failure("reloading the TLS certificate for {domain} failed; still serving the old one",
                         domain=domain)
-            return
+            return False
         self._warned.pop(domain, None)
+        self.pending.pop(domain, None)
         log.info(
             "TLS certificate for {domain} replaced ({why}): now valid until {not_after}, sha256 {fingerprint}; "
             "new connections get it, open ones keep theirs",
@@ -603,17 +652,27 @@ class CertificateStore:
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(domain)
+        return True
 
     def _warn_of_expiry(self) -> None:
         now = self.clock.seconds()
         for domain, certificate in self._certificates.items():
             left = certificate.not_after - _utc(now)
-            if left >= EXPIRY_WARNING:
+            if left >= EXPIRY_WARNING or domain in self.pending:
                 continue
             last = self._warned.get(domain)
             if last is not None and now - last < EXPIRY_WARNING_EVERY:
                 continue
             self._warned[domain] = now
+            if self.renewer == "acme":
+                log.warn(
+                    "TLS certificate for {domain} expires on {not_after}, in {days} days, and the relay's "
+                    "own ACME renewal has not replaced it yet: see the log's ACME lines for why",
+                    domain=domain,
+                    not_after=iso(certificate.not_after),
+                    days=max(0, left.days),
+                )
+                continue
             log.warn(
                 "TLS certificate for {domain} expires on {not_after}, in {days} days: is certbot renewing it? "
                 "(sudo certbot renew --cert-name {domain})",
@@ -623,21 +682,33 @@ class CertificateStore:
             )
 
     def not_after(self) -> dict[str, str]:
-        return {domain: iso(c.not_after) for domain, c in self._certificates.items()}
+        return {domain: iso(c.not_after) for domain, c in self._certificates.items() if domain not in self.pending}
+
+
+def _pending_reason(e: CertificateError) -> str:
+    if e.problem == "does not exist":
+        return "no certificate yet"
+    return f"{e.path.name} {e.problem}"
 
 
 def health_fields(stores: Iterable[CertificateStore]) -> Callable[[], dict]:
     """
     A provider of C{/health}'s C{tls_not_after}: each domain's certificate
-    expiry, ISO 8601 in UTC.
+    expiry, ISO 8601 in UTC; and, while a domain waits for its first
+    certificate, C{tls_pending}: why, by domain.
     """
     stores = tuple(stores)
 
     def fields() -> dict:
         expiry: dict[str, str] = {}
+        pending: dict[str, str] = {}
         for store in stores:
             expiry.update(store.not_after())
-        return {"tls_not_after": expiry}
+            pending.update(store.pending)
+        result: dict = {"tls_not_after": expiry}
+        if pending:
+            result["tls_pending"] = pending
+        return result
 
     return fields
 

@@ -34,7 +34,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from leeloo import messages, pages
 from leeloo.access import TrustedProxies, is_loopback
-from leeloo.messages import InvalidCrewCode, NotInCrew, ProtocolError, RateLimited, StoreUnavailable
+from leeloo.messages import CrewLimit, InvalidCrewCode, NotInCrew, ProtocolError, RateLimited, StoreUnavailable
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyError, SpotifyOAuth
 from leeloo.websocket import RelayServerFactory
@@ -67,7 +67,7 @@ class APIError(Exception):
 def _api_error(e: ProtocolError) -> APIError:
     if isinstance(e, RateLimited):
         return APIError(429, e.code, e.message, retry_after=e.retry_after)
-    if isinstance(e, StoreUnavailable):
+    if isinstance(e, (StoreUnavailable, CrewLimit)):
         return APIError(503, e.code, e.message)
     if isinstance(e, InvalidCrewCode):
         return APIError(404, "crew_not_found", e.message)
@@ -432,7 +432,7 @@ class BotAPI(Resource):
     def create(self, request: Request) -> dict:
         body = self._body(request)
         user, name = _user_id(body), _name(body, "display_name")
-        return {"crew_code": self.relay.bot_create_crew(user, name)}
+        return self.relay.bot_create_crew(user, name).addCallback(lambda code: {"crew_code": code})
 
     def join(self, request: Request) -> dict:
         body = self._body(request)
@@ -492,8 +492,13 @@ def make_root(
     bot_secret: str | None,
     metrics: Any = None,
     health_fields: Iterable[Callable[[], dict]] = (),
+    challenges: Callable[[str], str | None] | None = None,
 ) -> Resource:
     root = Directory()
+    if challenges is not None:
+        well_known = Directory()
+        well_known.putChild(b"acme-challenge", ChallengeResponder(challenges))
+        root.putChild(b".well-known", well_known)
     root.putChild(b"", Landing(relay))
     root.putChild(b"index.html", Landing(relay))
     root.putChild(b"crew", CrewPage())
@@ -792,15 +797,18 @@ def make_site(
     metrics: Any = None,
     hsts: bytes | None = HSTS,
     health_fields: Iterable[Callable[[], dict]] = (),
+    challenges: Callable[[str], str | None] | None = None,
 ) -> RelaySite:
     """
     The public site.  C{proxies} defaults to the WebSocket factory's;
     C{metrics} adds ``/metrics`` for loopback clients (and this site's
     figures to it); responses over TLS carry C{hsts}; C{health_fields} add
-    to ``/health``.
+    to ``/health``; C{challenges} (token -> key authorization) answers
+    ``/.well-known/acme-challenge/TOKEN`` for the relay's own ACME client.
     """
     site = RelaySite(
-        make_root(relay, ws_factory, spotify, bot_secret, metrics=metrics, health_fields=health_fields),
+        make_root(relay, ws_factory, spotify, bot_secret, metrics=metrics, health_fields=health_fields,
+                  challenges=challenges),
         limits=limits,
         proxies=ws_factory.proxies if proxies is None else proxies,
         hsts=hsts,
@@ -848,11 +856,16 @@ class HTTPSRedirect(Resource):
 
     isLeaf = True
 
-    def __init__(self, webroot: Path | None) -> None:
+    def __init__(self, webroot: Path | None, tokens: Callable[[str], str | None] | None = None) -> None:
         super().__init__()
         self.challenges = None if webroot is None else Path(webroot) / ".well-known" / "acme-challenge"
+        self.tokens = tokens
 
     def render(self, request: Request) -> bytes:
+        if self.tokens is not None and request.path.startswith(ACME_CHALLENGE):
+            answer = _from_memory(self.tokens, request, request.path[len(ACME_CHALLENGE):])
+            if answer is not None or self.challenges is None:
+                return answer if answer is not None else _text(request, 404, b"No such challenge.\n")
         if self.challenges is not None and request.path.startswith(ACME_CHALLENGE):
             return self._challenge(request, request.path[len(ACME_CHALLENGE):])
         host = _host_without_port((request.getHeader(b"host") or b"").decode("ascii", "replace"))
@@ -888,6 +901,40 @@ class HTTPSRedirect(Resource):
         return _text(request, 200, body)
 
 
+def _from_memory(tokens: Callable[[str], str | None], request: Request, token: bytes) -> bytes | None:
+    """
+    The answer to an HTTP-01 challenge the relay's own ACME client holds in
+    memory, or None when it holds no such token.
+    """
+    if request.method not in (b"GET", b"HEAD"):
+        request.setHeader(b"allow", b"GET, HEAD")
+        return _text(request, 405, b"Method not allowed.\n")
+    if not _TOKEN.fullmatch(token):
+        return None
+    answer = tokens(token.decode("ascii"))
+    if answer is None:
+        return None
+    return _text(request, 200, answer.encode("ascii"))
+
+
+class ChallengeResponder(Resource):
+    """
+    C{/.well-known/acme-challenge/TOKEN} on the main site: the key
+    authorizations of the relay's own ACME orders, from memory.
+    """
+
+    isLeaf = True
+
+    def __init__(self, tokens: Callable[[str], str | None]) -> None:
+        super().__init__()
+        self.tokens = tokens
+
+    def render(self, request: Request) -> bytes:
+        token = b"/".join(request.postpath)
+        answer = _from_memory(self.tokens, request, token)
+        return answer if answer is not None else _text(request, 404, b"No such challenge.\n")
+
+
 def _host_without_port(header: str) -> str | None:
     """
     The host of a Host header, lower case, without its port; None when it
@@ -915,10 +962,12 @@ def _text(request: Request, status: int | None, body: bytes) -> bytes:
 
 
 def make_redirect_site(webroot: Path | None, reactor: Any = None,
-                       limits: HTTPLimits = HTTPLimits()) -> RelaySite:
+                       limits: HTTPLimits = HTTPLimits(),
+                       challenges: Callable[[str], str | None] | None = None) -> RelaySite:
     """
-    The Site of C{--redirect-listen}: ACME challenges from C{webroot}, and
-    a permanent redirect to https for everything else; hardened like the
+    The Site of C{--redirect-listen}: ACME challenges from C{challenges}
+    (the relay's own orders, in memory) and C{webroot} (certbot's), and a
+    permanent redirect to https for everything else; hardened like the
     others (port 80 is as open to slow senders as 443).
     """
-    return RelaySite(HTTPSRedirect(webroot), limits=limits, name="redirect", reactor=reactor)
+    return RelaySite(HTTPSRedirect(webroot, challenges), limits=limits, name="redirect", reactor=reactor)

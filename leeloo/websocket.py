@@ -223,6 +223,26 @@ class RelayServerProtocol(WebSocketServerProtocol):
             # does for its own limits.
             self.sendCloseFrame(code, reason.encode("utf-8")[:123], isReply=False)
 
+    def pause_reading(self) -> None:
+        producer = self._reader()
+        if producer is not None:
+            producer.pauseProducing()
+
+    def resume_reading(self) -> None:
+        producer = self._reader()
+        if producer is not None and self.state != self.STATE_CLOSED:
+            producer.resumeProducing()
+
+    def _reader(self) -> Any:
+        """
+        The transport that reads the socket: the TCP connection itself, or
+        the one under a TLS layer (which cannot pause reading itself).
+        """
+        transport = self.transport
+        while transport is not None and not IPushProducer.providedBy(transport):
+            transport = getattr(transport, "transport", None)
+        return transport
+
     # IPushProducer: the transport's word on its buffer
 
     def pauseProducing(self) -> None:

@@ -28,7 +28,8 @@ class ServiceTests(TestCase):
         previous = txaio.config.loop
         self.addCleanup(setattr, txaio.config, "loop", previous)
         options = Options(environ={"TELEGRAM_API_SECRET": "test-secret"})
-        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--data-dir", self.mktemp()])
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--data-dir", self.mktemp(),
+                              "--presence-grace", "0.1"])
         self.service = build_service(options.config, reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)

@@ -281,7 +281,7 @@ class HalfOpenHandshakeTests(RelayOnLoopback):
 class SlowReaderTests(RelayOnLoopback):
     # The flood is faster than any device is allowed to send.
     args = ("--max-unsent-bytes", str(256 * 1024),
-            "--messages-per-second", "100000", "--message-burst", "100000")
+            "--messages-per-second", "100000", "--message-burst", "100000", "--presence-grace", "0.1")
 
     @defer.inlineCallbacks
     def test_slow_reader_cut_off_crew_served(self):

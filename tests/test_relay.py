@@ -8,7 +8,7 @@ import json
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from leeloo.relay import CLOSE_GOING_AWAY, CLOSE_REPLACED, Relay, generate_crew_code, generate_device_id
+from leeloo.relay import CLOSE_GOING_AWAY, CLOSE_REPLACED, PRESENCE_GRACE, Relay, generate_crew_code, generate_device_id
 from leeloo.testing import FakePeer, strip_keys
 
 T0 = 1_700_000_000.0
@@ -149,7 +149,7 @@ class CreateCrewTests(RelayTestCase):
         A generated code never names a crew that already exists.
         """
         codes = iter(["LEELOO-AAAA", "LEELOO-AAAA", "LEELOO-BBBB"])
-        relay = Relay(self.clock, crew_code=lambda: next(codes))
+        relay = Relay(self.clock, crew_code=lambda length: next(codes))
         a, b = Device(relay), Device(relay)
         a.send(type="create_crew")
         b.send(type="create_crew")
@@ -225,12 +225,14 @@ class JoinCrewTests(RelayTestCase):
 
     def test_switching_crews(self):
         """
-        Joining another crew leaves the first: it hears member_offline and
-        no longer receives the device's messages.
+        Joining another crew leaves the first: it hears member_offline (once
+        the presence grace has passed) and no longer receives the device's
+        messages.
         """
         a, b = self.crew_of(2, "ALPHA")
         [c] = self.crew_of(1, "BETA")
         b.send(type="join_crew", crew_code="BETA")
+        self.clock.advance(PRESENCE_GRACE)
         self.assertEqual(a.take(), [{"type": "member_offline", "device_id": "dev1", "display_name": "Dev 1"}])
         b.send(type="reaction", reaction_type="fire")
         self.assertEqual(a.take(), [])
@@ -365,10 +367,14 @@ class FanoutTests(RelayTestCase):
 class DisconnectTests(RelayTestCase):
     def test_member_offline(self):
         """
-        When a device disconnects, the rest of its crew hears member_offline.
+        When a device disconnects and does not come back within the presence
+        grace, the rest of its crew hears member_offline.
         """
         a, b = self.crew_of(2)
         a.close()
+        self.clock.advance(PRESENCE_GRACE - 0.1)
+        self.assertEqual(b.take(), [])
+        self.clock.advance(0.1)
         self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "dev0", "display_name": "Dev 0"}])
         self.assertEqual(self.relay.health()["devices"], 1)
 
@@ -552,7 +558,7 @@ class BotTests(RelayTestCase):
         A crew created by a bot user lists that user; devices joining show up
         in its status.
         """
-        code = self.relay.bot_create_crew("7", "Tina")
+        code = self.successResultOf(self.relay.bot_create_crew("7", "Tina"))
         d = self.device()
         d.send(type="join_crew", crew_code=code, device_name="Den")
         self.assertEqual(

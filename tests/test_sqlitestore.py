@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from leeloo.sqlitestore import (
     DATABASE_NAME,
+    JOURNAL_SIZE_LIMIT,
     MIGRATIONS,
     SCHEMA_VERSION,
     SchemaError,
@@ -378,3 +379,36 @@ class CheckpointTests(SQLiteTestCase):
         self.assertEqual(copied, frames)
         self.assertFalse(store._checkpoints is store._pool)
         self.assertTrue(store._checkpointing.running)
+
+
+class WALSizeTests(SQLiteTestCase):
+    def wal_size(self, store):
+        return os.path.getsize(f"{store.path}-wal")
+
+    @inlineCallbacks
+    def test_journal_size_limit(self):
+        """
+        Every connection cuts the WAL back to JOURNAL_SIZE_LIMIT when it
+        starts over.
+        """
+        store = self.open()
+        self.assertEqual((yield self.pragma(store, "journal_size_limit")), JOURNAL_SIZE_LIMIT)
+        limit = yield store._checkpoints.runQuery("PRAGMA journal_size_limit")
+        self.assertEqual(limit, [(JOURNAL_SIZE_LIMIT,)])
+
+    @inlineCallbacks
+    def test_truncated_when_idle(self):
+        """
+        After a burst of writes, the first checkpoint with no write since
+        the one before truncates the WAL to nothing; while writes come, the
+        WAL is left alone.
+        """
+        store = self.open()
+        yield store.write([crew_op()] + [append_op(seq, b"x" * 4096) for seq in range(1, 2000)])
+        yield store._checkpoint()
+        self.assertGreater(self.wal_size(store), 4 * 1024 * 1024)
+        yield store._checkpoint()
+        self.assertEqual(self.wal_size(store), 0)
+        self.assertIsNone(store._checkpoint())
+        yield store.write([append_op(2000)])
+        self.assertGreater(self.wal_size(store), 0)

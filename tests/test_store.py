@@ -14,13 +14,16 @@ from leeloo.sqlitestore import SQLiteStore
 from leeloo.store import (
     APPEND,
     DELETE_CREW,
+    DELETE_DEVICE,
     DELETE_TOKEN,
     PUT_BOT_USER,
     PUT_CREW,
+    PUT_DEVICE,
     PUT_MEMBER,
     PUT_TOKEN,
     BotUserRecord,
     CrewRecord,
+    DeviceRecord,
     LogEntry,
     MemberRecord,
     MemoryStore,
@@ -558,6 +561,74 @@ class StoreContract:
         yield self.logged(entry(1), entry(2))
         deleted = yield self.store.prune(T0)
         self.assertEqual(deleted, 0)
+
+    # ---------------------------------------------------------------- trim
+
+    @contract
+    def test_log_bytes(self):
+        """
+        A restarted relay learns how many payload bytes each crew's log
+        holds.
+        """
+        yield self.logged(entry(1, payload=b"x" * 10), entry(2, payload=b"y" * 5),
+                          entry(1, crew=BRAVO, payload=b"z"))
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.log_bytes, {ALPHA: 15, BRAVO: 1})
+
+    @contract
+    def test_trim_to_bytes(self):
+        """
+        Trimming deletes the oldest entries until the rest fit, and fires
+        with the first sequence kept and the bytes left.
+        """
+        yield self.logged(*(entry(seq, payload=b"x" * 10) for seq in range(1, 11)),
+                          entry(1, crew=BRAVO, payload=b"b" * 10))
+        result = yield self.store.trim(ALPHA, 35, 1)
+        self.assertEqual(result, (8, 30))
+        alpha = yield self.store.replay(ALPHA, 0, 99, 0.0, "nobody", 99)
+        bravo = yield self.store.replay(BRAVO, 0, 99, 0.0, "nobody", 99)
+        self.assertEqual(([s for s, _ in alpha.entries], [s for s, _ in bravo.entries]), ([8, 9, 10], [1]))
+
+    @contract
+    def test_trim_keeps_newest(self):
+        """
+        Trimming never deletes the newest C{keep} entries (nor the newest
+        one when C{keep} is 0).
+        """
+        yield self.logged(*(entry(seq, payload=b"x" * 10) for seq in range(1, 11)))
+        result = yield self.store.trim(ALPHA, 5, 4)
+        self.assertEqual(result, (7, 40))
+        result = yield self.store.trim(ALPHA, 0, 0)
+        self.assertEqual(result, (10, 10))
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.last_seq, {ALPHA: 10})
+
+    @contract
+    def test_trim_nothing(self):
+        """
+        A log within the bound, or an empty one, is left as it is.
+        """
+        result = yield self.store.trim(ALPHA, 100, 1)
+        self.assertEqual(result, (0, 0))
+        yield self.logged(entry(1, payload=b"x" * 10), entry(2, payload=b"x" * 10))
+        result = yield self.store.trim(ALPHA, 100, 1)
+        self.assertEqual(result, (1, 20))
+
+    # ------------------------------------------------------------- devices
+
+    @contract
+    def test_device_last_seen(self):
+        """
+        A device record keeps when it was last seen, and can be deleted.
+        """
+        yield self.store.write([(PUT_DEVICE, DeviceRecord("leeloo_a", "h", False, T0, T0 + 5)),
+                                (PUT_DEVICE, DeviceRecord("leeloo_b", "h", True, T0))])
+        snapshot = yield self.restart()
+        self.assertEqual(sorted((d.device_id, d.last_seen) for d in snapshot.devices),
+                         [("leeloo_a", T0 + 5), ("leeloo_b", None)])
+        yield self.store.write([(DELETE_DEVICE, "leeloo_a")])
+        snapshot = yield self.restart()
+        self.assertEqual([d.device_id for d in snapshot.devices], ["leeloo_b"])
 
 
 class MemoryStoreTests(StoreContract, SynchronousTestCase):

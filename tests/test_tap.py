@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from leeloo.tap import DEFAULT_LISTEN, Options, build_service, read_env_file, with_default_backlog
+from leeloo.tap import DEFAULT_LISTEN, Options, build_service, read_env_file, tune_malloc, with_default_backlog
 
 
 class OptionsTestCase(SynchronousTestCase):
@@ -416,3 +416,41 @@ class AdminListenTests(OptionsTestCase):
         self.assertIs(factories[9100], service.admin_site)
         self.assertIsNot(service.admin_site, service.site)
         self.assertIn(b"metrics", service.admin_site.resource.children)
+
+
+class StoreLimitOptionsTests(OptionsTestCase):
+    def test_defaults(self):
+        """
+        By default a crew's log holds at most 16 MiB, senders are paused
+        past 8 MiB waiting for the store, and presence has 10 s of grace.
+        """
+        config = self.parse()
+        self.assertEqual((config.crew_log_bytes, config.store_queue_bytes, config.presence_grace),
+                         (16 * 1024 * 1024, 8 * 1024 * 1024, 10.0))
+
+    def test_options_reach_the_relay(self):
+        """
+        Each has its option, and the relay is built with it.
+        """
+        config = self.parse("--store", "memory", "--crew-log-bytes", "1000", "--store-queue-bytes", "2000",
+                            "--presence-grace", "0")
+        service, _ = started(self, config)
+        relay = service.relay
+        self.assertEqual((relay.crew_log_bytes, relay.store_queue_bytes, relay.presence_grace), (1000, 2000, 0.0))
+
+    def test_invalid(self):
+        """
+        Byte bounds must be positive; the grace may be zero but not negative.
+        """
+        for option, bad in (("--crew-log-bytes", "0"), ("--store-queue-bytes", "-1"),
+                            ("--presence-grace", "-1"), ("--presence-grace", "soon")):
+            self.assertRaises(UsageError, self.parse, option, bad)
+
+
+class MallocTuningTests(SynchronousTestCase):
+    def test_glibc_takes_thresholds(self):
+        """
+        glibc (this machine's C library, and the servers') accepts the fixed
+        mmap and trim thresholds through mallopt.
+        """
+        self.assertTrue(tune_malloc())

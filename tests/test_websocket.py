@@ -9,7 +9,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.access import OriginPolicy, TrustedProxies
-from leeloo.relay import Relay
+from leeloo.relay import PRESENCE_GRACE, Relay
 from leeloo.testing import MemoryWebSocketClients, RecordingClientProtocol, strip_keys
 from leeloo.web import make_site
 from leeloo.websocket import RelayServerFactory, WebSocketLimits
@@ -102,6 +102,8 @@ class ContractTests(WebSocketTestCase):
         a, b = self.registered(2)
         a.sendClose(1000)
         self.net.flush()
+        self.clock.advance(PRESENCE_GRACE)
+        self.net.flush()
         self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "d0", "display_name": "D0"}])
         self.assertEqual(self.relay.health()["devices"], 1)
 
@@ -111,6 +113,8 @@ class ContractTests(WebSocketTestCase):
         """
         a, b = self.registered(2)
         a.transport.loseConnection()
+        self.net.flush()
+        self.clock.advance(PRESENCE_GRACE)
         self.net.flush()
         self.assertEqual(b.take()[0]["type"], "member_offline")
 
@@ -181,6 +185,8 @@ class BadInputTests(WebSocketTestCase):
         self.net.flush()
         self.assertTrue(a.closed)
         self.assertEqual(a.close_code, 1009)
+        self.clock.advance(PRESENCE_GRACE)
+        self.net.flush()
         self.assertEqual(b.take()[0]["type"], "member_offline")
 
     def test_invalid_utf8_closed(self):
@@ -510,6 +516,9 @@ class SlowReaderTests(WebSocketTestCase):
             for i in range(4):
                 self.send(a, type="message", payload={"text": self.BODY, "n": i})
         self.assertTrue(slow.transport.disconnecting)
+        self.net.flush()
+        self.clock.advance(PRESENCE_GRACE)
+        self.net.flush()
         received = c.take()
         self.assertEqual([m["payload"]["n"] for m in received if m["type"] == "message"], [0, 1, 2, 3])
         self.assertIn({"type": "member_offline", "device_id": "d1", "display_name": "D1"}, received)
