@@ -30,10 +30,12 @@ import txaio
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
+from websockets.sync.client import connect
 
 from leeloo.tap import Options, build_service
 
 from ..support import CHECKOUT, listening_port
+from ..support import TIMEOUT as WS_TIMEOUT
 
 TIMEOUT = 15
 PHONE = (375, 812)
@@ -94,6 +96,37 @@ def in_thread(script, *args):
         with ExitStack() as stack:
             return script(stack, *args)
     return deferToThread(run)
+
+
+def device(stack, port, name, code=None, create=False, device_id=None):
+    """
+    A raw WebSocket device in crew C{code} (created when C{create}; a new
+    code when C{code} is None), closed with C{stack}: its socket and reply.
+    """
+    ws = stack.enter_context(
+        connect(f"ws://127.0.0.1:{port}/ws", open_timeout=WS_TIMEOUT, close_timeout=WS_TIMEOUT))
+    hello = {"type": "create_crew" if create else "join_crew", "display_name": name}
+    if code is not None:
+        hello["crew_code"] = code
+    if device_id is not None:
+        hello["device_id"] = device_id
+    ws.send(json.dumps(hello))
+    return ws, json.loads(ws.recv(timeout=WS_TIMEOUT))
+
+
+def next_of(ws, *kinds):
+    """
+    The next frame the device receives whose type (or msg_type) is one of
+    C{kinds}.
+    """
+    while True:
+        frame = json.loads(ws.recv(timeout=WS_TIMEOUT))
+        if frame.get("type") in kinds or frame.get("msg_type") in kinds:
+            return frame
+
+
+def say(ws, msg_type, **payload):
+    ws.send(json.dumps({"type": "message", "msg_type": msg_type, "payload": payload}))
 
 
 class Browser:

@@ -9,43 +9,10 @@ import json
 
 from twisted.internet import defer, reactor
 from twisted.internet.threads import blockingCallFromThread
-from websockets.sync.client import connect
 
-from ..support import TIMEOUT
-from .support import RelayBrowserTestCase, in_thread
+from .support import RelayBrowserTestCase, device, in_thread, next_of, say
 
 ART = "https://i.scdn.co/image/ab67616d0000b273aaaaaaaaaaaaaaaaaaaaaaaa"
-
-
-def device(stack, port, name, code=None, create=False, device_id=None):
-    """
-    A raw WebSocket device in crew C{code} (created when C{create}; a new
-    code when C{code} is None), closed with C{stack}: its socket and reply.
-    """
-    ws = stack.enter_context(
-        connect(f"ws://127.0.0.1:{port}/ws", open_timeout=TIMEOUT, close_timeout=TIMEOUT))
-    hello = {"type": "create_crew" if create else "join_crew", "display_name": name}
-    if code is not None:
-        hello["crew_code"] = code
-    if device_id is not None:
-        hello["device_id"] = device_id
-    ws.send(json.dumps(hello))
-    return ws, json.loads(ws.recv(timeout=TIMEOUT))
-
-
-def next_of(ws, *kinds):
-    """
-    The next frame the device receives whose type (or msg_type) is one of
-    C{kinds}.
-    """
-    while True:
-        frame = json.loads(ws.recv(timeout=TIMEOUT))
-        if frame.get("type") in kinds or frame.get("msg_type") in kinds:
-            return frame
-
-
-def say(ws, msg_type, **payload):
-    ws.send(json.dumps({"type": "message", "msg_type": msg_type, "payload": payload}))
 
 
 class CrewTests(RelayBrowserTestCase):

@@ -9,37 +9,7 @@ import json
 
 from twisted.internet import defer
 
-from ..support import TIMEOUT
-from .support import DESKTOP, PHONE, RelayBrowserTestCase, axe_source, in_thread
-
-from websockets.sync.client import connect
-
-
-def device(stack, port, name, code=None, create=False, device_id=None):
-    """
-    A raw WebSocket device (what the deployed ones speak), in crew C{code}
-    (created when C{create}) and closed with C{stack}; returns the socket
-    and its reply.
-    """
-    ws = stack.enter_context(
-        connect(f"ws://127.0.0.1:{port}/ws", open_timeout=TIMEOUT, close_timeout=TIMEOUT))
-    hello = {"type": "create_crew" if create else "join_crew", "display_name": name}
-    if code is not None:
-        hello["crew_code"] = code
-    if device_id is not None:
-        hello["device_id"] = device_id
-    ws.send(json.dumps(hello))
-    return ws, json.loads(ws.recv(timeout=TIMEOUT))
-
-
-def next_of(ws, kind):
-    """
-    The next frame of type C{kind} the device receives.
-    """
-    while True:
-        frame = json.loads(ws.recv(timeout=TIMEOUT))
-        if frame.get("type") == kind:
-            return frame
+from .support import DESKTOP, PHONE, RelayBrowserTestCase, axe_source, device, in_thread
 
 
 class LandingTests(RelayBrowserTestCase):
