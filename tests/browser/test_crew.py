@@ -168,6 +168,17 @@ class CrewTests(RelayBrowserTestCase):
         self.assertEqual((form, crew, code, search), (True, False, "NOPE", ""))
 
 
+# Installed before the page's own script: the random part of the backoff
+# pinned at one half, and the time of every WebSocket the page opens.
+COUNT_ATTEMPTS = """
+Math.random = function () { return 0.5; };
+window.attempts = [];
+window.WebSocket = class extends WebSocket {
+  constructor(url, protocols) { window.attempts.push(performance.now()); super(url, protocols); }
+};
+"""
+
+
 class ResumeTests(RelayBrowserTestCase):
     @defer.inlineCallbacks
     def test_reconnects_after_a_relay_restart(self):
@@ -212,6 +223,36 @@ class ResumeTests(RelayBrowserTestCase):
         self.assertEqual(back["payload"], {"text": "back again"})
         self.assertEqual(sum("before the restart" in t for t in feed), 1)
         self.assertEqual(sum("while you were away" in t for t in feed), 1)
+
+    @defer.inlineCallbacks
+    def test_backoff_doubles_with_jitter(self):
+        """
+        While the relay is down the page tries again after a random part
+        (full jitter) of a delay that doubles from one second: with the
+        random part pinned at one half, after 0.5 s, then 1 s, then 2 s;
+        it says it is offline and when it tries next.
+        """
+
+        def script(stack):
+            _, created = device(stack, self.port, "Den", create=True)
+            b = self.browser()
+            b.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": COUNT_ATTEMPTS})
+            b.driver.get(self.base + "/crew?code=" + created["crew_code"])
+            b.ready()
+            b.join(created["crew_code"], "Ann")
+            b.wait_state("online")
+            blockingCallFromThread(reactor, self.stop_relay)
+            b.wait(lambda d: len(d.execute_script("return window.attempts")) >= 4, "the page stopped trying")
+            return b.driver.execute_script("return window.attempts"), b.state(), b.text_of("#status")
+
+        attempts, state, status = yield in_thread(script)
+        gaps = [later - earlier for earlier, later in zip(attempts[1:], attempts[2:])]
+        self.assertEqual(len(gaps), 2)
+        for gap, expected in zip(gaps, (1000, 2000)):
+            self.assertGreaterEqual(gap, expected - 20)
+            self.assertLess(gap, expected + 500)
+        self.assertEqual(state, "offline")
+        self.assertRegex(status, r"^Offline\. Trying again in \d+ s")
 
     @defer.inlineCallbacks
     def test_shows_what_was_missed_since_the_last_visit(self):
