@@ -10,6 +10,8 @@ import json
 from twisted.internet import defer, reactor
 from twisted.internet.threads import blockingCallFromThread
 
+from websockets.sync.client import connect
+
 from .support import RelayBrowserTestCase, device, in_thread, next_of, say
 
 ART = "https://i.scdn.co/image/ab67616d0000b273aaaaaaaaaaaaaaaaaaaaaaaa"
@@ -292,6 +294,37 @@ class ResumeTests(RelayBrowserTestCase):
         self.assertEqual(offline["device_id"], kept["device_id"])
         self.assertEqual((back["device_id"], back["display_name"]), (kept["device_id"], "Ann"))
         self.assertEqual(["missed two" in feed[0], "missed one" in feed[1], len(feed)], [True, True, 2])
+
+    @defer.inlineCallbacks
+    def test_replaced_by_a_newer_connection(self):
+        """
+        When the browser's device id connects from somewhere else (the relay
+        closes this one with 4001), the page says so and does not fight
+        back by reconnecting.
+        """
+
+        def script(stack):
+            dev, created = device(stack, self.port, "Den", create=True)
+            code = created["crew_code"]
+            b = self.browser()
+            b.driver.get(self.base + "/crew?code=" + code)
+            b.ready()
+            b.join(code, "Ann")
+            b.wait_state("online")
+            kept = b.driver.execute_script("return JSON.parse(localStorage.getItem('leeloo.identity.0'))")
+            other = stack.enter_context(connect(f"ws://127.0.0.1:{self.port}/ws"))
+            other.send(json.dumps({"type": "join_crew", "crew_code": code, "device_id": kept["device_id"],
+                                   "device_key": kept["device_key"], "display_name": "Ann elsewhere"}))
+            joined = next_of(other, "crew_joined")
+            b.wait_state("replaced")
+            say(dev, "text", text="still the other one?")
+            received = next_of(other, "text")
+            return joined, received, b.text_of("#status")
+
+        joined, received, status = yield in_thread(script)
+        self.assertEqual(joined["type"], "crew_joined")
+        self.assertEqual(received["payload"], {"text": "still the other one?"})
+        self.assertIn("connected from somewhere else", status)
 
     @defer.inlineCallbacks
     def test_forget_this_browser(self):
