@@ -252,7 +252,7 @@ class ResumeTests(RelayBrowserTestCase):
         self.assertEqual(len(gaps), 2)
         for gap, expected in zip(gaps, (1000, 2000)):
             self.assertGreaterEqual(gap, expected - 20)
-            self.assertLess(gap, expected + 500)
+            self.assertLess(gap, expected + 800)  # a loaded machine fires timers late
         self.assertEqual(state, "offline")
         self.assertRegex(status, r"^Offline\. Trying again in \d+ s")
 
