@@ -11,7 +11,8 @@
 # log, and OUTDIR/summary.txt (one line per scenario).  OUTDIR defaults to
 # benchmarks/out/DATE-LABEL.
 #
-# Sizes are environment variables; the defaults finish in about 1.5 minutes:
+# Sizes are environment variables; the defaults took about 4 minutes on a
+# 2-core machine (saturate most of it, longer when the machine is busy):
 #   SCENARIOS="idle fanout saturate storm"
 #   N=2000            devices in every scenario, unless one of these is set:
 #   N_IDLE N_FANOUT N_SAT N_STORM

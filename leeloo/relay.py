@@ -377,6 +377,9 @@ class Relay:
         # Crews with at least one member online (kept as members come and go).
         self.crews_online = 0
         self.pending_tokens: dict[str, tuple[dict, float]] = {}
+        # Set by shutdown: the close code and reason of connections opening now.
+        self._stopping: tuple[int, str] | None = None
+        self._when_gone: list[Deferred] = []
         self._handlers = {
             Register: self._register,
             CreateCrew: self._create_crew,
@@ -428,6 +431,8 @@ class Relay:
     def connect(self, peer: IPeer, address: str | None = None) -> Session:
         session = Session(peer, address, Bucket(self.limits.messages.burst, self.clock.seconds()))
         self.sessions.add(session)
+        if self._stopping is not None:
+            session.close(*self._stopping)
         return session
 
     def receive(self, session: Session, data: bytes | str) -> None:
@@ -468,9 +473,9 @@ class Relay:
         C{session}'s connection closed: the rest of its crew hears that the
         device went offline.
         """
-        self.sessions.discard(session)
         self.paused.discard(session)
         self._unbind(session)
+        self._discard(session)
 
     def _unbind(self, session: Session) -> None:
         if session.device_id is not None and self.devices.get(session.device_id) is session:
@@ -479,12 +484,17 @@ class Relay:
         session.crew = None
 
     def shutdown(self, code: int = CLOSE_GOING_AWAY, reason: str = "relay restarting, come back soon",
-                 spread: float = 2.0, steps: int = 20) -> Deferred:
+                 spread: float = 2.0, steps: int = 20, grace: float = 10.0) -> Deferred:
         """
         Close every connection, telling devices to come back, spread over
-        C{spread} seconds so the fleet does not reconnect in one burst; then
-        make everything durable.  Fires when the store is flushed.
+        C{spread} seconds so the fleet does not reconnect in one burst, and
+        wait until every one has gone (L{disconnect}): its close is on the
+        wire once its transport says so, not when C{close()} returns.  One
+        still open C{grace} seconds after the last close is given up on.
+        Connections opening meanwhile are closed at once.  Then make
+        everything durable.  Fires when the store is flushed.
         """
+        self._stopping = (code, reason)
         sessions = list(self.sessions)
         per_step = max(1, -(-len(sessions) // steps))
         waits = []
@@ -498,12 +508,39 @@ class Relay:
             else:
                 self._close_chunk(chunk, code, reason, d)
         done = DeferredList(waits) if waits else succeed(None)
+        done.addCallback(lambda _: self._all_gone(grace))
         return done.addCallback(lambda _: self._goodbye())
 
     def _close_chunk(self, chunk: list, code: int, reason: str, d: Deferred) -> None:
         for session in chunk:
             session.close(code, reason)
         d.callback(None)
+
+    def _all_gone(self, grace: float) -> Deferred:
+        """
+        Fires once no session is left, or after C{grace} seconds.
+        """
+        if not self.sessions:
+            return succeed(None)
+        gone: Deferred = Deferred()
+        self._when_gone.append(gone)
+
+        def give_up() -> None:
+            if not gone.called:
+                _log.warn("{count} connections did not close within {grace:g}s of being told to; "
+                          "dropping them", count=len(self.sessions), grace=grace)
+                self._when_gone.remove(gone)
+                gone.callback(None)
+
+        timer = self.clock.callLater(grace, give_up)
+        return gone.addCallback(lambda _: timer.cancel() if timer.active() else None)
+
+    def _discard(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if self._when_gone and not self.sessions:
+            waiting, self._when_gone = self._when_gone, []
+            for d in waiting:
+                d.callback(None)
 
     def _goodbye(self) -> Deferred:
         for session in list(self.sessions):
@@ -623,7 +660,7 @@ class Relay:
         previous.crew = None
         del self.devices[previous.device_id]
         previous.device_id = None
-        self.sessions.discard(previous)
+        self._discard(previous)
         previous.close(CLOSE_REPLACED, "replaced by a newer connection for this device")
 
     def _deliver_pending(self, session: Session) -> None:
@@ -948,6 +985,7 @@ class Relay:
             if crew is None:
                 crew = self._create(message.crew_code, session.device_id)
             self._enter(session, crew, announce=False, last_seq=message.last_seq)
+        self._log_entry("register", session)
 
     def _create_crew(self, session: Session, message: CreateCrew) -> None:
         crew = self.crews.get(message.crew_code) if message.crew_code is not None else None
@@ -963,10 +1001,12 @@ class Relay:
             self.journal.barrier().addCallbacks(
                 self._crew_stored, self._crew_not_stored,
                 callbackArgs=(session, session.device_id, code, key), errbackArgs=(session, code))
+            self._log_entry("create_crew", session)
             return
         session.send(messages.crew_created(session.device_id, code, key))
         self._deliver_pending(session)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
+        self._log_entry("create_crew", session)
 
     def _crew_stored(self, _: Any, session: Session, device_id: str, code: str, key: str | None) -> None:
         if session.closing or session not in self.sessions or session.device_id != device_id:
@@ -995,6 +1035,17 @@ class Relay:
         session.send(messages.crew_joined(session.device_id, crew.code, online, others, key))
         self._deliver_pending(session)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
+        self._log_entry("join_crew", session)
+
+    @staticmethod
+    def _log_entry(action: str, session: Session) -> None:
+        """
+        The lifecycle line for a device that identified itself: who, from
+        where, in which crew (never what it sent).
+        """
+        _log.info("{action}: device {device_id} from {address}, crew {crew}", action=action,
+                  device_id=session.device_id, address=session.address,
+                  crew=session.crew.code if session.crew is not None else None)
 
     def _crew_message(self, session: Session, message: CrewMessage) -> None:
         self._send_crew_message(

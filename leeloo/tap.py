@@ -7,9 +7,13 @@ the only module that imports the global reactor (in L{makeService}).
 from __future__ import annotations
 
 import ctypes
+import difflib
 import gc
+import math
 import os
+import platform
 import re
+import shlex
 import sqlite3
 import sys
 import time
@@ -17,16 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from leeloo import __version__
 from leeloo.access import OriginPolicy, TrustedProxies, parse_network
 from leeloo.limits import Rate, RelayLimits
+from leeloo.listening import Listener, Readiness
 from leeloo.metrics import Metrics
+from leeloo.process import exit_process, sd_notify
 from leeloo.relay import DAY, Relay
 from leeloo.sqlitestore import SchemaError, SQLiteStore
 from leeloo.store import IStore, MemoryStore
@@ -119,6 +126,14 @@ def read_env_file(path: str) -> dict[str, str]:
     return values
 
 
+def as_written(description: str) -> str:
+    """
+    An endpoint string without the backlog L{with_default_backlog} added.
+    """
+    suffix = f":backlog={DEFAULT_BACKLOG}"
+    return description[:-len(suffix)] if description.endswith(suffix) else description
+
+
 def with_default_backlog(description: str) -> str:
     """
     Add C{backlog=1024} to an endpoint string that takes one and sets none
@@ -141,7 +156,7 @@ class _NoReactor:
 
 
 def check_endpoint(description: str, option: str = "--listen", webroot: Path | None = None) -> str:
-    description = with_default_backlog(description)
+    written, description = description, with_default_backlog(description)
     try:
         serverFromString(_NoReactor(), description)
     except CertificateError as e:
@@ -152,8 +167,11 @@ def check_endpoint(description: str, option: str = "--listen", webroot: Path | N
         raise SystemExit(f"leeloo: cannot start: {line}") from None
     except Exception as e:
         detail = str(e) or type(e).__name__
+        if description.split(":", 1)[0].strip().lower() == "systemd" and isinstance(e, (IndexError, ValueError)):
+            detail = ("systemd passed no socket with that index: this endpoint is for a relay started by "
+                      "a .socket unit (socket activation)")
         raise usage.UsageError(
-            f"{option} {description!r} is not a usable endpoint ({detail}); "
+            f"{option} {shlex.quote(written)} is not a usable endpoint ({detail}); "
             "use e.g. tcp:8080:interface=127.0.0.1, systemd:domain=INET:index=0 "
             "or letsencrypt:domain=example.com:port=443"
         )
@@ -295,16 +313,60 @@ def check_public_url(value: str | None) -> str | None:
     return value
 
 
-def settings(environ: Mapping[str, str], env_file: str | None) -> dict[str, str]:
+def settings(environ: Mapping[str, str], env_file: str | None,
+             file_values: Mapping[str, str] | None = None) -> dict[str, str]:
     """
-    The relay's settings: the environment, with the env file filling what
-    it lacks.
+    The relay's settings: the environment, with the env file (or the
+    C{file_values} read from it) filling what it lacks.
     """
-    merged = read_env_file(env_file) if env_file else {}
+    if file_values is not None:
+        merged = dict(file_values)
+    else:
+        merged = read_env_file(env_file) if env_file else {}
     for key in SETTINGS:
         if environ.get(key):
             merged[key] = environ[key]
     return {k: v for k, v in merged.items() if k in SETTINGS and v}
+
+
+def unknown_settings(path: str, values: Mapping[str, str]) -> list[str]:
+    """
+    A warning for each key of the env file at C{path} that the relay does
+    not read (a typo is otherwise silent), naming the key, never its value.
+    """
+    warnings = []
+    for key in values:
+        if key not in SETTINGS:
+            close = difflib.get_close_matches(key, SETTINGS, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            warnings.append(f"--env-file {path}: unknown setting {key} ignored; {hint}"
+                            f"the relay reads {', '.join(SETTINGS)}")
+    return warnings
+
+
+# The values etc/leeloo.env.example ships with: none of them can work.
+PLACEHOLDERS = {
+    "SPOTIFY_CLIENT_ID": "your-spotify-client-id",
+    "SPOTIFY_CLIENT_SECRET": "your-spotify-client-secret",
+    "SPOTIFY_REDIRECT_URI": "https://relay.example.org/spotify/callback",
+    "TELEGRAM_API_SECRET": "choose-a-long-random-string",
+}
+
+
+def check_placeholders(values: Mapping[str, str], env_file: str | None) -> None:
+    """
+    Refuse a setting still at its placeholder from etc/leeloo.env.example.
+
+    @raise usage.UsageError: one is.
+    """
+    for key, placeholder in PLACEHOLDERS.items():
+        if values.get(key) == placeholder:
+            where = f"--env-file {env_file}" if env_file else "the environment"
+            remedy = ("remove the SPOTIFY_ lines to run without Spotify" if key.startswith("SPOTIFY_")
+                      else "remove the line to run without the bot API")
+            raise usage.UsageError(
+                f"{key} in {where} is still the placeholder from etc/leeloo.env.example; "
+                f"set your own value, or {remedy}")
 
 
 def spotify_config(values: Mapping[str, str]) -> SpotifyConfig | None:
@@ -324,17 +386,26 @@ def spotify_config(values: Mapping[str, str]) -> SpotifyConfig | None:
     )
 
 
+# Each option's check raises ValueError saying what the option allows;
+# _named turns that into one line naming the option and the value too.
+
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
     if number <= 0:
-        raise ValueError("must be positive")
+        raise ValueError("a whole number, 1 or more")
     return number
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be positive")
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0 < number < math.inf:
+        raise ValueError("a number above 0")
     return number
 
 
@@ -346,16 +417,59 @@ def _non_negative_float(value: str) -> float:
 
 
 def _code_length(value: str) -> int:
-    length = int(value)
+    try:
+        length = int(value)
+    except ValueError:
+        length = 0
     if not 4 <= length <= 16:
-        raise ValueError("must be 4 to 16")
+        raise ValueError("a whole number from 4 to 16")
     return length
 
 
 def _store_kind(value: str) -> str:
     if value not in ("sqlite", "memory"):
-        raise ValueError("must be sqlite or memory")
+        raise ValueError("sqlite or memory")
     return value
+
+
+def bad_value(option: str, value: str, allowed: str) -> usage.UsageError:
+    """
+    The one line for a bad option value: the option, the value as given,
+    and what is allowed.
+    """
+    return usage.UsageError(f"--{option} {shlex.quote(value)}: must be {allowed}")
+
+
+def _named(parameters: list) -> list:
+    """
+    C{optParameters} whose checks fail with L{bad_value}'s line rather than
+    Twisted's "Parameter type enforcement failed" (which names neither the
+    option nor the value).
+    """
+
+    def checked(name: str, check: Callable[[str], Any]) -> Callable[[str], Any]:
+        def coerce(value: str) -> Any:
+            try:
+                return check(value)
+            except ValueError as e:
+                raise bad_value(name, value, str(e)) from None
+
+        return coerce
+
+    return [[*p[:4], checked(p[0], p[4])] if len(p) > 4 else p for p in parameters]
+
+
+def _help(text: str) -> Callable[[Callable], Callable]:
+    """
+    Give an C{opt_} method its C{--help} text, one paragraph (Twisted
+    prints a docstring's indentation as runs of spaces).
+    """
+
+    def give(method: Callable) -> Callable:
+        method.__doc__ = text
+        return method
+
+    return give
 
 
 class Options(usage.Options):
@@ -367,7 +481,7 @@ class Options(usage.Options):
         + ", ".join(SETTINGS)
         + "."
     )
-    optParameters = [
+    optParameters = _named([
         ["data-dir", "d", DEFAULT_DATA_DIR, "Directory the relay keeps its state in (created 0700)."],
         ["env-file", "e", None, "KEY=VALUE file of settings; the environment wins over it."],
         ["acme-webroot", None, None,
@@ -433,7 +547,7 @@ class Options(usage.Options):
          "announced neither offline nor joined (Wi-Fi blips, crew hopping).", _non_negative_float],
         ["crew-code-length", None, 4,
          "Characters in new crew codes after LEELOO- (longer codes resist guessing).", _code_length],
-    ]
+    ])
     optFlags = [
         ["acme-agree-tos", None, "Accept the ACME server's terms of service (needed by acme: endpoints)."],
         ["fsync", None, "Make every commit survive a power cut, not only a crash (slower)."],
@@ -449,37 +563,52 @@ class Options(usage.Options):
         self["trusted-proxy"] = []
         self["admin-listen"] = []
 
+    @_help("Endpoint to serve HTTP and WebSocket on (repeatable): a Twisted endpoint string, e.g. "
+           "tcp:8080, letsencrypt:domain=DOMAIN:port=443 (TLS with certbot's certificates), "
+           "acme:domain=DOMAIN[,DOMAIN2]:port=443 (a certificate the relay gets and renews itself), "
+           "ssl:..., systemd:domain=INET:index=0 (socket activation). Default: " + DEFAULT_LISTEN)
     def opt_listen(self, endpoint: str) -> None:
-        """
-        Endpoint to serve HTTP and WebSocket on (repeatable; Twisted endpoint
-        string, e.g. tcp:8080, ssl:..., systemd:domain=INET:index=0,
-        letsencrypt:domain=D:port=443, or acme:domain=D[,D2]:port=443 for a
-        certificate the relay gets and renews itself).
-        Default: tcp:8080:interface=127.0.0.1
-        """
         self["listen"].append(endpoint)
 
+    @_help("Endpoint (repeatable; typically tcp:80) that serves only /.well-known/acme-challenge/ "
+           "from --acme-webroot and redirects everything else to https.")
     def opt_redirect_listen(self, endpoint: str) -> None:
-        """
-        Endpoint (repeatable; typically tcp:80) that serves only
-        /.well-known/acme-challenge/ from --acme-webroot and redirects
-        everything else to https.
-        """
         self["redirect-listen"].append(endpoint)
 
+    @_help("Address or CIDR block of a reverse proxy whose X-Forwarded-For names the client "
+           "(repeatable). X-Forwarded-For from anyone else is ignored.")
     def opt_trusted_proxy(self, network: str) -> None:
-        """
-        Address or CIDR block of a reverse proxy whose X-Forwarded-For names
-        the client (repeatable). X-Forwarded-For from anyone else is ignored.
-        """
         self["trusted-proxy"].append(check_proxy(network))
 
+    @_help("Endpoint to serve the admin site (/metrics, /health) on (repeatable). Default: none; "
+           "the public site serves /metrics to loopback clients only.")
     def opt_admin_listen(self, endpoint: str) -> None:
-        """
-        Endpoint to serve the admin site (/metrics, /health) on (repeatable).
-        Default: none; the public site serves /metrics to loopback clients only.
-        """
         self["admin-listen"].append(endpoint)
+
+    @_help("Print the relay's version and exit.")
+    def opt_version(self) -> None:
+        import autobahn
+        import ssl
+
+        import twisted
+
+        print(f"leeloo {__version__} (Twisted {twisted.__version__}, Autobahn {autobahn.__version__}, "
+              f"Python {platform.python_version()}, {ssl.OPENSSL_VERSION})")
+        sys.exit(0)
+
+    def parseOptions(self, options: Any = None) -> None:
+        """
+        Parse C{options}.  Under twistd (which sets C{parent}), a mistake is
+        one line on stderr and exit status 1, not twistd's whole usage text.
+
+        @raise usage.UsageError: a mistake, when not run by twistd.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            raise SystemExit(f"leeloo: {e}") from None
 
     def postOptions(self) -> None:
         webroot = check_webroot(self["acme-webroot"])
@@ -488,7 +617,9 @@ class Options(usage.Options):
                        for e in self["listen"] or [DEFAULT_LISTEN])
         redirect_listen = tuple(check_endpoint(e, "--redirect-listen") for e in self["redirect-listen"])
         admin_listen = tuple(check_endpoint(e, "--admin-listen") for e in self["admin-listen"])
-        values = settings(self._environ, self["env-file"])
+        file_values = read_env_file(self["env-file"]) if self["env-file"] else {}
+        values = settings(self._environ, None, file_values)
+        check_placeholders(values, self["env-file"])
         warnings = []
         if acme is not None:
             warning = acme_warning(listen, redirect_listen)
@@ -498,6 +629,12 @@ class Options(usage.Options):
             warning = env_file_warning(self["env-file"])
             if warning:
                 warnings.append(warning)
+            warnings.extend(unknown_settings(self["env-file"], file_values))
+        if redirect_listen and webroot is None and acme is None:
+            warnings.append(
+                "--redirect-listen without --acme-webroot: certificate challenges "
+                "(/.well-known/acme-challenge/) are redirected to https like everything else, so "
+                "certbot --webroot cannot renew through this relay; pass --acme-webroot DIR")
         self.config = Config(
             listen=listen,
             redirect_listen=redirect_listen,
@@ -581,8 +718,10 @@ class RelayService(Service):
     def startService(self) -> None:
         super().startService()
         self.log.info(
-            "LEELOO relay starting on {listen}, data in {data_dir}",
-            listen=", ".join(self.config.listen + tuple(f"{e} (redirect to https)" for e in self.config.redirect_listen)),
+            "LEELOO relay starting, version {version}, on {listen}, data in {data_dir}",
+            version=__version__,
+            listen=", ".join([as_written(e) for e in self.config.listen]
+                             + [f"{as_written(e)} (redirect to https)" for e in self.config.redirect_listen]),
             data_dir=str(self.config.data_dir),
         )
         for warning in self.config.warnings:
@@ -609,7 +748,9 @@ class RelayService(Service):
         super().stopService()
         self.log.info("closing {count} connections and flushing the store",
                       count=len(self.relay.sessions))
-        d = self.relay.shutdown()
+        # Autobahn drops a connection whose device does not answer the
+        # close within its close handshake timeout: wait a little longer.
+        d = self.relay.shutdown(grace=self.config.limits.close_handshake_timeout + 1)
         d.addBoth(lambda _: self.relay.store.close())
         return d
 
@@ -632,10 +773,15 @@ def open_store(config: Config, reactor: Any) -> IStore:
         ) from None
 
 
-def build_service(config: Config, reactor: Any, http: Any = None) -> MultiService:
+def build_service(config: Config, reactor: Any, http: Any = None,
+                  exit: Callable[[int], None] | None = None,
+                  notify: Callable[[str], Any] | None = None) -> MultiService:
     """
     The relay's service tree for C{config} on C{reactor}.  C{http} is the
-    treq-like client Spotify is called with (default: treq on C{reactor}).
+    treq-like client Spotify is called with (default: treq on C{reactor});
+    C{exit} ends the process when an endpoint cannot listen (default:
+    L{exit_process}); C{notify} tells the service manager how the relay is
+    doing (default: L{sd_notify}).
     """
     import txaio
 
@@ -695,23 +841,28 @@ def build_service(config: Config, reactor: Any, http: Any = None) -> MultiServic
         timer.setServiceParent(top)
     if certificates:
         ReloadOnHangup(reactor, certificates).setServiceParent(top)
-    for endpoint in endpoints:
-        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    listeners = [Listener(endpoint, site, "--listen", as_written(description))
+                 for endpoint, description in zip(endpoints, config.listen)]
     if config.redirect_listen:
         redirect_site = make_redirect_site(config.acme_webroot, reactor=reactor, limits=config.http_limits,
                                            challenges=challenges)
         for description in config.redirect_listen:
-            StreamServerEndpointService(serverFromString(reactor, description), redirect_site).setServiceParent(top)
-    if acme is not None:
-        # After the listeners: it starts ordering once they listen (the
-        # challenges are answered there), and stops before them.
-        acme.setServiceParent(top)
+            listeners.append(Listener(serverFromString(reactor, description), redirect_site,
+                                      "--redirect-listen", as_written(description)))
     admin_site = None
     if config.admin_listen:
         admin_site = make_admin_site(relay, metrics, reactor=reactor, limits=config.http_limits)
         for description in config.admin_listen:
-            service = StreamServerEndpointService(serverFromString(reactor, description), admin_site)
-            service.setServiceParent(top)
+            listeners.append(Listener(serverFromString(reactor, description), admin_site,
+                                      "--admin-listen", as_written(description)))
+    for listener in listeners:
+        listener.setServiceParent(top)
+    if acme is not None:
+        # After the listeners: it starts ordering once they listen (the
+        # challenges are answered there), and stops before them.
+        acme.setServiceParent(top)
+    Readiness(listeners, notify or sd_notify, exit or exit_process(reactor),
+              when_running=reactor.callWhenRunning).setServiceParent(top)
     top.relay = relay
     top.site = site
     top.admin_site = admin_site

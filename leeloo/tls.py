@@ -76,6 +76,9 @@ INTERMEDIATE_CIPHERS = (
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:@SECLEVEL=2"
 )
 ALPN = "http/1.1"
+# The ssl options make_context sets on and off.
+RELAY_OPTIONS_ON = ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_SINGLE_ECDH_USE
+RELAY_OPTIONS_OFF = ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_TICKET | ssl.OP_IGNORE_UNEXPECTED_EOF
 
 # A domain names a directory under live/: DNS labels only, nothing that
 # could walk out of it.
@@ -297,8 +300,12 @@ def make_context(
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.maximum_version = ssl.TLSVersion.TLSv1_3
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_SINGLE_ECDH_USE
-    context.options &= ~(ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_TICKET)
+    # Every option the relay relies on is set here, whatever this Python's
+    # ssl module defaults to: Debian 12's 3.11.2, for one, turns on
+    # OP_IGNORE_UNEXPECTED_EOF, which makes a truncated stream look like a
+    # close_notify (and a lost connection like a clean one).
+    context.options |= RELAY_OPTIONS_ON
+    context.options &= ~RELAY_OPTIONS_OFF
     context.set_ciphers(INTERMEDIATE_CIPHERS)
     context.set_alpn_protocols([ALPN])
     _load_chain(context, _pem(certificate))
@@ -315,10 +322,16 @@ def make_context(
 def _error(e: ssl.SSLError) -> Error:
     """
     pyOpenSSL's form of C{e}, the one C{TLSMemoryBIOProtocol} understands:
-    an end of the stream without a close_notify is the C{SysCallError}
-    it takes for a lost connection.
+    the peer's close_notify is the C{ZeroReturnError} it takes for a clean
+    close (the ssl module raises C{SSLZeroReturnError} for one that comes
+    after the relay's own), and an end of the stream without a close_notify
+    is the C{SysCallError} it takes for a lost connection.
     """
-    if isinstance(e, ssl.SSLEOFError):
+    if isinstance(e, ssl.SSLZeroReturnError):
+        return ZeroReturnError()
+    # Python before 3.11.3 (Debian 12's 3.11.2) raises a plain SSLError with
+    # OpenSSL 3's reason for it rather than SSLEOFError.
+    if isinstance(e, ssl.SSLEOFError) or e.reason == "UNEXPECTED_EOF_WHILE_READING":
         return SysCallError(-1, "Unexpected EOF")
     return Error([(e.library or "SSL routines", "", e.reason or str(e))])
 

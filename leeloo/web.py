@@ -32,7 +32,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from leeloo import messages, pages
+from leeloo import __version__, messages, pages
 from leeloo.access import TrustedProxies, is_loopback
 from leeloo.messages import CrewLimit, InvalidCrewCode, NotInCrew, ProtocolError, RateLimited, StoreUnavailable
 from leeloo.relay import Relay
@@ -222,6 +222,7 @@ class Health(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         body = self.relay.health()
+        body["version"] = __version__
         for fields in self.extra_fields:
             body.update(fields())
         return write_json(request, 200, body)

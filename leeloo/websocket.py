@@ -129,6 +129,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
         for name in _HANDSHAKE_LEFTOVERS:
             setattr(self, name, None)
         self.session = self.factory.relay.connect(self, self.address)
+        _log.info("WebSocket connected from {address}", address=self.address)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
@@ -147,6 +148,12 @@ class RelayServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         session, self.session = self.session, None
         if session is not None:
+            # The code the closing side sent (1006: none, the connection
+            # was lost).
+            by_relay = bool(self.closedByMe and self.localCloseCode)
+            _log.info("device {device_id} at {address} disconnected, close code {code} from the {side}",
+                      device_id=session.device_id, address=self.address,
+                      code=self.localCloseCode if by_relay else code, side="relay" if by_relay else "device")
             self.factory.relay.disconnect(session)
         if self._admitted:
             self._admitted = False

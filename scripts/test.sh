@@ -1,6 +1,8 @@
 #!/bin/sh
 # Installs everything the test suite needs on a fresh Debian machine, then
-# runs it.  The README's test command; .ci/run runs exactly this.
+# runs it.  The README's test command; .ci/run runs exactly this.  Python
+# packages go to the checkout's own virtualenv (.venv, made the first time:
+# see scripts/venv.sh), never to the system's Python.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -19,11 +21,11 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test,device]' --config-settings editable_mode=compat
-# Regenerate Twisted's plugin cache so twistd finds the leeloo plugin.
-python3 -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+. scripts/venv.sh
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test,device]' --config-settings editable_mode=compat
+"$PY" -c "$PLUGIN_CACHE"
 
 # axe-core for the page tests' accessibility checks (tests/browser/node_modules, gitignored).
 npm install --silent --no-save --no-audit --no-fund --prefix tests/browser axe-core@4.11.0
 
-exec python3 -m pytest tests "$@"
+exec "$PY" -m pytest tests "$@"

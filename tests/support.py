@@ -8,6 +8,7 @@ import os
 import re
 import sys
 
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.threads import deferToThread
 from websockets.sync.client import connect
@@ -61,18 +62,40 @@ class TwistdProtocol(protocol.ProcessProtocol):
         self.output = b""
         self.port = defer.Deferred()
         self.ended = defer.Deferred()
+        self._ready = None
+        self._waiting = []
+
+    def ready(self):
+        """
+        A Deferred firing with the ports of the relay's ready line, in its
+        order (or failing with the output if the relay exits first).
+        """
+        if self._ready is not None:
+            return defer.succeed(self._ready)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
 
     def outReceived(self, data):
         self.output += data
         match = re.search(rb"Site starting on (\d+)", self.output)
         if match and not self.port.called:
             self.port.callback(int(match.group(1)))
+        match = re.search(rb"LEELOO relay \S+ ready: (.*)\n", self.output)
+        if match and self._ready is None:
+            self._ready = [int(p) for p in re.findall(rb" on \S+:(\d+)(?:;|$)", match.group(1))]
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(self._ready)
 
     errReceived = outReceived
 
     def processEnded(self, reason):
         if not self.port.called:
             self.port.errback(RuntimeError(self.output.decode(errors="replace")))
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(RuntimeError(self.output.decode(errors="replace")))
         self.ended.callback(reason.value)
 
 
@@ -83,7 +106,7 @@ class RelayProcess:
     waited for) when the test ends.
     """
 
-    def __init__(self, testcase, *args, cwd=None):
+    def __init__(self, testcase, *args, cwd=None, environ=None):
         self.proto = TwistdProtocol()
         if cwd is None:
             cwd = testcase.mktemp()
@@ -92,7 +115,7 @@ class RelayProcess:
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
             "-n", "--pidfile=", "leeloo", *args,
         ]
-        env = dict(os.environ)
+        env = dict(os.environ, **(environ or {}))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (CHECKOUT, env.get("PYTHONPATH")) if p)
         self.transport = reactor.spawnProcess(self.proto, sys.executable, argv, env=env, path=cwd)
         testcase.addCleanup(self._reap)
@@ -110,3 +133,57 @@ class RelayProcess:
             return None
         self.transport.signalProcess("KILL")
         return self.proto.ended
+
+
+class ClosingClient(WebSocketClientProtocol):
+    """
+    An Autobahn device that registers when it opens; C{registered} fires
+    with the reply and C{closed} with the close code the relay sent (None
+    when its connection went without a close frame).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.registered = defer.Deferred()
+        self.closed = defer.Deferred()
+
+    def onOpen(self):
+        self.sendMessage(json.dumps({"type": "register", **self.factory.register(self)}).encode())
+
+    def onMessage(self, payload, isBinary):
+        if not self.registered.called:
+            self.registered.callback(json.loads(payload))
+
+    def onClose(self, wasClean, code, reason):
+        if not self.registered.called:
+            self.registered.errback(RuntimeError(f"closed before registering: {code} {reason}"))
+        if not self.closed.called:
+            self.closed.callback(self.remoteCloseCode)
+
+
+def closing_clients(count, connect, url, crew_size=5):
+    """
+    Connect C{count} L{ClosingClient}s with C{connect(factory)} (an
+    endpoint's connect); fire with them once every one has registered, in
+    crews of C{crew_size}.
+    """
+    factory = WebSocketClientFactory(url)
+    factory.protocol = ClosingClient
+    # No handshake timers left on the reactor: the test's timeout bounds it.
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    numbers = iter(range(count))
+
+    def register(client):
+        n = next(numbers)
+        return {"device_id": f"leeloo_{n:012x}", "crew_code": f"CREW{n // crew_size}"}
+
+    factory.register = register
+    clients = []
+
+    def connected(client):
+        clients.append(client)
+        return client.registered
+
+    d = defer.gatherResults([connect(factory).addCallback(connected) for _ in range(count)],
+                            consumeErrors=True)
+    return d.addCallback(lambda _: clients)

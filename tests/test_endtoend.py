@@ -6,15 +6,17 @@ End to end over loopback: the whole service tree on a real reactor with the
 
 import json
 import signal
+from collections import Counter
 import urllib.request
 
 import txaio
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
 
 from leeloo.tap import Options, build_service
 
-from .support import TIMEOUT, RelayProcess, listening_port, recv, ws_session
+from .support import TIMEOUT, RelayProcess, closing_clients, listening_port, recv, ws_session
 
 class ServiceTests(TestCase):
     """
@@ -152,6 +154,69 @@ class TwistdTests(TestCase):
         self.assertIn(b"Server Shut Down", proto.output)
         self.assertIn(b"LEELOO relay starting", proto.output)
         self.assertIn(b"WebSocket limits", proto.output)
+
+    def test_sigterm_closes_every_websocket_with_1001(self):
+        """
+        On SIGTERM every one of 200 registered WebSocket devices receives
+        its 1001 close frame before the relay exits cleanly.
+        """
+        return self.sigterm_closes_every_websocket()
+
+    def test_sigterm_closes_every_websocket_with_1001_memory_store(self):
+        """
+        So does a relay whose store has nothing to flush (its shutdown does
+        not wait on the database thread).
+        """
+        return self.sigterm_closes_every_websocket("--store", "memory")
+
+    @defer.inlineCallbacks
+    def sigterm_closes_every_websocket(self, *store):
+        relay = RelayProcess(self, "--listen", "tcp:0:interface=127.0.0.1", "--join-attempts", "1000", *store)
+        port = yield relay.proto.port
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        clients = yield closing_clients(200, endpoint.connect, f"ws://127.0.0.1:{port}/ws")
+        ended = yield relay.stop()
+        codes = yield defer.gatherResults([c.closed for c in clients])
+        self.assertEqual(Counter(codes), {1001: 200})
+        self.assertIn((ended.exitCode, ended.signal), [(0, None), (None, signal.SIGTERM)])
+
+    @defer.inlineCallbacks
+    def test_each_bad_option_is_one_line(self):
+        """
+        twistd leeloo with a bad option value exits 1 printing one line that
+        names the option, the value and what is allowed: not twistd's usage
+        text.
+        """
+        import os
+        import sys
+
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        from .support import CHECKOUT
+
+        env_file = os.path.abspath(self.mktemp())
+        with open(env_file, "w") as f:
+            f.write("TELEGRAM_API_SECRET=choose-a-long-random-string\n")
+        os.chmod(env_file, 0o600)
+        cases = [
+            (["--max-message-size", "-5"], "leeloo: --max-message-size -5: must be a whole number, 1 or more"),
+            (["--store", "postgres"], "leeloo: --store postgres: must be sqlite or memory"),
+            (["--listen", "tcp:notaport"], "leeloo: --listen tcp:notaport is not a usable endpoint"),
+            (["--no-such-option"], "leeloo: option --no-such-option not recognized"),
+            (["--env-file", env_file], "leeloo: TELEGRAM_API_SECRET in --env-file"),
+        ]
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        runs = [getProcessOutputAndValue(
+            sys.executable, ["-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+                             "leeloo", *argv],
+            env={**os.environ, "PYTHONPATH": CHECKOUT}, path=cwd) for argv, _ in cases]
+        results = yield defer.gatherResults(runs)
+        for (argv, expected), (out, err, code) in zip(cases, results):
+            self.assertEqual(code, 1, argv)
+            self.assertEqual(out, b"", argv)
+            [line] = err.decode().splitlines()
+            self.assertTrue(line.startswith(expected), line)
 
     @defer.inlineCallbacks
     def test_bad_configuration_is_one_message(self):

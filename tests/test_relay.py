@@ -414,9 +414,56 @@ class DisconnectTests(RelayTestCase):
         idle = self.device()
         done = self.relay.shutdown()
         self.clock.advance(2)
-        self.successResultOf(done)
         for d in (a, b, idle):
             self.assertEqual(d.peer.closed[0], CLOSE_GOING_AWAY)
+            d.close()
+        self.successResultOf(done)
+
+    def test_shutdown_waits_for_every_connection_to_go(self):
+        """
+        shutdown fires only once every connection it closed has gone (its
+        transport wrote the close and the connection ended), not when the
+        last close was asked for.
+        """
+        devices = self.crew_of(3)
+        done = self.relay.shutdown(spread=0)
+        self.assertTrue(all(d.peer.closed for d in devices))
+        devices[0].close()
+        devices[1].close()
+        self.clock.advance(5)
+        self.assertNoResult(done)
+        devices[2].close()
+        self.successResultOf(done)
+        self.assertEqual(self.relay.sessions, set())
+
+    def test_shutdown_gives_up_on_a_connection_after_grace(self):
+        """
+        A connection still open C{grace} seconds after it was closed is
+        given up on: shutdown fires, and the device is offline in its crew.
+        """
+        a, b = self.crew_of(2)
+        done = self.relay.shutdown(spread=0, grace=3)
+        b.close()
+        self.clock.advance(2.9)
+        self.assertNoResult(done)
+        self.clock.advance(0.1)
+        self.successResultOf(done)
+        self.assertEqual((self.relay.sessions, self.relay.devices), (set(), {}))
+        self.assertEqual(self.relay.crew_status("ALPHA")["devices_online"], 0)
+
+    def test_connection_opening_during_shutdown_is_closed(self):
+        """
+        A connection that opens while the relay stops is closed with 1001
+        at once, and shutdown waits for it too.
+        """
+        a = self.device()
+        done = self.relay.shutdown(spread=0)
+        late = self.device()
+        self.assertEqual(late.peer.closed[0], CLOSE_GOING_AWAY)
+        a.close()
+        self.assertNoResult(done)
+        late.close()
+        self.successResultOf(done)
 
     def test_shutdown_spreads_closes(self):
         """
@@ -430,10 +477,12 @@ class DisconnectTests(RelayTestCase):
         closed_halfway = sum(d.peer.closed is not None for d in devices)
         self.assertNoResult(done)
         self.clock.advance(1.0)
-        self.successResultOf(done)
         self.assertEqual(closed_at_start, 10)
         self.assertEqual(closed_halfway, 60)
         self.assertTrue(all(d.peer.closed for d in devices))
+        for d in devices:
+            d.close()
+        self.successResultOf(done)
 
 
 class RefusalTests(RelayTestCase):

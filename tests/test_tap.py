@@ -5,6 +5,7 @@ frozen Config, and bad configuration is a short actionable message.
 
 import os
 import stat
+import sys
 
 import txaio
 from twisted.internet.testing import MemoryReactorClock
@@ -417,6 +418,173 @@ class AdminListenTests(OptionsTestCase):
         self.assertIsNot(service.admin_site, service.site)
         self.assertIn(b"metrics", service.admin_site.resource.children)
 
+
+class UnderTwistd:
+    """
+    Stands in for twistd's ServerOptions as the parent of our options.
+    """
+
+
+class OneLineTests(OptionsTestCase):
+    BAD = [
+        # option, value, what the line must say is allowed
+        ("--max-message-size", "-5", "a whole number, 1 or more"),
+        ("--max-connections", "lots", "a whole number, 1 or more"),
+        ("--request-timeout", "0", "a number above 0"),
+        ("--retention-days", "nan", "a number above 0"),
+        ("--crew-code-length", "99", "a whole number from 4 to 16"),
+        ("--store", "postgres", "sqlite or memory"),
+    ]
+
+    def parse_under_twistd(self, *argv):
+        options = Options(environ={})
+        options.parent = UnderTwistd()
+        options.parseOptions(["--data-dir", self.data_dir, *argv])
+        return options.config
+
+    def test_bad_value_names_option_value_and_what_is_allowed(self):
+        """
+        A bad option value is one line: the option, the value as given, and
+        what the option allows (not "Parameter type enforcement failed").
+        """
+        for option, value, allowed in self.BAD:
+            with self.assertRaises(UsageError) as raised:
+                self.parse(option, value)
+            self.assertEqual(str(raised.exception), f"{option} {value}: must be {allowed}")
+
+    def test_every_checked_option_names_itself(self):
+        """
+        Every option with a checked value, present and future, fails with
+        the one line naming it and the value.
+        """
+        checked = [p[0] for p in Options.optParameters if len(p) > 4]
+        self.assertIn("max-message-size", checked)
+        for name in checked:
+            with self.assertRaises(UsageError) as raised:
+                self.parse(f"--{name}", "not-a-value")
+            self.assertTrue(str(raised.exception).startswith(f"--{name} not-a-value: must be "),
+                            str(raised.exception))
+
+    def test_under_twistd_a_mistake_is_one_line_and_status_1(self):
+        """
+        Under twistd a mistake exits with one line (twistd would print its
+        whole usage text above a UsageError).
+        """
+        for argv in ([option, value] for option, value, _ in self.BAD):
+            e = self.assertRaises(SystemExit, self.parse_under_twistd, *argv)
+            self.assertEqual(e.code, f"leeloo: {argv[0]} {argv[1]}: must be " + dict(
+                (o, a) for o, _, a in self.BAD)[argv[0]])
+        e = self.assertRaises(SystemExit, self.parse_under_twistd, "--no-such-option")
+        self.assertIn("--no-such-option", e.code)
+        self.assertNotIn("\n", e.code)
+
+    def test_unparsable_endpoint_as_written(self):
+        """
+        An unusable endpoint is named as the operator wrote it, without the
+        backlog the relay would add.
+        """
+        with self.assertRaises(UsageError) as raised:
+            self.parse("--listen", "tcp:notaport")
+        self.assertIn("--listen tcp:notaport is not a usable endpoint", str(raised.exception))
+        self.assertNotIn("backlog", str(raised.exception))
+
+    def test_systemd_endpoint_without_socket(self):
+        """
+        A systemd: endpoint with no socket passed says it needs socket
+        activation.
+        """
+        with self.assertRaises(UsageError) as raised:
+            Options(environ={}).parseOptions(["--data-dir", self.data_dir, "--listen", "systemd:domain=INET:index=0"])
+        self.assertIn("socket activation", str(raised.exception))
+
+    def test_help_is_clean(self):
+        """
+        --help has no stray runs of spaces inside an entry, and the --listen
+        entry names letsencrypt:.
+        """
+        import re
+
+        text = str(Options())
+        for line in text.splitlines():
+            entry = line.strip()
+            if entry.startswith("-"):
+                parts = re.split(r"\s{2,}", entry, maxsplit=1)
+                entry = parts[1] if len(parts) > 1 else ""
+            self.assertNotIn("  ", entry, line)
+        listen = text[text.index("--listen="):text.index("--max-connections=")]
+        self.assertIn("letsencrypt:", listen)
+
+    def test_version(self):
+        """
+        --version prints the relay's version and exits 0.
+        """
+        from io import StringIO
+
+        from leeloo import __version__
+
+        out = StringIO()
+        self.patch(sys, "stdout", out)
+        e = self.assertRaises(SystemExit, self.parse, "--version")
+        self.assertEqual(e.code, 0)
+        self.assertTrue(out.getvalue().startswith(f"leeloo {__version__} (Twisted "), out.getvalue())
+
+
+class EnvFileWarningTests(OptionsTestCase):
+    def test_unknown_key_warned_by_name(self):
+        """
+        A key the relay does not read is warned about by name, with the
+        setting it probably meant; its value is never in the warning.
+        """
+        path = self.env_file("TELEGRAM_API_SECRT=typo-secret-value\nPORT=3000\n")
+        os.chmod(path, 0o600)
+        warnings = self.parse("--env-file", path).warnings
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("unknown setting TELEGRAM_API_SECRT ignored; did you mean TELEGRAM_API_SECRET?",
+                      warnings[0])
+        self.assertIn("unknown setting PORT ignored", warnings[1])
+        self.assertNotIn("typo-secret-value", "".join(warnings))
+
+    def test_known_keys_not_warned(self):
+        """
+        An env file with only the relay's settings gives no warning.
+        """
+        path = self.env_file("TELEGRAM_API_SECRET=x\nSPOTIFY_API_URL=http://127.0.0.1:1\n")
+        os.chmod(path, 0o600)
+        self.assertEqual(self.parse("--env-file", path).warnings, ())
+
+    def test_placeholders_refuse_to_start(self):
+        """
+        Every value etc/leeloo.env.example ships with refuses to start,
+        naming the setting, from the env file or the environment.
+        """
+        from leeloo.tap import PLACEHOLDERS
+
+        example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "etc", "leeloo.env.example")
+        shipped = read_env_file(example)
+        self.assertEqual(shipped, {k: v for k, v in PLACEHOLDERS.items() if k in shipped})
+        self.assertIn("TELEGRAM_API_SECRET", shipped)
+        for key, value in shipped.items():
+            path = self.env_file(f"{key}={value}\n")
+            os.chmod(path, 0o600)
+            with self.assertRaises(UsageError) as raised:
+                self.parse("--env-file", path)
+            self.assertIn(f"{key} in --env-file {path} is still the placeholder", str(raised.exception))
+            with self.assertRaises(UsageError) as raised:
+                self.parse(environ={key: value})
+            self.assertIn(f"{key} in the environment is still the placeholder", str(raised.exception))
+
+    def test_redirect_without_webroot_warned(self):
+        """
+        --redirect-listen without --acme-webroot warns that certificate
+        challenges will be redirected.
+        """
+        [warning] = self.parse("--redirect-listen", "tcp:80").warnings
+        self.assertIn("--redirect-listen without --acme-webroot", warning)
+        self.assertIn("challenges", warning)
+        webroot = os.path.join(self.tmp, "acme")
+        os.makedirs(webroot)
+        self.assertEqual(self.parse("--redirect-listen", "tcp:80", "--acme-webroot", webroot).warnings, ())
 
 class StoreLimitOptionsTests(OptionsTestCase):
     def test_defaults(self):

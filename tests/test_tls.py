@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from OpenSSL import SSL
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.ssl import Certificate as TwistedCertificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
@@ -113,8 +113,28 @@ def listening_port(service) -> Deferred:
 class LogCapture:
     def __init__(self, testcase: SynchronousTestCase) -> None:
         self.events: list[dict] = []
+        self._cleanups: list = []
         globalLogPublisher.addObserver(self.events.append)
         testcase.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        testcase.addCleanup(lambda: [cleanup() for cleanup in self._cleanups])
+
+    def next(self, contains: str) -> Deferred:
+        """
+        A Deferred that fires with the next event whose text contains
+        C{contains}.
+        """
+        from twisted.logger import formatEvent
+
+        seen: Deferred = Deferred()
+
+        def observe(event):
+            if contains in formatEvent(event) and not seen.called:
+                globalLogPublisher.removeObserver(observe)
+                seen.callback(event)
+
+        globalLogPublisher.addObserver(observe)
+        self._cleanups.append(lambda: globalLogPublisher.removeObserver(observe))
+        return seen
 
     def texts(self, level: str | None = None) -> list[str]:
         from twisted.logger import formatEvent
@@ -245,6 +265,7 @@ class CertificateLoadingTests(SynchronousTestCase):
         self.assertFalse(tls.releases_buffers(off))
         self.assertEqual((on.minimum_version, on.maximum_version), (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3))
         self.assertTrue(on.options & ssl.OP_NO_COMPRESSION)
+        self.assertFalse(on.options & ssl.OP_IGNORE_UNEXPECTED_EOF)
         self.assertFalse(on.options & (ssl.OP_NO_TICKET | ssl.OP_CIPHER_SERVER_PREFERENCE))
         self.assertGreater(on.num_tickets, 0)
         offered = {c["name"] for c in on.get_ciphers() if c["protocol"] == "TLSv1.2"}
@@ -397,15 +418,36 @@ class CertificateLoadingTests(SynchronousTestCase):
         self.assertEqual(sorted(fields["tls_not_after"]), sorted([DOMAIN, OTHER]))
 
 
+def server_context(le: Letsencrypt) -> ssl.SSLContext:
+    certificate = tls.load_certificate(le.path, DOMAIN, FixedClock().seconds())
+    return tls.make_context(certificate)
+
+
+_new_context = ssl.SSLContext.__new__
+
+
+def new_context_ignoring_unexpected_eof(cls, *args, **kwargs):
+    """
+    C{ssl.SSLContext.__new__} as on Debian 12's Python 3.11.2 (3.10.0 to
+    3.11.2 made it the default): every context starts with
+    OP_IGNORE_UNEXPECTED_EOF on.
+    """
+    context = _new_context(cls, *args, **kwargs)
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    return context
+
+
 class MemoryPair:
     """
     A L{tls.TLSConnection} and a standard library client, wired by hand
     through memory BIOs.
     """
 
-    def __init__(self, le: Letsencrypt, alpn: list[str] | None = None) -> None:
-        certificate = tls.load_certificate(le.path, DOMAIN, FixedClock().seconds())
-        self.server = tls.TLSConnection(tls.make_context(certificate))
+    def __init__(self, le: Letsencrypt, alpn: list[str] | None = None,
+                 context: ssl.SSLContext | None = None) -> None:
+        if context is None:
+            context = server_context(le)
+        self.server = tls.TLSConnection(context)
         context = ssl.create_default_context(cadata=le.ca.root_pem.decode("ascii"))
         context.set_alpn_protocols(alpn or ["http/1.1"])
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -520,6 +562,60 @@ class TLSConnectionTests(SynchronousTestCase):
         e = self.assertRaises(SSL.SysCallError, pair.server.recv, 100)
         self.assertTrue(_representsEOF(e))
 
+    def test_eof_is_a_lost_connection_where_ssl_ignores_it_by_default(self):
+        """
+        Where the ssl module turns OP_IGNORE_UNEXPECTED_EOF on for every
+        context (Debian 12's Python), the relay's context has it off, and
+        the stream ending without close_notify is still a lost connection,
+        not the clean close that option would make of it.
+        """
+        le = Letsencrypt(self)
+        self.patch(ssl.SSLContext, "__new__", new_context_ignoring_unexpected_eof)
+        self.assertTrue(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).options & ssl.OP_IGNORE_UNEXPECTED_EOF)
+        careless = server_context(le)
+        careless.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+        contexts = {"careless": careless, "relay": server_context(le)}
+        self.assertFalse(contexts["relay"].options & ssl.OP_IGNORE_UNEXPECTED_EOF)
+        seen = {}
+        for name, context in contexts.items():
+            pair = MemoryPair(le, context=context)
+            pair.handshake()
+            pair.server.bio_shutdown()
+            try:
+                pair.server.recv(100)
+            except SSL.Error as e:
+                seen[name] = e
+        self.assertIsInstance(seen["careless"], SSL.ZeroReturnError)
+        self.assertIsInstance(seen["relay"], SSL.SysCallError)
+        self.assertTrue(_representsEOF(seen["relay"]))
+
+    def test_eof_as_older_pythons_raise_it_is_a_lost_connection(self):
+        """
+        The end of the stream as Python before 3.11.3 (Debian 12's 3.11.2)
+        reports it, a plain SSLError with OpenSSL's UNEXPECTED_EOF_WHILE_READING
+        rather than SSLEOFError, is a lost connection too.
+        """
+        old = ssl.SSLError(1, "[SSL: UNEXPECTED_EOF_WHILE_READING] unexpected eof while reading")
+        old.library, old.reason = "SSL", "UNEXPECTED_EOF_WHILE_READING"
+        self.assertNotIsInstance(old, ssl.SSLEOFError)
+        error = tls._error(old)
+        self.assertIsInstance(error, SSL.SysCallError)
+        self.assertTrue(_representsEOF(error))
+
+    def test_close_notify_after_own_is_a_clean_close(self):
+        """
+        The client's close_notify answering the relay's is the
+        ZeroReturnError of a clean close (the ssl module raises its
+        SSLZeroReturnError for it), not an SSL error.
+        """
+        pair = MemoryPair(Letsencrypt(self))
+        pair.handshake()
+        self.assertFalse(pair.server.shutdown())
+        pair.to_client()
+        pair.client.unwrap()
+        pair.to_server()
+        self.assertRaises(SSL.ZeroReturnError, pair.server.recv, 100)
+
     def test_garbage_is_an_error(self):
         """
         Plain HTTP to the TLS port fails the handshake with pyOpenSSL's
@@ -602,6 +698,35 @@ class StartupTests(TestCase):
         self.assertNotIn("\n", line)
         self.assertIn(os.path.join(le.path, "live", OTHER, "fullchain.pem"), line)
         self.assertIn(f"certbot certonly --webroot -w {os.path.abspath(webroot)} -d {OTHER}", line)
+
+    def test_taken_port_stops_with_one_line(self):
+        """
+        A letsencrypt: endpoint whose port is taken stops the relay (exit 1)
+        with one line naming it as written and the reason.
+        """
+        import txaio
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        le = Letsencrypt(self)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        endpoint = (f"letsencrypt:domain={DOMAIN}:port={taken.getsockname()[1]}:interface=127.0.0.1:"
+                    f"directory={le.path}")
+        options = tap.Options(environ={})
+        options.parseOptions(["--data-dir", temporary_directory(self), "--store", "memory", "--listen", endpoint])
+        previous = txaio.config.loop
+        self.addCleanup(setattr, txaio.config, "loop", previous)
+        exits = []
+        service = tap.build_service(options.config, reactor, exit=exits.append, notify=lambda state: None)
+        with capturedLogs() as events:
+            service.privilegedStartService()
+            service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(exits, [1])
+        [line] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.critical]
+        self.assertIn(f"cannot listen on --listen {endpoint}: address already in use", line)
 
     @inlineCallbacks
     def test_twistd_prints_one_line(self):
@@ -719,6 +844,41 @@ class RelayOverTLSTests(TestCase):
                      "track": "T", "album": "L"})
         shared = yield b.next_message()
         self.assertEqual((shared["type"], shared["spotify_uri"]), ("music_shared", "spotify:track:1"))
+
+    @inlineCallbacks
+    def test_clean_disconnects_log_no_error(self):
+        """
+        WSS devices that go away cleanly (a WebSocket close, a bare
+        close_notify, a TCP close after the closing handshake) are logged as
+        disconnected at info level, with nothing at error level.
+        """
+        le = Letsencrypt(self)
+        yield self.start_relay(le)
+        logged = LogCapture(self)
+
+        def websocket_close(client):
+            client.sendClose(1000)
+
+        def close_notify(client):
+            client.transport.loseConnection()
+
+        def eof_after_closing_handshake(client):
+            # The relay's close frame is answered, then the socket is
+            # closed without waiting for the relay's close_notify.
+            client.onCloseFrame = lambda *a, **k: None
+            client.sendClose(1000)
+            client.transport.transport.loseConnection()
+
+        for n, leave in enumerate((websocket_close, close_notify, eof_after_closing_handshake)):
+            device_id = f"leeloo_{n:012d}"
+            client = yield self.device(le, {"device_id": device_id, "crew_code": "BYE"})
+            gone = logged.next(f"device {device_id} at 127.0.0.1 disconnected")
+            # No closing-handshake timer left behind on the reactor.
+            client.closeHandshakeTimeout = 0
+            leave(client)
+            event = yield gone
+            self.assertEqual(event["log_level"].name, "info", leave.__name__)
+        self.assertEqual(logged.texts("error") + logged.texts("critical"), [])
 
     @inlineCallbacks
     def test_chain_alpn_and_hsts(self):
@@ -853,6 +1013,39 @@ class RelayOverTLSTests(TestCase):
         yield reloaded
         seen = yield self.probe(le)
         self.assertEqual(seen["fingerprint"], le.fingerprint())
+
+
+class StopOverTLSTests(TestCase):
+    """
+    ``twistd leeloo`` on a C{letsencrypt:} endpoint, stopped with SIGTERM.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_sigterm_closes_every_wss_device_with_1001(self):
+        """
+        On SIGTERM every one of 50 registered WSS devices receives its 1001
+        close frame (through TLS) before the relay exits.
+        """
+        from collections import Counter
+
+        from .support import RelayProcess, closing_clients
+
+        le = Letsencrypt(self)
+        relay = RelayProcess(self, "--listen", le.endpoint_string(), "--store", "memory",
+                             "--join-attempts", "1000", cwd=temporary_directory(self))
+        # Its Site logs no plain "Site starting on PORT" line.
+        relay.proto.port.addErrback(lambda f: None)
+        [port] = yield relay.proto.ready()
+        options = optionsForClientTLS(DOMAIN, trustRoot=TwistedCertificate.loadPEM(le.ca.root_pem))
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+        clients = yield closing_clients(50, endpoint.connect, f"wss://{DOMAIN}/ws")
+        ended = yield relay.stop()
+        codes = yield DeferredList([c.closed for c in clients], consumeErrors=True)
+        self.assertEqual(Counter(code for _, code in codes), {1001: 50})
+        self.assertIn((ended.exitCode, ended.signal), [(0, None), (None, signal.SIGTERM)])
+        self.assertNotIn(b"SSL error", relay.proto.output)
 
 
 class ReloadOnHangupTests(SynchronousTestCase):

@@ -18,6 +18,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 import leeloo
+from leeloo import __version__
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyConfig, SpotifyOAuth
 from leeloo.testing import FakePeer, FakeSpotifyAccounts, strip_keys
@@ -283,6 +284,12 @@ class HealthTests(SiteTestMixin, SynchronousTestCase):
         self.relay.bot_create_crew("42", "Ann")
         self.relay.disconnect(session)
         self.assertEqual(self.health()["crews"], 2)
+
+    def test_version(self) -> None:
+        """
+        C{version} is the relay's version, as C{twistd leeloo --version} says.
+        """
+        self.assertEqual(self.health()["version"], __version__)
 
     def test_uptime_follows_clock(self) -> None:
         """

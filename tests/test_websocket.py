@@ -354,7 +354,8 @@ class PerAddressCapTests(GuardedTestCase):
             for _ in range(5):
                 self.net.connect(host="198.51.100.1")
         self.assertEqual(self.factory.refused["per_address"], 3)
-        warnings = [formatEvent(e) for e in events if e.get("log_namespace") == "leeloo.websocket"]
+        warnings = [formatEvent(e) for e in events
+                    if e.get("log_namespace") == "leeloo.websocket" and e["log_level"] == LogLevel.warn]
         self.assertEqual(len(warnings), 1)
         self.assertIn("198.51.100.1", warnings[0])
 
@@ -564,3 +565,46 @@ class SlowReaderTests(WebSocketTestCase):
             self.send(a, type="message", payload={"text": self.BODY})
         self.assertEqual(len(b.take()), 10)
         self.assertFalse(self.server_side("d1").transport.disconnecting)
+
+
+class LifecycleLogTests(WebSocketTestCase):
+    BODY = "a-secret-message-body"
+
+    def test_lifecycle_lines_carry_the_fields_never_a_body(self):
+        """
+        A device connecting, registering (id, crew, client address) and
+        disconnecting (close code) is logged at info level, as the original
+        relay printed; nothing a device sends in a message is logged.
+        """
+        with capturedLogs() as events:
+            a = self.net.connect(host="198.51.100.7")
+            b = self.net.connect(host="198.51.100.8")
+            self.send(a, type="register", device_id="leeloo_aaaaaaaaaaaa", crew_code="alpha")
+            self.send(b, type="join_crew", device_id="leeloo_bbbbbbbbbbbb", crew_code="ALPHA",
+                      display_name="Bob")
+            self.send(a, type="message", msg_type="text", payload={"text": self.BODY})
+            self.send(a, type="share_music", spotify_uri=f"spotify:track:{self.BODY}", artist=self.BODY,
+                      track=self.BODY, album=self.BODY)
+            self.send(a, type="not json" + self.BODY)
+            a.sendClose(1000)
+            self.net.flush()
+        info = [formatEvent(e) for e in events
+                if e["log_level"] == LogLevel.info and e["log_namespace"].startswith("leeloo")]
+        self.assertIn("WebSocket connected from 198.51.100.7", info)
+        self.assertIn("register: device leeloo_aaaaaaaaaaaa from 198.51.100.7, crew ALPHA", info)
+        self.assertIn("join_crew: device leeloo_bbbbbbbbbbbb from 198.51.100.8, crew ALPHA", info)
+        self.assertIn("device leeloo_aaaaaaaaaaaa at 198.51.100.7 disconnected, close code 1000 from the device",
+                      info)
+        everything = "\n".join(formatEvent(e) + repr(e) for e in events)
+        self.assertNotIn(self.BODY, everything)
+
+    def test_relay_close_logged_with_its_code(self):
+        """
+        A connection the relay closes is logged with the relay's code.
+        """
+        [a] = self.registered(1)
+        with capturedLogs() as events:
+            self.relay.shutdown(spread=0)
+            self.net.flush()
+        self.assertIn("device d0 at 127.0.0.1 disconnected, close code 1001 from the relay",
+                      [formatEvent(e) for e in events])

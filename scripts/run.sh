@@ -1,0 +1,12 @@
+#!/bin/sh
+# Runs the relay from this checkout on its embedded defaults (HTTP and
+# WebSocket on 127.0.0.1:8080, state in ./leeloo-data), in the checkout's
+# own virtualenv (.venv, made the first time).  The README's run command;
+# arguments go to twistd leeloo, e.g. sh scripts/run.sh --store memory.
+set -eu
+cd "$(dirname "$0")/.."
+. scripts/venv.sh
+
+"$PY" -m pip install -q --disable-pip-version-check .
+"$PY" -c "$PLUGIN_CACHE"
+exec "$VENV/bin/twistd" --nodaemon --pidfile= leeloo "$@"
