@@ -72,7 +72,7 @@ def main() -> None:
     # per-address and per-connection limits where it has them (as run.sh does)
     for name, value in (("join-attempts", "1000000"), ("messages-per-second", "100000"),
                         ("message-burst", "100000"), ("max-connections-per-address", "1000000"),
-                        ("max-connections", "1000000")):
+                        ("max-connections", "1000000"), ("connect-rate", "1000000")):
         if name + "=" in getattr(options, "longOpt", ()):
             argv += [f"--{name}", value]
     options.parseOptions(argv)

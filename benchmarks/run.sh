@@ -92,7 +92,7 @@ LIMIT_ARGS=()
 if [ "${RAISE_LIMITS:-1}" = 1 ]; then
   HELP_TEXT="$("${TWISTD_CMD[@]}" leeloo --help 2>/dev/null)"
   for pair in join-attempts=1000000 messages-per-second=100000 message-burst=100000 \
-              max-connections-per-address=1000000 max-connections=1000000; do
+              max-connections-per-address=1000000 max-connections=1000000 connect-rate=1000000; do
     case "$HELP_TEXT" in *"--${pair%%=*}="*) LIMIT_ARGS+=("--$pair") ;; esac
   done
 fi

@@ -9,8 +9,10 @@ Plain objects with no I/O: the WebSocket adapter and the HTTP site ask them.
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable
+from typing import Any, Iterable
 from urllib.parse import urlsplit
+
+from leeloo.limits import Limiter, Rate
 
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -166,6 +168,7 @@ class OriginPolicy:
 
 TOO_MANY_FROM_ADDRESS = "per_address"
 TOO_MANY_CONNECTIONS = "total"
+CONNECTING_TOO_FAST = "connect_rate"
 
 
 class ConnectionCaps:
@@ -210,3 +213,75 @@ class ConnectionCaps:
 
     def describe(self) -> str:
         return f"{self.max_total} connections, {self.max_per_address} per client address"
+
+
+class ConnectionGate:
+    """
+    Every TCP connection to the relay's sites, counted by the address it
+    comes from before a byte of it is read: at most C{max_per_address} open
+    at once from one address, and new ones at most at C{rate} (a token
+    bucket per address), plain HTTP and WebSockets alike.
+
+    A connection from a trusted proxy carries many clients, so it is not
+    counted here (the WebSocket handshake counts the client it forwards);
+    nor is one with no IP address (a Unix socket).
+    """
+
+    # Seconds between sweeps of the rate buckets that have refilled.
+    SWEEP_EVERY = 60.0
+
+    def __init__(self, clock: Any, max_per_address: int, rate: Rate,
+                 proxies: TrustedProxies = TrustedProxies()) -> None:
+        self.clock = clock
+        self.max_per_address = max_per_address
+        self.rate = rate
+        self.proxies = proxies
+        self.by_address: dict[str, int] = {}
+        self.limiter = Limiter(clock, rate)
+        self.refused: dict[str, int] = {TOO_MANY_FROM_ADDRESS: 0, CONNECTING_TOO_FAST: 0}
+        self._swept = clock.seconds()
+
+    def counted(self, host: str | None) -> bool:
+        """
+        Whether connections from C{host} (a transport's peer host) count.
+        """
+        ip = _ip(host) if host else None
+        return ip is not None and not self.proxies.trusts(ip)
+
+    def admit(self, host: str | None) -> tuple[str, float] | None:
+        """
+        Count a new connection from C{host}; or refuse it, counting nothing,
+        and return why (L{TOO_MANY_FROM_ADDRESS} or L{CONNECTING_TOO_FAST})
+        with the seconds to wait before trying again.  A refused attempt
+        spends from the rate too: hammering does not get through.
+        """
+        if not self.counted(host):
+            return None
+        now = self.clock.seconds()
+        if now - self._swept >= self.SWEEP_EVERY:
+            self._swept = now
+            self.limiter.sweep()
+        wait = self.limiter.take(host)
+        if wait:
+            self.refused[CONNECTING_TOO_FAST] += 1
+            return CONNECTING_TOO_FAST, wait
+        count = self.by_address.get(host, 0)
+        if count >= self.max_per_address:
+            self.refused[TOO_MANY_FROM_ADDRESS] += 1
+            return TOO_MANY_FROM_ADDRESS, 1.0 / self.rate.per_second
+        self.by_address[host] = count + 1
+        return None
+
+    def release(self, host: str | None) -> None:
+        """
+        A connection L{admit}ted from C{host} closed.
+        """
+        count = self.by_address.get(host, 0)
+        if count <= 1:
+            self.by_address.pop(host, None)
+        else:
+            self.by_address[host] = count - 1
+
+    def describe(self) -> str:
+        return (f"{self.max_per_address} TCP connections per client address, "
+                f"new ones at {self.rate.describe()} per address")

@@ -61,6 +61,38 @@ Delivery (additions that deployed devices never see unless they ask):
     ``duplicate_client_msg_id``).  A message the store refuses is answered
     ``store_unavailable`` carrying its ``client_msg_id``.
 
+Crew codes:
+    A crew code is read as the original relay read it: surrounding
+    whitespace dropped, then upper-cased with Python's ``str.upper()``
+    (``café`` is ``CAFÉ``), nothing else.  A code over 64 code points (after
+    that), with a control character (Unicode category Cc), or of whitespace
+    only is refused with ``invalid_crew_code``; an absent, null or empty
+    code means no crew (``join_crew`` needs one: ``invalid_message``).  The
+    bot API applies the same rule (400 ``invalid_crew_code``).  Generated
+    codes are ``LEELOO-`` and characters of L{CREW_CODE_ALPHABET}.
+
+Legacy devices (the deployed ones: they never send ``ack`` or ``last_seq``
+and take every frame for a new one):
+    A returning legacy device is replayed only messages younger than the
+    relay's ``--legacy-replay-age`` (a day), and nudges and reactions
+    (``msg_type`` ``nudge`` or ``reaction``, and the top-level ``reaction``)
+    only when younger than ``--ephemeral-age`` (ten minutes); then
+    ``--replay-limit`` cuts.  Its delivered position advances only on proof
+    of receipt: its answer to a WebSocket ping sent after the frames (every
+    WebSocket library answers pings by itself), or its answer to a close the
+    relay started.  On its return it gets what was not proven: at most one
+    ping interval's worth may arrive twice, none is lost.  Every replayed
+    frame, to any client, carries ``"replayed": true`` and its original
+    ``timestamp``.
+
+Connections:
+    A connection that binds no device (no successful ``register``,
+    ``create_crew`` or ``join_crew``) within the relay's ``--bind-timeout``
+    (a minute) is closed with 4008.  Close codes: 1001 the relay stops (come
+    back), 1009 a message over the size limit, 1011 a relay bug, 4001
+    replaced by a newer connection for the same device id, 4008 no device
+    bound in time, 4029 too many refusals.
+
 Unknown fields are ignored, so that newer devices keep working against this
 relay.  A frame that cannot be understood raises a L{ProtocolError} whose
 ``code`` is the stable machine-readable error code sent back in an ``error``
@@ -72,6 +104,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 
 import orjson
 from dataclasses import dataclass, field
@@ -82,13 +115,14 @@ CREW_CODE_PREFIX = "LEELOO-"
 CREW_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 DEVICE_ID_PREFIX = "leeloo_"
 
-MAX_CREW_CODE_LENGTH = 32
+# Crew codes: what the original relay accepted (any string, upper-cased),
+# within a length a person could type.
+MAX_CREW_CODE_LENGTH = 64
 MAX_DEVICE_ID_LENGTH = 64
 MAX_NAME_LENGTH = 64
 MAX_TYPE_LENGTH = 64
 MAX_FIELD_LENGTH = 1024
 
-_CREW_CODE_RE = re.compile(r"[A-Z0-9_-]{1,%d}" % MAX_CREW_CODE_LENGTH)
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,%d}" % MAX_DEVICE_ID_LENGTH)
 
 
@@ -298,16 +332,25 @@ def _string(obj: Mapping, name: str, max_length: int, required: bool = False) ->
 
 def normalize_crew_code(value: Any) -> str:
     """
-    Upper-case and check a crew code; raise L{InvalidMessage} if it cannot
-    be one.
+    A crew code as the original relay read it: surrounding whitespace
+    dropped, then upper-cased with C{str.upper()} (C{café} is C{CAFÉ}), and
+    nothing else.
+
+    @raise InvalidMessage: C{value} is not a string.
+    @raise InvalidCrewCode: the code is whitespace only, longer than
+        L{MAX_CREW_CODE_LENGTH} code points, or holds a control character
+        (Unicode category Cc).
     """
     if not isinstance(value, str):
         raise InvalidMessage("crew_code must be a string")
-    code = value.strip().upper()
-    if not _CREW_CODE_RE.fullmatch(code):
-        raise InvalidMessage(
-            f"crew_code must be 1-{MAX_CREW_CODE_LENGTH} letters, digits, '-' or '_'"
-        )
+    code = value.strip()
+    if not code:
+        raise InvalidCrewCode("crew_code must not be only whitespace")
+    code = code.upper()
+    if len(code) > MAX_CREW_CODE_LENGTH:
+        raise InvalidCrewCode(f"crew_code must be at most {MAX_CREW_CODE_LENGTH} characters")
+    if any(unicodedata.category(c) == "Cc" for c in code):
+        raise InvalidCrewCode("crew_code must not contain control characters")
     return code
 
 
@@ -554,6 +597,28 @@ def stamped(message: dict, timestamp: int, seq: int, message_id: str) -> dict:
     the crew's sequence number and the message id.
     """
     return {**message, "timestamp": timestamp, "seq": seq, "id": message_id}
+
+
+# Crew messages a legacy device is only replayed while they are fresh: a
+# nudge or a reaction minutes late means nothing.
+EPHEMERAL_MSG_TYPES = frozenset({"nudge", "reaction"})
+
+
+def is_ephemeral(message: Mapping) -> bool:
+    """
+    Whether C{message} (a crew fan-out) is a nudge or a reaction: the
+    top-level C{reaction}, or a C{message} whose C{msg_type} is one.
+    """
+    kind = message.get("type")
+    return kind == "reaction" or (kind == "message" and message.get("msg_type") in EPHEMERAL_MSG_TYPES)
+
+
+def replayed(payload: bytes) -> bytes:
+    """
+    The stored frame C{payload} (an encoded object, with its original
+    C{timestamp}) as it is replayed: with C{"replayed": true}.
+    """
+    return payload[:-1] + b',"replayed":true}'
 
 
 def sent(client_msg_id: str, message_id: str, seq: int) -> dict:

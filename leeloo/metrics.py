@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from leeloo.access import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_ADDRESS
+from leeloo.access import CONNECTING_TOO_FAST, TOO_MANY_CONNECTIONS, TOO_MANY_FROM_ADDRESS
 from leeloo.relay import Relay
 from leeloo.websocket import REFUSED_ORIGIN
 
@@ -86,6 +86,14 @@ class RelayCollector:
                                         labels=["site"])
         responses = CounterMetricFamily("leeloo_http_responses", "HTTP responses, by status.",
                                         labels=["site", "code"])
+        gate_refused = CounterMetricFamily(
+            "leeloo_connections_refused",
+            "TCP connections refused before a byte was read, by reason (per_address, connect_rate).",
+            labels=["reason"])
+        gates = {id(site.gate): site.gate for site in self.sites if getattr(site, "gate", None) is not None}
+        for reason in (TOO_MANY_FROM_ADDRESS, CONNECTING_TOO_FAST):
+            gate_refused.add_metric([reason], sum(gate.refused[reason] for gate in gates.values()))
+        yield gate_refused
         for site in self.sites:
             pending.add_metric([site.name], len(site.deadlines))
             timeouts.add_metric([site.name], site.deadlines.expired)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from html import escape
 
+from twisted.web.http import RESPONSES
+
 # Album art comes from Spotify's image hosts; nothing else is fetched from
 # another site.
 SPOTIFY_IMAGE_HOSTS = b"https://i.scdn.co https://mosaic.scdn.co https://*.spotifycdn.com"
@@ -29,6 +31,16 @@ SECURITY_HEADERS = (
     (b"Referrer-Policy", b"no-referrer"),
     (b"X-Frame-Options", b"DENY"),
 )
+
+
+def reason_phrase(status: int) -> bytes:
+    """
+    The standard reason phrase of HTTP C{status} (twisted.web lacks a few).
+    """
+    return RESPONSES.get(status) or _MORE_PHRASES.get(status, b"Error")
+
+
+_MORE_PHRASES = {429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
 
 
 def _page(title: str, body: str, script: str | None = None, cards: bool = True) -> bytes:

@@ -72,6 +72,7 @@ from leeloo.store import (
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_REPLACED = 4001
+CLOSE_BIND_TIMEOUT = 4008
 CLOSE_ABUSE = 4029
 
 TELEGRAM_DEVICE_ID = "telegram"
@@ -80,6 +81,8 @@ TELEGRAM_DEVICE_ID = "telegram"
 PRESENCE_GRACE = 10.0
 TOKEN_TTL = 3600.0
 DAY = 86400.0
+EPHEMERAL_AGE = 600.0
+BIND_TIMEOUT = 60.0
 MiB = 1024 * 1024
 CREW_LOG_BYTES = 16 * MiB
 STORE_QUEUE_BYTES = 8 * MiB
@@ -145,10 +148,16 @@ class Session:
     One connection: who it says it is, which crew it is in, and the highest
     crew sequence it has been sent.  While C{held} is a list, the session is
     catching up on what it missed and live fan-outs wait there.
+
+    C{proven_seq} is how far the device is known to have received (its
+    transport proved it: see L{Relay.delivered}); C{epoch} counts the
+    session's entries into crews, so that a proof taken in one crew is never
+    applied in another.  C{bind_timer} closes it if it binds no device in
+    time.
     """
 
     __slots__ = ("peer", "address", "device_id", "name", "crew", "last_sent_seq", "held", "acks",
-                 "bucket", "entries", "strikes", "closing")
+                 "bucket", "entries", "strikes", "closing", "proven_seq", "epoch", "bind_timer")
 
     def __init__(self, peer: IPeer, address: str | None, bucket: Bucket) -> None:
         self.peer = peer
@@ -163,6 +172,9 @@ class Session:
         self.entries: Bucket | None = None
         self.strikes = 0
         self.closing = False
+        self.proven_seq = 0
+        self.epoch = 0
+        self.bind_timer: Any = None
 
     def close(self, code: int, reason: str) -> None:
         """
@@ -269,7 +281,7 @@ class _Publication:
         if self.remembered is not None:
             self.remembered.seq = seq
         return LogEntry(crew.code, seq, self.id, self.sender, self.client_msg_id, self.digest,
-                        self.created_at, self.out.payload)
+                        self.created_at, self.out.payload, messages.is_ephemeral(self.message))
 
 
 def generate_crew_code(length: int = 4, choice: Callable[[str], str] = secrets.choice) -> str:
@@ -316,6 +328,13 @@ class Relay:
     @param retention: seconds a logged message is kept and replayed.
     @param crew_ttl: seconds after which a crew with no message and no
         member seen is forgotten.
+    @param legacy_replay_age: seconds within which a missed message is
+        replayed to a legacy device (one that has never sent C{ack} or
+        C{last_seq}, and takes every frame for a new one).
+    @param ephemeral_age: the same for nudges and reactions.
+    @param bind_timeout: seconds a connection may stay without binding a
+        device (no successful register, create_crew or join_crew) before
+        it is closed with L{CLOSE_BIND_TIMEOUT}; 0 never.
     @param crew_log_bytes: the most bytes of messages kept in one crew's
         log; past it, the oldest go (down to three quarters of it), but
         never the newest C{replay_limit}.
@@ -337,6 +356,9 @@ class Relay:
         retention: float = 7 * DAY,
         crew_ttl: float = 90 * DAY,
         limits: RelayLimits = RelayLimits(),
+        legacy_replay_age: float = DAY,
+        ephemeral_age: float = EPHEMERAL_AGE,
+        bind_timeout: float = BIND_TIMEOUT,
         presence_grace: float = PRESENCE_GRACE,
         crew_log_bytes: int = CREW_LOG_BYTES,
         store_queue_bytes: int = STORE_QUEUE_BYTES,
@@ -354,6 +376,9 @@ class Relay:
         self.retention = retention
         self.crew_ttl = crew_ttl
         self.limits = limits
+        self.legacy_replay_age = legacy_replay_age
+        self.ephemeral_age = ephemeral_age
+        self.bind_timeout = bind_timeout
         self.presence_grace = presence_grace
         self.crew_log_bytes = crew_log_bytes
         self.store_queue_bytes = store_queue_bytes
@@ -380,6 +405,8 @@ class Relay:
         # Set by shutdown: the close code and reason of connections opening now.
         self._stopping: tuple[int, str] | None = None
         self._when_gone: list[Deferred] = []
+        # telegram user id -> the codes of the crews it is in (in join order)
+        self.bot_user_index: dict[str, dict[str, None]] = {}
         self._handlers = {
             Register: self._register,
             CreateCrew: self._create_crew,
@@ -394,9 +421,10 @@ class Relay:
 
     def restore(self, snapshot: Snapshot) -> None:
         """
-        Take up the state a store kept.  Members that were online when the
-        relay last stopped without saying goodbye got everything that was
-        stored by then.
+        Take up the state a store kept.  Each member resumes from the
+        position it was proven to have received (see L{delivered}), also
+        when the relay last stopped without saying goodbye: what was sent to
+        it but not proven is sent again.
         """
         for record in snapshot.crews:
             crew = self.crews[record.code] = Crew(record.code, record.created_at, record.created_by)
@@ -406,11 +434,12 @@ class Relay:
         for m in snapshot.members:
             crew = self.crews.get(m.crew_code)
             if crew is not None:
-                delivered = crew.last_seq if m.online else m.delivered_seq
-                crew.members[m.device_id] = Member(m.device_id, m.name, m.last_seen, delivered, m.acked_seq)
+                crew.members[m.device_id] = Member(m.device_id, m.name, m.last_seen, m.delivered_seq,
+                                                   m.acked_seq)
         for b in snapshot.bot_users:
             if b.crew_code in self.crews:
                 self.crews[b.crew_code].bot_users[b.user_id] = b.name
+                self.bot_user_index.setdefault(b.user_id, {})[b.crew_code] = None
         for t in snapshot.tokens:
             self.pending_tokens[t.device_id] = (t.tokens, t.expires_at)
         for d in snapshot.devices:
@@ -433,7 +462,44 @@ class Relay:
         self.sessions.add(session)
         if self._stopping is not None:
             session.close(*self._stopping)
+        if self.bind_timeout:
+            session.bind_timer = self.clock.callLater(self.bind_timeout, self._bind_expired, session)
         return session
+
+    def _bind_expired(self, session: Session) -> None:
+        session.bind_timer = None
+        if session.device_id is None and not session.closing and session in self.sessions:
+            _log.info("closing a connection from {address} that bound no device in {timeout} seconds",
+                      address=session.address, timeout=self.bind_timeout)
+            session.close(CLOSE_BIND_TIMEOUT, "no device registered in time; reconnect and register")
+
+    def delivery_mark(self, session: Session) -> tuple[int, int]:
+        """
+        What C{session} has been sent so far, to pass to L{delivered} once
+        the device proves it received everything sent before now (its
+        answer to a WebSocket ping sent now, say).
+        """
+        return (session.epoch, session.last_sent_seq)
+
+    def delivered(self, session: Session, mark: tuple[int, int]) -> None:
+        """
+        The device of C{session} proved that it received everything sent up
+        to C{mark} (from L{delivery_mark}).  For a legacy device, which
+        never acknowledges, this proven position is the one the relay keeps
+        and resumes it from: frames written into a link that died without a
+        close are never counted as delivered.
+        """
+        epoch, seq = mark
+        if epoch != session.epoch or seq <= session.proven_seq:
+            return
+        session.proven_seq = seq
+        crew = session.crew
+        if crew is None or session.acks or crew.online.get(session.device_id) is not session:
+            return
+        member = crew.members.get(session.device_id)
+        if member is not None and seq > member.delivered_seq:
+            member.delivered_seq = seq
+            self._save_member(crew, member, online=True)
 
     def receive(self, session: Session, data: bytes | str) -> None:
         """
@@ -454,6 +520,20 @@ class Relay:
         except ProtocolError as e:
             self._refused(session, e)
 
+    def receive_ping(self, session: Session) -> bool:
+        """
+        A WebSocket ping from C{session}: it counts against the message
+        rate like any frame.  Whether to answer it with a pong (if not, the
+        session was refused, as for a text frame over the rate).
+        """
+        if session.closing:
+            return False
+        wait = session.bucket.take(self.clock.seconds(), self.limits.messages)
+        if wait:
+            self._refused(session, RateLimited("too many messages; slow down", wait))
+            return False
+        return True
+
     def receive_binary(self, session: Session) -> None:
         if session.closing:
             return
@@ -473,6 +553,9 @@ class Relay:
         C{session}'s connection closed: the rest of its crew hears that the
         device went offline.
         """
+        if session.bind_timer is not None:
+            session.bind_timer.cancel()
+            session.bind_timer = None
         self.paused.discard(session)
         self._unbind(session)
         self._discard(session)
@@ -645,6 +728,9 @@ class Relay:
             session.device_id = device_id
             session.last_sent_seq = 0
             self.devices[device_id] = session
+            if session.bind_timer is not None:
+                session.bind_timer.cancel()
+                session.bind_timer = None
         if name is not None:
             session.name = name
         elif session.name is None:
@@ -729,7 +815,8 @@ class Relay:
         if last_seq is not None or member.acked_seq is not None:
             session.acks = True
         session.crew = crew
-        session.last_sent_seq = start
+        session.last_sent_seq = session.proven_seq = start
+        session.epoch += 1
         if not crew.online:
             self.crews_online += 1
         crew.online[session.device_id] = session
@@ -747,10 +834,21 @@ class Relay:
             self._replay(session, crew, start)
 
     def _replay(self, session: Session, crew: Crew, start: int) -> None:
+        """
+        Send C{session} what it missed after C{start}.  A legacy device
+        (C{session.acks} false), which takes every frame for a new one, gets
+        only messages younger than C{legacy_replay_age}, and nudges and
+        reactions younger than C{ephemeral_age}; then the replay limit cuts.
+        """
         session.held = []
         up_to = crew.fanned_seq
-        d = self.store.replay(crew.code, start, up_to, self.clock.seconds() - self.retention,
-                              session.device_id, self.replay_limit)
+        now = self.clock.seconds()
+        since = ephemeral_since = now - self.retention
+        if not session.acks:
+            since = max(since, now - self.legacy_replay_age)
+            ephemeral_since = max(since, now - self.ephemeral_age)
+        d = self.store.replay(crew.code, start, up_to, since, session.device_id, self.replay_limit,
+                              ephemeral_since)
         d.addCallbacks(self._replayed, self._replay_failed,
                        callbackArgs=(session, crew, up_to), errbackArgs=(session, crew, up_to))
 
@@ -761,7 +859,7 @@ class Relay:
         if replay.lost is not None and session.acks:
             session.send(messages.replay_truncated(*replay.lost))
         for seq, payload in replay.entries:
-            session.peer.send(Outgoing(None, payload))
+            session.peer.send(Outgoing(None, messages.replayed(payload)))
         self._release(session, up_to)
 
     def _replay_failed(self, failure: Any, session: Session, crew: Crew, up_to: int) -> None:
@@ -775,7 +873,8 @@ class Relay:
         held, session.held = session.held or [], None
         session.last_sent_seq = max(session.last_sent_seq, up_to)
         for seq, out in held:
-            session.peer.send(out)
+            if out is not None:
+                session.peer.send(out)
             session.last_sent_seq = max(session.last_sent_seq, seq)
 
     def _leave(self, session: Session, announce: bool) -> None:
@@ -790,7 +889,10 @@ class Relay:
                 self.crews_online -= 1
             member = crew.members.get(session.device_id)
             if member is not None:
-                member.delivered_seq = max(member.delivered_seq, session.last_sent_seq)
+                # A legacy device never acknowledges: only what its
+                # transport proved it received counts as delivered.
+                sent = session.last_sent_seq if session.acks else session.proven_seq
+                member.delivered_seq = max(member.delivered_seq, sent)
                 member.last_seen = self.clock.seconds()
                 self._save_member(crew, member, online=False)
             if announce:
@@ -889,7 +991,12 @@ class Relay:
         crew.last_message_at = self.clock.seconds()
         self._logged(crew, len(out.payload))
         if session is not None and session.crew is crew:
-            session.last_sent_seq = max(session.last_sent_seq, seq)
+            # The sender never gets its own message: it counts as sent to
+            # it, in its place (after what it is still catching up on).
+            if session.held is not None:
+                session.held.append((seq, None))
+            else:
+                session.last_sent_seq = max(session.last_sent_seq, seq)
         reached = self._fanout(crew, out, session, seq)
         if remembered is not None:
             waiting, remembered.waiting = remembered.waiting, None
@@ -1086,6 +1193,7 @@ class Relay:
 
     def _add_bot_user(self, crew: Crew, user_id: str, name: str) -> None:
         crew.bot_users[user_id] = name
+        self.bot_user_index.setdefault(user_id, {})[crew.code] = None
         self.journal.put((PUT_BOT_USER, BotUserRecord(crew.code, user_id, name)), wait=False)
 
     def bot_create_crew(self, user_id: str, name: str) -> Deferred:
@@ -1126,6 +1234,19 @@ class Relay:
             raise NotInCrew(f"join crew {crew.code} before sending to it")
         message = messages.crew_message(TELEGRAM_DEVICE_ID, sender_name, msg_type, payload)
         return self.publish(crew, message, TELEGRAM_DEVICE_ID, size=len(messages.encode(message)))
+
+    def bot_user_crews(self, user_id: str) -> list[dict]:
+        """
+        The crews bot user C{user_id} is in, with its name in each and how
+        many devices of each are online.
+        """
+        crews = []
+        for code in self.bot_user_index.get(user_id, ()):
+            crew = self.crews.get(code)
+            if crew is not None and user_id in crew.bot_users:
+                crews.append({"crew_code": code, "display_name": crew.bot_users[user_id],
+                              "devices_online": len(crew.online)})
+        return crews
 
     def crew_status(self, code: str) -> dict:
         code = messages.normalize_crew_code(code)
@@ -1192,6 +1313,12 @@ class Relay:
         for crew in stale:
             del self.crews[crew.code]
             self.journal.put((DELETE_CREW, crew.code), wait=False)
+            for user_id in crew.bot_users:
+                codes = self.bot_user_index.get(user_id)
+                if codes is not None:
+                    codes.pop(crew.code, None)
+                    if not codes:
+                        del self.bot_user_index[user_id]
         members = {device_id for crew in self.crews.values() for device_id in crew.members}
         idle_devices = [
             device_id for device_id, record in self.device_keys.items()

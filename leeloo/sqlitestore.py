@@ -116,6 +116,16 @@ MIGRATIONS = [
     """
     ALTER TABLE devices ADD COLUMN last_seen REAL;
     """,
+    # 5: which log entries are nudges or reactions (replayed to legacy
+    # devices only while fresh); the entries already logged are read.
+    """
+    ALTER TABLE messages ADD COLUMN ephemeral INTEGER NOT NULL DEFAULT 0;
+    UPDATE messages SET ephemeral = 1
+        WHERE json_valid(CAST(payload AS TEXT))
+        AND (json_extract(CAST(payload AS TEXT), '$.type') = 'reaction'
+             OR (json_extract(CAST(payload AS TEXT), '$.type') = 'message'
+                 AND json_extract(CAST(payload AS TEXT), '$.msg_type') IN ('nudge', 'reaction')));
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -224,9 +234,10 @@ def _load(db: sqlite3.Connection) -> Snapshot:
 # Each write operation: its statement and its row.
 _STATEMENTS: dict[str, tuple[str, Callable[[Any], tuple]]] = {
     APPEND: (
-        "INSERT INTO messages (crew_code, seq, id, sender, client_msg_id, digest, created_at, payload) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        lambda e: (e.crew_code, e.seq, e.id, e.sender, e.client_msg_id, e.digest, e.created_at, e.payload),
+        "INSERT INTO messages (crew_code, seq, id, sender, client_msg_id, digest, created_at, payload, "
+        "ephemeral) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        lambda e: (e.crew_code, e.seq, e.id, e.sender, e.client_msg_id, e.digest, e.created_at, e.payload,
+                   int(e.ephemeral)),
     ),
     PUT_MEMBER: (
         "INSERT INTO members (crew_code, device_id, display_name, last_seen, delivered_seq, acked_seq, online) "
@@ -262,8 +273,8 @@ _STATEMENTS: dict[str, tuple[str, Callable[[Any], tuple]]] = {
 }
 
 
-_APPEND_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?)"
-_APPEND_ROWS = 1000  # 8,000 parameters, well under SQLite's limit
+_APPEND_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_APPEND_ROWS = 1000  # 9,000 parameters, well under SQLite's limit
 
 
 def _append_many(cursor: Any, rows: list[tuple]) -> None:
@@ -309,11 +320,13 @@ def _write(cursor: Any, ops: list) -> None:
 
 
 def _replay(cursor: Any, crew_code: str, after_seq: int, up_to_seq: int, since: float,
-            exclude_sender: str, limit: int) -> Any:
+            exclude_sender: str, limit: int, ephemeral_since: float | None = None) -> Any:
     cursor.execute(
         "SELECT seq, payload FROM messages WHERE crew_code = ? AND seq > ? AND seq <= ? "
-        "AND created_at >= ? AND sender != ? ORDER BY seq DESC LIMIT ?",
-        (crew_code, after_seq, up_to_seq, since, exclude_sender, limit + 1),
+        "AND created_at >= ? AND sender != ? AND (ephemeral = 0 OR created_at >= ?) "
+        "ORDER BY seq DESC LIMIT ?",
+        (crew_code, after_seq, up_to_seq, since, exclude_sender,
+         since if ephemeral_since is None else ephemeral_since, limit + 1),
     )
     rows = [(seq, bytes(payload)) for seq, payload in cursor.fetchall()]
     rows.reverse()
@@ -452,8 +465,9 @@ class SQLiteStore:
         return self._run(_write, ops)
 
     def replay(self, crew_code: str, after_seq: int, up_to_seq: int, since: float,
-               exclude_sender: str, limit: int) -> Deferred:
-        return self._run(_replay, crew_code, after_seq, up_to_seq, since, exclude_sender, limit)
+               exclude_sender: str, limit: int, ephemeral_since: float | None = None) -> Deferred:
+        return self._run(_replay, crew_code, after_seq, up_to_seq, since, exclude_sender, limit,
+                         ephemeral_since)
 
     def prune(self, log_before: float) -> Deferred:
         self._written = True

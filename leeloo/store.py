@@ -84,6 +84,8 @@ class LogEntry:
     digest: bytes | None
     created_at: float
     payload: bytes
+    # A nudge or a reaction (see leeloo.messages.is_ephemeral).
+    ephemeral: bool = False
 
 
 @dataclass
@@ -154,11 +156,13 @@ class IStore(Interface):
         """
 
     def replay(
-        crew_code: str, after_seq: int, up_to_seq: int, since: float, exclude_sender: str, limit: int
+        crew_code: str, after_seq: int, up_to_seq: int, since: float, exclude_sender: str, limit: int,
+        ephemeral_since: float | None = None,
     ) -> Deferred:
         """
         The newest C{limit} log entries of C{crew_code} with C{after_seq <
-        seq <= up_to_seq}, created at or after C{since}, not sent by
+        seq <= up_to_seq}, created at or after C{since} (ephemeral ones at
+        or after C{ephemeral_since} too, when given), not sent by
         C{exclude_sender}, as a L{Replay}.
         """
 
@@ -305,12 +309,16 @@ class MemoryStore:
             raise StoreError(f"no crew {code}")
 
     def replay(
-        self, crew_code: str, after_seq: int, up_to_seq: int, since: float, exclude_sender: str, limit: int
+        self, crew_code: str, after_seq: int, up_to_seq: int, since: float, exclude_sender: str, limit: int,
+        ephemeral_since: float | None = None,
     ) -> Deferred:
+        if ephemeral_since is None:
+            ephemeral_since = since
         entries = [
             (e.seq, e.payload)
             for e in self.log.get(crew_code, ())
             if after_seq < e.seq <= up_to_seq and e.created_at >= since and e.sender != exclude_sender
+            and (not e.ephemeral or e.created_at >= ephemeral_since)
         ]
         return succeed(_replay_window(entries, after_seq, limit))
 

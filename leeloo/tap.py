@@ -34,7 +34,7 @@ from leeloo.limits import Rate, RelayLimits
 from leeloo.listening import Listener, Readiness
 from leeloo.metrics import Metrics
 from leeloo.process import exit_process, sd_notify
-from leeloo.relay import DAY, Relay
+from leeloo.relay import BIND_TIMEOUT, DAY, EPHEMERAL_AGE, Relay
 from leeloo.sqlitestore import SchemaError, SQLiteStore
 from leeloo.store import IStore, MemoryStore
 from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig, SpotifyOAuth
@@ -91,6 +91,9 @@ class Config:
     crew_log_bytes: int = 16 * 1024 * 1024
     store_queue_bytes: int = 8 * 1024 * 1024
     relay_limits: RelayLimits = RelayLimits()
+    legacy_replay_age: float = DAY
+    ephemeral_age: float = EPHEMERAL_AGE
+    bind_timeout: float = BIND_TIMEOUT
     # The acme: endpoints of listen, with the --acme-* options.
     acme: AcmeConfig | None = None
 
@@ -411,8 +414,8 @@ def _positive_float(value: str) -> float:
 
 def _non_negative_float(value: str) -> float:
     number = float(value)
-    if not number >= 0:
-        raise ValueError("must be zero or more")
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be zero or more, and finite")
     return number
 
 
@@ -501,6 +504,9 @@ class Options(usage.Options):
         ["max-message-size", None, 64 * 1024,
          "Largest WebSocket message in bytes; larger ones are refused with close 1009.",
          _positive_int],
+        ["max-fragments", None, 64,
+         "Most frames one WebSocket message may come in; more are refused with close 1009.",
+         _positive_int],
         ["store", None, "sqlite",
          "Where state is kept: sqlite (durable, under --data-dir) or memory (lost at exit).",
          _store_kind],
@@ -510,6 +516,20 @@ class Options(usage.Options):
          "Days a crew message is kept for devices that were offline.", _positive_float],
         ["crew-ttl-days", None, 90.0,
          "Days after which a crew with no message and no member seen is forgotten.", _positive_float],
+        ["legacy-replay-age", None, DAY,
+         "Seconds within which a missed message is replayed to a legacy device (one that never "
+         "sends ack or last_seq, and takes every frame for a new one).", _positive_float],
+        ["ephemeral-age", None, EPHEMERAL_AGE,
+         "Seconds within which a missed nudge or reaction is replayed to a legacy device.",
+         _positive_float],
+        ["ping-interval", None, 25.0,
+         "Seconds between the WebSocket pings that keep each connection alive and prove what a "
+         "device received.", _positive_float],
+        ["ping-timeout", None, 20.0,
+         "Seconds a device has to answer a ping before its connection is dropped.", _positive_float],
+        ["bind-timeout", None, BIND_TIMEOUT,
+         "Seconds a connection may stay without registering, creating or joining a crew before "
+         "it is closed with 4008; 0 never.", _non_negative_float],
         ["crew-log-bytes", None, 16 * 1024 * 1024,
          "Most bytes of messages kept in one crew's log; past it the oldest go (never the "
          "newest --replay-limit).", _positive_int],
@@ -519,8 +539,12 @@ class Options(usage.Options):
         ["max-connections", None, 20000,
          "Most WebSocket connections open at once; more are refused with HTTP 503.", _positive_int],
         ["max-connections-per-address", None, 256,
-         "Most WebSocket connections from one client address; more are refused with HTTP 503.",
+         "Most TCP connections (plain HTTP and WebSocket) open at once from one client address; "
+         "more are answered HTTP 503 and closed before they are read.",
          _positive_int],
+        ["connect-rate", None, 10.0,
+         "New TCP connections a second from one client address, in bursts of twice as many; "
+         "more are answered HTTP 429 and closed.", _positive_float],
         ["max-unsent-bytes", None, 1024 * 1024,
          "A device that falls this many bytes behind reading what the relay sends it is "
          "disconnected.", _positive_int],
@@ -645,8 +669,15 @@ class Options(usage.Options):
                 max_connections=self["max-connections"],
                 max_connections_per_address=self["max-connections-per-address"],
                 max_unsent=self["max-unsent-bytes"],
+                max_fragments=self["max-fragments"],
+                auto_ping_interval=self["ping-interval"],
+                auto_ping_timeout=self["ping-timeout"],
             ),
-            http_limits=HTTPLimits(request_timeout=self["request-timeout"]),
+            http_limits=HTTPLimits(
+                request_timeout=self["request-timeout"],
+                max_connections_per_address=self["max-connections-per-address"],
+                connect_rate=self["connect-rate"],
+            ),
             trusted_proxies=tuple(self["trusted-proxy"]),
             public_url=check_public_url(self["public-url"]),
             admin_listen=admin_listen,
@@ -668,6 +699,9 @@ class Options(usage.Options):
                 require_device_key=bool(self["require-device-key"]),
                 crew_code_length=self["crew-code-length"],
             ),
+            legacy_replay_age=self["legacy-replay-age"],
+            ephemeral_age=self["ephemeral-age"],
+            bind_timeout=self["bind-timeout"],
             acme=acme,
         )
 
@@ -735,6 +769,12 @@ class RelayService(Service):
         )
         self.log.info("relay limits: {limits}", limits=self.relay.limits.describe())
         self.log.info(
+            "legacy devices are replayed messages from the last {age:g}s, nudges and reactions from "
+            "the last {ephemeral:g}s; connections that bind no device are closed after {bind}",
+            age=self.relay.legacy_replay_age, ephemeral=self.relay.ephemeral_age,
+            bind=f"{self.relay.bind_timeout:g}s" if self.relay.bind_timeout else "never (off)",
+        )
+        self.log.info(
             "store limits: crew logs of at most {log} bytes, senders paused past {queue} bytes "
             "waiting for the store; presence grace {grace:g}s",
             log=self.relay.crew_log_bytes, queue=self.relay.store_queue_bytes, grace=self.relay.presence_grace)
@@ -795,12 +835,17 @@ def build_service(config: Config, reactor: Any, http: Any = None,
         retention=config.retention_days * DAY,
         crew_ttl=config.crew_ttl_days * DAY,
         limits=config.relay_limits,
+        legacy_replay_age=config.legacy_replay_age,
+        ephemeral_age=config.ephemeral_age,
+        bind_timeout=config.bind_timeout,
         presence_grace=config.presence_grace,
         crew_log_bytes=config.crew_log_bytes,
         store_queue_bytes=config.store_queue_bytes,
     )
-    ws_factory = RelayServerFactory(
-        relay, config.limits, TrustedProxies(config.trusted_proxies), OriginPolicy(config.public_url))
+    proxies = TrustedProxies(config.trusted_proxies)
+    ws_factory = RelayServerFactory(relay, config.limits, proxies, OriginPolicy(config.public_url))
+    # One count of connections per address for the public and redirect sites.
+    gate = config.http_limits.gate(reactor, proxies)
     metrics = Metrics(relay, ws_factory)
     spotify = None
     if config.spotify is not None:
@@ -828,6 +873,7 @@ def build_service(config: Config, reactor: Any, http: Any = None,
         limits=config.http_limits, metrics=metrics,
         health_fields=[health_fields(certificates)] if certificates else (),
         challenges=challenges,
+        gate=gate,
     )
 
     top = MultiService()
@@ -845,7 +891,7 @@ def build_service(config: Config, reactor: Any, http: Any = None,
                  for endpoint, description in zip(endpoints, config.listen)]
     if config.redirect_listen:
         redirect_site = make_redirect_site(config.acme_webroot, reactor=reactor, limits=config.http_limits,
-                                           challenges=challenges)
+                                           challenges=challenges, gate=gate)
         for description in config.redirect_listen:
             listeners.append(Listener(serverFromString(reactor, description), redirect_site,
                                       "--redirect-listen", as_written(description)))

@@ -817,13 +817,18 @@ class LetsEncryptServerEndpoint:
 _OPTIONS = ("domain", "port", "interface", "directory", "backlog", "releasebuffers", "watch")
 
 
-def _number(name: str, value: str, kind: type, minimum: float) -> Any:
+def endpoint_number(scheme: str, name: str, value: str, kind: type, minimum: float) -> Any:
+    """
+    The number C{value} of endpoint option C{name}, at least C{minimum}.
+
+    @raise ValueError: naming C{scheme:name=value} and what is allowed.
+    """
     try:
         number = kind(value)
     except ValueError:
-        raise ValueError(f"letsencrypt: {name}={value!r} is not a number") from None
+        raise ValueError(f"{scheme}: {name}={value!r} is not a number") from None
     if number < minimum:
-        raise ValueError(f"letsencrypt: {name}={value!r} must be at least {minimum}")
+        raise ValueError(f"{scheme}: {name}={value!r} must be at least {minimum}")
     return number
 
 
@@ -855,13 +860,16 @@ def endpoint_from_string_args(reactor: Any, *args: str, **kwargs: str) -> LetsEn
         reactor,
         release_buffers=releasebuffers == "1",
     )
+    def number(name: str, default: float, kind: type, minimum: float) -> Any:
+        return endpoint_number("letsencrypt", name, kwargs.get(name, str(default)), kind, minimum)
+
     return LetsEncryptServerEndpoint(
         reactor,
         store,
-        port=_number("port", kwargs.get("port", str(DEFAULT_PORT)), int, 0),
+        port=number("port", DEFAULT_PORT, int, 0),
         interface=kwargs.get("interface", ""),
-        backlog=_number("backlog", kwargs.get("backlog", str(DEFAULT_BACKLOG)), int, 1),
-        watch_interval=_number("watch", kwargs.get("watch", str(DEFAULT_WATCH_INTERVAL)), float, 0),
+        backlog=number("backlog", DEFAULT_BACKLOG, int, 1),
+        watch_interval=number("watch", DEFAULT_WATCH_INTERVAL, float, 0),
     )
 
 

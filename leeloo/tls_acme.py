@@ -40,7 +40,6 @@ import ipaddress
 import json
 import os
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -66,6 +65,7 @@ from leeloo.tls import (
     CertificateStore,
     LetsEncryptServerEndpoint,
     check_domain,
+    endpoint_number,
     iso,
     load_certificate,
 )
@@ -176,16 +176,6 @@ def acme_domain(domain: str) -> str:
         raise ValueError(f"acme: domain={raw!r} is not a domain name") from None
 
 
-def _number(name: str, value: str, kind: type, minimum: float) -> Any:
-    try:
-        number = kind(value)
-    except ValueError:
-        raise ValueError(f"acme: {name}={value!r} is not a number") from None
-    if number < minimum:
-        raise ValueError(f"acme: {name}={value!r} must be at least {minimum}")
-    return number
-
-
 def parse_endpoint(description: str) -> AcmeEndpoint:
     """
     Read C{acme:domain=D[,D2...][:port=443][:interface=ADDR][:backlog=1024]
@@ -211,14 +201,18 @@ def parse_endpoint(description: str) -> AcmeEndpoint:
     key = options.get("key", KEY_TYPES[0])
     if key not in KEY_TYPES:
         raise ValueError(f"acme: key={key!r} must be one of {', '.join(KEY_TYPES)}")
+
+    def number(name: str, default: float, kind: type, minimum: float) -> Any:
+        return endpoint_number("acme", name, options.get(name, str(default)), kind, minimum)
+
     return AcmeEndpoint(
         description=description,
         domains=domains,
-        port=_number("port", options.get("port", str(DEFAULT_PORT)), int, 0),
+        port=number("port", DEFAULT_PORT, int, 0),
         interface=options.get("interface", ""),
-        backlog=_number("backlog", options.get("backlog", str(DEFAULT_BACKLOG)), int, 1),
+        backlog=number("backlog", DEFAULT_BACKLOG, int, 1),
         key=key,
-        watch=_number("watch", options.get("watch", str(DEFAULT_WATCH_INTERVAL)), float, 0),
+        watch=number("watch", DEFAULT_WATCH_INTERVAL, float, 0),
     )
 
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
+import os
 import re
+import stat
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from importlib.resources import files
@@ -25,21 +28,31 @@ from urllib.parse import urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.web import http
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web import pages as twisted_pages
+from twisted.web.error import UnsupportedMethod
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site, supportedMethods
 
 from leeloo import __version__, messages, pages
-from leeloo.access import TrustedProxies, is_loopback
+from leeloo.access import CONNECTING_TOO_FAST, ConnectionGate, TrustedProxies, is_loopback
+from leeloo.limits import Rate
 from leeloo.messages import CrewLimit, InvalidCrewCode, NotInCrew, ProtocolError, RateLimited, StoreUnavailable
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyError, SpotifyOAuth
 from leeloo.websocket import RelayServerFactory
 
+_log = Logger()
+
 MAX_BODY = 64 * 1024
+# Seconds a connection turned away by the gate has to read its answer and
+# close, and how many may do so at once (past that they are closed at once).
+LINGER = 2.0
+MAX_LINGERING = 1024
 _FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
 # Sent over TLS by the public site (two years).
 HSTS = b"max-age=63072000"
@@ -340,11 +353,34 @@ def _name(body: dict, name: str) -> str:
     return _field(body, name)[: messages.MAX_NAME_LENGTH]
 
 
-def _crew_code(value: str) -> str:
+def _crew_code(value: Any) -> str:
+    """
+    A crew code from the bot, by the devices' rule (L{normalize_crew_code}):
+    missing is 400 C{"crew_code required"}, refused is 400
+    C{invalid_crew_code}.
+    """
+    if value is None or value == "":
+        raise APIError(400, "crew_code required")
+    if not isinstance(value, str):
+        raise APIError(400, "crew_code must be a string")
     try:
         return messages.normalize_crew_code(value)
     except ProtocolError as e:
-        raise APIError(400, e.message) from None
+        raise APIError(400, e.code, e.message) from None
+
+
+def _raw_arg(request: Request, name: bytes) -> str | None:
+    """
+    The query argument C{name} as it was sent (not stripped); C{None} when
+    absent, empty or not UTF-8.
+    """
+    values = request.args.get(name)
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8") or None
+    except UnicodeDecodeError:
+        return None
 
 
 class BotAPI(Resource):
@@ -365,6 +401,7 @@ class BotAPI(Resource):
             (b"POST", b"crew/join"): self.join,
             (b"POST", b"message"): self.message,
             (b"GET", b"crew/status"): self.status,
+            (b"GET", b"user/crews"): self.user_crews,
         }
 
     def render(self, request: Request) -> Any:
@@ -437,14 +474,14 @@ class BotAPI(Resource):
 
     def join(self, request: Request) -> dict:
         body = self._body(request)
-        user, code, name = _user_id(body), _crew_code(_field(body, "crew_code")), _name(body, "display_name")
+        user, code, name = _user_id(body), _crew_code(body.get("crew_code")), _name(body, "display_name")
         code, online = self.relay.bot_join_crew(user, code, name)
         return {"success": True, "crew_code": code, "devices_online": online}
 
     def message(self, request: Request) -> dict:
         body = self._body(request)
         user = _user_id(body)
-        code = _crew_code(_field(body, "crew_code"))
+        code = _crew_code(body.get("crew_code"))
         sender = _name(body, "sender_name")
         msg_type = _field(body, "msg_type", "text")[: messages.MAX_TYPE_LENGTH]
         payload = body.get("payload")
@@ -456,10 +493,19 @@ class BotAPI(Resource):
         return d.addCallback(lambda reached: {"success": True, "devices_reached": reached})
 
     def status(self, request: Request) -> dict:
-        code = _arg(request, b"crew_code")
-        if code is None:
-            raise APIError(400, "crew_code required")
-        return self.relay.crew_status(_crew_code(code))
+        return self.relay.crew_status(_crew_code(_raw_arg(request, b"crew_code")))
+
+    def user_crews(self, request: Request) -> dict:
+        """
+        The crews a bot user is in, so that a restarted bot can rebuild
+        its own map: C{telegram_user_id} echoed as given.
+        """
+        given = _raw_arg(request, b"telegram_user_id")
+        # Looked up as the other calls store it: stripped, at most 64.
+        user = (given or "").strip()[: messages.MAX_DEVICE_ID_LENGTH]
+        if not user:
+            raise APIError(400, "telegram_user_id required")
+        return {"telegram_user_id": given, "crews": self.relay.bot_user_crews(user)}
 
 
 class MetricsResource(Resource):
@@ -529,14 +575,52 @@ class HTTPLimits:
         request (headers and body; the WebSocket upgrade is one), from when
         it connects or its previous response was sent.
     @ivar max_body: the largest request body, in bytes.
+    @ivar max_connections_per_address: the most TCP connections open at once
+        from one client address (plain HTTP and WebSockets).
+    @ivar connect_rate: new TCP connections a second from one client
+        address, in bursts of twice as many.
     """
 
     request_timeout: float = 10.0
     max_body: int = MAX_BODY
+    max_connections_per_address: int = 256
+    connect_rate: float = 10.0
 
     def describe(self) -> str:
         return (f"a request must arrive within {self.request_timeout:g}s, "
-                f"bodies up to {self.max_body} bytes")
+                f"bodies up to {self.max_body} bytes, "
+                f"{self.max_connections_per_address} connections per client address, "
+                f"{self.connect_rate:g} new ones a second per address (bursts of {2 * self.connect_rate:g})")
+
+    def gate(self, clock: Any, proxies: TrustedProxies = TrustedProxies()) -> ConnectionGate:
+        """
+        The L{ConnectionGate} these limits describe, for every site that
+        shares it.
+        """
+        return ConnectionGate(clock, self.max_connections_per_address,
+                              Rate(self.connect_rate, 2 * self.connect_rate), proxies)
+
+
+def canned_response(status: int, body: dict | None = None, headers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
+    """
+    A whole HTTP response the channel writes itself (no request object),
+    with the security headers, JSON C{body} if any, and C{Connection: close}.
+    """
+    data = b"" if body is None else json.dumps(body).encode("utf-8")
+    lines = [b"HTTP/1.1 %d %s" % (status, pages.reason_phrase(status))]
+    if body is not None:
+        lines += [b"Content-Type: application/json", b"Cache-Control: no-store"]
+    lines += [name + b": " + value for name, value in (*headers, *pages.SECURITY_HEADERS)]
+    lines += [b"Content-Length: %d" % len(data), b"Connection: close", b"", data]
+    return b"\r\n".join(lines)
+
+
+BAD_REQUEST = canned_response(400, {"error": "bad_request", "message": "the request is not valid HTTP/1.1"})
+URI_TOO_LONG = canned_response(414, {"error": "uri_too_long", "message": "the request line is too long"})
+HEADERS_TOO_LARGE = canned_response(
+    431, {"error": "headers_too_large", "message": "the request's headers are too large"})
+TOO_MANY_FROM_ADDRESS = canned_response(
+    503, {"error": "too_many_connections", "message": "too many connections from your address"})
 
 
 class Deadlines:
@@ -548,9 +632,12 @@ class Deadlines:
 
     log = Logger()
 
-    def __init__(self, clock: Any, timeout: float) -> None:
+    def __init__(self, clock: Any, timeout: float,
+                 aborted: str = "aborted {count} HTTP connections that did not send a request "
+                                "within {timeout}s") -> None:
         self.clock = clock
         self.timeout = timeout
+        self.aborted = aborted
         self.expired = 0
         self._due: OrderedDict[Any, float] = OrderedDict()
         self._call: Any = None
@@ -595,8 +682,7 @@ class Deadlines:
                 transport.abortConnection()
         if count:
             self.expired += count
-            self.log.info("aborted {count} HTTP connections that did not send a request "
-                          "within {timeout}s", count=count, timeout=self.timeout)
+            self.log.info(self.aborted, count=count, timeout=self.timeout)
         if self._due:
             # Wake at the next deadline, but at most twice a second.
             wait = max(next(iter(self._due.values())) - now, 0.5)
@@ -618,13 +704,109 @@ class RelayChannel(HTTPChannel):
     one byte a second never meets it) and Autobahn's opening handshake
     timeout starts only once twisted.web has parsed the request, so neither
     stops a slow sender; this deadline does.
+
+    Before it reads a byte, the site's L{ConnectionGate} counts it against
+    its client address's connections and connection rate; one over either
+    is answered 503 or 429 and closed.  A client that pipelines requests
+    without reading the responses is not read from while they wait (past
+    the transport's buffer), and the responses waiting do not put its
+    deadline off.  Requests twisted.web cannot parse are answered, with the
+    security headers: 400, a request line over the limit 414, headers over
+    it 431.
     """
 
     _refused = False
+    # The answer of a connection the gate turned away, until it is sent.
+    _answer: bytes | None = None
+    # The peer host the site's gate counted this connection against.
+    _gated: str | None = None
+    # Bytes of the request head so far, and its lines (the request line
+    # included); 0 between requests.
+    _head_size = 0
+    _head_lines = 0
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        gate = self.site.gate
+        if gate is not None:
+            host = getattr(self.transport.getPeer(), "host", None)
+            refused = gate.admit(host)
+            if refused is not None:
+                self.turn_away(*refused)
+                return
+            self._gated = host
         self.site.deadlines.watch(self)
+
+    def turn_away(self, reason: str, wait: float) -> None:
+        """
+        Answer a connection over its address's limits (503 for too many
+        open, 429 for too many new) and close it.  The answer waits for the
+        first bytes of its request (a client must have sent its request to
+        read an answer, and closing with it unread would reset the
+        connection), for LINGER seconds at most; the rest is discarded
+        unparsed.  While too many wait, the answer goes at once.  Over TLS
+        the connection is aborted unanswered: an answer would cost a
+        handshake, the work the limits are there to spare.
+        """
+        self._refused = True
+        self.site.gate_warn(reason, self.transport.getPeer())
+        if ISSLTransport.providedBy(self.transport):
+            self.transport.abortConnection()
+            return
+        if reason == CONNECTING_TOO_FAST:
+            response = canned_response(
+                429, {"error": "connecting_too_fast", "message": "too many new connections from your address",
+                      "retry_after": math.ceil(wait)},
+                [(b"Retry-After", b"%d" % math.ceil(wait))])
+        else:
+            response = TOO_MANY_FROM_ADDRESS
+        lingering = self.site.lingering
+        if len(lingering) < MAX_LINGERING and hasattr(self.transport, "loseWriteConnection"):
+            self._answer = response
+            lingering.watch(self)
+        else:
+            # Refused connections flood in: answer each as best we can,
+            # and hold no descriptor for them.
+            self.site.responses[int(response[9:12])] += 1
+            self.transport.write(response)
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().dataReceived(data)
+        elif self._answer is not None:
+            # A turned-away connection's request: answer it, close our
+            # side, and discard the rest until the client closes.
+            response, self._answer = self._answer, None
+            self.site.responses[int(response[9:12])] += 1
+            self.transport.write(response)
+            self.transport.loseWriteConnection()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        if not line:
+            # The end of a head (or the stray blank line twisted.web eats
+            # between requests).
+            self._head_size = self._head_lines = 0
+        else:
+            # Checked here, before twisted.web's own check answers 400.
+            size = self._head_size + len(line)
+            if size > self.totalHeadersSize or self._head_lines > self.maxHeaders:
+                self.refuse(HEADERS_TOO_LARGE if self._head_size else URI_TOO_LONG)
+                return
+            self._head_size = size
+            self._head_lines += 1
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(HEADERS_TOO_LARGE if self._head_size else URI_TOO_LONG)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # twisted.web's own 400 (a bad request line, header or chunk) is a
+        # bare status line; this one has the security headers and a body.
+        # The override is pinned by test_site's BadRequestTests.
+        self.refuse(BAD_REQUEST)
 
     def allHeadersReceived(self) -> None:
         if self.length is not None and self.length > self.site.limits.max_body:
@@ -641,41 +823,99 @@ class RelayChannel(HTTPChannel):
     def allContentReceived(self) -> None:
         if self._refused:
             return
-        self.site.deadlines.done(self)
+        # A request parsed while earlier responses wait unsent does not put
+        # the deadline off (twisted.web's _waitingForTransport: the
+        # transport holds more than its buffer; pinned by PipeliningTests).
+        if not self._waitingForTransport:
+            self.site.deadlines.done(self)
+        transport = self.transport
         super().allContentReceived()
         if self.transport is None:
             # WebSocketResource took the transport (and made the WebSocket
             # its producer): this channel and the upgrade request are done
             # for.  Drop the request so neither outlives the handshake.
+            self.site.deadlines.done(self)
             del self.requests[:]
+            if self._gated is not None:
+                # The WebSocket now gets the connection's end, not this
+                # channel: it frees the connection's place under the gate.
+                _protocol_of(transport).gate_slot = (self.site.gate, self._gated)
+                self._gated = None
 
     def requestDone(self, request: Request) -> None:
         # The next request (or the close, if this one was the last) is due
         # within the deadline too; a pipelined request already buffered is
         # parsed right here and clears it again.
         self.site.deadlines.watch(self)
+        if self._waitingForTransport and self.persistent:
+            # The client is not reading its responses: parse no pipelined
+            # request more (LineReceiver's own pause flag keeps them in its
+            # buffer), and read nothing, until the transport has sent what
+            # it holds and resumes us.  twisted.web pauses reading only
+            # between requests, so a client whose responses fill the
+            # buffer while they are written would be read from forever.
+            self.paused = True
         super().requestDone(request)
+        if self.paused and self.transport is not None:
+            self._networkProducer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        if self.paused and self.transport is not None:
+            # Everything sent: the deadline for the next request runs from
+            # now; parse what the client pipelined meanwhile.
+            self.paused = False
+            self.site.deadlines.done(self)
+            self.site.deadlines.watch(self)
+            self.dataReceived(b"")
 
     def connectionLost(self, reason: Any) -> None:
         self.site.deadlines.done(self)
+        self.site.lingering.done(self)
+        if self._gated is not None:
+            self.site.gate.release(self._gated)
+            self._gated = None
         super().connectionLost(reason)
 
     def refuse_body(self) -> None:
         """
-        Answer 413 and read no more of the request: close our side once the
-        answer is out and discard what the client still sends until it
-        closes its side too, or the deadline aborts it.
+        Answer 413 and read no more of the request.
+        """
+        if not self._refused:
+            self.site.bodies_refused += 1
+            self.refuse(self.site.body_too_large)
+
+    def refuse(self, response: bytes) -> None:
+        """
+        Answer C{response} and read no more: close our side once the answer
+        is out and discard what the client still sends until it closes its
+        side too, or the deadline aborts it (were we to close with unread
+        data the client would get a reset, and maybe not the answer).
         """
         if self._refused:
             return
         self._refused = True
-        self.site.bodies_refused += 1
-        self.transport.write(self.site.body_too_large)
+        self.site.deadlines.watch(self)
+        self.site.responses[int(response[9:12])] += 1
+        self.transport.write(response)
         half_close = getattr(self.transport, "loseWriteConnection", None)
         if half_close is not None:
             half_close()
         else:
             self.loseConnection()
+
+
+def _protocol_of(transport: Any) -> Any:
+    """
+    The protocol C{transport} delivers to (behind TLS, the wrapped one), as
+    WebSocketResource installed it.
+    """
+    if isinstance(transport, ProtocolWrapper):
+        return transport.wrappedProtocol
+    protocol = transport.protocol
+    if isinstance(protocol, ProtocolWrapper):
+        return protocol.wrappedProtocol
+    return protocol
 
 
 class RelayRequest(Request):
@@ -699,6 +939,9 @@ class RelayRequest(Request):
             return
         self.content.write(data)
 
+    def render(self, resrc: Resource) -> None:
+        super().render(_KnownMethods(resrc))
+
     def process(self) -> None:
         headers = self.responseHeaders
         for name, value in pages.SECURITY_HEADERS:
@@ -707,6 +950,29 @@ class RelayRequest(Request):
         if hsts is not None and self.isSecure():
             headers.setRawHeaders(b"strict-transport-security", [hsts])
         super().process()
+
+
+class _KnownMethods:
+    """
+    A resource as L{Request.render} sees it, answering a method it does
+    not implement with 405 and C{Allow}: twisted.web answers 405 only for
+    GET, HEAD and POST, and 501 for every other method.
+    """
+
+    __slots__ = ("resource",)
+
+    def __init__(self, resource: Resource) -> None:
+        self.resource = resource
+
+    def render(self, request: Request) -> Any:
+        try:
+            return self.resource.render(request)
+        except UnsupportedMethod as e:
+            if request.method in supportedMethods:
+                raise
+            request.setHeader(b"allow", b", ".join(e.allowedMethods or ()))
+            return twisted_pages.errorPage(
+                405, "Method Not Allowed", "This resource does not allow that method.").render(request)
 
 
 def _quoted(value: bytes | str | None) -> str:
@@ -741,32 +1007,50 @@ class RelaySite(Site):
         hsts: bytes | None = None,
         name: str = "public",
         reactor: Any = None,
+        gate: ConnectionGate | None = None,
     ) -> None:
         self.proxies = proxies
         super().__init__(resource, reactor=reactor, timeout=None, logFormatter=self.access_log_line)
         self.limits = limits
         self.hsts = hsts
         self.name = name
+        self.gate = gate
         self.deadlines = Deadlines(self.reactor, limits.request_timeout)
+        # Connections the gate turned away, until their clients close or
+        # LINGER seconds pass.
+        self.lingering = Deadlines(
+            self.reactor, min(LINGER, limits.request_timeout),
+            "aborted {count} refused connections that did not close within {timeout}s")
         self.bodies_refused = 0
         # Responses by status (the bot API's 429s among them).
         self.responses: Counter[int] = Counter()
-        body = json.dumps({"error": "body_too_large",
-                           "message": f"the body is over {limits.max_body} bytes"}).encode()
-        self.body_too_large = b"\r\n".join([
-            b"HTTP/1.1 413 Content Too Large",
-            b"Content-Type: application/json",
-            b"Cache-Control: no-store",
-            *(name + b": " + value for name, value in pages.SECURITY_HEADERS),
-            b"Content-Length: %d" % len(body),
-            b"Connection: close",
-            b"",
-            body,
-        ])
+        # Addresses whose refusal by the gate was logged, forgotten each
+        # minute: a warning per address and minute however many it tries.
+        self._gate_warned: set = set()
+        self._gate_warned_at = self.reactor.seconds()
+        self.body_too_large = canned_response(
+            413, {"error": "body_too_large", "message": f"the body is over {limits.max_body} bytes"})
+
+    def gate_warn(self, reason: str, peer: Any) -> None:
+        now = self.reactor.seconds()
+        if now - self._gate_warned_at >= 60:
+            self._gate_warned.clear()
+            self._gate_warned_at = now
+        host = getattr(peer, "host", None)
+        if (host, reason) in self._gate_warned:
+            return
+        self._gate_warned.add((host, reason))
+        if reason == CONNECTING_TOO_FAST:
+            _log.warn("refusing connections from {address}: more than {rate} new ones a second",
+                      address=host, rate=self.gate.rate.per_second)
+        else:
+            _log.warn("refusing connections from {address}: it has {count} open, the most allowed",
+                      address=host, count=self.gate.max_per_address)
 
     def stopFactory(self) -> None:
         super().stopFactory()
         self.deadlines.stop()
+        self.lingering.stop()
 
     def log(self, request: Request) -> None:
         self.responses[request.code] += 1
@@ -799,13 +1083,16 @@ def make_site(
     hsts: bytes | None = HSTS,
     health_fields: Iterable[Callable[[], dict]] = (),
     challenges: Callable[[str], str | None] | None = None,
+    gate: ConnectionGate | None = None,
 ) -> RelaySite:
     """
     The public site.  C{proxies} defaults to the WebSocket factory's;
     C{metrics} adds ``/metrics`` for loopback clients (and this site's
     figures to it); responses over TLS carry C{hsts}; C{health_fields} add
     to ``/health``; C{challenges} (token -> key authorization) answers
-    ``/.well-known/acme-challenge/TOKEN`` for the relay's own ACME client.
+    ``/.well-known/acme-challenge/TOKEN`` for the relay's own ACME client;
+    C{gate} counts its connections (with those of the other sites sharing
+    it).
     """
     site = RelaySite(
         make_root(relay, ws_factory, spotify, bot_secret, metrics=metrics, health_fields=health_fields,
@@ -814,6 +1101,7 @@ def make_site(
         proxies=ws_factory.proxies if proxies is None else proxies,
         hsts=hsts,
         reactor=reactor,
+        gate=gate,
     )
     if metrics is not None:
         metrics.add_site(site)
@@ -892,11 +1180,18 @@ class HTTPSRedirect(Resource):
         path = self.challenges / token.decode("ascii")
         body = None
         try:
-            if path.is_file():
-                with open(path, "rb") as f:
-                    body = f.read(MAX_CHALLENGE + 1)
+            # A regular file only: not a symlink (to anywhere on the disk),
+            # and not a FIFO or device that would block or never end.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
-            pass
+            fd = None
+        if fd is not None:
+            with open(fd, "rb") as f:
+                try:
+                    if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        body = f.read(MAX_CHALLENGE + 1)
+                except OSError:
+                    pass
         if body is None or len(body) > MAX_CHALLENGE:
             return _text(request, 404, b"No such challenge.\n")
         return _text(request, 200, body)
@@ -964,11 +1259,13 @@ def _text(request: Request, status: int | None, body: bytes) -> bytes:
 
 def make_redirect_site(webroot: Path | None, reactor: Any = None,
                        limits: HTTPLimits = HTTPLimits(),
-                       challenges: Callable[[str], str | None] | None = None) -> RelaySite:
+                       challenges: Callable[[str], str | None] | None = None,
+                       gate: ConnectionGate | None = None) -> RelaySite:
     """
     The Site of C{--redirect-listen}: ACME challenges from C{challenges}
     (the relay's own orders, in memory) and C{webroot} (certbot's), and a
     permanent redirect to https for everything else; hardened like the
     others (port 80 is as open to slow senders as 443).
     """
-    return RelaySite(HTTPSRedirect(webroot, challenges), limits=limits, name="redirect", reactor=reactor)
+    return RelaySite(HTTPSRedirect(webroot, challenges), limits=limits, name="redirect", reactor=reactor,
+                     gate=gate)

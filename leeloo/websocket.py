@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from leeloo.access import TOO_MANY_CONNECTIONS, ConnectionCaps, OriginPolicy, TrustedProxies
-from leeloo.pages import SECURITY_HEADERS
+from leeloo.pages import SECURITY_HEADERS, reason_phrase
 from leeloo.relay import CLOSE_INTERNAL_ERROR, IPeer, Outgoing, Relay, Session
 from leeloo.timers import TimerWheel
 
@@ -57,10 +57,11 @@ class WebSocketLimits:
     max_connections: int = 20000
     max_connections_per_address: int = 256
     max_unsent: int = 1 * MiB
+    max_fragments: int = 64
 
     def describe(self) -> str:
         return (
-            f"max message {self.max_message_size} bytes, "
+            f"max message {self.max_message_size} bytes in at most {self.max_fragments} frames, "
             f"open handshake {self.open_handshake_timeout:g}s, "
             f"close handshake {self.close_handshake_timeout:g}s, "
             f"ping every {self.auto_ping_interval:g}s (timeout {self.auto_ping_timeout:g}s), "
@@ -87,6 +88,11 @@ class RelayServerProtocol(WebSocketServerProtocol):
     channel: while the transport says its buffer is full (L{pauseProducing})
     it counts what is sent, and a reader that falls C{max_unsent} bytes
     behind is disconnected rather than buffered for.
+
+    It also tells the relay what the device proved it received: each ping
+    it sends (Autobahn's keepalive sends them through L{sendPing}) notes
+    what had been sent before it, and the pong that answers it proves that
+    much; so does the device's answer to a close the relay started.
     """
 
     session: Session | None = None
@@ -97,6 +103,18 @@ class RelayServerProtocol(WebSocketServerProtocol):
     _unsent: float | None = None
     # The socket of a plain TCP transport, which frames go straight to.
     _socket = None
+    # Frames of the message being received so far.
+    _fragments = 0
+    # The site's connection gate and the address it counted this
+    # connection against, handed over by the HTTP channel at the upgrade:
+    # released when the connection ends.
+    gate_slot: tuple | None = None
+
+    # The payload of the last ping sent, and the relay's delivery mark then.
+    _ping_payload: bytes | None = None
+    _ping_mark: Any = None
+    # The relay's delivery mark when it sent its close.
+    _close_mark: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -131,6 +149,33 @@ class RelayServerProtocol(WebSocketServerProtocol):
         self.session = self.factory.relay.connect(self, self.address)
         _log.info("WebSocket connected from {address}", address=self.address)
 
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self._fragments = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        # Each fragment costs the relay a bytes object and a list slot
+        # (65,000 one-byte fragments held 3.5 MiB): more than max_fragments
+        # fail the connection as a message over the size limit does, with
+        # 1009 (Autobahn's _fail_connection, pinned by FragmentTests).
+        self._fragments += 1
+        if self._fragments > self.factory.limits.max_fragments and not self.failedByMe:
+            self._fail_connection(self.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
+                                  f"message in more than {self.factory.limits.max_fragments} frames")
+        super().onMessageFrameBegin(length)
+
+    def onPing(self, payload: bytes) -> None:
+        # A ping is a frame like any other: it counts against the message
+        # rate, and its pong against the bytes a reader may leave unread.
+        session = self.session
+        if session is None or self.state != self.STATE_OPEN:
+            return
+        if not self.factory.relay.receive_ping(session):
+            return
+        if self._unsent is not None and self._held_back(2 + len(payload)):
+            return
+        self.sendPong(payload)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
         if session is None:
@@ -144,6 +189,38 @@ class RelayServerProtocol(WebSocketServerProtocol):
         except Exception:
             _log.failure("bug while handling a frame from {device_id}", device_id=session.device_id)
             self.close(CLOSE_INTERNAL_ERROR, "internal error")
+
+    def connectionLost(self, reason: Any) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            slot, self.gate_slot = self.gate_slot, None
+            if slot is not None:
+                gate, host = slot
+                gate.release(host)
+
+    def sendPing(self, payload: bytes | None = None) -> None:
+        super().sendPing(payload)
+        session = self.session
+        if payload and session is not None and self.state == self.STATE_OPEN:
+            self._ping_payload = payload
+            self._ping_mark = self.factory.relay.delivery_mark(session)
+
+    def onPong(self, payload: bytes) -> None:
+        # Also a pong Autobahn no longer waits for (it stops waiting when
+        # other traffic arrives first): it proves the same.
+        if payload and payload == self._ping_payload:
+            mark, self._ping_payload, self._ping_mark = self._ping_mark, None, None
+            if self.session is not None:
+                self.factory.relay.delivered(self.session, mark)
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> Any:
+        session = self.session
+        if self.state == self.STATE_CLOSING and self._close_mark is not None and session is not None:
+            # The device answers the close the relay sent after everything
+            # else: it got all of it.
+            self.factory.relay.delivered(session, self._close_mark)
+        return super().onCloseFrame(code, reasonRaw)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         session, self.session = self.session, None
@@ -161,10 +238,12 @@ class RelayServerProtocol(WebSocketServerProtocol):
 
     def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders=None) -> None:
         # Autobahn's refusals (403, 503, 400...) carry the relay's security
-        # headers and say where the response ends, like twisted.web's.
+        # headers and say where the response ends, like twisted.web's.  The
+        # status line has the standard reason phrase: Autobahn's reasons
+        # quote what the client sent (a bad Sec-WebSocket-Key, an Origin).
         headers = [*(responseHeaders or ()), *SECURITY_HEADERS,
                    (b"Content-Length", b"0"), (b"Connection", b"close")]
-        lines = [f"HTTP/1.1 {code} {reason}".encode("utf-8")]
+        lines = [b"HTTP/1.1 %d %s" % (code, reason_phrase(code))]
         for name, value in headers:
             lines.append((name if isinstance(name, bytes) else name.encode("utf-8")) + b": "
                          + (value if isinstance(value, bytes) else str(value).encode("utf-8")))
@@ -222,6 +301,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
         if self.state != self.STATE_OPEN:
             return
         self.factory.closed_by_relay[code] += 1
+        if self.session is not None:
+            self._close_mark = self.factory.relay.delivery_mark(self.session)
         if code == 1000 or 3000 <= code <= 4999:
             self.sendClose(code, reason)
         else:
@@ -345,8 +426,10 @@ class RelayServerFactory(WebSocketServerFactory):
             autoPingTimeout=limits.auto_ping_timeout,
             autoPingSize=12,
             # Origins are checked in onConnect (OriginPolicy), which can
-            # compare with the Host header; connections are capped there too.
+            # compare with the Host header and answers 403 (Origin: null
+            # too); connections are capped there too.
             allowedOrigins=["*"],
+            allowNullOrigin=True,
             maxConnections=0,
             trustXForwardedFor=0,
         )

@@ -5,8 +5,12 @@ client in a thread, and ``twistd leeloo`` as a child process.
 
 import json
 import os
+import queue
 import re
+import signal
+import subprocess
 import sys
+import threading
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, protocol, reactor
@@ -187,3 +191,62 @@ def closing_clients(count, connect, url, crew_size=5):
     d = defer.gatherResults([connect(factory).addCallback(connected) for _ in range(count)],
                             consumeErrors=True)
     return d.addCallback(lambda _: clients)
+
+class DeviceProcess:
+    """
+    A deployed device (L{tests.deployed_device}) as a child process, read
+    from a thread: its calls block, so use it from a L{ws_session} script.
+    Killed when the test ends.
+    """
+
+    def __init__(self, testcase, port, device_id, crew_code, name):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (CHECKOUT, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.deployed_device", f"ws://127.0.0.1:{port}/ws",
+             device_id, crew_code, name],
+            stdout=subprocess.PIPE, cwd=CHECKOUT, env=env)
+        self.frames = queue.Queue()
+        self.received = []
+        threading.Thread(target=self._read, daemon=True).start()
+        testcase.addCleanup(self.kill)
+
+    def _read(self):
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                self.frames.put(json.loads(line))
+        self.frames.put(None)
+
+    def recv(self):
+        frame = self.frames.get(timeout=TIMEOUT)
+        if frame is None:
+            raise EOFError("the device's process ended")
+        self.received.append(frame)
+        return frame
+
+    def until(self, predicate):
+        """
+        Receive until C{predicate(frame)}; return everything received.
+        """
+        frames = []
+        while True:
+            frames.append(self.recv())
+            if predicate(frames[-1]):
+                return frames
+
+    def freeze(self):
+        """
+        Stop the process (SIGSTOP) and wait until it is stopped: its kernel
+        socket still takes what the relay sends, but nothing reads it and
+        nothing answers a ping.
+        """
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        os.waitpid(self.proc.pid, os.WUNTRACED)
+
+    def kill(self):
+        """
+        SIGKILL (a stopped process too): what it had not read is lost.
+        """
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()

@@ -3,17 +3,21 @@ Tests for L{leeloo.access}: the client address behind trusted proxies, the
 browser origins the WebSocket accepts, and the connection caps.
 """
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.access import (
+    CONNECTING_TOO_FAST,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_FROM_ADDRESS,
     ConnectionCaps,
+    ConnectionGate,
     OriginPolicy,
     TrustedProxies,
     is_loopback,
     parse_network,
 )
+from leeloo.limits import Rate
 
 
 class TrustedProxiesTests(SynchronousTestCase):
@@ -195,3 +199,63 @@ class ConnectionCapsTests(SynchronousTestCase):
         caps.release("a")
         self.assertEqual((caps.total, caps.by_address), (0, {}))
         self.assertIsNone(caps.admit("b"))
+
+
+class ConnectionGateTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.gate = ConnectionGate(self.clock, 3, Rate(2, 4), TrustedProxies(["10.0.0.0/8"]))
+
+    def test_cap_per_address(self):
+        """
+        An address with C{max_per_address} open is refused; another is not.
+        """
+        for _ in range(3):
+            self.assertIsNone(self.gate.admit("192.0.2.1"))
+        self.assertEqual(self.gate.admit("192.0.2.1")[0], TOO_MANY_FROM_ADDRESS)
+        self.assertIsNone(self.gate.admit("192.0.2.2"))
+        self.assertEqual(self.gate.by_address, {"192.0.2.1": 3, "192.0.2.2": 1})
+
+    def test_release(self):
+        """
+        A released connection frees its place; an address with none open is
+        forgotten.
+        """
+        self.gate.admit("192.0.2.1")
+        self.gate.release("192.0.2.1")
+        self.assertEqual(self.gate.by_address, {})
+
+    def test_rate(self):
+        """
+        An address opening and closing connections gets its burst, then one
+        per 1/rate seconds; the wait is said.
+        """
+        for _ in range(4):
+            self.assertIsNone(self.gate.admit("192.0.2.1"))
+            self.gate.release("192.0.2.1")
+        self.assertEqual(self.gate.admit("192.0.2.1"), (CONNECTING_TOO_FAST, 0.5))
+        self.clock.advance(0.5)
+        self.assertIsNone(self.gate.admit("192.0.2.1"))
+        self.assertEqual(self.gate.refused, {TOO_MANY_FROM_ADDRESS: 0, CONNECTING_TOO_FAST: 1})
+
+    def test_not_counted(self):
+        """
+        Trusted proxies and peers without an IP address (Unix sockets) are
+        not counted.
+        """
+        for _ in range(10):
+            self.assertIsNone(self.gate.admit("10.1.2.3"))
+            self.assertIsNone(self.gate.admit(None))
+        self.assertEqual(self.gate.by_address, {})
+
+    def test_buckets_swept(self):
+        """
+        Rate buckets that have refilled are forgotten, so memory follows
+        recent addresses only.
+        """
+        for n in range(100):
+            self.gate.admit(f"192.0.2.{n}")
+            self.gate.release(f"192.0.2.{n}")
+        self.clock.advance(ConnectionGate.SWEEP_EVERY)
+        self.gate.admit("198.51.100.1")
+        self.assertEqual(list(self.gate.limiter.buckets), ["198.51.100.1"])

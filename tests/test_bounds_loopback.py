@@ -144,7 +144,8 @@ def flood_crew(port: int, device_id: str, crew_code: str, count: int, body: str)
 
 
 class FloodTests(ChildRelay):
-    args = ("--messages-per-second", "100000", "--message-burst", "100000", "--join-attempts", "1000")
+    args = ("--messages-per-second", "100000", "--message-burst", "100000", "--join-attempts", "1000",
+            "--connect-rate", "100000")
 
     @defer.inlineCallbacks
     def test_memory_bounded_under_flood(self):
@@ -191,7 +192,9 @@ class FloodTests(ChildRelay):
 
 
 class DurableCrewTests(ChildRelay):
-    args = ("--join-attempts", "100000", "--messages-per-second", "100000", "--message-burst", "100000")
+    # The check after the restart opens a connection per crew it looks up.
+    args = ("--join-attempts", "100000", "--messages-per-second", "100000", "--message-burst", "100000",
+            "--connect-rate", "100000")
 
     @defer.inlineCallbacks
     def test_answered_crews_survive_kill(self):

@@ -36,6 +36,13 @@ class Device:
     def close(self):
         self.relay.disconnect(self.session)
 
+    def prove(self):
+        """
+        The device proves it received everything sent so far (as its pong
+        to a ping sent now does).
+        """
+        self.relay.delivered(self.session, self.relay.delivery_mark(self.session))
+
 
 class DeliveryTestCase(SynchronousTestCase):
     replay_limit = 50
@@ -219,26 +226,31 @@ class OfflineDeliveryTests(DeliveryTestCase):
 
     def test_delivered_seq_survives_reopen(self):
         """
-        After a restart the relay still knows how far each device got: a
-        device that saw everything gets nothing again.
+        After a restart the relay still knows how far each device was
+        proven to get: a device that proved it saw everything gets nothing
+        again.
         """
         a, b = self.device("a"), self.device("b")
         self.say(a, "seen")
+        b.prove()
         b.close()
         a.close()
         relay = self.make_relay()
         self.assertEqual(self.device("b", relay=relay).texts(), [])
 
-    def test_online_at_crash_not_replayed(self):
+    def test_online_at_crash_resumes_from_proof(self):
         """
-        Members that were online when the relay died without a goodbye are
-        taken to have received everything stored by then.
+        A legacy member that was online when the relay died without a
+        goodbye resumes from what it was proven to receive: what was only
+        written to it is sent again, what it proved is not.
         """
         a, b = self.device("a"), self.device("b")
-        self.say(a, "delivered live")
-        self.assertEqual(b.texts(), ["delivered live"])
+        self.say(a, "proven")
+        b.prove()
+        self.say(a, "only written")
+        self.assertEqual(b.texts(), ["proven", "only written"])
         relay = self.make_relay()  # the old relay vanished: no disconnects
-        self.assertEqual(self.device("b", relay=relay).texts(), [])
+        self.assertEqual(self.device("b", relay=relay).texts(), ["only written"])
 
 
 class AckTests(DeliveryTestCase):
@@ -468,3 +480,192 @@ class RetentionTests(DeliveryTestCase):
         self.assertIn("BUSY", self.relay.crews)
         busy.send(type="ping")
         self.assertEqual(busy.take()[-1], {"type": "pong"})
+
+
+class LegacyReplayTests(DeliveryTestCase):
+    """
+    A device that never acks nor sends last_seq takes every replayed frame
+    for a new one: it gets only what is fresh.
+    """
+
+    replay_limit = 10
+
+    def make_relay(self, **kwargs):
+        kwargs.setdefault("replay_limit", self.replay_limit)
+        return Relay(self.clock, self.store, legacy_replay_age=3600, ephemeral_age=60, **kwargs)
+
+    def away(self):
+        a, b = self.device("a"), self.device("b")
+        b.close()
+        return a
+
+    def nudge(self, device, kind):
+        self.clock.advance(0.05)
+        if kind == "reaction":
+            device.send(type="reaction", reaction_type="fire")
+        else:
+            device.send(type="message", msg_type=kind, payload={"text": kind})
+
+    def test_older_than_legacy_age(self):
+        """
+        Messages older than legacy_replay_age are not replayed to a legacy
+        device.
+        """
+        a = self.away()
+        self.say(a, "old")
+        self.clock.advance(3600)
+        self.say(a, "new")
+        self.assertEqual(self.device("b").texts(), ["new"])
+
+    def test_ephemeral_older_than_ephemeral_age(self):
+        """
+        Nudges and reactions (both msg_types and the top-level reaction)
+        older than ephemeral_age are not replayed to a legacy device; a
+        text of the same age is, and fresh ones are.
+        """
+        a = self.away()
+        for kind in ("nudge", "reaction", "top-level"):
+            self.nudge(a, "reaction" if kind == "top-level" else kind)
+        self.say(a, "text")
+        self.clock.advance(61)
+        self.nudge(a, "nudge")
+        self.nudge(a, "reaction")
+        got = [m for m in self.device("b").take() if m.get("replayed")]
+        self.assertEqual([(m["type"], m.get("msg_type")) for m in got],
+                         [("message", "text"), ("message", "nudge"), ("reaction", None)])
+
+    def test_filters_before_limit(self):
+        """
+        The age filters apply first, then the replay limit: stale nudges,
+        even the newest, do not use it up.
+        """
+        self.relay = self.make_relay(replay_limit=3)
+        a = self.away()
+        self.say(a, "one")
+        self.say(a, "two")
+        for _ in range(5):
+            self.nudge(a, "nudge")
+        self.clock.advance(61)
+        self.assertEqual(self.device("b").texts(), ["one", "two"])
+
+    def test_resuming_clients_keep_everything(self):
+        """
+        A client that resumes with last_seq gets old messages and stale
+        nudges within retention and the limit, with replay_truncated.
+        """
+        a = self.device("a")
+        self.device("c", last_seq=0).close()
+        self.say(a, "old")
+        self.nudge(a, "nudge")
+        self.clock.advance(2 * 3600)
+        got = self.device("c", last_seq=0).take()
+        self.assertEqual([m.get("msg_type") for m in got if m.get("replayed")], ["text", "nudge"])
+
+    def test_acking_clients_keep_everything(self):
+        """
+        A device that once acknowledged is no legacy device: it gets old
+        messages too.
+        """
+        a, c = self.device("a"), self.device("c")
+        self.say(a, "first")
+        c.send(type="ack", seq=c.take()[-1]["seq"])
+        c.close()
+        self.say(a, "old")
+        self.clock.advance(2 * 3600)
+        self.assertEqual(self.device("c").texts(), ["old"])
+
+    def test_replayed_flag_and_timestamp(self):
+        """
+        Every replayed frame carries "replayed": true and the timestamp of
+        when it was sent; live frames carry no flag.
+        """
+        a = self.away()
+        self.say(a, "missed")
+        sent_at = int(self.clock.seconds() * 1000)
+        self.clock.advance(30)
+        b = self.device("b")
+        [replayed] = [m for m in b.take() if m["type"] == "message"]
+        self.say(a, "live")
+        [live] = b.take()
+        self.assertEqual((replayed["replayed"], replayed["timestamp"]), (True, sent_at))
+        self.assertNotIn("replayed", live)
+
+
+class ProofOfReceiptTests(DeliveryTestCase):
+    """
+    A legacy device's delivered position moves only on proof of receipt.
+    """
+
+    def test_unproven_sent_again(self):
+        """
+        What was written to a legacy device that went away without proof is
+        sent again when it comes back; what it proved is not.
+        """
+        a, b = self.device("a"), self.device("b")
+        self.say(a, "proven")
+        b.prove()
+        self.say(a, "written")
+        b.close()
+        self.assertEqual(self.device("b").texts(), ["written"])
+
+    def test_old_mark(self):
+        """
+        A proof taken before later frames proves only what was sent before
+        it.
+        """
+        a, b = self.device("a"), self.device("b")
+        self.say(a, "one")
+        mark = self.relay.delivery_mark(b.session)
+        self.say(a, "two")
+        self.relay.delivered(b.session, mark)
+        b.close()
+        self.assertEqual(self.device("b").texts(), ["two"])
+
+    def test_mark_from_another_crew(self):
+        """
+        A proof taken in one crew is not applied after the session moved
+        to another.
+        """
+        a = self.device("a")
+        self.device("x", crew="BRAVO")
+        b = self.device("b")
+        self.say(a, "one")
+        self.assertEqual(b.texts(), ["one"])
+        mark = self.relay.delivery_mark(b.session)
+        b.send(type="join_crew", crew_code="bravo")
+        self.relay.delivered(b.session, mark)
+        self.assertEqual(self.relay.crews["BRAVO"].members["b"].delivered_seq, 0)
+        b.send(type="join_crew", crew_code="alpha")
+        self.assertEqual(b.texts(), ["one"])
+
+    def test_proof_stored(self):
+        """
+        The proven position is written to the store as it moves, so a
+        relay that dies without a goodbye resumes from it.
+        """
+        a, b = self.device("a"), self.device("b")
+        self.say(a, "one")
+        b.prove()
+        self.assertEqual(self.store.members[("ALPHA", "b")].delivered_seq, 1)
+
+    def test_acking_clients_unchanged(self):
+        """
+        A client that resumes with last_seq keeps today's accounting:
+        what was sent counts when it goes away.
+        """
+        a, c = self.device("a"), self.device("c", last_seq=0)
+        self.say(a, "sent")
+        c.close()
+        self.assertEqual(self.device("c").texts(), [])
+
+
+class BotUserRestoreTests(DeliveryTestCase):
+    def test_user_crews_restored(self):
+        """
+        A restarted relay still knows which crews a bot user is in.
+        """
+        self.device("a", crew="HOME")
+        self.relay.bot_join_crew("7", "home", "Tina")
+        relay = self.make_relay()
+        self.assertEqual(relay.bot_user_crews("7"),
+                         [{"crew_code": "HOME", "display_name": "Tina", "devices_online": 0}])

@@ -171,7 +171,8 @@ class TwistdTests(TestCase):
 
     @defer.inlineCallbacks
     def sigterm_closes_every_websocket(self, *store):
-        relay = RelayProcess(self, "--listen", "tcp:0:interface=127.0.0.1", "--join-attempts", "1000", *store)
+        relay = RelayProcess(self, "--listen", "tcp:0:interface=127.0.0.1", "--join-attempts", "1000",
+                             "--connect-rate", "1000", *store)
         port = yield relay.proto.port
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
         clients = yield closing_clients(200, endpoint.connect, f"ws://127.0.0.1:{port}/ws")

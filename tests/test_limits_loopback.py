@@ -89,6 +89,66 @@ def masked_frame(payload: bytes) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+def masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """
+    A masked frame as a client sends it (payloads under 126 bytes).
+    """
+    mask = os.urandom(4)
+    return (bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+def next_frame(sock: socket.socket) -> tuple[int, bytes] | None:
+    """
+    The opcode and payload of the next frame the relay sends, or C{None}
+    once it has closed the connection.
+    """
+
+    def exactly(n: int) -> bytes | None:
+        data = b""
+        while len(data) < n:
+            try:
+                chunk = sock.recv(n - len(data))
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    head = exactly(2)
+    if head is None:
+        return None
+    length = head[1] & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", exactly(2) or b"\0\0")
+    elif length == 127:
+        (length,) = struct.unpack("!Q", exactly(8) or b"\0" * 8)
+    payload = exactly(length)
+    return None if payload is None else (head[0] & 0x0F, payload)
+
+
+def close_code(sock: socket.socket, frame: tuple[int, bytes]) -> int | None:
+    """
+    Answer the relay's close C{frame} and read until it drops the
+    connection (so it is done with it); its close code.
+    """
+    sock.sendall(masked(0x8, frame[1][:2]))
+    while next_frame(sock) is not None:
+        pass
+    return struct.unpack("!H", frame[1][:2])[0] if len(frame[1]) >= 2 else None
+
+
+def close_cleanly(sock: socket.socket) -> None:
+    """
+    Close a raw WebSocket and read until the relay drops it (so it is done
+    with the connection when the test ends).
+    """
+    sock.sendall(masked(0x8, struct.pack("!H", 1000)))
+    while next_frame(sock) is not None:
+        pass
+
+
 def raw_websocket(port: int, receive_buffer: int | None = None) -> socket.socket:
     """
     A blocking socket that has done a WebSocket handshake with the relay.
@@ -242,7 +302,7 @@ class DirectWriteTests(RelayOnLoopback):
 
 
 class HalfOpenHandshakeTests(RelayOnLoopback):
-    args = ("--request-timeout", "2")
+    args = ("--request-timeout", "2", "--connect-rate", "1000")
 
     @defer.inlineCallbacks
     def test_half_open_handshakes_do_not_stop_a_device(self):
@@ -483,3 +543,361 @@ class NoSecretsInLogsTests(RelayOnLoopback):
         for secret in secrets:
             self.assertNotIn(secret, log)
             self.assertNotIn(secret, seen["metrics"])
+
+
+def raw_answer(port: int, data: bytes, source: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
+    """
+    Send C{data} from C{source} (a loopback address) and read the relay's
+    answer until it closes: its status, headers (lower-case names) and
+    the rest.
+    """
+    answer = raw_exchange(port, data, source)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+def raw_exchange(port: int, data: bytes, source: str = "127.0.0.1") -> bytes:
+    """
+    Send C{data} from C{source} and read all the relay answers until it
+    closes the connection.
+    """
+    sock = socket.socket()
+    sock.settimeout(TIMEOUT)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    try:
+        if data:
+            sock.sendall(data)
+        answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        sock.close()
+    return answer
+
+
+HARDENED = ("content-security-policy", "x-content-type-options", "referrer-policy", "x-frame-options")
+
+
+class ConnectionCapTests(RelayOnLoopback):
+    """
+    Every TCP connection counts against its address's cap before a byte
+    of it is read.
+    """
+
+    args = ("--max-connections-per-address", "3", "--connect-rate", "1000")
+
+    def idle(self, count: int) -> list[socket.socket]:
+        sockets = []
+        for _ in range(count):
+            sock = socket.socket()
+            sock.settimeout(TIMEOUT)
+            sock.connect(("127.0.0.1", self.port))
+            sockets.append(sock)
+        self.addCleanup(lambda: [s.close() for s in sockets])
+        return sockets
+
+    @defer.inlineCallbacks
+    def test_idle_connections_fill_the_cap(self):
+        """
+        Connections that send nothing fill their address's cap: the next
+        one, plain HTTP, is answered 503 with the security headers and
+        closed; another address still gets in.
+        """
+        yield threads.deferToThread(self.idle, 3)
+        status, headers, body = yield threads.deferToThread(
+            raw_answer, self.port, b"GET /health HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+        other, _, _ = yield threads.deferToThread(
+            raw_answer, self.port, b"GET /health HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n\r\n",
+            "127.0.0.2")
+        self.assertEqual((status, json.loads(body)["error"]), (503, "too_many_connections"))
+        for name in HARDENED:
+            self.assertIn(name, headers)
+        self.assertEqual(other, 200)
+        self.assertEqual(self.service.site.gate.refused["per_address"], 1)
+
+    @defer.inlineCallbacks
+    def test_device_refused_then_let_in(self):
+        """
+        A device (the websockets client) over its address's cap gets 503 at
+        its handshake; once one of the connections closes it gets in.
+        """
+        from websockets.exceptions import InvalidStatus
+
+        gate = self.service.site.gate
+        released = defer.Deferred()
+        release = gate.release
+
+        def releasing(host):
+            release(host)
+            if not released.called:
+                released.callback(None)
+
+        self.patch(gate, "release", releasing)
+        sockets = yield threads.deferToThread(self.idle, 3)
+
+        def refused(opener):
+            try:
+                with opener():
+                    return None
+            except InvalidStatus as e:
+                return e.response.status_code
+
+        status = yield ws_session(self.port, refused)
+        sockets[0].close()
+        yield released
+
+        def device(opener):
+            with opener() as ws:
+                ws.send(json.dumps({"type": "register", "device_id": "leeloo_ca9ca9ca9ca9"}))
+                return recv(ws)["type"]
+
+        answer = yield ws_session(self.port, device)
+        self.assertEqual((status, answer), (503, "registered"))
+
+
+class UpgradedConnectionCapTests(RelayOnLoopback):
+    args = ("--max-connections-per-address", "2", "--connect-rate", "1000")
+
+    @defer.inlineCallbacks
+    def test_closed_websockets_free_their_places(self):
+        """
+        A WebSocket that closes frees its place under its address's cap
+        like a plain HTTP connection: devices connecting one after another
+        (and more often than the cap) all get in.
+        """
+        def devices(opener):
+            answers = []
+            for n in range(5):
+                with opener() as ws:
+                    ws.send(json.dumps({"type": "register", "device_id": "leeloo_%012x" % n}))
+                    answers.append(recv(ws)["type"])
+            return answers
+
+        answers = yield ws_session(self.port, devices)
+        self.assertEqual(answers, ["registered"] * 5)
+        self.assertEqual(self.service.site.gate.by_address, {})
+
+
+class ConnectRateTests(RelayOnLoopback):
+    """
+    New connections from one address are rate limited: reconnecting is no
+    way around the per-connection limits.
+    """
+
+    args = ("--connect-rate", "2")
+
+    @defer.inlineCallbacks
+    def test_burst_then_429(self):
+        """
+        An address gets a burst of twice --connect-rate connections, then
+        429 with Retry-After (and the security headers) until its bucket
+        refills; another address is not affected.
+        """
+        request = b"GET /health HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n\r\n"
+
+        def burst():
+            return [raw_answer(self.port, request) for _ in range(8)]
+
+        answers = yield threads.deferToThread(burst)
+        other, _, _ = yield threads.deferToThread(raw_answer, self.port, request, "127.0.0.2")
+        statuses = [status for status, _, _ in answers]
+        self.assertEqual(statuses[:4], [200] * 4)
+        self.assertIn(429, statuses)
+        refused = next(a for a in answers if a[0] == 429)
+        self.assertEqual(refused[1]["retry-after"], "1")
+        self.assertEqual(json.loads(refused[2])["error"], "connecting_too_fast")
+        for name in HARDENED:
+            self.assertIn(name, refused[1])
+        self.assertEqual(other, 200)
+
+
+class FragmentTests(RelayOnLoopback):
+    """
+    A message may come in at most --max-fragments frames.
+    """
+
+    args = ("--max-fragments", "8")
+
+    def send_fragmented(self, count: int):
+        text = json.dumps({"type": "register", "device_id": "leeloo_f4a9f4a9f4a9"}).encode()
+        size = -(-len(text) // count)
+        pieces = [text[i:i + size] for i in range(0, len(text), size)]
+        pieces += [b""] * (count - len(pieces))
+        sock = raw_websocket(self.port)
+        try:
+            for n, piece in enumerate(pieces):
+                sock.sendall(masked(0x1 if n == 0 else 0x0, piece, fin=n == count - 1))
+            frame = next_frame(sock)
+            if frame is not None and frame[0] == 0x8:
+                return "closed", close_code(sock, frame)
+            close_cleanly(sock)
+        finally:
+            sock.close()
+        return frame
+
+    @defer.inlineCallbacks
+    def test_at_the_limit_accepted(self):
+        """
+        A message in exactly --max-fragments frames is received whole.
+        """
+        frame = yield threads.deferToThread(self.send_fragmented, 8)
+        self.assertEqual(frame[0], 0x1)
+        self.assertEqual(json.loads(frame[1])["type"], "registered")
+
+    @defer.inlineCallbacks
+    def test_over_the_limit_closed_1009(self):
+        """
+        A message in one frame more is refused: the relay closes with 1009
+        (message too big), as for a message over --max-message-size.
+        """
+        answer = yield threads.deferToThread(self.send_fragmented, 9)
+        self.assertEqual(answer, ("closed", 1009))
+
+
+class PingTests(RelayOnLoopback):
+    """
+    Pings count against --messages-per-second like every other frame.
+    """
+
+    @defer.inlineCallbacks
+    def test_pings_answered(self):
+        """
+        Pings within the rate are answered with pongs carrying their
+        payload.
+        """
+
+        def pings():
+            sock = raw_websocket(self.port)
+            try:
+                sock.sendall(b"".join(masked(0x9, b"ping-%d" % n) for n in range(5)))
+                frames = [next_frame(sock) for _ in range(5)]
+                close_cleanly(sock)
+                return frames
+            finally:
+                sock.close()
+
+        frames = yield threads.deferToThread(pings)
+        self.assertEqual(frames, [(0xA, b"ping-%d" % n) for n in range(5)])
+
+    @defer.inlineCallbacks
+    def test_ping_flood_rate_limited(self):
+        """
+        A burst of 200 pings gets at most the message burst of pongs; the
+        rest are refused as rate_limited like text frames, and the
+        connection is closed with 4029 after --abuse-strikes refusals.
+        """
+
+        def flood():
+            sock = raw_websocket(self.port)
+            frames = []
+            try:
+                sock.sendall(masked(0x9, b"x") * 200)
+                while True:
+                    frame = next_frame(sock)
+                    if frame is None:
+                        break
+                    frames.append(frame)
+                    if frame[0] == 0x8:
+                        frames.append(close_code(sock, frame))
+                        break
+            finally:
+                sock.close()
+            return frames
+
+        frames = yield threads.deferToThread(flood)
+        pongs = [f for f in frames[:-1] if f[0] == 0xA]
+        errors = [json.loads(f[1]) for f in frames[:-1] if f[0] == 0x1]
+        self.assertLessEqual(len(pongs), 41)
+        self.assertGreaterEqual(len(pongs), 39)
+        self.assertEqual({e["error"] for e in errors}, {"rate_limited"})
+        self.assertEqual(frames[-1], 4029)
+
+
+class MalformedHTTPTests(RelayOnLoopback):
+    """
+    What twisted.web and Autobahn refuse is answered with a clear status
+    and the security headers, and quotes nothing the client sent.
+    """
+
+    @defer.inlineCallbacks
+    def answer(self, data: bytes):
+        status, headers, body = yield threads.deferToThread(raw_answer, self.port, data)
+        for name in HARDENED:
+            self.assertIn(name, headers, (status, name))
+        return status, headers, body
+
+    @defer.inlineCallbacks
+    def test_bad_request_hardened(self):
+        """
+        A request line twisted.web cannot parse gets its 400, with the
+        security headers.
+        """
+        status, _, body = yield self.answer(b"NONSENSE\r\n\r\n")
+        self.assertEqual((status, json.loads(body)["error"]), (400, "bad_request"))
+
+    @defer.inlineCallbacks
+    def test_request_line_too_long_414(self):
+        """
+        A request line over the limit is 414.
+        """
+        status, _, _ = yield self.answer(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+        self.assertEqual(status, 414)
+
+    @defer.inlineCallbacks
+    def test_header_too_long_431(self):
+        """
+        A header over the limit is 431, and so are headers over the limit
+        all together.
+        """
+        one, _, _ = yield self.answer(b"GET / HTTP/1.1\r\nHost: relay.test\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        many, _, _ = yield self.answer(
+            b"GET / HTTP/1.1\r\nHost: relay.test\r\n"
+            + b"".join(b"X-H%d: %s\r\n" % (n, b"a" * 100) for n in range(200)) + b"\r\n")
+        self.assertEqual((one, many), (431, 431))
+
+    @defer.inlineCallbacks
+    def test_other_methods_405(self):
+        """
+        A method twisted.web does not know (PUT, DELETE, anything) is 405
+        with Allow, not 501.
+        """
+        put, put_headers, _ = yield self.answer(
+            b"PUT / HTTP/1.1\r\nHost: relay.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        foo, foo_headers, _ = yield self.answer(
+            b"FOO /health HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n\r\n")
+        self.assertEqual((put, foo), (405, 405))
+        self.assertEqual(set(put_headers["allow"].split(", ")), {"GET", "HEAD"})
+        self.assertIn("GET", foo_headers["allow"].split(", "))
+
+    def handshake(self, *headers: str) -> bytes:
+        lines = ["GET /ws HTTP/1.1", f"Host: 127.0.0.1:{self.port}", "Upgrade: websocket",
+                 "Connection: Upgrade", "Sec-WebSocket-Version: 13", *headers, "", ""]
+        return "\r\n".join(lines).encode()
+
+    @defer.inlineCallbacks
+    def test_null_origin_403(self):
+        """
+        A handshake with C{Origin: null} (a sandboxed page, a file:// page)
+        is 403, as for any origin not allowed.
+        """
+        status, _, _ = yield self.answer(self.handshake("Origin: null", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="))
+        self.assertEqual(status, 403)
+
+    @defer.inlineCallbacks
+    def test_bad_key_not_echoed(self):
+        """
+        A bad Sec-WebSocket-Key is refused with 400 that does not quote it.
+        """
+        answer = yield threads.deferToThread(
+            raw_exchange, self.port, self.handshake("Sec-WebSocket-Key: <b>quoted-key</b>"))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer)
+        self.assertNotIn(b"quoted-key", answer)

@@ -13,6 +13,7 @@ from leeloo import messages
 from leeloo.messages import (
     CreateCrew,
     CrewMessage,
+    InvalidCrewCode,
     InvalidJSON,
     InvalidMessage,
     JoinCrew,
@@ -200,11 +201,46 @@ class RefusalTests(SynchronousTestCase):
             error = self.assertRefused(data, InvalidMessage, "invalid_message")
             self.assertIn(name, error.message)
 
-    def test_bad_crew_code_characters(self):
+    def test_crew_code_as_the_original_read_it(self):
         """
-        A crew code with spaces or punctuation is refused.
+        A crew code with inner spaces, punctuation or non-ASCII letters is
+        accepted as the original relay read it: stripped, then upper-cased
+        by str.upper() and nothing else.
         """
-        self.assertRefused(frame(type="join_crew", crew_code="a b"), InvalidMessage, "invalid_message")
+        cases = {" a b ": "A B", "home.crew": "HOME.CREW", "café": "CAFÉ", "straße": "STRASSE",
+                 "b827eb12ab34": "B827EB12AB34", "\tx\n": "X", "ﬁ": "FI"}
+        for sent, code in cases.items():
+            self.assertEqual(decode(frame(type="join_crew", crew_code=sent)).crew_code, code, sent)
+            self.assertEqual(decode(frame(type="create_crew", crew_code=sent)).crew_code, code, sent)
+
+    def test_crew_code_refused(self):
+        """
+        A whitespace-only crew code, one over 64 code points once
+        upper-cased, or one with a control character is refused with
+        invalid_crew_code, naming the rule.
+        """
+        cases = [("   ", "whitespace"), ("\u3000", "whitespace"), ("X" * 65, "64"),
+                 ("ß" * 33, "64"), ("a\x00b", "control"), ("a\nb", "control"), ("\x7f", "control")]
+        for kind in ("join_crew", "create_crew", "register"):
+            for sent, rule in cases:
+                error = self.assertRefused(frame(type=kind, crew_code=sent), InvalidCrewCode, "invalid_crew_code")
+                self.assertIn(rule, error.message, (kind, sent))
+
+    def test_crew_code_longest(self):
+        """
+        A crew code of exactly 64 code points is accepted.
+        """
+        self.assertEqual(decode(frame(type="join_crew", crew_code="é" * 64)).crew_code, "É" * 64)
+
+    def test_no_crew_code(self):
+        """
+        An absent, null or empty crew code means no crew on register and
+        create_crew, and is invalid_message on join_crew.
+        """
+        for missing in ({}, {"crew_code": None}, {"crew_code": ""}):
+            self.assertIsNone(decode(frame(type="register", **missing)).crew_code)
+            self.assertIsNone(decode(frame(type="create_crew", **missing)).crew_code)
+            self.assertRefused(frame(type="join_crew", **missing), InvalidMessage, "invalid_message")
 
     def test_too_long(self):
         """
@@ -212,7 +248,7 @@ class RefusalTests(SynchronousTestCase):
         """
         self.assertRefused(frame(type="register", device_id="x" * 65), InvalidMessage, "invalid_message")
         self.assertRefused(frame(type="register", device_name="x" * 65), InvalidMessage, "invalid_message")
-        self.assertRefused(frame(type="join_crew", crew_code="X" * 33), InvalidMessage, "invalid_message")
+        self.assertRefused(frame(type="join_crew", crew_code="X" * 65), InvalidCrewCode, "invalid_crew_code")
 
     @settings(max_examples=300, deadline=None)
     @given(
@@ -243,7 +279,7 @@ class RefusalTests(SynchronousTestCase):
         try:
             decode(data)
         except ProtocolError as e:
-            self.assertIn(e.code, {"invalid_json", "invalid_message", "unknown_type"})
+            self.assertIn(e.code, {"invalid_json", "invalid_message", "unknown_type", "invalid_crew_code"})
             self.assertIsInstance(e.message, str)
 
 

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from leeloo.metrics import Metrics
 from leeloo.testing import MemoryWebSocketClients
-from leeloo.web import make_admin_site, make_site
+from leeloo.web import HTTPLimits, make_admin_site, make_site
 from leeloo.websocket import RelayServerFactory, WebSocketLimits
 
 from .test_site import SiteTestCase
@@ -152,3 +152,27 @@ class RefusalFigureTests(MetricsTestCase):
         found = samples(self.get("/metrics", host="127.0.0.1")[2])
         self.assertEqual(found[("leeloo_http_responses_total", (("code", "200"), ("site", "public")))], 1)
         self.assertEqual(found[("leeloo_http_responses_total", (("code", "404"), ("site", "public")))], 2)
+
+
+class GateFigureTests(MetricsTestCase):
+    def make_site(self):
+        site = super().make_site()
+        site.gate = HTTPLimits(max_connections_per_address=1, connect_rate=1).gate(self.clock)
+        return site
+
+    def test_connections_refused_by_reason(self):
+        """
+        Connections the gate refused are counted by reason, and their
+        answers with the site's responses by status, as are twisted.web's
+        own refusals (400, 414, 431).
+        """
+        self.connect()
+        self.connect()  # over the cap
+        self.connect()  # past the burst of 2
+        self.connect(host="198.51.100.7")[0].dataReceived(b"NONSENSE\r\n\r\n")
+        found = samples(self.get("/metrics", host="127.0.0.1")[2])
+        self.assertEqual(found[("leeloo_connections_refused_total", (("reason", "per_address"),))], 1)
+        self.assertEqual(found[("leeloo_connections_refused_total", (("reason", "connect_rate"),))], 1)
+        self.assertEqual(found[("leeloo_http_responses_total", (("code", "503"), ("site", "public")))], 1)
+        self.assertEqual(found[("leeloo_http_responses_total", (("code", "429"), ("site", "public")))], 1)
+        self.assertEqual(found[("leeloo_http_responses_total", (("code", "400"), ("site", "public")))], 1)

@@ -5,14 +5,18 @@ webroot, and a permanent redirect to https for everything else.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from treq.testing import StubTreq
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer, reactor, threads
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from leeloo.web import HTTPSRedirect
+from leeloo.web import HTTPSRedirect, make_redirect_site
+
+from .test_limits_loopback import raw_answer
 
 TOKEN = "aBcD-123_xyz"
 
@@ -95,3 +99,57 @@ class RedirectTests(SynchronousTestCase):
         self.http = StubTreq(HTTPSRedirect(None))
         response, _ = self.request("GET", f"http://relay.example/.well-known/acme-challenge/{TOKEN}")
         self.assertEqual(response.code, 301)
+
+
+class WebrootFilesTests(TestCase):
+    """
+    The redirect site on a loopback port serves regular files from the
+    challenge directory, and nothing a link or a special file there
+    points at.
+    """
+
+    def setUp(self):
+        self.webroot = Path(tempfile.mkdtemp(prefix="leeloo-acme-"))
+        self.addCleanup(shutil.rmtree, self.webroot, True)
+        self.challenges = self.webroot / ".well-known" / "acme-challenge"
+        self.challenges.mkdir(parents=True)
+        (self.challenges / TOKEN).write_bytes(b"aBcD-123_xyz.thumbprint")
+        (self.webroot / "secret.txt").write_bytes(b"not for the world")
+        port = reactor.listenTCP(0, make_redirect_site(self.webroot, reactor=reactor), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.port = port.getHost().port
+
+    def get(self, token):
+        return threads.deferToThread(
+            raw_answer, self.port,
+            f"GET /.well-known/acme-challenge/{token} HTTP/1.1\r\nHost: relay.example\r\n"
+            "Connection: close\r\n\r\n".encode())
+
+    @defer.inlineCallbacks
+    def test_regular_file_served(self):
+        """
+        A challenge file certbot wrote is served.
+        """
+        status, _, body = yield self.get(TOKEN)
+        self.assertEqual((status, body), (200, b"aBcD-123_xyz.thumbprint"))
+
+    @defer.inlineCallbacks
+    def test_symlink_not_followed(self):
+        """
+        A symlink named like a token (to a file anywhere on the disk) is
+        not followed: 404.
+        """
+        (self.challenges / "linked-token").symlink_to(self.webroot / "secret.txt")
+        status, _, body = yield self.get("linked-token")
+        self.assertEqual(status, 404)
+        self.assertNotIn(b"not for the world", body)
+
+    @defer.inlineCallbacks
+    def test_fifo_not_opened(self):
+        """
+        A FIFO named like a token is not read (it would block the relay):
+        404, at once.
+        """
+        os.mkfifo(self.challenges / "fifo-token")
+        status, _, _ = yield self.get("fifo-token")
+        self.assertEqual(status, 404)

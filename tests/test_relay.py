@@ -5,10 +5,19 @@ every row of the WebSocket contract, fan-out, and refusals.
 
 import json
 
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from leeloo.relay import CLOSE_GOING_AWAY, CLOSE_REPLACED, PRESENCE_GRACE, Relay, generate_crew_code, generate_device_id
+from leeloo.relay import (
+    CLOSE_BIND_TIMEOUT,
+    CLOSE_GOING_AWAY,
+    CLOSE_REPLACED,
+    PRESENCE_GRACE,
+    Relay,
+    generate_crew_code,
+    generate_device_id,
+)
 from leeloo.testing import FakePeer, strip_keys
 
 T0 = 1_700_000_000.0
@@ -676,3 +685,119 @@ class HealthTests(RelayTestCase):
         self.assertEqual((self.relay.health()["crews"], self.relay.health()["crews_online"]), (2, 1))
         d.close()
         self.assertEqual(self.relay.health()["crews_online"], 0)
+
+
+class BindTimeoutTests(RelayTestCase):
+    def test_unbound_closed(self):
+        """
+        A connection that binds no device within the bind timeout is closed
+        with 4008.
+        """
+        idle = self.device()
+        self.clock.advance(59.9)
+        self.assertIsNone(idle.peer.closed)
+        self.clock.advance(0.1)
+        self.assertEqual(idle.peer.closed[0], CLOSE_BIND_TIMEOUT)
+
+    def test_failed_entries_do_not_bind(self):
+        """
+        A join_crew that is refused (and a create_crew fallback refused
+        too) binds nothing: the connection is still closed.
+        """
+        d = self.device()
+        d.send(type="join_crew", crew_code="nowhere")
+        d.send(type="create_crew", crew_code="a\u0000b")
+        self.assertEqual([m["error"] for m in d.take()], ["invalid_crew_code", "invalid_crew_code"])
+        self.clock.advance(60)
+        self.assertEqual(d.peer.closed[0], CLOSE_BIND_TIMEOUT)
+
+    def test_bound_stays(self):
+        """
+        register, create_crew or join_crew within the timeout keep the
+        connection open.
+        """
+        self.crew_of(1, "HOME")
+        devices = [self.device() for _ in range(3)]
+        devices[0].send(type="register")
+        devices[1].send(type="create_crew")
+        devices[2].send(type="join_crew", crew_code="home")
+        self.clock.advance(3600)
+        self.assertEqual([d.peer.closed for d in devices], [None, None, None])
+
+    def test_closed_connection_cancels(self):
+        """
+        A connection that closes before the timeout leaves no timer behind.
+        """
+        d = self.device()
+        d.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_off(self):
+        """
+        A bind timeout of 0 never closes anyone.
+        """
+        relay = Relay(self.clock, bind_timeout=0)
+        d = Device(relay)
+        self.clock.advance(86400)
+        self.assertIsNone(d.peer.closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ShutdownWaitTests(RelayTestCase):
+    def test_waits_for_answers(self):
+        """
+        Shutdown fires once every connection is gone (the
+        devices answered the close), not before.
+        """
+        a, b = self.crew_of(2)
+        done = self.relay.shutdown(spread=0, grace=5)
+        self.assertNoResult(done)
+        a.close()
+        self.assertNoResult(done)
+        b.close()
+        self.successResultOf(done)
+
+    def test_gives_up(self):
+        """
+        shutdown waits at most its grace for connections to go.
+        """
+        self.crew_of(2)
+        done = self.relay.shutdown(spread=0, grace=5)
+        self.clock.advance(4.9)
+        self.assertNoResult(done)
+        self.clock.advance(0.1)
+        self.successResultOf(done)
+
+
+class BotUserCrewsTests(RelayTestCase):
+    def created(self, user_id, name):
+        """
+        The code of a crew the bot user creates (once it is durable, if the
+        relay waits for that).
+        """
+        return self.successResultOf(maybeDeferred(self.relay.bot_create_crew, user_id, name))
+
+    def test_crews_of_user(self):
+        """
+        bot_user_crews lists a user's crews in join order with its name
+        there and the devices online; another user's are not listed.
+        """
+        self.crew_of(2, "HOME")
+        self.relay.bot_join_crew("7", "home", "Tina")
+        code = self.created("7", "T.")
+        self.created("8", "Other")
+        self.assertEqual(self.relay.bot_user_crews("7"), [
+            {"crew_code": "HOME", "display_name": "Tina", "devices_online": 2},
+            {"crew_code": code, "display_name": "T.", "devices_online": 0},
+        ])
+        self.assertEqual(self.relay.bot_user_crews("9"), [])
+
+    def test_pruned_crew_forgotten(self):
+        """
+        A crew pruned as idle leaves the user's list.
+        """
+        self.created("7", "Tina")
+        self.clock.advance(91 * 86400)
+        self.relay.prune()
+        self.assertEqual(self.relay.bot_user_crews("7"), [])
+        self.assertEqual(self.relay.bot_user_index, {})

@@ -26,7 +26,8 @@ from zope.interface import implementer
 from leeloo.access import TrustedProxies
 from leeloo.relay import Relay
 from leeloo.testing import MemoryWebSocketClients
-from leeloo.web import MAX_BODY, HTTPLimits, RelayRequest, RelaySite, make_site
+from leeloo import web
+from leeloo.web import LINGER, MAX_BODY, HTTPLimits, RelayRequest, RelaySite, make_redirect_site, make_site
 from leeloo.websocket import RelayServerFactory
 
 txaio.use_twisted()
@@ -243,6 +244,9 @@ class UpgradeTests(SiteTestCase):
         net = MemoryWebSocketClients(self.site)
         client = net.connect()
         self.assertTrue(client.opened)
+        client.send_json({"type": "register"})
+        net.flush()
+        client.take()
         for _ in range(60):
             self.clock.advance(1)
             net.flush()
@@ -251,6 +255,24 @@ class UpgradeTests(SiteTestCase):
         self.assertFalse(client.closed)
         self.assertEqual(client.take(), [{"type": "pong"}])
         self.assertEqual(self.site.deadlines.expired, 0)
+
+    def test_websocket_frees_its_gate_place(self):
+        """
+        An upgraded connection counts under its address's cap until the
+        WebSocket closes, then frees its place (the WebSocket, not the
+        channel, sees the connection end).
+        """
+        self.site.gate = HTTPLimits(max_connections_per_address=1).gate(self.clock)
+        net = MemoryWebSocketClients(self.site)
+        first = net.connect()
+        self.assertTrue(first.opened)
+        self.assertEqual(self.site.gate.by_address, {"127.0.0.1": 1})
+        refused = net.connect()
+        self.assertFalse(refused.opened)
+        first.sendClose(1000)
+        net.flush()
+        self.assertEqual(self.site.gate.by_address, {})
+        self.assertTrue(net.connect().opened)
 
     def test_upgrade_request_released(self):
         """
@@ -372,14 +394,15 @@ class SecurityHeaderTests(SiteTestCase):
 
     def test_error_pages(self):
         """
-        twisted.web's own error pages carry them: 404, 405, 501 and 500.
+        twisted.web's own error pages carry them: 404, 405 (for any method)
+        and 500.
         """
         self.assertEqual(self.assertHardened(self.get("/nowhere")), 404)
         self.assertEqual(self.assertHardened(self.get("/api/nowhere")), 404)
         self.assertEqual(self.assertHardened(self.request(
             b"POST /health HTTP/1.1\r\nHost: relay.test\r\nContent-Length: 0\r\n\r\n")), 405)
         self.assertEqual(self.assertHardened(self.request(
-            b"DELETE /health HTTP/1.1\r\nHost: relay.test\r\n\r\n")), 501)
+            b"DELETE /health HTTP/1.1\r\nHost: relay.test\r\n\r\n")), 405)
         self.assertEqual(self.assertHardened(self.get("/broken")), 500)
         self.flushLoggedErrors(RuntimeError)
 
@@ -410,6 +433,335 @@ class SecurityHeaderTests(SiteTestCase):
         self.assertEqual(headers["strict-transport-security"], "max-age=63072000")
         _, headers, _ = self.get("/")
         self.assertNotIn("strict-transport-security", headers)
+
+
+class FullTransport(StringTransport):
+    """
+    A transport whose buffer is full once C{capacity} bytes wait in it: it
+    pauses its producer then, as a socket's transport does past its
+    buffer size, and resumes it when L{drain}ed.
+    """
+
+    capacity = 1
+
+    def write(self, data):
+        super().write(data)
+        if len(self.value()) >= self.capacity and self.producer is not None and not self.full:
+            self.full = True
+            self.producer.pauseProducing()
+
+    full = False
+
+    def drain(self) -> bytes:
+        data = self.value()
+        self.clear()
+        self.full = False
+        self.producer.resumeProducing()
+        return data
+
+
+class PipeliningTests(SiteTestCase):
+    """
+    A client pipelining requests is not read from, and gets no further
+    answer, while its answers wait in a full transport.  (These pin
+    twisted.web's C{_waitingForTransport} and C{_networkProducer}, and
+    LineReceiver's C{paused}, which the channel relies on.)
+    """
+
+    limits = HTTPLimits(request_timeout=10)
+    REQUEST = b"GET /health HTTP/1.1\r\nHost: relay.test\r\n\r\n"
+
+    def connect_full(self):
+        transport = FullTransport(peerAddress=IPv4Address("TCP", "198.51.100.1", 50000))
+        channel = self.site.buildProtocol(transport.getPeer())
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_paused_while_answers_wait(self):
+        """
+        Once an answer fills the transport, the pipelined requests after it
+        are neither answered nor read past, until the transport has sent
+        what it holds; then the next one is answered.
+        """
+        channel, transport = self.connect_full()
+        channel.dataReceived(self.REQUEST * 5)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200"), 1)
+        self.assertEqual(transport.producerState, "paused")
+        answered = [transport.drain().count(b"HTTP/1.1 200")]
+        for _ in range(4):
+            answered.append(transport.drain().count(b"HTTP/1.1 200"))
+        self.assertEqual(answered, [1, 1, 1, 1, 1])
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_waiting_answers_do_not_put_the_deadline_off(self):
+        """
+        A client that never reads its answers is aborted at the deadline
+        from when it stopped reading, however it keeps pipelining requests.
+        """
+        channel, transport = self.connect_full()
+        channel.dataReceived(self.REQUEST)
+        for _ in range(3):
+            self.clock.advance(3)
+            channel.dataReceived(self.REQUEST * 10)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.site.deadlines.expired, 1)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200"), 1)
+
+    def test_reading_client_served(self):
+        """
+        A client that reads its answers gets every pipelined request
+        answered, and the deadline runs again from its last answer sent.
+        """
+        channel, transport = self.connect_full()
+        channel.dataReceived(self.REQUEST * 3)
+        total = 0
+        for _ in range(3):
+            self.clock.advance(9)
+            total += transport.drain().count(b"HTTP/1.1 200")
+        self.assertEqual(total, 3)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnected)
+
+
+class HalfClosingTransport(StringTransport):
+    """
+    A StringTransport that can close its writing side only, as TCP's can.
+    """
+
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
+class GateTests(SiteTestCase):
+    """
+    The site's L{ConnectionGate} counts every TCP connection by its peer
+    address before reading it.
+    """
+
+    limits = HTTPLimits(max_connections_per_address=2, connect_rate=5)
+    REQUEST = b"GET /record HTTP/1.1\r\nHost: relay.test\r\n\r\n"
+
+    def make_site(self) -> RelaySite:
+        site = super().make_site()
+        site.gate = self.limits.gate(self.clock, TrustedProxies(["10.0.0.0/8"]))
+        return site
+
+    def connect(self, host: str = "198.51.100.1", secure: bool = False):
+        if secure:
+            return super().connect(host, secure)
+        transport = HalfClosingTransport(peerAddress=IPv4Address("TCP", host, 50000))
+        channel = self.site.buildProtocol(transport.getPeer())
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def answer(self, host: str = "198.51.100.1"):
+        """
+        The answer to a request on a new connection from C{host}.
+        """
+        channel, transport = self.connect(host)
+        channel.dataReceived(self.REQUEST)
+        return parse_response(transport.value()), transport
+
+    def test_over_the_cap_refused(self):
+        """
+        A third connection from an address with two open is answered 503
+        once its request arrives, its writing side closed, and the request
+        not served; another address gets in.
+        """
+        self.connect()
+        self.connect()
+        (status, headers, body), transport = self.answer()
+        self.assertEqual((status, json.loads(body)["error"]), (503, "too_many_connections"))
+        self.assertEqual(headers["x-frame-options"], "DENY")
+        self.assertTrue(transport.write_closed)
+        self.assertEqual(self.recorder.rendered, [])
+        (status, _, _), _ = self.answer("198.51.100.2")
+        self.assertEqual(status, 200)
+
+    def test_turned_away_waits_for_the_request(self):
+        """
+        A turned-away connection is answered only once it sends (a client
+        reads no answer before it has sent its request), and what it sends
+        after is discarded unparsed.
+        """
+        self.connect()
+        self.connect()
+        channel, transport = self.connect()
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(self.REQUEST)
+        channel.dataReceived(self.REQUEST * 3)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+        self.assertEqual(self.recorder.rendered, [])
+
+    def test_turned_away_silent_aborted_soon(self):
+        """
+        A turned-away connection that sends nothing is aborted after
+        LINGER seconds, well before the request deadline.
+        """
+        self.connect()
+        self.connect()
+        channel, transport = self.connect()
+        self.clock.advance(LINGER)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(transport.value(), b"")
+
+    def test_flood_of_refusals_answered_at_once(self):
+        """
+        While MAX_LINGERING turned-away connections wait, more are answered
+        and closed at once: refusals hold no descriptors.
+        """
+        self.patch(web, "MAX_LINGERING", 1)
+        self.connect()
+        self.connect()
+        _, waiting = self.connect()
+        _, flooded = self.connect()
+        self.assertEqual(waiting.value(), b"")
+        self.assertEqual(parse_response(flooded.value())[0], 503)
+        self.assertTrue(flooded.disconnecting)
+
+    def test_tls_aborted_unanswered(self):
+        """
+        Over TLS a connection over the cap is aborted without an answer
+        (which would cost the relay a handshake).
+        """
+        self.connect(secure=True)
+        self.connect(secure=True)
+        _, transport = self.connect(secure=True)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnected)
+
+    def test_closing_frees_a_place(self):
+        """
+        Once a connection from an address closes, another may open.
+        """
+        first, _ = self.connect()
+        self.connect()
+        first.connectionLost(None)
+        (status, _, _), _ = self.answer()
+        self.assertEqual(status, 200)
+
+    def test_connect_rate(self):
+        """
+        Past its burst (twice the rate), an address's new connections are
+        answered 429 with Retry-After until its bucket refills; each
+        refused attempt spends from it too.
+        """
+        for _ in range(10):
+            channel, transport = self.connect()
+            channel.connectionLost(None)
+        (status, headers, _), _ = self.answer()
+        self.assertEqual((status, headers["retry-after"]), (429, "1"))
+        self.clock.advance(0.1)
+        (status, _, _), _ = self.answer()
+        self.assertEqual(status, 429)
+        self.clock.advance(0.2)
+        (status, _, _), _ = self.answer()
+        self.assertEqual(status, 200)
+
+    def test_refusals_logged_once_per_address(self):
+        """
+        An address hammering past its limits is warned about once a
+        minute, not once a connection.
+        """
+        with capturedLogs() as events:
+            for _ in range(20):
+                self.connect()
+        warnings = [formatEvent(e) for e in events if "refusing connections" in formatEvent(e)]
+        self.assertEqual(len(warnings), 2, warnings)
+
+    def test_trusted_proxy_not_counted(self):
+        """
+        A trusted proxy's connections carry many clients: the gate does not
+        count them.
+        """
+        statuses = [self.answer("10.0.0.7")[0][0] for _ in range(5)]
+        self.assertEqual(statuses, [200] * 5)
+
+    def test_shared_with_the_redirect_site(self):
+        """
+        A site sharing the gate counts against the same cap: connections to
+        port 80 and 443 from one address add up.
+        """
+        self.connect()
+        redirect = make_redirect_site(None, reactor=self.clock, gate=self.site.gate)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.1", 50001))
+        redirect.buildProtocol(transport.getPeer()).makeConnection(transport)
+        (status, _, _), _ = self.answer()
+        self.assertEqual(status, 503)
+
+
+class BadRequestTests(SiteTestCase):
+    """
+    What twisted.web cannot parse is answered with a status that says
+    why, with the security headers (pinning the channel's override of
+    twisted.web's C{_respondToBadRequestAndDisconnect}).
+    """
+
+    def refused(self, raw: bytes) -> tuple[int, dict, bytes]:
+        channel, transport = self.connect()
+        channel.dataReceived(raw)
+        response = parse_response(transport.value())
+        self.assertEqual(response[1]["x-content-type-options"], "nosniff")
+        self.assertEqual(response[1]["connection"], "close")
+        self.assertEqual(self.recorder.rendered, [])
+        return response
+
+    def test_bad_request_line(self):
+        """
+        A request line that is not one is 400.
+        """
+        self.assertEqual(self.refused(b"NONSENSE\r\n\r\n")[0], 400)
+
+    def test_bad_chunk(self):
+        """
+        A malformed chunked body is 400.
+        """
+        self.assertEqual(self.refused(
+            b"POST /record HTTP/1.1\r\nHost: relay.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")[0], 400)
+
+    def test_request_line_over_the_limit(self):
+        """
+        A request line over the limit is 414, whether or not its end has
+        arrived.
+        """
+        self.assertEqual(self.refused(b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\n\r\n")[0], 414)
+        self.assertEqual(self.refused(b"GET /" + b"a" * 17000)[0], 414)
+
+    def test_header_over_the_limit(self):
+        """
+        A header over the limit is 431, and so are too many headers or
+        headers too large together.
+        """
+        self.assertEqual(self.refused(
+            b"GET / HTTP/1.1\r\nHost: relay.test\r\nX-A: " + b"a" * 17000 + b"\r\n\r\n")[0], 431)
+        self.assertEqual(self.refused(
+            b"GET / HTTP/1.1\r\n" + b"X-A: 1\r\n" * 600 + b"\r\n")[0], 431)
+        self.assertEqual(self.refused(
+            b"GET / HTTP/1.1\r\n" + b"X-A: " + b"a" * 9000 + b"\r\nX-B: " + b"b" * 9000 + b"\r\n\r\n")[0], 431)
+
+    def test_headers_at_the_limit_served(self):
+        """
+        Headers just under the limit are served.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: relay.test\r\nX-A: " + b"a" * 16000 + b"\r\n\r\n")
+        self.assertEqual(parse_response(transport.value())[0], 200)
+
+    def test_unknown_method_405(self):
+        """
+        A method twisted.web does not know is 405 with the resource's
+        Allow, not 501.
+        """
+        status, headers, _ = self.request(b"PUT / HTTP/1.1\r\nHost: relay.test\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(status, 405)
+        self.assertEqual(set(headers["allow"].split(", ")), {"GET", "HEAD"})
 
 
 class HSTSTests(SiteTestCase):

@@ -22,6 +22,7 @@ from leeloo.sqlitestore import (
     SCHEMA_VERSION,
     SchemaError,
     SQLiteStore,
+    migrate,
     schema_version,
 )
 from leeloo.store import (
@@ -226,6 +227,32 @@ class MigrationTests(SQLiteTestCase):
         yield store.write([append_op(1, b"one")])
         replay = yield store.replay(ALPHA, 0, 1, 0.0, "nobody", 10)
         self.assertEqual(replay, Replay([(1, b"one")]))
+
+    @inlineCallbacks
+    def test_migration_marks_ephemeral(self):
+        """
+        The migration that adds C{ephemeral} marks the nudges and reactions
+        already logged: a replay with C{ephemeral_since} leaves them out.
+        """
+        directory = self.directory()
+        db = self.connect(directory)
+        migrate(db, next(i for i, script in enumerate(MIGRATIONS) if "ephemeral" in script))
+        db.execute("INSERT INTO crews (code, created_at, created_by) VALUES (?, ?, ?)", (ALPHA, T0, "leeloo_a"))
+        payloads = [
+            b'{"type":"message","msg_type":"text","payload":{"text":"hi"}}',
+            b'{"type":"message","msg_type":"nudge","payload":{}}',
+            b'{"type":"reaction","reaction_type":"fire","from":"Ann"}',
+            b'{"type":"message","msg_type":"reaction","payload":{"reaction":"love"}}',
+            b'{"type":"music_shared","track":"T"}',
+            b"not json",
+        ]
+        for seq, payload in enumerate(payloads, 1):
+            db.execute("INSERT INTO messages (crew_code, seq, id, sender, created_at, payload) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (ALPHA, seq, f"m{seq}", "leeloo_a", T0, payload))
+        db.close()
+        store = self.open(directory)
+        replay = yield store.replay(ALPHA, 0, 6, 0.0, "nobody", 10, T0 + 1)
+        self.assertEqual([seq for seq, _ in replay.entries], [1, 5, 6])
 
     def test_failed_migration(self):
         """

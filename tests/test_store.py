@@ -55,11 +55,13 @@ def contract(test):
     return wrapper
 
 
-def entry(seq, crew=ALPHA, sender="leeloo_a", at=None, client_msg_id=None, digest=None, payload=None):
+def entry(seq, crew=ALPHA, sender="leeloo_a", at=None, client_msg_id=None, digest=None, payload=None,
+          ephemeral=False):
     return LogEntry(
         crew, seq, f"m{seq}", sender, client_msg_id, digest,
         T0 + seq if at is None else at,
         payload if payload is not None else f'{{"seq":{seq}}}'.encode(),
+        ephemeral,
     )
 
 
@@ -459,6 +461,36 @@ class StoreContract:
         replay = yield self.store.replay(ALPHA, 0, 5, T0 + 30, "nobody", 10)
         self.assertEqual([seq for seq, _ in replay.entries], [3, 4, 5])
         self.assertIsNone(replay.lost)
+
+    @contract
+    def test_replay_ephemeral_since(self):
+        """
+        With C{ephemeral_since}, replay also leaves out ephemeral entries
+        (nudges, reactions) created before it, and keeps the others as old
+        as C{since}.
+        """
+        yield self.logged(*(entry(seq, at=T0 + 10 * seq, ephemeral=seq % 2 == 0) for seq in range(1, 7)))
+        replay = yield self.store.replay(ALPHA, 0, 6, T0 + 20, "nobody", 10, T0 + 50)
+        self.assertEqual([seq for seq, _ in replay.entries], [3, 5, 6])
+
+    @contract
+    def test_replay_ephemeral_by_default(self):
+        """
+        Without C{ephemeral_since}, ephemeral entries are replayed like the
+        others.
+        """
+        yield self.logged(entry(1, ephemeral=True), entry(2))
+        replay = yield self.store.replay(ALPHA, 0, 2, 0.0, "nobody", 10)
+        self.assertEqual([seq for seq, _ in replay.entries], [1, 2])
+
+    @contract
+    def test_replay_limit_after_ephemeral_filter(self):
+        """
+        Stale ephemeral entries do not use up the limit, even the newest.
+        """
+        yield self.logged(entry(1), entry(2), entry(3, ephemeral=True), entry(4, ephemeral=True))
+        replay = yield self.store.replay(ALPHA, 0, 4, 0.0, "nobody", 2, T0 + 100)
+        self.assertEqual(replay, Replay([(1, b'{"seq":1}'), (2, b'{"seq":2}')]))
 
     @contract
     def test_replay_exclude_sender(self):

@@ -261,6 +261,11 @@ class TimerTests(SynchronousTestCase):
         self.assertEqual((event["messages"], event["crews"]), (0, 0))
 
 
+class _NoClock:
+    def seconds(self):
+        return 0.0
+
+
 class TransportLimitOptionsTests(OptionsTestCase):
     def test_defaults(self):
         """
@@ -303,6 +308,36 @@ class TransportLimitOptionsTests(OptionsTestCase):
             for bad in ("0", "-1", "lots"):
                 self.assertRaises(UsageError, self.parse, option, bad)
 
+    def test_bounds_under_attack(self):
+        """
+        --connect-rate (default 10 a second, bursts of 20) and
+        --max-fragments (default 64) have their options; the connection
+        cap per address applies to the sites' gate too.
+        """
+        defaults = self.parse()
+        self.assertEqual((defaults.http_limits.connect_rate, defaults.http_limits.max_connections_per_address,
+                          defaults.limits.max_fragments), (10.0, 256, 64))
+        config = self.parse("--connect-rate", "2.5", "--max-fragments", "8", "--max-connections-per-address", "5")
+        self.assertEqual((config.http_limits.connect_rate, config.http_limits.max_connections_per_address,
+                          config.limits.max_fragments), (2.5, 5, 8))
+        gate = config.http_limits.gate(_NoClock())
+        self.assertEqual((gate.max_per_address, gate.rate.per_second, gate.rate.burst), (5, 2.5, 5.0))
+        for option in ("--connect-rate", "--max-fragments"):
+            for bad in ("0", "-1", "lots"):
+                self.assertRaises(UsageError, self.parse, option, bad)
+
+    def test_one_gate_for_public_and_redirect(self):
+        """
+        The public and the redirect sites count connections on one gate,
+        which trusts the configured proxies.
+        """
+        config = self.parse("--redirect-listen", "tcp:8081:interface=127.0.0.1", "--trusted-proxy", "10.0.0.0/8")
+        service, reactor = started(self, config)
+        factories = {port: factory for (port, factory, _, _) in reactor.tcpServers}
+        self.assertIsNotNone(service.site.gate)
+        self.assertIs(factories[8081].gate, service.site.gate)
+        self.assertFalse(service.site.gate.counted("10.1.1.1"))
+
     def test_invalid_trusted_proxy(self):
         """
         A trusted proxy that is not an address or CIDR block is refused,
@@ -328,6 +363,55 @@ class TransportLimitOptionsTests(OptionsTestCase):
         with self.assertRaises(UsageError) as raised:
             self.parse("--admin-listen", "tcp:notaport")
         self.assertIn("--admin-listen", str(raised.exception))
+
+
+class FieldOptionsTests(OptionsTestCase):
+    def test_defaults(self):
+        """
+        Legacy devices are replayed a day of messages and ten minutes of
+        nudges and reactions; pings every 25 s with 20 s to answer;
+        unbound connections closed after a minute.
+        """
+        config = self.parse()
+        self.assertEqual(
+            (config.legacy_replay_age, config.ephemeral_age, config.limits.auto_ping_interval,
+             config.limits.auto_ping_timeout, config.bind_timeout),
+            (86400.0, 600.0, 25.0, 20.0, 60.0))
+
+    def test_options_reach_the_relay(self):
+        """
+        Each option reaches the relay or its WebSocket factory.
+        """
+        config = self.parse("--legacy-replay-age", "3600", "--ephemeral-age", "30",
+                            "--ping-interval", "0.5", "--ping-timeout", "1.5", "--bind-timeout", "0")
+        service, _ = started(self, config)
+        relay = service.relay
+        self.assertEqual((relay.legacy_replay_age, relay.ephemeral_age, relay.bind_timeout), (3600, 30, 0))
+        [factory] = {r.ws_factory for r in service if hasattr(r, "ws_factory")}
+        self.assertEqual((factory.autoPingInterval, factory.autoPingTimeout), (0.5, 1.5))
+
+    def test_invalid(self):
+        """
+        Ages and ping times must be positive; the bind timeout 0 or more.
+        """
+        for option in ("--legacy-replay-age", "--ephemeral-age", "--ping-interval", "--ping-timeout"):
+            for bad in ("0", "-1", "soon", "nan"):
+                self.assertRaises(UsageError, self.parse, option, bad)
+        for bad in ("-1", "soon", "nan", "inf"):
+            self.assertRaises(UsageError, self.parse, "--bind-timeout", bad)
+
+    def test_logged_at_start(self):
+        """
+        The effective ages, ping times and bind timeout are logged at start.
+        """
+        from twisted.logger import capturedLogs, formatEvent
+
+        config = self.parse("--legacy-replay-age", "3600", "--ephemeral-age", "30", "--ping-interval", "7")
+        with capturedLogs() as events:
+            started(self, config)
+        text = "\n".join(formatEvent(e) for e in events)
+        for fact in ("last 3600s", "last 30s", "after 60s", "ping every 7s"):
+            self.assertIn(fact, text)
 
 
 class EnvFilePermissionTests(OptionsTestCase):
@@ -400,6 +484,24 @@ class StartLogTests(OptionsTestCase):
         for fact in ("1234 connections", "12 per client address", "1048576 bytes behind",
                      "within 7s", "65536 bytes", "10.0.0.0/8", "https://relay.example.org",
                      "loopback clients only"):
+            self.assertIn(fact, text)
+
+
+class BoundsLogTests(OptionsTestCase):
+    def test_bounds_logged(self):
+        """
+        The connection gate's limits and the fragment limit are logged at
+        start with the other limits.
+        """
+        from twisted.logger import capturedLogs, formatEvent
+
+        config = self.parse("--max-connections-per-address", "12", "--connect-rate", "3",
+                            "--max-fragments", "9")
+        with capturedLogs() as events:
+            started(self, config)
+        text = "\n".join(formatEvent(e) for e in events)
+        for fact in ("12 connections per client address", "3 new ones a second per address (bursts of 6)",
+                     "in at most 9 frames"):
             self.assertIn(fact, text)
 
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from cryptography import x509
@@ -796,9 +797,10 @@ class RelayOverTLSTests(TestCase):
     """
 
     @inlineCallbacks
-    def start_relay(self, le: Letsencrypt, domains: str = DOMAIN, **options: str):
+    def start_relay(self, le: Letsencrypt, domains: str = DOMAIN, http_limits: Any = None, **options: str):
         config = tap.Config(listen=(tap.with_default_backlog(le.endpoint_string(domains, **options)),),
-                            data_dir=Path(temporary_directory(self)), store="memory")
+                            data_dir=Path(temporary_directory(self)), store="memory",
+                            http_limits=http_limits or tap.HTTPLimits())
         self.service = tap.build_service(config, reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
@@ -879,6 +881,54 @@ class RelayOverTLSTests(TestCase):
             event = yield gone
             self.assertEqual(event["log_level"].name, "info", leave.__name__)
         self.assertEqual(logged.texts("error") + logged.texts("critical"), [])
+
+    @inlineCallbacks
+    def test_closed_wss_frees_its_gate_place(self):
+        """
+        A WSS device counts under its address's connection cap until its
+        WebSocket closes; then its place is free (the WebSocket behind TLS,
+        not the HTTP channel, sees the connection end).
+        """
+        le = Letsencrypt(self)
+        yield self.start_relay(le)
+        gate = self.service.site.gate
+        released = Deferred()
+        release = gate.release
+
+        def releasing(host):
+            release(host)
+            if not released.called:
+                released.callback(host)
+
+        self.patch(gate, "release", releasing)
+        client = yield self.device(le, {"device_id": "leeloo_9a7e9a7e9a7e"})
+        self.assertEqual(gate.by_address, {"127.0.0.1": 1})
+        client.sendClose()
+        host = yield released
+        self.assertEqual((host, gate.by_address), ("127.0.0.1", {}))
+
+    @inlineCallbacks
+    def test_over_the_cap_aborted_before_the_handshake(self):
+        """
+        Over TLS, a connection over its address's cap is aborted at once:
+        the relay sends nothing, not even its half of a TLS handshake.
+        """
+        le = Letsencrypt(self)
+        yield self.start_relay(le, http_limits=tap.HTTPLimits(max_connections_per_address=1))
+        yield self.device(le, {"device_id": "leeloo_ca9ca9ca9ca9"})
+
+        def refused():
+            context = ssl.create_default_context(cadata=le.ca.root_pem.decode())
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                with context.wrap_socket(sock, server_hostname=DOMAIN):
+                    return "handshake done"
+            except (ssl.SSLError, OSError) as e:
+                return type(e).__name__
+
+        outcome = yield deferToThread(refused)
+        self.assertNotEqual(outcome, "handshake done")
+        self.assertEqual(self.service.site.gate.refused["per_address"], 1)
 
     @inlineCallbacks
     def test_chain_alpn_and_hsts(self):
@@ -1034,7 +1084,7 @@ class StopOverTLSTests(TestCase):
 
         le = Letsencrypt(self)
         relay = RelayProcess(self, "--listen", le.endpoint_string(), "--store", "memory",
-                             "--join-attempts", "1000", cwd=temporary_directory(self))
+                             "--join-attempts", "1000", "--connect-rate", "1000", cwd=temporary_directory(self))
         # Its Site logs no plain "Site starting on PORT" line.
         relay.proto.port.addErrback(lambda f: None)
         [port] = yield relay.proto.ready()

@@ -440,6 +440,7 @@ class ManagedCertificateTests(SynchronousTestCase):
         state = RenewalState.load(self.directory / "renewal" / f"{DOMAIN}.json")
         self.assertEqual((state.failures, state.next_attempt, state.last_order),
                          (0, None, "https://ca.test/order/1"))
+        self.assertEqual(manager.state.failures, 0)
 
     def test_unservable_certificate_is_a_failure(self):
         """

@@ -584,6 +584,87 @@ class BotMessageTests(BotAPIMixin, SynchronousTestCase):
         self.assertEqual(len(member.take()), 1)
 
 
+class BotCrewCodeTests(BotAPIMixin, SynchronousTestCase):
+    def test_codes_devices_use(self) -> None:
+        """
+        The bot API reads crew codes as the devices' rule does: a code with
+        spaces, dots or non-ASCII letters, in any case, finds the crew a
+        device made, on join, message and status.
+        """
+        member, _ = self.device(DEVICE, crew_code=" café.b8 27 ")
+        status, body = self.join("Café.B8 27")
+        self.assertEqual((status, body["crew_code"]), (200, "CAFÉ.B8 27"))
+        status, body = self.api("POST", "message", {"telegram_user_id": "42", "crew_code": "café.b8 27",
+                                                    "sender_name": "Ann", "payload": {"text": "hi"}})
+        self.assertEqual((status, body["devices_reached"]), (200, 1))
+        status, body = self.api("GET", "crew/status", params={"crew_code": " café.b8 27"})
+        self.assertEqual((status, body["crew_code"], body["exists"]), (200, "CAFÉ.B8 27", True))
+
+    def test_codes_refused(self) -> None:
+        """
+        A code over 64 code points, with a control character or of
+        whitespace only is 400 C{invalid_crew_code} with a message naming
+        the rule, on join, message and status.
+        """
+        for code, rule in (("x" * 65, "64"), ("a\x1bb", "control"), (" \t ", "whitespace")):
+            answers = [
+                self.join(code),
+                self.api("POST", "message", {"telegram_user_id": "42", "crew_code": code,
+                                             "sender_name": "Ann"}),
+                self.api("GET", "crew/status", params={"crew_code": code}),
+            ]
+            for status, body in answers:
+                self.assertEqual((status, body["error"]), (400, "invalid_crew_code"), code)
+                self.assertIn(rule, body["message"])
+        self.assertEqual(self.relay.crews, {})
+
+
+class BotUserCrewsTests(BotAPIMixin, SynchronousTestCase):
+    def crews(self, user: str, **kwargs: Any) -> tuple[int, Any]:
+        return self.api("GET", "user/crews", params={"telegram_user_id": user}, **kwargs)
+
+    def test_lists_crews(self) -> None:
+        """
+        C{GET user/crews} lists the user's crews with its name in each and
+        the devices online, and echoes the id as the string it was given.
+        """
+        self.device(DEVICE, crew_code="HOME")
+        self.join("home", user=42, name="Tina")
+        code = self.create(user="42", name="T.")
+        self.assertEqual(self.crews("42"), (200, {"telegram_user_id": "42", "crews": [
+            {"crew_code": "HOME", "display_name": "Tina", "devices_online": 1},
+            {"crew_code": code, "display_name": "T.", "devices_online": 0},
+        ]}))
+
+    def test_unknown_user(self) -> None:
+        """
+        An unknown user has an empty list.
+        """
+        self.assertEqual(self.crews("0042"), (200, {"telegram_user_id": "0042", "crews": []}))
+
+    def test_required(self) -> None:
+        """
+        Without C{telegram_user_id} it is 400.
+        """
+        for params in ({}, {"telegram_user_id": ""}, {"telegram_user_id": "  "}):
+            status, body = self.api("GET", "user/crews", params=params)
+            self.assertEqual((status, body), (400, {"error": "telegram_user_id required"}))
+
+    def test_needs_secret(self) -> None:
+        """
+        It takes the same secret as the other calls.
+        """
+        self.create(user="42")
+        self.assertEqual(self.crews("42", secret="wrong"), (401, {"error": "unauthorized"}))
+
+    def test_get_only(self) -> None:
+        """
+        It is a GET.
+        """
+        status, body = self.api("POST", "user/crews", {"telegram_user_id": "42"})
+        self.assertEqual((status, body["error"]), (405, "method_not_allowed"))
+
+
 class BotAuthTests(BotAPIMixin, SynchronousTestCase):
     def test_wrong_secret(self) -> None:
         """
@@ -723,7 +804,9 @@ class BotInputTests(BotAPIMixin, SynchronousTestCase):
 
     def assertRequired(self, path: str, complete: dict) -> None:
         for name in complete:
-            for missing in ({}, {name: None}, {name: ""}, {name: "   "}):
+            # A whitespace-only crew code is a refused code, not a missing one.
+            blanks = ({name: "   "},) if name != "crew_code" else ()
+            for missing in ({}, {name: None}, {name: ""}, *blanks):
                 body = {k: v for k, v in complete.items() if k != name}
                 body.update(missing)
                 self.assertEqual(
@@ -791,11 +874,12 @@ class BotInputTests(BotAPIMixin, SynchronousTestCase):
 
     def test_invalid_crew_code(self) -> None:
         """
-        A crew code with characters no crew code has is 400, not a lookup.
+        A crew code the devices' rule refuses (a control character) is 400
+        C{invalid_crew_code}, not a lookup.
         """
-        status, body = self.join("no such crew!")
-        self.assertEqual(status, 400)
-        self.assertIn("crew_code", body["error"])
+        status, body = self.join("bad\x07code")
+        self.assertEqual((status, body["error"]), (400, "invalid_crew_code"))
+        self.assertIn("control", body["message"])
 
     def test_unknown_path(self) -> None:
         """

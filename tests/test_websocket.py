@@ -3,6 +3,8 @@ The WebSocket adapter: a real Autobahn client against the real Site, wired
 in memory with twisted.test.iosim, Autobahn's timers on a Clock.
 """
 
+import json
+
 import txaio
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -608,3 +610,195 @@ class LifecycleLogTests(WebSocketTestCase):
             self.net.flush()
         self.assertIn("device d0 at 127.0.0.1 disconnected, close code 1001 from the relay",
                       [formatEvent(e) for e in events])
+
+
+class PongRecorder(RecordingClientProtocol):
+    def onConnect(self, response):
+        super().onConnect(response)
+        self.pongs = []
+
+    def onPong(self, payload):
+        self.pongs.append(payload)
+
+
+class ControlFrameTests(WebSocketTestCase):
+    """
+    Pings count like any frame: against the message rate, and their pongs
+    against the bytes a reader may leave unread.
+    """
+
+    limits = WebSocketLimits(max_unsent=4096)
+
+    def pinger(self):
+        client = self.net.connect(PongRecorder)
+        self.assertTrue(client.opened)
+        return client
+
+    def test_pings_over_the_rate_refused(self):
+        """
+        Past the message burst, pings get no pong but a rate_limited
+        error, as text frames do.
+        """
+        client = self.pinger()
+        for n in range(45):
+            client.sendPing(b"%d" % n)
+        self.net.flush()
+        self.assertEqual(client.pongs, [b"%d" % n for n in range(40)])
+        self.assertEqual({m["error"] for m in client.take()}, {"rate_limited"})
+
+    def test_pings_share_the_rate_with_messages(self):
+        """
+        Pings spend the same bucket as text frames.
+        """
+        client = self.pinger()
+        for n in range(40):
+            client.sendPing(b"p")
+        self.send(client, type="ping")
+        self.assertEqual([m.get("error") for m in client.take()], ["rate_limited"])
+
+    def test_pongs_count_as_unsent(self):
+        """
+        A reader whose transport is full is disconnected once the pongs
+        written for it pass the limit.
+        """
+        client = self.pinger()
+        [server] = self.relay.sessions
+        peer = server.peer
+        peer.transport.producer.pauseProducing()
+        for n in range(40):
+            client.sendPing(b"x" * 125)
+            self.net.flush()
+            if peer.transport.disconnecting:
+                break
+        self.assertTrue(peer.transport.disconnecting)
+        # 32 pongs of 127 bytes fit in 4096; the 33rd does not.
+        self.assertEqual(n, 32)
+        self.assertEqual(self.factory.slow_readers, 1)
+
+
+class FragmentTests(WebSocketTestCase):
+    limits = WebSocketLimits(max_fragments=64)
+
+    def test_at_the_limit_received(self):
+        """
+        A message in --max-fragments frames is received whole.
+        """
+        client = self.client()
+        text = json.dumps({"type": "register", "device_id": "d0", "pad": "x" * 20}).encode()
+        client.sendMessage(text, fragmentSize=-(-len(text) // 64))
+        self.net.flush()
+        self.assertEqual([m["type"] for m in client.take()], ["registered"])
+
+    def test_over_the_limit_closed_1009(self):
+        """
+        One frame more closes the connection with 1009.
+        """
+        client = self.client()
+        client.sendMessage(b" " * 65, fragmentSize=1)
+        self.net.flush()
+        self.assertTrue(client.closed)
+        self.assertEqual(client.close_code, 1009)
+
+class SilentCloser(RecordingClientProtocol):
+    """
+    A client whose link died: it never answers a close.
+    """
+
+    def onCloseFrame(self, code, reasonRaw):
+        return None
+
+
+class ProofOfReceiptTests(WebSocketTestCase):
+    """
+    The adapter tells the relay what a legacy device proved it received:
+    its pong to the keepalive ping, or its answer to the relay's close.
+    """
+
+    limits = WebSocketLimits(auto_ping_interval=5, auto_ping_timeout=5)
+
+    def crew(self, protocol=RecordingClientProtocol):
+        [a] = self.registered(1)
+        b = self.net.connect(protocol=protocol)
+        self.send(b, type="join_crew", crew_code="ALPHA", device_id="b")
+        a.take()
+        b.take()
+        self.send(a, type="message", payload={"text": "one"})
+        self.assertEqual([m["payload"]["text"] for m in b.take()], ["one"])
+        return a, b
+
+    def delivered(self):
+        return self.relay.crews["ALPHA"].members["b"].delivered_seq
+
+    def test_pong_proves(self):
+        """
+        The pong answering the keepalive ping proves what was sent before
+        the ping.  (This pins that Autobahn's auto-ping goes through the
+        public sendPing and its pong reaches onPong, which the adapter
+        overrides.)
+        """
+        self.crew()
+        self.assertEqual(self.delivered(), 0)
+        self.clock.advance(5)
+        self.net.flush()
+        self.assertEqual(self.delivered(), 1)
+
+    def test_no_pong_no_proof(self):
+        """
+        A device that answers no ping proves nothing, and is dropped.
+        """
+        a, b = self.crew(DeafClient)
+        for _ in range(12):
+            self.clock.advance(1)
+            self.net.flush()
+        self.assertTrue(b.closed)
+        self.assertEqual(self.delivered(), 0)
+
+    def test_ping_before_frames(self):
+        """
+        A pong proves only the frames sent before its ping; the next one
+        proves the rest.
+        """
+        a, b = self.crew()
+        self.clock.advance(5)  # the ping is written, not yet moved
+        self.relay.receive(self.relay.devices["d0"], b'{"type":"message","payload":{"text":"two"}}')
+        self.net.flush()
+        self.assertEqual([m["payload"]["text"] for m in b.take()], ["two"])
+        self.assertEqual(self.delivered(), 1)
+        self.clock.advance(5)
+        self.net.flush()
+        self.assertEqual(self.delivered(), 2)
+
+    def test_close_answered_proves(self):
+        """
+        A device that answers the relay's close proves everything sent
+        before it.  (This pins that Autobahn calls onCloseFrame in
+        STATE_CLOSING for the answer to its own close.)
+        """
+        a, b = self.crew()
+        self.relay.devices["b"].close(4001, "test")
+        self.net.flush()
+        self.assertTrue(b.closed)
+        self.assertEqual(self.delivered(), 1)
+
+    def test_close_unanswered_proves_nothing(self):
+        """
+        A device that does not answer the relay's close proves nothing.
+        """
+        a, b = self.crew(SilentCloser)
+        self.relay.devices["b"].close(4001, "test")
+        self.net.flush()
+        for _ in range(6):
+            self.clock.advance(1)
+            self.net.flush()
+        self.assertNotIn("b", self.relay.devices)
+        self.assertEqual(self.delivered(), 0)
+
+    def test_device_close_proves_nothing(self):
+        """
+        A close the device starts proves nothing: it may have been sent
+        before the device read what was in flight.
+        """
+        a, b = self.crew()
+        b.sendClose(1000)
+        self.net.flush()
+        self.assertEqual(self.delivered(), 0)
