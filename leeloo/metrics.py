@@ -50,6 +50,8 @@ class RelayCollector:
                                 value=len(factory.caps.by_address))
         yield GaugeMetricFamily("leeloo_devices", "Devices connected now.", value=len(relay.devices))
         yield GaugeMetricFamily("leeloo_crews", "Crews the relay knows.", value=len(relay.crews))
+        yield GaugeMetricFamily("leeloo_crews_online", "Crews with a member connected now.",
+                                value=relay.crews_online)
         yield GaugeMetricFamily("leeloo_pending_spotify_tokens",
                                 "Spotify tokens kept for devices that were offline.",
                                 value=len(relay.pending_tokens))

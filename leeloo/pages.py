@@ -1,6 +1,8 @@
 """
-The HTML the relay shows people: the landing page and the pages a phone sees
-after Spotify's consent screen.  Every value put into a page is escaped.
+The HTML the relay shows people: the landing page, the crew page (the
+browser client, filled in by C{static/crew.js}) and the pages a phone sees
+after Spotify's consent screen, all in one look (C{static/leeloo.css}).
+Every value put into a page is escaped; nothing from the wire is.
 """
 
 from __future__ import annotations
@@ -9,12 +11,19 @@ from html import escape
 
 from twisted.web.http import RESPONSES
 
-# Sent with every HTTP response.  The pages here use one inline <style> and
-# nothing else: no script, image, font, frame or form; keep the policy and
-# the pages in step.
+# Album art comes from Spotify's image hosts; nothing else is fetched from
+# another site.
+SPOTIFY_IMAGE_HOSTS = b"https://i.scdn.co https://mosaic.scdn.co https://*.spotifycdn.com"
+
+# Sent with every HTTP response.  The pages use the relay's own stylesheet
+# and scripts (under /static/, no inline script or style), images from the
+# relay and Spotify's image hosts, and talk only to the relay itself
+# (``connect-src 'self'`` covers ws: and wss: to the same host); keep the
+# policy and the pages in step.
 CONTENT_SECURITY_POLICY = (
-    b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
-    b"base-uri 'none'; form-action 'none'"
+    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' "
+    + SPOTIFY_IMAGE_HOSTS
+    + b"; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
 SECURITY_HEADERS = (
     (b"Content-Security-Policy", CONTENT_SECURITY_POLICY),
@@ -33,53 +42,146 @@ def reason_phrase(status: int) -> bytes:
 
 _MORE_PHRASES = {429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
 
-_STYLE = """
-:root { color-scheme: light dark; --accent: #ff5c8a; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 17px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif;
-       background: #101014; color: #f4f4f6; display: flex; min-height: 100vh;
-       align-items: center; justify-content: center; padding: 24px; }
-main { max-width: 34rem; width: 100%; }
-h1 { font-size: 2.2rem; letter-spacing: .12em; margin: 0 0 .2em; color: var(--accent); }
-h2 { font-size: 1.3rem; margin: 0 0 .6em; }
-p { margin: .6em 0; color: #c9c9d1; }
-.card { background: #1b1b22; border-radius: 16px; padding: 24px; box-shadow: 0 8px 30px #0006; }
-.badge { display: inline-block; font-size: .8rem; padding: 2px 10px; border-radius: 99px;
-         background: #2a2a35; color: #9be39b; }
-code { background: #2a2a35; padding: 1px 6px; border-radius: 6px; }
-footer { margin-top: 1.4em; font-size: .85rem; color: #7d7d89; }
-"""
 
-
-def _page(title: str, body: str) -> bytes:
+def _page(title: str, body: str, script: str | None = None, cards: bool = True) -> bytes:
+    """
+    A whole page: C{body} (trusted markup, every value in it already
+    escaped) in a card, the shared stylesheet, and C{script} from
+    C{/static/} if given.
+    """
+    script_tag = f'<script src="/static/{script}" defer></script>' if script else ""
+    main = f'<div class="card">{body}</div>' if cards else body
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{escape(title)}</title><style>{_STYLE}</style></head>"
-        f'<body><main><div class="card">{body}</div>'
-        "<footer>LEELOO relay</footer></main></body></html>\n"
+        f"<title>{escape(title)}</title>"
+        '<link rel="stylesheet" href="/static/leeloo.css">'
+        '<link rel="icon" href="/static/icon.svg" type="image/svg+xml">'
+        f"{script_tag}</head>"
+        f"<body><main>{main}"
+        '<footer><p>LEELOO relay</p></footer></main></body></html>\n'
     ).encode("utf-8")
 
 
-LANDING = _page(
-    "LEELOO",
+def landing(health: dict) -> bytes:
     """
+    The landing page, with the relay's figures from C{health} as they are
+    now (the page's script keeps them fresh; without it they are still
+    there).
+    """
+    devices = int(health.get("devices", 0))
+    crews = int(health.get("crews_online", 0))
+    return _page(
+        "LEELOO relay",
+        f"""
 <h1>LEELOO</h1>
-<p><span class="badge">relay online</span></p>
+<p><span class="badge" id="relay-state">Relay online</span></p>
 <p>LEELOO is a little music-sharing gadget for friends. Form a <em>crew</em>,
 and when one of you pushes a song, a reaction, a nudge or a note, every other
 LEELOO in the crew shows it at once.</p>
-<p>This is the relay they meet at. Devices connect to <code>/ws</code>;
-<code>/health</code> says how it is doing.</p>
+<h2>Right now</h2>
+<dl class="stats">
+<div><dt>Devices online</dt><dd id="devices-online" data-field="devices">{devices}</dd></div>
+<div><dt>Crews with someone online</dt><dd id="crews-online" data-field="crews_online">{crews}</dd></div>
+</dl>
+<p><a class="button" href="/crew">Open your crew in this browser</a></p>
+<p class="muted">No LEELOO yet? With a crew code from a friend you can see what
+the crew shares, and share songs, texts and reactions, right from this page.</p>
+<p class="muted">This is the relay the devices meet at: they connect to
+<code>/ws</code>, and <a href="/health">/health</a> says how it is doing.</p>
 """,
-)
+        script="landing.js",
+    )
+
+
+def crew() -> bytes:
+    """
+    The browser client for a crew: the markup its script fills in.  Nothing
+    from the wire is ever put in here; the script renders it as text.
+    """
+    return _page(
+        "LEELOO crew",
+        """
+<div class="card">
+<h1><a href="/">LEELOO</a></h1>
+<p id="status" role="status" data-state="idle">Enter a crew code to join.</p>
+<p id="notice" role="alert"></p>
+<noscript><p>This page needs JavaScript to talk to your crew. The
+<a href="/">relay's home page</a> works without it.</p></noscript>
+</div>
+
+<section class="card" id="join-view" aria-labelledby="join-title">
+<h2 id="join-title">Join a crew</h2>
+<form id="join-form">
+<label for="crew-code">Crew code</label>
+<input id="crew-code" name="code" required maxlength="32" autocomplete="off"
+ autocapitalize="characters" spellcheck="false" placeholder="LEELOO-7X3K">
+<label for="display-name">Your name</label>
+<input id="display-name" name="name" required maxlength="64" autocomplete="nickname">
+<p class="hint">Your crew sees you by this name.</p>
+<div class="row"><button type="submit" id="join">Join</button></div>
+</form>
+</section>
+
+<section class="card" id="crew-view" hidden aria-labelledby="crew-title">
+<h2 id="crew-title">Crew <span id="crew-label"></span></h2>
+<h3 id="online-title">Online</h3>
+<ul class="people" id="online" aria-labelledby="online-title"></ul>
+
+<h3>Send</h3>
+<form id="text-form">
+<label for="text">Message</label>
+<div class="row"><input id="text" maxlength="500" autocomplete="off" required>
+<button type="submit">Send</button></div>
+</form>
+<div class="row" role="group" aria-label="Reactions">
+<button type="button" class="secondary" id="react-love" data-reaction="love">Love</button>
+<button type="button" class="secondary" id="react-fire" data-reaction="fire">Fire</button>
+<button type="button" class="secondary" id="nudge">Nudge</button>
+</div>
+<form id="song-form">
+<label for="song-link">Share a song: Spotify link or URI</label>
+<input id="song-link" maxlength="300" autocomplete="off" required
+ placeholder="https://open.spotify.com/track/...">
+<div class="row">
+<input id="song-track" maxlength="200" autocomplete="off" aria-label="Title (optional)" placeholder="Title (optional)">
+<input id="song-artist" maxlength="200" autocomplete="off" aria-label="Artist (optional)" placeholder="Artist (optional)">
+</div>
+<label for="song-note">Note (optional)</label>
+<input id="song-note" maxlength="300" autocomplete="off">
+<div class="row"><button type="submit">Share song</button></div>
+</form>
+</section>
+
+<section class="card" id="feed-view" hidden aria-labelledby="feed-title">
+<h2 id="feed-title">What the crew shares</h2>
+<p class="muted" id="feed-empty">Nothing yet. Songs, texts and reactions appear here as they arrive.</p>
+<ol class="feed" id="feed"></ol>
+</section>
+
+<section class="card" aria-labelledby="browser-title">
+<h2 id="browser-title">This browser</h2>
+<p class="hint">This browser keeps its LEELOO id and where you left off, so you
+see what you missed next time.</p>
+<div class="row">
+<button type="button" class="secondary" id="leave" hidden>Leave this crew</button>
+<button type="button" class="secondary" id="forget">Forget this browser</button>
+</div>
+</section>
+""",
+        script="crew.js",
+        cards=False,
+    )
+
+
+_BRAND = '<h1><a href="/">LEELOO</a></h1>'
 
 
 def spotify_connected() -> bytes:
     return _page(
         "Spotify connected",
-        "<h2>Spotify is connected</h2>"
+        _BRAND + "<h2>Spotify is connected</h2>"
         "<p>Your LEELOO has what it needs. You can close this page and look at "
         "your LEELOO.</p>",
     )
@@ -88,7 +190,7 @@ def spotify_connected() -> bytes:
 def spotify_cancelled() -> bytes:
     return _page(
         "Spotify not connected",
-        "<h2>No problem</h2><p>You chose not to connect Spotify. Scan the code on "
+        _BRAND + "<h2>No problem</h2><p>You chose not to connect Spotify. Scan the code on "
         "your LEELOO again whenever you like.</p>",
     )
 
@@ -96,7 +198,7 @@ def spotify_cancelled() -> bytes:
 def spotify_failed(reason: str) -> bytes:
     return _page(
         "Spotify not connected",
-        "<h2>That did not work</h2>"
+        _BRAND + "<h2>That did not work</h2>"
         f"<p>Spotify said: {escape(reason)}.</p>"
         "<p>Scan the code on your LEELOO to try again.</p>",
     )
@@ -105,10 +207,10 @@ def spotify_failed(reason: str) -> bytes:
 def bad_request(reason: str) -> bytes:
     return _page(
         "Bad request",
-        f"<h2>Something is missing</h2><p>{escape(reason)}</p>"
+        _BRAND + f"<h2>Something is missing</h2><p>{escape(reason)}</p>"
         "<p>Open this page by scanning the code on your LEELOO.</p>",
     )
 
 
 def unavailable(reason: str) -> bytes:
-    return _page("Unavailable", f"<h2>Not available</h2><p>{escape(reason)}</p>")
+    return _page("Unavailable", _BRAND + f"<h2>Not available</h2><p>{escape(reason)}</p>")

@@ -399,6 +399,8 @@ class Relay:
         self.sessions: set[Session] = set()
         self.devices: dict[str, Session] = {}
         self.crews: dict[str, Crew] = {}
+        # Crews with at least one member online (kept as members come and go).
+        self.crews_online = 0
         self.pending_tokens: dict[str, tuple[dict, float]] = {}
         # Set by shutdown: the close code and reason of connections opening now.
         self._stopping: tuple[int, str] | None = None
@@ -815,6 +817,8 @@ class Relay:
         session.crew = crew
         session.last_sent_seq = session.proven_seq = start
         session.epoch += 1
+        if not crew.online:
+            self.crews_online += 1
         crew.online[session.device_id] = session
         self._save_member(crew, member, online=True)
         witnesses = self._returned(crew, session)
@@ -881,6 +885,8 @@ class Relay:
         session.held = None
         if crew.online.get(session.device_id) is session:
             del crew.online[session.device_id]
+            if not crew.online:
+                self.crews_online -= 1
             member = crew.members.get(session.device_id)
             if member is not None:
                 # A legacy device never acknowledges: only what its
@@ -1342,5 +1348,6 @@ class Relay:
             "status": "ok",
             "devices": len(self.devices),
             "crews": len(self.crews),
+            "crews_online": self.crews_online,
             "uptime": int(self.clock.seconds() - self.started),
         }

@@ -11,6 +11,7 @@ security headers on every response, and no query strings in the access log.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import math
@@ -19,6 +20,7 @@ import re
 import stat
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from importlib.resources import files
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -28,6 +30,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web import pages as twisted_pages
 from twisted.web.error import UnsupportedMethod
@@ -137,10 +140,81 @@ class Directory(Resource):
 
 
 class Landing(Resource):
+    """
+    ``GET /``: what LEELOO is, and the relay's live counts.
+    """
+
     isLeaf = True
 
+    def __init__(self, relay: Relay) -> None:
+        super().__init__()
+        self.relay = relay
+
     def render_GET(self, request: Request) -> bytes:
-        return write_html(request, 200, pages.LANDING)
+        request.setHeader(b"cache-control", b"no-store")
+        return write_html(request, 200, pages.landing(self.relay.health()))
+
+    render_HEAD = render_GET
+
+
+class CrewPage(Resource):
+    """
+    ``GET /crew`` (``/crew?code=CODE`` from a device's QR code): the
+    browser client for a crew.  The page is fixed; its script reads the
+    code from the address.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.page = pages.crew()
+
+    def render_GET(self, request: Request) -> bytes:
+        if request.postpath not in ([], [b""]):
+            return NOT_FOUND.render(request)
+        return write_html(request, 200, self.page)
+
+    render_HEAD = render_GET
+
+
+# The files under /static/: package data read once, by name (nothing else
+# under that path is served).
+STATIC_TYPES = {
+    ".css": b"text/css; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".svg": b"image/svg+xml",
+}
+STATIC_FILES = ("leeloo.css", "landing.js", "crew.js", "icon.svg")
+
+
+class Static(Resource):
+    """
+    ``/static/NAME``: the pages' stylesheet, scripts and icon, from the
+    package, with an ETag so browsers revalidate cheaply.
+    """
+
+    isLeaf = True
+
+    def __init__(self, names: Iterable[str] = STATIC_FILES) -> None:
+        super().__init__()
+        folder = files("leeloo") / "static"
+        self.files: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+        for name in names:
+            body = (folder / name).read_bytes()
+            etag = hashlib.sha256(body).hexdigest()[:20].encode("ascii")
+            self.files[name.encode("ascii")] = (STATIC_TYPES[Path(name).suffix], body, etag)
+
+    def render_GET(self, request: Request) -> bytes:
+        found = self.files.get(b"/".join(request.postpath))
+        if found is None:
+            return NOT_FOUND.render(request)
+        content_type, body, etag = found
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"cache-control", b"no-cache")
+        if request.setETag(etag) == http.CACHED:
+            return b""
+        return body
 
     render_HEAD = render_GET
 
@@ -472,8 +546,10 @@ def make_root(
         well_known = Directory()
         well_known.putChild(b"acme-challenge", ChallengeResponder(challenges))
         root.putChild(b".well-known", well_known)
-    root.putChild(b"", Landing())
-    root.putChild(b"index.html", Landing())
+    root.putChild(b"", Landing(relay))
+    root.putChild(b"index.html", Landing(relay))
+    root.putChild(b"crew", CrewPage())
+    root.putChild(b"static", Static())
     root.putChild(b"health", Health(relay, health_fields))
     root.putChild(b"ws", WebSocketResource(ws_factory))
     spotify_root = Directory()

@@ -6,8 +6,11 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-# Debian packages the end-to-end tests use (real servers on loopback).
-DEBS="pebble certbot"
+# Debian packages the end-to-end tests use (real servers on loopback, and
+# headless Chromium with its driver for the page tests).
+DEBS="pebble certbot chromium chromium-driver"
+# npm fetches axe-core for them: NodeSource's nodejs has it, Debian packages it apart.
+command -v npm >/dev/null 2>&1 || DEBS="$DEBS npm"
 missing=""
 for pkg in $DEBS; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
@@ -21,5 +24,8 @@ fi
 . scripts/venv.sh
 "$PY" -m pip install -q --disable-pip-version-check -e '.[test,device]' --config-settings editable_mode=compat
 "$PY" -c "$PLUGIN_CACHE"
+
+# axe-core for the page tests' accessibility checks (tests/browser/node_modules, gitignored).
+npm install --silent --no-save --no-audit --no-fund --prefix tests/browser axe-core@4.11.0
 
 exec "$PY" -m pytest tests "$@"

@@ -114,6 +114,7 @@ class AdminSiteTests(MetricsTestCase):
         self.assertEqual(found[("leeloo_websocket_connections", ())], 2)
         self.assertEqual(found[("leeloo_devices", ())], 2)
         self.assertEqual(found[("leeloo_crews", ())], 1)
+        self.assertEqual(found[("leeloo_crews_online", ())], 1)
         self.assertEqual(found[("leeloo_websocket_messages_received_total", ())], 3)
         self.assertEqual(found[("leeloo_websocket_messages_sent_total", ())], 3)
         self.assertEqual(found[("leeloo_websocket_refused_total", (("reason", "per_address"),))], 1)

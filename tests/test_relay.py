@@ -644,7 +644,47 @@ class HealthTests(RelayTestCase):
         self.crew_of(2, "A")
         self.crew_of(1, "B")
         self.clock.advance(42)
-        self.assertEqual(self.relay.health(), {"status": "ok", "devices": 3, "crews": 2, "uptime": 42})
+        self.assertEqual(self.relay.health(),
+                         {"status": "ok", "devices": 3, "crews": 2, "crews_online": 2, "uptime": 42})
+
+    def test_crews_online_counts_crews_with_a_member_online(self):
+        """
+        crews_online counts the crews with at least one member connected
+        now: a crew whose members have all gone offline is known but not
+        online, and counts again when one comes back.
+        """
+        [a1, a2] = self.crew_of(2, "A")
+        [b] = self.crew_of(1, "B")
+        a1.close()
+        self.assertEqual(self.relay.health()["crews_online"], 2)
+        a2.close()
+        self.assertEqual((self.relay.health()["crews"], self.relay.health()["crews_online"]), (2, 1))
+        back = self.device()
+        back.send(type="join_crew", crew_code="A", device_id="dev9", display_name="Nine")
+        self.assertEqual(self.relay.health()["crews_online"], 2)
+
+    def test_crews_online_after_a_replaced_connection(self):
+        """
+        A device whose newer connection replaces its older one keeps its
+        crew counted once; the crew stops counting when it leaves.
+        """
+        self.crew_of(1, "A")
+        again = self.device()
+        again.send(type="register", device_id="dev0", crew_code="A")
+        self.assertEqual(self.relay.health()["crews_online"], 1)
+        again.close()
+        self.assertEqual(self.relay.health()["crews_online"], 0)
+
+    def test_crews_online_after_a_move(self):
+        """
+        A device that moves to another crew takes the online count with it.
+        """
+        [d] = self.crew_of(1, "A")
+        self.crew_of(0, "B")
+        d.send(type="create_crew", crew_code="B")
+        self.assertEqual((self.relay.health()["crews"], self.relay.health()["crews_online"]), (2, 1))
+        d.close()
+        self.assertEqual(self.relay.health()["crews_online"], 0)
 
 
 class BindTimeoutTests(RelayTestCase):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from treq.testing import StubTreq
@@ -16,11 +17,12 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+import leeloo
 from leeloo import __version__
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyConfig, SpotifyOAuth
 from leeloo.testing import FakePeer, FakeSpotifyAccounts, strip_keys
-from leeloo.web import make_root
+from leeloo.web import STATIC_FILES, make_root
 from leeloo.websocket import RelayServerFactory
 
 BASE = "http://relay.test"
@@ -127,6 +129,108 @@ class LandingTests(SiteTestMixin, SynchronousTestCase):
         """
         self.assertEqual(self.call("GET", "/index.html")[1], self.call("GET", "/")[1])
 
+    def test_live_counts(self) -> None:
+        """
+        The landing page shows the devices online and the crews with a
+        member online as they are when it is served (its text needs no
+        script), and links to C{/crew}.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        self.device(OTHER_DEVICE, crew_code="ALPHA")
+        _, gone = self.device("leeloo_cccccccccccc", crew_code="BETA")
+        self.relay.disconnect(gone)
+        response, body = self.call("GET", "/")
+        page = body.decode("utf-8")
+        self.assertRegex(page, r'id="devices-online"[^>]*>2<')
+        self.assertRegex(page, r'id="crews-online"[^>]*>1<')
+        self.assertIn('href="/crew"', page)
+        self.assertEqual(response.headers.getRawHeaders(b"cache-control"), [b"no-store"])
+
+    def test_shared_stylesheet_and_no_inline_code(self) -> None:
+        """
+        The pages use the relay's own stylesheet and scripts, with no inline
+        style or script (the CSP allows neither).
+        """
+        for path in ("/", "/crew"):
+            page = self.call("GET", path)[1].decode("utf-8")
+            self.assertIn('<link rel="stylesheet" href="/static/leeloo.css">', page)
+            self.assertNotIn("<style", page)
+            self.assertNotIn(" style=", page)
+            self.assertNotRegex(page, r"<script(?![^>]*\bsrc=)")
+            self.assertNotRegex(page, r" on[a-z]+=")
+
+
+class CrewPageTests(SiteTestMixin, SynchronousTestCase):
+    def test_page(self) -> None:
+        """
+        C{/crew} and C{/crew?code=CODE} are the crew page, which runs
+        C{/static/crew.js}.
+        """
+        response, body = self.call("GET", "/crew")
+        self.assertEqual((response.code, self.content_type(response)), (200, "text/html; charset=utf-8"))
+        self.assertIn(b'<script src="/static/crew.js" defer></script>', body)
+        self.assertEqual(self.call("GET", "/crew", params={"code": "LEELOO-7X3K"})[1], body)
+        self.assertEqual(self.call("GET", "/crew/")[1], body)
+
+    def test_code_is_not_echoed(self) -> None:
+        """
+        The page is the same whatever the address carries: a crew code is
+        read by the script, never written into the markup.
+        """
+        _, body = self.call("GET", "/crew", params={"code": "<script>alert(1)</script>"})
+        self.assertNotIn(b"alert(1)", body)
+
+    def test_below_is_not_found(self) -> None:
+        """
+        Paths below C{/crew} are the site's 404.
+        """
+        self.assertEqual(self.call("GET", "/crew/x")[0].code, 404)
+
+
+class StaticTests(SiteTestMixin, SynchronousTestCase):
+    def test_files(self) -> None:
+        """
+        The stylesheet, scripts and icon are served from the package with
+        their content types, revalidated by ETag.
+        """
+        root = Path(leeloo.__file__).parent / "static"
+        for name, content_type in (("leeloo.css", "text/css; charset=utf-8"),
+                                   ("crew.js", "text/javascript; charset=utf-8"),
+                                   ("landing.js", "text/javascript; charset=utf-8"),
+                                   ("icon.svg", "image/svg+xml")):
+            response, body = self.call("GET", "/static/" + name)
+            self.assertEqual((response.code, self.content_type(response)), (200, content_type))
+            self.assertEqual(body, (root / name).read_bytes())
+            self.assertEqual(response.headers.getRawHeaders(b"cache-control"), [b"no-cache"])
+
+    def test_etag(self) -> None:
+        """
+        A request with the file's ETag is answered 304 without a body.
+        """
+        response, _ = self.call("GET", "/static/leeloo.css")
+        [etag] = response.headers.getRawHeaders(b"etag")
+        again, body = self.call("GET", "/static/leeloo.css", headers={b"if-none-match": [etag]})
+        self.assertEqual((again.code, body), (304, b""))
+
+    def test_nothing_else(self) -> None:
+        """
+        Only the named files are served: anything else under C{/static/},
+        a listing, or a way out of the folder is a 404.
+        """
+        for path in ("/static/", "/static/nope.js", "/static/../web.py", "/static/%2e%2e/web.py",
+                     "/static/leeloo.css/x", "/static/__init__.py"):
+            self.assertEqual(self.call("GET", path)[0].code, 404, path)
+
+    def test_every_file_is_package_data(self) -> None:
+        """
+        Every file in leeloo/static is served (so none is forgotten), and
+        setup.cfg ships the folder as package data.
+        """
+        root = Path(leeloo.__file__).parent / "static"
+        self.assertEqual(sorted(p.name for p in root.iterdir() if p.is_file()), sorted(STATIC_FILES))
+        setup = (Path(leeloo.__file__).parent.parent / "setup.cfg").read_text()
+        self.assertRegex(setup, r"\[options.package_data\]\nleeloo = static/\*")
+
 
 # ----------------------------------------------------------------- health
 
@@ -145,9 +249,20 @@ class HealthTests(SiteTestMixin, SynchronousTestCase):
         """
         body = self.health()
         self.assertEqual(
-            {k: body[k] for k in ("status", "devices", "crews", "uptime")},
-            {"status": "ok", "devices": 0, "crews": 0, "uptime": 0},
+            {k: body[k] for k in ("status", "devices", "crews", "crews_online", "uptime")},
+            {"status": "ok", "devices": 0, "crews": 0, "crews_online": 0, "uptime": 0},
         )
+
+    def test_crews_online(self) -> None:
+        """
+        C{crews_online} counts the crews with a member connected now.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        _, gone = self.device(OTHER_DEVICE, crew_code="BETA")
+        self.relay.bot_create_crew("42", "Ann")
+        self.relay.disconnect(gone)
+        body = self.health()
+        self.assertEqual((body["crews"], body["crews_online"]), (3, 1))
 
     def test_devices_connected_now(self) -> None:
         """
