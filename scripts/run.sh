@@ -9,4 +9,7 @@ cd "$(dirname "$0")/.."
 
 "$PY" -m pip install -q --disable-pip-version-check .
 "$PY" -c "$PLUGIN_CACHE"
-exec "$VENV/bin/twistd" --nodaemon --pidfile= leeloo "$@"
+# twistd through the virtualenv's python: with --system-site-packages an
+# already installed Twisted puts no twistd script into .venv/bin.
+exec "$PY" -c 'import sys; from twisted.scripts.twistd import run; sys.argv[0] = "twistd"; run()' \
+    --nodaemon --pidfile= leeloo "$@"
