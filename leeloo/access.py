@@ -211,9 +211,6 @@ class ConnectionCaps:
             self.by_address[address] = count - 1
         self.total -= 1
 
-    def describe(self) -> str:
-        return f"{self.max_total} connections, {self.max_per_address} per client address"
-
 
 class ConnectionGate:
     """

@@ -454,9 +454,6 @@ class Relay:
 
     # ------------------------------------------------------------ sessions
 
-    def now_ms(self) -> int:
-        return int(self.clock.seconds() * 1000)
-
     def connect(self, peer: IPeer, address: str | None = None) -> Session:
         session = Session(peer, address, Bucket(self.limits.messages.burst, self.clock.seconds()))
         self.sessions.add(session)

@@ -645,9 +645,6 @@ class Deadlines:
     def __len__(self) -> int:
         return len(self._due)
 
-    def __contains__(self, channel: Any) -> bool:
-        return channel in self._due
-
     def watch(self, channel: Any) -> None:
         """
         Give C{channel} C{timeout} seconds from now, unless it already has a
