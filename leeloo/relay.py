@@ -455,12 +455,20 @@ class Relay:
     # ------------------------------------------------------------ sessions
 
     def connect(self, peer: IPeer, address: str | None = None) -> Session:
+        """
+        A new connection's session; registered all or nothing: if this
+        raises, the relay keeps nothing of it.
+        """
         session = Session(peer, address, Bucket(self.limits.messages.burst, self.clock.seconds()))
-        self.sessions.add(session)
-        if self._stopping is not None:
-            session.close(*self._stopping)
         if self.bind_timeout:
             session.bind_timer = self.clock.callLater(self.bind_timeout, self._bind_expired, session)
+        self.sessions.add(session)
+        if self._stopping is not None:
+            try:
+                session.close(*self._stopping)
+            except BaseException:
+                self.disconnect(session)
+                raise
         return session
 
     def _bind_expired(self, session: Session) -> None:

@@ -146,8 +146,15 @@ class RelayServerProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         for name in _HANDSHAKE_LEFTOVERS:
             setattr(self, name, None)
-        self.session = self.factory.relay.connect(self, self.address)
-        _log.info("WebSocket connected from {address}", address=self.address)
+        try:
+            self.session = self.factory.relay.connect(self, self.address)
+        except Exception:
+            # A bug: the relay has no session for this connection (connect
+            # registers all or nothing), so it cannot go on.
+            _log.failure("bug while opening a WebSocket from {client_address}", client_address=self.address)
+            self.close(CLOSE_INTERNAL_ERROR, "internal error")
+            return
+        _log.info("WebSocket connected from {client_address}", client_address=self.address)
 
     def onMessageBegin(self, isBinary: bool) -> None:
         self._fragments = 0
@@ -224,17 +231,26 @@ class RelayServerProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         session, self.session = self.session, None
-        if session is not None:
-            # The code the closing side sent (1006: none, the connection
-            # was lost).
-            by_relay = bool(self.closedByMe and self.localCloseCode)
-            _log.info("device {device_id} at {address} disconnected, close code {code} from the {side}",
-                      device_id=session.device_id, address=self.address,
-                      code=self.localCloseCode if by_relay else code, side="relay" if by_relay else "device")
-            self.factory.relay.disconnect(session)
-        if self._admitted:
-            self._admitted = False
-            self.factory.release(self.address)
+        try:
+            if session is not None:
+                # The code the closing side sent (1006: none, the connection
+                # was lost).
+                by_relay = bool(self.closedByMe and self.localCloseCode)
+                _log.info("device {device_id} at {client_address} disconnected, close code {close_code} "
+                          "from the {side}",
+                          device_id=session.device_id, client_address=self.address,
+                          close_code=self.localCloseCode if by_relay else code,
+                          side="relay" if by_relay else "device")
+                self.factory.relay.disconnect(session)
+        except Exception:
+            _log.failure("bug while closing the WebSocket of {device_id} at {client_address}",
+                         device_id=session.device_id, client_address=self.address)
+        finally:
+            # Whatever happened above, the connection no longer counts
+            # against the caps.
+            if self._admitted:
+                self._admitted = False
+                self.factory.release(self.address)
 
     def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders=None) -> None:
         # Autobahn's refusals (403, 503, 400...) carry the relay's security

@@ -399,6 +399,51 @@ class TotalCapTests(GuardedTestCase):
         self.assertEqual(self.factory.caps.total, 2)
 
 
+class CallbackBugTests(GuardedTestCase):
+    """
+    A bug in the relay while a connection opens or closes is logged; the
+    connection is never left half-registered and its slot is always freed.
+    """
+
+    limits = WebSocketLimits(max_connections=100, max_connections_per_address=1)
+
+    def test_bug_in_on_open_closes_1011(self):
+        """
+        An exception while the relay takes a new connection is logged as a
+        failure and that connection closed with 1011; it holds no session
+        and no slot, and the address may connect again.
+        """
+        def broken(peer, address=None):
+            raise ZeroDivisionError("a bug")
+
+        self.patch(self.relay, "connect", broken)
+        client = self.net.connect(host="198.51.100.1")
+        self.net.flush()
+        self.assertEqual(client.close_code, 1011)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(self.relay.sessions, set())
+        self.assertEqual(self.factory.caps.total, 0)
+        self.patch(self.relay, "connect", Relay.connect.__get__(self.relay))
+        self.assertTrue(self.net.connect(host="198.51.100.1").opened)
+
+    def test_bug_in_on_close_frees_the_slot(self):
+        """
+        An exception while the relay lets a session go is logged as a
+        failure, and the connection's slot is freed all the same.
+        """
+        first = self.net.connect(host="198.51.100.1")
+
+        def broken(session):
+            raise ZeroDivisionError("a bug")
+
+        self.patch(self.relay, "disconnect", broken)
+        first.sendClose(1000)
+        self.net.flush()
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(self.factory.caps.total, 0)
+        self.assertTrue(self.net.connect(host="198.51.100.1").opened)
+
+
 class ForwardedForTests(GuardedTestCase):
     proxies = TrustedProxies(["10.0.0.0/8"])
     limits = WebSocketLimits(max_connections_per_address=1)
