@@ -856,6 +856,24 @@ class Relay:
                               ephemeral_since)
         d.addCallbacks(self._replayed, self._replay_failed,
                        callbackArgs=(session, crew, up_to), errbackArgs=(session, crew, up_to))
+        d.addErrback(self._replay_bug, session)
+
+    def _replay_bug(self, failure: Any, session: Session) -> None:
+        """
+        A bug while sending C{session} its replay: it cannot know what it
+        missed, so it stops holding live traffic and is closed with 1011
+        (it reconnects, and is replayed from what it was proven to get).
+        """
+        _log.failure("bug while replaying a crew's log to {device_id}", failure, device_id=session.device_id)
+        session.held = None
+        self._close_for_bug(session)
+
+    def _close_for_bug(self, session: Session) -> None:
+        if not session.closing and session in self.sessions:
+            try:
+                session.close(CLOSE_INTERNAL_ERROR, "internal error")
+            except Exception:
+                _log.failure("bug while closing the connection of {device_id}", device_id=session.device_id)
 
     def _replayed(self, replay: Replay, session: Session, crew: Crew, up_to: int) -> None:
         if session.crew is not crew:
@@ -1028,6 +1046,12 @@ class Relay:
             crew.trimming = 0
             d = self.store.trim(crew.code, self.crew_log_bytes * 3 // 4, self.replay_limit)
             d.addCallbacks(self._trimmed, self._not_trimmed, callbackArgs=(crew,), errbackArgs=(crew,))
+            d.addErrback(self._trim_bug, crew)
+
+    def _trim_bug(self, failure: Any, crew: Crew) -> None:
+        # The next message past the bound tries again.
+        crew.trimming = None
+        _log.failure("bug while trimming crew {crew_code}'s log", failure, crew_code=crew.code)
 
     def _trimmed(self, result: tuple[int, int], crew: Crew) -> None:
         first_kept, left = result
@@ -1078,8 +1102,18 @@ class Relay:
         d.addErrback(self._refuse, session)
 
     def _refuse(self, failure: Any, session: Session) -> None:
-        failure.trap(ProtocolError)
-        session.send(failure.value.as_message())
+        try:
+            if failure.check(ProtocolError):
+                session.send(failure.value.as_message())
+                return
+            # A bug, not the store refusing: the sender cannot know what
+            # became of its message.  It reconnects, and a resend with its
+            # client_msg_id is answered as the relay knows it.
+            _log.failure("bug while publishing a message from {device_id}", failure,
+                         device_id=session.device_id)
+        except Exception:
+            _log.failure("bug while answering {device_id}", device_id=session.device_id)
+        self._close_for_bug(session)
 
     # ------------------------------------------------------------ handlers
 
@@ -1112,7 +1146,8 @@ class Relay:
             self._enter(session, self._create(code, session.device_id), announce=False)
             self.journal.barrier().addCallbacks(
                 self._crew_stored, self._crew_not_stored,
-                callbackArgs=(session, session.device_id, code, key), errbackArgs=(session, code))
+                callbackArgs=(session, session.device_id, code, key), errbackArgs=(session, code),
+            ).addErrback(self._crew_answer_bug, session, code)
             self._log_entry("create_crew", session)
             return
         session.send(messages.crew_created(session.device_id, code, key))
@@ -1125,6 +1160,10 @@ class Relay:
             return
         session.send(messages.crew_created(device_id, code, key))
         self._deliver_pending(session)
+
+    def _crew_answer_bug(self, failure: Any, session: Session, code: str) -> None:
+        _log.failure("bug while answering the creation of crew {crew_code}", failure, crew_code=code)
+        self._close_for_bug(session)
 
     def _crew_not_stored(self, failure: Any, session: Session, code: str) -> None:
         # The crew stays, and its record is retried with the relay's other

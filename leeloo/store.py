@@ -464,6 +464,16 @@ class Journal:
                ((op, d) for op, d in batch if op is not None)]
         d = maybeDeferred(self.store.write, ops) if ops else succeed(None)
         d.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
+        d.addErrback(self._bug)
+
+    def _bug(self, failure: Any) -> None:
+        """
+        A bug after a batch was settled (in C{on_batch}, the last step, so
+        the journal's own state is whole): log it, and keep committing.
+        """
+        _log.failure("bug after a store batch was settled", failure)
+        if not self._committing and self._queue and self._retry is None:
+            self._retry = self.clock.callLater(self.retry_delay, self._retry_now)
 
     def _committed(self, _: Any, batch: list) -> None:
         if self._failing:

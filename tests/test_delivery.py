@@ -7,7 +7,7 @@ core is driven with a FakePeer, a Clock and a store.
 
 import json
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -432,6 +432,98 @@ class StoreFailureTests(DeliveryTestCase):
         self.clock.advance(1)
         self.assertIn("NEWCREW", self.store.crews)
         self.assertIn(("NEWCREW", "a"), self.store.members)
+
+
+class BugRecoveryTests(DeliveryTestCase):
+    """
+    A bug in a step of one of the core's Deferred chains is logged as a
+    failure and recovered from; it is never left unhandled, and the relay
+    goes on serving.
+    """
+
+    def test_replay_bug_stops_holding(self):
+        """
+        A bug while sending a returning device its replay is logged; that
+        device no longer holds live traffic back and is closed with 1011 (it
+        reconnects and is replayed again).
+        """
+        class BrokenReplay(MemoryStore):
+            def replay(self, *args):
+                return succeed(None)  # not a Replay: _replayed fails on it
+
+        self.store = BrokenReplay()
+        self.relay = self.make_relay()
+        a, b = self.device("a"), self.device("b")
+        b.close()
+        self.say(a, "missed")
+        back = self.device("b")
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        self.assertIsNone(back.session.held)
+        self.assertEqual(back.peer.closed[0], 1011)
+        self.assertFalse(a.peer.closed)
+
+    def test_publish_bug_closes_the_sender(self):
+        """
+        A bug after a message was stored (an unexpected failure, not a
+        ProtocolError) is logged and its sender closed with 1011, not left
+        unhandled; the others go on.
+        """
+        a, b = self.device("a"), self.device("b")
+        a.take(), b.take()
+        fanout = self.relay._fanout
+
+        def broken(*args, **kwargs):
+            raise ZeroDivisionError("a bug")
+
+        self.patch(self.relay, "_fanout", broken)
+        self.say(a, "boom")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(a.peer.closed[0], 1011)
+        self.patch(self.relay, "_fanout", fanout)
+        self.say(b, "still here")
+        self.assertFalse(b.peer.closed)
+        self.assertEqual([m["type"] for m in b.take()], [])
+        self.assertEqual(a.texts(), ["still here"])
+
+    def test_create_crew_answer_bug_closes(self):
+        """
+        A bug while answering a crew creation once it is durable is logged
+        and that connection closed with 1011.
+        """
+        def broken(session):
+            raise ZeroDivisionError("a bug")
+
+        d = Device(self.relay)
+        self.patch(self.relay, "_deliver_pending", broken)
+        d.send(type="create_crew", device_id="a", crew_code="NEWCREW", display_name="A")
+        self.clock.advance(1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(d.peer.closed[0], 1011)
+
+    def test_trim_bug_retried(self):
+        """
+        A bug while trimming a crew's log is logged, and the crew does not
+        stay marked as trimming: the next message past the bound trims
+        again.
+        """
+        trims = []
+
+        class BrokenTrim(MemoryStore):
+            def trim(self, *args):
+                trims.append(args)
+                return succeed(None)  # not a (first_kept, left) pair
+
+        self.store = BrokenTrim()
+        self.relay = self.make_relay(crew_log_bytes=2_000)
+        a = self.device("a")
+        for i in range(3):
+            self.say(a, "x" * 1000)
+        self.assertGreaterEqual(len(self.flushLoggedErrors(TypeError)), 1)
+        self.assertIsNone(self.relay.crews["ALPHA"].trimming)
+        before = len(trims)
+        self.say(a, "x" * 1000)
+        self.assertEqual(len(trims), before + 1)
+        self.flushLoggedErrors(TypeError)
 
 
 class RetentionTests(DeliveryTestCase):

@@ -502,3 +502,21 @@ class FailureTests(JournalTestCase):
         self.store.commit()
         self.store.refuse()
         self.failureResultOf(d, StoreError)
+
+
+class JournalBugTests(JournalTestCase):
+    def test_bug_in_on_batch_logged_and_journal_goes_on(self):
+        """
+        A bug in the journal's on_batch hook is logged as a failure, not
+        left unhandled, and later operations are still committed.
+        """
+        def broken():
+            raise ZeroDivisionError("a bug")
+
+        self.journal.on_batch = broken
+        self.put(A1)
+        self.store.commit()
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.journal.on_batch = None
+        self.put(A2)
+        self.assertEqual(self.store.commit(), [A2])
