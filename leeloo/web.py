@@ -406,9 +406,14 @@ class BotAPI(Resource):
 
     def render(self, request: Request) -> Any:
         path = b"/".join(request.postpath).rstrip(b"/")
+        # notifyFinish fails once the client has gone (twisted.web's public
+        # word for it, in place of the request's private _disconnected).
+        gone: list = []
+        request.notifyFinish().addErrback(gone.append)
         d = maybeDeferred(self._dispatch, request, path)
         d.addCallbacks(lambda answer: (200, answer), self._error, errbackArgs=(path,))
-        d.addCallback(self._answer, request)
+        d.addCallback(self._answer, request, gone)
+        d.addErrback(self._answer_failed, request, path)
         return NOT_DONE_YET
 
     def _dispatch(self, request: Request, path: bytes) -> Any:
@@ -430,8 +435,13 @@ class BotAPI(Resource):
         self.log.failure("bug in bot API call {path}", failure, path=path.decode("ascii", "replace"))
         return 500, {"error": "internal_error"}
 
-    def _answer(self, answer: tuple[int, dict], request: Request) -> None:
-        if request._disconnected or request.finished:
+    def _answer_failed(self, failure: Any, request: Request, path: bytes) -> None:
+        self.log.failure("bug while answering bot API call {path}", failure, path=path.decode("ascii", "replace"))
+        if not request.finished:
+            request.loseConnection()
+
+    def _answer(self, answer: tuple[int, dict], request: Request, gone: list) -> None:
+        if gone or request.finished:
             return
         status, body = answer
         if "retry_after" in body:

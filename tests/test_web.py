@@ -13,16 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 
 import leeloo
 from leeloo import __version__
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyConfig, SpotifyOAuth
 from leeloo.testing import FakePeer, FakeSpotifyAccounts, strip_keys
-from leeloo.web import STATIC_FILES, make_root
+from leeloo.web import STATIC_FILES, BotAPI, make_root
 from leeloo.websocket import RelayServerFactory
 
 BASE = "http://relay.test"
@@ -1283,3 +1288,49 @@ class SpotifyDeliveryBugTests(SpotifyCallbackMixin, SynchronousTestCase):
         self.assertEqual(status, 502)
         self.assertNoSecrets(page)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class BotAPIAnswerTests(SynchronousTestCase):
+    """
+    The bot API's answer once its Deferred fires, on a DummyRequest whose
+    client the test makes go away.
+    """
+
+    def setUp(self) -> None:
+        self.api = BotAPI(Relay(Clock()), SECRET)
+        self.waiting: Deferred = Deferred()
+        self.patch(self.api, "_routes", {(b"GET", b"crew/status"): lambda request: self.waiting})
+        self.request = DummyRequest([b"crew", b"status"])
+        self.request.method = b"GET"
+        self.request.requestHeaders.setRawHeaders(b"x-api-secret", [SECRET.encode()])
+
+    def test_answer_after_the_client_left_is_dropped(self):
+        """
+        An answer ready after the client went away (notifyFinish failed) is
+        not written, and nothing is raised.
+        """
+        self.assertEqual(self.api.render(self.request), NOT_DONE_YET)
+        self.request.processingFailed(Failure(ConnectionDone()))
+        self.waiting.callback({"crew_code": "ALPHA"})
+        self.assertEqual((self.request.written, self.request.finished), ([], 0))
+
+    def test_answer_written_while_the_client_waits(self):
+        """
+        An answer ready while the client waits is written as JSON.
+        """
+        self.api.render(self.request)
+        self.waiting.callback({"crew_code": "ALPHA"})
+        self.assertEqual(json.loads(b"".join(self.request.written)), {"crew_code": "ALPHA"})
+        self.assertEqual(self.request.finished, 1)
+
+    def test_bug_while_answering_logged(self):
+        """
+        A bug while writing the answer is logged as a failure and the
+        connection dropped, not left unhandled.
+        """
+        lost = []
+        self.request.loseConnection = lambda: lost.append(True)
+        self.api.render(self.request)
+        self.waiting.callback({"crew_code": object()})  # not JSON
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+        self.assertEqual(lost, [True])
