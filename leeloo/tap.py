@@ -957,9 +957,12 @@ def tune_malloc(threshold: int = MALLOC_THRESHOLD) -> bool:
     return all(mallopt(option, threshold) == 1 for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
 
 
-def makeService(options: Options) -> MultiService:
-    from twisted.internet import reactor
-
+def tune_process(reactor: Any) -> None:
+    """
+    Tune CPython and the C library for the relay: the GIL switch interval,
+    malloc's thresholds, the collector's thresholds, and a collector freeze
+    once C{reactor} runs (pinned by ProcessTuningTests).
+    """
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     tune_malloc()
     gc.set_threshold(*GC_THRESHOLDS)
@@ -967,6 +970,12 @@ def makeService(options: Options) -> MultiService:
     # the state it loaded) lives as long as the process: keep it out of
     # every later full collection.
     reactor.callWhenRunning(gc.freeze)
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+
+    tune_process(reactor)
 
     try:
         return build_service(options.config, reactor)

@@ -12,7 +12,17 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from leeloo.tap import DEFAULT_LISTEN, Options, build_service, read_env_file, tune_malloc, with_default_backlog
+from leeloo.tap import (
+    DEFAULT_LISTEN,
+    GC_THRESHOLDS,
+    GIL_SWITCH_INTERVAL,
+    Options,
+    build_service,
+    read_env_file,
+    tune_malloc,
+    tune_process,
+    with_default_backlog,
+)
 
 
 class OptionsTestCase(SynchronousTestCase):
@@ -715,6 +725,38 @@ class StoreLimitOptionsTests(OptionsTestCase):
         for option, bad in (("--crew-log-bytes", "0"), ("--store-queue-bytes", "-1"),
                             ("--presence-grace", "-1"), ("--presence-grace", "soon")):
             self.assertRaises(UsageError, self.parse, option, bad)
+
+
+class ProcessTuningTests(SynchronousTestCase):
+    def test_interpreter_takes_the_tuning(self):
+        """
+        CPython takes the relay's GIL switch interval and collector
+        thresholds, and the collector is frozen once the reactor runs (these
+        fail if CPython drops or changes the knobs).
+        """
+        import gc
+        import sys
+
+        from twisted.internet.testing import MemoryReactor
+
+        self.addCleanup(sys.setswitchinterval, sys.getswitchinterval())
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        reactor = MemoryReactor()
+        tune_process(reactor)
+        self.assertAlmostEqual(sys.getswitchinterval(), GIL_SWITCH_INTERVAL)
+        self.assertEqual(gc.get_threshold(), GC_THRESHOLDS)
+        self.assertEqual([hook for hook, _, _ in reactor.whenRunningHooks], [gc.freeze])
+
+    def test_freeze_moves_objects_out_of_collections(self):
+        """
+        gc.freeze (run once the relay started) moves every tracked object to
+        the permanent generation, out of every later collection.
+        """
+        import gc
+
+        self.addCleanup(gc.unfreeze)
+        gc.freeze()
+        self.assertGreater(gc.get_freeze_count(), 0)
 
 
 class MallocTuningTests(SynchronousTestCase):

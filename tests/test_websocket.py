@@ -847,3 +847,69 @@ class ProofOfReceiptTests(WebSocketTestCase):
         b.sendClose(1000)
         self.net.flush()
         self.assertEqual(self.delivered(), 0)
+
+
+class AutobahnPrivatesTests(WebSocketTestCase):
+    """
+    Pins for each private of Autobahn the adapter reaches into: each test
+    fails when Autobahn changes what the adapter relies on.
+    """
+
+    def server_protocol(self):
+        [session] = self.relay.sessions
+        return session.peer
+
+    def test_data_received_goes_to_autobahn_parser(self):
+        """
+        RelayServerProtocol.dataReceived hands every read to Autobahn's
+        private _dataReceived (skipping its debug line), and that parses the
+        handshake and the frames.
+        """
+        from autobahn.websocket.protocol import WebSocketProtocol
+
+        reads = []
+        parse = WebSocketProtocol._dataReceived
+
+        def counted(protocol, data):
+            reads.append(len(data))
+            return parse(protocol, data)
+
+        self.patch(WebSocketProtocol, "_dataReceived", counted)
+        client = self.client()
+        self.send(client, type="ping")
+        self.assertEqual(client.take(), [{"type": "pong"}])
+        self.assertGreaterEqual(len(reads), 2)
+
+    def test_timeouts_on_the_factory_wheel(self):
+        """
+        Autobahn schedules each connection's timeouts (here the auto-ping)
+        through the factory's private _batched_timer, which the factory
+        replaces with its TimerWheel: a connection's timers are on the wheel.
+        """
+        wheel = self.factory._batched_timer
+        before = wheel.pending()
+        self.client()
+        self.assertGreater(wheel.pending(), before)
+
+    def test_handshake_leftovers_are_autobahns(self):
+        """
+        Every handshake attribute the adapter nulls in onOpen is one Autobahn
+        set during the handshake (a renamed one would be kept alive by
+        Autobahn under its new name), and none is held once open.
+        """
+        from leeloo.websocket import _HANDSHAKE_LEFTOVERS, RelayServerProtocol
+
+        seen = {}
+        on_open = RelayServerProtocol.onOpen
+
+        def recording(protocol):
+            seen.update({name: getattr(protocol, name, KeyError) for name in _HANDSHAKE_LEFTOVERS})
+            return on_open(protocol)
+
+        self.patch(RelayServerProtocol, "onOpen", recording)
+        self.client()
+        self.assertEqual(set(seen), set(_HANDSHAKE_LEFTOVERS))
+        self.assertEqual([name for name, value in seen.items() if value is KeyError or value is None], [])
+        protocol = self.server_protocol()
+        self.assertEqual({name: getattr(protocol, name) for name in _HANDSHAKE_LEFTOVERS},
+                         dict.fromkeys(_HANDSHAKE_LEFTOVERS))
