@@ -214,7 +214,6 @@ class MemoryStore:
         self.tokens: dict[str, TokenRecord] = {}
         self.devices: dict[str, DeviceRecord] = {}
         self.log: dict[str, list[LogEntry]] = {}
-        self.fail_with: Exception | None = None
 
     def load(self) -> Snapshot:
         snapshot = Snapshot(
@@ -240,8 +239,6 @@ class MemoryStore:
         schema hold here too: one entry per crew and sequence, and no
         member, bot user or log entry without its crew.
         """
-        if self.fail_with is not None:
-            return fail(StoreError(str(self.fail_with)))
         undo: list[Callable[[], Any]] = []
         try:
             for kind, arg in ops:

@@ -13,12 +13,14 @@ from urllib.parse import parse_qs
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail
 from twisted.test import iosim
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from leeloo.relay import IPeer, Outgoing
+from leeloo.store import MemoryStore, StoreError
 
 
 @implementer(IPeer)
@@ -232,3 +234,20 @@ def strip_keys(received: list) -> list:
     message, for tests about something else.
     """
     return [{k: v for k, v in m.items() if k != "device_key"} for m in received]
+
+
+class FailingMemoryStore(MemoryStore):
+    """
+    A L{MemoryStore} the test can make fail: while C{fail_with} is an
+    exception, every write fails with a L{StoreError} carrying its message
+    and applies nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_with: Exception | None = None
+
+    def write(self, ops: list) -> Deferred:
+        if self.fail_with is not None:
+            return fail(StoreError(str(self.fail_with)))
+        return super().write(ops)

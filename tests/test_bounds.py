@@ -14,7 +14,7 @@ from leeloo.limits import Rate, RelayLimits
 from leeloo.messages import CrewLimit, StoreUnavailable
 from leeloo.relay import CODE_TRIES, DAY, MAX_GENERATED_CODE_LENGTH, PRESENCE_GRACE, Relay
 from leeloo.store import MemoryStore
-from leeloo.testing import FakePeer
+from leeloo.testing import FailingMemoryStore, FakePeer
 
 T0 = 1_700_000_000.0
 
@@ -64,7 +64,7 @@ class BoundsTestCase(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(T0)
-        self.store = MemoryStore()
+        self.store = FailingMemoryStore()
         self.relay = self.make_relay()
 
     def make_relay(self, **kwargs):
@@ -404,7 +404,7 @@ class DurableCreateTests(BoundsTestCase):
         A new crew the store refuses is answered store_unavailable, and
         the device is in no crew.
         """
-        self.store = MemoryStore()
+        self.store = FailingMemoryStore()
         self.relay = self.make_relay()
         self.store.fail_with = OSError("disk full")
         d = self.device()
@@ -426,7 +426,7 @@ class DurableCreateTests(BoundsTestCase):
         """
         A bot crew the store refuses fails with StoreUnavailable.
         """
-        self.store = MemoryStore()
+        self.store = FailingMemoryStore()
         self.relay = self.make_relay()
         self.store.fail_with = OSError("disk full")
         d = self.relay.bot_create_crew("1", "Tina")

@@ -19,6 +19,8 @@ from twisted.internet import defer, reactor, threads
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from leeloo.store import StoreError
+
 from .support import TIMEOUT, RelayProcess, recv, ws_session
 from .test_limits_loopback import RelayOnLoopback, raw_websocket, read_frame
 
@@ -409,10 +411,11 @@ class StoreRefusalLoopbackTests(LoopbackTestCase):
                 b.send(json.dumps({"type": "register", "device_id": "leeloo_b00000000000", "crew_code": "DUO",
                                    "last_seq": 0}))
                 recv(a), recv(b)
-                store.fail_with = OSError("disk full")
+                # The store refuses writes (as a full disk makes it).
+                store.write = lambda ops: defer.fail(StoreError("disk full"))
                 a.send(json.dumps({"type": "message", "payload": {"text": "lost"}, "client_msg_id": "c1"}))
                 refused = recv(a)
-                store.fail_with = None
+                del store.write
                 a.send(json.dumps({"type": "message", "payload": {"text": "kept"}, "client_msg_id": "c2"}))
                 return refused, recv(a), recv(b)
 

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.relay import DAY, Relay
 from leeloo.store import MemoryStore, StoreError
-from leeloo.testing import FakePeer, strip_keys
+from leeloo.testing import FailingMemoryStore, FakePeer, strip_keys
 
 T0 = 1_700_000_000.0
 
@@ -50,7 +50,7 @@ class DeliveryTestCase(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(T0)
-        self.store = MemoryStore()
+        self.store = FailingMemoryStore()
         self.relay = self.make_relay()
 
     def make_relay(self, **kwargs):

@@ -31,6 +31,7 @@ from leeloo.store import (
     StoreError,
     TokenRecord,
 )
+from leeloo.testing import FailingMemoryStore
 
 T0 = 1_700_000_000.0
 ALPHA = "LEELOO-ALFA"
@@ -679,13 +680,18 @@ class MemoryStoreTests(StoreContract, SynchronousTestCase):
 
     def test_fail_with(self):
         """
-        A MemoryStore told to fail refuses writes with StoreError and
-        applies nothing.
+        A FailingMemoryStore (the test double of leeloo.testing) told to
+        fail refuses writes with StoreError and applies nothing; told to
+        stop, it writes again.
         """
-        self.store.fail_with = OSError("disk full")
-        failure = self.failureResultOf(self.store.write(with_crew()), StoreError)
+        store = FailingMemoryStore()
+        store.fail_with = OSError("disk full")
+        failure = self.failureResultOf(store.write(with_crew()), StoreError)
         self.assertEqual(str(failure.value), "disk full")
-        self.assertEqual(self.store.load().crews, [])
+        self.assertEqual(store.load().crews, [])
+        store.fail_with = None
+        self.successResultOf(store.write(with_crew()))
+        self.assertEqual(len(store.load().crews), 1)
 
 
 class SQLiteStoreTests(StoreContract, TestCase):
