@@ -474,8 +474,8 @@ class Relay:
     def _bind_expired(self, session: Session) -> None:
         session.bind_timer = None
         if session.device_id is None and not session.closing and session in self.sessions:
-            _log.info("closing a connection from {address} that bound no device in {timeout} seconds",
-                      address=session.address, timeout=self.bind_timeout)
+            _log.info("closing a connection from {client_address} that bound no device in {timeout} seconds",
+                      client_address=session.address, timeout=self.bind_timeout)
             session.close(CLOSE_BIND_TIMEOUT, "no device registered in time; reconnect and register")
 
     def delivery_mark(self, session: Session) -> tuple[int, int]:
@@ -549,8 +549,8 @@ class Relay:
         if isinstance(error, (RateLimited, DeviceAuthFailed)):
             session.strikes += 1
             if session.strikes >= self.limits.abuse_strikes:
-                _log.warn("closing a connection from {address} after {strikes} refusals ({code})",
-                          address=session.address, strikes=session.strikes, code=error.code)
+                _log.warn("closing a connection from {client_address} after {strikes} refusals ({error_code})",
+                          client_address=session.address, strikes=session.strikes, error_code=error.code)
                 session.close(CLOSE_ABUSE, "too many refused requests")
 
     def disconnect(self, session: Session) -> None:
@@ -684,8 +684,8 @@ class Relay:
             self.journal.put((PUT_DEVICE, record), key=(PUT_DEVICE, device_id))
 
     def _auth_failed(self, session: Session, device_id: str, why: str) -> None:
-        _log.warn("refused device {device_id} from {address}: {why}",
-                  device_id=device_id, address=session.address, why=why)
+        _log.warn("refused device {device_id} from {client_address}: {why}",
+                  device_id=device_id, client_address=session.address, why=why)
 
     def _unseen(self, session: Session, device_id: str | None) -> bool:
         """
@@ -767,7 +767,7 @@ class Relay:
     def _create(self, code: str, created_by: str | None) -> Crew:
         crew = self.crews[code] = Crew(code, self.clock.seconds(), created_by)
         self.journal.put((PUT_CREW, CrewRecord(code, crew.created_at, created_by)), wait=False)
-        _log.info("crew {code} created", code=code)
+        _log.info("crew {crew_code} created", crew_code=code)
         return crew
 
     def _unused_code(self) -> str:
@@ -886,8 +886,8 @@ class Relay:
         self._release(session, up_to)
 
     def _replay_failed(self, failure: Any, session: Session, crew: Crew, up_to: int) -> None:
-        _log.error("could not read crew {code}'s log for a returning device: {error}",
-                   code=crew.code, error=failure.getErrorMessage())
+        _log.error("could not read crew {crew_code}'s log for a returning device: {error}",
+                   crew_code=crew.code, error=failure.getErrorMessage())
         if session.crew is crew:
             session.send(StoreUnavailable("missed messages could not be read; reconnect to try again").as_message())
             self._release(session, up_to)
@@ -1063,12 +1063,13 @@ class Relay:
 
     def _not_trimmed(self, failure: Any, crew: Crew) -> None:
         crew.trimming = None
-        _log.warn("could not trim crew {code}'s log: {error}", code=crew.code, error=failure.getErrorMessage())
+        _log.warn("could not trim crew {crew_code}'s log: {error}",
+                  crew_code=crew.code, error=failure.getErrorMessage())
 
     def _not_stored(self, failure: Any, entry: "_Publication") -> None:
         crew, client_msg_id, remembered = entry.crew, entry.client_msg_id, entry.remembered
-        _log.error("a message to crew {code} was not stored: {error}",
-                   code=crew.code, error=failure.getErrorMessage())
+        _log.error("a message to crew {crew_code} was not stored: {error}",
+                   crew_code=crew.code, error=failure.getErrorMessage())
         if entry.seq:
             # Its whole batch failed, and no later batch has been numbered
             # yet: the next message takes the first sequence this one had.
@@ -1168,7 +1169,7 @@ class Relay:
     def _crew_not_stored(self, failure: Any, session: Session, code: str) -> None:
         # The crew stays, and its record is retried with the relay's other
         # state; the device is told it was not created, and may ask again.
-        _log.error("crew {code} was not stored: {error}", code=code, error=failure.getErrorMessage())
+        _log.error("crew {crew_code} was not stored: {error}", crew_code=code, error=failure.getErrorMessage())
         if not session.closing and session in self.sessions:
             if session.crew is not None and session.crew.code == code:
                 self._leave(session, announce=False)
@@ -1194,9 +1195,9 @@ class Relay:
         The lifecycle line for a device that identified itself: who, from
         where, in which crew (never what it sent).
         """
-        _log.info("{action}: device {device_id} from {address}, crew {crew}", action=action,
-                  device_id=session.device_id, address=session.address,
-                  crew=session.crew.code if session.crew is not None else None)
+        _log.info("{action}: device {device_id} from {client_address}, crew {crew_code}", action=action,
+                  device_id=session.device_id, client_address=session.address,
+                  crew_code=session.crew.code if session.crew is not None else None)
 
     def _crew_message(self, session: Session, message: CrewMessage) -> None:
         self._send_crew_message(
@@ -1249,7 +1250,8 @@ class Relay:
         self._add_bot_user(crew, user_id, name)
 
         def failed(failure: Any) -> None:
-            _log.error("crew {code} was not stored: {error}", code=crew.code, error=failure.getErrorMessage())
+            _log.error("crew {crew_code} was not stored: {error}",
+                       crew_code=crew.code, error=failure.getErrorMessage())
             raise StoreUnavailable("the crew could not be stored; try again")
 
         return self.journal.barrier().addCallbacks(lambda _: crew.code, failed)

@@ -797,9 +797,9 @@ class LetsEncryptServerEndpoint:
 
         def listening(port: IListeningPort) -> IListeningPort:
             log.info(
-                "HTTPS on {address}, release-buffers {release}, checking the certificate files "
+                "HTTPS on {listen_address}, release-buffers {release}, checking the certificate files "
                 "every {interval}s",
-                address=port.getHost(),
+                listen_address=port.getHost(),
                 release="on" if self.certificates.release_buffers else "off",
                 interval=self.watch_interval,
             )

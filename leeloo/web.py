@@ -456,8 +456,8 @@ class BotAPI(Resource):
             )
         given = request.getHeader(b"x-api-secret")
         if given is None or not hmac.compare_digest(given, self._secret):
-            self.log.warn("bot API call with a wrong or missing secret from {peer}",
-                          peer=client_address(request))
+            self.log.warn("bot API call with a wrong or missing secret from {client_address}",
+                          client_address=client_address(request))
             raise APIError(401, "unauthorized")
 
     def _body(self, request: Request) -> dict:
@@ -1048,11 +1048,11 @@ class RelaySite(Site):
             return
         self._gate_warned.add((host, reason))
         if reason == CONNECTING_TOO_FAST:
-            _log.warn("refusing connections from {address}: more than {rate} new ones a second",
-                      address=host, rate=self.gate.rate.per_second)
+            _log.warn("refusing connections from {client_address}: more than {rate} new ones a second",
+                      client_address=host, rate=self.gate.rate.per_second)
         else:
-            _log.warn("refusing connections from {address}: it has {count} open, the most allowed",
-                      address=host, count=self.gate.max_per_address)
+            _log.warn("refusing connections from {client_address}: it has {count} open, the most allowed",
+                      client_address=host, count=self.gate.max_per_address)
 
     def stopFactory(self) -> None:
         super().stopFactory()

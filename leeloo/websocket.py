@@ -374,10 +374,10 @@ class RelayServerProtocol(WebSocketServerProtocol):
             self._unsent = float("inf")
             self.factory.slow_readers += 1
             _log.warn(
-                "disconnecting {device_id} at {address}: it fell more than {limit} bytes "
+                "disconnecting {device_id} at {client_address}: it fell more than {limit} bytes "
                 "behind reading what the relay sends",
                 device_id=self.session.device_id if self.session else None,
-                address=self.address, limit=limit,
+                client_address=self.address, limit=limit,
             )
             self.transport.abortConnection()
         return True
@@ -483,8 +483,9 @@ class RelayServerFactory(WebSocketServerFactory):
             raise ConnectionDeny(503, "Relay Full, Try Again Later")
         if address not in self._warned:
             self._warned.add(address)
-            _log.warn("refusing WebSocket connections from {address}: it has {count} open, the most allowed",
-                      address=address, count=self.caps.max_per_address)
+            _log.warn("refusing WebSocket connections from {client_address}: "
+                      "it has {count} open, the most allowed",
+                      client_address=address, count=self.caps.max_per_address)
         raise ConnectionDeny(503, "Too Many Connections From Your Address")
 
     def release(self, address: str | None) -> None:

@@ -7,6 +7,7 @@ rate limit, and the bot API's join limit.
 import json
 
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.limits import Bucket, Limiter, Rate, RelayLimits
@@ -236,6 +237,18 @@ class CrewEntryLimitTests(CoreTestCase):
         replies = self.guesses(d, {"type": "join_crew"})
         self.assertEqual([r.get("error") for r in replies[:10]], ["invalid_crew_code"] * 10)
         self.assertStopped(replies, d)
+
+    def test_abuse_close_logged_by_field(self):
+        """
+        The warning for a connection closed after repeated refusals names
+        the client address and the last refusal's error code in the
+        client_address and error_code fields.
+        """
+        d = self.device()
+        with capturedLogs() as events:
+            self.guesses(d, {"type": "join_crew"})
+        [warning] = [e for e in events if "refusals" in e.get("log_format", "")]
+        self.assertEqual((warning["client_address"], warning["error_code"]), ("203.0.113.5", "rate_limited"))
 
     def test_register_brute_force(self):
         """

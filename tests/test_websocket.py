@@ -645,6 +645,26 @@ class LifecycleLogTests(WebSocketTestCase):
         everything = "\n".join(formatEvent(e) + repr(e) for e in events)
         self.assertNotIn(self.BODY, everything)
 
+    def test_lifecycle_fields_named_by_meaning(self):
+        """
+        The lifecycle events carry their values under one field name per
+        meaning, ready for JSON logs: client_address, crew_code, close_code.
+        """
+        with capturedLogs() as events:
+            a = self.net.connect(host="198.51.100.7")
+            self.send(a, type="register", device_id="leeloo_aaaaaaaaaaaa", crew_code="alpha")
+            a.sendClose(1000)
+            self.net.flush()
+        fields = {formatEvent(e).split(":")[0].split(" ")[0]: e for e in events
+                  if e["log_namespace"].startswith("leeloo") and e["log_level"] == LogLevel.info}
+        self.assertEqual(fields["WebSocket"]["client_address"], "198.51.100.7")
+        self.assertEqual((fields["register"]["client_address"], fields["register"]["crew_code"]),
+                         ("198.51.100.7", "ALPHA"))
+        self.assertEqual((fields["device"]["client_address"], fields["device"]["close_code"]),
+                         ("198.51.100.7", 1000))
+        for event in fields.values():
+            self.assertFalse({"address", "code", "crew", "peer"} & set(event))
+
     def test_relay_close_logged_with_its_code(self):
         """
         A connection the relay closes is logged with the relay's code.

@@ -485,7 +485,7 @@ class LeelooDevice(Service):
             self._target = requested
             self._enter()
             return
-        _log.info("device {device_id} in crew {crew}", device_id=c.device_id, crew=self.crew_code)
+        _log.info("device {device_id} in crew {crew_code}", device_id=c.device_id, crew_code=self.crew_code)
         self._emit("connected", {"type": "connected", "device_id": c.device_id, "crew_code": self.crew_code,
                                  "crew_members": frame.get("crew_members"),
                                  "member_names": frame.get("member_names", [])})
@@ -523,14 +523,14 @@ class LeelooDevice(Service):
             else:
                 # The relay lost the saved crew: create it again, as the
                 # deployed devices do.
-                _log.warn("the relay does not know crew {code}; creating it again", code=code)
+                _log.warn("the relay does not know crew {crew_code}; creating it again", crew_code=code)
                 self.state.last_seq.pop(code, None)
                 self.state.save_positions()
                 self._target = ("create", code, False)
             self._enter()
         elif error.code == "invalid_last_seq":
-            _log.warn("the relay does not know position {seq} in crew {code}; entering afresh",
-                      seq=self.state.last_seq.get(code), code=code)
+            _log.warn("the relay does not know position {seq} in crew {crew_code}; entering afresh",
+                      seq=self.state.last_seq.get(code), crew_code=code)
             self.state.last_seq.pop(code, None)
             self.state.save_positions()
             self._enter()
@@ -539,7 +539,8 @@ class LeelooDevice(Service):
         elif error.code == "device_auth_failed":
             self._give_up(error)
         else:
-            _log.warn("the relay refused entry to crew {code}: {error}", code=code, error=error.message)
+            _log.warn("the relay refused entry to crew {crew_code}: {error}",
+                      crew_code=code, error=error.message)
             if self._proto is not None:
                 self._proto.sendClose(1000)
 
@@ -704,7 +705,7 @@ class LeelooDevice(Service):
         if isinstance(seq, bool) or not isinstance(seq, int):
             seq = None
         if seq is not None and crew is not None and seq <= self.state.last_seq.get(crew, 0):
-            _log.debug("crew {crew} seq {seq} was handled already", crew=crew, seq=seq)
+            _log.debug("crew {crew_code} seq {seq} was handled already", crew_code=crew, seq=seq)
             return
         self._emit(frame["type"], frame)
         if seq is not None and crew is not None:
@@ -733,7 +734,8 @@ class LeelooDevice(Service):
         elif error.code == "device_auth_failed":
             self._give_up(error)
         else:
-            _log.warn("the relay answered {code}: {message}", code=error.code, message=error.message)
+            _log.warn("the relay answered {error_code}: {message}",
+                      error_code=error.code, message=error.message)
 
     def _closed(self, proto: DeviceProtocol, code: int | None, reason: str | None) -> None:
         if self._proto is None:
@@ -767,5 +769,5 @@ class LeelooDevice(Service):
             _log.warn("the relay closed the connection for repeated refusals (4029); "
                       "reconnecting in {delay:.0f}s", delay=self._next_delay)
         else:
-            _log.info("device {device_id} disconnected ({code}); reconnecting",
-                      device_id=self.device_id, code=code)
+            _log.info("device {device_id} disconnected ({close_code}); reconnecting",
+                      device_id=self.device_id, close_code=code)
