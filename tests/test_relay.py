@@ -769,6 +769,23 @@ class ShutdownWaitTests(RelayTestCase):
         self.successResultOf(done)
 
 
+class ConnectTests(RelayTestCase):
+    def test_connect_all_or_nothing(self):
+        """
+        A connection whose registration fails part-way (here its peer
+        raising when a stopping relay closes it) leaves nothing behind: no
+        session and no bind timer.
+        """
+        class BrokenPeer(FakePeer):
+            def close(self, code, reason):
+                raise ZeroDivisionError("a bug")
+
+        self.relay.shutdown(spread=0)
+        self.assertRaises(ZeroDivisionError, self.relay.connect, BrokenPeer())
+        self.assertEqual(self.relay.sessions, set())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class BotUserCrewsTests(RelayTestCase):
     def created(self, user_id, name):
         """
