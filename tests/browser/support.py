@@ -260,7 +260,10 @@ class RelayBrowserTestCase(TestCase):
         """
         listen = f"tcp:{self.port or 0}:interface=127.0.0.1"
         options = Options(environ=env or {})
-        options.parseOptions(["--listen", listen, "--data-dir", self.data_dir, *self.relay_args])
+        # Presence at once: the pages show a member going offline without
+        # waiting out the relay's 10-second grace.
+        options.parseOptions(["--listen", listen, "--data-dir", self.data_dir, "--presence-grace", "0",
+                              *self.relay_args])
         self.service = build_service(options.config, reactor, http=http)
         self.service.startService()
         port = yield listening_port(self.service)
