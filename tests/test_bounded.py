@@ -17,7 +17,7 @@ from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from .support import TIMEOUT, RelayProcess
-from .test_limits_loopback import masked, next_frame, raw_websocket
+from .test_limits_loopback import masked, next_frame, raw_exchange, raw_websocket
 
 MiB = 1024 * 1024
 
@@ -45,19 +45,8 @@ def http_get(port: int, path: str, source: str = "127.0.0.1") -> bytes:
     The whole answer to one C{GET path} sent from C{source} (any loopback
     address: a client address of its own).
     """
-    sock = socket.socket()
-    sock.settimeout(TIMEOUT)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n\r\n".encode())
-    answer = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        answer += chunk
-    sock.close()
-    return answer
+    return raw_exchange(
+        port, f"GET {path} HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n\r\n".encode(), source)
 
 
 def flood(sock: socket.socket, chunk: bytes, seconds: float, limit: int | None = None) -> tuple[int, bool]:

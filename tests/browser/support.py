@@ -203,6 +203,16 @@ class Browser:
         self.find("#display-name").send_keys(name)
         self.find("#join").click()
 
+    def enter_crew(self, base, code, name):
+        """
+        Open C{base}'s crew page for C{code}, join it as C{name} and wait
+        until the page says it is online.
+        """
+        self.driver.get(base + "/crew?code=" + code)
+        self.ready()
+        self.join(code, name)
+        self.wait_state("online")
+
     def feed_texts(self):
         return [li.text for li in self.find_all("#feed li")]
 

@@ -86,10 +86,7 @@ class CrewTests(RelayBrowserTestCase):
         def script(stack):
             dev, created = device(stack, self.port, "Den", create=True)
             b = self.browser()
-            b.driver.get(self.base + "/crew?code=" + created["crew_code"])
-            b.ready()
-            b.join(created["crew_code"], "Ann")
-            b.wait_state("online")
+            b.enter_crew(self.base, created["crew_code"], "Ann")
             say(dev, "song_push", artist="Björk", track="Hyperballad", album="Post",
                 spotify_uri="spotify:track:6rqhFgbbKwnb9MLmUQDhG6", album_art_url=ART, note="for you")
             b.wait_feed("Hyperballad")
@@ -122,10 +119,7 @@ class CrewTests(RelayBrowserTestCase):
         def script(stack):
             dev, created = device(stack, self.port, "Den", create=True)
             b = self.browser()
-            b.driver.get(self.base + "/crew?code=" + created["crew_code"])
-            b.ready()
-            b.join(created["crew_code"], "Ann")
-            b.wait_state("online")
+            b.enter_crew(self.base, created["crew_code"], "Ann")
             b.find("#song-link").send_keys("https://open.spotify.com/intl-de/track/6rqhFgbbKwnb9MLmUQDhG6?si=abc")
             b.find("#song-track").send_keys("Hyperballad")
             b.find("#song-note").send_keys("listen")
@@ -195,10 +189,7 @@ class ResumeTests(RelayBrowserTestCase):
             dev, created = device(stack, self.port, "Den", create=True, device_id="leeloo_aaaaaaaaaaaa")
             code = created["crew_code"]
             b = self.browser()
-            b.driver.get(self.base + "/crew?code=" + code)
-            b.ready()
-            b.join(code, "Ann")
-            b.wait_state("online")
+            b.enter_crew(self.base, code, "Ann")
             say(dev, "text", text="before the restart")
             b.wait_feed("before the restart")
             blockingCallFromThread(reactor, self.stop_relay)
@@ -239,10 +230,7 @@ class ResumeTests(RelayBrowserTestCase):
             _, created = device(stack, self.port, "Den", create=True)
             b = self.browser()
             b.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": COUNT_ATTEMPTS})
-            b.driver.get(self.base + "/crew?code=" + created["crew_code"])
-            b.ready()
-            b.join(created["crew_code"], "Ann")
-            b.wait_state("online")
+            b.enter_crew(self.base, created["crew_code"], "Ann")
             blockingCallFromThread(reactor, self.stop_relay)
             b.wait(lambda d: len(d.execute_script("return window.attempts")) >= 4, "the page stopped trying")
             return b.driver.execute_script("return window.attempts"), b.state(), b.text_of("#status")
@@ -268,10 +256,7 @@ class ResumeTests(RelayBrowserTestCase):
             dev, created = device(stack, self.port, "Den", create=True)
             code = created["crew_code"]
             b = self.browser()
-            b.driver.get(self.base + "/crew?code=" + code)
-            b.ready()
-            b.join(code, "Ann")
-            b.wait_state("online")
+            b.enter_crew(self.base, code, "Ann")
             say(dev, "text", text="first")
             b.wait_feed("first")
             kept = b.driver.execute_script("return JSON.parse(localStorage.getItem('leeloo.identity.0'))")
@@ -307,10 +292,7 @@ class ResumeTests(RelayBrowserTestCase):
             dev, created = device(stack, self.port, "Den", create=True)
             code = created["crew_code"]
             b = self.browser()
-            b.driver.get(self.base + "/crew?code=" + code)
-            b.ready()
-            b.join(code, "Ann")
-            b.wait_state("online")
+            b.enter_crew(self.base, code, "Ann")
             kept = b.driver.execute_script("return JSON.parse(localStorage.getItem('leeloo.identity.0'))")
             other = stack.enter_context(connect(f"ws://127.0.0.1:{self.port}/ws"))
             other.send(json.dumps({"type": "join_crew", "crew_code": code, "device_id": kept["device_id"],
@@ -336,10 +318,7 @@ class ResumeTests(RelayBrowserTestCase):
         def script(stack):
             dev, created = device(stack, self.port, "Den", create=True)
             b = self.browser()
-            b.driver.get(self.base + "/crew?code=" + created["crew_code"])
-            b.ready()
-            b.join(created["crew_code"], "Ann")
-            b.wait_state("online")
+            b.enter_crew(self.base, created["crew_code"], "Ann")
             before = b.driver.execute_script("return Object.keys(localStorage)")
             b.find("#forget").click()
             offline = next_of(dev, "member_offline")
@@ -371,10 +350,7 @@ class HostileContentTests(RelayBrowserTestCase):
         def script(stack):
             dev, created = device(stack, self.port, HOSTILE_NAME, create=True)
             b = self.browser()
-            b.driver.get(self.base + "/crew?code=" + created["crew_code"])
-            b.ready()
-            b.join(created["crew_code"], "Ann")
-            b.wait_state("online")
+            b.enter_crew(self.base, created["crew_code"], "Ann")
             h = HOSTILE
             say(dev, "text", text=h)
             say(dev, "reaction", reaction=h, to_device=h)
@@ -443,10 +419,7 @@ class RefusalTests(RelayBrowserTestCase):
     def joined(self, stack, b):
         dev, created = device(stack, self.port, "Den", create=True)
         b.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": SPOIL_A_FRAME})
-        b.driver.get(self.base + "/crew?code=" + created["crew_code"])
-        b.ready()
-        b.join(created["crew_code"], "Ann")
-        b.wait_state("online")
+        b.enter_crew(self.base, created["crew_code"], "Ann")
         return dev
 
     @defer.inlineCallbacks
