@@ -42,7 +42,7 @@ from leeloo import __version__, messages, pages
 from leeloo.access import CONNECTING_TOO_FAST, ConnectionGate, TrustedProxies, is_loopback
 from leeloo.limits import Rate
 from leeloo.messages import CrewLimit, InvalidCrewCode, NotInCrew, ProtocolError, RateLimited, StoreUnavailable
-from leeloo.relay import Relay
+from leeloo.relay import BotCrew, CrewStatus, Relay, Stats
 from leeloo.spotify import SpotifyError, SpotifyOAuth
 from leeloo.websocket import RelayServerFactory
 
@@ -139,6 +139,41 @@ class Directory(Resource):
         return NOT_FOUND
 
 
+def health(stats: Stats) -> dict:
+    """
+    The body of ``GET /health`` for the relay's figures C{stats}.
+    """
+    return {
+        "status": "ok",
+        "devices": stats.devices,
+        "crews": stats.crews,
+        "crews_online": stats.crews_online,
+        "uptime": int(stats.uptime),
+    }
+
+
+def crew_status(status: CrewStatus) -> dict:
+    """
+    The bot API's answer to ``GET /api/telegram/crew/status``.
+    """
+    return {
+        "crew_code": status.crew_code,
+        "exists": status.exists,
+        "devices_online": len(status.device_names),
+        "device_names": status.device_names,
+        "telegram_users": len(status.telegram_user_names),
+        "telegram_user_names": status.telegram_user_names,
+    }
+
+
+def bot_crew(crew: BotCrew) -> dict:
+    """
+    One crew in the bot API's answer to ``GET /api/telegram/user/crews``.
+    """
+    return {"crew_code": crew.crew_code, "display_name": crew.display_name,
+            "devices_online": crew.devices_online}
+
+
 class Landing(Resource):
     """
     ``GET /``: what LEELOO is, and the relay's live counts.
@@ -152,7 +187,7 @@ class Landing(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"cache-control", b"no-store")
-        return write_html(request, 200, pages.landing(self.relay.health()))
+        return write_html(request, 200, pages.landing(health(self.relay.stats())))
 
     render_HEAD = render_GET
 
@@ -234,7 +269,7 @@ class Health(Resource):
         self.extra_fields = tuple(extra_fields)
 
     def render_GET(self, request: Request) -> bytes:
-        body = self.relay.health()
+        body = health(self.relay.stats())
         body["version"] = __version__
         for fields in self.extra_fields:
             body.update(fields())
@@ -503,7 +538,7 @@ class BotAPI(Resource):
         return d.addCallback(lambda reached: {"success": True, "devices_reached": reached})
 
     def status(self, request: Request) -> dict:
-        return self.relay.crew_status(_crew_code(_raw_arg(request, b"crew_code")))
+        return crew_status(self.relay.crew_status(_crew_code(_raw_arg(request, b"crew_code"))))
 
     def user_crews(self, request: Request) -> dict:
         """
@@ -515,7 +550,7 @@ class BotAPI(Resource):
         user = (given or "").strip()[: messages.MAX_DEVICE_ID_LENGTH]
         if not user:
             raise APIError(400, "telegram_user_id required")
-        return {"telegram_user_id": given, "crews": self.relay.bot_user_crews(user)}
+        return {"telegram_user_id": given, "crews": [bot_crew(c) for c in self.relay.bot_user_crews(user)]}
 
 
 class MetricsResource(Resource):

@@ -390,6 +390,7 @@ class RelayServerFactory(WebSocketServerFactory):
 
     @param proxies: whose X-Forwarded-For names the client address.
     @param origins: which browser origins may open a WebSocket.
+    @param clock: what connections time out on (default: the relay's).
     """
 
     protocol = RelayServerProtocol
@@ -400,13 +401,14 @@ class RelayServerFactory(WebSocketServerFactory):
         limits: WebSocketLimits = WebSocketLimits(),
         proxies: TrustedProxies = TrustedProxies(),
         origins: OriginPolicy = OriginPolicy(),
+        clock: Any = None,
     ) -> None:
         super().__init__()
         self.relay = relay
         self.limits = limits
         # Every connection's timeouts on one wheel with O(1) cancels, in
         # place of txaio's batched timer (see leeloo.timers).
-        self._batched_timer = TimerWheel(relay.clock)
+        self._batched_timer = TimerWheel(relay.clock if clock is None else clock)
         self.proxies = proxies
         self.origins = origins
         self.caps = ConnectionCaps(limits.max_connections, limits.max_connections_per_address)

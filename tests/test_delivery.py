@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.relay import DAY, Relay
 from leeloo.store import MemoryStore, StoreError
+from leeloo import web
 from leeloo.testing import FailingMemoryStore, FakePeer, strip_keys
 
 T0 = 1_700_000_000.0
@@ -458,7 +459,7 @@ class BugRecoveryTests(DeliveryTestCase):
         self.say(a, "missed")
         back = self.device("b")
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
-        self.assertIsNone(back.session.held)
+        self.assertIsNone(back.session.primary.held)
         self.assertEqual(back.peer.closed[0], 1011)
         self.assertFalse(a.peer.closed)
 
@@ -470,16 +471,16 @@ class BugRecoveryTests(DeliveryTestCase):
         """
         a, b = self.device("a"), self.device("b")
         a.take(), b.take()
-        fanout = self.relay._fanout
+        fanout = self.relay.crews_part.fanout
 
         def broken(*args, **kwargs):
             raise ZeroDivisionError("a bug")
 
-        self.patch(self.relay, "_fanout", broken)
+        self.patch(self.relay.crews_part, "fanout", broken)
         self.say(a, "boom")
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual(a.peer.closed[0], 1011)
-        self.patch(self.relay, "_fanout", fanout)
+        self.patch(self.relay.crews_part, "fanout", fanout)
         self.say(b, "still here")
         self.assertFalse(b.peer.closed)
         self.assertEqual([m["type"] for m in b.take()], [])
@@ -494,7 +495,7 @@ class BugRecoveryTests(DeliveryTestCase):
             raise ZeroDivisionError("a bug")
 
         d = Device(self.relay)
-        self.patch(self.relay, "_deliver_pending", broken)
+        self.patch(self.relay.tokens, "hand_over", broken)
         d.send(type="create_crew", device_id="a", crew_code="NEWCREW", display_name="A")
         self.clock.advance(1)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
@@ -759,5 +760,5 @@ class BotUserRestoreTests(DeliveryTestCase):
         self.device("a", crew="HOME")
         self.relay.bot_join_crew("7", "home", "Tina")
         relay = self.make_relay()
-        self.assertEqual(relay.bot_user_crews("7"),
+        self.assertEqual([web.bot_crew(c) for c in relay.bot_user_crews("7")],
                          [{"crew_code": "HOME", "display_name": "Tina", "devices_online": 0}])

@@ -103,14 +103,17 @@ class RelayMachine(RuleBasedStateMachine):
             assert session in relay.sessions
         for code, crew in relay.crews.items():
             assert crew.code == code
-            for device_id, session in crew.online.items():
+            for device_id, membership in crew.online.items():
+                session = membership.session
                 assert session.crew is crew
+                assert session.memberships[code] is membership
                 assert session.device_id == device_id
                 assert relay.devices.get(device_id) is session
-                assert device_id in crew.members
+                assert membership.member is crew.members[device_id]
         for session in relay.sessions:
             if session.crew is not None:
-                assert session.crew.online.get(session.device_id) is session
+                assert session.crew.online.get(session.device_id) is session.primary
+            assert set(session.memberships.values()) == ({session.primary} if session.primary else set())
 
     @invariant()
     def only_protocol_messages(self):

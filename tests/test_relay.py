@@ -18,9 +18,17 @@ from leeloo.relay import (
     generate_crew_code,
     generate_device_id,
 )
+from leeloo import web
 from leeloo.testing import FakePeer, strip_keys
 
 T0 = 1_700_000_000.0
+
+
+def bot_crews(relay, user_id):
+    """
+    What the bot API answers for C{user_id}'s crews.
+    """
+    return [web.bot_crew(c) for c in relay.bot_user_crews(user_id)]
 
 
 class Device:
@@ -111,7 +119,7 @@ class RegisterTests(RelayTestCase):
         d.take()
         d.send(type="message", payload={"text": "hi"})
         self.assertEqual(d.take()[0]["error"], "not_in_crew")
-        self.assertEqual(self.relay.health()["devices"], 1)
+        self.assertEqual(self.relay.stats().devices, 1)
 
     def test_register_with_crew_creates_it(self):
         """
@@ -385,7 +393,7 @@ class DisconnectTests(RelayTestCase):
         self.assertEqual(b.take(), [])
         self.clock.advance(0.1)
         self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "dev0", "display_name": "Dev 0"}])
-        self.assertEqual(self.relay.health()["devices"], 1)
+        self.assertEqual(self.relay.stats().devices, 1)
 
     def test_crew_survives_everyone_leaving(self):
         """
@@ -394,7 +402,7 @@ class DisconnectTests(RelayTestCase):
         """
         [a] = self.crew_of(1)
         a.close()
-        self.assertEqual(self.relay.health()["crews"], 1)
+        self.assertEqual(self.relay.stats().crews, 1)
         d = self.device()
         d.send(type="join_crew", crew_code="ALPHA")
         self.assertEqual(d.take()[0]["crew_members"], 1)
@@ -458,7 +466,7 @@ class DisconnectTests(RelayTestCase):
         self.clock.advance(0.1)
         self.successResultOf(done)
         self.assertEqual((self.relay.sessions, self.relay.devices), (set(), {}))
-        self.assertEqual(self.relay.crew_status("ALPHA")["devices_online"], 0)
+        self.assertEqual(self.relay.crew_status("ALPHA").device_names, [])
 
     def test_connection_opening_during_shutdown_is_closed(self):
         """
@@ -620,7 +628,7 @@ class BotTests(RelayTestCase):
         d = self.device()
         d.send(type="join_crew", crew_code=code, device_name="Den")
         self.assertEqual(
-            self.relay.crew_status(code.lower()),
+            web.crew_status(self.relay.crew_status(code.lower())),
             {"crew_code": code, "exists": True, "devices_online": 1, "device_names": ["Den"],
              "telegram_users": 1, "telegram_user_names": ["Tina"]},
         )
@@ -630,7 +638,7 @@ class BotTests(RelayTestCase):
         The status of an unknown crew says it does not exist.
         """
         self.assertEqual(
-            self.relay.crew_status("ZZZ"),
+            web.crew_status(self.relay.crew_status("ZZZ")),
             {"crew_code": "ZZZ", "exists": False, "devices_online": 0, "device_names": [],
              "telegram_users": 0, "telegram_user_names": []},
         )
@@ -644,7 +652,7 @@ class HealthTests(RelayTestCase):
         self.crew_of(2, "A")
         self.crew_of(1, "B")
         self.clock.advance(42)
-        self.assertEqual(self.relay.health(),
+        self.assertEqual(web.health(self.relay.stats()),
                          {"status": "ok", "devices": 3, "crews": 2, "crews_online": 2, "uptime": 42})
 
     def test_crews_online_counts_crews_with_a_member_online(self):
@@ -656,12 +664,12 @@ class HealthTests(RelayTestCase):
         [a1, a2] = self.crew_of(2, "A")
         [b] = self.crew_of(1, "B")
         a1.close()
-        self.assertEqual(self.relay.health()["crews_online"], 2)
+        self.assertEqual(self.relay.stats().crews_online, 2)
         a2.close()
-        self.assertEqual((self.relay.health()["crews"], self.relay.health()["crews_online"]), (2, 1))
+        self.assertEqual((self.relay.stats().crews, self.relay.stats().crews_online), (2, 1))
         back = self.device()
         back.send(type="join_crew", crew_code="A", device_id="dev9", display_name="Nine")
-        self.assertEqual(self.relay.health()["crews_online"], 2)
+        self.assertEqual(self.relay.stats().crews_online, 2)
 
     def test_crews_online_after_a_replaced_connection(self):
         """
@@ -671,9 +679,9 @@ class HealthTests(RelayTestCase):
         self.crew_of(1, "A")
         again = self.device()
         again.send(type="register", device_id="dev0", crew_code="A")
-        self.assertEqual(self.relay.health()["crews_online"], 1)
+        self.assertEqual(self.relay.stats().crews_online, 1)
         again.close()
-        self.assertEqual(self.relay.health()["crews_online"], 0)
+        self.assertEqual(self.relay.stats().crews_online, 0)
 
     def test_crews_online_after_a_move(self):
         """
@@ -682,9 +690,9 @@ class HealthTests(RelayTestCase):
         [d] = self.crew_of(1, "A")
         self.crew_of(0, "B")
         d.send(type="create_crew", crew_code="B")
-        self.assertEqual((self.relay.health()["crews"], self.relay.health()["crews_online"]), (2, 1))
+        self.assertEqual((self.relay.stats().crews, self.relay.stats().crews_online), (2, 1))
         d.close()
-        self.assertEqual(self.relay.health()["crews_online"], 0)
+        self.assertEqual(self.relay.stats().crews_online, 0)
 
 
 class BindTimeoutTests(RelayTestCase):
@@ -803,11 +811,11 @@ class BotUserCrewsTests(RelayTestCase):
         self.relay.bot_join_crew("7", "home", "Tina")
         code = self.created("7", "T.")
         self.created("8", "Other")
-        self.assertEqual(self.relay.bot_user_crews("7"), [
+        self.assertEqual(bot_crews(self.relay, "7"), [
             {"crew_code": "HOME", "display_name": "Tina", "devices_online": 2},
             {"crew_code": code, "display_name": "T.", "devices_online": 0},
         ])
-        self.assertEqual(self.relay.bot_user_crews("9"), [])
+        self.assertEqual(bot_crews(self.relay, "9"), [])
 
     def test_pruned_crew_forgotten(self):
         """
@@ -816,5 +824,5 @@ class BotUserCrewsTests(RelayTestCase):
         self.created("7", "Tina")
         self.clock.advance(91 * 86400)
         self.relay.prune()
-        self.assertEqual(self.relay.bot_user_crews("7"), [])
+        self.assertEqual(bot_crews(self.relay, "7"), [])
         self.assertEqual(self.relay.bot_user_index, {})

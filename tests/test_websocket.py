@@ -107,7 +107,7 @@ class ContractTests(WebSocketTestCase):
         self.clock.advance(PRESENCE_GRACE)
         self.net.flush()
         self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "d0", "display_name": "D0"}])
-        self.assertEqual(self.relay.health()["devices"], 1)
+        self.assertEqual(self.relay.stats().devices, 1)
 
     def test_dropped_connection_goes_offline(self):
         """
@@ -210,12 +210,12 @@ class BadInputTests(WebSocketTestCase):
         """
         a, b = self.registered(2)
 
-        def broken(session, message):
+        def broken(session, message, size):
             raise ZeroDivisionError("a bug")
 
         from leeloo.messages import Ping
 
-        self.patch(self.relay, "_handlers", {**self.relay._handlers, Ping: broken})
+        self.patch(self.relay.handlers, "by_type", {**self.relay.handlers.by_type, Ping: broken})
         self.send(a, type="ping")
         self.assertEqual(a.close_code, 1011)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
