@@ -5,7 +5,8 @@ rate limit, and the bot API's join limit.
 """
 
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.limits import Bucket, Limiter, Rate, RelayLimits
@@ -227,8 +228,8 @@ class CrewEntryLimitTests(CoreTestCase):
         client_address and error_code fields.
         """
         d = self.device()
-        with capturedLogs() as events:
-            self.guesses(d, {"type": "join_crew"})
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.guesses(d, {"type": "join_crew"})
         [warning] = [e for e in events if "refusals" in e.get("log_format", "")]
         self.assertEqual((warning["client_address"], warning["error_code"]), ("203.0.113.5", "rate_limited"))
 

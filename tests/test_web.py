@@ -16,7 +16,8 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs, formatEvent
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET
@@ -1222,11 +1223,11 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
         """
         Nothing the relay logs around a callback holds the code or a token.
         """
-        with capturedLogs() as events:
-            self.callback(code=CODE, state=DEVICE)
-            self.callback(code=CODE, state=DEVICE)
-            self.accounts.fail_with = 500
-            self.callback(code=CODE, state=DEVICE)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.callback(code=CODE, state=DEVICE)
+        self.callback(code=CODE, state=DEVICE)
+        self.accounts.fail_with = 500
+        self.callback(code=CODE, state=DEVICE)
         self.assertTrue(events)
         for event in events:
             text = formatEvent(event) + repr(event)
