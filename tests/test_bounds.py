@@ -4,8 +4,6 @@ count, presence churn, resends, durable answers, the crew log's bound and
 the store's back-pressure.  Plain calls, a recording FakePeer and a Clock.
 """
 
-import json
-
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -14,28 +12,9 @@ from leeloo.limits import Rate, RelayLimits
 from leeloo.messages import CrewLimit, StoreUnavailable
 from leeloo.relay import CODE_TRIES, DAY, MAX_GENERATED_CODE_LENGTH, PRESENCE_GRACE, Relay
 from leeloo.store import MemoryStore
-from leeloo.testing import FailingMemoryStore, FakePeer
+from leeloo.testing import Device, FailingMemoryStore
 
 T0 = 1_700_000_000.0
-
-
-class Device:
-    def __init__(self, relay, address="192.0.2.1"):
-        self.relay = relay
-        self.peer = FakePeer()
-        self.session = relay.connect(self.peer, address)
-
-    def send(self, **fields):
-        self.relay.receive(self.session, json.dumps(fields).encode("utf-8"))
-
-    def take(self):
-        return self.peer.take()
-
-    def types(self):
-        return [m["type"] for m in self.take()]
-
-    def close(self):
-        self.relay.disconnect(self.session)
 
 
 class HeldStore(MemoryStore):
@@ -466,7 +445,7 @@ class CrewLogBoundTests(BoundsTestCase):
         bounded from there.
         """
         relay = self.make_relay(crew_log_bytes=1_000_000)
-        a = Device(relay)
+        a = Device(relay, "192.0.2.1")
         a.send(type="register", device_id="a", crew_code="ALPHA")
         for i in range(30):
             a.send(type="message", payload={"text": "x" * 1000})

@@ -5,8 +5,6 @@ get each message exactly once, and retention keeps the log bounded.  The
 core is driven with a FakePeer, a Clock and a store.
 """
 
-import json
-
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -14,35 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from leeloo.relay import DAY, Relay
 from leeloo.store import MemoryStore, StoreError
 from leeloo import web
-from leeloo.testing import FailingMemoryStore, FakePeer, strip_keys
+from leeloo.testing import Device, FailingMemoryStore, strip_keys
 
 T0 = 1_700_000_000.0
-
-
-class Device:
-    def __init__(self, relay):
-        self.relay = relay
-        self.peer = FakePeer()
-        self.session = relay.connect(self.peer)
-
-    def send(self, **fields):
-        self.relay.receive(self.session, json.dumps(fields).encode())
-
-    def take(self):
-        return self.peer.take()
-
-    def texts(self):
-        return [m["payload"]["text"] for m in self.take() if m["type"] == "message"]
-
-    def close(self):
-        self.relay.disconnect(self.session)
-
-    def prove(self):
-        """
-        The device proves it received everything sent so far (as its pong
-        to a ping sent now does).
-        """
-        self.relay.delivered(self.session, self.relay.delivery_mark(self.session))
 
 
 class DeliveryTestCase(SynchronousTestCase):

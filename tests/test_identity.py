@@ -4,35 +4,18 @@ on first use), crew-entry limits on every path into a crew, the message
 rate limit, and the bot API's join limit.
 """
 
-import json
-
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.limits import Bucket, Limiter, Rate, RelayLimits
 from leeloo.messages import RateLimited
 from leeloo.relay import CLOSE_ABUSE, CLOSE_REPLACED, Relay, key_hash
 from leeloo.store import MemoryStore
-from leeloo.testing import FakePeer
+from leeloo.testing import Device
 
 T0 = 1_700_000_000.0
-
-
-class Device:
-    def __init__(self, relay, address="203.0.113.5"):
-        self.relay = relay
-        self.peer = FakePeer()
-        self.session = relay.connect(self.peer, address)
-
-    def send(self, **fields):
-        self.relay.receive(self.session, json.dumps(fields).encode())
-
-    def take(self):
-        return self.peer.take()
-
-    def last(self):
-        return self.take()[-1]
 
 
 class CoreTestCase(SynchronousTestCase):
@@ -137,7 +120,7 @@ class DeviceKeyTests(CoreTestCase):
         d.send(type="register", device_id="dev")
         d.send(type="register", device_id="dev", device_key=d.take()[0]["device_key"])
         relay = Relay(self.clock, self.store)
-        thief = Device(relay)
+        thief = Device(relay, "203.0.113.5")
         thief.send(type="register", device_id="dev")
         self.assertEqual(thief.last()["error"], "device_auth_failed")
 
@@ -168,7 +151,7 @@ class DeviceKeyTests(CoreTestCase):
             d = self.device()
             d.send(type="register", device_id="old", crew_code="HOME")
             self.assertEqual(d.last()["type"], "registered")
-            self.relay.disconnect(d.session)
+            d.close()
 
     def test_require_device_key(self):
         """
@@ -176,14 +159,14 @@ class DeviceKeyTests(CoreTestCase):
         (no id) gets an id and a key.
         """
         relay = Relay(self.clock, self.store, limits=RelayLimits(require_device_key=True))
-        legacy = Device(relay)
+        legacy = Device(relay, "203.0.113.5")
         legacy.send(type="register", device_id="old")
         self.assertEqual(legacy.last()["error"], "device_auth_failed")
-        fresh = Device(relay)
+        fresh = Device(relay, "203.0.113.5")
         fresh.send(type="register")
         reply = fresh.last()
         self.assertEqual(reply["type"], "registered")
-        again = Device(relay)
+        again = Device(relay, "203.0.113.5")
         again.send(type="register", device_id=reply["device_id"], device_key=reply["device_key"])
         self.assertEqual(again.last(), {"type": "registered", "device_id": reply["device_id"]})
 
@@ -245,8 +228,8 @@ class CrewEntryLimitTests(CoreTestCase):
         client_address and error_code fields.
         """
         d = self.device()
-        with capturedLogs() as events:
-            self.guesses(d, {"type": "join_crew"})
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.guesses(d, {"type": "join_crew"})
         [warning] = [e for e in events if "refusals" in e.get("log_format", "")]
         self.assertEqual((warning["client_address"], warning["error_code"]), ("203.0.113.5", "rate_limited"))
 
@@ -319,7 +302,7 @@ class CrewEntryLimitTests(CoreTestCase):
         crew_code_length makes new crews' codes longer.
         """
         relay = Relay(self.clock, limits=RelayLimits(crew_code_length=8))
-        d = Device(relay)
+        d = Device(relay, "203.0.113.5")
         d.send(type="create_crew")
         self.assertRegex(d.last()["crew_code"], r"^LEELOO-[A-HJ-NP-Z2-9]{8}$")
 

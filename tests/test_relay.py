@@ -3,8 +3,6 @@ The relay core, driven with method calls, a recording FakePeer and a Clock:
 every row of the WebSocket contract, fan-out, and refusals.
 """
 
-import json
-
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,7 +17,7 @@ from leeloo.relay import (
     generate_device_id,
 )
 from leeloo import web
-from leeloo.testing import FakePeer, strip_keys
+from leeloo.testing import Device, FakePeer, strip_keys
 
 T0 = 1_700_000_000.0
 
@@ -31,26 +29,6 @@ def bot_crews(relay, user_id):
     return [web.bot_crew(c) for c in relay.bot_user_crews(user_id)]
 
 
-class Device:
-    """
-    One fake connection: its peer and session.
-    """
-
-    def __init__(self, relay):
-        self.relay = relay
-        self.peer = FakePeer()
-        self.session = relay.connect(self.peer, "127.0.0.1")
-
-    def send(self, **fields):
-        self.relay.receive(self.session, json.dumps(fields).encode("utf-8"))
-
-    def take(self):
-        return self.peer.take()
-
-    def close(self):
-        self.relay.disconnect(self.session)
-
-
 class RelayTestCase(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
@@ -59,7 +37,7 @@ class RelayTestCase(SynchronousTestCase):
         self.relay = Relay(self.clock, message_id=lambda: f"m{next(ids)}")
 
     def device(self):
-        return Device(self.relay)
+        return Device(self.relay, "127.0.0.1")
 
     def crew_of(self, n, code="ALPHA"):
         """
@@ -167,7 +145,7 @@ class CreateCrewTests(RelayTestCase):
         """
         codes = iter(["LEELOO-AAAA", "LEELOO-AAAA", "LEELOO-BBBB"])
         relay = Relay(self.clock, crew_code=lambda length: next(codes))
-        a, b = Device(relay), Device(relay)
+        a, b = Device(relay, "127.0.0.1"), Device(relay, "127.0.0.1")
         a.send(type="create_crew")
         b.send(type="create_crew")
         self.assertEqual([a.take()[0]["crew_code"], b.take()[0]["crew_code"]], ["LEELOO-AAAA", "LEELOO-BBBB"])
@@ -518,7 +496,7 @@ class RefusalTests(RelayTestCase):
             (b'{"type":"message","payload":"text"}', "invalid_message"),
         ]
         for data, code in cases:
-            self.relay.receive(a.session, data)
+            a.send_frame(data)
             [reply] = a.take()
             self.assertEqual((reply["type"], reply["error"]), ("error", code))
             self.assertIsInstance(reply["message"], str)
@@ -745,7 +723,7 @@ class BindTimeoutTests(RelayTestCase):
         A bind timeout of 0 never closes anyone.
         """
         relay = Relay(self.clock, bind_timeout=0)
-        d = Device(relay)
+        d = Device(relay, "127.0.0.1")
         self.clock.advance(86400)
         self.assertIsNone(d.peer.closed)
         self.assertEqual(self.clock.getDelayedCalls(), [])
