@@ -24,6 +24,32 @@ Relay -> client
     ``sent``             ``client_msg_id`` ``id`` ``seq``
     ``replay_truncated`` ``from_seq`` ``to_seq``
 
+Both directions are typed, one frozen dataclass per message type.
+L{decode} reads what a client sends (the relay's side); L{decode_from_relay}
+reads what the relay sends (the device's side); L{encode} writes either a
+dict or a typed message.  The names:
+
+    - client -> relay: the request, in CamelCase (L{Register},
+      L{CreateCrew}, L{JoinCrew}, L{CrewMessage} for ``message``,
+      L{ShareMusic}, L{Reaction}, L{Ack}, L{Ping});
+    - relay -> client: the wire type in CamelCase (L{Registered},
+      L{CrewCreated}, L{CrewJoined}, L{MemberJoined}, L{MemberOffline},
+      L{MusicShared}, L{Sent}, L{ReplayTruncated}, L{Pong},
+      L{SpotifyAuthComplete}), except where that would collide with a
+      request: the crew fan-outs of ``message`` and ``reaction`` are
+      L{RelayedMessage} and L{RelayedReaction}, and ``error`` is
+      L{ErrorFrame} (L{ProtocolError} is the exception, L{ErrorFrame} the
+      frame that carries it).  A type this version does not know is read
+      as an L{UnknownRelayMessage} keeping the whole dict.
+
+Each outgoing class has C{to_dict()}, exactly the frame on the wire; the
+builder functions (L{registered}, L{crew_joined}, ...) return those dicts.
+Every error is a L{ProtocolError} subclass carrying its C{code}, the close
+code that follows when it repeats (C{close_code}), and the bot API's answer
+(C{http_status}, C{http_code}); close codes are L{CloseCode}.  The field
+validators (L{string_field}, L{crew_code_field}, L{object_field}) serve
+frames and the bot API alike.
+
 Device identity (trust on first use):
     ``registered``, ``crew_created`` and ``crew_joined`` carry
     ``device_key`` when the relay issues one: to a device id that has no
