@@ -549,8 +549,7 @@ class BuilderTests(SynchronousTestCase):
     def test_stamped(self):
         """
         stamped() adds timestamp, seq and id, in that order, after the
-        fields; a dict that is not a fan-out the relay builds is stamped
-        as given.
+        fields (of any dict it is given).
         """
         self.assertExactly(messages.stamped(messages.reaction("love", "Bob"), 5, 2, "m2"),
                            {"type": "reaction", "reaction_type": "love", "from": "Bob", "timestamp": 5,
@@ -560,6 +559,17 @@ class BuilderTests(SynchronousTestCase):
                             "payload": {}, "timestamp": 5, "seq": 3, "id": "m3"})
         self.assertExactly(messages.stamped({"type": "message", "x": 1}, 5, 4, "m4"),
                            {"type": "message", "x": 1, "timestamp": 5, "seq": 4, "id": "m4"})
+
+    def test_stamped_is_the_typed_stamp(self):
+        """
+        stamped() of a fan-out's dict is the dict of the typed fan-out's
+        stamped().
+        """
+        for fanout in (RelayedMessage("leeloo_2", "Bob", "text", {"text": "hi"}),
+                       MusicShared("spotify:track:1", None, "T", "L", "Bob"), RelayedReaction("love", "Bob")):
+            typed = fanout.stamped(5, 2, "m2")
+            self.assertEqual((typed.timestamp, typed.seq, typed.id), (5, 2, "m2"))
+            self.assertExactly(messages.stamped(fanout.to_dict(), 5, 2, "m2"), typed.to_dict())
 
     def test_replayed(self):
         """
