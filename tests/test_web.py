@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 import leeloo
-from leeloo import __version__
+from leeloo import __version__, messages
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyConfig, SpotifyOAuth
 from leeloo.testing import Device, FakeSpotifyAccounts, strip_keys
@@ -933,6 +933,92 @@ class BotInternalErrorTests(BotAPIMixin, SynchronousTestCase):
         )
         self.assertEqual((status, body), (500, {"error": "internal_error"}))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class BotFieldAnswerTests(BotAPIMixin, SynchronousTestCase):
+    """
+    The exact answers to refused fields (the devices' validators, in the
+    bot API's words), and what the bot API cuts rather than refuses.
+    """
+
+    def test_refused_fields_exactly(self) -> None:
+        """
+        A wrong type or an overlong field is 400 C{{"error": "<field>
+        <problem>"}} with no message.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        self.join("ALPHA", "42")
+        cases = [
+            ({"display_name": 7}, "display_name must be a string"),
+            ({"display_name": "x" * 1025}, "display_name too long"),
+            ({"telegram_user_id": True}, "telegram_user_id must be a string or an integer"),
+            ({"telegram_user_id": 4.2}, "telegram_user_id must be a string"),
+            ({"crew_code": ["ALPHA"]}, "crew_code must be a string"),
+        ]
+        for fields, error in cases:
+            body = {"telegram_user_id": "42", "crew_code": "ALPHA", "display_name": "Ann", **fields}
+            self.assertEqual(self.api("POST", "crew/join", body), (400, {"error": error}), fields)
+        for fields, error in [({"payload": "hi"}, "payload must be an object"),
+                              ({"msg_type": None}, "msg_type required"),
+                              ({"msg_type": 3}, "msg_type must be a string")]:
+            self.assertEqual(self.message("ALPHA", **fields), (400, {"error": error}), fields)
+
+    def test_long_names_are_cut(self) -> None:
+        """
+        A name or user id over the frame limit (64) but within 1024 is cut
+        to 64, not refused (a device frame would be refused).
+        """
+        member, _ = self.device(DEVICE, crew_code="ALPHA")
+        status, body = self.join("ALPHA", "4" * 100, "N" * 100)
+        self.assertEqual((status, body["success"]), (200, True))
+        self.assertEqual(self.relay.crews["ALPHA"].bot_users, {"4" * 64: "N" * 64})
+
+
+class ErrorRelay(Relay):
+    """
+    A relay whose bot calls raise the error the test sets.
+    """
+
+    error: Exception | None = None
+
+    def bot_join_crew(self, user_id: str, code: str, name: str) -> Any:
+        raise self.error
+
+
+class BotProtocolErrorTests(BotAPIMixin, SynchronousTestCase):
+    """
+    An error from the core is answered by its own HTTP attributes.
+    """
+
+    def make_relay(self) -> Relay:
+        return ErrorRelay(self.clock)
+
+    def answer(self, error: Exception) -> tuple[int, Any, Any]:
+        self.relay.error = error
+        response, data = self.call("POST", "/api/telegram/crew/join", headers={
+            "X-Api-Secret": SECRET, "Content-Type": "application/json"},
+            data=json.dumps({"telegram_user_id": "42", "crew_code": "ALPHA", "display_name": "Ann"}).encode())
+        return response.code, json.loads(data), response.headers.getRawHeaders(b"retry-after")
+
+    def test_each_error(self) -> None:
+        """
+        429 with retry_after (body and header), 503 for store_unavailable
+        and crew_limit, 404 crew_not_found, 403 not_in_crew, 400 and the
+        code otherwise; the error's other fields stay out.
+        """
+        rows = [
+            (messages.RateLimited("slow down", 2.5), 429,
+             {"error": "rate_limited", "message": "slow down", "retry_after": 3}, [b"3"]),
+            (messages.StoreUnavailable("not stored", client_msg_id="c1"), 503,
+             {"error": "store_unavailable", "message": "not stored"}, None),
+            (messages.CrewLimit("full"), 503, {"error": "crew_limit", "message": "full"}, None),
+            (messages.InvalidCrewCode("Crew ALPHA not found"), 404,
+             {"error": "crew_not_found", "message": "Crew ALPHA not found"}, None),
+            (messages.NotInCrew("join first"), 403, {"error": "not_in_crew", "message": "join first"}, None),
+            (messages.DeviceAuthFailed("no"), 400, {"error": "device_auth_failed", "message": "no"}, None),
+        ]
+        for error, status, body, retry in rows:
+            self.assertEqual(self.answer(error), (status, body, retry), error)
 
 
 # ---------------------------------------------------------------- Spotify
