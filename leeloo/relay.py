@@ -22,11 +22,6 @@ from leeloo.core.bot import BotCrew, BotUsers, CrewStatus
 from leeloo.core.crews import Crew, Crews, Member, Membership, generate_crew_code
 from leeloo.core.defaults import (
     BIND_TIMEOUT,
-    CLOSE_ABUSE,
-    CLOSE_BIND_TIMEOUT,
-    CLOSE_GOING_AWAY,
-    CLOSE_INTERNAL_ERROR,
-    CLOSE_REPLACED,
     CODE_TRIES,
     CREW_LOG_BYTES,
     DAY,
@@ -48,7 +43,16 @@ from leeloo.core.retention import Retention
 from leeloo.core.sessions import Session, Sessions
 from leeloo.core.tokens import PendingTokens
 from leeloo.limits import RelayLimits
-from leeloo.messages import BinaryNotSupported, ProtocolError, RateLimited
+from leeloo.messages import (
+    CLOSE_ABUSE,
+    CLOSE_BIND_TIMEOUT,
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_REPLACED,
+    BinaryNotSupported,
+    ProtocolError,
+    RateLimited,
+)
 from leeloo.store import IStore, Journal, MemoryStore, Snapshot
 
 __all__ = [
@@ -235,7 +239,7 @@ class Relay:
         self._refused(session, BinaryNotSupported("binary frames are not supported; send JSON text"))
 
     def _refused(self, session: Session, error: ProtocolError) -> None:
-        session.send(error.as_message())
+        session.send(error.as_frame())
         self.admission.refused(session, error)
 
     def delivery_mark(self, session: Session) -> tuple:

@@ -778,15 +778,6 @@ class ErrorAttributeTests(SynchronousTestCase):
             self.assertIs(getattr(messages, "CLOSE_" + c.name), c)
         self.assertEqual((str(CloseCode.ABUSE), f"{CloseCode.ABUSE}"), ("4029", "4029"))
 
-    def test_relay_core_names_agree(self):
-        """
-        The relay core's own close-code names (until it imports these) are
-        the same numbers.
-        """
-        from leeloo import relay
-        for name in ("GOING_AWAY", "INTERNAL_ERROR", "REPLACED", "BIND_TIMEOUT", "ABUSE"):
-            self.assertEqual(getattr(relay, "CLOSE_" + name), CloseCode[name])
-
 
 class ValidatorTests(SynchronousTestCase):
     """

@@ -968,7 +968,7 @@ class BotFieldAnswerTests(BotAPIMixin, SynchronousTestCase):
         A name or user id over the frame limit (64) but within 1024 is cut
         to 64, not refused (a device frame would be refused).
         """
-        member, _ = self.device(DEVICE, crew_code="ALPHA")
+        self.device(DEVICE, crew_code="ALPHA")
         status, body = self.join("ALPHA", "4" * 100, "N" * 100)
         self.assertEqual((status, body["success"]), (200, True))
         self.assertEqual(self.relay.crews["ALPHA"].bot_users, {"4" * 64: "N" * 64})

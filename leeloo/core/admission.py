@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
-from leeloo.core.defaults import CLOSE_ABUSE
 from leeloo.limits import Bucket, Limiter, RelayLimits
-from leeloo.messages import DeviceAuthFailed, ProtocolError, RateLimited
+from leeloo.messages import CLOSE_ABUSE, DeviceAuthFailed, ProtocolError, RateLimited
 
 if TYPE_CHECKING:
     from leeloo.core.crews import Crew

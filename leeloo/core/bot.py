@@ -90,7 +90,7 @@ class BotUsers:
         crew = self.crews.known(code)
         if user_id not in crew.bot_users:
             raise NotInCrew(f"join crew {crew.code} before sending to it")
-        message = messages.crew_message(TELEGRAM_DEVICE_ID, sender_name, msg_type, payload)
+        message = messages.RelayedMessage(TELEGRAM_DEVICE_ID, sender_name, msg_type, payload)
         return self.delivery.publish(crew, message, TELEGRAM_DEVICE_ID, size=len(messages.encode(message)))
 
     def user_crews(self, user_id: str) -> list[BotCrew]:

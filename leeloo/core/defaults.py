@@ -1,13 +1,7 @@
 """
-The relay's defaults and the close codes it documents.
+The relay's defaults.  (The close codes are the protocol's:
+L{leeloo.messages.CloseCode}.)
 """
-
-# Close codes the relay documents (application reasons live in 4000-4999).
-CLOSE_GOING_AWAY = 1001
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_REPLACED = 4001
-CLOSE_BIND_TIMEOUT = 4008
-CLOSE_ABUSE = 4029
 
 TELEGRAM_DEVICE_ID = "telegram"
 # A device back in its crew within this many seconds was never away, as

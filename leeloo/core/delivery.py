@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 _log = Logger()
 
+# What a crew hears, as the relay sends it to every member.
+Fanout = messages.RelayedMessage | messages.MusicShared | messages.RelayedReaction
+
 
 def generate_message_id() -> str:
     return secrets.token_hex(8)
@@ -71,7 +74,7 @@ class Publication:
     __slots__ = ("crew", "message", "id", "sender", "client_msg_id", "digest", "created_at",
                  "remembered", "seq", "out")
 
-    def __init__(self, crew: Crew, message: dict, id: str, sender: str, client_msg_id: str | None,
+    def __init__(self, crew: Crew, message: Fanout, id: str, sender: str, client_msg_id: str | None,
                  digest: bytes | None, created_at: float, remembered: ClientMessage | None) -> None:
         self.crew = crew
         self.message = message
@@ -87,11 +90,12 @@ class Publication:
     def __call__(self) -> LogEntry:
         crew = self.crew
         seq = self.seq = crew.last_seq = crew.last_seq + 1
-        self.out = Outgoing(messages.stamped(self.message, int(self.created_at * 1000), seq, self.id))
+        fanout = self.message.to_dict()
+        self.out = Outgoing(messages.stamped(fanout, int(self.created_at * 1000), seq, self.id))
         if self.remembered is not None:
             self.remembered.seq = seq
         return LogEntry(crew.code, seq, self.id, self.sender, self.client_msg_id, self.digest,
-                        self.created_at, self.out.payload, messages.is_ephemeral(self.message))
+                        self.created_at, self.out.payload, messages.is_ephemeral(fanout))
 
 
 class Delivery:
@@ -134,7 +138,7 @@ class Delivery:
             raise NotInCrew("join or create a crew before sending crew messages")
         return session.primary.crew
 
-    def send(self, session: Session, message: dict, client_msg_id: str | None, received: Any,
+    def send(self, session: Session, message: Fanout, client_msg_id: str | None, received: Any,
              size: int) -> Deferred | None:
         """
         C{session}'s crew message (C{received}, as decoded, about C{size}
@@ -153,13 +157,13 @@ class Delivery:
                     raise DuplicateClientMessage(
                         f"client_msg_id {client_msg_id!r} was already used for a different message")
                 if known.waiting is None:
-                    session.send(messages.sent(client_msg_id, known.id, known.seq))
+                    session.send(messages.Sent(client_msg_id, known.id, known.seq))
                 else:
                     known.waiting.append(session)
                 return None
         return self.publish(crew, message, session.device_id, session, client_msg_id, digest, size)
 
-    def publish(self, crew: Crew, message: dict, sender_id: str, session: Session | None = None,
+    def publish(self, crew: Crew, message: Fanout, sender_id: str, session: Session | None = None,
                 client_msg_id: str | None = None, digest: bytes | None = None, size: int = 0) -> Deferred:
         """
         Store C{message} (about C{size} bytes) in C{crew}'s log, then fan it
@@ -202,7 +206,7 @@ class Delivery:
         reached = self.crews.fanout(crew, out, session, seq)
         if remembered is not None:
             waiting, remembered.waiting = remembered.waiting, None
-            reply = messages.sent(entry.client_msg_id, remembered.id, remembered.seq)
+            reply = messages.Sent(entry.client_msg_id, remembered.id, remembered.seq)
             for s in [session, *waiting]:
                 if s is not None:
                     s.send(reply)
@@ -220,7 +224,7 @@ class Delivery:
         if remembered is not None:
             crew.client_messages.pop((entry.sender, client_msg_id), None)
             for s in remembered.waiting or ():
-                s.send(StoreUnavailable("the message could not be stored; send it again", **extra).as_message())
+                s.send(StoreUnavailable("the message could not be stored; send it again", **extra).as_frame())
         raise StoreUnavailable("the message could not be stored and was not delivered; send it again", **extra)
 
     def _store_progressed(self) -> None:

@@ -30,7 +30,7 @@ from leeloo.messages import (
 if TYPE_CHECKING:
     from leeloo.core.admission import Admission
     from leeloo.core.crews import Crew, Crews
-    from leeloo.core.delivery import Delivery
+    from leeloo.core.delivery import Delivery, Fanout
     from leeloo.core.identity import Identity
     from leeloo.core.replay import Replayer
     from leeloo.core.sessions import Session, Sessions
@@ -72,7 +72,7 @@ class Handlers:
         key = self._identify(session, message.device_id, message.device_name, message.device_key)
         if message.crew_code is None:
             self.identity.seen(session.device_id)
-        session.send(messages.registered(session.device_id, key))
+        session.send(messages.Registered(session.device_id, key))
         self.tokens.hand_over(session)
         if message.crew_code is not None:
             if crew is None:
@@ -97,7 +97,7 @@ class Handlers:
             ).addErrback(self._crew_answer_bug, session, code)
             self._log_entry("create_crew", session)
             return
-        session.send(messages.crew_created(session.device_id, code, key))
+        session.send(messages.CrewCreated(session.device_id, code, key))
         self.tokens.hand_over(session)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
         self._log_entry("create_crew", session)
@@ -105,7 +105,7 @@ class Handlers:
     def _crew_stored(self, _: Any, session: Session, device_id: str, code: str, key: str | None) -> None:
         if session.closing or session not in self.sessions.sessions or session.device_id != device_id:
             return
-        session.send(messages.crew_created(device_id, code, key))
+        session.send(messages.CrewCreated(device_id, code, key))
         self.tokens.hand_over(session)
 
     def _crew_answer_bug(self, failure: Any, session: Session, code: str) -> None:
@@ -119,7 +119,7 @@ class Handlers:
         if not session.closing and session in self.sessions.sessions:
             if session.crew is not None and session.crew.code == code:
                 self.crews.leave(session, announce=False)
-            session.send(StoreUnavailable("the crew could not be stored; try again").as_message())
+            session.send(StoreUnavailable("the crew could not be stored; try again").as_frame())
 
     def join_crew(self, session: Session, message: JoinCrew, size: int) -> None:
         crew = self.crews.get(message.crew_code)
@@ -130,7 +130,7 @@ class Handlers:
         key = self._identify(session, message.device_id, message.display_name, message.device_key)
         others = [m.session.name for m in crew.online.values() if m.session is not session]
         online = len(crew.online) + (session.device_id not in crew.online)
-        session.send(messages.crew_joined(session.device_id, crew.code, online, others, key))
+        session.send(messages.CrewJoined(session.device_id, crew.code, online, others, key))
         self.tokens.hand_over(session)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
         self._log_entry("join_crew", session)
@@ -193,16 +193,17 @@ class Handlers:
     # -------------------------------------------------------- crew messages
 
     def crew_message(self, session: Session, message: CrewMessage, size: int) -> None:
-        self._send(session, messages.crew_message(session.device_id, session.name, message.msg_type,
+        self._send(session, messages.RelayedMessage(session.device_id, session.name, message.msg_type,
                                                   message.payload), message, size)
 
     def share_music(self, session: Session, message: ShareMusic, size: int) -> None:
-        self._send(session, messages.music_shared(message, session.name), message, size)
+        self._send(session, messages.MusicShared(message.spotify_uri, message.artist, message.track, message.album,
+                                                      session.name), message, size)
 
     def reaction(self, session: Session, message: Reaction, size: int) -> None:
-        self._send(session, messages.reaction(message.reaction_type, session.name), message, size)
+        self._send(session, messages.RelayedReaction(message.reaction_type, session.name), message, size)
 
-    def _send(self, session: Session, out: dict, received: Any, size: int) -> None:
+    def _send(self, session: Session, out: Fanout, received: Any, size: int) -> None:
         d = self.delivery.send(session, out, received.client_msg_id, received, size)
         if d is not None:
             d.addErrback(self._refuse, session)
@@ -210,7 +211,7 @@ class Handlers:
     def _refuse(self, failure: Any, session: Session) -> None:
         try:
             if failure.check(ProtocolError):
-                session.send(failure.value.as_message())
+                session.send(failure.value.as_frame())
                 return
             # A bug, not the store refusing: the sender cannot know what
             # became of its message.  It reconnects, and a resend with its
@@ -225,7 +226,7 @@ class Handlers:
 
     @staticmethod
     def ping(session: Session, message: Ping, size: int) -> None:
-        session.send(messages.pong())
+        session.send(messages.Pong())
 
     def ack(self, session: Session, message: Ack, size: int) -> None:
         self.replayer.ack(session, message.seq)

@@ -40,12 +40,12 @@ class Presence:
         crew, session = membership.crew, membership.session
         witnesses = self._returned(crew, session.device_id)
         if witnesses is not None:
-            joined = Outgoing(messages.member_joined(session.device_id, session.name))
+            joined = Outgoing(messages.MemberJoined(session.device_id, session.name))
             for other in tuple(crew.online.values()):
                 if other is not membership and other.session not in witnesses:
                     other.peer.send(joined)
         elif announce:
-            self.crews.fanout(crew, Outgoing(messages.member_joined(session.device_id, session.name)), session)
+            self.crews.fanout(crew, Outgoing(messages.MemberJoined(session.device_id, session.name)), session)
 
     def left(self, membership: Membership) -> None:
         """
@@ -53,7 +53,7 @@ class Presence:
         back within the grace.
         """
         crew, session = membership.crew, membership.session
-        out = Outgoing(messages.member_offline(session.device_id, session.name))
+        out = Outgoing(messages.MemberOffline(session.device_id, session.name))
         if self.grace <= 0:
             self.crews.fanout(crew, out)
             return

@@ -74,7 +74,7 @@ class Replayer:
             membership.held = None
             return
         if replay.lost is not None and session.acks:
-            session.send(messages.replay_truncated(*replay.lost))
+            session.send(messages.ReplayTruncated(*replay.lost))
         for seq, payload in replay.entries:
             membership.peer.send(Outgoing(None, messages.replayed(payload)))
         self._release(membership, up_to)
@@ -84,7 +84,7 @@ class Replayer:
         _log.error("could not read crew {crew_code}'s log for a returning device: {error}",
                    crew_code=crew.code, error=failure.getErrorMessage())
         if session.memberships.get(crew.code) is membership:
-            session.send(StoreUnavailable("missed messages could not be read; reconnect to try again").as_message())
+            session.send(StoreUnavailable("missed messages could not be read; reconnect to try again").as_frame())
             self._release(membership, up_to)
 
     def _replay_bug(self, failure: Any, membership: Membership) -> None:

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
-from leeloo.core.defaults import CLOSE_BIND_TIMEOUT, CLOSE_INTERNAL_ERROR, CLOSE_REPLACED
 from leeloo.core.peer import IPeer, Outgoing
 from leeloo.limits import Bucket
+from leeloo.messages import CLOSE_BIND_TIMEOUT, CLOSE_INTERNAL_ERROR, CLOSE_REPLACED
 
 if TYPE_CHECKING:
     from leeloo.core.crews import Crew, Membership

@@ -40,7 +40,7 @@ class PendingTokens:
         """
         session = self.sessions.devices.get(device_id)
         if session is not None:
-            session.send(messages.spotify_auth_complete(tokens))
+            session.send(messages.SpotifyAuthComplete(tokens))
             return True
         expires = self.clock.seconds() + self.ttl
         self.pending[device_id] = (tokens, expires)
@@ -56,7 +56,7 @@ class PendingTokens:
             self.journal.put((DELETE_TOKEN, session.device_id), wait=False)
             tokens, expires = pending
             if expires > self.clock.seconds():
-                session.send(messages.spotify_auth_complete(tokens))
+                session.send(messages.SpotifyAuthComplete(tokens))
 
     def expire(self) -> int:
         """
