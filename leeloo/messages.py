@@ -24,6 +24,32 @@ Relay -> client
     ``sent``             ``client_msg_id`` ``id`` ``seq``
     ``replay_truncated`` ``from_seq`` ``to_seq``
 
+Both directions are typed, one frozen dataclass per message type.
+L{decode} reads what a client sends (the relay's side); L{decode_from_relay}
+reads what the relay sends (the device's side); L{encode} writes either a
+dict or a typed message.  The names:
+
+    - client -> relay: the request, in CamelCase (L{Register},
+      L{CreateCrew}, L{JoinCrew}, L{CrewMessage} for ``message``,
+      L{ShareMusic}, L{Reaction}, L{Ack}, L{Ping});
+    - relay -> client: the wire type in CamelCase (L{Registered},
+      L{CrewCreated}, L{CrewJoined}, L{MemberJoined}, L{MemberOffline},
+      L{MusicShared}, L{Sent}, L{ReplayTruncated}, L{Pong},
+      L{SpotifyAuthComplete}), except where that would collide with a
+      request: the crew fan-outs of ``message`` and ``reaction`` are
+      L{RelayedMessage} and L{RelayedReaction}, and ``error`` is
+      L{ErrorFrame} (L{ProtocolError} is the exception, L{ErrorFrame} the
+      frame that carries it).  A type this version does not know is read
+      as an L{UnknownRelayMessage} keeping the whole dict.
+
+Each outgoing class has C{to_dict()}, exactly the frame on the wire; the
+builder functions (L{registered}, L{crew_joined}, ...) return those dicts.
+Every error is a L{ProtocolError} subclass carrying its C{code}, the close
+code that follows when it repeats (C{close_code}), and the bot API's answer
+(C{http_status}, C{http_code}); close codes are L{CloseCode}.  The field
+validators (L{string_field}, L{crew_code_field}, L{object_field}) serve
+frames and the bot API alike.
+
 Device identity (trust on first use):
     ``registered``, ``crew_created`` and ``crew_joined`` carry
     ``device_key`` when the relay issues one: to a device id that has no
@@ -107,8 +133,9 @@ import re
 import unicodedata
 
 import orjson
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+from typing import Any, Callable, ClassVar, Mapping, Union
 
 # Generated crew codes: prefix plus characters that cannot be misread.
 CREW_CODE_PREFIX = "LEELOO-"
@@ -126,18 +153,86 @@ MAX_FIELD_LENGTH = 1024
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,%d}" % MAX_DEVICE_ID_LENGTH)
 
 
+class CloseCode(IntEnum):
+    """
+    Every close code the relay sends, with its meaning.  The protocol codes
+    (1000-2999) are WebSocket's own; application reasons use 4000-4999,
+    since Autobahn's C{sendClose} takes no others.
+    """
+
+    #: The relay stops: come back (reconnect after a pause).
+    GOING_AWAY = 1001
+    #: A message over the relay's size limit (sent by Autobahn itself).
+    MESSAGE_TOO_BIG = 1009
+    #: A bug in the relay; the connection cannot go on.
+    INTERNAL_ERROR = 1011
+    #: A newer connection for the same device id replaced this one.
+    REPLACED = 4001
+    #: No device bound (C{register}, C{create_crew}, C{join_crew}) within
+    #: the relay's C{--bind-timeout}.
+    BIND_TIMEOUT = 4008
+    #: Too many refusals in a row (rate limits, failed device keys).
+    ABUSE = 4029
+
+
+# The names the relay core has used for them.
+CLOSE_GOING_AWAY = CloseCode.GOING_AWAY
+CLOSE_MESSAGE_TOO_BIG = CloseCode.MESSAGE_TOO_BIG
+CLOSE_INTERNAL_ERROR = CloseCode.INTERNAL_ERROR
+CLOSE_REPLACED = CloseCode.REPLACED
+CLOSE_BIND_TIMEOUT = CloseCode.BIND_TIMEOUT
+CLOSE_ABUSE = CloseCode.ABUSE
+
+
 class ProtocolError(Exception):
     """
     A peer's mistake.  C{code} is the stable error code of the contract,
-    C{message} a short sentence safe to show to the peer.
+    C{message} a short sentence safe to show to the peer; C{extra} the
+    frame's other fields (C{retry_after}, C{client_msg_id}).
+
+    What each error means beyond its C{error} frame is carried here, in one
+    place, as class attributes:
+
+    C{close_code}
+        the close that ends a connection on which this error keeps
+        happening: L{RateLimited} and L{DeviceAuthFailed} count as strikes,
+        and the relay's C{--abuse-strikes} of them in a row close with
+        L{CloseCode.ABUSE}.  C{None}: the connection always stays open.
+    C{http_status}, C{http_code}, C{http_message}, C{http_extra}
+        how the bot API answers it: that status with the JSON body
+        C{{"error": http_code, "message": http_message, **http_extra}}
+        (no C{message} when C{http_message} is C{None}).  By default 400,
+        the error's own code and message, and nothing else.
     """
 
-    code = "invalid_message"
+    code: ClassVar[str] = "invalid_message"
+    close_code: ClassVar[CloseCode | None] = None
+    http_status: ClassVar[int] = 400
+    # The fields of C{extra} the bot API answers too.
+    http_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
         self.extra = extra
+
+    @property
+    def http_code(self) -> str:
+        return self.code
+
+    @property
+    def http_message(self) -> str | None:
+        return self.message
+
+    @property
+    def http_extra(self) -> dict:
+        return {name: self.extra[name] for name in self.http_fields if name in self.extra}
+
+    def as_frame(self) -> "ErrorFrame":
+        """
+        The C{error} frame that answers this error.
+        """
+        return ErrorFrame(self.code, self.message, dict(self.extra))
 
     def as_message(self) -> dict:
         return error(self.code, self.message, **self.extra)
@@ -151,16 +246,56 @@ class InvalidMessage(ProtocolError):
     code = "invalid_message"
 
 
+class FieldError(InvalidMessage):
+    """
+    One field of a frame or of a bot API body is missing or of the wrong
+    shape: C{invalid_message}, its message naming the field.  C{field} is
+    the field, C{problem} what is wrong in the bot API's words: the bot API
+    answers 400 C{{"error": "<field> <problem>"}} with no message (the
+    original relay's shape, e.g. C{"display_name required"}).
+    """
+
+    http_message = None
+
+    def __init__(self, field: str, problem: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.problem = problem
+
+    @property
+    def http_code(self) -> str:
+        return f"{self.field} {self.problem}"
+
+
 class UnknownType(ProtocolError):
     code = "unknown_type"
 
 
 class NotInCrew(ProtocolError):
     code = "not_in_crew"
+    http_status = 403
 
 
 class InvalidCrewCode(ProtocolError):
+    """
+    A crew code that names no crew.  The bot API answers it 404
+    C{crew_not_found}, as the original relay did.
+    """
+
     code = "invalid_crew_code"
+    http_status = 404
+    http_code = "crew_not_found"
+
+
+class MalformedCrewCode(InvalidCrewCode):
+    """
+    A crew code that cannot be one (whitespace only, too long, a control
+    character): C{invalid_crew_code} on the wire as for an unknown crew,
+    but the bot API answers it 400 C{invalid_crew_code}, not a lookup.
+    """
+
+    http_status = 400
+    http_code = "invalid_crew_code"
 
 
 class BinaryNotSupported(ProtocolError):
@@ -181,6 +316,7 @@ class DuplicateClientMessage(ProtocolError):
 
 class StoreUnavailable(ProtocolError):
     code = "store_unavailable"
+    http_status = 503
 
 
 class CrewLimit(ProtocolError):
@@ -189,15 +325,19 @@ class CrewLimit(ProtocolError):
     """
 
     code = "crew_limit"
+    http_status = 503
 
 
 class RateLimited(ProtocolError):
     """
     Too many messages or crew-entry attempts; C{retry_after} says when to
-    try again (whole seconds).
+    try again (whole seconds).  A strike: repeated, it closes with 4029.
     """
 
     code = "rate_limited"
+    close_code = CloseCode.ABUSE
+    http_status = 429
+    http_fields = ("retry_after",)
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message, retry_after=max(1, math.ceil(retry_after)))
@@ -205,16 +345,23 @@ class RateLimited(ProtocolError):
 
 
 class DeviceAuthFailed(ProtocolError):
+    """
+    A device id claimed without its device key.  A strike: repeated, it
+    closes with 4029.
+    """
+
     code = "device_auth_failed"
+    close_code = CloseCode.ABUSE
 
 
 # Every error code of the contract, by its class: what a client turns an
-# ``error`` frame back into (L{error_from}).
+# ``error`` frame back into (L{error_from}).  (L{FieldError} and
+# L{MalformedCrewCode} share their parents' codes.)
 ERRORS: dict[str, type[ProtocolError]] = {
     cls.code: cls
     for cls in (InvalidJSON, InvalidMessage, UnknownType, NotInCrew, InvalidCrewCode,
                 BinaryNotSupported, InvalidLastSeq, InvalidAck, DuplicateClientMessage,
-                StoreUnavailable, RateLimited, DeviceAuthFailed)
+                StoreUnavailable, CrewLimit, RateLimited, DeviceAuthFailed)
 }
 
 
@@ -308,25 +455,52 @@ class Ping:
 # ------------------------------------------------------------- validation
 
 
-def _string(obj: Mapping, name: str, max_length: int, required: bool = False) -> str | None:
+# These validators read the fields of a device's frame and of a bot API
+# body alike: one rule, one error.  A refusal is a L{FieldError} (or a
+# L{MalformedCrewCode}), which a frame answers as C{invalid_message} naming
+# the field and the bot API as C{"<field> <problem>"}.
+
+
+def string_field(obj: Mapping, name: str, max_length: int, required: bool = False,
+                 default: Any = None) -> str | None:
     """
-    The string field C{name} of C{obj}, stripped; C{None} when absent, null
-    or empty (as the original relay treated them) unless C{required}.
+    The string field C{name} of C{obj}, stripped (C{default} when the key
+    is absent).  Null, empty or whitespace only is C{None}, as the original
+    relay treated it, or refused when C{required}.
+
+    @raise FieldError: C{"<name> required"} (C{"<name> is required"} in a
+        frame), C{"<name> must be a string"}, or C{"<name> too long"}
+        (C{"<name> must be at most N characters"}) over C{max_length}.
     """
-    value = obj.get(name)
+    value = obj.get(name, default)
     if value is None or value == "":
         if required:
-            raise InvalidMessage(f"{name} is required")
+            raise FieldError(name, "required", f"{name} is required")
         return None
     if not isinstance(value, str):
-        raise InvalidMessage(f"{name} must be a string")
+        raise FieldError(name, "must be a string", f"{name} must be a string")
     value = value.strip()
     if not value:
         if required:
-            raise InvalidMessage(f"{name} is required")
+            raise FieldError(name, "required", f"{name} is required")
         return None
     if len(value) > max_length:
-        raise InvalidMessage(f"{name} must be at most {max_length} characters")
+        raise FieldError(name, "too long", f"{name} must be at most {max_length} characters")
+    return value
+
+
+def object_field(obj: Mapping, name: str) -> dict:
+    """
+    The object field C{name} of C{obj} (a crew message's C{payload}):
+    absent or null is C{{}}.
+
+    @raise FieldError: C{"<name> must be an object"}.
+    """
+    value = obj.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise FieldError(name, "must be an object", f"{name} must be an object")
     return value
 
 
@@ -336,29 +510,34 @@ def normalize_crew_code(value: Any) -> str:
     dropped, then upper-cased with C{str.upper()} (C{café} is C{CAFÉ}), and
     nothing else.
 
-    @raise InvalidMessage: C{value} is not a string.
-    @raise InvalidCrewCode: the code is whitespace only, longer than
+    @raise FieldError: C{value} is not a string (C{invalid_message}).
+    @raise MalformedCrewCode: the code is whitespace only, longer than
         L{MAX_CREW_CODE_LENGTH} code points, or holds a control character
-        (Unicode category Cc).
+        (Unicode category Cc): C{invalid_crew_code}.
     """
     if not isinstance(value, str):
-        raise InvalidMessage("crew_code must be a string")
+        raise FieldError("crew_code", "must be a string", "crew_code must be a string")
     code = value.strip()
     if not code:
-        raise InvalidCrewCode("crew_code must not be only whitespace")
+        raise MalformedCrewCode("crew_code must not be only whitespace")
     code = code.upper()
     if len(code) > MAX_CREW_CODE_LENGTH:
-        raise InvalidCrewCode(f"crew_code must be at most {MAX_CREW_CODE_LENGTH} characters")
+        raise MalformedCrewCode(f"crew_code must be at most {MAX_CREW_CODE_LENGTH} characters")
     if any(unicodedata.category(c) == "Cc" for c in code):
-        raise InvalidCrewCode("crew_code must not contain control characters")
+        raise MalformedCrewCode("crew_code must not contain control characters")
     return code
 
 
-def _crew_code(obj: Mapping, required: bool = False) -> str | None:
+def crew_code_field(obj: Mapping, required: bool = False) -> str | None:
+    """
+    The C{crew_code} field of C{obj}, by L{normalize_crew_code}; absent,
+    null or empty is C{None}, or refused when C{required}
+    (L{FieldError} C{"crew_code required"}).
+    """
     value = obj.get("crew_code")
     if value is None or value == "":
         if required:
-            raise InvalidMessage("crew_code is required")
+            raise FieldError("crew_code", "required", "crew_code is required")
         return None
     return normalize_crew_code(value)
 
@@ -367,7 +546,7 @@ def device_id_of(obj: Mapping) -> str | None:
     """
     The optional C{device_id} field of C{obj}, checked.
     """
-    value = _string(obj, "device_id", MAX_DEVICE_ID_LENGTH)
+    value = string_field(obj, "device_id", MAX_DEVICE_ID_LENGTH)
     if value is not None and not _DEVICE_ID_RE.fullmatch(value):
         raise InvalidMessage(
             f"device_id must be 1-{MAX_DEVICE_ID_LENGTH} letters, digits, '_', '.', ':' or '-'"
@@ -376,9 +555,9 @@ def device_id_of(obj: Mapping) -> str | None:
 
 
 def _display_name(obj: Mapping) -> str | None:
-    name = _string(obj, "display_name", MAX_NAME_LENGTH)
+    name = string_field(obj, "display_name", MAX_NAME_LENGTH)
     if name is None:
-        name = _string(obj, "device_name", MAX_NAME_LENGTH)
+        name = string_field(obj, "device_name", MAX_NAME_LENGTH)
     return name
 
 
@@ -398,18 +577,18 @@ def _last_seq(obj: Mapping) -> int | None:
 
 
 def _client_msg_id(obj: Mapping) -> str | None:
-    return _string(obj, "client_msg_id", MAX_TYPE_LENGTH)
+    return string_field(obj, "client_msg_id", MAX_TYPE_LENGTH)
 
 
 def _device_key(obj: Mapping) -> str | None:
-    return _string(obj, "device_key", MAX_TYPE_LENGTH)
+    return string_field(obj, "device_key", MAX_TYPE_LENGTH)
 
 
 def _register(obj: Mapping) -> Register:
     return Register(
         device_id=device_id_of(obj),
-        crew_code=_crew_code(obj),
-        device_name=_string(obj, "device_name", MAX_NAME_LENGTH),
+        crew_code=crew_code_field(obj),
+        device_name=string_field(obj, "device_name", MAX_NAME_LENGTH),
         last_seq=_last_seq(obj),
         device_key=_device_key(obj),
     )
@@ -418,7 +597,7 @@ def _register(obj: Mapping) -> Register:
 def _create_crew(obj: Mapping) -> CreateCrew:
     return CreateCrew(
         device_id=device_id_of(obj),
-        crew_code=_crew_code(obj),
+        crew_code=crew_code_field(obj),
         display_name=_display_name(obj),
         last_seq=_last_seq(obj),
         device_key=_device_key(obj),
@@ -427,7 +606,7 @@ def _create_crew(obj: Mapping) -> CreateCrew:
 
 def _join_crew(obj: Mapping) -> JoinCrew:
     return JoinCrew(
-        crew_code=_crew_code(obj, required=True),
+        crew_code=crew_code_field(obj, required=True),
         device_id=device_id_of(obj),
         display_name=_display_name(obj),
         last_seq=_last_seq(obj),
@@ -436,19 +615,14 @@ def _join_crew(obj: Mapping) -> JoinCrew:
 
 
 def _crew_message(obj: Mapping) -> CrewMessage:
-    msg_type = _string(obj, "msg_type", MAX_TYPE_LENGTH) or "text"
-    payload = obj.get("payload")
-    if payload is None:
-        payload = {}
-    elif not isinstance(payload, dict):
-        raise InvalidMessage("payload must be an object")
-    return CrewMessage(msg_type=msg_type, payload=payload, client_msg_id=_client_msg_id(obj))
+    msg_type = string_field(obj, "msg_type", MAX_TYPE_LENGTH) or "text"
+    return CrewMessage(msg_type=msg_type, payload=object_field(obj, "payload"), client_msg_id=_client_msg_id(obj))
 
 
 def _share_music(obj: Mapping) -> ShareMusic:
     return ShareMusic(
         **{
-            name: _string(obj, name, MAX_FIELD_LENGTH)
+            name: string_field(obj, name, MAX_FIELD_LENGTH)
             for name in ("spotify_uri", "artist", "track", "album")
         },
         client_msg_id=_client_msg_id(obj),
@@ -457,7 +631,7 @@ def _share_music(obj: Mapping) -> ShareMusic:
 
 def _reaction(obj: Mapping) -> Reaction:
     return Reaction(
-        reaction_type=_string(obj, "reaction_type", MAX_TYPE_LENGTH, required=True),
+        reaction_type=string_field(obj, "reaction_type", MAX_TYPE_LENGTH, required=True),
         client_msg_id=_client_msg_id(obj),
     )
 
@@ -511,12 +685,321 @@ def decode(data: bytes | str) -> Any:
 
 
 # ---------------------------------------------------------------- outgoing
+#
+# What the relay sends, one class per message type.  Each is built by the
+# relay and read by the device client (L{decode_from_relay}); C{to_dict()}
+# is exactly the frame on the wire: its keys in that order, optional ones
+# left out when absent (C{device_key} only when issued; a fan-out's
+# C{timestamp}, C{seq} and C{id} once stored; C{replayed} only when true).
 
 
-def encode(message: Mapping) -> bytes:
+def _stamps(d: dict, m: Any) -> dict:
+    if m.timestamp is not None:
+        d["timestamp"] = m.timestamp
+    if m.seq is not None:
+        d["seq"] = m.seq
+    if m.id is not None:
+        d["id"] = m.id
+    if m.replayed:
+        d["replayed"] = True
+    return d
+
+
+def _with_key(d: dict, device_key: str | None) -> dict:
+    if device_key is not None:
+        d["device_key"] = device_key
+    return d
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
     """
-    The text frame payload of an outgoing message (compact UTF-8 JSON).
+    ``registered``: the answer to C{register}.
     """
+
+    type: ClassVar[str] = "registered"
+    device_id: str
+    device_key: str | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return _with_key({"type": self.type, "device_id": self.device_id}, self.device_key)
+
+
+@dataclass(frozen=True, slots=True)
+class CrewCreated:
+    """
+    ``crew_created``: the answer to C{create_crew}.
+    """
+
+    type: ClassVar[str] = "crew_created"
+    device_id: str
+    crew_code: str
+    device_key: str | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return _with_key({"type": self.type, "device_id": self.device_id, "crew_code": self.crew_code},
+                         self.device_key)
+
+
+@dataclass(frozen=True, slots=True)
+class CrewJoined:
+    """
+    ``crew_joined``: the answer to C{join_crew}.  C{crew_members} counts
+    the online members with the joiner; C{member_names} names the others.
+    """
+
+    type: ClassVar[str] = "crew_joined"
+    device_id: str
+    crew_code: str
+    crew_members: int
+    member_names: list[str]
+    device_key: str | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return _with_key(
+            {
+                "type": self.type,
+                "device_id": self.device_id,
+                "crew_code": self.crew_code,
+                "crew_members": self.crew_members,
+                "member_names": self.member_names,
+            },
+            self.device_key,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MemberJoined:
+    """
+    ``member_joined``: another device entered the crew.
+    """
+
+    type: ClassVar[str] = "member_joined"
+    device_id: str
+    display_name: str
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "device_id": self.device_id, "display_name": self.display_name}
+
+
+@dataclass(frozen=True, slots=True)
+class MemberOffline:
+    """
+    ``member_offline``: another device of the crew went away.
+    """
+
+    type: ClassVar[str] = "member_offline"
+    device_id: str
+    display_name: str
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "device_id": self.device_id, "display_name": self.display_name}
+
+
+@dataclass(frozen=True, slots=True)
+class RelayedMessage:
+    """
+    ``message`` as the crew receives it (what a device sent as
+    L{CrewMessage}, or the bot): from whom, and once stored its
+    C{timestamp} (ms), C{seq} and C{id}; C{replayed} when it comes from
+    the log.
+    """
+
+    type: ClassVar[str] = "message"
+    from_device: str
+    from_name: str
+    msg_type: str
+    payload: dict
+    timestamp: int | None = None
+    seq: int | None = None
+    id: str | None = None
+    replayed: bool = False
+
+    def to_dict(self) -> dict:
+        return _stamps({
+            "type": self.type,
+            "from_device": self.from_device,
+            "from_name": self.from_name,
+            "msg_type": self.msg_type,
+            "payload": self.payload,
+        }, self)
+
+    def stamped(self, timestamp: int, seq: int, id: str) -> "RelayedMessage":
+        """
+        This fan-out as it is stored: with the relay's timestamp (ms), the
+        crew's sequence number and the message id.
+        """
+        return replace(self, timestamp=timestamp, seq=seq, id=id)
+
+
+@dataclass(frozen=True, slots=True)
+class MusicShared:
+    """
+    ``music_shared`` as the crew receives a L{ShareMusic}.
+    """
+
+    type: ClassVar[str] = "music_shared"
+    spotify_uri: str | None
+    artist: str | None
+    track: str | None
+    album: str | None
+    pushed_by: str
+    timestamp: int | None = None
+    seq: int | None = None
+    id: str | None = None
+    replayed: bool = False
+
+    def to_dict(self) -> dict:
+        return _stamps({
+            "type": self.type,
+            "spotify_uri": self.spotify_uri,
+            "artist": self.artist,
+            "track": self.track,
+            "album": self.album,
+            "pushed_by": self.pushed_by,
+        }, self)
+
+    def stamped(self, timestamp: int, seq: int, id: str) -> "MusicShared":
+        """
+        This fan-out as it is stored: with the relay's timestamp (ms), the
+        crew's sequence number and the message id.
+        """
+        return replace(self, timestamp=timestamp, seq=seq, id=id)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayedReaction:
+    """
+    ``reaction`` as the crew receives a L{Reaction}; C{from_name} is the
+    wire's C{from} (a Python keyword).
+    """
+
+    type: ClassVar[str] = "reaction"
+    reaction_type: str
+    from_name: str
+    timestamp: int | None = None
+    seq: int | None = None
+    id: str | None = None
+    replayed: bool = False
+
+    def to_dict(self) -> dict:
+        return _stamps({"type": self.type, "reaction_type": self.reaction_type, "from": self.from_name}, self)
+
+    def stamped(self, timestamp: int, seq: int, id: str) -> "RelayedReaction":
+        """
+        This fan-out as it is stored: with the relay's timestamp (ms), the
+        crew's sequence number and the message id.
+        """
+        return replace(self, timestamp=timestamp, seq=seq, id=id)
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """
+    ``sent``: the crew message with C{client_msg_id} is stored as C{id},
+    C{seq}.
+    """
+
+    type: ClassVar[str] = "sent"
+    client_msg_id: str
+    id: str
+    seq: int
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "client_msg_id": self.client_msg_id, "id": self.id, "seq": self.seq}
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayTruncated:
+    """
+    ``replay_truncated``: the crew messages C{from_seq} to C{to_seq} were
+    missed and are not replayed.
+    """
+
+    type: ClassVar[str] = "replay_truncated"
+    from_seq: int
+    to_seq: int
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "from_seq": self.from_seq, "to_seq": self.to_seq}
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """
+    ``pong``: the answer to L{Ping}.
+    """
+
+    type: ClassVar[str] = "pong"
+
+    def to_dict(self) -> dict:
+        return {"type": self.type}
+
+
+@dataclass(frozen=True, slots=True)
+class SpotifyAuthComplete:
+    """
+    ``spotify_auth_complete``: the device's Spotify tokens (kept out of
+    C{repr}).
+    """
+
+    type: ClassVar[str] = "spotify_auth_complete"
+    tokens: dict = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "tokens": self.tokens}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """
+    ``error``: C{error} is the stable code, C{message} the sentence for
+    people, C{extra} the other fields (C{retry_after}, C{client_msg_id}).
+    The frame of a L{ProtocolError} (L{ProtocolError.as_frame}); back into
+    one with L{to_exception}.
+    """
+
+    type: ClassVar[str] = "error"
+    error: str
+    message: str
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "error": self.error, "message": self.message, **self.extra}
+
+    def to_exception(self) -> ProtocolError:
+        return error_from(self.to_dict())
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownRelayMessage:
+    """
+    A frame of a C{type} this version does not know (a newer relay's):
+    kept whole in C{data}, so that nothing of it is lost.
+    """
+
+    type: str
+    data: dict
+
+    def to_dict(self) -> dict:
+        return dict(self.data)
+
+
+RelayMessage = Union[Registered, CrewCreated, CrewJoined, MemberJoined, MemberOffline, RelayedMessage,
+                     MusicShared, RelayedReaction, Sent, ReplayTruncated, Pong, SpotifyAuthComplete,
+                     ErrorFrame, UnknownRelayMessage]
+
+# The crew fan-outs: stored, sequenced, acknowledged.
+FANOUTS: tuple[type, ...] = (RelayedMessage, MusicShared, RelayedReaction)
+
+
+def encode(message: Mapping | Any) -> bytes:
+    """
+    The text frame payload of an outgoing message, a dict or a typed
+    message (compact UTF-8 JSON).
+    """
+    if not isinstance(message, dict):
+        message = message.to_dict()
     try:
         return orjson.dumps(message)
     except TypeError:
@@ -525,41 +1008,31 @@ def encode(message: Mapping) -> bytes:
         return json.dumps(message, separators=(",", ":")).encode("ascii")
 
 
-def _with_key(message: dict, device_key: str | None) -> dict:
-    if device_key is not None:
-        message["device_key"] = device_key
-    return message
+# ---------------------------------------------------------------- builders
+#
+# The dicts the relay core sends today, made by the typed messages.
 
 
 def registered(device_id: str, device_key: str | None = None) -> dict:
-    return _with_key({"type": "registered", "device_id": device_id}, device_key)
+    return Registered(device_id, device_key).to_dict()
 
 
 def crew_created(device_id: str, crew_code: str, device_key: str | None = None) -> dict:
-    return _with_key({"type": "crew_created", "device_id": device_id, "crew_code": crew_code}, device_key)
+    return CrewCreated(device_id, crew_code, device_key).to_dict()
 
 
 def crew_joined(
     device_id: str, crew_code: str, members: int, names: list[str], device_key: str | None = None
 ) -> dict:
-    return _with_key(
-        {
-            "type": "crew_joined",
-            "device_id": device_id,
-            "crew_code": crew_code,
-            "crew_members": members,
-            "member_names": names,
-        },
-        device_key,
-    )
+    return CrewJoined(device_id, crew_code, members, names, device_key).to_dict()
 
 
 def member_joined(device_id: str, name: str) -> dict:
-    return {"type": "member_joined", "device_id": device_id, "display_name": name}
+    return MemberJoined(device_id, name).to_dict()
 
 
 def member_offline(device_id: str, name: str) -> dict:
-    return {"type": "member_offline", "device_id": device_id, "display_name": name}
+    return MemberOffline(device_id, name).to_dict()
 
 
 def crew_message(from_device: str, from_name: str, msg_type: str, payload: dict) -> dict:
@@ -567,34 +1040,24 @@ def crew_message(from_device: str, from_name: str, msg_type: str, payload: dict)
     A crew ``message`` without its ``timestamp``, ``seq`` and ``id``, which
     the relay adds when it stores it (see L{stamped}).
     """
-    return {
-        "type": "message",
-        "from_device": from_device,
-        "from_name": from_name,
-        "msg_type": msg_type,
-        "payload": payload,
-    }
+    return RelayedMessage(from_device, from_name, msg_type, payload).to_dict()
 
 
 def music_shared(share: ShareMusic, pushed_by: str) -> dict:
-    return {
-        "type": "music_shared",
-        "spotify_uri": share.spotify_uri,
-        "artist": share.artist,
-        "track": share.track,
-        "album": share.album,
-        "pushed_by": pushed_by,
-    }
+    return MusicShared(share.spotify_uri, share.artist, share.track, share.album, pushed_by).to_dict()
 
 
 def reaction(reaction_type: str, from_name: str) -> dict:
-    return {"type": "reaction", "reaction_type": reaction_type, "from": from_name}
+    return RelayedReaction(reaction_type, from_name).to_dict()
 
 
 def stamped(message: dict, timestamp: int, seq: int, message_id: str) -> dict:
     """
-    C{message} as it is stored and fanned out: with the relay's timestamp,
-    the crew's sequence number and the message id.
+    C{message} (a crew fan-out's dict) as it is stored and fanned out: with
+    the relay's timestamp, the crew's sequence number and the message id,
+    after its fields.  The typed form is the fan-out's own C{stamped()};
+    this one stays a dict merge, since it runs on every crew message (a
+    round trip through the typed class costs ten times as much).
     """
     return {**message, "timestamp": timestamp, "seq": seq, "id": message_id}
 
@@ -615,27 +1078,134 @@ def is_ephemeral(message: Mapping) -> bool:
 
 def replayed(payload: bytes) -> bytes:
     """
-    The stored frame C{payload} (an encoded object, with its original
-    C{timestamp}) as it is replayed: with C{"replayed": true}.
+    The stored frame C{payload} (an encoded fan-out, with its original
+    C{timestamp}) as it is replayed: with C{"replayed": true}, spliced into
+    the bytes rather than encoded again (what C{replayed=True} on the
+    typed fan-out gives).
     """
     return payload[:-1] + b',"replayed":true}'
 
 
 def sent(client_msg_id: str, message_id: str, seq: int) -> dict:
-    return {"type": "sent", "client_msg_id": client_msg_id, "id": message_id, "seq": seq}
+    return Sent(client_msg_id, message_id, seq).to_dict()
 
 
 def replay_truncated(from_seq: int, to_seq: int) -> dict:
-    return {"type": "replay_truncated", "from_seq": from_seq, "to_seq": to_seq}
+    return ReplayTruncated(from_seq, to_seq).to_dict()
 
 
 def pong() -> dict:
-    return {"type": "pong"}
+    return Pong().to_dict()
 
 
 def spotify_auth_complete(tokens: Mapping) -> dict:
-    return {"type": "spotify_auth_complete", "tokens": dict(tokens)}
+    return SpotifyAuthComplete(dict(tokens)).to_dict()
 
 
 def error(code: str, message: str, **extra: Any) -> dict:
-    return {"type": "error", "error": code, "message": message, **extra}
+    return ErrorFrame(code, message, extra).to_dict()
+
+
+# ------------------------------------------------------ relay -> client
+
+
+def _relay_field(obj: Mapping, name: str, kind: type | tuple, required: bool = True) -> Any:
+    value = obj.get(name)
+    if value is None:
+        if not required:
+            return None
+        raise InvalidMessage(f"{obj.get('type')} {name} is required")
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        what = {str: "a string", int: "a whole number", dict: "an object", list: "a list",
+                bool: "true or false"}.get(kind, "of another type")
+        raise InvalidMessage(f"{obj.get('type')} {name} must be {what}")
+    return value
+
+
+def _names(obj: Mapping, name: str) -> list:
+    names = _relay_field(obj, name, list)
+    if not all(isinstance(n, str) for n in names):
+        raise InvalidMessage(f"{obj.get('type')} {name} must be a list of strings")
+    return names
+
+
+def _stamp_fields(obj: Mapping) -> dict:
+    return {
+        "timestamp": _relay_field(obj, "timestamp", int, required=False),
+        "seq": _relay_field(obj, "seq", int, required=False),
+        "id": _relay_field(obj, "id", str, required=False),
+        "replayed": _relay_field(obj, "replayed", bool, required=False) or False,
+    }
+
+
+def _error_frame(obj: Mapping) -> ErrorFrame:
+    return ErrorFrame(_relay_field(obj, "error", str), _relay_field(obj, "message", str),
+                      {k: v for k, v in obj.items() if k not in ("type", "error", "message")})
+
+
+_RELAY_DECODERS: dict[str, Callable[[Mapping], Any]] = {
+    "registered": lambda o: Registered(
+        _relay_field(o, "device_id", str), _relay_field(o, "device_key", str, required=False)),
+    "crew_created": lambda o: CrewCreated(
+        _relay_field(o, "device_id", str), _relay_field(o, "crew_code", str),
+        _relay_field(o, "device_key", str, required=False)),
+    "crew_joined": lambda o: CrewJoined(
+        _relay_field(o, "device_id", str), _relay_field(o, "crew_code", str),
+        _relay_field(o, "crew_members", int), _names(o, "member_names"),
+        _relay_field(o, "device_key", str, required=False)),
+    "member_joined": lambda o: MemberJoined(
+        _relay_field(o, "device_id", str), _relay_field(o, "display_name", str)),
+    "member_offline": lambda o: MemberOffline(
+        _relay_field(o, "device_id", str), _relay_field(o, "display_name", str)),
+    "message": lambda o: RelayedMessage(
+        _relay_field(o, "from_device", str), _relay_field(o, "from_name", str),
+        _relay_field(o, "msg_type", str), _relay_field(o, "payload", dict), **_stamp_fields(o)),
+    "music_shared": lambda o: MusicShared(
+        *(_relay_field(o, name, str, required=False) for name in ("spotify_uri", "artist", "track", "album")),
+        _relay_field(o, "pushed_by", str), **_stamp_fields(o)),
+    "reaction": lambda o: RelayedReaction(
+        _relay_field(o, "reaction_type", str), _relay_field(o, "from", str), **_stamp_fields(o)),
+    "sent": lambda o: Sent(
+        _relay_field(o, "client_msg_id", str), _relay_field(o, "id", str), _relay_field(o, "seq", int)),
+    "replay_truncated": lambda o: ReplayTruncated(
+        _relay_field(o, "from_seq", int), _relay_field(o, "to_seq", int)),
+    "pong": lambda o: Pong(),
+    "spotify_auth_complete": lambda o: SpotifyAuthComplete(_relay_field(o, "tokens", dict)),
+    "error": _error_frame,
+}
+
+
+def relay_message_from(obj: Mapping) -> RelayMessage:
+    """
+    The typed message of C{obj}, a frame the relay sent, already parsed
+    (a dict with a string C{type}).  Fields this version does not know are
+    ignored; a C{type} it does not know is an L{UnknownRelayMessage}
+    keeping the whole dict.
+
+    @raise InvalidMessage: C{obj} has no string C{type}, or a field of a
+        known type is missing or of the wrong type.
+    """
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise InvalidMessage("a frame from the relay needs a string type")
+    decoder = _RELAY_DECODERS.get(kind)
+    if decoder is None:
+        return UnknownRelayMessage(kind, dict(obj))
+    return decoder(obj)
+
+
+def decode_from_relay(data: bytes | str) -> RelayMessage:
+    """
+    Decode one text frame the relay sent into its typed message: what the
+    device client reads, as L{decode} is what the relay reads.  A type this
+    version does not know comes back as an L{UnknownRelayMessage} (its dict
+    kept whole), never an error: a newer relay may add messages.
+
+    @raise InvalidJSON: the frame is not JSON.
+    @raise InvalidMessage: not a JSON object, no string C{type}, or a field
+        of a known type missing or of the wrong type.
+    """
+    obj = parse_json(data)
+    if not isinstance(obj, dict):
+        raise InvalidMessage("a frame from the relay must be a JSON object")
+    return relay_message_from(obj)

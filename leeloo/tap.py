@@ -815,9 +815,11 @@ def open_store(config: Config, reactor: Any) -> IStore:
 
 def build_service(config: Config, reactor: Any, http: Any = None,
                   exit: Callable[[int], None] | None = None,
-                  notify: Callable[[str], Any] | None = None) -> MultiService:
+                  notify: Callable[[str], Any] | None = None, clock: Any = None) -> MultiService:
     """
-    The relay's service tree for C{config} on C{reactor}.  C{http} is the
+    The relay's service tree for C{config} on C{reactor}; C{clock} is the
+    relay core's (default: C{reactor}; connections always time out on the
+    reactor's).  C{http} is the
     treq-like client Spotify is called with (default: treq on C{reactor});
     C{exit} ends the process when an endpoint cannot listen (default:
     L{exit_process}); C{notify} tells the service manager how the relay is
@@ -829,7 +831,7 @@ def build_service(config: Config, reactor: Any, http: Any = None,
     txaio.config.loop = reactor
 
     relay = Relay(
-        reactor,
+        reactor if clock is None else clock,
         open_store(config, reactor),
         replay_limit=config.replay_limit,
         retention=config.retention_days * DAY,
@@ -843,7 +845,7 @@ def build_service(config: Config, reactor: Any, http: Any = None,
         store_queue_bytes=config.store_queue_bytes,
     )
     proxies = TrustedProxies(config.trusted_proxies)
-    ws_factory = RelayServerFactory(relay, config.limits, proxies, OriginPolicy(config.public_url))
+    ws_factory = RelayServerFactory(relay, config.limits, proxies, OriginPolicy(config.public_url), reactor)
     # One count of connections per address for the public and redirect sites.
     gate = config.http_limits.gate(reactor, proxies)
     metrics = Metrics(relay, ws_factory)

@@ -1,7 +1,8 @@
 """
 Public test doubles for the relay, like L{treq.testing}: a recording
-L{FakePeer} for the core, an in-memory WebSocket client wired to the real
-Site, and a stand-in for Spotify's token endpoint.
+L{FakePeer} for the core and a L{Device} driving the core through one, an
+in-memory WebSocket client wired to the real Site, and a stand-in for
+Spotify's token endpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from leeloo.relay import IPeer, Outgoing
+from leeloo.core.peer import IPeer, Outgoing
 from leeloo.store import MemoryStore, StoreError
 
 
@@ -55,6 +56,77 @@ class FakePeer:
         """
         sent, self.sent = self.sent, []
         return sent
+
+
+class Device:
+    """
+    One device connected to a relay core in memory: a L{FakePeer} and the
+    session C{relay.connect} opened for it, driven by method calls.
+
+    @ivar relay: the relay (a L{leeloo.relay.Relay}) it is connected to.
+    @ivar peer: the L{FakePeer} recording what the relay sends it.
+    @ivar session: its session on C{relay}.
+    """
+
+    def __init__(self, relay: Any, address: str | None = None) -> None:
+        """
+        Connect to C{relay} from C{address} (the client address the
+        relay's per-address limits count; C{None} for none known).
+        """
+        self.relay = relay
+        self.peer = FakePeer()
+        self.session = relay.connect(self.peer, address)
+
+    def send(self, **fields: Any) -> None:
+        """
+        Send the relay one text frame: C{fields} as a JSON object.
+        """
+        self.send_frame(json.dumps(fields).encode("utf-8"))
+
+    def send_frame(self, data: bytes | str) -> None:
+        """
+        Send the relay one text frame of C{data} as it is (well-formed or
+        not).
+        """
+        self.relay.receive(self.session, data)
+
+    def take(self) -> list[dict]:
+        """
+        Return and forget the messages the relay sent it so far.
+        """
+        return self.peer.take()
+
+    def last(self) -> dict:
+        """
+        The last message the relay sent it (forgetting all sent so far).
+        """
+        return self.take()[-1]
+
+    def types(self) -> list[str]:
+        """
+        The C{type} of each message sent so far, forgetting them.
+        """
+        return [m["type"] for m in self.take()]
+
+    def texts(self) -> list[str]:
+        """
+        The text of each crew C{message} sent so far, forgetting every
+        message sent so far (whatever its type).
+        """
+        return [m["payload"]["text"] for m in self.take() if m["type"] == "message"]
+
+    def prove(self) -> None:
+        """
+        The device proves it received everything sent so far (as its pong
+        to a WebSocket ping sent now does).
+        """
+        self.relay.delivered(self.session, self.relay.delivery_mark(self.session))
+
+    def close(self) -> None:
+        """
+        Its connection closes.
+        """
+        self.relay.disconnect(self.session)
 
 
 class RecordingClientProtocol(WebSocketClientProtocol):

@@ -41,8 +41,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site, supportedMethods
 from leeloo import __version__, messages, pages
 from leeloo.access import CONNECTING_TOO_FAST, ConnectionGate, TrustedProxies, is_loopback
 from leeloo.limits import Rate
-from leeloo.messages import CrewLimit, InvalidCrewCode, NotInCrew, ProtocolError, RateLimited, StoreUnavailable
-from leeloo.relay import Relay
+from leeloo.messages import ProtocolError
+from leeloo.relay import BotCrew, CrewStatus, Relay, Stats
 from leeloo.spotify import SpotifyError, SpotifyOAuth
 from leeloo.websocket import RelayServerFactory
 
@@ -78,15 +78,11 @@ class APIError(Exception):
 
 
 def _api_error(e: ProtocolError) -> APIError:
-    if isinstance(e, RateLimited):
-        return APIError(429, e.code, e.message, retry_after=e.retry_after)
-    if isinstance(e, (StoreUnavailable, CrewLimit)):
-        return APIError(503, e.code, e.message)
-    if isinstance(e, InvalidCrewCode):
-        return APIError(404, "crew_not_found", e.message)
-    if isinstance(e, NotInCrew):
-        return APIError(403, "not_in_crew", e.message)
-    return APIError(400, e.code, e.message)
+    """
+    How the bot API answers C{e}: the status, error code, message and
+    fields the error itself names (L{ProtocolError}'s C{http_*}).
+    """
+    return APIError(e.http_status, e.http_code, e.http_message, **e.http_extra)
 
 
 def write_json(request: Request, status: int, body: Any) -> bytes:
@@ -139,6 +135,41 @@ class Directory(Resource):
         return NOT_FOUND
 
 
+def health(stats: Stats) -> dict:
+    """
+    The body of ``GET /health`` for the relay's figures C{stats}.
+    """
+    return {
+        "status": "ok",
+        "devices": stats.devices,
+        "crews": stats.crews,
+        "crews_online": stats.crews_online,
+        "uptime": int(stats.uptime),
+    }
+
+
+def crew_status(status: CrewStatus) -> dict:
+    """
+    The bot API's answer to ``GET /api/telegram/crew/status``.
+    """
+    return {
+        "crew_code": status.crew_code,
+        "exists": status.exists,
+        "devices_online": len(status.device_names),
+        "device_names": status.device_names,
+        "telegram_users": len(status.telegram_user_names),
+        "telegram_user_names": status.telegram_user_names,
+    }
+
+
+def bot_crew(crew: BotCrew) -> dict:
+    """
+    One crew in the bot API's answer to ``GET /api/telegram/user/crews``.
+    """
+    return {"crew_code": crew.crew_code, "display_name": crew.display_name,
+            "devices_online": crew.devices_online}
+
+
 class Landing(Resource):
     """
     ``GET /``: what LEELOO is, and the relay's live counts.
@@ -152,7 +183,7 @@ class Landing(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"cache-control", b"no-store")
-        return write_html(request, 200, pages.landing(self.relay.health()))
+        return write_html(request, 200, pages.landing(health(self.relay.stats())))
 
     render_HEAD = render_GET
 
@@ -234,7 +265,7 @@ class Health(Resource):
         self.extra_fields = tuple(extra_fields)
 
     def render_GET(self, request: Request) -> bytes:
-        body = self.relay.health()
+        body = health(self.relay.stats())
         body["version"] = __version__
         for fields in self.extra_fields:
             body.update(fields())
@@ -326,47 +357,35 @@ class SpotifyCallback(Resource):
 # --------------------------------------------------------------- bot API
 
 
-def _field(body: dict, name: str, default: Any = None) -> str:
-    value = body.get(name, default)
-    if value is None or value == "":
-        raise APIError(400, f"{name} required")
-    if not isinstance(value, str):
-        raise APIError(400, f"{name} must be a string")
-    value = value.strip()
-    if not value:
-        raise APIError(400, f"{name} required")
-    if len(value) > messages.MAX_FIELD_LENGTH:
-        raise APIError(400, f"{name} too long")
-    return value
+# The bot's fields are read by the devices' validators (messages.py), so a
+# refusal is the same FieldError, answered 400 {"error": "<field> <problem>"}.
+# Where the bot API differs from a frame, on purpose and as it always has:
+# names, user ids and msg_type over their frame limits are cut (a frame is
+# refused), only over MAX_FIELD_LENGTH refused ("too long"); a null msg_type
+# is "msg_type required" (a frame's is "text"); telegram_user_id may be an
+# integer.
+
+
+def _required(body: dict, name: str, cut: int, default: Any = None) -> str:
+    return messages.string_field(body, name, messages.MAX_FIELD_LENGTH, required=True, default=default)[:cut]
 
 
 def _user_id(body: dict) -> str:
     value = body.get("telegram_user_id")
     if isinstance(value, bool):
-        raise APIError(400, "telegram_user_id must be a string or an integer")
+        raise messages.FieldError("telegram_user_id", "must be a string or an integer",
+                                  "telegram_user_id must be a string or an integer")
     if isinstance(value, int):
         return str(value)
-    return _field(body, "telegram_user_id")[: messages.MAX_DEVICE_ID_LENGTH]
+    return _required(body, "telegram_user_id", messages.MAX_DEVICE_ID_LENGTH)
 
 
 def _name(body: dict, name: str) -> str:
-    return _field(body, name)[: messages.MAX_NAME_LENGTH]
+    return _required(body, name, messages.MAX_NAME_LENGTH)
 
 
-def _crew_code(value: Any) -> str:
-    """
-    A crew code from the bot, by the devices' rule (L{normalize_crew_code}):
-    missing is 400 C{"crew_code required"}, refused is 400
-    C{invalid_crew_code}.
-    """
-    if value is None or value == "":
-        raise APIError(400, "crew_code required")
-    if not isinstance(value, str):
-        raise APIError(400, "crew_code must be a string")
-    try:
-        return messages.normalize_crew_code(value)
-    except ProtocolError as e:
-        raise APIError(400, e.code, e.message) from None
+def _crew_code(obj: dict) -> str:
+    return messages.crew_code_field(obj, required=True)
 
 
 def _raw_arg(request: Request, name: bytes) -> str | None:
@@ -484,26 +503,22 @@ class BotAPI(Resource):
 
     def join(self, request: Request) -> dict:
         body = self._body(request)
-        user, code, name = _user_id(body), _crew_code(body.get("crew_code")), _name(body, "display_name")
+        user, code, name = _user_id(body), _crew_code(body), _name(body, "display_name")
         code, online = self.relay.bot_join_crew(user, code, name)
         return {"success": True, "crew_code": code, "devices_online": online}
 
     def message(self, request: Request) -> dict:
         body = self._body(request)
         user = _user_id(body)
-        code = _crew_code(body.get("crew_code"))
+        code = _crew_code(body)
         sender = _name(body, "sender_name")
-        msg_type = _field(body, "msg_type", "text")[: messages.MAX_TYPE_LENGTH]
-        payload = body.get("payload")
-        if payload is None:
-            payload = {}
-        if not isinstance(payload, dict):
-            raise APIError(400, "payload must be an object")
+        msg_type = _required(body, "msg_type", messages.MAX_TYPE_LENGTH, default="text")
+        payload = messages.object_field(body, "payload")
         d = self.relay.bot_message(user, code, sender, msg_type, payload)
         return d.addCallback(lambda reached: {"success": True, "devices_reached": reached})
 
     def status(self, request: Request) -> dict:
-        return self.relay.crew_status(_crew_code(_raw_arg(request, b"crew_code")))
+        return crew_status(self.relay.crew_status(_crew_code({"crew_code": _raw_arg(request, b"crew_code")})))
 
     def user_crews(self, request: Request) -> dict:
         """
@@ -515,7 +530,7 @@ class BotAPI(Resource):
         user = (given or "").strip()[: messages.MAX_DEVICE_ID_LENGTH]
         if not user:
             raise APIError(400, "telegram_user_id required")
-        return {"telegram_user_id": given, "crews": self.relay.bot_user_crews(user)}
+        return {"telegram_user_id": given, "crews": [bot_crew(c) for c in self.relay.bot_user_crews(user)]}
 
 
 class MetricsResource(Resource):

@@ -23,7 +23,10 @@ from zope.interface import implementer
 
 from leeloo.access import TOO_MANY_CONNECTIONS, ConnectionCaps, OriginPolicy, TrustedProxies
 from leeloo.pages import SECURITY_HEADERS, reason_phrase
-from leeloo.relay import CLOSE_INTERNAL_ERROR, IPeer, Outgoing, Relay, Session
+from leeloo.core.peer import IPeer, Outgoing
+from leeloo.core.sessions import Session
+from leeloo.messages import CLOSE_INTERNAL_ERROR, ErrorFrame
+from leeloo.relay import Relay
 from leeloo.timers import TimerWheel
 
 # Module-level: Autobahn's classes use their own ``log`` (a txaio logger that
@@ -275,8 +278,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
             # Once per message, however many it goes to.
             prepared = message.prepared = self.factory.prepareMessage(message.payload)
             sent = message.message
-            if sent is not None and sent.get("type") == "error":
-                self.factory.errors_sent[sent.get("error")] += 1
+            if type(sent) is ErrorFrame:
+                self.factory.errors_sent[sent.error] += 1
         if self._unsent is not None and self._held_back(len(prepared.payloadHybi)):
             return
         self.factory.messages_sent += 1
@@ -316,6 +319,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
     def close(self, code: int, reason: str) -> None:
         if self.state != self.STATE_OPEN:
             return
+        # Autobahn takes a plain int, not a CloseCode.
+        code = int(code)
         self.factory.closed_by_relay[code] += 1
         if self.session is not None:
             self._close_mark = self.factory.relay.delivery_mark(self.session)
@@ -390,6 +395,7 @@ class RelayServerFactory(WebSocketServerFactory):
 
     @param proxies: whose X-Forwarded-For names the client address.
     @param origins: which browser origins may open a WebSocket.
+    @param clock: what connections time out on (default: the relay's).
     """
 
     protocol = RelayServerProtocol
@@ -400,13 +406,14 @@ class RelayServerFactory(WebSocketServerFactory):
         limits: WebSocketLimits = WebSocketLimits(),
         proxies: TrustedProxies = TrustedProxies(),
         origins: OriginPolicy = OriginPolicy(),
+        clock: Any = None,
     ) -> None:
         super().__init__()
         self.relay = relay
         self.limits = limits
         # Every connection's timeouts on one wheel with O(1) cancels, in
         # place of txaio's batched timer (see leeloo.timers).
-        self._batched_timer = TimerWheel(relay.clock)
+        self._batched_timer = TimerWheel(relay.clock if clock is None else clock)
         self.proxies = proxies
         self.origins = origins
         self.caps = ConnectionCaps(limits.max_connections, limits.max_connections_per_address)

@@ -1,6 +1,7 @@
 """
 Helpers for the tests that run the relay for real: a blocking websockets
-client in a thread, and ``twistd leeloo`` as a child process.
+client in a thread, ``twistd leeloo`` as a child process, and reading and
+awaiting what the relay logs in this process.
 """
 
 import json
@@ -15,6 +16,7 @@ import threading
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from websockets.sync.client import connect
 
 TIMEOUT = 10
@@ -34,6 +36,32 @@ def ws_session(port, script):
         return connect(url, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
 
     return deferToThread(script, opener)
+
+
+def log_texts(events, level=None):
+    """
+    The text of each of C{events} (an L{EventLoggingObserver}, say), or of
+    those logged at C{level} (a L{LogLevel}) alone.
+    """
+    return [formatEvent(e) for e in events if level is None or e.get("log_level") == level]
+
+
+def next_logged(testcase, contains):
+    """
+    A Deferred firing with the next event logged to the global log
+    publisher whose text contains C{contains}; it stops listening when it
+    fires, or at the end of C{testcase}.
+    """
+    seen = defer.Deferred()
+
+    def observe(event):
+        if contains in formatEvent(event) and not seen.called:
+            globalLogPublisher.removeObserver(observe)
+            seen.callback(event)
+
+    globalLogPublisher.addObserver(observe)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+    return seen
 
 
 def listening_port(service):

@@ -20,13 +20,16 @@ from cryptography.hazmat.primitives import hashes
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from leeloo import tap
 from leeloo.testca import ThrowawayCA
-from tests.test_tls import LogCapture, handshake, listening_port, temporary_directory
+from tests.support import log_texts
+from tests.test_tls import handshake, listening_port, temporary_directory
 
 DOMAIN = "relay.leeloo.test"
 WORKTREE = Path(__file__).resolve().parent.parent
@@ -110,7 +113,7 @@ class CertbotAgainstPebbleTests(TestCase):
         tmp = Path(temporary_directory(self))
         webroot = tmp / "webroot"
         webroot.mkdir()
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
         # The relay's plain side: the whole site, and the port-80 stand-in.
         plain = tap.Config(listen=("tcp:0:interface=127.0.0.1",), redirect_listen=("tcp:0:interface=127.0.0.1",),
@@ -153,7 +156,7 @@ class CertbotAgainstPebbleTests(TestCase):
         out, err, code = yield getProcessOutputAndValue(
             shutil.which("certbot"), ["certonly", "--webroot", "-w", str(webroot), "-d", DOMAIN, *certbot], env=env)
         self.assertEqual(code, 0, (out + err).decode(errors="replace"))
-        self.assertTrue(any("GET /.well-known/acme-challenge/" in t and '" 200 ' in t for t in logged.texts()),
+        self.assertTrue(any("GET /.well-known/acme-challenge/" in t and '" 200 ' in t for t in log_texts(logged)),
                         "pebble's validation did not reach the relay")
 
         # The relay serves what certbot wrote, verified against pebble's root.

@@ -247,7 +247,7 @@ class CrewCodeLoopbackTests(LoopbackTestCase):
         one), create_crew is answered crew_limit, the bot API's creation
         503 crew_limit, and /health still answers.
         """
-        self.relay()._new_crew_code = lambda length: "LEELOO-FULL"
+        self.relay().crews_part._new_crew_code = lambda length: "LEELOO-FULL"
 
         def script(opener):
             with opener() as a:
@@ -287,7 +287,7 @@ class EntryLoopbackTests(LoopbackTestCase):
         answers = yield ws_session(self.port, script)
         self.assertEqual([a["type"] for a in answers[:5]], ["crew_created"] * 5)
         self.assertEqual([a["error"] for a in answers[5:]], ["rate_limited"] * 2)
-        self.assertEqual(self.relay().health()["crews"], 5)
+        self.assertEqual(self.relay().stats().crews, 5)
 
     @defer.inlineCallbacks
     def test_new_device_ids_limited(self):

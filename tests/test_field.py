@@ -109,9 +109,9 @@ class InProcessRelay(TestCase):
         options = Options(environ={"TELEGRAM_API_SECRET": SECRET})
         options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--store", "memory",
                               "--data-dir", self.mktemp(), *NO_GRACE, *self.args])
-        self.service = build_service(options.config, reactor)
+        self.clock = SteppedClock(reactor)
+        self.service = build_service(options.config, reactor, clock=self.clock)
         self.relay = self.service.relay
-        self.clock = self.relay.clock = SteppedClock(reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
         port = yield listening_port(self.service)

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.limits import Rate, RelayLimits
 from leeloo.relay import Relay
-from leeloo.testing import FakePeer, MemoryWebSocketClients
+from leeloo.testing import Device, MemoryWebSocketClients
 from leeloo.web import make_site
 from leeloo.websocket import RelayServerFactory, WebSocketLimits
 
@@ -72,24 +72,21 @@ class RelayMachine(RuleBasedStateMachine):
         self.clock.advance(1_700_000_000)
         self.relay = Relay(self.clock, limits=RelayLimits(messages=Rate(1000, 1000),
                                                           entries=Rate(1000, 1000)))
-        self.peers = []
+        self.devices = []
 
     @rule()
     def connect(self):
-        peer = FakePeer()
-        self.peers.append((peer, self.relay.connect(peer, "127.0.0.1")))
+        self.devices.append(Device(self.relay, "127.0.0.1"))
 
-    @precondition(lambda self: self.peers)
+    @precondition(lambda self: self.devices)
     @rule(index=st.integers(min_value=0), frame=frames)
     def send(self, index, frame):
-        peer, session = self.peers[index % len(self.peers)]
-        self.relay.receive(session, frame)
+        self.devices[index % len(self.devices)].send_frame(frame)
 
-    @precondition(lambda self: self.peers)
+    @precondition(lambda self: self.devices)
     @rule(index=st.integers(min_value=0))
     def disconnect(self, index):
-        peer, session = self.peers.pop(index % len(self.peers))
-        self.relay.disconnect(session)
+        self.devices.pop(index % len(self.devices)).close()
 
     @rule()
     def tick(self):
@@ -103,19 +100,22 @@ class RelayMachine(RuleBasedStateMachine):
             assert session in relay.sessions
         for code, crew in relay.crews.items():
             assert crew.code == code
-            for device_id, session in crew.online.items():
+            for device_id, membership in crew.online.items():
+                session = membership.session
                 assert session.crew is crew
+                assert session.membership(code) is membership
                 assert session.device_id == device_id
                 assert relay.devices.get(device_id) is session
-                assert device_id in crew.members
+                assert membership.member is crew.members[device_id]
         for session in relay.sessions:
             if session.crew is not None:
-                assert session.crew.online.get(session.device_id) is session
+                assert session.crew.online.get(session.device_id) is session.primary
+            assert session.memberships() == ([session.primary] if session.primary else [])
 
     @invariant()
     def only_protocol_messages(self):
-        for peer, _ in self.peers:
-            for message in peer.take():
+        for device in self.devices:
+            for message in device.take():
                 assert isinstance(message, dict) and isinstance(message.get("type"), str)
                 if message["type"] == "error":
                     assert isinstance(message["error"], str) and isinstance(message["message"], str)

@@ -5,7 +5,8 @@ or fails by hand and a Clock for the retry delay.
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -339,7 +340,7 @@ class FailureTests(JournalTestCase):
 
     def setUp(self):
         super().setUp()
-        self.logged = self.enterContext(capturedLogs())
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def errors(self):
         return [e for e in self.logged if e["log_level"] == LogLevel.error]

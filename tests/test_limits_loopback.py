@@ -19,6 +19,7 @@ import txaio
 from treq.client import HTTPClient
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -45,9 +46,7 @@ class RelayOnLoopback(TestCase):
     def setUp(self):
         previous = txaio.config.loop
         self.addCleanup(setattr, txaio.config, "loop", previous)
-        self.events = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         yield self.start(http=self.prepare())
 
     def prepare(self):

@@ -14,8 +14,8 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, reactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol, Factory
-from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from leeloo import __version__
@@ -92,10 +92,10 @@ class ReadinessTests(SynchronousTestCase):
         self.notified, self.exits, self.later = [], [], []
         readiness = Readiness(listeners, self.notified.append, self.exits.append, when_running=lambda *call: self.later.append(call))
         readiness.setServiceParent(top)
-        with capturedLogs() as events:
-            top.privilegedStartService()
-            top.startService()
-            self.run_reactor()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        top.privilegedStartService()
+        top.startService()
+        self.run_reactor()
         self.top = top
         return readiness, events
 
@@ -161,8 +161,8 @@ class ReadinessTests(SynchronousTestCase):
         slow = FakeEndpoint(in_use(), later=True)
         self.start(slow)
         self.assertEqual(self.exits, [])
-        with capturedLogs() as events:
-            slow.fire()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        slow.fire()
         self.assertEqual(self.exits, [1])
         self.assertIn("cannot listen on --listen tcp:8080", formatEvent(events[0]))
 
@@ -328,9 +328,9 @@ class InProcessTests(TestCase):
         options.parseOptions(["--data-dir", self.mktemp(), "--store", "memory", *argv])
         exits = []
         service = build_service(options.config, reactor, exit=exits.append, notify=lambda state: None)
-        with capturedLogs() as events:
-            service.privilegedStartService()
-            service.startService()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service.privilegedStartService()
+        service.startService()
         self.addCleanup(service.stopService)
         lines = [formatEvent(e) for e in events if e["log_level"] == LogLevel.critical]
         return exits, lines

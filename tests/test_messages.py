@@ -356,3 +356,482 @@ class ErrorFromTests(SynchronousTestCase):
         e = messages.error_from({"type": "error", "error": "brand_new", "message": "m", "hint": 2})
         self.assertEqual((type(e), e.code, e.message, e.extra), (ProtocolError, "brand_new", "m", {"hint": 2}))
         self.assertEqual(messages.error_from({"type": "error"}).code, "unknown_error")
+
+
+# ------------------------------------------------------------ relay -> client
+
+from leeloo.messages import (  # noqa: E402
+    CloseCode,
+    CrewCreated,
+    CrewJoined,
+    CrewLimit,
+    DeviceAuthFailed,
+    ErrorFrame,
+    FieldError,
+    MalformedCrewCode,
+    MemberJoined,
+    MemberOffline,
+    MusicShared,
+    NotInCrew,
+    Pong,
+    RateLimited,
+    Registered,
+    RelayedMessage,
+    RelayedReaction,
+    ReplayTruncated,
+    Sent,
+    SpotifyAuthComplete,
+    StoreUnavailable,
+    UnknownRelayMessage,
+    decode_from_relay,
+)
+
+# One row per message the relay sends: the typed message and its exact wire
+# dict, key order included.
+OUTGOING = [
+    (Registered("leeloo_1"), {"type": "registered", "device_id": "leeloo_1"}),
+    (Registered("leeloo_1", "k3y"), {"type": "registered", "device_id": "leeloo_1", "device_key": "k3y"}),
+    (CrewCreated("leeloo_1", "ALPHA"), {"type": "crew_created", "device_id": "leeloo_1", "crew_code": "ALPHA"}),
+    (CrewCreated("leeloo_1", "ALPHA", "k3y"),
+     {"type": "crew_created", "device_id": "leeloo_1", "crew_code": "ALPHA", "device_key": "k3y"}),
+    (CrewJoined("leeloo_1", "ALPHA", 2, ["Bob"]),
+     {"type": "crew_joined", "device_id": "leeloo_1", "crew_code": "ALPHA", "crew_members": 2,
+      "member_names": ["Bob"]}),
+    (CrewJoined("leeloo_1", "ALPHA", 1, [], "k3y"),
+     {"type": "crew_joined", "device_id": "leeloo_1", "crew_code": "ALPHA", "crew_members": 1,
+      "member_names": [], "device_key": "k3y"}),
+    (MemberJoined("leeloo_2", "Bob"), {"type": "member_joined", "device_id": "leeloo_2", "display_name": "Bob"}),
+    (MemberOffline("leeloo_2", "Bob"), {"type": "member_offline", "device_id": "leeloo_2", "display_name": "Bob"}),
+    (RelayedMessage("leeloo_2", "Bob", "text", {"text": "hi"}),
+     {"type": "message", "from_device": "leeloo_2", "from_name": "Bob", "msg_type": "text",
+      "payload": {"text": "hi"}}),
+    (RelayedMessage("telegram", "Ann", "nudge", {}, 1700000000000, 7, "m7"),
+     {"type": "message", "from_device": "telegram", "from_name": "Ann", "msg_type": "nudge", "payload": {},
+      "timestamp": 1700000000000, "seq": 7, "id": "m7"}),
+    (RelayedMessage("leeloo_2", "Bob", "text", {}, 5, 1, "m1", replayed=True),
+     {"type": "message", "from_device": "leeloo_2", "from_name": "Bob", "msg_type": "text", "payload": {},
+      "timestamp": 5, "seq": 1, "id": "m1", "replayed": True}),
+    (MusicShared("spotify:track:1", "A", "T", "L", "Bob"),
+     {"type": "music_shared", "spotify_uri": "spotify:track:1", "artist": "A", "track": "T", "album": "L",
+      "pushed_by": "Bob"}),
+    (MusicShared(None, None, "T", None, "Bob", 5, 2, "m2"),
+     {"type": "music_shared", "spotify_uri": None, "artist": None, "track": "T", "album": None,
+      "pushed_by": "Bob", "timestamp": 5, "seq": 2, "id": "m2"}),
+    (RelayedReaction("fire", "Bob"), {"type": "reaction", "reaction_type": "fire", "from": "Bob"}),
+    (RelayedReaction("love", "Bob", 5, 3, "m3", True),
+     {"type": "reaction", "reaction_type": "love", "from": "Bob", "timestamp": 5, "seq": 3, "id": "m3",
+      "replayed": True}),
+    (Sent("c1", "m4", 4), {"type": "sent", "client_msg_id": "c1", "id": "m4", "seq": 4}),
+    (ReplayTruncated(1, 40), {"type": "replay_truncated", "from_seq": 1, "to_seq": 40}),
+    (Pong(), {"type": "pong"}),
+    (SpotifyAuthComplete({"access_token": "at", "refresh_token": "rt", "expires_in": 3600}),
+     {"type": "spotify_auth_complete", "tokens": {"access_token": "at", "refresh_token": "rt", "expires_in": 3600}}),
+    (ErrorFrame("invalid_json", "the frame is not valid JSON"),
+     {"type": "error", "error": "invalid_json", "message": "the frame is not valid JSON"}),
+    (ErrorFrame("rate_limited", "slow down", {"retry_after": 3}),
+     {"type": "error", "error": "rate_limited", "message": "slow down", "retry_after": 3}),
+    (UnknownRelayMessage("teleported", {"type": "teleported", "where": "moon"}),
+     {"type": "teleported", "where": "moon"}),
+]
+
+
+class OutgoingTests(SynchronousTestCase):
+    """
+    The typed messages the relay sends: their wire dicts, and back.
+    """
+
+    def test_wire_dicts(self):
+        """
+        Each typed message's to_dict() is its exact wire dict: the same
+        keys in the same order, optional ones only when present.
+        """
+        for message, wire in OUTGOING:
+            self.assertEqual(list(message.to_dict().items()), list(wire.items()), message)
+
+    def test_round_trip(self):
+        """
+        to_dict -> encode -> decode_from_relay gives back an equal message,
+        for every row.
+        """
+        for message, _ in OUTGOING:
+            self.assertEqual(decode_from_relay(encode(message.to_dict())), message)
+
+    def test_encode_takes_typed_messages(self):
+        """
+        encode() of a typed message is the encoding of its wire dict.
+        """
+        for message, wire in OUTGOING:
+            self.assertEqual(encode(message), encode(wire))
+            self.assertEqual(json.loads(encode(message)), wire)
+
+    def test_type_is_the_wire_type(self):
+        """
+        Each class's type is its frame's type, and no two share one.
+        """
+        types = [m.type for m, _ in OUTGOING if not isinstance(m, UnknownRelayMessage)]
+        for message, wire in OUTGOING:
+            self.assertEqual(message.type, wire["type"])
+        self.assertEqual(len(set(types)), len(messages._RELAY_DECODERS))
+
+    def test_secrets_stay_out_of_repr(self):
+        """
+        A device key or Spotify tokens never show in a message's repr (and
+        so never in a log line).
+        """
+        self.assertNotIn("k3y", repr(Registered("leeloo_1", "k3y")))
+        self.assertNotIn("k3y", repr(CrewCreated("leeloo_1", "A", "k3y")))
+        self.assertNotIn("k3y", repr(CrewJoined("leeloo_1", "A", 1, [], "k3y")))
+        self.assertNotIn("secret", repr(SpotifyAuthComplete({"access_token": "secret"})))
+
+    def test_frozen(self):
+        """
+        Typed messages are immutable and have no per-instance dict.
+        """
+        message = Sent("c1", "m1", 1)
+        with self.assertRaises(AttributeError):
+            message.seq = 2
+        self.assertFalse(hasattr(message, "__dict__"))
+
+
+class BuilderTests(SynchronousTestCase):
+    """
+    The builders the relay core calls return exactly the dicts they always
+    did (now made by the typed messages).
+    """
+
+    def assertExactly(self, got, expected):
+        self.assertIsInstance(got, dict)
+        self.assertEqual(list(got.items()), list(expected.items()))
+
+    def test_registered(self):
+        self.assertExactly(messages.registered("leeloo_1"), {"type": "registered", "device_id": "leeloo_1"})
+        self.assertExactly(messages.registered("leeloo_1", "k"),
+                           {"type": "registered", "device_id": "leeloo_1", "device_key": "k"})
+
+    def test_crew_created(self):
+        self.assertExactly(messages.crew_created("leeloo_1", "A"),
+                           {"type": "crew_created", "device_id": "leeloo_1", "crew_code": "A"})
+        self.assertExactly(messages.crew_created("leeloo_1", "A", device_key="k"),
+                           {"type": "crew_created", "device_id": "leeloo_1", "crew_code": "A", "device_key": "k"})
+
+    def test_crew_joined(self):
+        names = ["Bob", "Cy"]
+        self.assertExactly(messages.crew_joined("leeloo_1", "A", 3, names),
+                           {"type": "crew_joined", "device_id": "leeloo_1", "crew_code": "A", "crew_members": 3,
+                            "member_names": ["Bob", "Cy"]})
+        self.assertExactly(messages.crew_joined("leeloo_1", "A", 1, [], "k"),
+                           {"type": "crew_joined", "device_id": "leeloo_1", "crew_code": "A", "crew_members": 1,
+                            "member_names": [], "device_key": "k"})
+
+    def test_members(self):
+        self.assertExactly(messages.member_joined("leeloo_2", "Bob"),
+                           {"type": "member_joined", "device_id": "leeloo_2", "display_name": "Bob"})
+        self.assertExactly(messages.member_offline("leeloo_2", "Bob"),
+                           {"type": "member_offline", "device_id": "leeloo_2", "display_name": "Bob"})
+
+    def test_crew_message(self):
+        payload = {"text": "hi"}
+        got = messages.crew_message("leeloo_2", "Bob", "text", payload)
+        self.assertExactly(got, {"type": "message", "from_device": "leeloo_2", "from_name": "Bob",
+                                 "msg_type": "text", "payload": {"text": "hi"}})
+        self.assertIs(got["payload"], payload)
+
+    def test_music_shared(self):
+        share = ShareMusic(spotify_uri="spotify:track:1", artist="A", track=None, album="L")
+        self.assertExactly(messages.music_shared(share, "Bob"),
+                           {"type": "music_shared", "spotify_uri": "spotify:track:1", "artist": "A",
+                            "track": None, "album": "L", "pushed_by": "Bob"})
+
+    def test_reaction(self):
+        self.assertExactly(messages.reaction("love", "Bob"), {"type": "reaction", "reaction_type": "love",
+                                                               "from": "Bob"})
+
+    def test_stamped(self):
+        """
+        stamped() adds timestamp, seq and id, in that order, after the
+        fields (of any dict it is given).
+        """
+        self.assertExactly(messages.stamped(messages.reaction("love", "Bob"), 5, 2, "m2"),
+                           {"type": "reaction", "reaction_type": "love", "from": "Bob", "timestamp": 5,
+                            "seq": 2, "id": "m2"})
+        self.assertExactly(messages.stamped(messages.crew_message("telegram", "Ann", "text", {}), 5, 3, "m3"),
+                           {"type": "message", "from_device": "telegram", "from_name": "Ann", "msg_type": "text",
+                            "payload": {}, "timestamp": 5, "seq": 3, "id": "m3"})
+        self.assertExactly(messages.stamped({"type": "message", "x": 1}, 5, 4, "m4"),
+                           {"type": "message", "x": 1, "timestamp": 5, "seq": 4, "id": "m4"})
+
+    def test_stamped_is_the_typed_stamp(self):
+        """
+        stamped() of a fan-out's dict is the dict of the typed fan-out's
+        stamped().
+        """
+        for fanout in (RelayedMessage("leeloo_2", "Bob", "text", {"text": "hi"}),
+                       MusicShared("spotify:track:1", None, "T", "L", "Bob"), RelayedReaction("love", "Bob")):
+            typed = fanout.stamped(5, 2, "m2")
+            self.assertEqual((typed.timestamp, typed.seq, typed.id), (5, 2, "m2"))
+            self.assertExactly(messages.stamped(fanout.to_dict(), 5, 2, "m2"), typed.to_dict())
+
+    def test_replayed(self):
+        """
+        replayed() splices "replayed": true into the stored bytes: the frame
+        of the typed fan-out with replayed=True.
+        """
+        stored = encode(messages.stamped(messages.reaction("love", "Bob"), 5, 2, "m2"))
+        self.assertEqual(messages.replayed(stored),
+                         b'{"type":"reaction","reaction_type":"love","from":"Bob","timestamp":5,"seq":2,'
+                         b'"id":"m2","replayed":true}')
+        self.assertEqual(messages.replayed(stored), encode(RelayedReaction("love", "Bob", 5, 2, "m2", True)))
+
+    def test_sent_and_truncated(self):
+        self.assertExactly(messages.sent("c1", "m1", 1), {"type": "sent", "client_msg_id": "c1", "id": "m1", "seq": 1})
+        self.assertExactly(messages.replay_truncated(2, 9), {"type": "replay_truncated", "from_seq": 2, "to_seq": 9})
+
+    def test_pong(self):
+        self.assertExactly(messages.pong(), {"type": "pong"})
+
+    def test_spotify_auth_complete(self):
+        """
+        The tokens are copied into a plain dict.
+        """
+        tokens = {"access_token": "at", "expires_in": 3600}
+        got = messages.spotify_auth_complete(tokens)
+        self.assertExactly(got, {"type": "spotify_auth_complete", "tokens": {"access_token": "at",
+                                                                             "expires_in": 3600}})
+        self.assertIsNot(got["tokens"], tokens)
+
+    def test_error(self):
+        self.assertExactly(messages.error("rate_limited", "slow", retry_after=2),
+                           {"type": "error", "error": "rate_limited", "message": "slow", "retry_after": 2})
+        self.assertExactly(messages.error("invalid_json", "no"), {"type": "error", "error": "invalid_json",
+                                                                  "message": "no"})
+
+
+class DecodeFromRelayTests(SynchronousTestCase):
+    """
+    L{decode_from_relay}: what the device client reads.
+    """
+
+    def test_unknown_type_keeps_the_dict(self):
+        """
+        A type this version does not know is an UnknownRelayMessage holding
+        the whole frame, not an error.
+        """
+        message = decode_from_relay(b'{"type":"weather","sky":"blue","n":[1]}')
+        self.assertEqual(message, UnknownRelayMessage("weather", {"type": "weather", "sky": "blue", "n": [1]}))
+        self.assertEqual(message.to_dict(), {"type": "weather", "sky": "blue", "n": [1]})
+
+    def test_unknown_fields_ignored(self):
+        """
+        Fields this version does not know are ignored on a known type.
+        """
+        self.assertEqual(decode_from_relay(b'{"type":"pong","extra":1}'), Pong())
+        self.assertEqual(decode_from_relay(b'{"type":"registered","device_id":"d","new":true}'), Registered("d"))
+
+    def test_not_json(self):
+        """
+        A frame that is not JSON is InvalidJSON.
+        """
+        for data in (b"not json", b'{"type":', b"\xff"):
+            with self.assertRaises(InvalidJSON):
+                decode_from_relay(data)
+
+    def test_not_an_object_or_no_type(self):
+        """
+        JSON that is not an object, or has no string type, is
+        InvalidMessage.
+        """
+        for data in (b"[1]", b'"pong"', b"{}", b'{"type":7}', b'{"type":null}'):
+            with self.assertRaises(InvalidMessage, msg=data):
+                decode_from_relay(data)
+
+    def test_wrong_fields(self):
+        """
+        A known type with a required field missing or of the wrong type is
+        InvalidMessage naming the field.
+        """
+        cases = [
+            ({"type": "registered"}, "device_id"),
+            ({"type": "crew_joined", "device_id": "d", "crew_code": "A", "crew_members": "2",
+              "member_names": []}, "crew_members"),
+            ({"type": "crew_joined", "device_id": "d", "crew_code": "A", "crew_members": 2,
+              "member_names": [1]}, "member_names"),
+            ({"type": "message", "from_device": "d", "from_name": "n", "msg_type": "text", "payload": []},
+             "payload"),
+            ({"type": "message", "from_device": "d", "from_name": "n", "msg_type": "text", "payload": {},
+              "seq": True}, "seq"),
+            ({"type": "reaction", "reaction_type": "love"}, "from"),
+            ({"type": "sent", "client_msg_id": "c", "id": "m", "seq": 1.5}, "seq"),
+            ({"type": "spotify_auth_complete", "tokens": "t"}, "tokens"),
+            ({"type": "error", "error": "x"}, "message"),
+        ]
+        for obj, name in cases:
+            with self.assertRaises(InvalidMessage, msg=obj) as raised:
+                decode_from_relay(json.dumps(obj))
+            self.assertIn(name, raised.exception.message, obj)
+
+    def test_error_frame_back_to_its_exception(self):
+        """
+        An error frame's to_exception() is the typed error that sent it,
+        and ProtocolError.as_frame() is the frame of as_message().
+        """
+        original = RateLimited("slow down", 2.2)
+        self.assertEqual(original.as_frame().to_dict(), original.as_message())
+        back = decode_from_relay(encode(original.as_frame())).to_exception()
+        self.assertEqual((type(back), back.retry_after, back.message), (RateLimited, 3, "slow down"))
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.one_of(
+            st.binary(max_size=100),
+            st.fixed_dictionaries(
+                {"type": st.sampled_from(sorted(messages._RELAY_DECODERS) + ["x"])},
+                optional={
+                    k: st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+                    | st.lists(st.text(max_size=3), max_size=2)
+                    | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)
+                    for k in ("device_id", "crew_code", "crew_members", "member_names", "display_name",
+                              "from_device", "from_name", "msg_type", "payload", "timestamp", "seq", "id",
+                              "replayed", "pushed_by", "track", "reaction_type", "from", "client_msg_id",
+                              "from_seq", "to_seq", "tokens", "error", "message", "device_key")
+                },
+            ).map(lambda v: json.dumps(v).encode()),
+        )
+    )
+    def test_only_protocol_errors(self, data):
+        """
+        Whatever the relay's bytes, decode_from_relay gives a message that
+        encodes back to an equal one, or raises invalid_json or
+        invalid_message; nothing else escapes.
+        """
+        try:
+            message = decode_from_relay(data)
+        except ProtocolError as e:
+            self.assertIn(e.code, {"invalid_json", "invalid_message"})
+            return
+        self.assertEqual(decode_from_relay(encode(message)), message)
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+class ErrorAttributeTests(SynchronousTestCase):
+    """
+    Each error carries its code, the close that follows it and how the bot
+    API answers it, in one place.
+    """
+
+    def test_every_code_is_in_errors(self):
+        """
+        Every ProtocolError class's code is in ERRORS, mapped to that class
+        or the parent it shares the code with; crew_limit among them.
+        """
+        for cls in _subclasses(ProtocolError):
+            self.assertIn(cls.code, messages.ERRORS, cls)
+            self.assertTrue(issubclass(cls, messages.ERRORS[cls.code]), cls)
+        self.assertIs(messages.ERRORS["crew_limit"], CrewLimit)
+        self.assertIs(type(messages.error_from(CrewLimit("full").as_message())), CrewLimit)
+
+    def test_close_codes(self):
+        """
+        Rate limits and failed device keys are strikes that end in 4029;
+        no other error closes.
+        """
+        closing = {cls: cls.close_code for cls in _subclasses(ProtocolError) if cls.close_code is not None}
+        self.assertEqual(closing, {RateLimited: 4029, DeviceAuthFailed: 4029})
+        self.assertIsNone(ProtocolError.close_code)
+
+    def test_http_answers(self):
+        """
+        The bot API's status, error and body fields for each error: 429
+        with retry_after, 503 for store_unavailable and crew_limit, 404
+        crew_not_found for an unknown crew (400 invalid_crew_code for a
+        malformed one), 403 not_in_crew, 400 and its own code otherwise.
+        """
+        rows = [
+            (RateLimited("slow", 2), 429, "rate_limited", "slow", {"retry_after": 2}),
+            (StoreUnavailable("down", client_msg_id="c"), 503, "store_unavailable", "down", {}),
+            (CrewLimit("full"), 503, "crew_limit", "full", {}),
+            (InvalidCrewCode("Crew X not found"), 404, "crew_not_found", "Crew X not found", {}),
+            (MalformedCrewCode("bad"), 400, "invalid_crew_code", "bad", {}),
+            (NotInCrew("join"), 403, "not_in_crew", "join", {}),
+            (DeviceAuthFailed("key"), 400, "device_auth_failed", "key", {}),
+            (InvalidMessage("odd"), 400, "invalid_message", "odd", {}),
+            (FieldError("display_name", "required", "display_name is required"), 400, "display_name required",
+             None, {}),
+        ]
+        for e, status, code, message, extra in rows:
+            self.assertEqual((e.http_status, e.http_code, e.http_message, e.http_extra),
+                             (status, code, message, extra), e)
+
+    def test_close_code_table(self):
+        """
+        The close codes the relay documents, each under one name (also as
+        CLOSE_<NAME>); in a log line each reads as its number.
+        """
+        self.assertEqual([(c.name, int(c)) for c in CloseCode],
+                         [("GOING_AWAY", 1001), ("MESSAGE_TOO_BIG", 1009), ("INTERNAL_ERROR", 1011),
+                          ("REPLACED", 4001), ("BIND_TIMEOUT", 4008), ("ABUSE", 4029)])
+        for c in CloseCode:
+            self.assertIs(getattr(messages, "CLOSE_" + c.name), c)
+        self.assertEqual((str(CloseCode.ABUSE), f"{CloseCode.ABUSE}"), ("4029", "4029"))
+
+
+class ValidatorTests(SynchronousTestCase):
+    """
+    The public field validators frames and the bot API share.
+    """
+
+    def assertFieldError(self, call, field, problem, message):
+        with self.assertRaises(FieldError) as raised:
+            call()
+        e = raised.exception
+        self.assertEqual((e.code, e.field, e.problem, e.message, e.http_code),
+                         ("invalid_message", field, problem, message, f"{field} {problem}"))
+
+    def test_string_field(self):
+        """
+        A string field is stripped; absent, null, empty or blank is None,
+        or "required"; not a string, or over the limit, is refused.
+        """
+        self.assertEqual(messages.string_field({"n": "  Ann "}, "n", 5), "Ann")
+        for obj in ({}, {"n": None}, {"n": ""}, {"n": "  "}):
+            self.assertIsNone(messages.string_field(obj, "n", 5))
+            self.assertFieldError(lambda: messages.string_field(obj, "n", 5, required=True),
+                                  "n", "required", "n is required")
+        self.assertFieldError(lambda: messages.string_field({"n": 7}, "n", 5), "n", "must be a string",
+                              "n must be a string")
+        self.assertFieldError(lambda: messages.string_field({"n": "x" * 6}, "n", 5), "n", "too long",
+                              "n must be at most 5 characters")
+
+    def test_string_field_default(self):
+        """
+        The default stands in for an absent key only, not a null one.
+        """
+        self.assertEqual(messages.string_field({}, "t", 5, default="text"), "text")
+        self.assertIsNone(messages.string_field({"t": None}, "t", 5, default="text"))
+
+    def test_object_field(self):
+        self.assertEqual(messages.object_field({}, "payload"), {})
+        self.assertEqual(messages.object_field({"payload": None}, "payload"), {})
+        self.assertEqual(messages.object_field({"payload": {"a": 1}}, "payload"), {"a": 1})
+        self.assertFieldError(lambda: messages.object_field({"payload": []}, "payload"), "payload",
+                              "must be an object", "payload must be an object")
+
+    def test_crew_code_field(self):
+        """
+        A crew code is normalized; missing is None or "required"; not a
+        string is a FieldError; a malformed one is MalformedCrewCode
+        (invalid_crew_code).
+        """
+        self.assertEqual(messages.crew_code_field({"crew_code": " alpha "}), "ALPHA")
+        self.assertIsNone(messages.crew_code_field({"crew_code": ""}))
+        self.assertFieldError(lambda: messages.crew_code_field({}, required=True), "crew_code", "required",
+                              "crew_code is required")
+        self.assertFieldError(lambda: messages.crew_code_field({"crew_code": 7}), "crew_code",
+                              "must be a string", "crew_code must be a string")
+        with self.assertRaises(MalformedCrewCode) as raised:
+            messages.crew_code_field({"crew_code": "a\x00"})
+        self.assertEqual(raised.exception.code, "invalid_crew_code")

@@ -16,8 +16,8 @@ import txaio
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs, formatEvent
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.trial.unittest import SynchronousTestCase
@@ -670,9 +670,9 @@ class GateTests(SiteTestCase):
         An address hammering past its limits is warned about once a
         minute, not once a connection.
         """
-        with capturedLogs() as events:
-            for _ in range(20):
-                self.connect()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for _ in range(20):
+            self.connect()
         warnings = [formatEvent(e) for e in events if "refusing connections" in formatEvent(e)]
         self.assertEqual(len(warnings), 2, warnings)
 
@@ -801,8 +801,8 @@ class AccessLogTests(SiteTestCase):
         self.addCleanup(self.site.stopFactory)
 
     def logged(self, *args, **kwargs) -> str:
-        with capturedLogs() as events:
-            self.get(*args, **kwargs)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.get(*args, **kwargs)
         return "\n".join(formatEvent(e) for e in events)
 
     def test_no_query_string(self):

@@ -8,7 +8,8 @@ import stat
 import sys
 
 import txaio
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -243,14 +244,14 @@ class TimerTests(SynchronousTestCase):
         and does not propagate (a TimerService would stop for good).
         """
         from twisted.internet.defer import fail
-        from twisted.logger import Logger, capturedLogs
+        from twisted.logger import Logger
 
         from leeloo.tap import _never_raises
 
         log = Logger()
-        with capturedLogs() as events:
-            _never_raises(lambda: 1 / 0, log, "sync")()
-            _never_raises(lambda: fail(ValueError("disk")), log, "async")()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        _never_raises(lambda: 1 / 0, log, "sync")()
+        _never_raises(lambda: fail(ValueError("disk")), log, "async")()
         self.assertEqual([e["what"] for e in events], ["sync", "async"])
         self.assertTrue(all(e.get("log_failure") for e in events))
         self.flushLoggedErrors(ZeroDivisionError, ValueError)
@@ -260,13 +261,13 @@ class TimerTests(SynchronousTestCase):
         The retention timer logs how many messages and crews it pruned.
         """
         from twisted.internet.task import Clock
-        from twisted.logger import Logger, capturedLogs
+        from twisted.logger import Logger
 
         from leeloo.relay import Relay
         from leeloo.tap import _prune
 
-        with capturedLogs() as events:
-            self.successResultOf(_prune(Relay(Clock()), Logger()))
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.successResultOf(_prune(Relay(Clock()), Logger()))
         [event] = [e for e in events if "messages" in e]
         self.assertEqual((event["messages"], event["crews"]), (0, 0))
 
@@ -414,11 +415,11 @@ class FieldOptionsTests(OptionsTestCase):
         """
         The effective ages, ping times and bind timeout are logged at start.
         """
-        from twisted.logger import capturedLogs, formatEvent
+        from twisted.logger import formatEvent
 
         config = self.parse("--legacy-replay-age", "3600", "--ephemeral-age", "30", "--ping-interval", "7")
-        with capturedLogs() as events:
-            started(self, config)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        started(self, config)
         text = "\n".join(formatEvent(e) for e in events)
         for fact in ("last 3600s", "last 30s", "after 60s", "ping every 7s"):
             self.assertIn(fact, text)
@@ -455,11 +456,11 @@ class EnvFilePermissionTests(OptionsTestCase):
         """
         The warning is logged when the relay starts, at warning level.
         """
-        from twisted.logger import LogLevel, capturedLogs, formatEvent
+        from twisted.logger import LogLevel, formatEvent
 
         config = self.parse("--env-file", self.env_file_mode(0o640))
-        with capturedLogs() as events:
-            started(self, config)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        started(self, config)
         [warning] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
         self.assertIn("0640", warning)
         self.assertNotIn(self.SECRET, "".join(formatEvent(e) + repr(e) for e in events))
@@ -483,13 +484,13 @@ class StartLogTests(OptionsTestCase):
         """
         The effective transport limits are logged at start.
         """
-        from twisted.logger import capturedLogs, formatEvent
+        from twisted.logger import formatEvent
 
         config = self.parse("--max-connections", "1234", "--max-connections-per-address", "12",
                             "--request-timeout", "7", "--trusted-proxy", "10.0.0.0/8",
                             "--public-url", "https://relay.example.org")
-        with capturedLogs() as events:
-            started(self, config)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        started(self, config)
         text = "\n".join(formatEvent(e) for e in events)
         for fact in ("1234 connections", "12 per client address", "1048576 bytes behind",
                      "within 7s", "65536 bytes", "10.0.0.0/8", "https://relay.example.org",
@@ -503,12 +504,12 @@ class BoundsLogTests(OptionsTestCase):
         The connection gate's limits and the fragment limit are logged at
         start with the other limits.
         """
-        from twisted.logger import capturedLogs, formatEvent
+        from twisted.logger import formatEvent
 
         config = self.parse("--max-connections-per-address", "12", "--connect-rate", "3",
                             "--max-fragments", "9")
-        with capturedLogs() as events:
-            started(self, config)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        started(self, config)
         text = "\n".join(formatEvent(e) for e in events)
         for fact in ("12 connections per client address", "3 new ones a second per address (bursts of 6)",
                      "in at most 9 frames"):

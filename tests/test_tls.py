@@ -29,9 +29,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.ssl import Certificate as TwistedCertificate, optionsForClientTLS
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols.tls import _representsEOF
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
@@ -40,6 +41,8 @@ from twisted.web.server import Site
 from leeloo import tap, tls
 from leeloo.testca import LetsEncryptDirectory, ThrowawayCA, key_pem
 from leeloo.tls import CertificateError, CertificateStore, LetsEncryptServerEndpoint
+
+from tests.support import log_texts, next_logged
 
 DOMAIN = "relay.leeloo.test"
 OTHER = "other.leeloo.test"
@@ -109,41 +112,6 @@ def listening_port(service) -> Deferred:
 
     service._waitingForPort.addCallback(got)
     return port
-
-
-class LogCapture:
-    def __init__(self, testcase: SynchronousTestCase) -> None:
-        self.events: list[dict] = []
-        self._cleanups: list = []
-        globalLogPublisher.addObserver(self.events.append)
-        testcase.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-        testcase.addCleanup(lambda: [cleanup() for cleanup in self._cleanups])
-
-    def next(self, contains: str) -> Deferred:
-        """
-        A Deferred that fires with the next event whose text contains
-        C{contains}.
-        """
-        from twisted.logger import formatEvent
-
-        seen: Deferred = Deferred()
-
-        def observe(event):
-            if contains in formatEvent(event) and not seen.called:
-                globalLogPublisher.removeObserver(observe)
-                seen.callback(event)
-
-        globalLogPublisher.addObserver(observe)
-        self._cleanups.append(lambda: globalLogPublisher.removeObserver(observe))
-        return seen
-
-    def texts(self, level: str | None = None) -> list[str]:
-        from twisted.logger import formatEvent
-
-        return [
-            formatEvent(e) for e in self.events
-            if level is None or getattr(e.get("log_level"), "name", None) == level
-        ]
 
 
 def handshake(port: int, server_name: str | None, ca_pem: bytes, alpn: list[str] | None = None,
@@ -281,12 +249,12 @@ class CertificateLoadingTests(SynchronousTestCase):
         le = Letsencrypt(self)
         store = CertificateStore(le.path, [DOMAIN], FixedClock())
         old = le.fingerprint()
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         weak = le.ca.issue([DOMAIN], key=rsa.generate_private_key(public_exponent=65537, key_size=1024))
         le.tree.install(DOMAIN, weak)
         store.check()
         self.assertEqual(store.certificate(DOMAIN).fingerprint, old)
-        [error] = logged.texts("error")
+        [error] = log_texts(logged, LogLevel.error)
         self.assertIn("fullchain.pem is refused by OpenSSL", error)
         e = self.assertRaises(CertificateError, CertificateStore, le.path, [DOMAIN], FixedClock())
         self.assertIn("is refused by OpenSSL", e.line())
@@ -339,12 +307,12 @@ class CertificateLoadingTests(SynchronousTestCase):
         le = Letsencrypt(self)
         store = CertificateStore(le.path, [DOMAIN], FixedClock())
         old = le.fingerprint()
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         broken = le.ca.issue([DOMAIN])
         le.tree.install(DOMAIN, fullchain=broken.fullchain_pem, privkey=key_pem(le.ca.issue([DOMAIN]).key))
         store.check()
         self.assertEqual(store.certificate(DOMAIN).fingerprint, old)
-        [error] = logged.texts("error")
+        [error] = log_texts(logged, LogLevel.error)
         self.assertIn("refused the new TLS certificate", error)
         self.assertIn("does not match", error)
 
@@ -355,12 +323,12 @@ class CertificateLoadingTests(SynchronousTestCase):
         le = Letsencrypt(self)
         store = CertificateStore(le.path, [DOMAIN], FixedClock())
         old = le.fingerprint()
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         now = datetime.datetime.now(datetime.timezone.utc)
         le.renew(not_before=now - datetime.timedelta(days=10), not_after=now - datetime.timedelta(days=1))
         store.check()
         self.assertEqual(store.certificate(DOMAIN).fingerprint, old)
-        self.assertEqual(len(logged.texts("error")), 1)
+        self.assertEqual(len(log_texts(logged, LogLevel.error)), 1)
 
     def test_broken_renewal_logged_once(self):
         """
@@ -368,11 +336,11 @@ class CertificateLoadingTests(SynchronousTestCase):
         """
         le = Letsencrypt(self)
         store = CertificateStore(le.path, [DOMAIN], FixedClock())
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         le.tree.install(DOMAIN, fullchain=le.issued[DOMAIN].fullchain_pem, privkey=b"garbage")
         store.check()
         store.check()
-        self.assertEqual(len(logged.texts("error")), 1)
+        self.assertEqual(len(log_texts(logged, LogLevel.error)), 1)
 
     def test_expiry_warning_daily(self):
         """
@@ -382,18 +350,18 @@ class CertificateLoadingTests(SynchronousTestCase):
         le = Letsencrypt(self)
         clock = FixedClock()
         store = CertificateStore(le.path, [DOMAIN], clock)
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         store.check()
-        self.assertEqual(logged.texts("warn"), [])
+        self.assertEqual(log_texts(logged, LogLevel.warn), [])
         clock.now = le.issued[DOMAIN].cert.not_valid_after_utc.timestamp() - 10 * 86400
         store.check()
         clock.now += 3600
         store.check()
-        self.assertEqual(len(logged.texts("warn")), 1)
-        self.assertIn("expires on", logged.texts("warn")[0])
+        self.assertEqual(len(log_texts(logged, LogLevel.warn)), 1)
+        self.assertIn("expires on", log_texts(logged, LogLevel.warn)[0])
         clock.now += 86400
         store.check()
-        self.assertEqual(len(logged.texts("warn")), 2)
+        self.assertEqual(len(log_texts(logged, LogLevel.warn)), 2)
 
     def test_check_never_raises(self):
         """
@@ -706,7 +674,7 @@ class StartupTests(TestCase):
         with one line naming it as written and the reason.
         """
         import txaio
-        from twisted.logger import LogLevel, capturedLogs, formatEvent
+        from twisted.logger import formatEvent
 
         le = Letsencrypt(self)
         taken = socket.socket()
@@ -721,9 +689,9 @@ class StartupTests(TestCase):
         self.addCleanup(setattr, txaio.config, "loop", previous)
         exits = []
         service = tap.build_service(options.config, reactor, exit=exits.append, notify=lambda state: None)
-        with capturedLogs() as events:
-            service.privilegedStartService()
-            service.startService()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service.privilegedStartService()
+        service.startService()
         self.addCleanup(service.stopService)
         self.assertEqual(exits, [1])
         [line] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.critical]
@@ -856,7 +824,7 @@ class RelayOverTLSTests(TestCase):
         """
         le = Letsencrypt(self)
         yield self.start_relay(le)
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
         def websocket_close(client):
             client.sendClose(1000)
@@ -874,13 +842,13 @@ class RelayOverTLSTests(TestCase):
         for n, leave in enumerate((websocket_close, close_notify, eof_after_closing_handshake)):
             device_id = f"leeloo_{n:012d}"
             client = yield self.device(le, {"device_id": device_id, "crew_code": "BYE"})
-            gone = logged.next(f"device {device_id} at 127.0.0.1 disconnected")
+            gone = next_logged(self, f"device {device_id} at 127.0.0.1 disconnected")
             # No closing-handshake timer left behind on the reactor.
             client.closeHandshakeTimeout = 0
             leave(client)
             event = yield gone
             self.assertEqual(event["log_level"].name, "info", leave.__name__)
-        self.assertEqual(logged.texts("error") + logged.texts("critical"), [])
+        self.assertEqual(log_texts(logged, LogLevel.error) + log_texts(logged, LogLevel.critical), [])
 
     @inlineCallbacks
     def test_closed_wss_frees_its_gate_place(self):
@@ -1043,12 +1011,12 @@ class RelayOverTLSTests(TestCase):
         le = Letsencrypt(self)
         yield self.start_relay(le, watch="0")
         old = le.fingerprint()
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         le.tree.install(DOMAIN, fullchain=le.ca.issue([DOMAIN]).fullchain_pem, privkey=le.issued[DOMAIN].key_pem)
         self.certificates.check()
         seen = yield self.probe(le)
         self.assertEqual(seen["fingerprint"], old)
-        self.assertEqual(len(logged.texts("error")), 1)
+        self.assertEqual(len(log_texts(logged, LogLevel.error)), 1)
 
     @inlineCallbacks
     def test_sighup_reloads_at_once(self):

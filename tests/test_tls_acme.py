@@ -30,8 +30,10 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, suc
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate as TwistedCertificate, optionsForClientTLS
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -50,9 +52,9 @@ from leeloo.tls_acme import (
     renewal_due,
 )
 from leeloo.web import make_redirect_site
-from tests.support import RelayProcess
+from tests.support import RelayProcess, log_texts
 from tests.test_acme import Server, free_port
-from tests.test_tls import WORKTREE, LogCapture, WaitingClient, handshake, listening_port, temporary_directory
+from tests.test_tls import WORKTREE, WaitingClient, handshake, listening_port, temporary_directory
 
 DOMAIN = "relay.leeloo.test"
 OTHER = "www.leeloo.test"
@@ -386,11 +388,11 @@ class ManagedCertificateTests(SynchronousTestCase):
         A failure is logged at error level with the order URL and the
         problem, and the relay keeps running (nothing raises).
         """
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.manager()
         self.clock.advance(0)
         self.issuer.orders[0][1].errback(AcmeFailure("challenge failed: boom", "https://ca.test/order/7"))
-        [line] = logged.texts("error")
+        [line] = log_texts(logged, LogLevel.error)
         self.assertIn("ACME order https://ca.test/order/7", line)
         self.assertIn("challenge failed: boom", line)
 
@@ -602,9 +604,9 @@ class StoreTests(SynchronousTestCase):
         clock = Clock()
         clock.advance(time.time())
         store = CertificateStore(path, (DOMAIN,), clock, renewer="acme")
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         store.check()
-        [line] = logged.texts("warn")
+        [line] = log_texts(logged, LogLevel.warn)
         self.assertIn("ACME", line)
         self.assertNotIn("certbot", line)
 
@@ -773,7 +775,7 @@ class AgainstPebbleTests(TestCase):
         in the documented layout (keys 0600) and serves it: a WSS client
         verifying against pebble's root connects by either name.
         """
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         pebble = yield Pebble(self, free_port()).start()
         data = Path(temporary_directory(self))
         service, port, managed = yield self.start(self.config(pebble, data, plain="redirect",
@@ -785,12 +787,13 @@ class AgainstPebbleTests(TestCase):
         leaf = x509.load_pem_x509_certificates((certificates / "live" / DOMAIN / "fullchain.pem").read_bytes())[0]
         self.assertEqual(set(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
                              .value.get_values_for_type(x509.DNSName)), {DOMAIN, OTHER})
-        self.assertTrue(any("GET /.well-known/acme-challenge/" in t and '" 200 ' in t for t in logged.texts()),
+        self.assertTrue(any("GET /.well-known/acme-challenge/" in t and '" 200 ' in t for t in log_texts(logged)),
                         "pebble's validation did not reach the relay's redirect listener")
         client = yield self.device(port, pebble.root_pem, OTHER, "leeloo_aaaaaaaaaaaa")
         seen = client.transport.getPeerCertificate().to_cryptography()
         self.assertEqual(seen.fingerprint(hashes.SHA256()), leaf.fingerprint(hashes.SHA256()))
-        self.assertTrue(any("ACME order https://127.0.0.1" in t and "issued" in t for t in logged.texts("info")))
+        self.assertTrue(any("ACME order https://127.0.0.1" in t and "issued" in t
+                            for t in log_texts(logged, LogLevel.info)))
 
     @inlineCallbacks
     def test_two_certificates_one_account(self):
@@ -798,7 +801,7 @@ class AgainstPebbleTests(TestCase):
         Two acme: endpoints with different domains get a certificate each,
         through one account registered once; key=rsa2048 gets an RSA key.
         """
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         pebble = yield Pebble(self, free_port()).start()
         config = self.config(pebble, Path(temporary_directory(self)))
         second = parse_endpoint(f"acme:domain={OTHER}:port=0:interface=127.0.0.1:watch=0:key=rsa2048")
@@ -813,7 +816,7 @@ class AgainstPebbleTests(TestCase):
         outcomes = yield gatherResults(done)
         self.assertEqual([type(o) for o in outcomes], [Issued, Issued])
         self.assertEqual([m.store.certificate(m.name).names for m in managed], [(DOMAIN,), (OTHER,)])
-        self.assertEqual(len([t for t in logged.texts() if "ACME account" in t]), 1)
+        self.assertEqual(len([t for t in log_texts(logged) if "ACME account" in t]), 1)
         keys = [m.store.certificate(m.name).key for m in managed]
         self.assertIsInstance(keys[0], ec.EllipticCurvePrivateKey)
         self.assertEqual(keys[0].curve.name, "secp256r1")
@@ -827,12 +830,12 @@ class AgainstPebbleTests(TestCase):
         third is left (challenge on its plain --listen): new connections get
         the new certificate and a WebSocket opened before keeps working.
         """
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         pebble = yield Pebble(self, free_port(), certificateValidityPeriod=12).start()
         service, port, managed = yield self.start(self.config(pebble, Path(temporary_directory(self))))
         issued = yield managed.when_done()
         self.assertIsInstance(issued, Issued)
-        self.assertTrue(any("GET /.well-known/acme-challenge/" in t and '" 200 ' in t for t in logged.texts()),
+        self.assertTrue(any("GET /.well-known/acme-challenge/" in t and '" 200 ' in t for t in log_texts(logged)),
                         "pebble's validation did not reach the relay's plain --listen")
         first = managed.store.certificate(DOMAIN)
         lifetime = (first.leaf.not_valid_after_utc - first.leaf.not_valid_before_utc).total_seconds()
@@ -859,7 +862,7 @@ class AgainstPebbleTests(TestCase):
         (a verifying client fails) and says so in /health; it retries after
         --acme-retry and gets its certificate once the server is up.
         """
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         http_port = free_port()
         pebble = Pebble(self, http_port)
         service, port, managed = yield self.start(self.config(pebble, Path(temporary_directory(self)), retry=0.5))
@@ -868,7 +871,7 @@ class AgainstPebbleTests(TestCase):
         self.assertIn("cannot connect to the ACME server", managed.store.pending[DOMAIN])
         health = yield self.health(http_port)
         self.assertIn("cannot connect", health["tls_pending"][DOMAIN])
-        self.assertTrue(any("failed: account at" in t for t in logged.texts("error")))
+        self.assertTrue(any("failed: account at" in t for t in log_texts(logged, LogLevel.error)))
         yield pebble.start()
         try:
             yield deferToThread(handshake, port, DOMAIN, pebble.root_pem)
@@ -905,12 +908,12 @@ class AgainstPebbleTests(TestCase):
         An order the CA refuses is logged with the problem, backed off
         (--acme-retry, persisted), and not retried at once.
         """
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         pebble = yield Pebble(self, free_port(), domainBlocklist=[DOMAIN]).start()
         data = Path(temporary_directory(self))
         service, port, managed = yield self.start(self.config(pebble, data, retry=30))
         yield managed.when_done()
-        [line] = [t for t in logged.texts("error") if "ACME order" in t]
+        [line] = [t for t in log_texts(logged, LogLevel.error) if "ACME order" in t]
         self.assertIn("rejectedIdentifier", line)
         self.assertGreaterEqual(managed.next_attempt - reactor.seconds(), 29)
         state = json.loads((data / "certificates" / "renewal" / f"{DOMAIN}.json").read_text())
@@ -928,7 +931,7 @@ class AgainstPebbleTests(TestCase):
         port) fails the order, logged with the order's URL and the CA's
         problem, and is retried later, not at once.
         """
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         pebble = yield Pebble(self, free_port()).start()
         config = self.config(pebble, Path(temporary_directory(self)), retry=30)
         # The plain listener is not where pebble connects.
@@ -937,7 +940,7 @@ class AgainstPebbleTests(TestCase):
         failure = yield managed.when_done()
         self.assertIsInstance(failure, AcmeFailure)
         self.assertTrue(failure.order.startswith(f"https://127.0.0.1:{pebble.port}/"), failure.order)
-        [line] = [t for t in logged.texts("error") if "ACME order" in t]
+        [line] = [t for t in log_texts(logged, LogLevel.error) if "ACME order" in t]
         self.assertIn(f"ACME order {failure.order} for {DOMAIN} failed: challenge failed: {DOMAIN}: "
                       "urn:ietf:params:acme:error:connection", line)
         self.assertGreaterEqual(managed.next_attempt - reactor.seconds(), 29)
@@ -995,17 +998,17 @@ class AgainstPebbleTests(TestCase):
         fingerprint = managed.store.certificate(DOMAIN).fingerprint
         account = (data / "certificates" / "account.key").read_bytes()
         yield service.stopService()
-        logged = LogCapture(self)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         service, port, managed = yield self.start(config)
         seen = yield deferToThread(handshake, port, DOMAIN, pebble.root_pem)
         self.assertEqual(seen["fingerprint"], fingerprint)
         self.assertEqual(managed.attempts, 0)
         self.assertLess(abs(managed.next_attempt - renewal_due(managed.store.certificate(DOMAIN))), 0.01)
         self.assertEqual((data / "certificates" / "account.key").read_bytes(), account)
-        self.assertFalse([t for t in logged.texts() if "ACME order" in t or "ACME account" in t])
+        self.assertFalse([t for t in log_texts(logged) if "ACME order" in t or "ACME account" in t])
         # A renewal now (as when one is due) logs in to the same account.
         renewed = yield managed.attempt().addCallback(lambda _: managed.store.certificate(DOMAIN))
         self.assertNotEqual(renewed.fingerprint, fingerprint)
-        [account_line] = [t for t in logged.texts() if "ACME account" in t]
+        [account_line] = [t for t in log_texts(logged) if "ACME account" in t]
         self.assertTrue(account_line.endswith(": existing"), account_line)
         self.assertEqual((data / "certificates" / "account.key").read_bytes(), account)

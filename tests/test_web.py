@@ -1,7 +1,7 @@
 """
 Tests for L{leeloo.web}: the real resource tree from L{make_root}, driven
 through L{treq.testing.StubTreq}, with time from a L{Clock}, Spotify played
-by L{FakeSpotifyAccounts} and devices by L{FakePeer}s on the same L{Relay}.
+by L{FakeSpotifyAccounts} and devices by L{Device}s on the same L{Relay}.
 """
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs, formatEvent
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 import leeloo
-from leeloo import __version__
+from leeloo import __version__, messages
 from leeloo.relay import Relay
 from leeloo.spotify import SpotifyConfig, SpotifyOAuth
-from leeloo.testing import FakePeer, FakeSpotifyAccounts, strip_keys
+from leeloo.testing import Device, FakeSpotifyAccounts, strip_keys
 from leeloo.web import STATIC_FILES, BotAPI, make_root
 from leeloo.websocket import RelayServerFactory
 
@@ -86,21 +87,15 @@ class SiteTestMixin:
         [value] = response.headers.getRawHeaders(b"content-type")
         return value.decode("latin-1")
 
-    def device(
-        self, device_id: str, crew_code: str | None = None, name: str | None = None
-    ) -> tuple[FakePeer, Any]:
+    def device(self, device_id: str, crew_code: str | None = None, name: str | None = None) -> Device:
         """
         Connect a device and register it, optionally in a crew; forget
         what it was sent so far.
         """
-        peer = FakePeer()
-        session = self.relay.connect(peer)
-        self.send(session, type="register", device_id=device_id, crew_code=crew_code, device_name=name)
-        peer.take()
-        return peer, session
-
-    def send(self, session: Any, **message: Any) -> None:
-        self.relay.receive(session, json.dumps(message).encode("utf-8"))
+        device = Device(self.relay)
+        device.send(type="register", device_id=device_id, crew_code=crew_code, device_name=name)
+        device.take()
+        return device
 
 
 # ---------------------------------------------------------------- landing
@@ -142,8 +137,8 @@ class LandingTests(SiteTestMixin, SynchronousTestCase):
         """
         self.device(DEVICE, crew_code="ALPHA")
         self.device(OTHER_DEVICE, crew_code="ALPHA")
-        _, gone = self.device("leeloo_cccccccccccc", crew_code="BETA")
-        self.relay.disconnect(gone)
+        gone = self.device("leeloo_cccccccccccc", crew_code="BETA")
+        gone.close()
         response, body = self.call("GET", "/")
         page = body.decode("utf-8")
         self.assertRegex(page, r'id="devices-online"[^>]*>2<')
@@ -263,9 +258,9 @@ class HealthTests(SiteTestMixin, SynchronousTestCase):
         C{crews_online} counts the crews with a member connected now.
         """
         self.device(DEVICE, crew_code="ALPHA")
-        _, gone = self.device(OTHER_DEVICE, crew_code="BETA")
+        gone = self.device(OTHER_DEVICE, crew_code="BETA")
         self.relay.bot_create_crew("42", "Ann")
-        self.relay.disconnect(gone)
+        gone.close()
         body = self.health()
         self.assertEqual((body["crews"], body["crews_online"]), (3, 1))
 
@@ -275,9 +270,9 @@ class HealthTests(SiteTestMixin, SynchronousTestCase):
         longer counts.
         """
         self.device(DEVICE)
-        _, leaving = self.device(OTHER_DEVICE)
+        leaving = self.device(OTHER_DEVICE)
         self.assertEqual(self.health()["devices"], 2)
-        self.relay.disconnect(leaving)
+        leaving.close()
         self.assertEqual(self.health()["devices"], 1)
 
     def test_crews_known(self) -> None:
@@ -285,9 +280,9 @@ class HealthTests(SiteTestMixin, SynchronousTestCase):
         C{crews} counts every crew the relay knows, from devices and from
         the bot, including crews with nobody online.
         """
-        _, session = self.device(DEVICE, crew_code="ALPHA")
+        device = self.device(DEVICE, crew_code="ALPHA")
         self.relay.bot_create_crew("42", "Ann")
-        self.relay.disconnect(session)
+        device.close()
         self.assertEqual(self.health()["crews"], 2)
 
     def test_version(self) -> None:
@@ -513,8 +508,8 @@ class BotMessageTests(BotAPIMixin, SynchronousTestCase):
         C{message} from device C{telegram} with the sender's name, the
         msg_type and payload unchanged and the relay's time in ms.
         """
-        first, _ = self.device(DEVICE, crew_code="ALPHA")
-        second, _ = self.device(OTHER_DEVICE, crew_code="ALPHA")
+        first = self.device(DEVICE, crew_code="ALPHA")
+        second = self.device(OTHER_DEVICE, crew_code="ALPHA")
         self.join("ALPHA")
         self.clock.advance(1.5)
         payload = {"artist": "A", "track": "T", "album": "L", "spotify_uri": "spotify:track:x",
@@ -557,7 +552,7 @@ class BotMessageTests(BotAPIMixin, SynchronousTestCase):
         Devices of other crews do not receive the message.
         """
         self.device(DEVICE, crew_code="ALPHA")
-        outsider, _ = self.device(OTHER_DEVICE, crew_code="BRAVO")
+        outsider = self.device(OTHER_DEVICE, crew_code="BRAVO")
         self.join("ALPHA")
         self.message("ALPHA")
         self.assertEqual(outsider.take(), [])
@@ -567,7 +562,7 @@ class BotMessageTests(BotAPIMixin, SynchronousTestCase):
         A user who has not joined the crew is refused 403 C{not_in_crew}
         and no device receives anything.
         """
-        member, _ = self.device(DEVICE, crew_code="ALPHA")
+        member = self.device(DEVICE, crew_code="ALPHA")
         status, body = self.message("ALPHA", "99")
         self.assertEqual((status, body["error"]), (403, "not_in_crew"))
         self.assertEqual(member.take(), [])
@@ -583,7 +578,7 @@ class BotMessageTests(BotAPIMixin, SynchronousTestCase):
         """
         A lower-case crew code reaches the upper-case crew.
         """
-        member, _ = self.device(DEVICE, crew_code="ALPHA")
+        member = self.device(DEVICE, crew_code="ALPHA")
         self.join("ALPHA")
         self.assertEqual(self.message("alpha")[1]["devices_reached"], 1)
         self.assertEqual(len(member.take()), 1)
@@ -596,7 +591,7 @@ class BotCrewCodeTests(BotAPIMixin, SynchronousTestCase):
         spaces, dots or non-ASCII letters, in any case, finds the crew a
         device made, on join, message and status.
         """
-        member, _ = self.device(DEVICE, crew_code=" café.b8 27 ")
+        self.device(DEVICE, crew_code=" café.b8 27 ")
         status, body = self.join("Café.B8 27")
         self.assertEqual((status, body["crew_code"]), (200, "CAFÉ.B8 27"))
         status, body = self.api("POST", "message", {"telegram_user_id": "42", "crew_code": "café.b8 27",
@@ -842,7 +837,7 @@ class BotInputTests(BotAPIMixin, SynchronousTestCase):
         C{message} without C{telegram_user_id}, C{crew_code} or
         C{sender_name} is 400 C{"<field> required"} and reaches nobody.
         """
-        member, _ = self.device(DEVICE, crew_code="ALPHA")
+        member = self.device(DEVICE, crew_code="ALPHA")
         self.join("ALPHA", "42")
         self.assertRequired(
             "message", {"telegram_user_id": "42", "crew_code": "ALPHA", "sender_name": "Ann"}
@@ -940,6 +935,92 @@ class BotInternalErrorTests(BotAPIMixin, SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
+class BotFieldAnswerTests(BotAPIMixin, SynchronousTestCase):
+    """
+    The exact answers to refused fields (the devices' validators, in the
+    bot API's words), and what the bot API cuts rather than refuses.
+    """
+
+    def test_refused_fields_exactly(self) -> None:
+        """
+        A wrong type or an overlong field is 400 C{{"error": "<field>
+        <problem>"}} with no message.
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        self.join("ALPHA", "42")
+        cases = [
+            ({"display_name": 7}, "display_name must be a string"),
+            ({"display_name": "x" * 1025}, "display_name too long"),
+            ({"telegram_user_id": True}, "telegram_user_id must be a string or an integer"),
+            ({"telegram_user_id": 4.2}, "telegram_user_id must be a string"),
+            ({"crew_code": ["ALPHA"]}, "crew_code must be a string"),
+        ]
+        for fields, error in cases:
+            body = {"telegram_user_id": "42", "crew_code": "ALPHA", "display_name": "Ann", **fields}
+            self.assertEqual(self.api("POST", "crew/join", body), (400, {"error": error}), fields)
+        for fields, error in [({"payload": "hi"}, "payload must be an object"),
+                              ({"msg_type": None}, "msg_type required"),
+                              ({"msg_type": 3}, "msg_type must be a string")]:
+            self.assertEqual(self.message("ALPHA", **fields), (400, {"error": error}), fields)
+
+    def test_long_names_are_cut(self) -> None:
+        """
+        A name or user id over the frame limit (64) but within 1024 is cut
+        to 64, not refused (a device frame would be refused).
+        """
+        self.device(DEVICE, crew_code="ALPHA")
+        status, body = self.join("ALPHA", "4" * 100, "N" * 100)
+        self.assertEqual((status, body["success"]), (200, True))
+        self.assertEqual(self.relay.crews["ALPHA"].bot_users, {"4" * 64: "N" * 64})
+
+
+class ErrorRelay(Relay):
+    """
+    A relay whose bot calls raise the error the test sets.
+    """
+
+    error: Exception | None = None
+
+    def bot_join_crew(self, user_id: str, code: str, name: str) -> Any:
+        raise self.error
+
+
+class BotProtocolErrorTests(BotAPIMixin, SynchronousTestCase):
+    """
+    An error from the core is answered by its own HTTP attributes.
+    """
+
+    def make_relay(self) -> Relay:
+        return ErrorRelay(self.clock)
+
+    def answer(self, error: Exception) -> tuple[int, Any, Any]:
+        self.relay.error = error
+        response, data = self.call("POST", "/api/telegram/crew/join", headers={
+            "X-Api-Secret": SECRET, "Content-Type": "application/json"},
+            data=json.dumps({"telegram_user_id": "42", "crew_code": "ALPHA", "display_name": "Ann"}).encode())
+        return response.code, json.loads(data), response.headers.getRawHeaders(b"retry-after")
+
+    def test_each_error(self) -> None:
+        """
+        429 with retry_after (body and header), 503 for store_unavailable
+        and crew_limit, 404 crew_not_found, 403 not_in_crew, 400 and the
+        code otherwise; the error's other fields stay out.
+        """
+        rows = [
+            (messages.RateLimited("slow down", 2.5), 429,
+             {"error": "rate_limited", "message": "slow down", "retry_after": 3}, [b"3"]),
+            (messages.StoreUnavailable("not stored", client_msg_id="c1"), 503,
+             {"error": "store_unavailable", "message": "not stored"}, None),
+            (messages.CrewLimit("full"), 503, {"error": "crew_limit", "message": "full"}, None),
+            (messages.InvalidCrewCode("Crew ALPHA not found"), 404,
+             {"error": "crew_not_found", "message": "Crew ALPHA not found"}, None),
+            (messages.NotInCrew("join first"), 403, {"error": "not_in_crew", "message": "join first"}, None),
+            (messages.DeviceAuthFailed("no"), 400, {"error": "device_auth_failed", "message": "no"}, None),
+        ]
+        for error, status, body, retry in rows:
+            self.assertEqual(self.answer(error), (status, body, retry), error)
+
+
 # ---------------------------------------------------------------- Spotify
 
 
@@ -973,9 +1054,9 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
         A device online when the callback arrives receives the tokens at
         once in C{spotify_auth_complete}.
         """
-        peer, _ = self.device(DEVICE)
+        device = self.device(DEVICE)
         self.callback(code=CODE, state=DEVICE)
-        self.assertEqual(peer.take(), [{"type": "spotify_auth_complete", "tokens": TOKENS}])
+        self.assertEqual(device.take(), [{"type": "spotify_auth_complete", "tokens": TOKENS}])
 
     def test_phone_page(self) -> None:
         """
@@ -1013,16 +1094,16 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
         A HEAD request (a link checker, a preview) is answered 405 with
         Allow: GET and leaves the code unspent for the phone's GET.
         """
-        peer, _ = self.device(DEVICE)
+        device = self.device(DEVICE)
         response, body = self.call("HEAD", "/spotify/callback", params={"code": CODE, "state": DEVICE})
         self.assertEqual(response.code, 405)
         self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"GET"])
         self.assertEqual(body, b"")
         self.assertEqual(self.accounts.received, [])
-        self.assertEqual(peer.take(), [])
+        self.assertEqual(device.take(), [])
         status, _ = self.callback(code=CODE, state=DEVICE)
         self.assertEqual(status, 200)
-        self.assertEqual(peer.take(), [{"type": "spotify_auth_complete", "tokens": TOKENS}])
+        self.assertEqual(device.take(), [{"type": "spotify_auth_complete", "tokens": TOKENS}])
 
     def test_other_devices_get_nothing(self) -> None:
         """
@@ -1030,7 +1111,7 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
         same crew.
         """
         self.device(DEVICE, crew_code="ALPHA")
-        other, _ = self.device(OTHER_DEVICE, crew_code="ALPHA")
+        other = self.device(OTHER_DEVICE, crew_code="ALPHA")
         self.callback(code=CODE, state=DEVICE)
         self.assertEqual(other.take(), [])
 
@@ -1041,10 +1122,10 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
         """
         status, _ = self.callback(code=CODE, state=DEVICE)
         self.assertEqual(status, 200)
-        peer = FakePeer()
-        self.send(self.relay.connect(peer), type="register", device_id=DEVICE)
+        device = Device(self.relay)
+        device.send(type="register", device_id=DEVICE)
         self.assertEqual(
-            strip_keys(peer.take()),
+            strip_keys(device.take()),
             [
                 {"type": "registered", "device_id": DEVICE},
                 {"type": "spotify_auth_complete", "tokens": TOKENS},
@@ -1057,9 +1138,9 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
         creates a crew.
         """
         self.callback(code=CODE, state=DEVICE)
-        peer = FakePeer()
-        self.send(self.relay.connect(peer), type="create_crew", device_id=DEVICE)
-        self.assertIn({"type": "spotify_auth_complete", "tokens": TOKENS}, peer.take())
+        device = Device(self.relay)
+        device.send(type="create_crew", device_id=DEVICE)
+        self.assertIn({"type": "spotify_auth_complete", "tokens": TOKENS}, device.take())
 
     def test_offline_then_join_crew(self) -> None:
         """
@@ -1068,9 +1149,9 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
         """
         self.device(OTHER_DEVICE, crew_code="ALPHA")
         self.callback(code=CODE, state=DEVICE)
-        peer = FakePeer()
-        self.send(self.relay.connect(peer), type="join_crew", device_id=DEVICE, crew_code="ALPHA")
-        self.assertIn({"type": "spotify_auth_complete", "tokens": TOKENS}, peer.take())
+        device = Device(self.relay)
+        device.send(type="join_crew", device_id=DEVICE, crew_code="ALPHA")
+        self.assertIn({"type": "spotify_auth_complete", "tokens": TOKENS}, device.take())
 
     def test_delivered_once(self) -> None:
         """
@@ -1078,13 +1159,12 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
         none.
         """
         self.callback(code=CODE, state=DEVICE)
-        first = FakePeer()
-        session = self.relay.connect(first)
-        self.send(session, type="register", device_id=DEVICE)
+        first = Device(self.relay)
+        first.send(type="register", device_id=DEVICE)
         self.assertIn("spotify_auth_complete", [m["type"] for m in first.take()])
-        self.relay.disconnect(session)
-        again = FakePeer()
-        self.send(self.relay.connect(again), type="register", device_id=DEVICE)
+        first.close()
+        again = Device(self.relay)
+        again.send(type="register", device_id=DEVICE)
         self.assertEqual(strip_keys(again.take()), [{"type": "registered", "device_id": DEVICE}])
 
     def test_kept_within_the_hour(self) -> None:
@@ -1094,9 +1174,9 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
         """
         self.callback(code=CODE, state=DEVICE)
         self.clock.advance(3599)
-        peer = FakePeer()
-        self.send(self.relay.connect(peer), type="register", device_id=DEVICE)
-        self.assertIn({"type": "spotify_auth_complete", "tokens": TOKENS}, peer.take())
+        device = Device(self.relay)
+        device.send(type="register", device_id=DEVICE)
+        self.assertIn({"type": "spotify_auth_complete", "tokens": TOKENS}, device.take())
 
     def test_forgotten_after_the_hour(self) -> None:
         """
@@ -1104,21 +1184,21 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
         """
         self.callback(code=CODE, state=DEVICE)
         self.clock.advance(3601)
-        peer = FakePeer()
-        self.send(self.relay.connect(peer), type="register", device_id=DEVICE)
-        self.assertEqual(strip_keys(peer.take()), [{"type": "registered", "device_id": DEVICE}])
+        device = Device(self.relay)
+        device.send(type="register", device_id=DEVICE)
+        self.assertEqual(strip_keys(device.take()), [{"type": "registered", "device_id": DEVICE}])
 
     def test_invalid_grant(self) -> None:
         """
         A code Spotify refuses shows the phone a 400 page with Spotify's
         description in words, and the device receives nothing.
         """
-        peer, _ = self.device(DEVICE)
+        device = self.device(DEVICE)
         status, page = self.callback(code="test-unknown-code", state=DEVICE)
         self.assertEqual(status, 400)
         self.assertIn(b"Invalid authorization code", page)
         self.assertNotIn(b"test-unknown-code", page)
-        self.assertEqual(peer.take(), [])
+        self.assertEqual(device.take(), [])
 
     def test_spotify_server_error(self) -> None:
         """
@@ -1126,11 +1206,11 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
         is delivered or kept.
         """
         self.accounts.fail_with = 500
-        peer, _ = self.device(DEVICE)
+        device = self.device(DEVICE)
         status, page = self.callback(code=CODE, state=DEVICE)
         self.assertEqual(status, 502)
         self.assertIn(b"That did not work", page)
-        self.assertEqual(peer.take(), [])
+        self.assertEqual(device.take(), [])
         self.assertEqual(self.relay.pending_tokens, {})
 
     def test_spotify_unavailable_json(self) -> None:
@@ -1229,11 +1309,11 @@ class SpotifyCallbackTests(SpotifyCallbackMixin, SynchronousTestCase):
         """
         Nothing the relay logs around a callback holds the code or a token.
         """
-        with capturedLogs() as events:
-            self.callback(code=CODE, state=DEVICE)
-            self.callback(code=CODE, state=DEVICE)
-            self.accounts.fail_with = 500
-            self.callback(code=CODE, state=DEVICE)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.callback(code=CODE, state=DEVICE)
+        self.callback(code=CODE, state=DEVICE)
+        self.accounts.fail_with = 500
+        self.callback(code=CODE, state=DEVICE)
         self.assertTrue(events)
         for event in events:
             text = formatEvent(event) + repr(event)

@@ -7,7 +7,8 @@ import json
 
 import txaio
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.access import OriginPolicy, TrustedProxies
@@ -107,7 +108,7 @@ class ContractTests(WebSocketTestCase):
         self.clock.advance(PRESENCE_GRACE)
         self.net.flush()
         self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "d0", "display_name": "D0"}])
-        self.assertEqual(self.relay.health()["devices"], 1)
+        self.assertEqual(self.relay.stats().devices, 1)
 
     def test_dropped_connection_goes_offline(self):
         """
@@ -210,12 +211,12 @@ class BadInputTests(WebSocketTestCase):
         """
         a, b = self.registered(2)
 
-        def broken(session, message):
+        def broken(session, message, size):
             raise ZeroDivisionError("a bug")
 
         from leeloo.messages import Ping
 
-        self.patch(self.relay, "_handlers", {**self.relay._handlers, Ping: broken})
+        self.patch(self.relay.handlers, "by_type", {**self.relay.handlers.by_type, Ping: broken})
         self.send(a, type="ping")
         self.assertEqual(a.close_code, 1011)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
@@ -352,9 +353,9 @@ class PerAddressCapTests(GuardedTestCase):
         Every refusal is counted; the relay warns once per address reaching
         its cap, not once per refused connection.
         """
-        with capturedLogs() as events:
-            for _ in range(5):
-                self.net.connect(host="198.51.100.1")
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for _ in range(5):
+            self.net.connect(host="198.51.100.1")
         self.assertEqual(self.factory.refused["per_address"], 3)
         warnings = [formatEvent(e) for e in events
                     if e.get("log_namespace") == "leeloo.websocket" and e["log_level"] == LogLevel.warn]
@@ -560,9 +561,9 @@ class SlowReaderTests(WebSocketTestCase):
         a, b, c = self.registered(3)
         slow = self.server_side("d1")
         slow.transport.producer.pauseProducing()
-        with capturedLogs() as events:
-            for i in range(4):
-                self.send(a, type="message", payload={"text": self.BODY, "n": i})
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for i in range(4):
+            self.send(a, type="message", payload={"text": self.BODY, "n": i})
         self.assertTrue(slow.transport.disconnecting)
         self.net.flush()
         self.clock.advance(PRESENCE_GRACE)
@@ -623,18 +624,18 @@ class LifecycleLogTests(WebSocketTestCase):
         disconnecting (close code) is logged at info level, as the original
         relay printed; nothing a device sends in a message is logged.
         """
-        with capturedLogs() as events:
-            a = self.net.connect(host="198.51.100.7")
-            b = self.net.connect(host="198.51.100.8")
-            self.send(a, type="register", device_id="leeloo_aaaaaaaaaaaa", crew_code="alpha")
-            self.send(b, type="join_crew", device_id="leeloo_bbbbbbbbbbbb", crew_code="ALPHA",
-                      display_name="Bob")
-            self.send(a, type="message", msg_type="text", payload={"text": self.BODY})
-            self.send(a, type="share_music", spotify_uri=f"spotify:track:{self.BODY}", artist=self.BODY,
-                      track=self.BODY, album=self.BODY)
-            self.send(a, type="not json" + self.BODY)
-            a.sendClose(1000)
-            self.net.flush()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        a = self.net.connect(host="198.51.100.7")
+        b = self.net.connect(host="198.51.100.8")
+        self.send(a, type="register", device_id="leeloo_aaaaaaaaaaaa", crew_code="alpha")
+        self.send(b, type="join_crew", device_id="leeloo_bbbbbbbbbbbb", crew_code="ALPHA",
+                  display_name="Bob")
+        self.send(a, type="message", msg_type="text", payload={"text": self.BODY})
+        self.send(a, type="share_music", spotify_uri=f"spotify:track:{self.BODY}", artist=self.BODY,
+                  track=self.BODY, album=self.BODY)
+        self.send(a, type="not json" + self.BODY)
+        a.sendClose(1000)
+        self.net.flush()
         info = [formatEvent(e) for e in events
                 if e["log_level"] == LogLevel.info and e["log_namespace"].startswith("leeloo")]
         self.assertIn("WebSocket connected from 198.51.100.7", info)
@@ -650,11 +651,11 @@ class LifecycleLogTests(WebSocketTestCase):
         The lifecycle events carry their values under one field name per
         meaning, ready for JSON logs: client_address, crew_code, close_code.
         """
-        with capturedLogs() as events:
-            a = self.net.connect(host="198.51.100.7")
-            self.send(a, type="register", device_id="leeloo_aaaaaaaaaaaa", crew_code="alpha")
-            a.sendClose(1000)
-            self.net.flush()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        a = self.net.connect(host="198.51.100.7")
+        self.send(a, type="register", device_id="leeloo_aaaaaaaaaaaa", crew_code="alpha")
+        a.sendClose(1000)
+        self.net.flush()
         fields = {formatEvent(e).split(":")[0].split(" ")[0]: e for e in events
                   if e["log_namespace"].startswith("leeloo") and e["log_level"] == LogLevel.info}
         self.assertEqual(fields["WebSocket"]["client_address"], "198.51.100.7")
@@ -670,9 +671,9 @@ class LifecycleLogTests(WebSocketTestCase):
         A connection the relay closes is logged with the relay's code.
         """
         [a] = self.registered(1)
-        with capturedLogs() as events:
-            self.relay.shutdown(spread=0)
-            self.net.flush()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.relay.shutdown(spread=0)
+        self.net.flush()
         self.assertIn("device d0 at 127.0.0.1 disconnected, close code 1001 from the relay",
                       [formatEvent(e) for e in events])
 

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from leeloo import __version__, messages
 from leeloo.device.client import cancel_close_timer
 from leeloo.device.connection import RelayURL, describe, endpoint_for
-from leeloo.messages import ProtocolError
+from leeloo.messages import ErrorFrame, MusicShared, Pong, ProtocolError, Registered, RelayMessage
 
 TICK = "\N{CHECK MARK}"
 CROSS = "\N{BALLOT X}"
@@ -42,14 +42,16 @@ class ConnectionClosed(Exception):
 
 class CheckProtocol(WebSocketClientProtocol):
     """
-    A connection that hands frames to whoever waits for one.
+    A connection that hands the relay's messages (typed, as
+    L{messages.decode_from_relay} reads them) to whoever waits for one; an
+    C{error} fails every wait with its L{ProtocolError}.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.opened: Deferred = Deferred()
         self.closed: Deferred = Deferred()
-        self._waiting: list[tuple[Callable[[dict], bool], Deferred]] = []
+        self._waiting: list[tuple[Callable[[RelayMessage], bool], Deferred]] = []
         self.lost_reason: Failure | None = None
 
     def connectionLost(self, reason: Failure) -> None:
@@ -64,19 +66,17 @@ class CheckProtocol(WebSocketClientProtocol):
         if isBinary:
             return
         try:
-            frame = messages.parse_json(payload)
+            message = messages.decode_from_relay(payload)
         except ProtocolError:
-            return
-        if not isinstance(frame, dict):
             return
         for entry in list(self._waiting):
             wanted, d = entry
-            if frame.get("type") == "error":
+            if isinstance(message, ErrorFrame):
                 self._waiting.remove(entry)
-                d.errback(messages.error_from(frame))
-            elif wanted(frame):
+                d.errback(message.to_exception())
+            elif wanted(message):
                 self._waiting.remove(entry)
-                d.callback(frame)
+                d.callback(message)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         why = self.lost_reason if (self.lost_reason is not None and not wasClean) else None
@@ -89,7 +89,7 @@ class CheckProtocol(WebSocketClientProtocol):
         self._waiting = []
         self.closed.callback(code)
 
-    def wait_for(self, wanted: Callable[[dict], bool]) -> Deferred:
+    def wait_for(self, wanted: Callable[[RelayMessage], bool]) -> Deferred:
         d = Deferred()
         self._waiting.append((wanted, d))
         return d
@@ -182,7 +182,7 @@ class Check:
     @inlineCallbacks
     def _register(self, proto: CheckProtocol, which: str, device_id: str, crew: str):
         self.step = f"register {which} in crew {crew}"
-        reply = proto.wait_for(lambda f: f.get("type") == "registered")
+        reply = proto.wait_for(lambda m: isinstance(m, Registered))
         proto.send_frame({"type": "register", "device_id": device_id, "crew_code": crew,
                           "device_name": f"leeloo-device check {which}"})
         yield reply
@@ -196,13 +196,13 @@ class Check:
         yield self._register(a, "A", id_a, crew)
         yield self._register(b, "B", id_b, crew)
         self.step = "ping"
-        pong = a.wait_for(lambda f: f.get("type") == "pong")
+        pong = a.wait_for(lambda m: isinstance(m, Pong))
         a.send_frame({"type": "ping"})
         yield pong
         self.say(TICK, "ping answered")
         self.step = "share a song from A to B"
         track = f"check {secrets.token_hex(4)}"
-        received = b.wait_for(lambda f: f.get("type") == "music_shared" and f.get("track") == track)
+        received = b.wait_for(lambda m: isinstance(m, MusicShared) and m.track == track)
         a.send_frame({"type": "share_music", "spotify_uri": "spotify:track:0", "artist": "leeloo-device",
                       "track": track, "album": "check"})
         yield received

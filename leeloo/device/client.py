@@ -49,13 +49,21 @@ from leeloo import __version__, messages
 from leeloo.device.backoff import FullJitter
 from leeloo.device.connection import RelayURL, endpoint_for
 from leeloo.device.state import DeviceState
-from leeloo.messages import InvalidMessage, NotInCrew, ProtocolError
-
-CLOSE_REPLACED = 4001
-CLOSE_ABUSE = 4029
-
-# Crew fan-outs: they carry the crew's seq and are acknowledged.
-CREW_FRAMES = ("message", "music_shared", "reaction")
+from leeloo.messages import (
+    FANOUTS,
+    CloseCode,
+    CrewCreated,
+    CrewJoined,
+    ErrorFrame,
+    InvalidMessage,
+    NotInCrew,
+    Pong,
+    ProtocolError,
+    Registered,
+    RelayMessage,
+    Sent,
+    SpotifyAuthComplete,
+)
 
 # The msg_type values deployed devices send and understand.
 MSG_TYPES = ("text", "song_push", "reaction", "nudge", "hang_propose", "hang_confirm")
@@ -65,7 +73,7 @@ EVENTS = ("message", "music_shared", "reaction", "member_joined", "member_offlin
           "error", "stopped")
 
 # The reply that says the relay has put the connection where it asked.
-_REPLIES = {"join": "crew_joined", "create": "crew_created", "register": "registered"}
+_REPLIES: dict[str, type] = {"join": CrewJoined, "create": CrewCreated, "register": Registered}
 
 _log = Logger()
 
@@ -241,7 +249,7 @@ class LeelooDevice(Service):
         self.crew_code: str | None = None  # the crew the relay has this connection in
         self._target = self._default_target()
         self._entering: tuple | None = None
-        self._expected: str | None = None
+        self._expected: type | None = None
         self._binds = 0
         self._stopping: Deferred | None = None
         self._close_waiters: list[Deferred] = []
@@ -450,28 +458,28 @@ class LeelooDevice(Service):
                 self._entry_timer.cancel()
             self._entry_timer = None
 
-    def _entered(self, proto: DeviceProtocol, frame: dict) -> None:
+    def _entered(self, proto: DeviceProtocol, reply: Registered | CrewCreated | CrewJoined) -> None:
         self._cancel_entry_timer()
         target = self._entering
         self._entering = None
         c = self.state.config
-        device_id = frame.get("device_id")
-        code = frame.get("crew_code") if frame.get("type") != "registered" else None
+        device_id = reply.device_id
+        code = None if isinstance(reply, Registered) else reply.crew_code
         changed = False
-        if isinstance(device_id, str) and device_id != c.device_id:
+        if device_id != c.device_id:
             c.device_id, changed = device_id, True
-        if isinstance(code, str) and code != c.crew_code:
+        if code is not None and code != c.crew_code:
             c.crew_code, c.crew_id, changed = code, code, True
         if changed or self.state.config_changed():
             self.state.save_config()
-        key = frame.get("device_key")
-        if isinstance(key, str) and key:
+        key = reply.device_key
+        if key:
             # Issued to an id with no bound key: keep it, and present it at
             # once so that it binds before anyone else claims this id.
             self.state.save_key(key)
             self._binds += 1
             proto.send_frame({"type": "register", "device_id": c.device_id, "device_key": key})
-        self.crew_code = code if isinstance(code, str) else None
+        self.crew_code = code
         requested = self._target
         if self.crew_code is not None:
             self._target = ("join", self.crew_code, False)
@@ -486,9 +494,10 @@ class LeelooDevice(Service):
             self._enter()
             return
         _log.info("device {device_id} in crew {crew_code}", device_id=c.device_id, crew_code=self.crew_code)
+        joined = isinstance(reply, CrewJoined)
         self._emit("connected", {"type": "connected", "device_id": c.device_id, "crew_code": self.crew_code,
-                                 "crew_members": frame.get("crew_members"),
-                                 "member_names": frame.get("member_names", [])})
+                                 "crew_members": reply.crew_members if joined else None,
+                                 "member_names": reply.member_names if joined else []})
         self._flush()
 
     def _take_waiters(self, target: tuple | None) -> list:
@@ -621,8 +630,8 @@ class LeelooDevice(Service):
             if entry.get("crew_code") == self.crew_code:
                 self._proto.send_frame(entry["message"])
 
-    def _confirmed(self, frame: dict) -> None:
-        client_msg_id = frame.get("client_msg_id")
+    def _confirmed(self, sent: Sent, frame: dict) -> None:
+        client_msg_id = sent.client_msg_id
         before = len(self.state.outbox)
         self.state.outbox = [e for e in self.state.outbox if e["client_msg_id"] != client_msg_id]
         if len(self.state.outbox) != before:
@@ -669,59 +678,57 @@ class LeelooDevice(Service):
     def _received(self, proto: DeviceProtocol, payload: bytes) -> None:
         if proto is not self._proto:
             return
+        # Observers get the frame as the relay sent it (a newer relay's
+        # fields included); the device decides on the typed message.
         try:
             frame = messages.parse_json(payload)
-        except ProtocolError:
-            _log.warn("the relay sent a frame that is not JSON; ignored")
+            if not isinstance(frame, dict):
+                raise InvalidMessage("a frame from the relay must be a JSON object")
+            message = messages.relay_message_from(frame)
+        except ProtocolError as e:
+            _log.warn("the relay sent a frame the device cannot read ({error_code}: {why}); ignored",
+                      error_code=e.code, why=e.message)
             return
-        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
-            _log.warn("the relay sent a frame without a type; ignored")
-            return
-        kind = frame["type"]
-        if kind == "registered" and self._binds:
+        if isinstance(message, Registered) and self._binds:
             self._binds -= 1  # the answer to presenting a freshly issued key
-        elif self.phase == "entering" and kind == self._expected:
-            self._entered(proto, frame)
-        elif kind in ("crew_joined", "crew_created", "registered"):
+        elif self.phase == "entering" and type(message) is self._expected:
+            self._entered(proto, message)
+        elif isinstance(message, (CrewJoined, CrewCreated, Registered, Pong)):
             pass
-        elif kind in CREW_FRAMES:
-            self._crew_frame(proto, frame)
-        elif kind == "sent":
-            self._confirmed(frame)
-        elif kind == "error":
-            self._error(frame)
-        elif kind == "spotify_auth_complete":
-            self._tokens(frame)
-        elif kind == "pong":
-            pass
+        elif isinstance(message, FANOUTS):
+            self._crew_frame(proto, message, frame)
+        elif isinstance(message, Sent):
+            self._confirmed(message, frame)
+        elif isinstance(message, ErrorFrame):
+            self._error(message, frame)
+        elif isinstance(message, SpotifyAuthComplete):
+            self._tokens(message, frame)
         else:
             # member_joined, member_offline, replay_truncated, and whatever
-            # a newer relay adds.
-            self._emit(kind, frame)
+            # a newer relay adds (an UnknownRelayMessage).
+            self._emit(message.type, frame)
 
-    def _crew_frame(self, proto: DeviceProtocol, frame: dict) -> None:
-        seq = frame.get("seq")
+    def _crew_frame(self, proto: DeviceProtocol, message: RelayMessage, frame: dict) -> None:
+        seq = message.seq
         crew = self.crew_code
-        if isinstance(seq, bool) or not isinstance(seq, int):
-            seq = None
         if seq is not None and crew is not None and seq <= self.state.last_seq.get(crew, 0):
             _log.debug("crew {crew_code} seq {seq} was handled already", crew_code=crew, seq=seq)
             return
-        self._emit(frame["type"], frame)
+        self._emit(message.type, frame)
         if seq is not None and crew is not None:
             self.state.last_seq[crew] = seq
             self.state.save_positions()
             proto.send_frame({"type": "ack", "seq": seq})
 
-    def _tokens(self, frame: dict) -> None:
-        tokens = frame.get("tokens")
-        if isinstance(tokens, dict) and tokens.get("access_token"):
+    def _tokens(self, message: SpotifyAuthComplete, frame: dict) -> None:
+        tokens = message.tokens
+        if tokens.get("access_token"):
             path = self.state.save_tokens(tokens)
             _log.info("Spotify tokens saved to {path}", path=str(path))
         self._emit("spotify_auth_complete", frame)
 
-    def _error(self, frame: dict) -> None:
-        error = messages.error_from(frame)
+    def _error(self, message: ErrorFrame, frame: dict) -> None:
+        error = message.to_exception()
         self._emit("error", frame)
         if self.phase == "entering":
             self._entry_refused(error)
@@ -759,12 +766,12 @@ class LeelooDevice(Service):
         if not was_ready:
             self._unproductive += 1
         self._emit("disconnected", {"type": "disconnected", "code": code, "reason": reason})
-        if code == CLOSE_REPLACED:
+        if code == CloseCode.REPLACED:
             self._give_up(DeviceReplaced(
                 f"the relay closed this connection (4001): another connection took device id "
                 f"{self.device_id}; not reconnecting, or the two would replace each other forever. "
                 f"Is a second copy running with the state in {self.state.directory}?"))
-        elif code == CLOSE_ABUSE:
+        elif code == CloseCode.ABUSE:
             self._next_delay = self.policy.after_abuse() if hasattr(self.policy, "after_abuse") else 60.0
             _log.warn("the relay closed the connection for repeated refusals (4029); "
                       "reconnecting in {delay:.0f}s", delay=self._next_delay)

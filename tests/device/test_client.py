@@ -448,6 +448,34 @@ class ReceiveTests(DeviceTestCase):
         self.says(device, conn, **self.message(1))
         self.assertEqual(len(self.fired("message")), 1)
 
+    def test_malformed_known_frame_is_ignored(self):
+        """
+        A known frame with a field of the wrong type (a crew message whose
+        seq is not a number) is ignored, neither handed on nor acked; the
+        device keeps going.
+        """
+        device = self.device()
+        conn = self.ready(device)
+        self.says(device, conn, **{**self.message(1), "seq": "one"})
+        self.says(device, conn, type="sent", client_msg_id=None, id="x", seq=1)
+        self.assertEqual((self.fired("message"), self.fired("sent"), conn.take()), ([], [], []))
+        self.says(device, conn, **self.message(2))
+        self.assertEqual([f["seq"] for f in self.fired("message")], [2])
+
+    def test_unknown_frames_reach_observers_whole(self):
+        """
+        A frame of a type the device does not know (a newer relay's) is an
+        event of that type, with every field the relay sent; so are the
+        extra fields of a known one.
+        """
+        device = self.device()
+        conn = self.ready(device)
+        self.says(device, conn, type="weather", sky="blue")
+        self.says(device, conn, type="member_joined", device_id="leeloo_b", display_name="Bob", mood="happy")
+        self.assertEqual(self.fired("weather"), [{"type": "weather", "sky": "blue"}])
+        self.assertEqual(self.fired("member_joined"),
+                         [{"type": "member_joined", "device_id": "leeloo_b", "display_name": "Bob", "mood": "happy"}])
+
 
 class SendTests(DeviceTestCase):
 

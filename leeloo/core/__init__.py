@@ -1,0 +1,28 @@
+"""
+The relay's core, sans I/O, in parts each found by its name.
+
+Nothing here imports a reactor, a transport or Autobahn.  A connection is a
+L{sessions.Session} whose L{peer.IPeer} the core sends through; time comes
+from an injected clock (anything with C{seconds()} and C{callLater()});
+state is written through a L{leeloo.store.Journal} to an
+L{leeloo.store.IStore}.  L{leeloo.relay.Relay} puts the parts together and
+is what the WebSocket adapter, the web layer and the tests drive.
+
+    - L{peer}: what the core sends through (L{peer.IPeer}) and what it
+      sends (L{peer.Outgoing}, encoded once for every peer it goes to);
+    - L{sessions}: the connections, the device each is bound to, its
+      replacement by a newer connection, and shutdown pacing;
+    - L{identity}: device ids and their keys, trust on first use;
+    - L{admission}: rate buckets, entry budgets and strikes;
+    - L{crews}: crews, their members, and the memberships (session x crew)
+      that hold each connection's delivery position in a crew;
+    - L{presence}: who hears that a member left, and the grace before;
+    - L{delivery}: publishing to a crew's log, C{client_msg_id}, fan-out
+      once stored, the log's bound, back-pressure from the store;
+    - L{replay}: a returning member's missed messages, held live traffic,
+      proofs of receipt and acks;
+    - L{handlers}: one method per frame a device sends;
+    - L{bot}: the Telegram bot's crews and messages;
+    - L{tokens}: Spotify tokens parked for devices that are offline;
+    - L{retention}: what is forgotten, and when.
+"""

@@ -1,0 +1,113 @@
+"""
+The Telegram bot's side of crews: its users join crews by code and send to
+them like a device.  Answers are typed values; their HTTP shapes are the web
+layer's (L{leeloo.web.BotAPI}).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from leeloo import messages
+from leeloo.core.defaults import TELEGRAM_DEVICE_ID
+from leeloo.messages import NotInCrew, StoreUnavailable
+
+if TYPE_CHECKING:
+    from leeloo.core.admission import Admission
+    from leeloo.core.crews import Crews
+    from leeloo.core.delivery import Delivery
+    from leeloo.store import Journal
+
+_log = Logger()
+
+
+@dataclass(frozen=True, slots=True)
+class BotCrew:
+    """
+    A crew a bot user is in: its code, the user's name in it, and how many
+    of its devices are online.
+    """
+
+    crew_code: str
+    display_name: str
+    devices_online: int
+
+
+@dataclass(frozen=True, slots=True)
+class CrewStatus:
+    """
+    What anyone with a crew's code may know of it (C{exists} false, and
+    no one, for a code no crew has).
+    """
+
+    crew_code: str
+    exists: bool
+    device_names: list[str]
+    telegram_user_names: list[str]
+
+
+class BotUsers:
+    def __init__(self, journal: Journal, crews: Crews, delivery: Delivery, admission: Admission) -> None:
+        self.journal = journal
+        self.crews = crews
+        self.delivery = delivery
+        self.admission = admission
+
+    def create_crew(self, user_id: str, name: str) -> Deferred:
+        """
+        A new crew with a bot user in it; fires with its code once it is
+        durable, or fails with L{StoreUnavailable}.
+        """
+        crew = self.crews.create(self.crews.unused_code(), f"telegram:{user_id}")
+        self.crews.add_bot_user(crew, user_id, name)
+
+        def failed(failure: Any) -> None:
+            _log.error("crew {crew_code} was not stored: {error}",
+                       crew_code=crew.code, error=failure.getErrorMessage())
+            raise StoreUnavailable("the crew could not be stored; try again")
+
+        return self.journal.barrier().addCallbacks(lambda _: crew.code, failed)
+
+    def join_crew(self, user_id: str, code: str, name: str) -> tuple[str, int]:
+        """
+        Put a bot user in a crew; return the crew's code and how many of
+        its devices are online.
+        """
+        self.admission.check_bot_join(user_id)
+        crew = self.crews.known(code)
+        self.crews.add_bot_user(crew, user_id, name)
+        return crew.code, len(crew.online)
+
+    def message(self, user_id: str, code: str, sender_name: str, msg_type: str, payload: dict) -> Deferred:
+        """
+        A bot user's message to a crew it joined.  Fires with the devices
+        reached once it is stored and delivered.
+        """
+        crew = self.crews.known(code)
+        if user_id not in crew.bot_users:
+            raise NotInCrew(f"join crew {crew.code} before sending to it")
+        message = messages.RelayedMessage(TELEGRAM_DEVICE_ID, sender_name, msg_type, payload)
+        return self.delivery.publish(crew, message, TELEGRAM_DEVICE_ID, size=len(messages.encode(message)))
+
+    def user_crews(self, user_id: str) -> list[BotCrew]:
+        """
+        The crews bot user C{user_id} is in, in the order it joined them.
+        """
+        crews = []
+        for code in self.crews.bot_user_index.get(user_id, ()):
+            crew = self.crews.crews.get(code)
+            if crew is not None and user_id in crew.bot_users:
+                crews.append(BotCrew(code, crew.bot_users[user_id], len(crew.online)))
+        return crews
+
+    def crew_status(self, code: str) -> CrewStatus:
+        code = messages.normalize_crew_code(code)
+        crew = self.crews.crews.get(code)
+        if crew is None:
+            return CrewStatus(code, False, [], [])
+        return CrewStatus(code, True, [m.session.name for m in crew.online.values()],
+                          list(crew.bot_users.values()))

@@ -1,0 +1,303 @@
+"""
+Crews, their members, and memberships.
+
+A L{Member} is a device that belongs to a crew, online or not, and how far
+it got (what the store keeps).  A L{Membership} is one connection in one
+crew while it is there: it holds that connection's delivery position in the
+crew, so a session can hold several.  C{Crew.online} maps each online
+member's device id to its membership.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.logger import Logger
+
+from leeloo import messages
+from leeloo.core.defaults import CODE_TRIES, MAX_GENERATED_CODE_LENGTH
+from leeloo.core.peer import Outgoing
+from leeloo.messages import CrewLimit, InvalidCrewCode, InvalidLastSeq
+from leeloo.store import (
+    DELETE_CREW,
+    PUT_BOT_USER,
+    PUT_CREW,
+    PUT_MEMBER,
+    BotUserRecord,
+    CrewRecord,
+    Journal,
+    MemberRecord,
+    Snapshot,
+)
+
+if TYPE_CHECKING:
+    from leeloo.core.delivery import ClientMessage
+    from leeloo.core.presence import Presence
+    from leeloo.core.sessions import Session
+
+_log = Logger()
+
+
+def generate_crew_code(length: int = 4, choice: Callable[[str], str] = secrets.choice) -> str:
+    return messages.CREW_CODE_PREFIX + "".join(
+        choice(messages.CREW_CODE_ALPHABET) for _ in range(length)
+    )
+
+
+class Member:
+    """
+    A device that belongs to a crew, online or not, and how far it got.
+    """
+
+    __slots__ = ("device_id", "name", "last_seen", "delivered_seq", "acked_seq")
+
+    def __init__(self, device_id: str, name: str, last_seen: float, delivered_seq: int,
+                 acked_seq: int | None = None) -> None:
+        self.device_id = device_id
+        self.name = name
+        self.last_seen = last_seen
+        self.delivered_seq = delivered_seq
+        self.acked_seq = acked_seq
+
+
+class Membership:
+    """
+    One session in one crew: the highest crew sequence it has been sent
+    (C{last_sent_seq}) and how far its device is known to have received
+    (C{proven_seq}: its transport proved it).  While C{held} is a list, it
+    is catching up on what it missed and live fan-outs wait there.
+    """
+
+    __slots__ = ("session", "peer", "crew", "member", "last_sent_seq", "proven_seq", "held")
+
+    def __init__(self, session: Session, crew: Crew, member: Member, start: int) -> None:
+        self.session = session
+        self.peer = session.peer
+        self.crew = crew
+        self.member = member
+        self.last_sent_seq = self.proven_seq = start
+        self.held: list[tuple[int, Outgoing | None]] | None = None
+
+    @property
+    def current(self) -> bool:
+        """
+        Whether this is still its device's connection in the crew.
+        """
+        return self.crew.online.get(self.member.device_id) is self
+
+    def __repr__(self) -> str:
+        return f"<Membership {self.member.device_id!r} in {self.crew.code!r} at {self.last_sent_seq}>"
+
+
+class Crew:
+    """
+    A crew: its members (by device id), the memberships online now, its bot
+    users, and its message sequence: C{last_seq} is the last assigned,
+    C{fanned_seq} the last stored and delivered.
+    """
+
+    __slots__ = ("code", "created_at", "created_by", "online", "members", "bot_users",
+                 "last_seq", "fanned_seq", "last_message_at", "client_messages", "log_bytes", "trimming")
+
+    def __init__(self, code: str, created_at: float, created_by: str | None) -> None:
+        self.code = code
+        self.created_at = created_at
+        self.created_by = created_by
+        self.online: dict[str, Membership] = {}
+        self.members: dict[str, Member] = {}
+        self.bot_users: dict[str, str] = {}
+        self.last_seq = 0
+        self.fanned_seq = 0
+        self.last_message_at = 0.0
+        self.client_messages: dict[tuple[str, str], ClientMessage] | None = None
+        # The bytes in its stored log (an estimate, never too low), and
+        # while the log is being trimmed, the bytes stored since.
+        self.log_bytes = 0
+        self.trimming: int | None = None
+
+
+class Crews:
+    """
+    Every crew (C{crews}: code -> L{Crew}), how many have a member online
+    (C{online_count}), and which crews each bot user is in
+    (C{bot_user_index}).
+
+    @param code_length: the characters after the prefix of a generated code.
+    @param crew_code: makes a random crew code of a given length.
+    """
+
+    def __init__(self, clock: Any, journal: Journal, code_length: int,
+                 crew_code: Callable[[int], str] = generate_crew_code) -> None:
+        self.clock = clock
+        self.journal = journal
+        self.code_length = code_length
+        self._new_crew_code = crew_code
+        self.crews: dict[str, Crew] = {}
+        self.online_count = 0
+        # telegram user id -> the codes of the crews it is in (in join order)
+        self.bot_user_index: dict[str, dict[str, None]] = {}
+        self.presence: Presence | None = None
+
+    def restore(self, snapshot: Snapshot) -> None:
+        for record in snapshot.crews:
+            crew = self.crews[record.code] = Crew(record.code, record.created_at, record.created_by)
+            crew.last_seq = crew.fanned_seq = snapshot.last_seq.get(record.code, 0)
+            crew.last_message_at = snapshot.last_message_at.get(record.code, 0.0)
+            crew.log_bytes = snapshot.log_bytes.get(record.code, 0)
+        for m in snapshot.members:
+            crew = self.crews.get(m.crew_code)
+            if crew is not None:
+                crew.members[m.device_id] = Member(m.device_id, m.name, m.last_seen, m.delivered_seq,
+                                                   m.acked_seq)
+        for b in snapshot.bot_users:
+            if b.crew_code in self.crews:
+                self.crews[b.crew_code].bot_users[b.user_id] = b.name
+                self.bot_user_index.setdefault(b.user_id, {})[b.crew_code] = None
+
+    def get(self, code: str | None) -> Crew | None:
+        return self.crews.get(code) if code is not None else None
+
+    def known(self, code: str) -> Crew:
+        """
+        The crew of C{code} as a person typed it.
+
+        @raise InvalidCrewCode: there is none.
+        """
+        crew = self.crews.get(messages.normalize_crew_code(code))
+        if crew is None:
+            raise InvalidCrewCode(f"Crew {code.strip().upper()} not found")
+        return crew
+
+    def create(self, code: str, created_by: str | None) -> Crew:
+        crew = self.crews[code] = Crew(code, self.clock.seconds(), created_by)
+        self.journal.put((PUT_CREW, CrewRecord(code, crew.created_at, created_by)), wait=False)
+        _log.info("crew {crew_code} created", crew_code=code)
+        return crew
+
+    def unused_code(self) -> str:
+        """
+        A random code no crew has: a few tries at the configured length,
+        then one character longer, and so on.
+
+        @raise CrewLimit: not even the longest codes found a free one.
+        """
+        for length in range(self.code_length, MAX_GENERATED_CODE_LENGTH + 1):
+            for _ in range(CODE_TRIES):
+                code = self._new_crew_code(length)
+                if code not in self.crews:
+                    return code
+        _log.error("no unused crew code found after {tries} tries up to {length} characters",
+                   tries=CODE_TRIES, length=MAX_GENERATED_CODE_LENGTH)
+        raise CrewLimit("the relay cannot create more crews now; try again later")
+
+    @staticmethod
+    def check_last_seq(crew: Crew | None, last_seq: int | None) -> None:
+        latest = crew.fanned_seq if crew is not None else 0
+        if last_seq is not None and last_seq > latest:
+            raise InvalidLastSeq(f"last_seq {last_seq} is from the future: the crew is at {latest}")
+
+    def save_member(self, crew: Crew, member: Member, online: bool) -> None:
+        record = MemberRecord(crew.code, member.device_id, member.name, member.last_seen,
+                              member.delivered_seq, member.acked_seq, online)
+        self.journal.put((PUT_MEMBER, record), key=(crew.code, member.device_id))
+
+    def enter(self, session: Session, crew: Crew, announce: bool, last_seq: int | None = None) -> Membership | None:
+        """
+        Make C{session} a member of C{crew} online, its primary crew (it
+        leaves the one it was in); return its new membership, or C{None}
+        if it is already there.  Where it starts: C{last_seq} if given, else
+        its acknowledged position, else what it was proven to receive (a new
+        member starts at the crew's latest).  Its crew hears it joined when
+        C{announce}, or when it comes back within the presence grace, those
+        who came since.
+        """
+        if session.crew is crew:
+            return None
+        self.leave(session, announce=True)
+        now = self.clock.seconds()
+        member = crew.members.get(session.device_id)
+        if member is None:
+            start = crew.fanned_seq if last_seq is None else last_seq
+            member = crew.members[session.device_id] = Member(session.device_id, session.name, now, start)
+        elif last_seq is not None:
+            start = last_seq
+        elif member.acked_seq is not None:
+            start = member.acked_seq
+        else:
+            start = member.delivered_seq
+        member.name = session.name
+        member.last_seen = now
+        if last_seq is not None or member.acked_seq is not None:
+            session.acks = True
+        membership = Membership(session, crew, member, start)
+        session.primary = membership
+        if not crew.online:
+            self.online_count += 1
+        crew.online[session.device_id] = membership
+        self.save_member(crew, member, online=True)
+        self.presence.entered(membership, announce)
+        return membership
+
+    def leave(self, session: Session, announce: bool) -> None:
+        """
+        Take C{session} out of its primary crew, keeping how far it got; the
+        crew hears it went offline when C{announce}.
+        """
+        membership = session.primary
+        if membership is None:
+            return
+        crew = membership.crew
+        session.primary = None
+        membership.held = None
+        if crew.online.get(session.device_id) is membership:
+            del crew.online[session.device_id]
+            if not crew.online:
+                self.online_count -= 1
+            member = membership.member
+            # A legacy device never acknowledges: only what its transport
+            # proved it received counts as delivered.
+            sent = membership.last_sent_seq if session.acks else membership.proven_seq
+            member.delivered_seq = max(member.delivered_seq, sent)
+            member.last_seen = self.clock.seconds()
+            self.save_member(crew, member, online=False)
+            if announce:
+                self.presence.left(membership)
+
+    @staticmethod
+    def fanout(crew: Crew, out: Outgoing, sender: Session | None = None, seq: int = 0) -> int:
+        """
+        Send C{out} to every online member of C{crew} but C{sender}, encoded
+        once; return how many it went to.  A crew message (C{seq} > 0) waits
+        behind the replay of a member still catching up.
+        """
+        reached = 0
+        for membership in tuple(crew.online.values()):
+            if membership.session is sender:
+                continue
+            reached += 1
+            if seq:
+                if membership.held is not None:
+                    membership.held.append((seq, out))
+                    continue
+                membership.last_sent_seq = seq
+            membership.peer.send(out)
+        return reached
+
+    def add_bot_user(self, crew: Crew, user_id: str, name: str) -> None:
+        crew.bot_users[user_id] = name
+        self.bot_user_index.setdefault(user_id, {})[crew.code] = None
+        self.journal.put((PUT_BOT_USER, BotUserRecord(crew.code, user_id, name)), wait=False)
+
+    def forget(self, crew: Crew) -> None:
+        """
+        Forget C{crew} (it has no one online).
+        """
+        del self.crews[crew.code]
+        self.journal.put((DELETE_CREW, crew.code), wait=False)
+        for user_id in crew.bot_users:
+            codes = self.bot_user_index.get(user_id)
+            if codes is not None:
+                codes.pop(crew.code, None)
+                if not codes:
+                    del self.bot_user_index[user_id]

@@ -1,0 +1,268 @@
+"""
+Publishing to a crew: each message is stored in the crew's log before it is
+fanned out, numbered when its store batch forms; a C{client_msg_id} is
+answered C{sent} once the message is durable, and a resend with the same id
+is answered without storing it twice.  The log is kept under its bound, and
+a sender is read no more while the store is behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from leeloo import messages
+from leeloo.core.peer import Outgoing
+from leeloo.messages import DuplicateClientMessage, NotInCrew, StoreUnavailable
+from leeloo.store import APPEND, IStore, Journal, LogEntry, Snapshot
+
+if TYPE_CHECKING:
+    from leeloo.core.crews import Crew, Crews
+    from leeloo.core.sessions import Session
+
+_log = Logger()
+
+# What a crew hears, as the relay sends it to every member.
+Fanout = messages.RelayedMessage | messages.MusicShared | messages.RelayedReaction
+
+
+def generate_message_id() -> str:
+    return secrets.token_hex(8)
+
+
+def client_digest(message: Any) -> bytes:
+    """
+    What identifies a crew message as its sender sent it (its type and
+    fields but its C{client_msg_id}), whatever name it is sent under.
+    """
+    fields = {name: getattr(message, name) for name in message.__slots__ if name != "client_msg_id"}
+    canonical = json.dumps([type(message).__name__, fields], sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).digest()
+
+
+class ClientMessage:
+    """
+    What the relay remembers of a message sent with a C{client_msg_id}:
+    enough to answer a resend without storing it twice.  C{waiting} holds
+    the sessions to answer once it is durable; C{None} once it is.
+    """
+
+    __slots__ = ("id", "seq", "digest", "created_at", "waiting")
+
+    def __init__(self, id: str, seq: int, digest: bytes, created_at: float,
+                 waiting: list | None = None) -> None:
+        self.id = id
+        self.seq = seq
+        self.digest = digest
+        self.created_at = created_at
+        self.waiting = waiting
+
+
+class Publication:
+    """
+    A crew message on its way to the log.  The journal numbers it when its
+    batch is formed (calling it), so that a batch that fails spends no
+    sequence number: C{seq} and C{out}, the stamped message, are set then.
+    """
+
+    __slots__ = ("crew", "message", "id", "sender", "client_msg_id", "digest", "created_at",
+                 "remembered", "seq", "out")
+
+    def __init__(self, crew: Crew, message: Fanout, id: str, sender: str, client_msg_id: str | None,
+                 digest: bytes | None, created_at: float, remembered: ClientMessage | None) -> None:
+        self.crew = crew
+        self.message = message
+        self.id = id
+        self.sender = sender
+        self.client_msg_id = client_msg_id
+        self.digest = digest
+        self.created_at = created_at
+        self.remembered = remembered
+        self.seq = 0
+        self.out: Outgoing | None = None
+
+    def __call__(self) -> LogEntry:
+        crew = self.crew
+        seq = self.seq = crew.last_seq = crew.last_seq + 1
+        fanout = self.message.to_dict()
+        self.out = Outgoing(messages.stamped(fanout, int(self.created_at * 1000), seq, self.id))
+        if self.remembered is not None:
+            self.remembered.seq = seq
+        return LogEntry(crew.code, seq, self.id, self.sender, self.client_msg_id, self.digest,
+                        self.created_at, self.out.payload, messages.is_ephemeral(fanout))
+
+
+class Delivery:
+    """
+    @param crew_log_bytes: the most bytes of messages kept in one crew's
+        log; past it, the oldest go (down to three quarters of it), but
+        never the newest C{replay_limit}.
+    @param store_queue_bytes: the most bytes of messages waiting for the
+        store before the relay stops reading from their senders (it reads
+        again once half of it is written).
+    """
+
+    def __init__(self, clock: Any, store: IStore, journal: Journal, crews: Crews, replay_limit: int,
+                 crew_log_bytes: int, store_queue_bytes: int,
+                 message_id: Callable[[], str] = generate_message_id) -> None:
+        self.clock = clock
+        self.store = store
+        self.journal = journal
+        self.crews = crews
+        self.replay_limit = replay_limit
+        self.crew_log_bytes = crew_log_bytes
+        self.store_queue_bytes = store_queue_bytes
+        self._new_message_id = message_id
+        # Sessions not read from until the store catches up.
+        self.paused: set[Session] = set()
+        journal.on_batch = self._store_progressed
+
+    def restore(self, snapshot: Snapshot) -> None:
+        for e in snapshot.client_messages:
+            crew = self.crews.crews.get(e.crew_code)
+            if crew is not None:
+                if crew.client_messages is None:
+                    crew.client_messages = {}
+                crew.client_messages[(e.sender, e.client_msg_id)] = ClientMessage(
+                    e.id, e.seq, e.digest, e.created_at)
+
+    @staticmethod
+    def crew_of(session: Session) -> Crew:
+        if session.primary is None:
+            raise NotInCrew("join or create a crew before sending crew messages")
+        return session.primary.crew
+
+    def send(self, session: Session, message: Fanout, client_msg_id: str | None, received: Any,
+             size: int) -> Deferred | None:
+        """
+        C{session}'s crew message (C{received}, as decoded, about C{size}
+        bytes) to its crew, as C{message}; a resend of a C{client_msg_id}
+        already stored is answered C{sent} again (C{None} is returned).
+        """
+        crew = self.crew_of(session)
+        digest = None
+        if client_msg_id is not None:
+            digest = client_digest(received)
+            known = crew.client_messages.get((session.device_id, client_msg_id)) if crew.client_messages else None
+            if known is not None:
+                # Entries stored by earlier relays hashed the fan-out, sender's name
+                # included: a resend of one of those matches that digest.
+                if known.digest != digest and known.digest != hashlib.sha256(messages.encode(message)).digest():
+                    raise DuplicateClientMessage(
+                        f"client_msg_id {client_msg_id!r} was already used for a different message")
+                if known.waiting is None:
+                    session.send(messages.Sent(client_msg_id, known.id, known.seq))
+                else:
+                    known.waiting.append(session)
+                return None
+        return self.publish(crew, message, session.device_id, session, client_msg_id, digest, size)
+
+    def publish(self, crew: Crew, message: Fanout, sender_id: str, session: Session | None = None,
+                client_msg_id: str | None = None, digest: bytes | None = None, size: int = 0) -> Deferred:
+        """
+        Store C{message} (about C{size} bytes) in C{crew}'s log, then fan it
+        out to the crew (but C{session}, its sender).  Fires with the number
+        of devices reached, or fails with L{StoreUnavailable}: then nothing
+        was delivered, and no sequence number was spent on it.
+        """
+        now = self.clock.seconds()
+        message_id = self._new_message_id()
+        remembered = None
+        if client_msg_id is not None:
+            if crew.client_messages is None:
+                crew.client_messages = {}
+            remembered = crew.client_messages[(sender_id, client_msg_id)] = ClientMessage(
+                message_id, 0, digest, now, [])
+        entry = Publication(crew, message, message_id, sender_id, client_msg_id, digest, now, remembered)
+        d = self.journal.put((APPEND, entry), size=size)
+        if session is not None and self.journal.backlog > self.store_queue_bytes and session not in self.paused:
+            # The store is behind: read no more from this sender until it
+            # catches up, rather than hold what it sends.
+            self.paused.add(session)
+            session.peer.pause_reading()
+        return d.addCallbacks(self._stored, self._not_stored, callbackArgs=(entry, session),
+                              errbackArgs=(entry,))
+
+    def _stored(self, _: Any, entry: Publication, session: Session | None) -> int:
+        crew, seq, out, remembered = entry.crew, entry.seq, entry.out, entry.remembered
+        crew.fanned_seq = seq
+        crew.last_message_at = self.clock.seconds()
+        self._logged(crew, len(out.payload))
+        if session is not None:
+            membership = session.membership(crew.code)
+            if membership is not None and membership.crew is crew:
+                # The sender never gets its own message: it counts as sent
+                # to it, in its place (after what it is still catching up on).
+                if membership.held is not None:
+                    membership.held.append((seq, None))
+                else:
+                    membership.last_sent_seq = max(membership.last_sent_seq, seq)
+        reached = self.crews.fanout(crew, out, session, seq)
+        if remembered is not None:
+            waiting, remembered.waiting = remembered.waiting, None
+            reply = messages.Sent(entry.client_msg_id, remembered.id, remembered.seq)
+            for s in [session, *waiting]:
+                if s is not None:
+                    s.send(reply)
+        return reached
+
+    def _not_stored(self, failure: Any, entry: Publication) -> None:
+        crew, client_msg_id, remembered = entry.crew, entry.client_msg_id, entry.remembered
+        _log.error("a message to crew {crew_code} was not stored: {error}",
+                   crew_code=crew.code, error=failure.getErrorMessage())
+        if entry.seq:
+            # Its whole batch failed, and no later batch has been numbered
+            # yet: the next message takes the first sequence this one had.
+            crew.last_seq = min(crew.last_seq, entry.seq - 1)
+        extra = {} if client_msg_id is None else {"client_msg_id": client_msg_id}
+        if remembered is not None:
+            crew.client_messages.pop((entry.sender, client_msg_id), None)
+            for s in remembered.waiting or ():
+                s.send(StoreUnavailable("the message could not be stored; send it again", **extra).as_frame())
+        raise StoreUnavailable("the message could not be stored and was not delivered; send it again", **extra)
+
+    def _store_progressed(self) -> None:
+        if self.paused and self.journal.backlog <= self.store_queue_bytes // 2:
+            paused, self.paused = self.paused, set()
+            for session in paused:
+                session.peer.resume_reading()
+
+    def _logged(self, crew: Crew, size: int) -> None:
+        """
+        C{size} more bytes are in C{crew}'s log: past the bound, trim it.
+        """
+        crew.log_bytes += size
+        if crew.trimming is not None:
+            crew.trimming += size
+        elif crew.log_bytes > self.crew_log_bytes:
+            crew.trimming = 0
+            d = self.store.trim(crew.code, self.crew_log_bytes * 3 // 4, self.replay_limit)
+            d.addCallbacks(self._trimmed, self._not_trimmed, callbackArgs=(crew,), errbackArgs=(crew,))
+            d.addErrback(self._trim_bug, crew)
+
+    @staticmethod
+    def _trim_bug(failure: Any, crew: Crew) -> None:
+        # The next message past the bound tries again.
+        crew.trimming = None
+        _log.failure("bug while trimming crew {crew_code}'s log", failure, crew_code=crew.code)
+
+    @staticmethod
+    def _trimmed(result: tuple[int, int], crew: Crew) -> None:
+        first_kept, left = result
+        crew.log_bytes, crew.trimming = left + crew.trimming, None
+        if crew.client_messages:
+            # What the log no longer holds cannot be answered as a resend.
+            for key in [k for k, v in crew.client_messages.items() if v.waiting is None and v.seq < first_kept]:
+                del crew.client_messages[key]
+
+    @staticmethod
+    def _not_trimmed(failure: Any, crew: Crew) -> None:
+        crew.trimming = None
+        _log.warn("could not trim crew {crew_code}'s log: {error}",
+                  crew_code=crew.code, error=failure.getErrorMessage())

@@ -1,0 +1,232 @@
+"""
+What the relay does with each frame a device sends, once decoded: one
+method per message type, given the session, the typed message and the
+frame's size.  Errors are raised as L{ProtocolError}s for the relay to
+answer; what only a later event answers (a crew durable, a message stored)
+is answered here when it happens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+
+from leeloo import messages
+from leeloo.messages import (
+    Ack,
+    CreateCrew,
+    CrewMessage,
+    InvalidCrewCode,
+    JoinCrew,
+    Ping,
+    ProtocolError,
+    Reaction,
+    Register,
+    ShareMusic,
+    StoreUnavailable,
+)
+
+if TYPE_CHECKING:
+    from leeloo.core.admission import Admission
+    from leeloo.core.crews import Crew, Crews
+    from leeloo.core.delivery import Delivery, Fanout
+    from leeloo.core.identity import Identity
+    from leeloo.core.replay import Replayer
+    from leeloo.core.sessions import Session, Sessions
+    from leeloo.core.tokens import PendingTokens
+    from leeloo.store import Journal
+
+_log = Logger()
+
+
+class Handlers:
+    def __init__(self, journal: Journal, sessions: Sessions, identity: Identity, admission: Admission,
+                 crews: Crews, delivery: Delivery, replayer: Replayer, tokens: PendingTokens) -> None:
+        self.journal = journal
+        self.sessions = sessions
+        self.identity = identity
+        self.admission = admission
+        self.crews = crews
+        self.delivery = delivery
+        self.replayer = replayer
+        self.tokens = tokens
+        self.by_type = {
+            Register: self.register,
+            CreateCrew: self.create_crew,
+            JoinCrew: self.join_crew,
+            CrewMessage: self.crew_message,
+            ShareMusic: self.share_music,
+            Reaction: self.reaction,
+            Ping: self.ping,
+            Ack: self.ack,
+        }
+
+    # ------------------------------------------------------ entering crews
+
+    def register(self, session: Session, message: Register, size: int) -> None:
+        crew = self.crews.get(message.crew_code)
+        self.crews.check_last_seq(crew, message.last_seq)
+        if message.crew_code is not None or self.identity.unseen(session, message.device_id):
+            self.admission.check_entry(session, message.device_id, crew)
+        key = self._identify(session, message.device_id, message.device_name, message.device_key)
+        if message.crew_code is None:
+            self.identity.seen(session.device_id)
+        session.send(messages.Registered(session.device_id, key))
+        self.tokens.hand_over(session)
+        if message.crew_code is not None:
+            if crew is None:
+                crew = self.crews.create(message.crew_code, session.device_id)
+            self._enter(session, crew, announce=False, last_seq=message.last_seq)
+        self._log_entry("register", session)
+
+    def create_crew(self, session: Session, message: CreateCrew, size: int) -> None:
+        crew = self.crews.get(message.crew_code)
+        self.crews.check_last_seq(crew, message.last_seq)
+        # Counted before a code is searched for: a refused flood costs no search.
+        self.admission.check_entry(session, message.device_id, crew)
+        code = message.crew_code or self.crews.unused_code()
+        key = self._identify(session, message.device_id, message.display_name, message.device_key)
+        if crew is None:
+            # A new crew is answered once it is durable: a code handed out
+            # and then lost in a crash could be handed to someone else.
+            self._enter(session, self.crews.create(code, session.device_id), announce=False)
+            self.journal.barrier().addCallbacks(
+                self._crew_stored, self._crew_not_stored,
+                callbackArgs=(session, session.device_id, code, key), errbackArgs=(session, code),
+            ).addErrback(self._crew_answer_bug, session, code)
+            self._log_entry("create_crew", session)
+            return
+        session.send(messages.CrewCreated(session.device_id, code, key))
+        self.tokens.hand_over(session)
+        self._enter(session, crew, announce=True, last_seq=message.last_seq)
+        self._log_entry("create_crew", session)
+
+    def _crew_stored(self, _: Any, session: Session, device_id: str, code: str, key: str | None) -> None:
+        if session.closing or session not in self.sessions.sessions or session.device_id != device_id:
+            return
+        session.send(messages.CrewCreated(device_id, code, key))
+        self.tokens.hand_over(session)
+
+    def _crew_answer_bug(self, failure: Any, session: Session, code: str) -> None:
+        _log.failure("bug while answering the creation of crew {crew_code}", failure, crew_code=code)
+        self.sessions.close_for_bug(session)
+
+    def _crew_not_stored(self, failure: Any, session: Session, code: str) -> None:
+        # The crew stays, and its record is retried with the relay's other
+        # state; the device is told it was not created, and may ask again.
+        _log.error("crew {crew_code} was not stored: {error}", crew_code=code, error=failure.getErrorMessage())
+        if not session.closing and session in self.sessions.sessions:
+            if session.crew is not None and session.crew.code == code:
+                self.crews.leave(session, announce=False)
+            session.send(StoreUnavailable("the crew could not be stored; try again").as_frame())
+
+    def join_crew(self, session: Session, message: JoinCrew, size: int) -> None:
+        crew = self.crews.get(message.crew_code)
+        self.admission.check_entry(session, message.device_id, crew)
+        if crew is None:
+            raise InvalidCrewCode(f"Crew {message.crew_code} not found")
+        self.crews.check_last_seq(crew, message.last_seq)
+        key = self._identify(session, message.device_id, message.display_name, message.device_key)
+        others = [m.session.name for m in crew.online.values() if m.session is not session]
+        online = len(crew.online) + (session.device_id not in crew.online)
+        session.send(messages.CrewJoined(session.device_id, crew.code, online, others, key))
+        self.tokens.hand_over(session)
+        self._enter(session, crew, announce=True, last_seq=message.last_seq)
+        self._log_entry("join_crew", session)
+
+    def _enter(self, session: Session, crew: Crew, announce: bool, last_seq: int | None = None) -> None:
+        """
+        Put C{session} in C{crew}; a returning member first gets what it
+        missed, then live traffic.
+        """
+        membership = self.crews.enter(session, crew, announce, last_seq)
+        if membership is not None:
+            self.replayer.catch_up(membership)
+
+    def _identify(self, session: Session, device_id: str | None, name: str | None,
+                  key: str | None = None) -> str | None:
+        """
+        Make C{session} the connection of C{device_id} (a new id when none
+        is given); return a device key issued to it, if one was.
+        """
+        claimed = device_id is not None
+        if device_id is None:
+            device_id = session.device_id or self.identity.new_device_id()
+        issued = None
+        if session.device_id != device_id or key is not None:
+            issued = self.identity.authenticate(session, device_id, key, claimed)
+        if session.device_id != device_id:
+            self.unbind(session)
+            previous = self.sessions.devices.get(device_id)
+            if previous is not None:
+                # A newer connection for the device (a reboot): the old one
+                # is detached without telling the crew, and closed.
+                self.crews.leave(previous, announce=False)
+                self.sessions.replace(previous)
+            self.sessions.bind(session, device_id)
+        if name is not None:
+            session.name = name
+        elif session.name is None:
+            session.name = device_id
+        return issued
+
+    def unbind(self, session: Session) -> None:
+        """
+        C{session} is no longer its device's connection: its crew hears
+        the device went offline.
+        """
+        if self.sessions.is_bound(session):
+            self.sessions.unbind(session)
+            self.crews.leave(session, announce=True)
+
+    @staticmethod
+    def _log_entry(action: str, session: Session) -> None:
+        """
+        The lifecycle line for a device that identified itself: who, from
+        where, in which crew (never what it sent).
+        """
+        _log.info("{action}: device {device_id} from {client_address}, crew {crew_code}", action=action,
+                  device_id=session.device_id, client_address=session.address,
+                  crew_code=session.crew.code if session.crew is not None else None)
+
+    # -------------------------------------------------------- crew messages
+
+    def crew_message(self, session: Session, message: CrewMessage, size: int) -> None:
+        self._send(session, messages.RelayedMessage(session.device_id, session.name, message.msg_type,
+                                                  message.payload), message, size)
+
+    def share_music(self, session: Session, message: ShareMusic, size: int) -> None:
+        self._send(session, messages.MusicShared(message.spotify_uri, message.artist, message.track, message.album,
+                                                      session.name), message, size)
+
+    def reaction(self, session: Session, message: Reaction, size: int) -> None:
+        self._send(session, messages.RelayedReaction(message.reaction_type, session.name), message, size)
+
+    def _send(self, session: Session, out: Fanout, received: Any, size: int) -> None:
+        d = self.delivery.send(session, out, received.client_msg_id, received, size)
+        if d is not None:
+            d.addErrback(self._refuse, session)
+
+    def _refuse(self, failure: Any, session: Session) -> None:
+        try:
+            if failure.check(ProtocolError):
+                session.send(failure.value.as_frame())
+                return
+            # A bug, not the store refusing: the sender cannot know what
+            # became of its message.  It reconnects, and a resend with its
+            # client_msg_id is answered as the relay knows it.
+            _log.failure("bug while publishing a message from {device_id}", failure,
+                         device_id=session.device_id)
+        except Exception:
+            _log.failure("bug while answering {device_id}", device_id=session.device_id)
+        self.sessions.close_for_bug(session)
+
+    # ---------------------------------------------------------------- other
+
+    @staticmethod
+    def ping(session: Session, message: Ping, size: int) -> None:
+        session.send(messages.Pong())
+
+    def ack(self, session: Session, message: Ack, size: int) -> None:
+        self.replayer.ack(session, message.seq)
