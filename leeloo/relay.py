@@ -42,6 +42,8 @@ from leeloo.core.replay import Replayer
 from leeloo.core.retention import Retention
 from leeloo.core.sessions import Session, Sessions
 from leeloo.core.tokens import PendingTokens
+from leeloo.fanout import IFanout
+from leeloo.fanout.local import LocalFanout
 from leeloo.limits import RelayLimits
 from leeloo.messages import (
     CLOSE_ABUSE,
@@ -112,6 +114,8 @@ class Relay:
         leaving; back within them, it hears neither that nor its return.
     @param crew_code: makes a random crew code with the given number of
         characters after the prefix.
+    @param fanout: how crews reach their members (default: a
+        L{LocalFanout}, this process's).
     """
 
     def __init__(
@@ -133,22 +137,24 @@ class Relay:
         device_id: Callable[[], str] = generate_device_id,
         message_id: Callable[[], str] = generate_message_id,
         device_key: Callable[[], str] = generate_device_key,
+        fanout: IFanout | None = None,
     ) -> None:
         self.clock = clock
         self.store = store if store is not None else MemoryStore()
         self.journal = journal = Journal(self.store, clock)
         self.limits = limits
         self.started = clock.seconds()
-        self.sessions_part = sessions = Sessions(clock, bind_timeout)
+        self.fanout = fanout = LocalFanout() if fanout is None else fanout
+        self.sessions_part = sessions = Sessions(clock, fanout, bind_timeout)
         self.identity = Identity(clock, journal, limits.require_device_key, device_id, device_key)
         self.admission = Admission(clock, limits)
-        self.crews_part = crews = Crews(clock, journal, limits.crew_code_length, crew_code)
+        self.crews_part = crews = Crews(clock, journal, fanout, limits.crew_code_length, crew_code)
         crews.presence = self.presence = Presence(clock, crews, presence_grace)
         self.delivery = Delivery(clock, self.store, journal, crews, replay_limit, crew_log_bytes,
                                  store_queue_bytes, message_id)
         self.replayer = Replayer(clock, self.store, crews, sessions, replay_limit, retention,
                                  legacy_replay_age, ephemeral_age)
-        self.tokens = PendingTokens(clock, journal, sessions, token_ttl)
+        self.tokens = PendingTokens(clock, journal, fanout, token_ttl)
         self.handlers = Handlers(journal, sessions, self.identity, self.admission, crews, self.delivery,
                                  self.replayer, self.tokens)
         self.bot = BotUsers(journal, crews, self.delivery, self.admission)
@@ -181,9 +187,9 @@ class Relay:
     retention = property(lambda self: self.retention_part.retention)
     crew_ttl = property(lambda self: self.retention_part.crew_ttl)
     sessions = property(lambda self: self.sessions_part.sessions, doc="Every open connection's session.")
-    devices = property(lambda self: self.sessions_part.devices, doc="Device id -> its connection's session.")
+    devices = property(lambda self: self.fanout.devices, doc="Device id -> its connection's session.")
     crews = property(lambda self: self.crews_part.crews, doc="Crew code -> crew.")
-    crews_online = property(lambda self: self.crews_part.online_count, doc="Crews with a member online.")
+    crews_online = property(lambda self: self.fanout.crews_online, doc="Crews with a member online.")
     bot_user_index = property(lambda self: self.crews_part.bot_user_index)
     device_keys = property(lambda self: self.identity.keys)
     pending_tokens = property(lambda self: self.tokens.pending)

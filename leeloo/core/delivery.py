@@ -203,7 +203,7 @@ class Delivery:
                     membership.held.append((seq, None))
                 else:
                     membership.last_sent_seq = max(membership.last_sent_seq, seq)
-        reached = self.crews.fanout(crew, out, session, seq)
+        reached = self.crews.fanout.publish(crew.code, out, session, seq)
         if remembered is not None:
             waiting, remembered.waiting = remembered.waiting, None
             reply = messages.Sent(entry.client_msg_id, remembered.id, remembered.seq)

@@ -128,8 +128,9 @@ class Handlers:
             raise InvalidCrewCode(f"Crew {message.crew_code} not found")
         self.crews.check_last_seq(crew, message.last_seq)
         key = self._identify(session, message.device_id, message.display_name, message.device_key)
-        others = [m.session.name for m in crew.online.values() if m.session is not session]
-        online = len(crew.online) + (session.device_id not in crew.online)
+        listeners = self.crews.online(crew)
+        others = [m.session.name for m in listeners.values() if m.session is not session]
+        online = len(listeners) + (session.device_id not in listeners)
         session.send(messages.CrewJoined(session.device_id, crew.code, online, others, key))
         self.tokens.hand_over(session)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
@@ -158,13 +159,12 @@ class Handlers:
             issued = self.identity.authenticate(session, device_id, key, claimed)
         if session.device_id != device_id:
             self.unbind(session)
-            previous = self.sessions.devices.get(device_id)
+            previous = self.sessions.bind(session, device_id)
             if previous is not None:
                 # A newer connection for the device (a reboot): the old one
                 # is detached without telling the crew, and closed.
                 self.crews.leave(previous, announce=False)
                 self.sessions.replace(previous)
-            self.sessions.bind(session, device_id)
         if name is not None:
             session.name = name
         elif session.name is None:

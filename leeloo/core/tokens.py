@@ -12,7 +12,8 @@ from leeloo import messages
 from leeloo.store import DELETE_TOKEN, PUT_TOKEN, Journal, Snapshot, TokenRecord
 
 if TYPE_CHECKING:
-    from leeloo.core.sessions import Session, Sessions
+    from leeloo.core.sessions import Session
+    from leeloo.fanout import IFanout
 
 
 class PendingTokens:
@@ -22,10 +23,10 @@ class PendingTokens:
     @param ttl: seconds parked tokens are kept.
     """
 
-    def __init__(self, clock: Any, journal: Journal, sessions: Sessions, ttl: float) -> None:
+    def __init__(self, clock: Any, journal: Journal, fanout: IFanout, ttl: float) -> None:
         self.clock = clock
         self.journal = journal
-        self.sessions = sessions
+        self.fanout = fanout
         self.ttl = ttl
         self.pending: dict[str, tuple[dict, float]] = {}
 
@@ -38,9 +39,7 @@ class PendingTokens:
         Hand Spotify tokens to C{device_id}: at once if it is online (return
         C{True}), else park them for its return.
         """
-        session = self.sessions.devices.get(device_id)
-        if session is not None:
-            session.send(messages.SpotifyAuthComplete(tokens))
+        if self.fanout.send_to_device(device_id, messages.SpotifyAuthComplete(tokens)):
             return True
         expires = self.clock.seconds() + self.ttl
         self.pending[device_id] = (tokens, expires)
