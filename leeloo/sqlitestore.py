@@ -39,6 +39,7 @@ from leeloo.store import (
     IStore,
     LogEntry,
     MemberRecord,
+    Sequences,
     Snapshot,
     StoreError,
     TokenRecord,
@@ -387,6 +388,8 @@ class SQLiteStore:
             self._snapshot = _load(db)
         finally:
             db.close()
+        # This store is the database's one writer: it mints the sequences.
+        self.sequences = Sequences(self._snapshot.last_seq)
         self._closed = False
         self._written = False
         self._truncated = False

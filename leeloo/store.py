@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 _log = Logger()
 
@@ -144,7 +144,46 @@ class StoreError(Exception):
         self.transient = transient
 
 
+class Sequences:
+    """
+    Each crew's last sequence number, as the engine knows it: the message
+    log mints them.  A number is minted when its entry's batch forms, and
+    given back when the batch fails (no later batch is formed while one is
+    being written), so no number is skipped; a crew deleted starts again at 1.
+    """
+
+    def __init__(self, last: dict[str, int] | None = None) -> None:
+        self._last: dict[str, int] = dict(last or {})
+
+    def next(self, crew_code: str) -> int:
+        seq = self._last[crew_code] = self._last.get(crew_code, 0) + 1
+        return seq
+
+    def last(self, crew_code: str) -> int:
+        return self._last.get(crew_code, 0)
+
+    def seen(self, crew_code: str, seq: int) -> None:
+        """
+        The log holds C{seq} for C{crew_code}: mint only later ones.
+        """
+        if seq > self._last.get(crew_code, 0):
+            self._last[crew_code] = seq
+
+    def failed(self, crew_code: str, seq: int) -> None:
+        if self._last.get(crew_code, 0) >= seq:
+            self._last[crew_code] = seq - 1
+
+    def forget(self, crew_code: str) -> None:
+        self._last.pop(crew_code, None)
+
+
 class IStore(Interface):
+    sequences = Attribute(
+        "The crews' sequence numbers (a L{Sequences}): C{next(code)} mints the "
+        "next for an entry of the crew's log as its batch forms (atomic per crew: "
+        "one writer mints them all), C{failed(code, seq)} gives back what a failed "
+        "batch took, C{forget(code)} starts a deleted crew's again.")
+
     def load() -> Snapshot:
         """
         Read everything back (once, at start, before serving).
@@ -214,6 +253,7 @@ class MemoryStore:
         self.tokens: dict[str, TokenRecord] = {}
         self.devices: dict[str, DeviceRecord] = {}
         self.log: dict[str, list[LogEntry]] = {}
+        self.sequences = Sequences()
 
     def load(self) -> Snapshot:
         snapshot = Snapshot(
@@ -230,6 +270,10 @@ class MemoryStore:
                 snapshot.log_bytes[code] = sum(len(e.payload) for e in entries)
             snapshot.client_messages.extend(
                 replace(e, payload=b"") for e in entries if e.client_msg_id is not None)
+        # Relays sharing this store (nodes of one engine, in tests) share its
+        # sequences: loading again only catches up with the log.
+        for code, seq in snapshot.last_seq.items():
+            self.sequences.seen(code, seq)
         return snapshot
 
     def write(self, ops: list) -> Deferred:

@@ -87,12 +87,13 @@ class Membership:
 
 class Crew:
     """
-    A crew: its members (by device id), its bot users, and its message sequence: C{last_seq} is the last assigned,
-    C{fanned_seq} the last stored and delivered.
+    A crew: its members (by device id), its bot users, and the last
+    sequence number stored and delivered, C{fanned_seq} (the store mints
+    them: L{leeloo.store.Sequences}).
     """
 
     __slots__ = ("code", "created_at", "created_by", "members", "bot_users",
-                 "last_seq", "fanned_seq", "last_message_at", "client_messages", "log_bytes", "trimming")
+                 "fanned_seq", "last_message_at", "client_messages", "log_bytes", "trimming")
 
     def __init__(self, code: str, created_at: float, created_by: str | None) -> None:
         self.code = code
@@ -100,7 +101,6 @@ class Crew:
         self.created_by = created_by
         self.members: dict[str, Member] = {}
         self.bot_users: dict[str, str] = {}
-        self.last_seq = 0
         self.fanned_seq = 0
         self.last_message_at = 0.0
         self.client_messages: dict[tuple[str, str], ClientMessage] | None = None
@@ -135,7 +135,7 @@ class Crews:
     def restore(self, snapshot: Snapshot) -> None:
         for record in snapshot.crews:
             crew = self.crews[record.code] = Crew(record.code, record.created_at, record.created_by)
-            crew.last_seq = crew.fanned_seq = snapshot.last_seq.get(record.code, 0)
+            crew.fanned_seq = snapshot.last_seq.get(record.code, 0)
             crew.last_message_at = snapshot.last_message_at.get(record.code, 0.0)
             crew.log_bytes = snapshot.log_bytes.get(record.code, 0)
         for m in snapshot.members:
@@ -275,6 +275,8 @@ class Crews:
         """
         del self.crews[crew.code]
         self.journal.put((DELETE_CREW, crew.code), wait=False)
+        # A crew made again under this code starts its log afresh.
+        self.journal.store.sequences.forget(crew.code)
         for user_id in crew.bot_users:
             codes = self.bot_user_index.get(user_id)
             if codes is not None:

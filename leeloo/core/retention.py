@@ -74,7 +74,7 @@ class Retention:
                 # The store keeps each crew's newest entry, and with it its
                 # client_msg_id: keep remembering that one.
                 for key in [k for k, v in crew.client_messages.items()
-                            if v.created_at < cutoff and v.waiting is None and v.seq != crew.last_seq]:
+                            if v.created_at < cutoff and v.waiting is None and v.seq != crew.fanned_seq]:
                     del crew.client_messages[key]
         d = self.journal.barrier().addCallback(lambda _: self.store.prune(cutoff))
         return d.addCallback(lambda deleted: (deleted, len(stale)))
