@@ -155,7 +155,7 @@ class Relay:
         self.replayer = Replayer(clock, self.store, crews, sessions, replay_limit, retention,
                                  legacy_replay_age, ephemeral_age)
         self.tokens = PendingTokens(clock, journal, fanout, token_ttl)
-        self.handlers = Handlers(journal, sessions, self.identity, self.admission, crews, self.delivery,
+        self.handlers = Handlers(self.store, journal, sessions, self.identity, self.admission, crews, self.delivery,
                                  self.replayer, self.tokens)
         self.bot = BotUsers(journal, crews, self.delivery, self.admission)
         self.retention_part = Retention(clock, self.store, journal, crews, self.identity, sessions, retention,
@@ -218,11 +218,55 @@ class Relay:
             return
         try:
             self.admission.take_message(session)
+        except RateLimited as e:
+            self._refused(session, e)
+            return
+        if session.waiting is not None:
+            # An earlier frame waits on a lookup: this one comes after it.
+            session.waiting.append(data)
+            return
+        self._handle(session, data)
+
+    def _handle(self, session: Session, data: bytes | str) -> None:
+        try:
             message = messages.decode(data)
-            self.handlers.by_type[type(message)](session, message, len(data))
-            session.strikes = 0
+            wait = self.handlers.by_type[type(message)](session, message, len(data))
         except ProtocolError as e:
             self._refused(session, e)
+            return
+        if wait is None:
+            session.strikes = 0
+            return
+        session.waiting = []
+        wait.addCallbacks(self._handled, self._not_handled, callbackArgs=(session,), errbackArgs=(session,))
+        wait.addCallback(self._next, session)
+        wait.addErrback(self._not_handled, session)
+
+    @staticmethod
+    def _handled(_: Any, session: Session) -> None:
+        session.strikes = 0
+
+    def _not_handled(self, failure: Any, session: Session) -> None:
+        if failure.check(ProtocolError):
+            self._refused(session, failure.value)
+            return
+        _log.failure("bug while handling a frame from {client_address}", failure,
+                     client_address=session.address)
+        self.sessions_part.close_for_bug(session)
+
+    def _next(self, _: Any, session: Session) -> None:
+        """
+        The frame that waited is done: handle those that came after it, in
+        order, until one waits in its turn.
+        """
+        waiting, session.waiting = session.waiting, None
+        for i, data in enumerate(waiting or ()):
+            if session.closing:
+                return
+            self._handle(session, data)
+            if session.waiting is not None:
+                session.waiting.extend(waiting[i + 1:])
+                return
 
     def receive_ping(self, session: Session) -> bool:
         """

@@ -194,6 +194,18 @@ class IStore(Interface):
         Apply C{ops} in one transaction; fail with L{StoreError}.
         """
 
+    def find_crew(code: str) -> Deferred:
+        """
+        Everything of crew C{code} as L{load} gives it, for that crew alone
+        (a L{Snapshot}), or C{None} when the engine has no such crew: how a
+        relay learns of a crew it does not hold (another node made it).
+        """
+
+    def find_device(device_id: str) -> Deferred:
+        """
+        C{device_id}'s L{DeviceRecord}, or C{None}.
+        """
+
     def replay(
         crew_code: str, after_seq: int, up_to_seq: int, since: float, exclude_sender: str, limit: int,
         ephemeral_since: float | None = None,
@@ -292,6 +304,25 @@ class MemoryStore:
                 action()
             return fail()
         return succeed(None)
+
+    def find_crew(self, code: str) -> Deferred:
+        if code not in self.crews:
+            return succeed(None)
+        snapshot = Snapshot(
+            crews=[self.crews[code]],
+            members=[MemberRecord(**_fields(m)) for (c, _), m in self.members.items() if c == code],
+            bot_users=[b for (c, _), b in self.bot_users.items() if c == code],
+        )
+        entries = self.log.get(code)
+        if entries:
+            snapshot.last_seq[code] = entries[-1].seq
+            snapshot.last_message_at[code] = entries[-1].created_at
+            snapshot.log_bytes[code] = sum(len(e.payload) for e in entries)
+            snapshot.client_messages = [replace(e, payload=b"") for e in entries if e.client_msg_id is not None]
+        return succeed(snapshot)
+
+    def find_device(self, device_id: str) -> Deferred:
+        return succeed(self.devices.get(device_id))
 
     def _apply(self, kind: str, arg: Any, undo: list) -> None:
         if kind == PUT_CREW:

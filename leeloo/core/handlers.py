@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from leeloo import messages
@@ -26,6 +27,7 @@ from leeloo.messages import (
     ShareMusic,
     StoreUnavailable,
 )
+from leeloo.store import StoreError
 
 if TYPE_CHECKING:
     from leeloo.core.admission import Admission
@@ -35,14 +37,15 @@ if TYPE_CHECKING:
     from leeloo.core.replay import Replayer
     from leeloo.core.sessions import Session, Sessions
     from leeloo.core.tokens import PendingTokens
-    from leeloo.store import Journal
+    from leeloo.store import IStore, Journal, Snapshot
 
 _log = Logger()
 
 
 class Handlers:
-    def __init__(self, journal: Journal, sessions: Sessions, identity: Identity, admission: Admission,
+    def __init__(self, store: IStore, journal: Journal, sessions: Sessions, identity: Identity, admission: Admission,
                  crews: Crews, delivery: Delivery, replayer: Replayer, tokens: PendingTokens) -> None:
+        self.store = store
         self.journal = journal
         self.sessions = sessions
         self.identity = identity
@@ -64,7 +67,51 @@ class Handlers:
 
     # ------------------------------------------------------ entering crews
 
-    def register(self, session: Session, message: Register, size: int) -> None:
+    def register(self, session: Session, message: Register, size: int) -> Deferred | None:
+        return self._looked_up(session, message, self._register)
+
+    def create_crew(self, session: Session, message: CreateCrew, size: int) -> Deferred | None:
+        return self._looked_up(session, message, self._create_crew)
+
+    def join_crew(self, session: Session, message: JoinCrew, size: int) -> Deferred | None:
+        return self._looked_up(session, message, self._join_crew)
+
+    def _looked_up(self, session: Session, message: Any, then: Any) -> Deferred | None:
+        """
+        Call C{then(session, message)} once the crew and the device id that
+        C{message} names are known here as the store knows them: what the
+        relay does not hold (another node made it, say) is looked up first,
+        and the connection's next frames wait for it (the relay's
+        L{receive} keeps them in order).  Return the wait, or C{None} when
+        there was nothing to look up.
+        """
+        wait = None
+        code, device_id = message.crew_code, message.device_id
+        if code is not None and code not in self.crews.crews:
+            wait = self.store.find_crew(code).addCallback(self._adopt_crew, code)
+        if device_id is not None and device_id not in self.identity.keys:
+            if wait is None:
+                wait = self.store.find_device(device_id).addCallback(self.identity.adopt)
+            else:
+                wait.addCallback(lambda _: self.store.find_device(device_id)).addCallback(self.identity.adopt)
+        if wait is None:
+            then(session, message)
+            return None
+        wait.addErrback(self._lookup_failed)
+        return wait.addCallback(lambda _: None if session.closing else then(session, message))
+
+    @staticmethod
+    def _lookup_failed(failure: Any) -> None:
+        failure.trap(StoreError)
+        _log.error("could not look a crew or device up in the store: {error}", error=failure.getErrorMessage())
+        raise StoreUnavailable("the relay could not read its store; try again")
+
+    def _adopt_crew(self, snapshot: Snapshot | None, code: str) -> None:
+        if snapshot is not None and code not in self.crews.crews:
+            self.crews.restore(snapshot)
+            self.delivery.restore(snapshot)
+
+    def _register(self, session: Session, message: Register) -> None:
         crew = self.crews.get(message.crew_code)
         self.crews.check_last_seq(crew, message.last_seq)
         if message.crew_code is not None or self.identity.unseen(session, message.device_id):
@@ -80,7 +127,7 @@ class Handlers:
             self._enter(session, crew, announce=False, last_seq=message.last_seq)
         self._log_entry("register", session)
 
-    def create_crew(self, session: Session, message: CreateCrew, size: int) -> None:
+    def _create_crew(self, session: Session, message: CreateCrew) -> None:
         crew = self.crews.get(message.crew_code)
         self.crews.check_last_seq(crew, message.last_seq)
         # Counted before a code is searched for: a refused flood costs no search.
@@ -121,7 +168,7 @@ class Handlers:
                 self.crews.leave(session, announce=False)
             session.send(StoreUnavailable("the crew could not be stored; try again").as_frame())
 
-    def join_crew(self, session: Session, message: JoinCrew, size: int) -> None:
+    def _join_crew(self, session: Session, message: JoinCrew) -> None:
         crew = self.crews.get(message.crew_code)
         self.admission.check_entry(session, message.device_id, crew)
         if crew is None:

@@ -37,7 +37,7 @@ class Session:
     """
 
     __slots__ = ("peer", "address", "device_id", "name", "primary", "others", "acks",
-                 "bucket", "entries", "strikes", "closing", "bind_timer")
+                 "bucket", "entries", "strikes", "closing", "bind_timer", "waiting")
 
     def __init__(self, peer: IPeer, address: str | None, bucket: Bucket) -> None:
         self.peer = peer
@@ -52,6 +52,8 @@ class Session:
         self.strikes = 0
         self.closing = False
         self.bind_timer: Any = None
+        # While a frame waits on a lookup: the frames that came after it.
+        self.waiting: list | None = None
 
     def membership(self, code: str) -> Membership | None:
         """
