@@ -195,7 +195,7 @@ def _connect(path: Path, fsync: bool, busy_timeout: float = BUSY_TIMEOUT) -> sql
     return db
 
 
-_INDEXED = frozenset({PUT_CREW, DELETE_CREW, PUT_DEVICE, DELETE_DEVICE})
+_INDEXED = frozenset({PUT_CREW, DELETE_CREW, PUT_DEVICE, DELETE_DEVICE, PUT_TOKEN, DELETE_TOKEN})
 
 
 def _find_crew(db: Any, code: str) -> Snapshot | None:
@@ -237,6 +237,14 @@ def _find_device(db: Any, device_id: str) -> DeviceRecord | None:
         "SELECT device_id, key_hash, bound, created_at, last_seen FROM devices WHERE device_id = ?", (device_id,)
     ):
         return DeviceRecord(device, key_hash, bool(bound), created, seen)
+    return None
+
+
+def _find_token(db: Any, device_id: str) -> TokenRecord | None:
+    for device, tokens, expires in db.execute(
+        "SELECT device_id, tokens, expires_at FROM pending_tokens WHERE device_id = ?", (device_id,)
+    ):
+        return TokenRecord(device, json.loads(tokens), expires)
     return None
 
 
@@ -437,6 +445,7 @@ class SQLiteStore:
         self.sequences = Sequences(self._snapshot.last_seq)
         self._crew_codes = {c.code for c in self._snapshot.crews}
         self._device_ids = {d.device_id for d in self._snapshot.devices}
+        self._token_ids = {t.device_id for t in self._snapshot.tokens}
         self._closed = False
         self._written = False
         self._truncated = False
@@ -531,6 +540,10 @@ class SQLiteStore:
                 self._device_ids.add(arg.device_id)
             elif kind == DELETE_DEVICE:
                 self._device_ids.discard(arg)
+            elif kind == PUT_TOKEN:
+                self._token_ids.add(arg.device_id)
+            elif kind == DELETE_TOKEN:
+                self._token_ids.discard(arg)
         return result
 
     def find_crew(self, code: str) -> Deferred:
@@ -544,6 +557,11 @@ class SQLiteStore:
         if device_id not in self._device_ids:
             return succeed(None)
         return self._run(_find_device, device_id)
+
+    def find_token(self, device_id: str) -> Deferred:
+        if device_id not in self._token_ids:
+            return succeed(None)
+        return self._run(_find_token, device_id)
 
     def replay(self, crew_code: str, after_seq: int, up_to_seq: int, since: float,
                exclude_sender: str, limit: int, ephemeral_since: float | None = None) -> Deferred:

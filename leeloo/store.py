@@ -177,22 +177,10 @@ class Sequences:
         self._last.pop(crew_code, None)
 
 
-class IStore(Interface):
-    sequences = Attribute(
-        "The crews' sequence numbers (a L{Sequences}): C{next(code)} mints the "
-        "next for an entry of the crew's log as its batch forms (atomic per crew: "
-        "one writer mints them all), C{failed(code, seq)} gives back what a failed "
-        "batch took, C{forget(code)} starts a deleted crew's again.")
-
-    def load() -> Snapshot:
-        """
-        Read everything back (once, at start, before serving).
-        """
-
-    def write(ops: list) -> Deferred:
-        """
-        Apply C{ops} in one transaction; fail with L{StoreError}.
-        """
+class ICrewStore(Interface):
+    """
+    Crews, their members and bot users, as the engine holds them.
+    """
 
     def find_crew(code: str) -> Deferred:
         """
@@ -201,10 +189,40 @@ class IStore(Interface):
         relay learns of a crew it does not hold (another node made it).
         """
 
+
+class IDeviceStore(Interface):
+    """
+    Device ids and their keys.
+    """
+
     def find_device(device_id: str) -> Deferred:
         """
         C{device_id}'s L{DeviceRecord}, or C{None}.
         """
+
+
+class ITokenStore(Interface):
+    """
+    Spotify tokens parked for devices that were offline.
+    """
+
+    def find_token(device_id: str) -> Deferred:
+        """
+        The L{TokenRecord} parked for C{device_id}, or C{None}.
+        """
+
+
+class IMessageLog(Interface):
+    """
+    Each crew's message log: sequence numbers minted by the engine, what a
+    returning device missed, and the log's bounds.
+    """
+
+    sequences = Attribute(
+        "The crews' sequence numbers (a L{Sequences}): C{next(code)} mints the "
+        "next for an entry of the crew's log as its batch forms (atomic per crew: "
+        "one writer mints them all), C{failed(code, seq)} gives back what a failed "
+        "batch took, C{forget(code)} starts a deleted crew's again.")
 
     def replay(
         crew_code: str, after_seq: int, up_to_seq: int, since: float, exclude_sender: str, limit: int,
@@ -230,6 +248,23 @@ class IStore(Interface):
         rest come to at most C{max_bytes}, but never the newest C{keep}
         (at least one); fire with C{(first_kept_seq, bytes_left)}
         (C{first_kept_seq} is 0 for an empty log).
+        """
+
+
+class IStore(ICrewStore, IDeviceStore, ITokenStore, IMessageLog):
+    """
+    The whole store: the narrow parts above, what is read at start, and the
+    batched writes (L{Journal}) that change every part in one transaction.
+    """
+
+    def load() -> Snapshot:
+        """
+        Read everything back (once, at start, before serving).
+        """
+
+    def write(ops: list) -> Deferred:
+        """
+        Apply C{ops} in one transaction; fail with L{StoreError}.
         """
 
     def close() -> Deferred:
@@ -323,6 +358,9 @@ class MemoryStore:
 
     def find_device(self, device_id: str) -> Deferred:
         return succeed(self.devices.get(device_id))
+
+    def find_token(self, device_id: str) -> Deferred:
+        return succeed(self.tokens.get(device_id))
 
     def _apply(self, kind: str, arg: Any, undo: list) -> None:
         if kind == PUT_CREW:

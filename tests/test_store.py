@@ -9,6 +9,7 @@ import os
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
 from leeloo.sqlitestore import SQLiteStore
 from leeloo.store import (
@@ -24,6 +25,11 @@ from leeloo.store import (
     BotUserRecord,
     CrewRecord,
     DeviceRecord,
+    ICrewStore,
+    IDeviceStore,
+    IMessageLog,
+    IStore,
+    ITokenStore,
     LogEntry,
     MemberRecord,
     MemoryStore,
@@ -666,6 +672,13 @@ class StoreContract:
 
     # ------------------------------------------------- the engine's answers
 
+    def test_provides_the_interfaces(self):
+        """
+        The store provides IStore and each narrow part of it.
+        """
+        for interface in (IStore, ICrewStore, IDeviceStore, ITokenStore, IMessageLog):
+            self.assertTrue(verifyObject(interface, self.store), interface)
+
     @contract
     def test_find_crew(self):
         """
@@ -717,6 +730,19 @@ class StoreContract:
         self.assertIsNone((yield self.store.find_device("leeloo_b")))
         yield self.store.write([(DELETE_DEVICE, "leeloo_a")])
         self.assertIsNone((yield self.store.find_device("leeloo_a")))
+
+    @contract
+    def test_find_token(self):
+        """
+        find_token gives the tokens parked for a device id, and None once
+        they are deleted or for an id with none.
+        """
+        record = TokenRecord("leeloo_a", {"access_token": "t"}, T0 + 3600)
+        yield self.store.write([(PUT_TOKEN, record)])
+        self.assertEqual((yield self.store.find_token("leeloo_a")), record)
+        self.assertIsNone((yield self.store.find_token("leeloo_b")))
+        yield self.store.write([(DELETE_TOKEN, "leeloo_a")])
+        self.assertIsNone((yield self.store.find_token("leeloo_a")))
 
     @contract
     def test_sequences_minted_after_the_log(self):

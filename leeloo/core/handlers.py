@@ -89,11 +89,11 @@ class Handlers:
         code, device_id = message.crew_code, message.device_id
         if code is not None and code not in self.crews.crews:
             wait = self.store.find_crew(code).addCallback(self._adopt_crew, code)
-        if device_id is not None and device_id not in self.identity.keys:
-            if wait is None:
-                wait = self.store.find_device(device_id).addCallback(self.identity.adopt)
-            else:
-                wait.addCallback(lambda _: self.store.find_device(device_id)).addCallback(self.identity.adopt)
+        if device_id is not None:
+            if device_id not in self.identity.keys:
+                wait = self._then(wait, self.store.find_device, device_id, self.identity.adopt)
+            if device_id not in self.tokens.pending:
+                wait = self._then(wait, self.store.find_token, device_id, self.tokens.adopt)
         if wait is None:
             then(session, message)
             return None
@@ -105,6 +105,15 @@ class Handlers:
         failure.trap(StoreError)
         _log.error("could not look a crew or device up in the store: {error}", error=failure.getErrorMessage())
         raise StoreUnavailable("the relay could not read its store; try again")
+
+    @staticmethod
+    def _then(wait: Deferred | None, find: Any, key: str, adopt: Any) -> Deferred:
+        """
+        C{find(key)}, after C{wait} if there is one, its answer to C{adopt}.
+        """
+        if wait is None:
+            return find(key).addCallback(adopt)
+        return wait.addCallback(lambda _: find(key)).addCallback(adopt)
 
     def _adopt_crew(self, snapshot: Snapshot | None, code: str) -> None:
         if snapshot is not None and code not in self.crews.crews:

@@ -198,3 +198,53 @@ class DeviceLookupTests(TwoNodesTestCase):
         owner = Device(self.b, "127.0.0.1")
         owner.send(type="register", device_id=registered["device_id"], device_key=key)
         self.assertEqual([m["type"] for m in owner.take()], ["registered"])
+
+
+class TokenLookupTests(TwoNodesTestCase):
+    def test_tokens_parked_on_another_node(self):
+        """
+        Spotify tokens parked by node A for an offline device reach it when
+        it comes back on node B, and B hands them over once.
+        """
+        self.assertFalse(self.a.deliver_tokens("d", {"access_token": "t"}))
+        self.clock.advance(1)
+        back = Device(self.b, "127.0.0.1")
+        back.send(type="register", device_id="d")
+        self.assertEqual([m["type"] for m in back.take()], ["registered", "spotify_auth_complete"])
+        self.clock.advance(1)
+        again = Device(self.b, "127.0.0.1")
+        again.send(type="register", device_id="d")
+        self.assertEqual([m["type"] for m in again.take()], ["registered"])
+        self.assertIsNone(self.successResultOf(self.store.find_token("d")))
+
+    def test_taken_tokens_not_taken_again(self):
+        """
+        A device back twice before the store has deleted its handed-over
+        tokens gets them once: the store's copy is not adopted again.
+        """
+        class SlowWrites(MemoryStore):
+            def __init__(self):
+                super().__init__()
+                self.held = []
+
+            def write(self, ops):
+                if any(kind == "delete_token" for kind, _ in ops):
+                    d = Deferred()
+                    self.held.append((d, ops))
+                    return d
+                return super().write(ops)
+
+        store = SlowWrites()
+        relay = Relay(self.clock, store)
+        relay.deliver_tokens("d", {"access_token": "t"})
+        self.clock.advance(1)
+        first = Device(relay, "127.0.0.1")
+        first.send(type="register", device_id="d")
+        self.clock.advance(1)
+        second = Device(relay, "127.0.0.1")
+        second.send(type="register", device_id="d")
+        self.assertEqual([m["type"] for m in first.take()], ["registered", "spotify_auth_complete"])
+        self.assertEqual([m["type"] for m in second.take()], ["registered"])
+        [(d, ops)] = store.held
+        super(SlowWrites, store).write(ops).chainDeferred(d)
+        self.assertIsNone(self.successResultOf(store.find_token("d")))
