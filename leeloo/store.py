@@ -235,6 +235,13 @@ class IMessageLog(Interface):
         C{exclude_sender}, as a L{Replay}.
         """
 
+    def find_sent(crew_code: str, sender: str, client_msg_id: str) -> Deferred:
+        """
+        The entry (without its payload) that C{sender} sent to C{crew_code}
+        with C{client_msg_id}, while the log holds it; or C{None}: how a
+        resend through another node is known for one.
+        """
+
     def prune(log_before: float) -> Deferred:
         """
         Delete log entries created before C{log_before}, keeping each crew's
@@ -301,6 +308,8 @@ class MemoryStore:
         self.devices: dict[str, DeviceRecord] = {}
         self.log: dict[str, list[LogEntry]] = {}
         self.sequences = Sequences()
+        # (crew code, sender, client_msg_id) -> its entry in the log
+        self._sent: dict[tuple[str, str, str], LogEntry] = {}
 
     def load(self) -> Snapshot:
         snapshot = Snapshot(
@@ -362,6 +371,20 @@ class MemoryStore:
     def find_token(self, device_id: str) -> Deferred:
         return succeed(self.tokens.get(device_id))
 
+    def find_sent(self, crew_code: str, sender: str, client_msg_id: str) -> Deferred:
+        entry = self._sent.get((crew_code, sender, client_msg_id))
+        return succeed(None if entry is None else replace(entry, payload=b""))
+
+    def _index_sent(self, crew_code: str) -> None:
+        """
+        Index again what crew C{crew_code}'s log holds (entries went).
+        """
+        for key in [k for k in self._sent if k[0] == crew_code]:
+            del self._sent[key]
+        for e in self.log.get(crew_code, ()):
+            if e.client_msg_id is not None:
+                self._sent[(crew_code, e.sender, e.client_msg_id)] = e
+
     def _apply(self, kind: str, arg: Any, undo: list) -> None:
         if kind == PUT_CREW:
             undo.append(_restorer(self.crews, arg.code))
@@ -370,7 +393,9 @@ class MemoryStore:
             undo.append(_restorer(self.crews, arg))
             undo.append(_restorer(self.log, arg))
             self.crews.pop(arg, None)
-            self.log.pop(arg, None)
+            if self.log.pop(arg, None):
+                undo.append(functools.partial(self._index_sent, arg))
+                self._index_sent(arg)
             for table in (self.members, self.bot_users):
                 for key in [k for k in table if k[0] == arg]:
                     undo.append(_restorer(table, key))
@@ -411,6 +436,10 @@ class MemoryStore:
                     raise StoreError(f"crew {arg.crew_code}'s log already holds sequence {arg.seq}")
             entries.insert(i, arg)
             undo.append(functools.partial(entries.pop, i))
+            if arg.client_msg_id is not None:
+                key = (arg.crew_code, arg.sender, arg.client_msg_id)
+                undo.append(_restorer(self._sent, key))
+                self._sent[key] = arg
         else:
             raise ValueError(f"unknown store operation {kind!r}")
 
@@ -436,14 +465,18 @@ class MemoryStore:
         deleted = 0
         for code, entries in self.log.items():
             keep = [e for e in entries[:-1] if e.created_at >= log_before] + entries[-1:]
-            deleted += len(entries) - len(keep)
-            self.log[code] = keep
+            if len(keep) != len(entries):
+                deleted += len(entries) - len(keep)
+                self.log[code] = keep
+                self._index_sent(code)
         return succeed(deleted)
 
     def trim(self, crew_code: str, max_bytes: int, keep: int) -> Deferred:
         entries = self.log.get(crew_code, [])
         first, left = _trim_point([len(e.payload) for e in entries], max_bytes, keep)
-        del entries[:first]
+        if first:
+            del entries[:first]
+            self._index_sent(crew_code)
         return succeed((entries[0].seq if entries else 0, left))
 
     def close(self) -> Deferred:

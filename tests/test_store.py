@@ -745,6 +745,26 @@ class StoreContract:
         self.assertIsNone((yield self.store.find_token("leeloo_a")))
 
     @contract
+    def test_find_sent(self):
+        """
+        find_sent gives the entry a sender sent with a client_msg_id while
+        the log holds it, without its payload, and None for another sender
+        or id, or once the entry is trimmed away.  (The SQLite store answers
+        None at once: its relay holds every id its log holds, see
+        SQLiteStoreTests.)
+        """
+        yield self.store.write(with_crew(*appends(entry(1, client_msg_id="c1", digest=b"d"), entry(2), entry(3))))
+        found = yield self.store.find_sent(ALPHA, "leeloo_a", "c1")
+        if found is None:
+            self.assertIsInstance(self.store, SQLiteStore)
+            return
+        self.assertEqual((found.seq, found.id, found.digest, found.payload), (1, "m1", b"d", b""))
+        self.assertIsNone((yield self.store.find_sent(ALPHA, "leeloo_b", "c1")))
+        self.assertIsNone((yield self.store.find_sent(ALPHA, "leeloo_a", "c2")))
+        yield self.store.trim(ALPHA, 0, 1)
+        self.assertIsNone((yield self.store.find_sent(ALPHA, "leeloo_a", "c1")))
+
+    @contract
     def test_sequences_minted_after_the_log(self):
         """
         The store mints each crew's sequence numbers: after a restart, from

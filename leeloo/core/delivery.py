@@ -141,6 +141,31 @@ class Delivery:
             raise NotInCrew("join or create a crew before sending crew messages")
         return session.primary.crew
 
+    def look_up_sent(self, session: Session, client_msg_id: str | None) -> Deferred | None:
+        """
+        Ask the store whether C{client_msg_id} from C{session}'s device is
+        already in its crew's log when the relay does not hold it (it was
+        sent through another node); return the wait, or C{None} when there
+        is none (held already, or answered at once).
+        """
+        if client_msg_id is None:
+            return None
+        crew = self.crew_of(session)
+        key = (session.device_id, client_msg_id)
+        if crew.client_messages is not None and key in crew.client_messages:
+            return None
+        answers: list = []
+        d = self.store.find_sent(crew.code, session.device_id, client_msg_id)
+        d.addCallback(self._adopt_sent, crew, key).addCallback(answers.append)
+        return None if answers else d
+
+    @staticmethod
+    def _adopt_sent(entry: LogEntry | None, crew: Crew, key: tuple[str, str]) -> None:
+        if entry is not None and (crew.client_messages is None or key not in crew.client_messages):
+            if crew.client_messages is None:
+                crew.client_messages = {}
+            crew.client_messages[key] = ClientMessage(entry.id, entry.seq, entry.digest, entry.created_at)
+
     def send(self, session: Session, message: Fanout, client_msg_id: str | None, received: Any,
              size: int) -> Deferred | None:
         """

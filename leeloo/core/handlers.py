@@ -248,18 +248,26 @@ class Handlers:
 
     # -------------------------------------------------------- crew messages
 
-    def crew_message(self, session: Session, message: CrewMessage, size: int) -> None:
-        self._send(session, messages.RelayedMessage(session.device_id, session.name, message.msg_type,
+    def crew_message(self, session: Session, message: CrewMessage, size: int) -> Deferred | None:
+        return self._send(session, messages.RelayedMessage(session.device_id, session.name, message.msg_type,
                                                   message.payload), message, size)
 
-    def share_music(self, session: Session, message: ShareMusic, size: int) -> None:
-        self._send(session, messages.MusicShared(message.spotify_uri, message.artist, message.track, message.album,
+    def share_music(self, session: Session, message: ShareMusic, size: int) -> Deferred | None:
+        return self._send(session, messages.MusicShared(message.spotify_uri, message.artist, message.track, message.album,
                                                       session.name), message, size)
 
-    def reaction(self, session: Session, message: Reaction, size: int) -> None:
-        self._send(session, messages.RelayedReaction(message.reaction_type, session.name), message, size)
+    def reaction(self, session: Session, message: Reaction, size: int) -> Deferred | None:
+        return self._send(session, messages.RelayedReaction(message.reaction_type, session.name), message, size)
 
-    def _send(self, session: Session, out: Fanout, received: Any, size: int) -> None:
+    def _send(self, session: Session, out: Fanout, received: Any, size: int) -> Deferred | None:
+        wait = self.delivery.look_up_sent(session, received.client_msg_id)
+        if wait is not None:
+            wait.addErrback(self._lookup_failed)
+            return wait.addCallback(lambda _: None if session.closing else self._send_now(session, out, received, size))
+        self._send_now(session, out, received, size)
+        return None
+
+    def _send_now(self, session: Session, out: Fanout, received: Any, size: int) -> None:
         d = self.delivery.send(session, out, received.client_msg_id, received, size)
         if d is not None:
             d.addErrback(self._refuse, session)

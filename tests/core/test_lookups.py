@@ -248,3 +248,28 @@ class TokenLookupTests(TwoNodesTestCase):
         [(d, ops)] = store.held
         super(SlowWrites, store).write(ops).chainDeferred(d)
         self.assertIsNone(self.successResultOf(store.find_token("d")))
+
+
+class SentLookupTests(TwoNodesTestCase):
+    def test_resend_through_another_node(self):
+        """
+        A message sent with a client_msg_id through node A, resent through
+        node B (the device moved): B answers sent with A's id and sequence,
+        and stores nothing twice.
+        """
+        ann = Device(self.a, "127.0.0.1")
+        ann.send(type="create_crew", device_id="ann", crew_code="HOME")
+        self.clock.advance(1)
+        self.device(self.b, "bob", crew_code="HOME")
+        ann.send(type="message", payload={"text": "once"}, client_msg_id="c1")
+        self.clock.advance(1)
+        [sent] = [m for m in ann.take() if m["type"] == "sent"]
+        ann.close()
+        moved = Device(self.b, "127.0.0.1")
+        moved.send(type="register", device_id="ann", crew_code="HOME")
+        moved.take()
+        moved.send(type="message", payload={"text": "once"}, client_msg_id="c1")
+        self.clock.advance(1)
+        [again] = [m for m in moved.take() if m["type"] == "sent"]
+        self.assertEqual((again["id"], again["seq"]), (sent["id"], sent["seq"]))
+        self.assertEqual(len(self.store.log["HOME"]), 1)
