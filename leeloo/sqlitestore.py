@@ -546,26 +546,26 @@ class SQLiteStore:
                 self._token_ids.discard(arg)
         return result
 
-    def find_crew(self, code: str) -> Deferred:
+    def find_crew(self, code: str) -> Deferred | None:
         # This store is the database's one writer, and knows every code it
         # holds: an unknown one is answered at once, not by a query.
         if code not in self._crew_codes:
-            return succeed(None)
+            return None
         return self._run(_find_crew, code)
 
-    def find_device(self, device_id: str) -> Deferred:
+    def find_device(self, device_id: str) -> Deferred | None:
         if device_id not in self._device_ids:
-            return succeed(None)
+            return None
         return self._run(_find_device, device_id)
 
-    def find_sent(self, crew_code: str, sender: str, client_msg_id: str) -> Deferred:
+    def find_sent(self, crew_code: str, sender: str, client_msg_id: str) -> None:
         # The relay holds every client_msg_id this store's log holds: it
         # read them at start, and every entry since was written through it.
-        return succeed(None)
+        return None
 
-    def find_token(self, device_id: str) -> Deferred:
+    def find_token(self, device_id: str) -> Deferred | None:
         if device_id not in self._token_ids:
-            return succeed(None)
+            return None
         return self._run(_find_token, device_id)
 
     def replay(self, crew_code: str, after_seq: int, up_to_seq: int, since: float,

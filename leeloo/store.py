@@ -187,6 +187,10 @@ class ICrewStore(Interface):
         Everything of crew C{code} as L{load} gives it, for that crew alone
         (a L{Snapshot}), or C{None} when the engine has no such crew: how a
         relay learns of a crew it does not hold (another node made it).
+
+        Like every C{find_*}: a Deferred firing with the answer, or the
+        answer itself when the store knows it without asking (an engine in
+        memory, or one whose only writer is this relay).
         """
 
 
@@ -349,9 +353,9 @@ class MemoryStore:
             return fail()
         return succeed(None)
 
-    def find_crew(self, code: str) -> Deferred:
+    def find_crew(self, code: str) -> Snapshot | None:
         if code not in self.crews:
-            return succeed(None)
+            return None
         snapshot = Snapshot(
             crews=[self.crews[code]],
             members=[MemberRecord(**_fields(m)) for (c, _), m in self.members.items() if c == code],
@@ -363,17 +367,17 @@ class MemoryStore:
             snapshot.last_message_at[code] = entries[-1].created_at
             snapshot.log_bytes[code] = sum(len(e.payload) for e in entries)
             snapshot.client_messages = [replace(e, payload=b"") for e in entries if e.client_msg_id is not None]
-        return succeed(snapshot)
+        return snapshot
 
-    def find_device(self, device_id: str) -> Deferred:
-        return succeed(self.devices.get(device_id))
+    def find_device(self, device_id: str) -> DeviceRecord | None:
+        return self.devices.get(device_id)
 
-    def find_token(self, device_id: str) -> Deferred:
-        return succeed(self.tokens.get(device_id))
+    def find_token(self, device_id: str) -> TokenRecord | None:
+        return self.tokens.get(device_id)
 
-    def find_sent(self, crew_code: str, sender: str, client_msg_id: str) -> Deferred:
+    def find_sent(self, crew_code: str, sender: str, client_msg_id: str) -> LogEntry | None:
         entry = self._sent.get((crew_code, sender, client_msg_id))
-        return succeed(None if entry is None else replace(entry, payload=b""))
+        return None if entry is None else replace(entry, payload=b"")
 
     def _index_sent(self, crew_code: str) -> None:
         """

@@ -154,10 +154,13 @@ class Delivery:
         key = (session.device_id, client_msg_id)
         if crew.client_messages is not None and key in crew.client_messages:
             return None
-        answers: list = []
-        d = self.store.find_sent(crew.code, session.device_id, client_msg_id)
-        d.addCallback(self._adopt_sent, crew, key).addCallback(answers.append)
-        return None if answers else d
+        answer = self.store.find_sent(crew.code, session.device_id, client_msg_id)
+        if answer is None:
+            return None
+        if isinstance(answer, Deferred):
+            return answer.addCallback(self._adopt_sent, crew, key)
+        self._adopt_sent(answer, crew, key)
+        return None
 
     @staticmethod
     def _adopt_sent(entry: LogEntry | None, crew: Crew, key: tuple[str, str]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, FirstError
 from twisted.logger import Logger
 
 from leeloo import messages
@@ -85,35 +85,45 @@ class Handlers:
         L{receive} keeps them in order).  Return the wait, or C{None} when
         there was nothing to look up.
         """
-        wait = None
+        waits: list[Deferred] = []
         code, device_id = message.crew_code, message.device_id
         if code is not None and code not in self.crews.crews:
-            wait = self.store.find_crew(code).addCallback(self._adopt_crew, code)
+            self._find(waits, self.store.find_crew(code), self._adopt_crew, code)
         if device_id is not None:
             if device_id not in self.identity.keys:
-                wait = self._then(wait, self.store.find_device, device_id, self.identity.adopt)
+                self._find(waits, self.store.find_device(device_id), self.identity.adopt)
             if device_id not in self.tokens.pending:
-                wait = self._then(wait, self.store.find_token, device_id, self.tokens.adopt)
-        if wait is None:
+                self._find(waits, self.store.find_token(device_id), self.tokens.adopt)
+        if not waits:
             then(session, message)
             return None
+        wait = waits[0] if len(waits) == 1 else DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
         wait.addErrback(self._lookup_failed)
         return wait.addCallback(lambda _: None if session.closing else then(session, message))
 
     @staticmethod
+    def _find(waits: list, answer: Any, adopt: Any, *args: Any) -> None:
+        """
+        Give C{adopt} the store's C{answer}: at once when the store knew it
+        without asking (a plain value), else when it comes (a Deferred,
+        added to C{waits}).
+        """
+        if answer is None:
+            # The commonest answer (a new device, a new crew), and the cheapest
+            # to tell apart: isinstance on a Deferred goes through its ABCs.
+            return
+        if isinstance(answer, Deferred):
+            waits.append(answer.addCallback(adopt, *args))
+        else:
+            adopt(answer, *args)
+
+    @staticmethod
     def _lookup_failed(failure: Any) -> None:
+        if failure.check(FirstError):
+            failure = failure.value.subFailure
         failure.trap(StoreError)
         _log.error("could not look a crew or device up in the store: {error}", error=failure.getErrorMessage())
         raise StoreUnavailable("the relay could not read its store; try again")
-
-    @staticmethod
-    def _then(wait: Deferred | None, find: Any, key: str, adopt: Any) -> Deferred:
-        """
-        C{find(key)}, after C{wait} if there is one, its answer to C{adopt}.
-        """
-        if wait is None:
-            return find(key).addCallback(adopt)
-        return wait.addCallback(lambda _: find(key)).addCallback(adopt)
 
     def _adopt_crew(self, snapshot: Snapshot | None, code: str) -> None:
         if snapshot is not None and code not in self.crews.crews:

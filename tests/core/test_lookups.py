@@ -29,11 +29,11 @@ class SlowStore(MemoryStore):
         self.slow = False
         self.waiting: list[tuple[Deferred, Deferred]] = []
 
-    def _later(self, d):
+    def _later(self, answer):
         if not self.slow:
-            return d
+            return answer
         later = Deferred()
-        self.waiting.append((d, later))
+        self.waiting.append((answer, later))
         return later
 
     def find_crew(self, code):
@@ -44,8 +44,8 @@ class SlowStore(MemoryStore):
 
     def answer(self):
         waiting, self.waiting = self.waiting, []
-        for d, later in waiting:
-            d.chainDeferred(later)
+        for answer, later in waiting:
+            later.callback(answer)
 
 
 class TwoNodesTestCase(SynchronousTestCase):
@@ -215,7 +215,7 @@ class TokenLookupTests(TwoNodesTestCase):
         again = Device(self.b, "127.0.0.1")
         again.send(type="register", device_id="d")
         self.assertEqual([m["type"] for m in again.take()], ["registered"])
-        self.assertIsNone(self.successResultOf(self.store.find_token("d")))
+        self.assertIsNone(self.store.find_token("d"))
 
     def test_taken_tokens_not_taken_again(self):
         """
@@ -247,7 +247,7 @@ class TokenLookupTests(TwoNodesTestCase):
         self.assertEqual([m["type"] for m in second.take()], ["registered"])
         [(d, ops)] = store.held
         super(SlowWrites, store).write(ops).chainDeferred(d)
-        self.assertIsNone(self.successResultOf(store.find_token("d")))
+        self.assertIsNone(store.find_token("d"))
 
 
 class SentLookupTests(TwoNodesTestCase):
