@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 _log = Logger()
 
@@ -74,6 +74,27 @@ class DeviceRecord:
     last_seen: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PairingRecord:
+    """
+    One Spotify pairing flow (see L{leeloo.core.pairing}): the device that
+    asked and what its phone is shown, and once the phone's button was
+    pressed, the hashes of the one-time C{state} and of the phone's cookie,
+    and the PKCE verifier (C{None} without PKCE).
+    """
+
+    user_code: str
+    device_id: str
+    device_name: str
+    crew_code: str | None
+    scopes: str
+    created_at: float
+    expires_at: float
+    state_hash: str | None = None
+    cookie_hash: str | None = None
+    verifier: str | None = field(default=None, repr=False)
+
+
 @dataclass(slots=True)
 class LogEntry:
     crew_code: str
@@ -106,6 +127,7 @@ class Snapshot:
     client_messages: list[LogEntry] = field(default_factory=list)
     # The bytes of payload in each crew's log.
     log_bytes: dict[str, int] = field(default_factory=dict)
+    pairings: list[PairingRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +167,8 @@ class StoreError(Exception):
 
 
 class IStore(Interface):
+    pairings = Attribute("The store's L{IPairings}.")
+
     def load() -> Snapshot:
         """
         Read everything back (once, at start, before serving).
@@ -187,6 +211,72 @@ class IStore(Interface):
         """
 
 
+class IPairings(Interface):
+    """
+    Where Spotify pairing flows are kept (a store's C{pairings}): by their
+    user code, each written as a whole.  They are read back with the rest
+    of the state (L{Snapshot.pairings}).
+    """
+
+    def put(record: PairingRecord) -> Deferred:
+        """
+        Keep C{record}, replacing the flow with its user code; fire once it
+        is durable, or fail with L{StoreError}.
+        """
+
+    def delete(user_code: str) -> Deferred:
+        """
+        Forget the flow with C{user_code} (nothing when there is none);
+        fire once that is durable.
+        """
+
+    def delete_expired(now: float) -> Deferred:
+        """
+        Forget every flow that expired at or before C{now}; fire with how
+        many.
+        """
+
+
+@implementer(IPairings)
+class MemoryPairings:
+    """
+    Pairing flows in a dict (C{flows}: user code -> record).  C{fail} is
+    called before each write; what it returns, if anything, is the
+    exception the write fails with (L{leeloo.testing.FailingMemoryStore}).
+    """
+
+    def __init__(self, fail: Callable[[], Exception | None] = lambda: None) -> None:
+        self.flows: dict[str, PairingRecord] = {}
+        self._fail = fail
+
+    def _refused(self) -> Deferred | None:
+        error = self._fail()
+        return fail(StoreError(str(error))) if error is not None else None
+
+    def put(self, record: PairingRecord) -> Deferred:
+        refused = self._refused()
+        if refused is not None:
+            return refused
+        self.flows[record.user_code] = record
+        return succeed(None)
+
+    def delete(self, user_code: str) -> Deferred:
+        refused = self._refused()
+        if refused is not None:
+            return refused
+        self.flows.pop(user_code, None)
+        return succeed(None)
+
+    def delete_expired(self, now: float) -> Deferred:
+        refused = self._refused()
+        if refused is not None:
+            return refused
+        stale = [code for code, record in self.flows.items() if record.expires_at <= now]
+        for code in stale:
+            del self.flows[code]
+        return succeed(len(stale))
+
+
 def _replay_window(
     entries: list[tuple[int, bytes]], after_seq: int, limit: int
 ) -> Replay:
@@ -214,6 +304,10 @@ class MemoryStore:
         self.tokens: dict[str, TokenRecord] = {}
         self.devices: dict[str, DeviceRecord] = {}
         self.log: dict[str, list[LogEntry]] = {}
+        self.pairings = MemoryPairings(self._pairings_fail)
+
+    def _pairings_fail(self) -> Exception | None:
+        return None
 
     def load(self) -> Snapshot:
         snapshot = Snapshot(
@@ -222,6 +316,7 @@ class MemoryStore:
             bot_users=list(self.bot_users.values()),
             tokens=list(self.tokens.values()),
             devices=list(self.devices.values()),
+            pairings=list(self.pairings.flows.values()),
         )
         for code, entries in self.log.items():
             if entries:
