@@ -155,7 +155,7 @@ class Relay:
         self.replayer = Replayer(clock, self.store, crews, sessions, replay_limit, retention,
                                  legacy_replay_age, ephemeral_age)
         self.tokens = PendingTokens(clock, journal, sessions, token_ttl)
-        self.pairing = Pairings(clock, sessions, self.tokens, self.store.pairings, spotify, pairing)
+        self.pairing = Pairings(clock, sessions, self.deliver_tokens, self.store.pairings, spotify, pairing)
         self.handlers = Handlers(journal, sessions, self.identity, self.admission, crews, self.delivery,
                                  self.replayer, self.tokens, self.pairing)
         self.bot = BotUsers(journal, crews, self.delivery, self.admission)

@@ -817,6 +817,20 @@ class RelayService(Service):
         return d
 
 
+class HTTPPoolService(Service):
+    """
+    Closes the connections an HTTP client's pool keeps for reuse when the
+    relay stops.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self.pool.closeCachedConnections()
+
+
 class StartupError(Exception):
     """
     The relay cannot start; the message says why and what to do.
@@ -853,12 +867,14 @@ def build_service(config: Config, reactor: Any, http: Any = None,
     txaio.config.loop = reactor
 
     spotify = None
+    pool = None
     if config.spotify is not None:
         if http is None:
             from treq.client import HTTPClient
             from twisted.web.client import Agent, HTTPConnectionPool
 
-            http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+            pool = HTTPConnectionPool(reactor)
+            http = HTTPClient(Agent(reactor, pool=pool))
         spotify = SpotifyOAuth(config.spotify, http, reactor)
     relay = Relay(
         reactor if clock is None else clock,
@@ -904,6 +920,9 @@ def build_service(config: Config, reactor: Any, http: Any = None,
     )
 
     top = MultiService()
+    if pool is not None:
+        # Stopped last: the connections to Spotify kept open for reuse close.
+        HTTPPoolService(pool).setServiceParent(top)
     RelayService(relay, ws_factory, config).setServiceParent(top)
     for interval, call, what in (
         (60, relay.expire, "expire tokens"),

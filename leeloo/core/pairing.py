@@ -22,7 +22,9 @@ serves while the relay allows it.
 
 Flows are kept in the store's L{IPairings} (they survive a restart); the
 dicts here are its cache.  Nothing here does I/O but through the store and
-the injected Spotify client; time is the clock's.
+the injected Spotify client; time is the clock's.  Log lines name the
+device, never a user code, a state, a cookie, a verifier or a token (a
+user code is a key to the flow while it lives).
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ from leeloo.store import IPairings, PairingRecord, Snapshot
 
 if TYPE_CHECKING:
     from leeloo.core.sessions import Session, Sessions
-    from leeloo.core.tokens import PendingTokens
     from leeloo.spotify import SpotifyOAuth
 
 _log = Logger()
@@ -180,19 +181,21 @@ class Paired:
 
 class Pairings:
     """
-    The relay's pairing flows.
+    The relay's pairing flows.  Tokens go to a device through C{deliver}
+    (device id, tokens -> whether it was online: the relay's
+    L{leeloo.relay.Relay.deliver_tokens}).
 
     C{flows}: user code -> record; C{by_state}: state hash -> user code;
     C{by_device}: device id -> user code of its one flow.
     """
 
-    def __init__(self, clock: Any, sessions: Sessions, tokens: PendingTokens, store: IPairings,
+    def __init__(self, clock: Any, sessions: Sessions, deliver: Callable[[str, dict], bool], store: IPairings,
                  spotify: SpotifyOAuth | None = None, settings: PairingSettings = PairingSettings(),
                  user_code: Callable[[], str] = generate_user_code,
                  secret: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> None:
         self.clock = clock
         self.sessions = sessions
-        self.tokens = tokens
+        self.deliver = deliver
         self.store = store
         self.spotify = spotify
         self.settings = settings
@@ -265,17 +268,16 @@ class Pairings:
         session = self.sessions.devices.get(record.device_id)
         if session is not None and not session.closing:
             session.send(SpotifyPairFailed(reason, display_code(record.user_code)))
-        _log.info("Spotify pairing {user_code} for {device_id} ended: {reason}",
-                  user_code=display_code(record.user_code), device_id=record.device_id, reason=reason)
+        _log.info("Spotify pairing for {device_id} ended: {reason}", device_id=record.device_id, reason=reason)
         d = self.store.delete(record.user_code)
-        d.addErrback(self._not_forgotten, record.user_code)
+        d.addErrback(self._not_forgotten, record.device_id)
         return d
 
-    def _not_forgotten(self, failure: Any, user_code: str) -> Any:
+    def _not_forgotten(self, failure: Any, device_id: str) -> Any:
         # It expires in the store anyway: expire() sweeps it then.
         self._stale_in_store = True
-        _log.warn("the store could not forget Spotify pairing {user_code}: {error}",
-                  user_code=display_code(user_code), error=failure.getErrorMessage())
+        _log.warn("the store could not forget a Spotify pairing of {device_id}: {error}",
+                  device_id=device_id, error=failure.getErrorMessage())
         return failure
 
     # --------------------------------------------------------- device side
@@ -296,8 +298,8 @@ class Pairings:
         record = PairingRecord(code, device_id, session.name or device_id, crew.code if crew else None, scopes,
                                now, now + self.settings.ttl)
         self._keep(record)
-        _log.info("Spotify pairing {user_code} started by {device_id} from {client_address}",
-                  user_code=display_code(code), device_id=device_id, client_address=session.address)
+        _log.info("Spotify pairing started by {device_id} from {client_address}",
+                  device_id=device_id, client_address=session.address)
         self.store.put(record).addCallbacks(
             self._started, self._not_started, callbackArgs=(session, record), errbackArgs=(session, record),
         ).addErrback(lambda f: _log.failure("bug while answering spotify_pair", f))
@@ -317,8 +319,8 @@ class Pairings:
                                         display_code(record.user_code), int(self.settings.ttl)))
 
     def _not_started(self, failure: Any, session: Session, record: PairingRecord) -> None:
-        _log.error("Spotify pairing {user_code} was not stored: {error}",
-                   user_code=display_code(record.user_code), error=failure.getErrorMessage())
+        _log.error("a Spotify pairing of {device_id} was not stored: {error}",
+                   device_id=record.device_id, error=failure.getErrorMessage())
         if self.flows.get(record.user_code) is record:
             self._forget(record)
         if not session.closing and session in self.sessions.sessions:
@@ -375,13 +377,12 @@ class Pairings:
             state, record.scopes, code_challenge(verifier) if verifier is not None else None)
 
         def stored(_: Any) -> Consent:
-            _log.info("Spotify pairing {user_code} for {device_id}: the phone went to Spotify",
-                      user_code=display_code(record.user_code), device_id=record.device_id)
+            _log.info("Spotify pairing for {device_id}: the phone went to Spotify", device_id=record.device_id)
             return Consent(cookie, location)
 
         def not_stored(failure: Any) -> None:
-            _log.error("Spotify pairing {user_code} was not stored: {error}",
-                       user_code=display_code(record.user_code), error=failure.getErrorMessage())
+            _log.error("a Spotify pairing of {device_id} was not stored: {error}",
+                       device_id=record.device_id, error=failure.getErrorMessage())
             if self.flows.get(record.user_code) is spent:
                 self._keep(record)
             raise PairingProblem("unavailable")
@@ -406,8 +407,8 @@ class Pairings:
             self._end(record, "expired").addErrback(lambda _: None)
             return fail(PairingProblem("expired"))
         if cookie is None or not hmac.compare_digest(_hash(cookie), record.cookie_hash or ""):
-            _log.warn("Spotify pairing {user_code}: a callback without its browser's cookie",
-                      user_code=display_code(record.user_code))
+            _log.warn("Spotify pairing for {device_id}: a callback without its browser's cookie",
+                      device_id=record.device_id)
             return fail(PairingProblem("wrong_browser"))
         if error is not None:
             reason = "denied" if error == "access_denied" else "refused"
@@ -423,14 +424,13 @@ class Pairings:
         def not_forgotten(failure: Any) -> None:
             # Not spent for good: it could be accepted again after a restart.
             self._keep(record)
-            _log.error("Spotify pairing {user_code} could not be spent: {error}",
-                       user_code=display_code(record.user_code), error=failure.getErrorMessage())
+            _log.error("a Spotify pairing of {device_id} could not be spent: {error}",
+                       device_id=record.device_id, error=failure.getErrorMessage())
             raise PairingProblem("unavailable")
 
         def exchanged(tokens: dict) -> Paired:
-            online = self.tokens.deliver(record.device_id, tokens)
-            _log.info("Spotify pairing {user_code}: tokens for {device_id} {how}",
-                      user_code=display_code(record.user_code), device_id=record.device_id,
+            online = self.deliver(record.device_id, tokens)
+            _log.info("Spotify pairing: tokens for {device_id} {how}", device_id=record.device_id,
                       how="delivered" if online else "kept until it comes back")
             return Paired(record.device_id, online)
 
@@ -444,8 +444,8 @@ class Pairings:
             if not e:
                 _log.failure("Spotify exchange failed", failure)
                 raise PairingProblem("refused", "something went wrong", upstream=True)
-            _log.warn("Spotify refused the code exchange of pairing {user_code}: {error}",
-                      user_code=display_code(record.user_code), error=e.error)
+            _log.warn("Spotify refused the code exchange of a pairing for {device_id}: {error}",
+                      device_id=record.device_id, error=e.error)
             raise PairingProblem("refused", e.description, upstream=e.error != "invalid_grant")
 
         d = self.store.delete(record.user_code).addCallbacks(forgotten, not_forgotten)
@@ -466,7 +466,7 @@ class Pairings:
             return fail(PairingProblem("legacy_off"))
 
         def exchanged(tokens: dict) -> Paired:
-            online = self.tokens.deliver(device_id, tokens)
+            online = self.deliver(device_id, tokens)
             _log.info("Spotify tokens for {device_id} {how}", device_id=device_id,
                       how="delivered" if online else "kept until it comes back")
             return Paired(device_id, online)

@@ -15,6 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo import messages
@@ -591,6 +593,32 @@ class CompleteTests(PairingMixin, SynchronousTestCase):
         self.assertEqual(restarted.pairing.flows, {})
         restarted.expire()
         self.assertEqual(self.store.pairings.flows, {})
+
+
+class LogTests(PairingMixin, SynchronousTestCase):
+    def test_logs_hold_no_secrets(self) -> None:
+        """
+        Nothing logged during pairings (one that works, one refused, one
+        from the wrong browser) holds the user code, the state, the
+        cookie, the verifier, Spotify's code, a token or the client
+        secret; the device id is named.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        device = self.device()
+        answer, consent, back = self.whole_pairing(device)
+        verifier = self.store.pairings.flows[answer["user_code"].replace("-", "")].verifier
+        self.problem(self.complete(back, None))
+        self.successResultOf(self.complete(back, consent.cookie))
+        answer2, consent2, back2 = self.whole_pairing(device)
+        self.accounts.codes.clear()
+        self.problem(self.complete(back2, consent2.cookie))
+        texts = [formatEvent(e) + repr(e) for e in events]
+        self.assertTrue(any(DEVICE in t for t in texts))
+        for secret in (answer["user_code"], answer["user_code"].replace("-", ""), answer2["user_code"],
+                       back["state"], back["code"], consent.cookie, verifier, back2["state"], consent2.cookie,
+                       TOKENS["access_token"], TOKENS["refresh_token"], CLIENT_SECRET):
+            for text in texts:
+                self.assertNotIn(secret, text)
 
 
 class PlainCodeFlowTests(PairingMixin, SynchronousTestCase):
