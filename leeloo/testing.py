@@ -272,6 +272,10 @@ class FakeSpotifyAccounts(Resource):
         return self._json(request, status, {"error": error, "error_description": description})
 
     def render_GET(self, request: Request) -> bytes:
+        if request.postpath == [b"api", b"token"]:
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"POST")
+            return b"method not allowed"
         if request.postpath != [b"authorize"]:
             request.setResponseCode(404)
             return b"not found"

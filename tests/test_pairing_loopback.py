@@ -142,6 +142,7 @@ class WholePairingTests(TestCase):
         answer = yield device.pair_spotify()
         pressed = yield self.phone.post(answer["url"], data={}, allow_redirects=False)
         self.assertEqual(pressed.code, 303)
+        yield pressed.text()
         [cookie] = [c for c in self.cookies if c.name == "leeloo_pair"]
         self.assertTrue(cookie.secure)
         self.assertTrue(cookie.has_nonstandard_attr("HttpOnly"))

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from leeloo.tap import Options, build_service
 
 SPOTIFY = {"SPOTIFY_CLIENT_ID": "id", "SPOTIFY_CLIENT_SECRET": "secret",
-           "SPOTIFY_REDIRECT_URI": "https://relay.example.org/spotify/callback"}
+           "SPOTIFY_REDIRECT_URI": "https://leeloo.example.com/spotify/callback"}
 
 
 class PairingOptionTests(SynchronousTestCase):
@@ -72,7 +72,7 @@ class PairingOptionTests(SynchronousTestCase):
         """
         relay = self.relay()
         self.assertEqual(relay.spotify.config.client_id, "id")
-        self.assertEqual(relay.pairing.public_url, "https://relay.example.org")
+        self.assertEqual(relay.pairing.public_url, "https://leeloo.example.com")
         relay = self.relay("--public-url", "https://leeloo.example.net")
         self.assertEqual(relay.pairing.public_url, "https://leeloo.example.net")
 

@@ -609,6 +609,7 @@ class LogTests(PairingMixin, SynchronousTestCase):
         verifier = self.store.pairings.flows[answer["user_code"].replace("-", "")].verifier
         self.problem(self.complete(back, None))
         self.successResultOf(self.complete(back, consent.cookie))
+        device.take()
         answer2, consent2, back2 = self.whole_pairing(device)
         self.accounts.codes.clear()
         self.problem(self.complete(back2, consent2.cookie))
