@@ -447,6 +447,9 @@ class PairPage(Resource):
         if spotify is not None:
             request.setHeader(b"content-security-policy",
                               pages.pairing_policy(spotify.config.accounts_origin))
+        # The button's post must carry its Origin (no-referrer would make it
+        # "null"); nothing goes to another site, Spotify included.
+        request.setHeader(b"referrer-policy", b"same-origin")
         wait = self._take(client_address(request))
         if wait:
             retry = max(1, math.ceil(wait))
@@ -508,13 +511,16 @@ class PairPage(Resource):
 
     def _same_site(self, request: Request) -> bool:
         """
-        Whether a button press comes from the relay's own page: a browser's
-        C{Origin} (sent with every cross-site POST) is the relay's public
-        origin or the host the request was sent to, and
-        C{Sec-Fetch-Site} is not C{cross-site}.
+        Whether a button press comes from the relay's own page: the
+        browser's C{Sec-Fetch-Site} says C{same-origin}; or, from a browser
+        that sends none, its C{Origin} is the relay's public origin or the
+        host the request was sent to (C{null}, what a page with no referrer
+        sends, is neither).  A client that sends neither header is no
+        browser a hostile page could drive.
         """
-        if (request.getHeader(b"sec-fetch-site") or b"").lower() == b"cross-site":
-            return False
+        fetch_site = request.getHeader(b"sec-fetch-site")
+        if fetch_site is not None:
+            return fetch_site.strip().lower() in (b"same-origin", b"none")
         given = request.getHeader(b"origin")
         if given is None:
             return True

@@ -266,7 +266,9 @@ class ButtonTests(PairSiteMixin, SynchronousTestCase):
         Sec-Fetch-Site says so) is refused, and the code stays unspent.
         """
         answer = self.pair(self.device())
-        for headers in ({b"origin": [b"https://evil.example"]}, {b"sec-fetch-site": [b"cross-site"]}):
+        for headers in ({b"origin": [b"https://evil.example"]}, {b"sec-fetch-site": [b"cross-site"]},
+                        {b"sec-fetch-site": [b"same-site"], b"origin": [b"https://relay.test"]},
+                        {b"origin": [b"null"]}):
             response, _ = self.press(self.path_of(answer), headers)
             self.assertEqual(response.code, 403, headers)
             self.assertIsNone(response.headers.getRawHeaders(b"set-cookie"))
@@ -275,12 +277,28 @@ class ButtonTests(PairSiteMixin, SynchronousTestCase):
 
     def test_same_site_post(self) -> None:
         """
-        A press from the relay's own page (its public origin) goes on.
+        A press from the relay's own page goes on: Sec-Fetch-Site
+        same-origin (whatever the Origin), or without it an Origin that is
+        the relay's public one or the host asked.
+        """
+        for i, headers in enumerate(({b"origin": [b"https://relay.test"], b"sec-fetch-site": [b"same-origin"]},
+                                     {b"origin": [b"null"], b"sec-fetch-site": [b"same-origin"]},
+                                     {b"origin": [b"https://relay.test"]}, {b"origin": [b"http://relay.test"]},
+                                     {})):
+            answer = self.pair(self.device(f"leeloo_{i:012d}"))
+            response, _ = self.press(self.path_of(answer), headers)
+            self.assertEqual(response.code, 303, headers)
+
+    def test_referrer_policy(self) -> None:
+        """
+        The pairing pages send the Referer to the relay alone
+        (same-origin), so that the button's post carries a real Origin and
+        nothing of the page's address reaches Spotify.
         """
         answer = self.pair(self.device())
-        response, _ = self.press(self.path_of(answer), {b"origin": [b"https://relay.test"],
-                                                        b"sec-fetch-site": [b"same-origin"]})
-        self.assertEqual(response.code, 303)
+        for method in ("GET", "POST"):
+            response, _ = self.call(method, self.path_of(answer))
+            self.assertEqual(response.headers.getRawHeaders(b"referrer-policy"), [b"same-origin"], method)
 
 
 class CallbackTests(PairSiteMixin, SynchronousTestCase):
