@@ -36,6 +36,7 @@ from leeloo.core.defaults import (
 from leeloo.core.delivery import ClientMessage, Delivery, client_digest, generate_message_id
 from leeloo.core.handlers import Handlers
 from leeloo.core.identity import Identity, generate_device_id, generate_device_key, key_hash
+from leeloo.core.pairing import Pairings, PairingSettings
 from leeloo.core.peer import IPeer, Outgoing
 from leeloo.core.presence import Presence
 from leeloo.core.replay import Replayer
@@ -116,6 +117,9 @@ class Relay:
         characters after the prefix.
     @param fanout: how crews reach their members (default: a
         L{LocalFanout}, this process's).
+    @param spotify: the relay's Spotify client (L{leeloo.spotify.SpotifyOAuth}),
+        or C{None} without a Spotify app.
+    @param pairing: how Spotify pairings work (L{PairingSettings}).
     """
 
     def __init__(
@@ -138,6 +142,8 @@ class Relay:
         message_id: Callable[[], str] = generate_message_id,
         device_key: Callable[[], str] = generate_device_key,
         fanout: IFanout | None = None,
+        spotify: Any = None,
+        pairing: PairingSettings = PairingSettings(),
     ) -> None:
         self.clock = clock
         self.store = store if store is not None else MemoryStore()
@@ -155,8 +161,9 @@ class Relay:
         self.replayer = Replayer(clock, self.store, crews, sessions, replay_limit, retention,
                                  legacy_replay_age, ephemeral_age)
         self.tokens = PendingTokens(clock, journal, fanout, token_ttl)
+        self.pairing = Pairings(clock, sessions, self.deliver_tokens, self.store.pairings, spotify, pairing)
         self.handlers = Handlers(self.store, journal, sessions, self.identity, self.admission, crews, self.delivery,
-                                 self.replayer, self.tokens)
+                                 self.replayer, self.tokens, self.pairing)
         self.bot = BotUsers(journal, crews, self.delivery, self.admission)
         self.retention_part = Retention(clock, self.store, journal, crews, self.identity, sessions, retention,
                                    crew_ttl)
@@ -171,6 +178,7 @@ class Relay:
         """
         self.crews_part.restore(snapshot)
         self.tokens.restore(snapshot)
+        self.pairing.restore(snapshot)
         self.identity.restore(snapshot)
         self.delivery.restore(snapshot)
 
@@ -193,6 +201,7 @@ class Relay:
     bot_user_index = property(lambda self: self.crews_part.bot_user_index)
     device_keys = property(lambda self: self.identity.keys)
     pending_tokens = property(lambda self: self.tokens.pending)
+    spotify = property(lambda self: self.pairing.spotify, doc="The relay's Spotify client, or None.")
     paused = property(lambda self: self.delivery.paused)
 
     def stats(self) -> Stats:
@@ -367,10 +376,12 @@ class Relay:
 
     def expire(self) -> int:
         """
-        Forget Spotify tokens past their lifetime (return how many) and the
-        budgets of addresses that are full again.
+        Forget Spotify tokens past their lifetime (return how many), end
+        the Spotify pairings past theirs, and forget the budgets of
+        addresses that are full again.
         """
         expired = self.tokens.expire()
+        self.pairing.expire()
         self.admission.sweep()
         return expired
 

@@ -37,8 +37,10 @@ from leeloo.store import (
     CrewRecord,
     DeviceRecord,
     IStore,
+    IPairings,
     LogEntry,
     MemberRecord,
+    PairingRecord,
     Sequences,
     Snapshot,
     StoreError,
@@ -126,6 +128,22 @@ MIGRATIONS = [
         AND (json_extract(CAST(payload AS TEXT), '$.type') = 'reaction'
              OR (json_extract(CAST(payload AS TEXT), '$.type') = 'message'
                  AND json_extract(CAST(payload AS TEXT), '$.msg_type') IN ('nudge', 'reaction')));
+    """,
+    # 6: Spotify pairing flows (leeloo.core.pairing).
+    """
+    CREATE TABLE pairings (
+        user_code TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        device_name TEXT NOT NULL,
+        crew_code TEXT,
+        scopes TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        state_hash TEXT UNIQUE,
+        cookie_hash TEXT,
+        verifier TEXT
+    );
+    CREATE INDEX pairings_expires_at ON pairings (expires_at);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -248,6 +266,10 @@ def _find_token(db: Any, device_id: str) -> TokenRecord | None:
     return None
 
 
+_PAIRING_COLUMNS = ("user_code, device_id, device_name, crew_code, scopes, created_at, expires_at, "
+                    "state_hash, cookie_hash, verifier")
+
+
 def _load(db: sqlite3.Connection) -> Snapshot:
     snapshot = Snapshot()
     snapshot.crews = [CrewRecord(*row) for row in db.execute(
@@ -270,6 +292,8 @@ def _load(db: sqlite3.Connection) -> Snapshot:
         for device, key_hash, bound, created, seen in db.execute(
             "SELECT device_id, key_hash, bound, created_at, last_seen FROM devices")
     ]
+    snapshot.pairings = [PairingRecord(*row) for row in db.execute(
+        f"SELECT {_PAIRING_COLUMNS} FROM pairings")]
     for code, seq, created, size in db.execute(
         "SELECT crew_code, MAX(seq), MAX(created_at), SUM(length(payload)) FROM messages GROUP BY crew_code"
     ):
@@ -414,6 +438,42 @@ def _trim(cursor: Any, crew_code: str, max_bytes: int, keep: int) -> tuple[int, 
     return first or 0, left or 0
 
 
+def _put_pairing(cursor: Any, r: PairingRecord) -> None:
+    cursor.execute(
+        f"INSERT OR REPLACE INTO pairings ({_PAIRING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (r.user_code, r.device_id, r.device_name, r.crew_code, r.scopes, r.created_at, r.expires_at,
+         r.state_hash, r.cookie_hash, r.verifier))
+
+
+def _delete_pairing(cursor: Any, user_code: str) -> None:
+    cursor.execute("DELETE FROM pairings WHERE user_code = ?", (user_code,))
+
+
+def _delete_expired_pairings(cursor: Any, now: float) -> int:
+    cursor.execute("DELETE FROM pairings WHERE expires_at <= ?", (now,))
+    return cursor.rowcount
+
+
+@implementer(IPairings)
+class SQLitePairings:
+    """
+    The pairing flows of a L{SQLiteStore}, in its C{pairings} table, written
+    on the store's database thread.
+    """
+
+    def __init__(self, store: "SQLiteStore") -> None:
+        self._store = store
+
+    def put(self, record: PairingRecord) -> Deferred:
+        return self._store._write_with(_put_pairing, record)
+
+    def delete(self, user_code: str) -> Deferred:
+        return self._store._write_with(_delete_pairing, user_code)
+
+    def delete_expired(self, now: float) -> Deferred:
+        return self._store._write_with(_delete_expired_pairings, now)
+
+
 @implementer(IStore)
 class SQLiteStore:
     """
@@ -449,6 +509,7 @@ class SQLiteStore:
         self._closed = False
         self._written = False
         self._truncated = False
+        self.pairings = SQLitePairings(self)
         self._pool = adbapi.ConnectionPool(
             # The default isolation level opens a transaction before the first
             # write of an interaction; adbapi commits it: one commit a batch.
@@ -567,6 +628,10 @@ class SQLiteStore:
         if device_id not in self._token_ids:
             return None
         return self._run(_find_token, device_id)
+
+    def _write_with(self, interaction: Any, *args: Any) -> Deferred:
+        self._written = True
+        return self._run(interaction, *args)
 
     def replay(self, crew_code: str, after_seq: int, up_to_seq: int, since: float,
                exclude_sender: str, limit: int, ephemeral_since: float | None = None) -> Deferred:

@@ -74,6 +74,27 @@ class DeviceRecord:
     last_seen: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PairingRecord:
+    """
+    One Spotify pairing flow (see L{leeloo.core.pairing}): the device that
+    asked and what its phone is shown, and once the phone's button was
+    pressed, the hashes of the one-time C{state} and of the phone's cookie,
+    and the PKCE verifier (C{None} without PKCE).
+    """
+
+    user_code: str
+    device_id: str
+    device_name: str
+    crew_code: str | None
+    scopes: str
+    created_at: float
+    expires_at: float
+    state_hash: str | None = None
+    cookie_hash: str | None = None
+    verifier: str | None = field(default=None, repr=False)
+
+
 @dataclass(slots=True)
 class LogEntry:
     crew_code: str
@@ -106,6 +127,7 @@ class Snapshot:
     client_messages: list[LogEntry] = field(default_factory=list)
     # The bytes of payload in each crew's log.
     log_bytes: dict[str, int] = field(default_factory=dict)
+    pairings: list[PairingRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +290,8 @@ class IStore(ICrewStore, IDeviceStore, ITokenStore, IMessageLog):
     batched writes (L{Journal}) that change every part in one transaction.
     """
 
+    pairings = Attribute("The store's L{IPairings}.")
+
     def load() -> Snapshot:
         """
         Read everything back (once, at start, before serving).
@@ -282,6 +306,72 @@ class IStore(ICrewStore, IDeviceStore, ITokenStore, IMessageLog):
         """
         Release the store.
         """
+
+
+class IPairings(Interface):
+    """
+    Where Spotify pairing flows are kept (a store's C{pairings}): by their
+    user code, each written as a whole.  They are read back with the rest
+    of the state (L{Snapshot.pairings}).
+    """
+
+    def put(record: PairingRecord) -> Deferred:
+        """
+        Keep C{record}, replacing the flow with its user code; fire once it
+        is durable, or fail with L{StoreError}.
+        """
+
+    def delete(user_code: str) -> Deferred:
+        """
+        Forget the flow with C{user_code} (nothing when there is none);
+        fire once that is durable.
+        """
+
+    def delete_expired(now: float) -> Deferred:
+        """
+        Forget every flow that expired at or before C{now}; fire with how
+        many.
+        """
+
+
+@implementer(IPairings)
+class MemoryPairings:
+    """
+    Pairing flows in a dict (C{flows}: user code -> record).  C{fail} is
+    called before each write; what it returns, if anything, is the
+    exception the write fails with (L{leeloo.testing.FailingMemoryStore}).
+    """
+
+    def __init__(self, fail: Callable[[], Exception | None] = lambda: None) -> None:
+        self.flows: dict[str, PairingRecord] = {}
+        self._fail = fail
+
+    def _refused(self) -> Deferred | None:
+        error = self._fail()
+        return fail(StoreError(str(error))) if error is not None else None
+
+    def put(self, record: PairingRecord) -> Deferred:
+        refused = self._refused()
+        if refused is not None:
+            return refused
+        self.flows[record.user_code] = record
+        return succeed(None)
+
+    def delete(self, user_code: str) -> Deferred:
+        refused = self._refused()
+        if refused is not None:
+            return refused
+        self.flows.pop(user_code, None)
+        return succeed(None)
+
+    def delete_expired(self, now: float) -> Deferred:
+        refused = self._refused()
+        if refused is not None:
+            return refused
+        stale = [code for code, record in self.flows.items() if record.expires_at <= now]
+        for code in stale:
+            del self.flows[code]
+        return succeed(len(stale))
 
 
 def _replay_window(
@@ -314,6 +404,10 @@ class MemoryStore:
         self.sequences = Sequences()
         # (crew code, sender, client_msg_id) -> its entry in the log
         self._sent: dict[tuple[str, str, str], LogEntry] = {}
+        self.pairings = MemoryPairings(self._pairings_fail)
+
+    def _pairings_fail(self) -> Exception | None:
+        return None
 
     def load(self) -> Snapshot:
         snapshot = Snapshot(
@@ -322,6 +416,7 @@ class MemoryStore:
             bot_users=list(self.bot_users.values()),
             tokens=list(self.tokens.values()),
             devices=list(self.devices.values()),
+            pairings=list(self.pairings.flows.values()),
         )
         for code, entries in self.log.items():
             if entries:

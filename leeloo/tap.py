@@ -30,6 +30,7 @@ from twisted.python import usage
 
 from leeloo import __version__
 from leeloo.access import OriginPolicy, TrustedProxies, parse_network
+from leeloo.core.pairing import PairingSettings
 from leeloo.limits import Rate, RelayLimits
 from leeloo.listening import Listener, Readiness
 from leeloo.metrics import Metrics
@@ -96,6 +97,9 @@ class Config:
     bind_timeout: float = BIND_TIMEOUT
     # The acme: endpoints of listen, with the --acme-* options.
     acme: AcmeConfig | None = None
+    # Spotify pairing: accept the deployed devices' state=device id; PKCE.
+    legacy_spotify_state: bool = True
+    spotify_pkce: bool = True
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -429,6 +433,12 @@ def _code_length(value: str) -> int:
     return length
 
 
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise ValueError("on or off")
+    return value == "on"
+
+
 def _store_kind(value: str) -> str:
     if value not in ("sqlite", "memory"):
         raise ValueError("sqlite or memory")
@@ -571,12 +581,20 @@ class Options(usage.Options):
          "announced neither offline nor joined (Wi-Fi blips, crew hopping).", _non_negative_float],
         ["crew-code-length", None, 4,
          "Characters in new crew codes after LEELOO- (longer codes resist guessing).", _code_length],
+        ["spotify-pkce", None, "on",
+         "on or off: pair Spotify with PKCE (S256) on top of the client secret. Off falls back to "
+         "the plain code flow, should Spotify refuse a verifier from a client that also "
+         "authenticates.", _on_off],
     ])
     optFlags = [
         ["acme-agree-tos", None, "Accept the ACME server's terms of service (needed by acme: endpoints)."],
         ["fsync", None, "Make every commit survive a power cut, not only a crash (slower)."],
         ["require-device-key", None,
          "Refuse device ids that have no bound device key (once the fleet is updated)."],
+        ["no-legacy-spotify-state", None,
+         "Refuse Spotify callbacks whose state is a device id (the deployed devices' own "
+         "authorize links, which anyone who knows a device id can forge); pairing then goes only "
+         "through the code the device shows. Once the fleet is updated."],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -703,6 +721,9 @@ class Options(usage.Options):
             ephemeral_age=self["ephemeral-age"],
             bind_timeout=self["bind-timeout"],
             acme=acme,
+            legacy_spotify_state=not self["no-legacy-spotify-state"],
+            spotify_pkce=self["spotify-pkce"] if isinstance(self["spotify-pkce"], bool)
+            else _on_off(self["spotify-pkce"]),
         )
 
 
@@ -779,8 +800,9 @@ class RelayService(Service):
             "waiting for the store; presence grace {grace:g}s",
             log=self.relay.crew_log_bytes, queue=self.relay.store_queue_bytes, grace=self.relay.presence_grace)
         self.log.info(
-            "Spotify callback {spotify}; bot API {bot}",
-            spotify="configured" if self.config.spotify else "not configured",
+            "Spotify {spotify}; bot API {bot}",
+            spotify=f"configured: {self.relay.pairing.settings.describe()}" if self.config.spotify
+            else "not configured",
             bot="enabled" if self.config.telegram_api_secret else "disabled (no TELEGRAM_API_SECRET)",
         )
 
@@ -793,6 +815,20 @@ class RelayService(Service):
         d = self.relay.shutdown(grace=self.config.limits.close_handshake_timeout + 1)
         d.addBoth(lambda _: self.relay.store.close())
         return d
+
+
+class HTTPPoolService(Service):
+    """
+    Closes the connections an HTTP client's pool keeps for reuse when the
+    relay stops.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self.pool.closeCachedConnections()
 
 
 class StartupError(Exception):
@@ -830,9 +866,22 @@ def build_service(config: Config, reactor: Any, http: Any = None,
     txaio.use_twisted()
     txaio.config.loop = reactor
 
+    spotify = None
+    pool = None
+    if config.spotify is not None:
+        if http is None:
+            from treq.client import HTTPClient
+            from twisted.web.client import Agent, HTTPConnectionPool
+
+            pool = HTTPConnectionPool(reactor)
+            http = HTTPClient(Agent(reactor, pool=pool))
+        spotify = SpotifyOAuth(config.spotify, http, reactor)
     relay = Relay(
         reactor if clock is None else clock,
         open_store(config, reactor),
+        spotify=spotify,
+        pairing=PairingSettings(public_url=config.public_url, legacy_state=config.legacy_spotify_state,
+                                pkce=config.spotify_pkce),
         replay_limit=config.replay_limit,
         retention=config.retention_days * DAY,
         crew_ttl=config.crew_ttl_days * DAY,
@@ -849,14 +898,6 @@ def build_service(config: Config, reactor: Any, http: Any = None,
     # One count of connections per address for the public and redirect sites.
     gate = config.http_limits.gate(reactor, proxies)
     metrics = Metrics(relay, ws_factory)
-    spotify = None
-    if config.spotify is not None:
-        if http is None:
-            from treq.client import HTTPClient
-            from twisted.web.client import Agent, HTTPConnectionPool
-
-            http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
-        spotify = SpotifyOAuth(config.spotify, http, reactor)
     acme = None
     if config.acme is not None:
         try:
@@ -879,6 +920,9 @@ def build_service(config: Config, reactor: Any, http: Any = None,
     )
 
     top = MultiService()
+    if pool is not None:
+        # Stopped last: the connections to Spotify kept open for reuse close.
+        HTTPPoolService(pool).setServiceParent(top)
     RelayService(relay, ws_factory, config).setServiceParent(top)
     for interval, call, what in (
         (60, relay.expire, "expire tokens"),

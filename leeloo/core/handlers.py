@@ -20,11 +20,14 @@ from leeloo.messages import (
     CrewMessage,
     InvalidCrewCode,
     JoinCrew,
+    NotRegistered,
     Ping,
     ProtocolError,
     Reaction,
     Register,
     ShareMusic,
+    SpotifyNotConfigured,
+    SpotifyPair,
     StoreUnavailable,
 )
 from leeloo.store import StoreError
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from leeloo.core.crews import Crew, Crews
     from leeloo.core.delivery import Delivery, Fanout
     from leeloo.core.identity import Identity
+    from leeloo.core.pairing import Pairings
     from leeloo.core.replay import Replayer
     from leeloo.core.sessions import Session, Sessions
     from leeloo.core.tokens import PendingTokens
@@ -44,7 +48,8 @@ _log = Logger()
 
 class Handlers:
     def __init__(self, store: IStore, journal: Journal, sessions: Sessions, identity: Identity, admission: Admission,
-                 crews: Crews, delivery: Delivery, replayer: Replayer, tokens: PendingTokens) -> None:
+                 crews: Crews, delivery: Delivery, replayer: Replayer, tokens: PendingTokens,
+                 pairing: Pairings) -> None:
         self.store = store
         self.journal = journal
         self.sessions = sessions
@@ -54,6 +59,7 @@ class Handlers:
         self.delivery = delivery
         self.replayer = replayer
         self.tokens = tokens
+        self.pairing = pairing
         self.by_type = {
             Register: self.register,
             CreateCrew: self.create_crew,
@@ -63,6 +69,7 @@ class Handlers:
             Reaction: self.reaction,
             Ping: self.ping,
             Ack: self.ack,
+            SpotifyPair: self.spotify_pair,
         }
 
     # ------------------------------------------------------ entering crews
@@ -304,3 +311,22 @@ class Handlers:
 
     def ack(self, session: Session, message: Ack, size: int) -> None:
         self.replayer.ack(session, message.seq)
+
+    # -------------------------------------------------------------- Spotify
+
+    def _spotify_device(self, session: Session) -> None:
+        """
+        Check that C{session} may ask for anything Spotify: it has a device
+        id, and the relay has a Spotify app.
+
+        @raise NotRegistered: no device id yet.
+        @raise SpotifyNotConfigured: no Spotify app.
+        """
+        if not self.sessions.is_bound(session):
+            raise NotRegistered("register first (no crew is needed), then ask again")
+        if not self.pairing.configured:
+            raise SpotifyNotConfigured("this relay has no Spotify app configured")
+
+    def spotify_pair(self, session: Session, message: SpotifyPair, size: int) -> None:
+        self._spotify_device(session)
+        self.pairing.start(session, message.scopes)
