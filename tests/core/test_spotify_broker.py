@@ -195,6 +195,8 @@ class SearchTests(BrokerMixin, SynchronousTestCase):
         [search] = self.spotify.searches
         self.assertEqual((search["q"], search["type"], search["limit"], search["authorization"]),
                          ("track:mr brightside artist:the killers", "track", "3", "Bearer fake-app-token-1"))
+        # The URL carries the query alone: the token goes in the header.
+        self.assertEqual(set(search), {"q", "type", "limit", "authorization"})
         self.assertEqual(self.spotify.requests, [{"grant_type": "client_credentials"}])
 
     def test_default_limit(self) -> None:
