@@ -143,15 +143,23 @@ class SpotifyBroker:
 
     # ------------------------------------------------------------ checks
 
-    def _admit(self, session: Session) -> None:
+    def _admit(self, session: Session) -> bool:
         """
-        @raise RateLimited: the device asked too often, or Spotify asked the
-            relay to wait.
+        Whether C{session}'s request may go to Spotify.  While Spotify asks
+        the relay to wait, it is answered C{rate_limited} here (no strike
+        against the device: the wait is not of its making).
+
+        @raise RateLimited: the device asked too often (a strike).
         """
         wait = self.limiter.take(session.device_id)
         if wait > 0:
             raise RateLimited("too many Spotify requests from this device", wait)
-        self._check_blocked()
+        try:
+            self._check_blocked()
+        except RateLimited as e:
+            session.send(e.as_frame())
+            return False
+        return True
 
     def _check_blocked(self) -> None:
         left = self.blocked_until - self.clock.seconds()
@@ -184,7 +192,8 @@ class SpotifyBroker:
     # ----------------------------------------------------------- refresh
 
     def refresh(self, session: Session, message: SpotifyRefresh) -> None:
-        self._admit(session)
+        if not self._admit(session):
+            return
         spotify = self._spotify()
         d = spotify.refresh(message.refresh_token)
         d.addCallback(lambda tokens: self._refreshed(session, tokens))
@@ -198,7 +207,8 @@ class SpotifyBroker:
     # ------------------------------------------------------------ search
 
     def search(self, session: Session, message: SpotifySearch) -> None:
-        self._admit(session)
+        if not self._admit(session):
+            return
         q = search_query(message.query)
         d = self._searched(q, message.limit, retry=True)
         d.addCallback(lambda results: session.send(SpotifySearchResults(message.query, results)))

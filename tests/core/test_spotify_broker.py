@@ -324,15 +324,24 @@ class RateLimitTests(BrokerMixin, SynchronousTestCase):
 
     def test_no_strike(self) -> None:
         """
-        Spotify's 429 answers do not close the device's connection (they
-        are no abuse of the relay).
+        Spotify's 429 answers, and the wait after one, do not close the
+        devices' connections (they are no abuse of the relay).
         """
         self.spotify.rate_limit = 1
         device = self.device()
         for _ in range(6):
             self.search(device, "a")
             self.clock.advance(10)
-        self.assertIsNone(device.peer.closed)
+        self.spotify.rate_limit = 3600
+        self.search(device, "a")
+        waiting = [self.device(f"leeloo_00000000001{i}") for i in range(3)]
+        for other in waiting:
+            # More than the relay's 10 strikes, within the device's own budget.
+            for _ in range(12):
+                self.clock.advance(10)
+                self.assertEqual(self.search(other, "a")["error"], "rate_limited")
+        for d in [device] + waiting:
+            self.assertIsNone(d.peer.closed)
 
 
 class LogTests(BrokerMixin, SynchronousTestCase):
