@@ -423,3 +423,31 @@ class SearchQueryTests(SynchronousTestCase):
 class _Relayed(BrokerMixin, SynchronousTestCase):
     def runTest(self) -> None:  # pragma: no cover
         pass
+
+
+class MessageTests(SynchronousTestCase):
+    def test_refresh_token_not_in_repr(self) -> None:
+        """
+        The typed C{spotify_refresh} and C{spotify_tokens} keep their tokens
+        out of their repr (so out of any log line that shows one).
+        """
+        from leeloo import messages
+        request = messages.decode(b'{"type":"spotify_refresh","refresh_token":"rt-secret-1"}')
+        self.assertEqual(request.refresh_token, "rt-secret-1")
+        self.assertNotIn("rt-secret-1", repr(request))
+        self.assertNotIn("at-secret-2", repr(messages.SpotifyTokens({"access_token": "at-secret-2"})))
+
+    def test_errors_round_trip(self) -> None:
+        """
+        C{spotify_refused} and C{spotify_unavailable} frames turn back into
+        their typed errors, with C{spotify_error} and C{retry}.
+        """
+        from leeloo import messages
+        refused = messages.error_from({"type": "error", "error": "spotify_refused", "message": "no",
+                                       "spotify_error": "invalid_grant"})
+        self.assertIsInstance(refused, messages.SpotifyRefused)
+        self.assertEqual(refused.spotify_error, "invalid_grant")
+        unavailable = messages.error_from({"type": "error", "error": "spotify_unavailable", "message": "later",
+                                           "retry": True})
+        self.assertIsInstance(unavailable, messages.SpotifyUnavailable)
+        self.assertEqual(unavailable.as_message()["retry"], True)

@@ -109,6 +109,17 @@ class SpotifyTests(TestCase):
         device, events = start_device(self, self.relay.url(), "Kitchen", auto_create=False)
         yield self.assertFailure(device.search("x"), SpotifyUnsupported)
 
+    def test_refresh_without_tokens(self):
+        """
+        refresh_spotify() with no token given and none saved fails at once
+        with a DeviceError saying to pair first.
+        """
+        from leeloo.device import DeviceError
+        device, events = start_device(self, self.relay.url(), "Kitchen", auto_create=False)
+        d = self.assertFailure(device.refresh_spotify(), DeviceError)
+        d.addCallback(lambda e: self.assertIn("pair", e.message))
+        return d
+
     def test_bad_limit(self):
         """
         A limit the relay would refuse fails at once, nothing sent.
