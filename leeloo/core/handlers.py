@@ -63,7 +63,7 @@ class Handlers:
         self.replayer = replayer
         self.tokens = tokens
         self.pairing = pairing
-        self.spotify_broker = SpotifyBroker(pairing.clock, lambda: pairing.spotify)
+        self.spotify_broker = SpotifyBroker(pairing.clock, lambda: pairing.spotify, sessions.sessions)
         self.by_type = {
             Register: self.register,
             CreateCrew: self.create_crew,

@@ -129,10 +129,14 @@ class SpotifyBroker:
     @param clock: the relay's clock.
     @param spotify: a callable giving the relay's L{SpotifyOAuth} (or
         C{None} when it has none).
+    @param sessions: the relay's open connections (a set of sessions):
+        an answer for one that has gone is dropped.
     """
 
-    def __init__(self, clock: Any, spotify: Callable[[], SpotifyOAuth | None], rate: Rate = DEVICE_RATE) -> None:
+    def __init__(self, clock: Any, spotify: Callable[[], SpotifyOAuth | None], sessions: Any = None,
+                 rate: Rate = DEVICE_RATE) -> None:
         self.clock = clock
+        self._sessions = sessions
         self._spotify = spotify
         self.limiter = Limiter(clock, rate)
         # Spotify said 429: nothing goes to it before this time.
@@ -140,6 +144,11 @@ class SpotifyBroker:
         self._app_token: str | None = None
         self._app_expires = 0.0
         self._app_waiting: list[Deferred] | None = None
+
+    def _send(self, session: Session, message: Any) -> None:
+        # An answer for a connection that has closed meanwhile goes nowhere.
+        if not session.closing and (self._sessions is None or session in self._sessions):
+            session.send(message)
 
     # ------------------------------------------------------------ checks
 
@@ -187,7 +196,7 @@ class SpotifyBroker:
         else:
             _log.failure("bug while answering a Spotify {what}", failure, what=what)
             error = SpotifyUnavailable("the relay could not ask Spotify; try again")
-        session.send(error.as_frame())
+        self._send(session, error.as_frame())
 
     # ----------------------------------------------------------- refresh
 
@@ -201,7 +210,7 @@ class SpotifyBroker:
 
     def _refreshed(self, session: Session, tokens: dict) -> None:
         _log.info("Spotify tokens refreshed for {device_id}", device_id=session.device_id)
-        session.send(SpotifyTokens({"access_token": tokens["access_token"], "expires_in": tokens["expires_in"],
+        self._send(session, SpotifyTokens({"access_token": tokens["access_token"], "expires_in": tokens["expires_in"],
                                     "refresh_token": tokens["refresh_token"]}))
 
     # ------------------------------------------------------------ search
@@ -211,7 +220,7 @@ class SpotifyBroker:
             return
         q = search_query(message.query)
         d = self._searched(q, message.limit, retry=True)
-        d.addCallback(lambda results: session.send(SpotifySearchResults(message.query, results)))
+        d.addCallback(lambda results: self._send(session, SpotifySearchResults(message.query, results)))
         d.addErrback(self._answer_failure, session, "search")
 
     def _searched(self, q: str, limit: int, retry: bool) -> Deferred:

@@ -120,6 +120,22 @@ class RefreshTests(BrokerMixin, SynchronousTestCase):
         [answer] = device.take()
         self.assertEqual((answer["error"], answer["retry"]), ("spotify_unavailable", True))
 
+    def test_closed_before_the_answer(self) -> None:
+        """
+        A device that leaves before Spotify answers is sent nothing, and
+        nothing is logged as a bug.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.spotify.slow = True
+        device = self.device()
+        device.send(type="spotify_refresh", refresh_token=REFRESH)
+        self.http.flush()
+        device.close()
+        device.take()
+        self.clock.advance(TIMEOUT + 1)
+        self.assertEqual(device.take(), [])
+        self.assertFalse([e for e in events if e.get("log_failure") is not None])
+
     def test_unreachable(self) -> None:
         """
         Spotify unreachable is C{spotify_unavailable} with C{retry: true}.
