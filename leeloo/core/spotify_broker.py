@@ -139,6 +139,8 @@ class SpotifyBroker:
         self._sessions = sessions
         self._spotify = spotify
         self.limiter = Limiter(clock, rate)
+        # Refilled buckets are swept once there are more than this many.
+        self.sweep_at = 1024
         # Spotify said 429: nothing goes to it before this time.
         self.blocked_until = 0.0
         self._app_token: str | None = None
@@ -160,6 +162,9 @@ class SpotifyBroker:
 
         @raise RateLimited: the device asked too often (a strike).
         """
+        if len(self.limiter.buckets) >= self.sweep_at:
+            self.limiter.sweep()
+            self.sweep_at = max(1024, 2 * len(self.limiter.buckets))
         wait = self.limiter.take(session.device_id)
         if wait > 0:
             raise RateLimited("too many Spotify requests from this device", wait)

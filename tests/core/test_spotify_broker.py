@@ -171,6 +171,20 @@ class RefreshTests(BrokerMixin, SynchronousTestCase):
             self.refresh(device)
         self.assertEqual(self.refresh(self.device(OTHER))["type"], "spotify_tokens")
 
+    def test_buckets_swept(self) -> None:
+        """
+        The per-device budgets of devices that have not asked for a while
+        are forgotten, so memory follows recent activity.
+        """
+        broker = self.relay.handlers.spotify_broker
+        broker.sweep_at = 3
+        for i in range(3):
+            self.refresh(self.device(f"leeloo_00000000002{i}"))
+        self.assertEqual(len(broker.limiter.buckets), 3)
+        self.clock.advance(3600)
+        self.refresh(self.device())
+        self.assertEqual(set(broker.limiter.buckets), {DEVICE})
+
     def test_not_registered(self) -> None:
         """
         A connection without a device id is answered C{not_registered}.
