@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from leeloo.relay import IPeer, Outgoing
+from leeloo.core.peer import IPeer, Outgoing
 from leeloo.store import MemoryStore, StoreError
 
 

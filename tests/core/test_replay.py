@@ -1,98 +1,16 @@
 """
-Nothing lost: every crew fan-out is logged with a sequence number before it
-is delivered, returning devices get what they missed, acknowledging clients
-get each message exactly once, and retention keeps the log bounded.  The
-core is driven with a FakePeer, a Clock and a store.
+L{leeloo.core.replay}: returning devices get what they missed, then
+live traffic; acks and C{last_seq} for clients that resume, age filters
+and proofs of receipt for deployed devices that never acknowledge.
 """
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
-from leeloo.relay import DAY, Relay
-from leeloo.store import MemoryStore, StoreError
-from leeloo import web
-from leeloo.testing import Device, FailingMemoryStore, strip_keys
-
-T0 = 1_700_000_000.0
-
-
-class DeliveryTestCase(SynchronousTestCase):
-    replay_limit = 50
-
-    def setUp(self):
-        self.clock = Clock()
-        self.clock.advance(T0)
-        self.store = FailingMemoryStore()
-        self.relay = self.make_relay()
-
-    def make_relay(self, **kwargs):
-        return Relay(self.clock, self.store, replay_limit=self.replay_limit, **kwargs)
-
-    def device(self, device_id, crew="ALPHA", relay=None, **extra):
-        d = Device(relay or self.relay)
-        d.send(type="register", device_id=device_id, crew_code=crew, device_name=device_id.title(), **extra)
-        return d
-
-    def say(self, device, text, **extra):
-        self.clock.advance(0.05)  # a person's pace, within the message rate limit
-        device.send(type="message", payload={"text": text}, **extra)
-
-
-class SequenceTests(DeliveryTestCase):
-    def test_fanout_carries_seq_and_id(self):
-        """
-        Every crew fan-out carries a per-crew seq, counting from 1, and a
-        message id; other crews count on their own.
-        """
-        a, b = self.device("a"), self.device("b")
-        x, y = self.device("x", "BETA"), self.device("y", "BETA")
-        for d in (a, b, x, y):
-            d.take()
-        self.say(a, "one")
-        a.send(type="share_music", spotify_uri="u", artist="A", track="T", album="B")
-        a.send(type="reaction", reaction_type="love")
-        self.say(x, "other crew")
-        got = b.take()
-        self.assertEqual([m["seq"] for m in got], [1, 2, 3])
-        self.assertEqual(len({m["id"] for m in got}), 3)
-        self.assertEqual(y.take()[0]["seq"], 1)
-
-    def test_logged_before_delivered(self):
-        """
-        A message is delivered only once its store write has committed.
-        """
-        pending = []
-
-        class SlowStore(MemoryStore):
-            def write(self, ops):
-                d = Deferred()
-                pending.append((d, ops))
-                return d
-
-        self.store = SlowStore()
-        self.relay = self.make_relay()
-        a, b = self.device("a"), self.device("b")
-        while pending:
-            pending.pop(0)[0].callback(None)
-        a.take(), b.take()
-        self.say(a, "hello")
-        self.assertEqual(b.take(), [])
-        d, ops = pending.pop(0)
-        self.assertEqual([kind for kind, _ in ops], ["append"])
-        d.callback(None)
-        self.assertEqual(b.texts(), ["hello"])
-
-    def test_bot_messages_logged(self):
-        """
-        Bot messages are logged and replayed like device messages.
-        """
-        a = self.device("a")
-        a.close()
-        self.relay.bot_join_crew("7", "ALPHA", "Tom")
-        self.relay.bot_message("7", "ALPHA", "Tom", "text", {"text": "from telegram"})
-        back = self.device("a")
-        self.assertEqual(back.texts(), ["from telegram"])
+from leeloo.core.defaults import DAY
+from leeloo.relay import Relay
+from leeloo.store import MemoryStore
+from leeloo.testing import Device, strip_keys
+from tests.core.support import DeliveryTestCase
 
 
 class OfflineDeliveryTests(DeliveryTestCase):
@@ -304,249 +222,6 @@ class AckTests(DeliveryTestCase):
         self.assertEqual([m["error"] for m in d.take()], ["not_in_crew", "invalid_message"])
 
 
-class ClientMessageIdTests(DeliveryTestCase):
-    def test_sent_once_durable(self):
-        """
-        A message with client_msg_id is answered sent with its id and seq.
-        """
-        a, b = self.device("a"), self.device("b")
-        a.take(), b.take()
-        self.say(a, "hi", client_msg_id="c1")
-        [sent] = a.take()
-        [got] = b.take()
-        self.assertEqual(sent, {"type": "sent", "client_msg_id": "c1", "id": got["id"], "seq": got["seq"]})
-
-    def test_resend_not_delivered_twice(self):
-        """
-        A resend with the same client_msg_id (after a reconnect) is answered
-        sent again and neither stored nor delivered twice.
-        """
-        a, b = self.device("a"), self.device("b")
-        a.take(), b.take()
-        self.say(a, "hi", client_msg_id="c1")
-        first = a.take()
-        a.close()
-        again = self.device("a")
-        again.take()
-        self.say(again, "hi", client_msg_id="c1")
-        self.assertEqual(again.take(), first)
-        self.assertEqual(b.texts(), ["hi"])
-        self.assertEqual(len(self.store.log["ALPHA"]), 1)
-
-    def test_resend_after_restart(self):
-        """
-        The relay remembers client_msg_ids across a restart.
-        """
-        a = self.device("a")
-        self.say(a, "hi", client_msg_id="c1")
-        relay = self.make_relay()
-        back = self.device("a", relay=relay)
-        back.take()
-        self.say(back, "hi", client_msg_id="c1")
-        [sent] = back.take()
-        self.assertEqual((sent["type"], sent["seq"]), ("sent", 1))
-        self.assertEqual(len(self.store.log["ALPHA"]), 1)
-
-    def test_same_id_different_body(self):
-        """
-        Reusing a client_msg_id for a different message is refused; the log
-        and the crew are unaffected.
-        """
-        a, b = self.device("a"), self.device("b")
-        a.take(), b.take()
-        self.say(a, "hi", client_msg_id="c1")
-        a.take(), b.take()
-        self.say(a, "something else", client_msg_id="c1")
-        [reply] = a.take()
-        self.assertEqual((reply["type"], reply["error"]), ("error", "duplicate_client_msg_id"))
-        self.assertEqual(b.take(), [])
-        self.assertEqual(len(self.store.log["ALPHA"]), 1)
-
-    def test_ids_are_per_sender(self):
-        """
-        Two devices may use the same client_msg_id.
-        """
-        a, b = self.device("a"), self.device("b")
-        self.say(a, "from a", client_msg_id="same")
-        self.say(b, "from b", client_msg_id="same")
-        self.assertEqual(len(self.store.log["ALPHA"]), 2)
-
-
-class StoreFailureTests(DeliveryTestCase):
-    def test_store_unavailable(self):
-        """
-        When the store fails, the sender gets store_unavailable, nothing is
-        delivered, connections stay, and sending works again once the store
-        recovers.
-        """
-        a, b = self.device("a"), self.device("b")
-        a.take(), b.take()
-        self.store.fail_with = OSError("database or disk is full")
-        self.say(a, "lost?", client_msg_id="c1")
-        [reply] = a.take()
-        self.assertEqual((reply["type"], reply["error"]), ("error", "store_unavailable"))
-        self.assertEqual(b.take(), [])
-        self.assertEqual(len(self.flushLoggedErrors()), 0)
-        self.store.fail_with = None
-        self.clock.advance(1)
-        self.say(a, "lost?", client_msg_id="c1")
-        self.assertEqual(a.take()[0]["type"], "sent")
-        self.assertEqual(b.texts(), ["lost?"])
-
-    def test_state_retried(self):
-        """
-        Crew and membership writes that fail are retried until the store
-        recovers.
-        """
-        self.store.fail_with = StoreError("locked")
-        self.device("a", crew="NEWCREW")
-        self.assertNotIn("NEWCREW", self.store.crews)
-        self.store.fail_with = None
-        self.clock.advance(1)
-        self.assertIn("NEWCREW", self.store.crews)
-        self.assertIn(("NEWCREW", "a"), self.store.members)
-
-
-class BugRecoveryTests(DeliveryTestCase):
-    """
-    A bug in a step of one of the core's Deferred chains is logged as a
-    failure and recovered from; it is never left unhandled, and the relay
-    goes on serving.
-    """
-
-    def test_replay_bug_stops_holding(self):
-        """
-        A bug while sending a returning device its replay is logged; that
-        device no longer holds live traffic back and is closed with 1011 (it
-        reconnects and is replayed again).
-        """
-        class BrokenReplay(MemoryStore):
-            def replay(self, *args):
-                return succeed(None)  # not a Replay: _replayed fails on it
-
-        self.store = BrokenReplay()
-        self.relay = self.make_relay()
-        a, b = self.device("a"), self.device("b")
-        b.close()
-        self.say(a, "missed")
-        back = self.device("b")
-        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
-        self.assertIsNone(back.session.primary.held)
-        self.assertEqual(back.peer.closed[0], 1011)
-        self.assertFalse(a.peer.closed)
-
-    def test_publish_bug_closes_the_sender(self):
-        """
-        A bug after a message was stored (an unexpected failure, not a
-        ProtocolError) is logged and its sender closed with 1011, not left
-        unhandled; the others go on.
-        """
-        a, b = self.device("a"), self.device("b")
-        a.take(), b.take()
-        fanout = self.relay.crews_part.fanout
-
-        def broken(*args, **kwargs):
-            raise ZeroDivisionError("a bug")
-
-        self.patch(self.relay.crews_part, "fanout", broken)
-        self.say(a, "boom")
-        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
-        self.assertEqual(a.peer.closed[0], 1011)
-        self.patch(self.relay.crews_part, "fanout", fanout)
-        self.say(b, "still here")
-        self.assertFalse(b.peer.closed)
-        self.assertEqual([m["type"] for m in b.take()], [])
-        self.assertEqual(a.texts(), ["still here"])
-
-    def test_create_crew_answer_bug_closes(self):
-        """
-        A bug while answering a crew creation once it is durable is logged
-        and that connection closed with 1011.
-        """
-        def broken(session):
-            raise ZeroDivisionError("a bug")
-
-        d = Device(self.relay)
-        self.patch(self.relay.tokens, "hand_over", broken)
-        d.send(type="create_crew", device_id="a", crew_code="NEWCREW", display_name="A")
-        self.clock.advance(1)
-        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
-        self.assertEqual(d.peer.closed[0], 1011)
-
-    def test_trim_bug_retried(self):
-        """
-        A bug while trimming a crew's log is logged, and the crew does not
-        stay marked as trimming: the next message past the bound trims
-        again.
-        """
-        trims = []
-
-        class BrokenTrim(MemoryStore):
-            def trim(self, *args):
-                trims.append(args)
-                return succeed(None)  # not a (first_kept, left) pair
-
-        self.store = BrokenTrim()
-        self.relay = self.make_relay(crew_log_bytes=2_000)
-        a = self.device("a")
-        for i in range(3):
-            self.say(a, "x" * 1000)
-        self.assertGreaterEqual(len(self.flushLoggedErrors(TypeError)), 1)
-        self.assertIsNone(self.relay.crews["ALPHA"].trimming)
-        before = len(trims)
-        self.say(a, "x" * 1000)
-        self.assertEqual(len(trims), before + 1)
-        self.flushLoggedErrors(TypeError)
-
-
-class RetentionTests(DeliveryTestCase):
-    def test_prune_old_messages(self):
-        """
-        prune drops log entries older than the retention window, keeping
-        each crew's newest.
-        """
-        a = self.device("a")
-        for text in ("1", "2", "3"):
-            self.say(a, text)
-        self.clock.advance(8 * DAY)
-        self.say(a, "4")
-        deleted, crews = self.successResultOf(self.relay.prune())
-        self.assertEqual((deleted, crews), (3, 0))
-        self.assertEqual([e.seq for e in self.store.log["ALPHA"]], [4])
-
-    def test_newest_client_msg_id_remembered(self):
-        """
-        The crew's newest message (which the store keeps past retention)
-        stays known by its client_msg_id: a resend of it is answered sent,
-        not stored again.
-        """
-        a = self.device("a")
-        self.say(a, "only", client_msg_id="c1")
-        a.take()
-        self.clock.advance(8 * DAY)
-        self.successResultOf(self.relay.prune())
-        self.say(a, "only", client_msg_id="c1")
-        self.assertEqual(a.take()[0]["type"], "sent")
-        self.assertEqual(len(self.store.log["ALPHA"]), 1)
-
-    def test_prune_idle_crews(self):
-        """
-        A crew with no message and no member seen for crew_ttl is forgotten,
-        in memory and in the store; an active crew is kept.
-        """
-        self.device("a", crew="OLD").close()
-        self.clock.advance(80 * DAY)
-        busy = self.device("b", crew="BUSY")
-        self.clock.advance(11 * DAY)
-        deleted, crews = self.successResultOf(self.relay.prune())
-        self.assertEqual(crews, 1)
-        self.assertNotIn("OLD", self.relay.crews)
-        self.assertNotIn("OLD", self.store.crews)
-        self.assertIn("BUSY", self.relay.crews)
-        busy.send(type="ping")
-        self.assertEqual(busy.take()[-1], {"type": "pong"})
-
-
 class LegacyReplayTests(DeliveryTestCase):
     """
     A device that never acks nor sends last_seq takes every replayed frame
@@ -724,13 +399,30 @@ class ProofOfReceiptTests(DeliveryTestCase):
         self.assertEqual(self.device("c").texts(), [])
 
 
-class BotUserRestoreTests(DeliveryTestCase):
-    def test_user_crews_restored(self):
+class BugRecoveryTests(DeliveryTestCase):
+    """
+    A bug in a step of one of the core's Deferred chains is logged as a
+    failure and recovered from; it is never left unhandled, and the relay
+    goes on serving.
+    """
+
+    def test_replay_bug_stops_holding(self):
         """
-        A restarted relay still knows which crews a bot user is in.
+        A bug while sending a returning device its replay is logged; that
+        device no longer holds live traffic back and is closed with 1011 (it
+        reconnects and is replayed again).
         """
-        self.device("a", crew="HOME")
-        self.relay.bot_join_crew("7", "home", "Tina")
-        relay = self.make_relay()
-        self.assertEqual([web.bot_crew(c) for c in relay.bot_user_crews("7")],
-                         [{"crew_code": "HOME", "display_name": "Tina", "devices_online": 0}])
+        class BrokenReplay(MemoryStore):
+            def replay(self, *args):
+                return succeed(None)  # not a Replay: _replayed fails on it
+
+        self.store = BrokenReplay()
+        self.relay = self.make_relay()
+        a, b = self.device("a"), self.device("b")
+        b.close()
+        self.say(a, "missed")
+        back = self.device("b")
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        self.assertIsNone(back.session.primary.held)
+        self.assertEqual(back.peer.closed[0], 1011)
+        self.assertFalse(a.peer.closed)

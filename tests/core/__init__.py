@@ -1,0 +1,3 @@
+"""
+Tests of the relay's core, one module per part of L{leeloo.core}.
+"""
