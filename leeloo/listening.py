@@ -2,7 +2,9 @@
 The relay's listening endpoints, and its readiness: every C{--listen},
 C{--redirect-listen} and C{--admin-listen} endpoint listens before the relay
 says it is ready, and one that cannot ends the process with one line naming
-it, the reason and what to do.
+it, the reason and what to do.  Endpoint strings get the relay's default
+backlog here (L{with_default_backlog}), and are shown as written
+(L{as_written}).
 """
 
 from __future__ import annotations

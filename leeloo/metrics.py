@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 
 from leeloo.access import CONNECTING_TOO_FAST, TOO_MANY_CONNECTIONS, TOO_MANY_FROM_ADDRESS
-from leeloo.core.delivery import MESSAGE_KINDS
+from leeloo.core.delivery import FANOUT_SAMPLE_EVERY, MESSAGE_KINDS
 from leeloo.figures import HistogramFigures
 from leeloo.relay import Relay
 from leeloo.websocket import REFUSED_ORIGIN
@@ -99,8 +99,8 @@ class RelayCollector:
                                   "Crew messages fanned out live, one per device each went to.",
                                   value=stats.deliveries)
         yield _histogram("leeloo_fanout_seconds",
-                         "Seconds from a crew message's receipt to its last member's write, for one "
-                         "message in 16 (the store commit included).", stats.fanout_seconds)
+                         "Seconds from a crew message's receipt to its last member's write (the store "
+                         f"commit included), for one message in {FANOUT_SAMPLE_EVERY}.", stats.fanout_seconds)
         yield CounterMetricFamily("leeloo_replayed_messages",
                                   "Messages sent from crews' logs to devices coming back.", value=stats.replayed)
         yield _histogram("leeloo_store_batch_seconds", "Seconds each store batch (group commit) took.",

@@ -118,7 +118,6 @@ class NamedServiceTests(TreeTestCase):
         tree.privilegedStartService()
         tree.startService()
         self.addCleanup(tree.stopService)
-        self.reactor.runUntilCurrent()
         self.assertEqual(self.notified, [])
         self.reactor.running = True
         for hook, args, kwargs in self.reactor.whenRunningHooks:
@@ -148,7 +147,7 @@ class ClosingStore(MemoryStore):
         return super().close()
 
 
-class StoreServiceTests(SynchronousTestCase):
+class StoreServiceTests(TreeTestCase):
     def test_closes_after_the_flush(self):
         """
         At stop the store stays open until the relay's flush has fired, and
@@ -171,7 +170,7 @@ class StoreServiceTests(SynchronousTestCase):
         Stopping the whole tree closes the store once, after the relay's
         shutdown.
         """
-        tree = TreeTestCase.build(self)
+        tree = self.build()
         store = ClosingStore()
         tree.getServiceNamed("store").store = store
         relay_service = tree.getServiceNamed("relay")
