@@ -103,14 +103,14 @@ class RelayMachine(RuleBasedStateMachine):
             for device_id, membership in crew.online.items():
                 session = membership.session
                 assert session.crew is crew
-                assert session.memberships[code] is membership
+                assert session.membership(code) is membership
                 assert session.device_id == device_id
                 assert relay.devices.get(device_id) is session
                 assert membership.member is crew.members[device_id]
         for session in relay.sessions:
             if session.crew is not None:
                 assert session.crew.online.get(session.device_id) is session.primary
-            assert set(session.memberships.values()) == ({session.primary} if session.primary else set())
+            assert session.memberships() == ([session.primary] if session.primary else [])
 
     @invariant()
     def only_protocol_messages(self):

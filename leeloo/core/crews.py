@@ -231,7 +231,6 @@ class Crews:
         if last_seq is not None or member.acked_seq is not None:
             session.acks = True
         membership = Membership(session, crew, member, start)
-        session.memberships[crew.code] = membership
         session.primary = membership
         if not crew.online:
             self.online_count += 1
@@ -249,7 +248,6 @@ class Crews:
         if membership is None:
             return
         crew = membership.crew
-        del session.memberships[crew.code]
         session.primary = None
         membership.held = None
         if crew.online.get(session.device_id) is membership:

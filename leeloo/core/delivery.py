@@ -235,7 +235,7 @@ class Delivery:
         crew.last_message_at = self.clock.seconds()
         self._logged(crew, len(out.payload))
         if session is not None:
-            membership = session.memberships.get(crew.code)
+            membership = session.membership(crew.code)
             if membership is not None and membership.crew is crew:
                 # The sender never gets its own message: it counts as sent
                 # to it, in its place (after what it is still catching up on).

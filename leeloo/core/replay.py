@@ -72,7 +72,7 @@ class Replayer:
 
     def _replayed(self, replay: Replay, membership: Membership, up_to: int) -> None:
         session = membership.session
-        if session.memberships.get(membership.crew.code) is not membership:
+        if session.membership(membership.crew.code) is not membership:
             membership.held = None
             return
         if replay.lost is not None and session.acks:
@@ -86,7 +86,7 @@ class Replayer:
         session, crew = membership.session, membership.crew
         _log.error("could not read crew {crew_code}'s log for a returning device: {error}",
                    crew_code=crew.code, error=failure.getErrorMessage())
-        if session.memberships.get(crew.code) is membership:
+        if session.membership(crew.code) is membership:
             session.send(StoreUnavailable("missed messages could not be read; reconnect to try again").as_frame())
             self._release(membership, up_to)
 
@@ -118,7 +118,7 @@ class Replayer:
         the device proves it received everything sent before now (its
         answer to a WebSocket ping sent now, say).
         """
-        return tuple((m, m.last_sent_seq) for m in session.memberships.values())
+        return tuple((m, m.last_sent_seq) for m in session.memberships())
 
     def delivered(self, session: Session, mark: tuple) -> None:
         """

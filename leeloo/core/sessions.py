@@ -25,15 +25,17 @@ class Session:
     """
     One connection: who it says it is and the crews it is in.
 
-    C{memberships} holds its L{Membership} of each crew it is in (by crew
-    code), C{primary} the one its crew messages go to.  C{acks} is whether
+    C{primary} is its L{Membership} of the crew its crew messages go to,
+    C{others} (C{None} while there are none, as for every device today:
+    a dict costs more than the membership) those of the other crews it is
+    in, by crew code; L{membership} finds either.  C{acks} is whether
     the device speaks the acknowledging protocol (it sent C{ack} or
     C{last_seq}); a device that does not is a legacy device.  C{bucket} and
     C{entries} are its rate budgets, C{strikes} its refusals in a row, and
     C{bind_timer} closes it if it binds no device in time.
     """
 
-    __slots__ = ("peer", "address", "device_id", "name", "memberships", "primary", "acks",
+    __slots__ = ("peer", "address", "device_id", "name", "primary", "others", "acks",
                  "bucket", "entries", "strikes", "closing", "bind_timer")
 
     def __init__(self, peer: IPeer, address: str | None, bucket: Bucket) -> None:
@@ -41,14 +43,33 @@ class Session:
         self.address = address
         self.device_id: str | None = None
         self.name: str | None = None
-        self.memberships: dict[str, Membership] = {}
         self.primary: Membership | None = None
+        self.others: dict[str, Membership] | None = None
         self.acks = False
         self.bucket = bucket
         self.entries: Bucket | None = None
         self.strikes = 0
         self.closing = False
         self.bind_timer: Any = None
+
+    def membership(self, code: str) -> Membership | None:
+        """
+        Its membership of the crew of C{code}, if it is in it.
+        """
+        primary = self.primary
+        if primary is not None and primary.crew.code == code:
+            return primary
+        others = self.others
+        return others.get(code) if others else None
+
+    def memberships(self) -> list[Membership]:
+        """
+        Every membership it holds, the primary first.
+        """
+        held = [] if self.primary is None else [self.primary]
+        if self.others:
+            held.extend(self.others.values())
+        return held
 
     @property
     def crew(self) -> Crew | None:
