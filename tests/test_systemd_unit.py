@@ -168,7 +168,8 @@ class SocketActivationTests(TestCase):
     @inlineCallbacks
     def test_ipv6_listen_stream(self):
         """
-        A ListenStream= socket for a bare port is an IPv6 socket: served
+        A ListenStream= socket for a bare port is an IPv6 socket (systemd
+        passes it as fd 3 with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID): served
         with --listen systemd:domain=INET6:index=0, a device registers
         through it and the relay sees its real address.
         """
@@ -178,7 +179,8 @@ class SocketActivationTests(TestCase):
         sock.listen(64)
         port = sock.getsockname()[1]
         relay = RelayProcess(self, "--listen", "systemd:domain=INET6:index=0", "--store", "memory",
-                             environ={"LISTEN_FDS": "1"}, child_fds={3: sock.fileno()},
+                             environ={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "leeloo.socket"},
+                             child_fds={3: sock.fileno()},
                              prelude="import os; os.environ['LISTEN_PID'] = str(os.getpid())")
         relay.proto.port.addErrback(lambda f: None)
         [ready] = yield relay.proto.ready()
