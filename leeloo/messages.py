@@ -16,6 +16,8 @@ Client -> relay
     ``reaction``     ``reaction_type``
     ``ping``
     ``ack``          ``seq`` (cumulative: everything up to ``seq`` arrived)
+    ``spotify_pair`` ``scopes``? (space-separated; default
+                     ``user-read-currently-playing user-read-playback-state``)
 
 Relay -> client
     ``registered`` ``crew_created`` ``crew_joined`` ``member_joined``
@@ -23,6 +25,8 @@ Relay -> client
     ``spotify_auth_complete`` ``error``
     ``sent``             ``client_msg_id`` ``id`` ``seq``
     ``replay_truncated`` ``from_seq`` ``to_seq``
+    ``spotify_pair``     ``url`` ``user_code`` ``expires_in``
+    ``spotify_pair_failed`` ``reason`` ``user_code``
 
 Both directions are typed, one frozen dataclass per message type.
 L{decode} reads what a client sends (the relay's side); L{decode_from_relay}
@@ -31,13 +35,14 @@ dict or a typed message.  The names:
 
     - client -> relay: the request, in CamelCase (L{Register},
       L{CreateCrew}, L{JoinCrew}, L{CrewMessage} for ``message``,
-      L{ShareMusic}, L{Reaction}, L{Ack}, L{Ping});
+      L{ShareMusic}, L{Reaction}, L{Ack}, L{Ping}, L{SpotifyPair});
     - relay -> client: the wire type in CamelCase (L{Registered},
       L{CrewCreated}, L{CrewJoined}, L{MemberJoined}, L{MemberOffline},
       L{MusicShared}, L{Sent}, L{ReplayTruncated}, L{Pong},
-      L{SpotifyAuthComplete}), except where that would collide with a
-      request: the crew fan-outs of ``message`` and ``reaction`` are
-      L{RelayedMessage} and L{RelayedReaction}, and ``error`` is
+      L{SpotifyAuthComplete}, L{SpotifyPairFailed}), except where that
+      would collide with a request: the crew fan-outs of ``message`` and
+      ``reaction`` are L{RelayedMessage} and L{RelayedReaction}, the
+      answer to ``spotify_pair`` is L{SpotifyPairStarted}, and ``error`` is
       L{ErrorFrame} (L{ProtocolError} is the exception, L{ErrorFrame} the
       frame that carries it).  A type this version does not know is read
       as an L{UnknownRelayMessage} keeping the whole dict.
@@ -118,6 +123,26 @@ Connections:
     back), 1009 a message over the size limit, 1011 a relay bug, 4001
     replaced by a newer connection for the same device id, 4008 no device
     bound in time, 4029 too many refusals.
+
+Spotify pairing (the relay as the device's pairing broker, as in RFC 8628):
+    A device with a device id (``register`` without a crew is enough) sends
+    ``{"type":"spotify_pair"}``, optionally with ``scopes``; the relay
+    answers ``{"type":"spotify_pair","url":"PUBLIC/pair/CODE",
+    "user_code":"XXXX-XXXX","expires_in":600}``.  The device shows the URL
+    (a QR code) and the code; the phone that opens the URL sees the device's
+    name, its crew and the code, and its button goes on to Spotify's
+    consent.  The tokens come as ``spotify_auth_complete``, as before (kept
+    for the device while it is offline).  The code is single use and lives
+    ten minutes; a second ``spotify_pair`` cancels the first.  A flow that
+    ends without tokens is told ``{"type":"spotify_pair_failed","reason":R,
+    "user_code":CODE}`` with R ``denied`` (the person said no), ``expired``,
+    ``cancelled`` (a newer ``spotify_pair``) or ``refused`` (Spotify
+    refused the exchange).  Any ``spotify_*`` message from a connection with
+    no device id is answered ``not_registered``; on a relay without a
+    Spotify app, ``spotify_not_configured``.  A relay older than this
+    answers ``unknown_type``: the device then falls back to building the
+    authorize URL itself with ``state`` = its device id (the legacy path,
+    which the relay's ``--no-legacy-spotify-state`` turns off).
 
 Unknown fields are ignored, so that newer devices keep working against this
 relay.  A frame that cannot be understood raises a L{ProtocolError} whose
@@ -354,6 +379,24 @@ class DeviceAuthFailed(ProtocolError):
     close_code = CloseCode.ABUSE
 
 
+class NotRegistered(ProtocolError):
+    """
+    A C{spotify_*} message from a connection that has no device id yet
+    (register first: no crew is needed).
+    """
+
+    code = "not_registered"
+
+
+class SpotifyNotConfigured(ProtocolError):
+    """
+    A C{spotify_*} message to a relay that has no Spotify app configured.
+    """
+
+    code = "spotify_not_configured"
+    http_status = 503
+
+
 # Every error code of the contract, by its class: what a client turns an
 # ``error`` frame back into (L{error_from}).  (L{FieldError} and
 # L{MalformedCrewCode} share their parents' codes.)
@@ -361,7 +404,8 @@ ERRORS: dict[str, type[ProtocolError]] = {
     cls.code: cls
     for cls in (InvalidJSON, InvalidMessage, UnknownType, NotInCrew, InvalidCrewCode,
                 BinaryNotSupported, InvalidLastSeq, InvalidAck, DuplicateClientMessage,
-                StoreUnavailable, CrewLimit, RateLimited, DeviceAuthFailed)
+                StoreUnavailable, CrewLimit, RateLimited, DeviceAuthFailed, NotRegistered,
+                SpotifyNotConfigured)
 }
 
 
@@ -450,6 +494,21 @@ class Ack:
 @dataclass(frozen=True, slots=True)
 class Ping:
     pass
+
+
+# What a pairing asks Spotify for when the device names no scopes.
+DEFAULT_SPOTIFY_SCOPES = "user-read-currently-playing user-read-playback-state"
+_SCOPE_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+MAX_SCOPES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class SpotifyPair:
+    """
+    ``spotify_pair``: start a pairing; C{scopes} space-separated.
+    """
+
+    scopes: str = DEFAULT_SPOTIFY_SCOPES
 
 
 # ------------------------------------------------------------- validation
@@ -640,6 +699,17 @@ def _ack(obj: Mapping) -> Ack:
     return Ack(seq=_sequence(obj, "seq", InvalidMessage, required=True))
 
 
+def _spotify_pair(obj: Mapping) -> SpotifyPair:
+    scopes = string_field(obj, "scopes", MAX_FIELD_LENGTH)
+    if scopes is None:
+        return SpotifyPair()
+    names = scopes.split()
+    if len(names) > MAX_SCOPES or not all(_SCOPE_RE.fullmatch(n) for n in names):
+        raise FieldError("scopes", "must be Spotify scope names",
+                         f"scopes must be at most {MAX_SCOPES} Spotify scope names separated by spaces")
+    return SpotifyPair(" ".join(dict.fromkeys(names)))
+
+
 _DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "register": _register,
     "create_crew": _create_crew,
@@ -649,6 +719,7 @@ _DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "reaction": _reaction,
     "ping": lambda obj: Ping(),
     "ack": _ack,
+    "spotify_pair": _spotify_pair,
 }
 
 
@@ -951,6 +1022,45 @@ class SpotifyAuthComplete:
 
 
 @dataclass(frozen=True, slots=True)
+class SpotifyPairStarted:
+    """
+    ``spotify_pair`` from the relay: the answer to L{SpotifyPair}.  The
+    device shows C{url} (as a QR code) and C{user_code} (C{XXXX-XXXX}); the
+    pairing lasts C{expires_in} seconds.
+    """
+
+    type: ClassVar[str] = "spotify_pair"
+    url: str
+    user_code: str
+    expires_in: int
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "url": self.url, "user_code": self.user_code, "expires_in": self.expires_in}
+
+
+# Why a pairing ended without tokens.
+PAIR_FAILURE_REASONS = ("denied", "expired", "cancelled", "refused")
+
+
+@dataclass(frozen=True, slots=True)
+class SpotifyPairFailed:
+    """
+    ``spotify_pair_failed``: the pairing with C{user_code} ended without
+    tokens; C{reason} is one of L{PAIR_FAILURE_REASONS}.
+    """
+
+    type: ClassVar[str] = "spotify_pair_failed"
+    reason: str
+    user_code: str | None = None
+
+    def to_dict(self) -> dict:
+        d = {"type": self.type, "reason": self.reason}
+        if self.user_code is not None:
+            d["user_code"] = self.user_code
+        return d
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorFrame:
     """
     ``error``: C{error} is the stable code, C{message} the sentence for
@@ -987,7 +1097,7 @@ class UnknownRelayMessage:
 
 RelayMessage = Union[Registered, CrewCreated, CrewJoined, MemberJoined, MemberOffline, RelayedMessage,
                      MusicShared, RelayedReaction, Sent, ReplayTruncated, Pong, SpotifyAuthComplete,
-                     ErrorFrame, UnknownRelayMessage]
+                     SpotifyPairStarted, SpotifyPairFailed, ErrorFrame, UnknownRelayMessage]
 
 # The crew fan-outs: stored, sequenced, acknowledged.
 FANOUTS: tuple[type, ...] = (RelayedMessage, MusicShared, RelayedReaction)
@@ -1176,6 +1286,10 @@ _RELAY_DECODERS: dict[str, Callable[[Mapping], Any]] = {
         _relay_field(o, "from_seq", int), _relay_field(o, "to_seq", int)),
     "pong": lambda o: Pong(),
     "spotify_auth_complete": lambda o: SpotifyAuthComplete(_relay_field(o, "tokens", dict)),
+    "spotify_pair": lambda o: SpotifyPairStarted(
+        _relay_field(o, "url", str), _relay_field(o, "user_code", str), _relay_field(o, "expires_in", int)),
+    "spotify_pair_failed": lambda o: SpotifyPairFailed(
+        _relay_field(o, "reason", str), _relay_field(o, "user_code", str, required=False)),
     "error": _error_frame,
 }
 

@@ -25,6 +25,20 @@ CONTENT_SECURITY_POLICY = (
     + SPOTIFY_IMAGE_HOSTS
     + b"; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
+
+
+def pairing_policy(accounts_origin: str) -> bytes:
+    """
+    The Content-Security-Policy of the pairing pages: the relay's
+    stylesheet and icon, a form that posts to the relay, and the redirect
+    that follows it to Spotify's accounts service at C{accounts_origin}
+    (Chrome applies C{form-action} to that redirect too); nothing else.
+    """
+    return (b"default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self' "
+            + accounts_origin.encode("ascii")
+            + b"; frame-ancestors 'none'; base-uri 'none'")
+
+
 SECURITY_HEADERS = (
     (b"Content-Security-Policy", CONTENT_SECURITY_POLICY),
     (b"X-Content-Type-Options", b"nosniff"),
@@ -214,3 +228,99 @@ def bad_request(reason: str) -> bytes:
 
 def unavailable(reason: str) -> bytes:
     return _page("Unavailable", _BRAND + f"<h2>Not available</h2><p>{escape(reason)}</p>")
+
+
+# -------------------------------------------------------------- pairing
+
+
+def pair(user_code: str, device_name: str, crew_code: str | None, action: str) -> bytes:
+    """
+    The page a phone sees at C{/pair/CODE}: which LEELOO asks, in which
+    crew, the code it shows, and the one button, posting to C{action}.
+    """
+    crew = (f"in crew <strong>{escape(crew_code)}</strong>" if crew_code
+            else "not in a crew yet")
+    return _page(
+        "Connect Spotify to your LEELOO",
+        _BRAND + "<h2>Connect Spotify</h2>"
+        f'<p>The LEELOO called <strong id="device-name">{escape(device_name)}</strong>, {crew}, '
+        "asks to use your Spotify account.</p>"
+        "<p>Check that your LEELOO shows this code:</p>"
+        f'<p class="pair-code" id="user-code">{escape(user_code)}</p>'
+        f'<form method="post" action="{escape(action)}">'
+        '<button type="submit" id="connect">Continue to Spotify</button></form>'
+        '<p class="muted">Not your LEELOO, or a different code? Close this page: nothing '
+        "happens until you press the button.</p>",
+    )
+
+
+_PAIR_PROBLEMS = {
+    "unknown": ("Code not known", "This pairing code is not known",
+                "It may have been used or replaced by a newer one, or it has run out. "
+                "Start again on your LEELOO: it shows a new code."),
+    "expired": ("Code expired", "This pairing has expired",
+                "Pairing codes last ten minutes. Start again on your LEELOO: it shows a new code."),
+    "used": ("Code already used", "This code was already used",
+             "Someone pressed its button already. If that was not you, start again on your LEELOO "
+             "and check the code it shows."),
+    "wrong_browser": ("Wrong browser", "Open this on the phone that pressed the button",
+                      "This link belongs to the browser that pressed “Continue to Spotify”. Open it "
+                      "there, or start again on your LEELOO."),
+    "cross_site": ("Not from this page", "Press the button on the pairing page",
+                   "Open the link your LEELOO shows and press the button there."),
+    "unavailable": ("Try again", "The relay could not keep this pairing",
+                    "Wait a moment and press the button again."),
+    "not_configured": ("Unavailable", "Spotify is not set up on this relay",
+                       "Ask whoever runs this relay to configure its Spotify app."),
+    "legacy_off": ("Update your LEELOO", "This kind of link no longer works",
+                   "This relay pairs Spotify only through the code your LEELOO shows. Update your "
+                   "LEELOO and start again from it."),
+    "too_many": ("Slow down", "Too many tries",
+                 "Wait a minute, then open the link your LEELOO shows again."),
+}
+
+
+def pair_problem(reason: str) -> bytes:
+    """
+    The page that says what went wrong with a pairing and what to do.
+    """
+    title, heading, advice = _PAIR_PROBLEMS.get(reason, _PAIR_PROBLEMS["unknown"])
+    return _page(title, _BRAND + f"<h2>{escape(heading)}</h2><p>{escape(advice)}</p>")
+
+
+def spotify_refused(reason: str) -> bytes:
+    """
+    A pairing Spotify refused: what it said, and to start on the device.
+    """
+    return _page(
+        "Spotify not connected",
+        _BRAND + "<h2>That did not work</h2>"
+        f"<p>Spotify said: {escape(reason)}.</p>"
+        "<p>Start again on your LEELOO: it shows a new code.</p>",
+    )
+
+
+def spotify_paired() -> bytes:
+    return _page(
+        "Spotify connected",
+        _BRAND + "<h2>Spotify is connected</h2>"
+        "<p>Your LEELOO has what it needs. You can close this page and look at "
+        "your LEELOO.</p>",
+    )
+
+
+def spotify_pair_cancelled() -> bytes:
+    return _page(
+        "Spotify not connected",
+        _BRAND + "<h2>No problem</h2><p>You chose not to connect Spotify. Start again on "
+        "your LEELOO whenever you like.</p>",
+    )
+
+
+def to_spotify(location: str) -> bytes:
+    """
+    The body of the redirect to Spotify's consent (browsers follow the
+    C{Location} at once).
+    """
+    return _page("Continue to Spotify",
+                 _BRAND + f'<p><a href="{escape(location)}">Continue to Spotify</a></p>')

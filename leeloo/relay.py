@@ -36,12 +36,15 @@ from leeloo.core.defaults import (
 from leeloo.core.delivery import ClientMessage, Delivery, client_digest, generate_message_id
 from leeloo.core.handlers import Handlers
 from leeloo.core.identity import Identity, generate_device_id, generate_device_key, key_hash
+from leeloo.core.pairing import Pairings, PairingSettings
 from leeloo.core.peer import IPeer, Outgoing
 from leeloo.core.presence import Presence
 from leeloo.core.replay import Replayer
 from leeloo.core.retention import Retention
 from leeloo.core.sessions import Session, Sessions
 from leeloo.core.tokens import PendingTokens
+from leeloo.fanout import IFanout
+from leeloo.fanout.local import LocalFanout
 from leeloo.limits import RelayLimits
 from leeloo.messages import (
     CLOSE_ABUSE,
@@ -121,6 +124,11 @@ class Relay:
         leaving; back within them, it hears neither that nor its return.
     @param crew_code: makes a random crew code with the given number of
         characters after the prefix.
+    @param fanout: how crews reach their members (default: a
+        L{LocalFanout}, this process's).
+    @param spotify: the relay's Spotify client (L{leeloo.spotify.SpotifyOAuth}),
+        or C{None} without a Spotify app.
+    @param pairing: how Spotify pairings work (L{PairingSettings}).
     """
 
     def __init__(
@@ -142,24 +150,29 @@ class Relay:
         device_id: Callable[[], str] = generate_device_id,
         message_id: Callable[[], str] = generate_message_id,
         device_key: Callable[[], str] = generate_device_key,
+        fanout: IFanout | None = None,
+        spotify: Any = None,
+        pairing: PairingSettings = PairingSettings(),
     ) -> None:
         self.clock = clock
         self.store = store if store is not None else MemoryStore()
         self.journal = journal = Journal(self.store, clock)
         self.limits = limits
         self.started = clock.seconds()
-        self.sessions_part = sessions = Sessions(clock, bind_timeout)
+        self.fanout = fanout = LocalFanout() if fanout is None else fanout
+        self.sessions_part = sessions = Sessions(clock, fanout, bind_timeout)
         self.identity = Identity(clock, journal, limits.require_device_key, device_id, device_key)
         self.admission = Admission(clock, limits)
-        self.crews_part = crews = Crews(clock, journal, limits.crew_code_length, crew_code)
+        self.crews_part = crews = Crews(clock, journal, fanout, limits.crew_code_length, crew_code)
         crews.presence = self.presence = Presence(clock, crews, presence_grace)
         self.delivery = Delivery(clock, self.store, journal, crews, replay_limit, crew_log_bytes,
                                  store_queue_bytes, message_id)
         self.replayer = Replayer(clock, self.store, crews, sessions, replay_limit, retention,
                                  legacy_replay_age, ephemeral_age)
-        self.tokens = PendingTokens(clock, journal, sessions, token_ttl)
-        self.handlers = Handlers(journal, sessions, self.identity, self.admission, crews, self.delivery,
-                                 self.replayer, self.tokens)
+        self.tokens = PendingTokens(clock, journal, fanout, token_ttl)
+        self.pairing = Pairings(clock, sessions, self.deliver_tokens, self.store.pairings, spotify, pairing)
+        self.handlers = Handlers(self.store, journal, sessions, self.identity, self.admission, crews, self.delivery,
+                                 self.replayer, self.tokens, self.pairing)
         self.bot = BotUsers(journal, crews, self.delivery, self.admission)
         self.retention_part = Retention(clock, self.store, journal, crews, self.identity, sessions, retention,
                                    crew_ttl)
@@ -174,6 +187,7 @@ class Relay:
         """
         self.crews_part.restore(snapshot)
         self.tokens.restore(snapshot)
+        self.pairing.restore(snapshot)
         self.identity.restore(snapshot)
         self.delivery.restore(snapshot)
 
@@ -190,12 +204,13 @@ class Relay:
     retention = property(lambda self: self.retention_part.retention)
     crew_ttl = property(lambda self: self.retention_part.crew_ttl)
     sessions = property(lambda self: self.sessions_part.sessions, doc="Every open connection's session.")
-    devices = property(lambda self: self.sessions_part.devices, doc="Device id -> its connection's session.")
+    devices = property(lambda self: self.fanout.devices, doc="Device id -> its connection's session.")
     crews = property(lambda self: self.crews_part.crews, doc="Crew code -> crew.")
-    crews_online = property(lambda self: self.crews_part.online_count, doc="Crews with a member online.")
+    crews_online = property(lambda self: self.fanout.crews_online, doc="Crews with a member online.")
     bot_user_index = property(lambda self: self.crews_part.bot_user_index)
     device_keys = property(lambda self: self.identity.keys)
     pending_tokens = property(lambda self: self.tokens.pending)
+    spotify = property(lambda self: self.pairing.spotify, doc="The relay's Spotify client, or None.")
     paused = property(lambda self: self.delivery.paused)
 
     def stats(self) -> Stats:
@@ -224,11 +239,55 @@ class Relay:
             return
         try:
             self.admission.take_message(session)
+        except RateLimited as e:
+            self._refused(session, e)
+            return
+        if session.waiting is not None:
+            # An earlier frame waits on a lookup: this one comes after it.
+            session.waiting.append(data)
+            return
+        self._handle(session, data)
+
+    def _handle(self, session: Session, data: bytes | str) -> None:
+        try:
             message = messages.decode(data)
-            self.handlers.by_type[type(message)](session, message, len(data))
-            session.strikes = 0
+            wait = self.handlers.by_type[type(message)](session, message, len(data))
         except ProtocolError as e:
             self._refused(session, e)
+            return
+        if wait is None:
+            session.strikes = 0
+            return
+        session.waiting = []
+        wait.addCallbacks(self._handled, self._not_handled, callbackArgs=(session,), errbackArgs=(session,))
+        wait.addCallback(self._next, session)
+        wait.addErrback(self._not_handled, session)
+
+    @staticmethod
+    def _handled(_: Any, session: Session) -> None:
+        session.strikes = 0
+
+    def _not_handled(self, failure: Any, session: Session) -> None:
+        if failure.check(ProtocolError):
+            self._refused(session, failure.value)
+            return
+        _log.failure("bug while handling a frame from {client_address}", failure,
+                     client_address=session.address)
+        self.sessions_part.close_for_bug(session)
+
+    def _next(self, _: Any, session: Session) -> None:
+        """
+        The frame that waited is done: handle those that came after it, in
+        order, until one waits in its turn.
+        """
+        waiting, session.waiting = session.waiting, None
+        for i, data in enumerate(waiting or ()):
+            if session.closing:
+                return
+            self._handle(session, data)
+            if session.waiting is not None:
+                session.waiting.extend(waiting[i + 1:])
+                return
 
     def receive_ping(self, session: Session) -> bool:
         """
@@ -329,10 +388,12 @@ class Relay:
 
     def expire(self) -> int:
         """
-        Forget Spotify tokens past their lifetime (return how many) and the
-        budgets of addresses that are full again.
+        Forget Spotify tokens past their lifetime (return how many), end
+        the Spotify pairings past theirs, and forget the budgets of
+        addresses that are full again.
         """
         expired = self.tokens.expire()
+        self.pairing.expire()
         self.admission.sweep()
         return expired
 

@@ -18,7 +18,9 @@ become named services, each found with C{getServiceNamed}:
     endpoints);
   - C{readiness}: says C{READY=1} once everything listens, C{STOPPING=1}
     at stop;
-  - C{watchdog}: C{WATCHDOG=1} while systemd asks for it.
+  - C{watchdog}: C{WATCHDOG=1} while systemd asks for it;
+  - C{http-pool}: the connections to Spotify kept for reuse, closed last
+    (where Spotify is configured).
 
 The parts expose their figures through C{stats()}, which the metrics read.
 """
@@ -37,6 +39,7 @@ from twisted.logger import Logger
 
 from leeloo import __version__
 from leeloo.access import OriginPolicy, TrustedProxies
+from leeloo.core.pairing import PairingSettings
 from leeloo.listening import Listener, Readiness, as_written
 from leeloo.metrics import Metrics
 from leeloo.process import (
@@ -150,8 +153,9 @@ class RelayService(Service):
             "waiting for the store; presence grace {grace:g}s",
             log=self.relay.crew_log_bytes, queue=self.relay.store_queue_bytes, grace=self.relay.presence_grace)
         self.log.info(
-            "Spotify callback {spotify}; bot API {bot}",
-            spotify="configured" if self.config.spotify else "not configured",
+            "Spotify {spotify}; bot API {bot}",
+            spotify=f"configured: {self.relay.pairing.settings.describe()}" if self.config.spotify
+            else "not configured",
             bot="enabled" if self.config.telegram_api_secret else "disabled (no TELEGRAM_API_SECRET)",
         )
 
@@ -176,6 +180,22 @@ class RelayService(Service):
         flushed: Deferred = Deferred()
         self.store.close_after(flushed)
         return d.addBoth(lambda _: flushed.callback(None))
+
+
+class HTTPPoolService(Service):
+    """
+    Closes the connections an HTTP client's pool keeps for reuse when the
+    relay stops.
+    """
+
+    name = "http-pool"
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self.pool.closeCachedConnections()
 
 
 def _never_raises(call: Callable[[], Any], log: Logger, what: str) -> Callable[[], None]:
@@ -306,10 +326,23 @@ def build_service(config: Config, reactor: Any, http: Any = None,
         def notify(state: str) -> bool:
             return sd_notify(state, environ)
 
+    spotify = None
+    pool = None
+    if config.spotify is not None:
+        if http is None:
+            from treq.client import HTTPClient
+            from twisted.web.client import Agent, HTTPConnectionPool
+
+            pool = HTTPConnectionPool(reactor)
+            http = HTTPClient(Agent(reactor, pool=pool))
+        spotify = SpotifyOAuth(config.spotify, http, reactor)
     store = StoreService(open_store(config, reactor))
     relay = Relay(
         reactor if clock is None else clock,
         store.store,
+        spotify=spotify,
+        pairing=PairingSettings(public_url=config.public_url, legacy_state=config.legacy_spotify_state,
+                                pkce=config.spotify_pkce),
         replay_limit=config.replay_limit,
         retention=config.retention_days * DAY,
         crew_ttl=config.crew_ttl_days * DAY,
@@ -326,14 +359,6 @@ def build_service(config: Config, reactor: Any, http: Any = None,
     # One count of connections per address for the public and redirect sites.
     gate = config.http_limits.gate(reactor, proxies)
     metrics = Metrics(relay, ws_factory)
-    spotify = None
-    if config.spotify is not None:
-        if http is None:
-            from treq.client import HTTPClient
-            from twisted.web.client import Agent, HTTPConnectionPool
-
-            http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
-        spotify = SpotifyOAuth(config.spotify, http, reactor)
     acme = None
     if config.acme is not None:
         try:
@@ -368,6 +393,9 @@ def build_service(config: Config, reactor: Any, http: Any = None,
 
     top = RelayTree()
     top.metrics = metrics
+    if pool is not None:
+        # Stopped last: the connections to Spotify kept open for reuse close.
+        HTTPPoolService(pool).setServiceParent(top)
     store.setServiceParent(top)
     RelayService(relay, ws_factory, config, store).setServiceParent(top)
     timers(relay, reactor).setServiceParent(top)

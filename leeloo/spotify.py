@@ -1,14 +1,21 @@
 """
-Spotify's OAuth token endpoint, called through an injected treq client.
+Spotify's OAuth: the authorize URL the relay sends phones to, and the token
+endpoint, called through an injected treq client.
 
-The relay holds the app's client secret; devices never see it.
+The relay holds the app's client secret; devices never see it.  Pairings
+use PKCE (RFC 7636, S256) on top of the client secret, as RFC 9700
+recommends for confidential clients too.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
@@ -28,6 +35,61 @@ class SpotifyConfig:
     @property
     def token_url(self) -> str:
         return self.accounts_url.rstrip("/") + "/api/token"
+
+    @property
+    def authorize_endpoint(self) -> str:
+        return self.accounts_url.rstrip("/") + "/authorize"
+
+    @property
+    def accounts_origin(self) -> str:
+        """
+        The scheme, host and port of the accounts service (what the pairing
+        pages' C{form-action} allows).
+        """
+        return origin(self.accounts_url)
+
+    def authorize_url(self, state: str, scopes: str, code_challenge: str | None = None) -> str:
+        """
+        Where a phone goes to give its consent: Spotify's authorize
+        endpoint for this app, with C{state} and, with PKCE, the S256
+        C{code_challenge}.
+        """
+        query = {
+            "client_id": self.client_id,
+            "response_type": "code",
+            "redirect_uri": self.redirect_uri,
+            "scope": scopes,
+            "state": state,
+            "show_dialog": "true",
+        }
+        if code_challenge is not None:
+            query["code_challenge_method"] = "S256"
+            query["code_challenge"] = code_challenge
+        return self.authorize_endpoint + "?" + urlencode(query, quote_via=quote)
+
+
+def origin(url: str) -> str:
+    """
+    The origin of C{url}: C{scheme://host[:port]}, lower case.
+    """
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+
+
+def code_verifier() -> str:
+    """
+    A fresh PKCE code verifier: 86 characters of C{[A-Za-z0-9_-]} (RFC 7636
+    allows 43 to 128).
+    """
+    return secrets.token_urlsafe(64)
+
+
+def code_challenge(verifier: str) -> str:
+    """
+    The S256 challenge of C{verifier}: unpadded base64url of its SHA-256.
+    """
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 class SpotifyError(Exception):
@@ -57,21 +119,26 @@ class SpotifyOAuth:
         self._timeout = timeout
 
     @inlineCallbacks
-    def exchange_code(self, code: str) -> Deferred:
+    def exchange_code(self, code: str, verifier: str | None = None) -> Deferred:
         """
-        Exchange an authorization code for tokens.
+        Exchange an authorization code for tokens, proving with C{verifier}
+        (the PKCE code verifier) when the authorize URL carried its
+        challenge.
 
         @return: a L{Deferred} firing with C{{"access_token", "refresh_token",
             "expires_in"}}, or failing with L{SpotifyError}.
         """
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": self.config.redirect_uri,
+        }
+        if verifier is not None:
+            form["code_verifier"] = verifier
         try:
             response = yield self._http.post(
                 self.config.token_url,
-                data={
-                    "grant_type": "authorization_code",
-                    "code": code,
-                    "redirect_uri": self.config.redirect_uri,
-                },
+                data=form,
                 auth=(self.config.client_id, self.config.client_secret),
                 headers={"Accept": "application/json"},
                 reactor=self._clock,

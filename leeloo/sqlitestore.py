@@ -37,8 +37,11 @@ from leeloo.store import (
     CrewRecord,
     DeviceRecord,
     IStore,
+    IPairings,
     LogEntry,
     MemberRecord,
+    PairingRecord,
+    Sequences,
     Snapshot,
     StoreError,
     TokenRecord,
@@ -126,6 +129,22 @@ MIGRATIONS = [
              OR (json_extract(CAST(payload AS TEXT), '$.type') = 'message'
                  AND json_extract(CAST(payload AS TEXT), '$.msg_type') IN ('nudge', 'reaction')));
     """,
+    # 6: Spotify pairing flows (leeloo.core.pairing).
+    """
+    CREATE TABLE pairings (
+        user_code TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        device_name TEXT NOT NULL,
+        crew_code TEXT,
+        scopes TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        state_hash TEXT UNIQUE,
+        cookie_hash TEXT,
+        verifier TEXT
+    );
+    CREATE INDEX pairings_expires_at ON pairings (expires_at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -194,6 +213,63 @@ def _connect(path: Path, fsync: bool, busy_timeout: float = BUSY_TIMEOUT) -> sql
     return db
 
 
+_INDEXED = frozenset({PUT_CREW, DELETE_CREW, PUT_DEVICE, DELETE_DEVICE, PUT_TOKEN, DELETE_TOKEN})
+
+
+def _find_crew(db: Any, code: str) -> Snapshot | None:
+    """
+    Crew C{code} alone, as L{_load} reads every crew; None if there is none.
+    """
+    crews = [CrewRecord(*row) for row in db.execute(
+        "SELECT code, created_at, created_by FROM crews WHERE code = ?", (code,))]
+    if not crews:
+        return None
+    snapshot = Snapshot(crews=crews)
+    snapshot.members = [
+        MemberRecord(c, device, name, seen, delivered, acked, bool(online))
+        for c, device, name, seen, delivered, acked, online in db.execute(
+            "SELECT crew_code, device_id, display_name, last_seen, delivered_seq, acked_seq, online "
+            "FROM members WHERE crew_code = ?", (code,))
+    ]
+    snapshot.bot_users = [BotUserRecord(*row) for row in db.execute(
+        "SELECT crew_code, user_id, display_name FROM bot_users WHERE crew_code = ?", (code,))]
+    for c, seq, created, size in db.execute(
+        "SELECT crew_code, MAX(seq), MAX(created_at), SUM(length(payload)) FROM messages WHERE crew_code = ?",
+        (code,),
+    ):
+        if seq is not None:
+            snapshot.last_seq[c] = seq
+            snapshot.last_message_at[c] = created
+            snapshot.log_bytes[c] = size
+    snapshot.client_messages = [
+        LogEntry(c, seq, id, sender, client_msg_id, digest, created, b"")
+        for c, seq, id, sender, client_msg_id, digest, created in db.execute(
+            "SELECT crew_code, seq, id, sender, client_msg_id, digest, created_at "
+            "FROM messages WHERE crew_code = ? AND client_msg_id IS NOT NULL", (code,))
+    ]
+    return snapshot
+
+
+def _find_device(db: Any, device_id: str) -> DeviceRecord | None:
+    for device, key_hash, bound, created, seen in db.execute(
+        "SELECT device_id, key_hash, bound, created_at, last_seen FROM devices WHERE device_id = ?", (device_id,)
+    ):
+        return DeviceRecord(device, key_hash, bool(bound), created, seen)
+    return None
+
+
+def _find_token(db: Any, device_id: str) -> TokenRecord | None:
+    for device, tokens, expires in db.execute(
+        "SELECT device_id, tokens, expires_at FROM pending_tokens WHERE device_id = ?", (device_id,)
+    ):
+        return TokenRecord(device, json.loads(tokens), expires)
+    return None
+
+
+_PAIRING_COLUMNS = ("user_code, device_id, device_name, crew_code, scopes, created_at, expires_at, "
+                    "state_hash, cookie_hash, verifier")
+
+
 def _load(db: sqlite3.Connection) -> Snapshot:
     snapshot = Snapshot()
     snapshot.crews = [CrewRecord(*row) for row in db.execute(
@@ -216,6 +292,8 @@ def _load(db: sqlite3.Connection) -> Snapshot:
         for device, key_hash, bound, created, seen in db.execute(
             "SELECT device_id, key_hash, bound, created_at, last_seen FROM devices")
     ]
+    snapshot.pairings = [PairingRecord(*row) for row in db.execute(
+        f"SELECT {_PAIRING_COLUMNS} FROM pairings")]
     for code, seq, created, size in db.execute(
         "SELECT crew_code, MAX(seq), MAX(created_at), SUM(length(payload)) FROM messages GROUP BY crew_code"
     ):
@@ -360,6 +438,42 @@ def _trim(cursor: Any, crew_code: str, max_bytes: int, keep: int) -> tuple[int, 
     return first or 0, left or 0
 
 
+def _put_pairing(cursor: Any, r: PairingRecord) -> None:
+    cursor.execute(
+        f"INSERT OR REPLACE INTO pairings ({_PAIRING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (r.user_code, r.device_id, r.device_name, r.crew_code, r.scopes, r.created_at, r.expires_at,
+         r.state_hash, r.cookie_hash, r.verifier))
+
+
+def _delete_pairing(cursor: Any, user_code: str) -> None:
+    cursor.execute("DELETE FROM pairings WHERE user_code = ?", (user_code,))
+
+
+def _delete_expired_pairings(cursor: Any, now: float) -> int:
+    cursor.execute("DELETE FROM pairings WHERE expires_at <= ?", (now,))
+    return cursor.rowcount
+
+
+@implementer(IPairings)
+class SQLitePairings:
+    """
+    The pairing flows of a L{SQLiteStore}, in its C{pairings} table, written
+    on the store's database thread.
+    """
+
+    def __init__(self, store: "SQLiteStore") -> None:
+        self._store = store
+
+    def put(self, record: PairingRecord) -> Deferred:
+        return self._store._write_with(_put_pairing, record)
+
+    def delete(self, user_code: str) -> Deferred:
+        return self._store._write_with(_delete_pairing, user_code)
+
+    def delete_expired(self, now: float) -> Deferred:
+        return self._store._write_with(_delete_expired_pairings, now)
+
+
 @implementer(IStore)
 class SQLiteStore:
     """
@@ -387,9 +501,15 @@ class SQLiteStore:
             self._snapshot = _load(db)
         finally:
             db.close()
+        # This store is the database's one writer: it mints the sequences.
+        self.sequences = Sequences(self._snapshot.last_seq)
+        self._crew_codes = {c.code for c in self._snapshot.crews}
+        self._device_ids = {d.device_id for d in self._snapshot.devices}
+        self._token_ids = {t.device_id for t in self._snapshot.tokens}
         self._closed = False
         self._written = False
         self._truncated = False
+        self.pairings = SQLitePairings(self)
         self._pool = adbapi.ConnectionPool(
             # The default isolation level opens a transaction before the first
             # write of an interaction; adbapi commits it: one commit a batch.
@@ -462,7 +582,56 @@ class SQLiteStore:
 
     def write(self, ops: list) -> Deferred:
         self._written = True
-        return self._run(_write, ops)
+        d = self._run(_write, ops)
+        if any(kind in _INDEXED for kind, _ in ops):
+            d.addCallback(self._index, ops)
+        return d
+
+    def _index(self, result: Any, ops: list) -> Any:
+        """
+        Keep the codes and ids the database holds, for find_crew and
+        find_device, as a committed transaction changed them.
+        """
+        for kind, arg in ops:
+            if kind == PUT_CREW:
+                self._crew_codes.add(arg.code)
+            elif kind == DELETE_CREW:
+                self._crew_codes.discard(arg)
+            elif kind == PUT_DEVICE:
+                self._device_ids.add(arg.device_id)
+            elif kind == DELETE_DEVICE:
+                self._device_ids.discard(arg)
+            elif kind == PUT_TOKEN:
+                self._token_ids.add(arg.device_id)
+            elif kind == DELETE_TOKEN:
+                self._token_ids.discard(arg)
+        return result
+
+    def find_crew(self, code: str) -> Deferred | None:
+        # This store is the database's one writer, and knows every code it
+        # holds: an unknown one is answered at once, not by a query.
+        if code not in self._crew_codes:
+            return None
+        return self._run(_find_crew, code)
+
+    def find_device(self, device_id: str) -> Deferred | None:
+        if device_id not in self._device_ids:
+            return None
+        return self._run(_find_device, device_id)
+
+    def find_sent(self, crew_code: str, sender: str, client_msg_id: str) -> None:
+        # The relay holds every client_msg_id this store's log holds: it
+        # read them at start, and every entry since was written through it.
+        return None
+
+    def find_token(self, device_id: str) -> Deferred | None:
+        if device_id not in self._token_ids:
+            return None
+        return self._run(_find_token, device_id)
+
+    def _write_with(self, interaction: Any, *args: Any) -> Deferred:
+        self._written = True
+        return self._run(interaction, *args)
 
     def replay(self, crew_code: str, after_seq: int, up_to_seq: int, since: float,
                exclude_sender: str, limit: int, ephemeral_since: float | None = None) -> Deferred:

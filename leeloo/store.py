@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from leeloo.figures import Histogram, HistogramFigures
 
@@ -76,6 +76,27 @@ class DeviceRecord:
     last_seen: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PairingRecord:
+    """
+    One Spotify pairing flow (see L{leeloo.core.pairing}): the device that
+    asked and what its phone is shown, and once the phone's button was
+    pressed, the hashes of the one-time C{state} and of the phone's cookie,
+    and the PKCE verifier (C{None} without PKCE).
+    """
+
+    user_code: str
+    device_id: str
+    device_name: str
+    crew_code: str | None
+    scopes: str
+    created_at: float
+    expires_at: float
+    state_hash: str | None = None
+    cookie_hash: str | None = None
+    verifier: str | None = field(default=None, repr=False)
+
+
 @dataclass(slots=True)
 class LogEntry:
     crew_code: str
@@ -108,6 +129,7 @@ class Snapshot:
     client_messages: list[LogEntry] = field(default_factory=list)
     # The bytes of payload in each crew's log.
     log_bytes: dict[str, int] = field(default_factory=dict)
+    pairings: list[PairingRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,16 +168,89 @@ class StoreError(Exception):
         self.transient = transient
 
 
-class IStore(Interface):
-    def load() -> Snapshot:
+class Sequences:
+    """
+    Each crew's last sequence number, as the engine knows it: the message
+    log mints them.  A number is minted when its entry's batch forms, and
+    given back when the batch fails (no later batch is formed while one is
+    being written), so no number is skipped; a crew deleted starts again at 1.
+    """
+
+    def __init__(self, last: dict[str, int] | None = None) -> None:
+        self._last: dict[str, int] = dict(last or {})
+
+    def next(self, crew_code: str) -> int:
+        seq = self._last[crew_code] = self._last.get(crew_code, 0) + 1
+        return seq
+
+    def last(self, crew_code: str) -> int:
+        return self._last.get(crew_code, 0)
+
+    def seen(self, crew_code: str, seq: int) -> None:
         """
-        Read everything back (once, at start, before serving).
+        The log holds C{seq} for C{crew_code}: mint only later ones.
+        """
+        if seq > self._last.get(crew_code, 0):
+            self._last[crew_code] = seq
+
+    def failed(self, crew_code: str, seq: int) -> None:
+        if self._last.get(crew_code, 0) >= seq:
+            self._last[crew_code] = seq - 1
+
+    def forget(self, crew_code: str) -> None:
+        self._last.pop(crew_code, None)
+
+
+class ICrewStore(Interface):
+    """
+    Crews, their members and bot users, as the engine holds them.
+    """
+
+    def find_crew(code: str) -> Deferred:
+        """
+        Everything of crew C{code} as L{load} gives it, for that crew alone
+        (a L{Snapshot}), or C{None} when the engine has no such crew: how a
+        relay learns of a crew it does not hold (another node made it).
+
+        Like every C{find_*}: a Deferred firing with the answer, or the
+        answer itself when the store knows it without asking (an engine in
+        memory, or one whose only writer is this relay).
         """
 
-    def write(ops: list) -> Deferred:
+
+class IDeviceStore(Interface):
+    """
+    Device ids and their keys.
+    """
+
+    def find_device(device_id: str) -> Deferred:
         """
-        Apply C{ops} in one transaction; fail with L{StoreError}.
+        C{device_id}'s L{DeviceRecord}, or C{None}.
         """
+
+
+class ITokenStore(Interface):
+    """
+    Spotify tokens parked for devices that were offline.
+    """
+
+    def find_token(device_id: str) -> Deferred:
+        """
+        The L{TokenRecord} parked for C{device_id}, or C{None}.
+        """
+
+
+class IMessageLog(Interface):
+    """
+    Each crew's message log: sequence numbers minted by the engine, what a
+    returning device missed, and the log's bounds.
+    """
+
+    sequences = Attribute(
+        "The crews' sequence numbers (a L{Sequences}): C{next(code)} mints the "
+        "next for an entry of the crew's log as its batch forms (atomic per crew: "
+        "one writer mints them all), C{failed(code, seq)} gives back what a failed "
+        "batch took, C{forget(code)} starts a deleted crew's again.")
 
     def replay(
         crew_code: str, after_seq: int, up_to_seq: int, since: float, exclude_sender: str, limit: int,
@@ -166,6 +261,13 @@ class IStore(Interface):
         seq <= up_to_seq}, created at or after C{since} (ephemeral ones at
         or after C{ephemeral_since} too, when given), not sent by
         C{exclude_sender}, as a L{Replay}.
+        """
+
+    def find_sent(crew_code: str, sender: str, client_msg_id: str) -> Deferred:
+        """
+        The entry (without its payload) that C{sender} sent to C{crew_code}
+        with C{client_msg_id}, while the log holds it; or C{None}: how a
+        resend through another node is known for one.
         """
 
     def prune(log_before: float) -> Deferred:
@@ -183,10 +285,95 @@ class IStore(Interface):
         (C{first_kept_seq} is 0 for an empty log).
         """
 
+
+class IStore(ICrewStore, IDeviceStore, ITokenStore, IMessageLog):
+    """
+    The whole store: the narrow parts above, what is read at start, and the
+    batched writes (L{Journal}) that change every part in one transaction.
+    """
+
+    pairings = Attribute("The store's L{IPairings}.")
+
+    def load() -> Snapshot:
+        """
+        Read everything back (once, at start, before serving).
+        """
+
+    def write(ops: list) -> Deferred:
+        """
+        Apply C{ops} in one transaction; fail with L{StoreError}.
+        """
+
     def close() -> Deferred:
         """
         Release the store.
         """
+
+
+class IPairings(Interface):
+    """
+    Where Spotify pairing flows are kept (a store's C{pairings}): by their
+    user code, each written as a whole.  They are read back with the rest
+    of the state (L{Snapshot.pairings}).
+    """
+
+    def put(record: PairingRecord) -> Deferred:
+        """
+        Keep C{record}, replacing the flow with its user code; fire once it
+        is durable, or fail with L{StoreError}.
+        """
+
+    def delete(user_code: str) -> Deferred:
+        """
+        Forget the flow with C{user_code} (nothing when there is none);
+        fire once that is durable.
+        """
+
+    def delete_expired(now: float) -> Deferred:
+        """
+        Forget every flow that expired at or before C{now}; fire with how
+        many.
+        """
+
+
+@implementer(IPairings)
+class MemoryPairings:
+    """
+    Pairing flows in a dict (C{flows}: user code -> record).  C{fail} is
+    called before each write; what it returns, if anything, is the
+    exception the write fails with (L{leeloo.testing.FailingMemoryStore}).
+    """
+
+    def __init__(self, fail: Callable[[], Exception | None] = lambda: None) -> None:
+        self.flows: dict[str, PairingRecord] = {}
+        self._fail = fail
+
+    def _refused(self) -> Deferred | None:
+        error = self._fail()
+        return fail(StoreError(str(error))) if error is not None else None
+
+    def put(self, record: PairingRecord) -> Deferred:
+        refused = self._refused()
+        if refused is not None:
+            return refused
+        self.flows[record.user_code] = record
+        return succeed(None)
+
+    def delete(self, user_code: str) -> Deferred:
+        refused = self._refused()
+        if refused is not None:
+            return refused
+        self.flows.pop(user_code, None)
+        return succeed(None)
+
+    def delete_expired(self, now: float) -> Deferred:
+        refused = self._refused()
+        if refused is not None:
+            return refused
+        stale = [code for code, record in self.flows.items() if record.expires_at <= now]
+        for code in stale:
+            del self.flows[code]
+        return succeed(len(stale))
 
 
 def _replay_window(
@@ -216,6 +403,13 @@ class MemoryStore:
         self.tokens: dict[str, TokenRecord] = {}
         self.devices: dict[str, DeviceRecord] = {}
         self.log: dict[str, list[LogEntry]] = {}
+        self.sequences = Sequences()
+        # (crew code, sender, client_msg_id) -> its entry in the log
+        self._sent: dict[tuple[str, str, str], LogEntry] = {}
+        self.pairings = MemoryPairings(self._pairings_fail)
+
+    def _pairings_fail(self) -> Exception | None:
+        return None
 
     def load(self) -> Snapshot:
         snapshot = Snapshot(
@@ -224,6 +418,7 @@ class MemoryStore:
             bot_users=list(self.bot_users.values()),
             tokens=list(self.tokens.values()),
             devices=list(self.devices.values()),
+            pairings=list(self.pairings.flows.values()),
         )
         for code, entries in self.log.items():
             if entries:
@@ -232,6 +427,10 @@ class MemoryStore:
                 snapshot.log_bytes[code] = sum(len(e.payload) for e in entries)
             snapshot.client_messages.extend(
                 replace(e, payload=b"") for e in entries if e.client_msg_id is not None)
+        # Relays sharing this store (nodes of one engine, in tests) share its
+        # sequences: loading again only catches up with the log.
+        for code, seq in snapshot.last_seq.items():
+            self.sequences.seen(code, seq)
         return snapshot
 
     def write(self, ops: list) -> Deferred:
@@ -251,6 +450,42 @@ class MemoryStore:
             return fail()
         return succeed(None)
 
+    def find_crew(self, code: str) -> Snapshot | None:
+        if code not in self.crews:
+            return None
+        snapshot = Snapshot(
+            crews=[self.crews[code]],
+            members=[MemberRecord(**_fields(m)) for (c, _), m in self.members.items() if c == code],
+            bot_users=[b for (c, _), b in self.bot_users.items() if c == code],
+        )
+        entries = self.log.get(code)
+        if entries:
+            snapshot.last_seq[code] = entries[-1].seq
+            snapshot.last_message_at[code] = entries[-1].created_at
+            snapshot.log_bytes[code] = sum(len(e.payload) for e in entries)
+            snapshot.client_messages = [replace(e, payload=b"") for e in entries if e.client_msg_id is not None]
+        return snapshot
+
+    def find_device(self, device_id: str) -> DeviceRecord | None:
+        return self.devices.get(device_id)
+
+    def find_token(self, device_id: str) -> TokenRecord | None:
+        return self.tokens.get(device_id)
+
+    def find_sent(self, crew_code: str, sender: str, client_msg_id: str) -> LogEntry | None:
+        entry = self._sent.get((crew_code, sender, client_msg_id))
+        return None if entry is None else replace(entry, payload=b"")
+
+    def _index_sent(self, crew_code: str) -> None:
+        """
+        Index again what crew C{crew_code}'s log holds (entries went).
+        """
+        for key in [k for k in self._sent if k[0] == crew_code]:
+            del self._sent[key]
+        for e in self.log.get(crew_code, ()):
+            if e.client_msg_id is not None:
+                self._sent[(crew_code, e.sender, e.client_msg_id)] = e
+
     def _apply(self, kind: str, arg: Any, undo: list) -> None:
         if kind == PUT_CREW:
             undo.append(_restorer(self.crews, arg.code))
@@ -259,7 +494,9 @@ class MemoryStore:
             undo.append(_restorer(self.crews, arg))
             undo.append(_restorer(self.log, arg))
             self.crews.pop(arg, None)
-            self.log.pop(arg, None)
+            if self.log.pop(arg, None):
+                undo.append(functools.partial(self._index_sent, arg))
+                self._index_sent(arg)
             for table in (self.members, self.bot_users):
                 for key in [k for k in table if k[0] == arg]:
                     undo.append(_restorer(table, key))
@@ -300,6 +537,10 @@ class MemoryStore:
                     raise StoreError(f"crew {arg.crew_code}'s log already holds sequence {arg.seq}")
             entries.insert(i, arg)
             undo.append(functools.partial(entries.pop, i))
+            if arg.client_msg_id is not None:
+                key = (arg.crew_code, arg.sender, arg.client_msg_id)
+                undo.append(_restorer(self._sent, key))
+                self._sent[key] = arg
         else:
             raise ValueError(f"unknown store operation {kind!r}")
 
@@ -325,14 +566,18 @@ class MemoryStore:
         deleted = 0
         for code, entries in self.log.items():
             keep = [e for e in entries[:-1] if e.created_at >= log_before] + entries[-1:]
-            deleted += len(entries) - len(keep)
-            self.log[code] = keep
+            if len(keep) != len(entries):
+                deleted += len(entries) - len(keep)
+                self.log[code] = keep
+                self._index_sent(code)
         return succeed(deleted)
 
     def trim(self, crew_code: str, max_bytes: int, keep: int) -> Deferred:
         entries = self.log.get(crew_code, [])
         first, left = _trim_point([len(e.payload) for e in entries], max_bytes, keep)
-        del entries[:first]
+        if first:
+            del entries[:first]
+            self._index_sent(crew_code)
         return succeed((entries[0].seq if entries else 0, left))
 
     def close(self) -> Deferred:

@@ -90,6 +90,9 @@ class Config:
     bind_timeout: float = BIND_TIMEOUT
     # The acme: endpoints of listen, with the --acme-* options.
     acme: AcmeConfig | None = None
+    # Spotify pairing: accept the deployed devices' state=device id; PKCE.
+    legacy_spotify_state: bool = True
+    spotify_pkce: bool = True
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -404,6 +407,12 @@ def _code_length(value: str) -> int:
     return length
 
 
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise ValueError("on or off")
+    return value == "on"
+
+
 def _store_kind(value: str) -> str:
     if value not in ("sqlite", "memory"):
         raise ValueError("sqlite or memory")
@@ -546,12 +555,20 @@ class Options(usage.Options):
          "announced neither offline nor joined (Wi-Fi blips, crew hopping).", _non_negative_float],
         ["crew-code-length", None, 4,
          "Characters in new crew codes after LEELOO- (longer codes resist guessing).", _code_length],
+        ["spotify-pkce", None, "on",
+         "on or off: pair Spotify with PKCE (S256) on top of the client secret. Off falls back to "
+         "the plain code flow, should Spotify refuse a verifier from a client that also "
+         "authenticates.", _on_off],
     ])
     optFlags = [
         ["acme-agree-tos", None, "Accept the ACME server's terms of service (needed by acme: endpoints)."],
         ["fsync", None, "Make every commit survive a power cut, not only a crash (slower)."],
         ["require-device-key", None,
          "Refuse device ids that have no bound device key (once the fleet is updated)."],
+        ["no-legacy-spotify-state", None,
+         "Refuse Spotify callbacks whose state is a device id (the deployed devices' own "
+         "authorize links, which anyone who knows a device id can forge); pairing then goes only "
+         "through the code the device shows. Once the fleet is updated."],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -678,6 +695,9 @@ class Options(usage.Options):
             ephemeral_age=self["ephemeral-age"],
             bind_timeout=self["bind-timeout"],
             acme=acme,
+            legacy_spotify_state=not self["no-legacy-spotify-state"],
+            spotify_pkce=self["spotify-pkce"] if isinstance(self["spotify-pkce"], bool)
+            else _on_off(self["spotify-pkce"]),
         )
 
 

@@ -2,15 +2,16 @@
 Public test doubles for the relay, like L{treq.testing}: a recording
 L{FakePeer} for the core and a L{Device} driving the core through one, an
 in-memory WebSocket client wired to the real Site, and a stand-in for
-Spotify's token endpoint.
+Spotify's accounts service (its consent redirect and token endpoint).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
@@ -215,17 +216,30 @@ class MemoryWebSocketClients:
 
 class FakeSpotifyAccounts(Resource):
     """
-    Spotify's accounts service as its published contract describes it:
+    Spotify's accounts service as its published contract describes it.
+
+    ``GET /authorize`` (the consent screen, which says yes at once unless
+    C{consent} is C{"deny"}): checks C{client_id}, C{response_type=code},
+    the registered C{redirect_uri} and, when given, an S256
+    C{code_challenge}; redirects (302) to the redirect URI with a new
+    C{code} and the C{state} it was given (or C{error=access_denied}).  The
+    code is bound to its challenge and redirect URI, and answers with
+    C{tokens}.  C{authorizations} holds the query of each authorize
+    request.
+
     ``POST /api/token`` with HTTP Basic auth (the app's client id and
     secret) and a form body (``grant_type=authorization_code``, ``code``,
-    ``redirect_uri``); errors are JSON C{{"error", "error_description"}}.
+    ``redirect_uri`` and, for a code with a challenge, ``code_verifier``);
+    errors are JSON C{{"error", "error_description"}}.  C{refuse_verifier}
+    makes it refuse a verifier from a client that also authenticates with
+    its secret (what C{--spotify-pkce off} is for).
 
     C{codes} maps the codes it accepts (each once) to the tokens it answers
     with.  C{requests} holds the form fields of every token request (read
     from the body alone, as Spotify does), C{received} the same with the
     C{authorization} and C{content_type} headers.  C{fail_with} makes it
-    answer every request with that status: an HTML page, or C{fail_body}
-    as JSON when set.
+    answer every token request with that status: an HTML page, or
+    C{fail_body} as JSON when set.
     """
 
     isLeaf = True
@@ -236,10 +250,18 @@ class FakeSpotifyAccounts(Resource):
         self.client_secret = client_secret
         self.redirect_uri = redirect_uri
         self.codes: dict[str, dict] = {}
+        # code -> (its S256 challenge or None, the redirect URI it was issued for)
+        self.challenges: dict[str, tuple[str | None, str]] = {}
         self.requests: list[dict] = []
         self.received: list[dict] = []
+        self.authorizations: list[dict] = []
         self.fail_with: int | None = None
         self.fail_body: dict | None = None
+        self.consent = "allow"
+        self.refuse_verifier = False
+        self.tokens = {"access_token": "fake-access-token", "refresh_token": "fake-refresh-token",
+                       "expires_in": 3600}
+        self._issued = 0
 
     def _json(self, request: Request, status: int, body: dict) -> bytes:
         request.setResponseCode(status)
@@ -248,6 +270,45 @@ class FakeSpotifyAccounts(Resource):
 
     def _error(self, request: Request, status: int, error: str, description: str) -> bytes:
         return self._json(request, status, {"error": error, "error_description": description})
+
+    def render_GET(self, request: Request) -> bytes:
+        if request.postpath == [b"api", b"token"]:
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"POST")
+            return b"method not allowed"
+        if request.postpath != [b"authorize"]:
+            request.setResponseCode(404)
+            return b"not found"
+        query = {k.decode(): v[0].decode() for k, v in request.args.items()}
+        self.authorizations.append(query)
+        request.setHeader(b"content-type", b"text/plain")
+        if query.get("client_id") != self.client_id:
+            request.setResponseCode(400)
+            return b"INVALID_CLIENT: Invalid client"
+        if query.get("redirect_uri") != self.redirect_uri:
+            request.setResponseCode(400)
+            return b"INVALID_CLIENT: Invalid redirect URI"
+        if query.get("response_type") != "code":
+            request.setResponseCode(400)
+            return b"unsupported_response_type"
+        challenge = query.get("code_challenge")
+        if challenge is not None and query.get("code_challenge_method") != "S256":
+            request.setResponseCode(400)
+            return b"invalid code_challenge_method"
+        answer: dict = {}
+        if self.consent == "deny":
+            answer["error"] = "access_denied"
+        else:
+            self._issued += 1
+            code = f"fake-code-{self._issued}"
+            self.codes[code] = dict(self.tokens)
+            self.challenges[code] = (challenge, query["redirect_uri"])
+            answer["code"] = code
+        if "state" in query:
+            answer["state"] = query["state"]
+        request.setResponseCode(302)
+        request.setHeader(b"location", (self.redirect_uri + "?" + urlencode(answer)).encode("ascii"))
+        return b""
 
     def render_POST(self, request: Request) -> bytes:
         if request.postpath != [b"api", b"token"]:
@@ -285,19 +346,41 @@ class FakeSpotifyAccounts(Resource):
             return self._error(request, 400, "invalid_request", "code must be supplied")
         if form.get("redirect_uri") != self.redirect_uri:
             return self._error(request, 400, "invalid_grant", "Invalid redirect URI")
+        verifier = form.get("code_verifier")
+        if verifier is not None and self.refuse_verifier:
+            return self._error(request, 400, "invalid_request", "code_verifier with a client secret")
+        challenge, issued_for = self.challenges.get(form["code"], (None, self.redirect_uri))
+        if issued_for != form["redirect_uri"]:
+            return self._error(request, 400, "invalid_grant", "Invalid redirect URI")
+        if challenge is not None and (verifier is None or _s256(verifier) != challenge):
+            self.codes.pop(form["code"], None)
+            return self._error(request, 400, "invalid_grant", "code_verifier was incorrect")
         tokens = self.codes.pop(form["code"], None)
+        self.challenges.pop(form["code"], None)
         if tokens is None:
             return self._error(request, 400, "invalid_grant", "Invalid authorization code")
         return self._json(
             request, 200, {"token_type": "Bearer", "scope": "user-read-playback-state", **tokens}
         )
 
-    def issue(self, code: str, access_token: str, refresh_token: str, expires_in: int = 3600) -> None:
+    def issue(self, code: str, access_token: str, refresh_token: str, expires_in: int = 3600,
+              code_challenge: str | None = None) -> None:
+        """
+        Accept C{code} once (bound to C{code_challenge}, when given), for
+        these tokens.
+        """
         self.codes[code] = {
             "access_token": access_token,
             "refresh_token": refresh_token,
             "expires_in": expires_in,
         }
+        if code_challenge is not None:
+            self.challenges[code] = (code_challenge, self.redirect_uri)
+
+
+def _s256(verifier: str) -> str:
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def strip_keys(received: list) -> list:
@@ -311,13 +394,16 @@ def strip_keys(received: list) -> list:
 class FailingMemoryStore(MemoryStore):
     """
     A L{MemoryStore} the test can make fail: while C{fail_with} is an
-    exception, every write fails with a L{StoreError} carrying its message
-    and applies nothing.
+    exception, every write (its pairings' too) fails with a L{StoreError}
+    carrying its message and applies nothing.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.fail_with: Exception | None = None
+
+    def _pairings_fail(self) -> Exception | None:
+        return self.fail_with
 
     def write(self, ops: list) -> Deferred:
         if self.fail_with is not None:

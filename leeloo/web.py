@@ -40,10 +40,11 @@ from twisted.web.server import NOT_DONE_YET, Request, Site, supportedMethods
 
 from leeloo import __version__, messages, pages
 from leeloo.access import CONNECTING_TOO_FAST, ConnectionGate, TrustedProxies, is_loopback
-from leeloo.limits import Rate
+from leeloo.core.pairing import COOKIE_NAME, PairingProblem, is_pairing_state
+from leeloo.limits import Limiter, Rate
 from leeloo.messages import ProtocolError
 from leeloo.relay import BotCrew, CrewStatus, Relay, Stats
-from leeloo.spotify import SpotifyError, SpotifyOAuth
+from leeloo.spotify import SpotifyError, SpotifyOAuth, origin
 from leeloo.websocket import RelayServerFactory
 
 _log = Logger()
@@ -284,17 +285,20 @@ def _arg(request: Request, name: bytes) -> str | None:
 
 class SpotifyCallback(Resource):
     """
-    ``GET /spotify/callback?code=..&state=DEVICE_ID``: exchange the code and
-    hand the tokens to the device.
+    ``GET /spotify/callback?code=..&state=..``: where Spotify's consent
+    sends the phone back.  A pairing's C{state} (L{is_pairing_state}) is
+    accepted only with its browser's cookie (L{Pairings.complete}); any
+    other C{state} is a deployed device's id (the legacy path,
+    L{Pairings.legacy}), unless the relay refuses those.  Either way the
+    tokens go to the device, and the phone sees a page saying how it went.
     """
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, relay: Relay, spotify: SpotifyOAuth | None) -> None:
+    def __init__(self, relay: Relay) -> None:
         super().__init__()
         self.relay = relay
-        self.spotify = spotify
 
     def render_HEAD(self, request: Request) -> bytes:
         # Not GET's headers: twisted.web would run GET for a HEAD, and spend
@@ -303,6 +307,10 @@ class SpotifyCallback(Resource):
         return write_html(request, 405, pages.bad_request("Open this link in a browser."))
 
     def render_GET(self, request: Request) -> Any:
+        request.setHeader(b"cache-control", b"no-store")
+        state = _raw_arg(request, b"state")
+        if is_pairing_state(state):
+            return self._pairing(request, state)
         error = _arg(request, b"error")
         if error == "access_denied":
             return write_html(request, 200, pages.spotify_cancelled())
@@ -317,22 +325,14 @@ class SpotifyCallback(Resource):
             device_id = None
         if device_id is None:
             return write_html(request, 400, pages.bad_request("The device this is for is missing."))
-        if self.spotify is None:
+        if self.relay.spotify is None:
             return write_html(request, 503, pages.unavailable("Spotify is not set up on this relay."))
-
-        finished = request.notifyFinish()
-        finished.addErrback(lambda _: None)
-
-        def exchanged(tokens: dict) -> None:
-            online = self.relay.deliver_tokens(device_id, tokens)
-            self.log.info(
-                "Spotify tokens for {device_id} {how}",
-                device_id=device_id,
-                how="delivered" if online else "kept until it comes back",
-            )
-            respond(200, pages.spotify_connected())
+        respond = _responder(request)
 
         def failed(failure: Any) -> None:
+            if failure.check(PairingProblem):
+                respond(*_problem_page(failure.value))
+                return
             e = failure.check(SpotifyError) and failure.value
             if not e:
                 self.log.failure("Spotify exchange failed", failure)
@@ -341,17 +341,199 @@ class SpotifyCallback(Resource):
             self.log.warn("Spotify refused a code exchange: {error}", error=e.error)
             # Only a refused code is the phone's request gone bad; anything
             # else (Spotify down, our credentials, an odd answer) is upstream.
-            respond(400 if e.error == "invalid_grant" else 502,
-                    pages.spotify_failed(e.description))
+            respond(400 if e.error == "invalid_grant" else 502, pages.spotify_failed(e.description))
 
-        def respond(status: int, page: bytes) -> None:
-            if finished.called:
-                return
-            request.write(write_html(request, status, page))
-            request.finish()
-
-        self.spotify.exchange_code(code).addCallback(exchanged).addErrback(failed)
+        d = self.relay.pairing.legacy(device_id, code)
+        d.addCallbacks(lambda _: respond(200, pages.spotify_connected()), failed)
+        d.addErrback(lambda f: self.log.failure("bug while answering the Spotify callback", f))
         return NOT_DONE_YET
+
+    def _pairing(self, request: Request, state: str) -> Any:
+        cookie = request.getCookie(COOKIE_NAME.encode("ascii"))
+        try:
+            cookie_value = cookie.decode("ascii") if cookie else None
+        except UnicodeDecodeError:
+            cookie_value = None
+        respond = _responder(request)
+
+        def paired(_: Any) -> None:
+            # The flow is over: its cookie has nothing left to do.
+            _expire_cookie(request)
+            respond(200, pages.spotify_paired())
+
+        def failed(failure: Any) -> None:
+            failure.trap(PairingProblem)
+            problem = failure.value
+            if problem.reason in ("denied", "refused"):
+                _expire_cookie(request)
+            respond(*_problem_page(problem))
+
+        d = self.relay.pairing.complete(state, cookie_value, _arg(request, b"code"), _arg(request, b"error"))
+        d.addCallbacks(paired, failed)
+        d.addErrback(self._bug, respond)
+        return NOT_DONE_YET
+
+    def _bug(self, failure: Any, respond: Callable[[int, bytes], None]) -> None:
+        self.log.failure("bug while answering a Spotify pairing callback", failure)
+        respond(500, pages.spotify_failed("something went wrong"))
+
+
+def _responder(request: Request) -> Callable[[int, bytes], None]:
+    """
+    Answer C{request} later with a status and a page, unless its client
+    has gone (or it was answered already).
+    """
+    finished = request.notifyFinish()
+    finished.addErrback(lambda _: None)
+
+    def respond(status: int, page: bytes) -> None:
+        if finished.called or request.finished:
+            return
+        request.write(write_html(request, status, page))
+        request.finish()
+
+    return respond
+
+
+def _expire_cookie(request: Request) -> None:
+    request.addCookie(COOKIE_NAME.encode("ascii"), b"", path=PAIR_COOKIE_PATH, max_age=b"0",
+                      secure=True, httpOnly=True, sameSite="lax")
+
+
+# How each pairing problem is answered: status, and the page.
+_PROBLEM_STATUS = {
+    "unknown": 404, "expired": 410, "used": 409, "wrong_browser": 403, "cross_site": 403,
+    "unavailable": 503, "not_configured": 503, "legacy_off": 410, "denied": 200,
+}
+
+
+def _problem_page(problem: PairingProblem) -> tuple[int, bytes]:
+    if problem.reason == "denied":
+        return 200, pages.spotify_pair_cancelled()
+    if problem.reason == "refused":
+        return (502 if problem.upstream else 400), pages.spotify_refused(problem.description or "no")
+    return _PROBLEM_STATUS.get(problem.reason, 400), pages.pair_problem(problem.reason)
+
+
+# The cookie is sent back only to the callback.
+PAIR_COOKIE_PATH = b"/spotify/callback"
+# Lookups of /pair/ per client address, then 429.
+PAIR_LOOKUPS = Rate.per_window(30, 60)
+
+
+class PairPage(Resource):
+    """
+    ``/pair/CODE``: the phone's side of a Spotify pairing.  C{GET} shows
+    which device asks (L{Pairings.lookup}); the button C{POST}s here, which
+    spends the code, sets the httpOnly, Secure, SameSite=Lax cookie
+    C{leeloo_pair} bound to the flow, and redirects (303) to Spotify's
+    consent (L{Pairings.consent}).  Every request counts against its
+    client address: 30 a minute, then 429.  The pages' CSP allows exactly
+    the stylesheet, the icon, the form and the redirect to Spotify.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, relay: Relay, rate: Rate = PAIR_LOOKUPS) -> None:
+        super().__init__()
+        self.relay = relay
+        self.limiter = Limiter(relay.clock, rate)
+        self._swept = relay.clock.seconds()
+
+    def render(self, request: Request) -> Any:
+        request.setHeader(b"cache-control", b"no-store")
+        spotify = self.relay.spotify
+        if spotify is not None:
+            request.setHeader(b"content-security-policy",
+                              pages.pairing_policy(spotify.config.accounts_origin))
+        # The button's post must carry its Origin (no-referrer would make it
+        # "null"); nothing goes to another site, Spotify included.
+        request.setHeader(b"referrer-policy", b"same-origin")
+        wait = self._take(client_address(request))
+        if wait:
+            retry = max(1, math.ceil(wait))
+            request.setHeader(b"retry-after", str(retry).encode("ascii"))
+            return write_html(request, 429, pages.pair_problem("too_many"))
+        return super().render(request)
+
+    def _take(self, address: str | None) -> float:
+        now = self.relay.clock.seconds()
+        if now - self._swept >= 60:
+            self._swept = now
+            self.limiter.sweep()
+        return self.limiter.take(address)
+
+    def _code(self, request: Request) -> str | None:
+        if len(request.postpath) != 1:
+            return None
+        try:
+            return request.postpath[0].decode("ascii")
+        except UnicodeDecodeError:
+            return None
+
+    def render_GET(self, request: Request) -> bytes:
+        try:
+            view = self.relay.pairing.lookup(self._code(request))
+        except PairingProblem as e:
+            return write_html(request, *_problem_page(e))
+        action = "/pair/" + view.user_code.replace("-", "")
+        return write_html(request, 200, pages.pair(view.user_code, view.device_name, view.crew_code, action))
+
+    render_HEAD = render_GET
+
+    def render_POST(self, request: Request) -> Any:
+        if not self._same_site(request):
+            self.log.warn("a pairing button pressed from another site, from {client_address}",
+                          client_address=client_address(request))
+            return write_html(request, *_problem_page(PairingProblem("cross_site")))
+        respond = _responder(request)
+
+        def consented(consent: Any) -> None:
+            if request.finished:
+                return
+            request.addCookie(COOKIE_NAME.encode("ascii"), consent.cookie.encode("ascii"),
+                              path=PAIR_COOKIE_PATH, max_age=str(int(self.relay.pairing.settings.ttl)).encode(),
+                              secure=True, httpOnly=True, sameSite="lax")
+            request.setResponseCode(303)
+            request.setHeader(b"location", consent.location.encode("ascii"))
+            respond(303, pages.to_spotify(consent.location))
+
+        def failed(failure: Any) -> None:
+            failure.trap(PairingProblem)
+            respond(*_problem_page(failure.value))
+
+        d = self.relay.pairing.consent(self._code(request))
+        d.addCallbacks(consented, failed)
+        d.addErrback(lambda f: (self.log.failure("bug while pressing a pairing button", f),
+                                respond(500, pages.pair_problem("unavailable"))))
+        return NOT_DONE_YET
+
+    def _same_site(self, request: Request) -> bool:
+        """
+        Whether a button press comes from the relay's own page: the
+        browser's C{Sec-Fetch-Site} says C{same-origin}; or, from a browser
+        that sends none, its C{Origin} is the relay's public origin or the
+        host the request was sent to (C{null}, what a page with no referrer
+        sends, is neither).  A client that sends neither header is no
+        browser a hostile page could drive.
+        """
+        fetch_site = request.getHeader(b"sec-fetch-site")
+        if fetch_site is not None:
+            return fetch_site.strip().lower() in (b"same-origin", b"none")
+        given = request.getHeader(b"origin")
+        if given is None:
+            return True
+        given_origin = given.decode("latin-1").strip().lower()
+        allowed = set()
+        public = self.relay.pairing.public_url
+        if public:
+            allowed.add(origin(public))
+        host = request.getHeader(b"host")
+        if host:
+            scheme = "https" if request.isSecure() else "http"
+            allowed.add(f"{scheme}://{host.decode('latin-1').strip().lower()}")
+        return given_origin in allowed
 
 
 # --------------------------------------------------------------- bot API
@@ -577,9 +759,14 @@ def make_root(
     root.putChild(b"static", Static())
     root.putChild(b"health", Health(relay, health_fields))
     root.putChild(b"ws", WebSocketResource(ws_factory))
+    if spotify is not None and relay.pairing.spotify is None:
+        # A relay built without its Spotify client (the web tests') gets
+        # the site's.
+        relay.pairing.spotify = spotify
     spotify_root = Directory()
-    spotify_root.putChild(b"callback", SpotifyCallback(relay, spotify))
+    spotify_root.putChild(b"callback", SpotifyCallback(relay))
     root.putChild(b"spotify", spotify_root)
+    root.putChild(b"pair", PairPage(relay))
     api = Directory()
     api.putChild(b"telegram", BotAPI(relay, bot_secret))
     root.putChild(b"api", api)

@@ -100,7 +100,7 @@ class RelayMachine(RuleBasedStateMachine):
             assert session in relay.sessions
         for code, crew in relay.crews.items():
             assert crew.code == code
-            for device_id, membership in crew.online.items():
+            for device_id, membership in relay.fanout.listeners(code).items():
                 session = membership.session
                 assert session.crew is crew
                 assert session.membership(code) is membership
@@ -109,7 +109,7 @@ class RelayMachine(RuleBasedStateMachine):
                 assert membership.member is crew.members[device_id]
         for session in relay.sessions:
             if session.crew is not None:
-                assert session.crew.online.get(session.device_id) is session.primary
+                assert relay.fanout.listeners(session.crew.code).get(session.device_id) is session.primary
             assert session.memberships() == ([session.primary] if session.primary else [])
 
     @invariant()

@@ -9,6 +9,7 @@ import os
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
 from leeloo.sqlitestore import SQLiteStore
 from leeloo.store import (
@@ -24,6 +25,11 @@ from leeloo.store import (
     BotUserRecord,
     CrewRecord,
     DeviceRecord,
+    ICrewStore,
+    IDeviceStore,
+    IMessageLog,
+    IStore,
+    ITokenStore,
     LogEntry,
     MemberRecord,
     MemoryStore,
@@ -662,6 +668,117 @@ class StoreContract:
         yield self.store.write([(DELETE_DEVICE, "leeloo_a")])
         snapshot = yield self.restart()
         self.assertEqual([d.device_id for d in snapshot.devices], ["leeloo_b"])
+
+
+    # ------------------------------------------------- the engine's answers
+
+    def test_provides_the_interfaces(self):
+        """
+        The store provides IStore and each narrow part of it.
+        """
+        for interface in (IStore, ICrewStore, IDeviceStore, ITokenStore, IMessageLog):
+            self.assertTrue(verifyObject(interface, self.store), interface)
+
+    @contract
+    def test_find_crew(self):
+        """
+        find_crew gives one crew as load() gives it, members, bot users,
+        its last sequence, bytes and client_msg_ids included, and None for
+        a code the store does not hold (also after the crew is deleted).
+        """
+        yield self.store.write([
+            (PUT_CREW, CrewRecord(ALPHA, T0, "leeloo_a")),
+            (PUT_CREW, CrewRecord(BRAVO, T0, None)),
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0, 1)),
+            (PUT_MEMBER, MemberRecord(BRAVO, "leeloo_b", "Bob", T0)),
+            (PUT_BOT_USER, BotUserRecord(ALPHA, "7", "Tina")),
+            (APPEND, entry(1, client_msg_id="c1")),
+            (APPEND, entry(2)),
+        ])
+        found = yield self.store.find_crew(ALPHA)
+        self.assertEqual(found.crews, [CrewRecord(ALPHA, T0, "leeloo_a")])
+        self.assertEqual([(m.device_id, m.name, m.delivered_seq) for m in found.members], [("leeloo_a", "Ann", 1)])
+        self.assertEqual([(b.user_id, b.name) for b in found.bot_users], [("7", "Tina")])
+        self.assertEqual(found.last_seq, {ALPHA: 2})
+        self.assertEqual([(e.seq, e.client_msg_id) for e in found.client_messages], [(1, "c1")])
+        self.assertEqual(found.log_bytes, {ALPHA: len(entry(1).payload) + len(entry(2).payload)})
+        self.assertIsNone((yield self.store.find_crew("NONE")))
+        yield self.store.write([(DELETE_CREW, ALPHA)])
+        self.assertIsNone((yield self.store.find_crew(ALPHA)))
+        bravo = yield self.store.find_crew(BRAVO)
+        self.assertEqual((bravo.last_seq, bravo.client_messages), ({}, []))
+
+    @contract
+    def test_find_crew_after_restart(self):
+        """
+        A crew written before a restart is found after it.
+        """
+        yield self.store.write(with_crew())
+        yield self.restart()
+        found = yield self.store.find_crew(ALPHA)
+        self.assertEqual([c.code for c in found.crews], [ALPHA])
+
+    @contract
+    def test_find_device(self):
+        """
+        find_device gives a device id's record, and None for one the store
+        does not hold or has deleted.
+        """
+        record = DeviceRecord("leeloo_a", "h" * 64, True, T0, T0 + 1)
+        yield self.store.write([(PUT_DEVICE, record)])
+        self.assertEqual((yield self.store.find_device("leeloo_a")), record)
+        self.assertIsNone((yield self.store.find_device("leeloo_b")))
+        yield self.store.write([(DELETE_DEVICE, "leeloo_a")])
+        self.assertIsNone((yield self.store.find_device("leeloo_a")))
+
+    @contract
+    def test_find_token(self):
+        """
+        find_token gives the tokens parked for a device id, and None once
+        they are deleted or for an id with none.
+        """
+        record = TokenRecord("leeloo_a", {"access_token": "t"}, T0 + 3600)
+        yield self.store.write([(PUT_TOKEN, record)])
+        self.assertEqual((yield self.store.find_token("leeloo_a")), record)
+        self.assertIsNone((yield self.store.find_token("leeloo_b")))
+        yield self.store.write([(DELETE_TOKEN, "leeloo_a")])
+        self.assertIsNone((yield self.store.find_token("leeloo_a")))
+
+    @contract
+    def test_find_sent(self):
+        """
+        find_sent gives the entry a sender sent with a client_msg_id while
+        the log holds it, without its payload, and None for another sender
+        or id, or once the entry is trimmed away.  (The SQLite store answers
+        None at once: its relay holds every id its log holds, see
+        SQLiteStoreTests.)
+        """
+        yield self.store.write(with_crew(*appends(entry(1, client_msg_id="c1", digest=b"d"), entry(2), entry(3))))
+        found = yield self.store.find_sent(ALPHA, "leeloo_a", "c1")
+        if found is None:
+            self.assertIsInstance(self.store, SQLiteStore)
+            return
+        self.assertEqual((found.seq, found.id, found.digest, found.payload), (1, "m1", b"d", b""))
+        self.assertIsNone((yield self.store.find_sent(ALPHA, "leeloo_b", "c1")))
+        self.assertIsNone((yield self.store.find_sent(ALPHA, "leeloo_a", "c2")))
+        yield self.store.trim(ALPHA, 0, 1)
+        self.assertIsNone((yield self.store.find_sent(ALPHA, "leeloo_a", "c1")))
+
+    @contract
+    def test_sequences_minted_after_the_log(self):
+        """
+        The store mints each crew's sequence numbers: after a restart, from
+        the last one its log holds; a number given back by a failed batch
+        is minted again; a forgotten crew starts at 1.
+        """
+        yield self.store.write(with_crew(*appends(entry(1), entry(2))))
+        yield self.restart()
+        sequences = self.store.sequences
+        self.assertEqual((sequences.next(ALPHA), sequences.next(ALPHA), sequences.next(BRAVO)), (3, 4, 1))
+        sequences.failed(ALPHA, 4)
+        self.assertEqual(sequences.next(ALPHA), 4)
+        sequences.forget(ALPHA)
+        self.assertEqual(sequences.next(ALPHA), 1)
 
 
 class MemoryStoreTests(StoreContract, SynchronousTestCase):

@@ -24,5 +24,6 @@ is what the WebSocket adapter, the web layer and the tests drive.
     - L{handlers}: one method per frame a device sends;
     - L{bot}: the Telegram bot's crews and messages;
     - L{tokens}: Spotify tokens parked for devices that are offline;
+    - L{pairing}: Spotify pairings, the relay as the device's broker;
     - L{retention}: what is forgotten, and when.
 """

@@ -80,7 +80,7 @@ class BotUsers:
         self.admission.check_bot_join(user_id)
         crew = self.crews.known(code)
         self.crews.add_bot_user(crew, user_id, name)
-        return crew.code, len(crew.online)
+        return crew.code, len(self.crews.online(crew))
 
     def message(self, user_id: str, code: str, sender_name: str, msg_type: str, payload: dict) -> Deferred:
         """
@@ -101,7 +101,7 @@ class BotUsers:
         for code in self.crews.bot_user_index.get(user_id, ()):
             crew = self.crews.crews.get(code)
             if crew is not None and user_id in crew.bot_users:
-                crews.append(BotCrew(code, crew.bot_users[user_id], len(crew.online)))
+                crews.append(BotCrew(code, crew.bot_users[user_id], len(self.crews.online(crew))))
         return crews
 
     def crew_status(self, code: str) -> CrewStatus:
@@ -109,5 +109,5 @@ class BotUsers:
         crew = self.crews.crews.get(code)
         if crew is None:
             return CrewStatus(code, False, [], [])
-        return CrewStatus(code, True, [m.session.name for m in crew.online.values()],
+        return CrewStatus(code, True, [m.session.name for m in self.crews.online(crew).values()],
                           list(crew.bot_users.values()))

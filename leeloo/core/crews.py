@@ -4,20 +4,20 @@ Crews, their members, and memberships.
 A L{Member} is a device that belongs to a crew, online or not, and how far
 it got (what the store keeps).  A L{Membership} is one connection in one
 crew while it is there: it holds that connection's delivery position in the
-crew, so a session can hold several.  C{Crew.online} maps each online
-member's device id to its membership.
+crew, so a session can hold several.  The memberships online listen to
+their crew through the fan-out (L{leeloo.fanout.IFanout}): who is online in
+a crew is the fan-out's to say, wherever they are connected.
 """
 
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from twisted.logger import Logger
 
 from leeloo import messages
 from leeloo.core.defaults import CODE_TRIES, MAX_GENERATED_CODE_LENGTH
-from leeloo.core.peer import Outgoing
 from leeloo.messages import CrewLimit, InvalidCrewCode, InvalidLastSeq
 from leeloo.store import (
     DELETE_CREW,
@@ -32,6 +32,8 @@ from leeloo.store import (
 )
 
 if TYPE_CHECKING:
+    from leeloo.core.peer import Outgoing
+    from leeloo.fanout import IFanout
     from leeloo.core.delivery import ClientMessage
     from leeloo.core.presence import Presence
     from leeloo.core.sessions import Session
@@ -79,35 +81,26 @@ class Membership:
         self.last_sent_seq = self.proven_seq = start
         self.held: list[tuple[int, Outgoing | None]] | None = None
 
-    @property
-    def current(self) -> bool:
-        """
-        Whether this is still its device's connection in the crew.
-        """
-        return self.crew.online.get(self.member.device_id) is self
-
     def __repr__(self) -> str:
         return f"<Membership {self.member.device_id!r} in {self.crew.code!r} at {self.last_sent_seq}>"
 
 
 class Crew:
     """
-    A crew: its members (by device id), the memberships online now, its bot
-    users, and its message sequence: C{last_seq} is the last assigned,
-    C{fanned_seq} the last stored and delivered.
+    A crew: its members (by device id), its bot users, and the last
+    sequence number stored and delivered, C{fanned_seq} (the store mints
+    them: L{leeloo.store.Sequences}).
     """
 
-    __slots__ = ("code", "created_at", "created_by", "online", "members", "bot_users",
-                 "last_seq", "fanned_seq", "last_message_at", "client_messages", "log_bytes", "trimming")
+    __slots__ = ("code", "created_at", "created_by", "members", "bot_users",
+                 "fanned_seq", "last_message_at", "client_messages", "log_bytes", "trimming")
 
     def __init__(self, code: str, created_at: float, created_by: str | None) -> None:
         self.code = code
         self.created_at = created_at
         self.created_by = created_by
-        self.online: dict[str, Membership] = {}
         self.members: dict[str, Member] = {}
         self.bot_users: dict[str, str] = {}
-        self.last_seq = 0
         self.fanned_seq = 0
         self.last_message_at = 0.0
         self.client_messages: dict[tuple[str, str], ClientMessage] | None = None
@@ -119,22 +112,22 @@ class Crew:
 
 class Crews:
     """
-    Every crew (C{crews}: code -> L{Crew}), how many have a member online
-    (C{online_count}), and which crews each bot user is in
-    (C{bot_user_index}).
+    Every crew (C{crews}: code -> L{Crew}), and which crews each bot user
+    is in (C{bot_user_index}); their members online are C{fanout}'s
+    listeners.
 
     @param code_length: the characters after the prefix of a generated code.
     @param crew_code: makes a random crew code of a given length.
     """
 
-    def __init__(self, clock: Any, journal: Journal, code_length: int,
+    def __init__(self, clock: Any, journal: Journal, fanout: IFanout, code_length: int,
                  crew_code: Callable[[int], str] = generate_crew_code) -> None:
         self.clock = clock
         self.journal = journal
+        self.fanout = fanout
         self.code_length = code_length
         self._new_crew_code = crew_code
         self.crews: dict[str, Crew] = {}
-        self.online_count = 0
         # telegram user id -> the codes of the crews it is in (in join order)
         self.bot_user_index: dict[str, dict[str, None]] = {}
         self.presence: Presence | None = None
@@ -142,7 +135,7 @@ class Crews:
     def restore(self, snapshot: Snapshot) -> None:
         for record in snapshot.crews:
             crew = self.crews[record.code] = Crew(record.code, record.created_at, record.created_by)
-            crew.last_seq = crew.fanned_seq = snapshot.last_seq.get(record.code, 0)
+            crew.fanned_seq = snapshot.last_seq.get(record.code, 0)
             crew.last_message_at = snapshot.last_message_at.get(record.code, 0.0)
             crew.log_bytes = snapshot.log_bytes.get(record.code, 0)
         for m in snapshot.members:
@@ -154,6 +147,18 @@ class Crews:
             if b.crew_code in self.crews:
                 self.crews[b.crew_code].bot_users[b.user_id] = b.name
                 self.bot_user_index.setdefault(b.user_id, {})[b.crew_code] = None
+
+    def online(self, crew: Crew) -> Mapping[str, Membership]:
+        """
+        C{crew}'s members online: device id -> membership.
+        """
+        return self.fanout.listeners(crew.code)
+
+    def is_current(self, membership: Membership) -> bool:
+        """
+        Whether C{membership} is still its device's connection in its crew.
+        """
+        return self.fanout.listeners(membership.crew.code).get(membership.member.device_id) is membership
 
     def get(self, code: str | None) -> Crew | None:
         return self.crews.get(code) if code is not None else None
@@ -232,9 +237,7 @@ class Crews:
             session.acks = True
         membership = Membership(session, crew, member, start)
         session.primary = membership
-        if not crew.online:
-            self.online_count += 1
-        crew.online[session.device_id] = membership
+        self.fanout.subscribe(crew.code, session.device_id, membership)
         self.save_member(crew, member, online=True)
         self.presence.entered(membership, announce)
         return membership
@@ -250,10 +253,7 @@ class Crews:
         crew = membership.crew
         session.primary = None
         membership.held = None
-        if crew.online.get(session.device_id) is membership:
-            del crew.online[session.device_id]
-            if not crew.online:
-                self.online_count -= 1
+        if self.fanout.unsubscribe(crew.code, session.device_id, membership):
             member = membership.member
             # A legacy device never acknowledges: only what its transport
             # proved it received counts as delivered.
@@ -263,26 +263,6 @@ class Crews:
             self.save_member(crew, member, online=False)
             if announce:
                 self.presence.left(membership)
-
-    @staticmethod
-    def fanout(crew: Crew, out: Outgoing, sender: Session | None = None, seq: int = 0) -> int:
-        """
-        Send C{out} to every online member of C{crew} but C{sender}, encoded
-        once; return how many it went to.  A crew message (C{seq} > 0) waits
-        behind the replay of a member still catching up.
-        """
-        reached = 0
-        for membership in tuple(crew.online.values()):
-            if membership.session is sender:
-                continue
-            reached += 1
-            if seq:
-                if membership.held is not None:
-                    membership.held.append((seq, out))
-                    continue
-                membership.last_sent_seq = seq
-            membership.peer.send(out)
-        return reached
 
     def add_bot_user(self, crew: Crew, user_id: str, name: str) -> None:
         crew.bot_users[user_id] = name
@@ -295,6 +275,8 @@ class Crews:
         """
         del self.crews[crew.code]
         self.journal.put((DELETE_CREW, crew.code), wait=False)
+        # A crew made again under this code starts its log afresh.
+        self.journal.store.sequences.forget(crew.code)
         for user_id in crew.bot_users:
             codes = self.bot_user_index.get(user_id)
             if codes is not None:

@@ -21,7 +21,7 @@ from leeloo import messages
 from leeloo.core.peer import Outgoing
 from leeloo.figures import Histogram, HistogramFigures
 from leeloo.messages import DuplicateClientMessage, NotInCrew, StoreUnavailable
-from leeloo.store import APPEND, IStore, Journal, LogEntry, Snapshot
+from leeloo.store import APPEND, IStore, Journal, LogEntry, Sequences, Snapshot
 
 if TYPE_CHECKING:
     from leeloo.core.crews import Crew, Crews
@@ -79,16 +79,19 @@ class ClientMessage:
 
 class Publication:
     """
-    A crew message on its way to the log.  The journal numbers it when its
-    batch is formed (calling it), so that a batch that fails spends no
-    sequence number: C{seq} and C{out}, the stamped message, are set then.
+    A crew message on its way to the log.  The journal calls it when its
+    batch is formed, and it takes the crew's next sequence number from the
+    store (which gives it back if the batch fails): C{seq} and C{out}, the
+    stamped message, are set then.
     """
 
-    __slots__ = ("crew", "message", "id", "sender", "client_msg_id", "digest", "created_at",
+    __slots__ = ("sequences", "crew", "message", "id", "sender", "client_msg_id", "digest", "created_at",
                  "remembered", "seq", "out")
 
-    def __init__(self, crew: Crew, message: Fanout, id: str, sender: str, client_msg_id: str | None,
-                 digest: bytes | None, created_at: float, remembered: ClientMessage | None) -> None:
+    def __init__(self, sequences: Sequences, crew: Crew, message: Fanout, id: str, sender: str,
+                 client_msg_id: str | None, digest: bytes | None, created_at: float,
+                 remembered: ClientMessage | None) -> None:
+        self.sequences = sequences
         self.crew = crew
         self.message = message
         self.id = id
@@ -102,7 +105,7 @@ class Publication:
 
     def __call__(self) -> LogEntry:
         crew = self.crew
-        seq = self.seq = crew.last_seq = crew.last_seq + 1
+        seq = self.seq = self.sequences.next(crew.code)
         fanout = self.message.to_dict()
         self.out = Outgoing(messages.stamped(fanout, int(self.created_at * 1000), seq, self.id))
         if self.remembered is not None:
@@ -174,6 +177,34 @@ class Delivery:
             raise NotInCrew("join or create a crew before sending crew messages")
         return session.primary.crew
 
+    def look_up_sent(self, session: Session, client_msg_id: str | None) -> Deferred | None:
+        """
+        Ask the store whether C{client_msg_id} from C{session}'s device is
+        already in its crew's log when the relay does not hold it (it was
+        sent through another node); return the wait, or C{None} when there
+        is none (held already, or answered at once).
+        """
+        if client_msg_id is None:
+            return None
+        crew = self.crew_of(session)
+        key = (session.device_id, client_msg_id)
+        if crew.client_messages is not None and key in crew.client_messages:
+            return None
+        answer = self.store.find_sent(crew.code, session.device_id, client_msg_id)
+        if answer is None:
+            return None
+        if isinstance(answer, Deferred):
+            return answer.addCallback(self._adopt_sent, crew, key)
+        self._adopt_sent(answer, crew, key)
+        return None
+
+    @staticmethod
+    def _adopt_sent(entry: LogEntry | None, crew: Crew, key: tuple[str, str]) -> None:
+        if entry is not None and (crew.client_messages is None or key not in crew.client_messages):
+            if crew.client_messages is None:
+                crew.client_messages = {}
+            crew.client_messages[key] = ClientMessage(entry.id, entry.seq, entry.digest, entry.created_at)
+
     def send(self, session: Session, message: Fanout, client_msg_id: str | None, received: Any,
              size: int) -> Deferred | None:
         """
@@ -219,7 +250,7 @@ class Delivery:
                 crew.client_messages = {}
             remembered = crew.client_messages[(sender_id, client_msg_id)] = ClientMessage(
                 message_id, 0, digest, now, [])
-        entry = Publication(crew, message, message_id, sender_id, client_msg_id, digest, now, remembered)
+        entry = Publication(self.store.sequences, crew, message, message_id, sender_id, client_msg_id, digest, now, remembered)
         d = self.journal.put((APPEND, entry), size=size)
         if session is not None and self.journal.backlog > self.store_queue_bytes and session not in self.paused:
             # The store is behind: read no more from this sender until it
@@ -243,7 +274,7 @@ class Delivery:
                     membership.held.append((seq, None))
                 else:
                     membership.last_sent_seq = max(membership.last_sent_seq, seq)
-        reached = self.crews.fanout(crew, out, session, seq)
+        reached = self.crews.fanout.publish(crew.code, out, session, seq)
         self.deliveries += reached
         self._until_sample -= 1
         if not self._until_sample:
@@ -264,7 +295,7 @@ class Delivery:
         if entry.seq:
             # Its whole batch failed, and no later batch has been numbered
             # yet: the next message takes the first sequence this one had.
-            crew.last_seq = min(crew.last_seq, entry.seq - 1)
+            self.store.sequences.failed(crew.code, entry.seq)
         extra = {} if client_msg_id is None else {"client_msg_id": client_msg_id}
         if remembered is not None:
             crew.client_messages.pop((entry.sender, client_msg_id), None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred, DeferredList, FirstError
 from twisted.logger import Logger
 
 from leeloo import messages
@@ -19,30 +20,37 @@ from leeloo.messages import (
     CrewMessage,
     InvalidCrewCode,
     JoinCrew,
+    NotRegistered,
     Ping,
     ProtocolError,
     Reaction,
     Register,
     ShareMusic,
+    SpotifyNotConfigured,
+    SpotifyPair,
     StoreUnavailable,
 )
+from leeloo.store import StoreError
 
 if TYPE_CHECKING:
     from leeloo.core.admission import Admission
     from leeloo.core.crews import Crew, Crews
     from leeloo.core.delivery import Delivery, Fanout
     from leeloo.core.identity import Identity
+    from leeloo.core.pairing import Pairings
     from leeloo.core.replay import Replayer
     from leeloo.core.sessions import Session, Sessions
     from leeloo.core.tokens import PendingTokens
-    from leeloo.store import Journal
+    from leeloo.store import IStore, Journal, Snapshot
 
 _log = Logger()
 
 
 class Handlers:
-    def __init__(self, journal: Journal, sessions: Sessions, identity: Identity, admission: Admission,
-                 crews: Crews, delivery: Delivery, replayer: Replayer, tokens: PendingTokens) -> None:
+    def __init__(self, store: IStore, journal: Journal, sessions: Sessions, identity: Identity, admission: Admission,
+                 crews: Crews, delivery: Delivery, replayer: Replayer, tokens: PendingTokens,
+                 pairing: Pairings) -> None:
+        self.store = store
         self.journal = journal
         self.sessions = sessions
         self.identity = identity
@@ -51,6 +59,7 @@ class Handlers:
         self.delivery = delivery
         self.replayer = replayer
         self.tokens = tokens
+        self.pairing = pairing
         self.by_type = {
             Register: self.register,
             CreateCrew: self.create_crew,
@@ -60,11 +69,75 @@ class Handlers:
             Reaction: self.reaction,
             Ping: self.ping,
             Ack: self.ack,
+            SpotifyPair: self.spotify_pair,
         }
 
     # ------------------------------------------------------ entering crews
 
-    def register(self, session: Session, message: Register, size: int) -> None:
+    def register(self, session: Session, message: Register, size: int) -> Deferred | None:
+        return self._looked_up(session, message, self._register)
+
+    def create_crew(self, session: Session, message: CreateCrew, size: int) -> Deferred | None:
+        return self._looked_up(session, message, self._create_crew)
+
+    def join_crew(self, session: Session, message: JoinCrew, size: int) -> Deferred | None:
+        return self._looked_up(session, message, self._join_crew)
+
+    def _looked_up(self, session: Session, message: Any, then: Any) -> Deferred | None:
+        """
+        Call C{then(session, message)} once the crew and the device id that
+        C{message} names are known here as the store knows them: what the
+        relay does not hold (another node made it, say) is looked up first,
+        and the connection's next frames wait for it (the relay's
+        L{receive} keeps them in order).  Return the wait, or C{None} when
+        there was nothing to look up.
+        """
+        waits: list[Deferred] = []
+        code, device_id = message.crew_code, message.device_id
+        if code is not None and code not in self.crews.crews:
+            self._find(waits, self.store.find_crew(code), self._adopt_crew, code)
+        if device_id is not None:
+            if device_id not in self.identity.keys:
+                self._find(waits, self.store.find_device(device_id), self.identity.adopt)
+            if device_id not in self.tokens.pending:
+                self._find(waits, self.store.find_token(device_id), self.tokens.adopt)
+        if not waits:
+            then(session, message)
+            return None
+        wait = waits[0] if len(waits) == 1 else DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+        wait.addErrback(self._lookup_failed)
+        return wait.addCallback(lambda _: None if session.closing else then(session, message))
+
+    @staticmethod
+    def _find(waits: list, answer: Any, adopt: Any, *args: Any) -> None:
+        """
+        Give C{adopt} the store's C{answer}: at once when the store knew it
+        without asking (a plain value), else when it comes (a Deferred,
+        added to C{waits}).
+        """
+        if answer is None:
+            # The commonest answer (a new device, a new crew), and the cheapest
+            # to tell apart: isinstance on a Deferred goes through its ABCs.
+            return
+        if isinstance(answer, Deferred):
+            waits.append(answer.addCallback(adopt, *args))
+        else:
+            adopt(answer, *args)
+
+    @staticmethod
+    def _lookup_failed(failure: Any) -> None:
+        if failure.check(FirstError):
+            failure = failure.value.subFailure
+        failure.trap(StoreError)
+        _log.error("could not look a crew or device up in the store: {error}", error=failure.getErrorMessage())
+        raise StoreUnavailable("the relay could not read its store; try again")
+
+    def _adopt_crew(self, snapshot: Snapshot | None, code: str) -> None:
+        if snapshot is not None and code not in self.crews.crews:
+            self.crews.restore(snapshot)
+            self.delivery.restore(snapshot)
+
+    def _register(self, session: Session, message: Register) -> None:
         crew = self.crews.get(message.crew_code)
         self.crews.check_last_seq(crew, message.last_seq)
         if message.crew_code is not None or self.identity.unseen(session, message.device_id):
@@ -80,7 +153,7 @@ class Handlers:
             self._enter(session, crew, announce=False, last_seq=message.last_seq)
         self._log_entry("register", session)
 
-    def create_crew(self, session: Session, message: CreateCrew, size: int) -> None:
+    def _create_crew(self, session: Session, message: CreateCrew) -> None:
         crew = self.crews.get(message.crew_code)
         self.crews.check_last_seq(crew, message.last_seq)
         # Counted before a code is searched for: a refused flood costs no search.
@@ -121,15 +194,16 @@ class Handlers:
                 self.crews.leave(session, announce=False)
             session.send(StoreUnavailable("the crew could not be stored; try again").as_frame())
 
-    def join_crew(self, session: Session, message: JoinCrew, size: int) -> None:
+    def _join_crew(self, session: Session, message: JoinCrew) -> None:
         crew = self.crews.get(message.crew_code)
         self.admission.check_entry(session, message.device_id, crew)
         if crew is None:
             raise InvalidCrewCode(f"Crew {message.crew_code} not found")
         self.crews.check_last_seq(crew, message.last_seq)
         key = self._identify(session, message.device_id, message.display_name, message.device_key)
-        others = [m.session.name for m in crew.online.values() if m.session is not session]
-        online = len(crew.online) + (session.device_id not in crew.online)
+        listeners = self.crews.online(crew)
+        others = [m.session.name for m in listeners.values() if m.session is not session]
+        online = len(listeners) + (session.device_id not in listeners)
         session.send(messages.CrewJoined(session.device_id, crew.code, online, others, key))
         self.tokens.hand_over(session)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
@@ -158,13 +232,12 @@ class Handlers:
             issued = self.identity.authenticate(session, device_id, key, claimed)
         if session.device_id != device_id:
             self.unbind(session)
-            previous = self.sessions.devices.get(device_id)
+            previous = self.sessions.bind(session, device_id)
             if previous is not None:
                 # A newer connection for the device (a reboot): the old one
                 # is detached without telling the crew, and closed.
                 self.crews.leave(previous, announce=False)
                 self.sessions.replace(previous)
-            self.sessions.bind(session, device_id)
         if name is not None:
             session.name = name
         elif session.name is None:
@@ -192,18 +265,26 @@ class Handlers:
 
     # -------------------------------------------------------- crew messages
 
-    def crew_message(self, session: Session, message: CrewMessage, size: int) -> None:
-        self._send(session, messages.RelayedMessage(session.device_id, session.name, message.msg_type,
+    def crew_message(self, session: Session, message: CrewMessage, size: int) -> Deferred | None:
+        return self._send(session, messages.RelayedMessage(session.device_id, session.name, message.msg_type,
                                                   message.payload), message, size)
 
-    def share_music(self, session: Session, message: ShareMusic, size: int) -> None:
-        self._send(session, messages.MusicShared(message.spotify_uri, message.artist, message.track, message.album,
+    def share_music(self, session: Session, message: ShareMusic, size: int) -> Deferred | None:
+        return self._send(session, messages.MusicShared(message.spotify_uri, message.artist, message.track, message.album,
                                                       session.name), message, size)
 
-    def reaction(self, session: Session, message: Reaction, size: int) -> None:
-        self._send(session, messages.RelayedReaction(message.reaction_type, session.name), message, size)
+    def reaction(self, session: Session, message: Reaction, size: int) -> Deferred | None:
+        return self._send(session, messages.RelayedReaction(message.reaction_type, session.name), message, size)
 
-    def _send(self, session: Session, out: Fanout, received: Any, size: int) -> None:
+    def _send(self, session: Session, out: Fanout, received: Any, size: int) -> Deferred | None:
+        wait = self.delivery.look_up_sent(session, received.client_msg_id)
+        if wait is not None:
+            wait.addErrback(self._lookup_failed)
+            return wait.addCallback(lambda _: None if session.closing else self._send_now(session, out, received, size))
+        self._send_now(session, out, received, size)
+        return None
+
+    def _send_now(self, session: Session, out: Fanout, received: Any, size: int) -> None:
         d = self.delivery.send(session, out, received.client_msg_id, received, size)
         if d is not None:
             d.addErrback(self._refuse, session)
@@ -230,3 +311,22 @@ class Handlers:
 
     def ack(self, session: Session, message: Ack, size: int) -> None:
         self.replayer.ack(session, message.seq)
+
+    # -------------------------------------------------------------- Spotify
+
+    def _spotify_device(self, session: Session) -> None:
+        """
+        Check that C{session} may ask for anything Spotify: it has a device
+        id, and the relay has a Spotify app.
+
+        @raise NotRegistered: no device id yet.
+        @raise SpotifyNotConfigured: no Spotify app.
+        """
+        if not self.sessions.is_bound(session):
+            raise NotRegistered("register first (no crew is needed), then ask again")
+        if not self.pairing.configured:
+            raise SpotifyNotConfigured("this relay has no Spotify app configured")
+
+    def spotify_pair(self, session: Session, message: SpotifyPair, size: int) -> None:
+        self._spotify_device(session)
+        self.pairing.start(session, message.scopes)

@@ -60,6 +60,13 @@ class Identity:
         for d in snapshot.devices:
             self.keys[d.device_id] = d
 
+    def adopt(self, record: DeviceRecord | None) -> None:
+        """
+        Hold C{record}, as the store gave it, unless one is held already.
+        """
+        if record is not None and record.device_id not in self.keys:
+            self.keys[record.device_id] = record
+
     def unseen(self, session: Session, device_id: str | None) -> bool:
         """
         Whether C{session} would be a device id the relay has never seen.

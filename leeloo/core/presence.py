@@ -41,11 +41,12 @@ class Presence:
         witnesses = self._returned(crew, session.device_id)
         if witnesses is not None:
             joined = Outgoing(messages.MemberJoined(session.device_id, session.name))
-            for other in tuple(crew.online.values()):
+            for other in tuple(self.crews.online(crew).values()):
                 if other is not membership and other.session not in witnesses:
                     other.peer.send(joined)
         elif announce:
-            self.crews.fanout(crew, Outgoing(messages.MemberJoined(session.device_id, session.name)), session)
+            self.crews.fanout.publish(crew.code, Outgoing(messages.MemberJoined(session.device_id, session.name)),
+                                      session)
 
     def left(self, membership: Membership) -> None:
         """
@@ -55,19 +56,19 @@ class Presence:
         crew, session = membership.crew, membership.session
         out = Outgoing(messages.MemberOffline(session.device_id, session.name))
         if self.grace <= 0:
-            self.crews.fanout(crew, out)
+            self.crews.fanout.publish(crew.code, out)
             return
         key = (crew.code, session.device_id)
         earlier = self._leaving.pop(key, None)
         if earlier is not None:
             earlier[0].cancel()
         call = self.clock.callLater(self.grace, self._gone, crew, key, out)
-        self._leaving[key] = (call, frozenset(m.session for m in crew.online.values()))
+        self._leaving[key] = (call, frozenset(m.session for m in self.crews.online(crew).values()))
 
     def _gone(self, crew: Crew, key: tuple[str, str], out: Outgoing) -> None:
         del self._leaving[key]
-        if key[1] not in crew.online and self.crews.crews.get(crew.code) is crew:
-            self.crews.fanout(crew, out)
+        if key[1] not in self.crews.online(crew) and self.crews.crews.get(crew.code) is crew:
+            self.crews.fanout.publish(crew.code, out)
 
     def _returned(self, crew: Crew, device_id: str) -> frozenset | None:
         """

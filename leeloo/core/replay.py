@@ -132,7 +132,7 @@ class Replayer:
             if seq <= membership.proven_seq:
                 continue
             membership.proven_seq = seq
-            if session.acks or not membership.current:
+            if session.acks or not self.crews.is_current(membership):
                 continue
             member = membership.member
             if seq > member.delivered_seq:

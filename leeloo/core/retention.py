@@ -51,7 +51,7 @@ class Retention:
         crews = self.crews.crews
         stale = [
             crew for crew in crews.values()
-            if not crew.online
+            if not self.crews.online(crew)
             and max(crew.created_at, crew.last_message_at,
                     max((m.last_seen for m in crew.members.values()), default=0.0)) < idle_before
         ]
@@ -60,7 +60,7 @@ class Retention:
         members = {device_id for crew in crews.values() for device_id in crew.members}
         idle_devices = [
             device_id for device_id, record in self.identity.keys.items()
-            if device_id not in members and device_id not in self.sessions.devices
+            if device_id not in members and self.crews.fanout.connection(device_id) is None
             and (record.last_seen if record.last_seen is not None else record.created_at) < idle_before
         ]
         for device_id in idle_devices:
@@ -74,7 +74,7 @@ class Retention:
                 # The store keeps each crew's newest entry, and with it its
                 # client_msg_id: keep remembering that one.
                 for key in [k for k, v in crew.client_messages.items()
-                            if v.created_at < cutoff and v.waiting is None and v.seq != crew.last_seq]:
+                            if v.created_at < cutoff and v.waiting is None and v.seq != crew.fanned_seq]:
                     del crew.client_messages[key]
         d = self.journal.barrier().addCallback(lambda _: self.store.prune(cutoff))
         return d.addCallback(lambda deleted: (deleted, len(stale)))

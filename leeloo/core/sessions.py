@@ -16,6 +16,7 @@ from leeloo.limits import Bucket
 from leeloo.messages import CLOSE_BIND_TIMEOUT, CLOSE_INTERNAL_ERROR, CLOSE_REPLACED
 
 if TYPE_CHECKING:
+    from leeloo.fanout import IFanout
     from leeloo.core.crews import Crew, Membership
 
 _log = Logger()
@@ -36,7 +37,7 @@ class Session:
     """
 
     __slots__ = ("peer", "address", "device_id", "name", "primary", "others", "acks",
-                 "bucket", "entries", "strikes", "closing", "bind_timer")
+                 "bucket", "entries", "strikes", "closing", "bind_timer", "waiting")
 
     def __init__(self, peer: IPeer, address: str | None, bucket: Bucket) -> None:
         self.peer = peer
@@ -51,6 +52,8 @@ class Session:
         self.strikes = 0
         self.closing = False
         self.bind_timer: Any = None
+        # While a frame waits on a lookup: the frames that came after it.
+        self.waiting: list | None = None
 
     def membership(self, code: str) -> Membership | None:
         """
@@ -96,17 +99,18 @@ class Session:
 class Sessions:
     """
     Every open connection (C{sessions}) and the device each bound
-    (C{devices}: device id -> session).
+    (claimed through the fan-out, so that a device id has one connection
+    wherever it connects).
 
     @param bind_timeout: seconds a connection may stay without binding a
         device before it is closed with L{CLOSE_BIND_TIMEOUT}; 0 never.
     """
 
-    def __init__(self, clock: Any, bind_timeout: float) -> None:
+    def __init__(self, clock: Any, fanout: IFanout, bind_timeout: float) -> None:
         self.clock = clock
+        self.fanout = fanout
         self.bind_timeout = bind_timeout
         self.sessions: set[Session] = set()
-        self.devices: dict[str, Session] = {}
         # Set by close_all: the close code and reason of connections opening now.
         self.stopping: tuple[int, str] | None = None
         self._when_gone: list[Deferred] = []
@@ -146,27 +150,27 @@ class Sessions:
         """
         Whether C{session} is the connection of the device it names.
         """
-        return session.device_id is not None and self.devices.get(session.device_id) is session
+        return session.device_id is not None and self.fanout.connection(session.device_id) is session
 
-    def bind(self, session: Session, device_id: str) -> None:
+    def bind(self, session: Session, device_id: str) -> Session | None:
         """
-        Make C{session} the connection of C{device_id} (nothing else holds
-        it: see L{replace}).
+        Make C{session} the connection of C{device_id}; return the
+        connection it replaces, for L{replace}.
         """
         session.device_id = device_id
-        self.devices[device_id] = session
+        previous = self.fanout.claim(device_id, session)
         self.stop_bind_timer(session)
+        return previous
 
     def unbind(self, session: Session) -> None:
-        if self.is_bound(session):
-            del self.devices[session.device_id]
+        if session.device_id is not None:
+            self.fanout.release(session.device_id, session)
 
     def replace(self, previous: Session) -> None:
         """
         A newer connection claims C{previous}'s device id (a reboot): close
         the old one (its crews were left without a word).
         """
-        del self.devices[previous.device_id]
         previous.device_id = None
         self.discard(previous)
         previous.close(CLOSE_REPLACED, "replaced by a newer connection for this device")

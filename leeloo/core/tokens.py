@@ -12,7 +12,8 @@ from leeloo import messages
 from leeloo.store import DELETE_TOKEN, PUT_TOKEN, Journal, Snapshot, TokenRecord
 
 if TYPE_CHECKING:
-    from leeloo.core.sessions import Session, Sessions
+    from leeloo.core.sessions import Session
+    from leeloo.fanout import IFanout
 
 
 class PendingTokens:
@@ -22,25 +23,34 @@ class PendingTokens:
     @param ttl: seconds parked tokens are kept.
     """
 
-    def __init__(self, clock: Any, journal: Journal, sessions: Sessions, ttl: float) -> None:
+    def __init__(self, clock: Any, journal: Journal, fanout: IFanout, ttl: float) -> None:
         self.clock = clock
         self.journal = journal
-        self.sessions = sessions
+        self.fanout = fanout
         self.ttl = ttl
         self.pending: dict[str, tuple[dict, float]] = {}
+        # Device ids whose tokens were taken but whose deletion the store
+        # has not committed yet: the store's copy is not to be adopted.
+        self._taken: set[str] = set()
 
     def restore(self, snapshot: Snapshot) -> None:
         for t in snapshot.tokens:
             self.pending[t.device_id] = (t.tokens, t.expires_at)
+
+    def adopt(self, record: TokenRecord | None) -> None:
+        """
+        Hold C{record}, as the store gave it (another node parked it),
+        unless tokens are held for that device already.
+        """
+        if record is not None and record.device_id not in self.pending and record.device_id not in self._taken:
+            self.pending[record.device_id] = (record.tokens, record.expires_at)
 
     def deliver(self, device_id: str, tokens: dict) -> bool:
         """
         Hand Spotify tokens to C{device_id}: at once if it is online (return
         C{True}), else park them for its return.
         """
-        session = self.sessions.devices.get(device_id)
-        if session is not None:
-            session.send(messages.SpotifyAuthComplete(tokens))
+        if self.fanout.send_to_device(device_id, messages.SpotifyAuthComplete(tokens)):
             return True
         expires = self.clock.seconds() + self.ttl
         self.pending[device_id] = (tokens, expires)
@@ -53,7 +63,7 @@ class PendingTokens:
         """
         pending = self.pending.pop(session.device_id, None)
         if pending is not None:
-            self.journal.put((DELETE_TOKEN, session.device_id), wait=False)
+            self._delete(session.device_id)
             tokens, expires = pending
             if expires > self.clock.seconds():
                 session.send(messages.SpotifyAuthComplete(tokens))
@@ -66,5 +76,12 @@ class PendingTokens:
         stale = [d for d, (_, expires) in self.pending.items() if expires <= now]
         for device_id in stale:
             del self.pending[device_id]
-            self.journal.put((DELETE_TOKEN, device_id), wait=False)
+            self._delete(device_id)
         return len(stale)
+
+    def _delete(self, device_id: str) -> None:
+        self._taken.add(device_id)
+        self.journal.put((DELETE_TOKEN, device_id)).addBoth(self._deleted, device_id)
+
+    def _deleted(self, result: Any, device_id: str) -> None:
+        self._taken.discard(device_id)

@@ -12,10 +12,11 @@ from leeloo.device.client import (
     DeviceStopped,
     LeelooDevice,
     OutboxFull,
+    PairingUnsupported,
 )
 from leeloo.device.state import DeviceState, StateError
 
 __all__ = [
     "DeviceError", "DeviceReplaced", "DeviceState", "DeviceStopped", "FullJitter", "LeelooDevice",
-    "OutboxFull", "StateError",
+    "OutboxFull", "PairingUnsupported", "StateError",
 ]

@@ -69,12 +69,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("text", metavar="TEXT")
     p.add_argument("--timeout", type=_seconds, default=15.0, metavar="SECONDS",
                    help="how long to wait for the relay to confirm it (default 15)")
-    p = command("pair-spotify", "Pair Spotify the legacy way: print the authorize URL and its QR code, "
-                                "and wait for the tokens.")
-    p.add_argument("--client-id", required=True, metavar="ID", help="the Spotify app's client id")
-    p.add_argument("--redirect-uri", required=True, metavar="URI",
-                   help="the relay's callback, e.g. https://leeloobot.xyz/spotify/callback")
-    p.add_argument("--scope", default=SPOTIFY_SCOPES, help=f"Spotify scopes (default {SPOTIFY_SCOPES!r})")
+    p = command("pair-spotify", "Pair Spotify: print the relay's pairing URL, its QR code and the code to "
+                                "check on the phone, and wait for the tokens. Against a relay that predates "
+                                "pairing, the legacy way: Spotify's authorize URL with the device id as state "
+                                "(needs --client-id and --redirect-uri).")
+    p.add_argument("--client-id", metavar="ID", help="the Spotify app's client id (legacy pairing only)")
+    p.add_argument("--redirect-uri", metavar="URI",
+                   help="the relay's callback, e.g. https://leeloobot.xyz/spotify/callback (legacy pairing only)")
+    p.add_argument("--legacy", action="store_true",
+                   help="pair the legacy way even if the relay can broker the pairing")
+    p.add_argument("--scope", default=None, help=f"Spotify scopes (default {SPOTIFY_SCOPES!r})")
     p.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
                    help="how long to wait for the tokens (default 600)")
     return top
@@ -87,6 +91,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = parser()
     args = p.parse_args(argv)
     args.trust_root = None
+    if args.command == "pair-spotify":
+        if bool(args.client_id) != bool(args.redirect_uri):
+            p.error("--client-id and --redirect-uri go together (the legacy pairing needs both)")
+        if args.legacy and not args.client_id:
+            p.error("--legacy needs --client-id and --redirect-uri")
     if args.ca:
         try:
             args.trust_root = load_ca(args.ca)
@@ -207,25 +216,66 @@ class _DeviceCommand:
         d.addCallbacks(sent, self._fail, errbackArgs=("send",))
 
     def _pair_spotify(self) -> None:
-        shown = []
+        asked = []
 
         def connected(frame: dict) -> None:
-            if shown:
+            if asked:
                 return
-            shown.append(True)
-            url = spotify_authorize_url(self.args.client_id, self.args.redirect_uri, frame["device_id"],
-                                        self.args.scope)
-            self.say("Open this URL on a phone (or scan the QR code) and allow LEELOO:")
+            asked.append(True)
+            if self.args.legacy:
+                self._legacy_pairing(frame["device_id"])
+                return
+            d = self.device.pair_spotify(self.args.scope)
+            d.addCallbacks(paired, refused, errbackArgs=(frame["device_id"],))
+
+        def paired(frame: dict) -> None:
+            url = frame["url"]
+            self.say(f"Open this URL on a phone (or scan the QR code), check the code {frame['user_code']} "
+                     "and press the button:")
             self.say(url)
             self._qr(url)
-            self.say(f"waiting for the tokens for device {frame['device_id']} ...")
+            self.say(f"code: {frame['user_code']} (valid {frame['expires_in'] // 60} minutes); "
+                     "waiting for the tokens ...")
+
+        def refused(failure: Failure, device_id: str) -> None:
+            from leeloo.device.client import PairingUnsupported
+
+            if failure.check(PairingUnsupported):
+                self.say("the relay predates pairing; falling back to the legacy authorize URL")
+                self._legacy_pairing(device_id)
+                return
+            self._fail(failure, "pair Spotify")
+
+        def failed(frame: dict) -> None:
+            if self.finishing:
+                return
+            advice = {"denied": "Spotify access was not allowed", "expired": "the code expired",
+                      "cancelled": "a newer pairing replaced it", "refused": "Spotify refused the pairing"}
+            reason = frame.get("reason")
+            self.say(f"{CROSS} pairing {frame.get('user_code')} ended: {advice.get(reason, reason)}; "
+                     "run pair-spotify again")
+            self._finish(1)
 
         def tokens(frame: dict) -> None:
             self.say(f"{TICK} Spotify tokens saved to {self.device.state.path('spotify_tokens.json')}")
             self._finish(0)
 
         self.device.on("connected", connected)
+        self.device.on("spotify_pair_failed", failed)
         self.device.on("spotify_auth_complete", tokens)
+
+    def _legacy_pairing(self, device_id: str) -> None:
+        if not (self.args.client_id and self.args.redirect_uri):
+            self.say(f"{CROSS} the legacy pairing needs --client-id and --redirect-uri (the relay's "
+                     "Spotify app and callback)")
+            self._finish(1)
+            return
+        url = spotify_authorize_url(self.args.client_id, self.args.redirect_uri, device_id,
+                                    self.args.scope or SPOTIFY_SCOPES)
+        self.say("Open this URL on a phone (or scan the QR code) and allow LEELOO:")
+        self.say(url)
+        self._qr(url)
+        self.say(f"waiting for the tokens for device {device_id} ...")
 
     def _qr(self, url: str) -> None:
         try:

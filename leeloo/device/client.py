@@ -32,6 +32,10 @@ close 4029
     the relay refused too much: wait the backoff cap before reconnecting.
 C{replay_truncated}
     handed to the application (C{replay_truncated} observers).
+C{unknown_type} while a pairing is asked for
+    the relay predates pairing: L{pair_spotify} fails with
+    L{PairingUnsupported}, and the caller falls back to the legacy authorize
+    URL (C{state} = the device id).
 """
 
 from __future__ import annotations
@@ -63,14 +67,15 @@ from leeloo.messages import (
     RelayMessage,
     Sent,
     SpotifyAuthComplete,
+    SpotifyPairStarted,
 )
 
 # The msg_type values deployed devices send and understand.
 MSG_TYPES = ("text", "song_push", "reaction", "nudge", "hang_propose", "hang_confirm")
 
 EVENTS = ("message", "music_shared", "reaction", "member_joined", "member_offline",
-          "spotify_auth_complete", "connected", "disconnected", "replay_truncated", "sent",
-          "error", "stopped")
+          "spotify_auth_complete", "spotify_pair", "spotify_pair_failed", "connected", "disconnected",
+          "replay_truncated", "sent", "error", "stopped")
 
 # The reply that says the relay has put the connection where it asked.
 _REPLIES: dict[str, type] = {"join": CrewJoined, "create": CrewCreated, "register": Registered}
@@ -121,6 +126,19 @@ class DeviceReplaced(DeviceError):
     """
 
     code = "device_replaced"
+
+
+class PairingUnsupported(DeviceError):
+    """
+    The relay does not know C{spotify_pair} (it answered C{unknown_type}):
+    pair the legacy way, with C{state} = the device id.
+    """
+
+    code = "pairing_unsupported"
+
+
+# The errors that answer a spotify_pair.
+_PAIRING_ERRORS = ("unknown_type", "not_registered", "spotify_not_configured", "store_unavailable")
 
 
 class DeviceProtocol(WebSocketClientProtocol):
@@ -258,6 +276,11 @@ class LeelooDevice(Service):
         self.entry_timeout = open_timeout
         self._entry_waiters: list[tuple[tuple, Deferred]] = []
         self._waiting: dict[str, Deferred] = {}
+        # pair_spotify() callers waiting for the relay's spotify_pair, and
+        # the request to send once connected (None: sent, or none asked).
+        self._pairing: list[Deferred] = []
+        self._pair_request: dict | None = None
+        self._pair_sent = False
         self._unproductive = 0
         self._next_delay: float | None = None
         self._timer: Any = None
@@ -353,6 +376,7 @@ class LeelooDevice(Service):
         entries, self._entry_waiters = self._entry_waiters, []
         for _, w in entries:
             w.errback(DeviceStopped(why, reason))
+        self._fail_pairing(DeviceStopped(why, reason))
         return d
 
     def _give_up(self, reason: Exception) -> None:
@@ -499,6 +523,7 @@ class LeelooDevice(Service):
                                  "crew_members": reply.crew_members if joined else None,
                                  "member_names": reply.member_names if joined else []})
         self._flush()
+        self._send_pairing()
 
     def _take_waiters(self, target: tuple | None) -> list:
         taken = [(t, d) for t, d in self._entry_waiters if t == target]
@@ -552,6 +577,58 @@ class LeelooDevice(Service):
                       crew_code=code, error=error.message)
             if self._proto is not None:
                 self._proto.sendClose(1000)
+
+    # -------------------------------------------------------------- Spotify
+
+    def pair_spotify(self, scopes: str | None = None) -> Deferred:
+        """
+        Ask the relay for a Spotify pairing (C{scopes} space-separated;
+        the relay's default without).  Fires with the relay's answer as a
+        dict: C{url} to show (as a QR code) and C{user_code} (C{XXXX-XXXX})
+        to show beside it, and C{expires_in} seconds.  The tokens come later
+        as ever (C{spotify_auth_complete}, saved to C{spotify_tokens.json});
+        a pairing that ends without them is a C{spotify_pair_failed} event
+        (C{reason}: C{denied}, C{expired}, C{cancelled}, C{refused}).
+
+        Fails with L{PairingUnsupported} against a relay that predates
+        pairing (use the legacy authorize URL), with the relay's error
+        (C{not_registered}, C{spotify_not_configured}), or with
+        L{DeviceStopped}.  Asking again cancels the pairing before.
+        """
+        if self.phase == "stopped" and self.stopped_by is not None:
+            return fail(DeviceStopped(str(self.stopped_by), self.stopped_by))
+        frame: dict = {"type": "spotify_pair"}
+        if scopes is not None:
+            frame["scopes"] = scopes
+        try:
+            messages.decode(messages.encode(frame))
+        except ProtocolError as e:
+            return fail(e)
+        d = Deferred()
+        self._pairing.append(d)
+        self._pair_request = frame
+        self._pair_sent = False
+        self._send_pairing()
+        return d
+
+    def _send_pairing(self) -> None:
+        if self._pair_request is not None and not self._pair_sent and self.phase == "ready" \
+                and self._proto is not None:
+            self._pair_sent = True
+            self._proto.send_frame(self._pair_request)
+
+    def _paired(self, message: SpotifyPairStarted, frame: dict) -> None:
+        self._pair_request = None
+        waiting, self._pairing = self._pairing, []
+        for d in waiting:
+            d.callback(frame)
+        self._emit("spotify_pair", frame)
+
+    def _fail_pairing(self, error: Exception) -> None:
+        self._pair_request = None
+        waiting, self._pairing = self._pairing, []
+        for d in waiting:
+            d.errback(error)
 
     # ---------------------------------------------------------------- sends
 
@@ -703,6 +780,8 @@ class LeelooDevice(Service):
             self._error(message, frame)
         elif isinstance(message, SpotifyAuthComplete):
             self._tokens(message, frame)
+        elif isinstance(message, SpotifyPairStarted):
+            self._paired(message, frame)
         else:
             # member_joined, member_offline, replay_truncated, and whatever
             # a newer relay adds (an UnknownRelayMessage).
@@ -730,6 +809,14 @@ class LeelooDevice(Service):
     def _error(self, message: ErrorFrame, frame: dict) -> None:
         error = message.to_exception()
         self._emit("error", frame)
+        if (self._pairing and self._pair_sent and error.code in _PAIRING_ERRORS
+                and "client_msg_id" not in error.extra):
+            if error.code == "unknown_type":
+                error = PairingUnsupported(
+                    "the relay does not know spotify_pair (an older relay): pair the legacy way, "
+                    "with the authorize URL's state set to the device id")
+            self._fail_pairing(error)
+            return
         if self.phase == "entering":
             self._entry_refused(error)
         elif error.code == "rate_limited":
@@ -759,6 +846,7 @@ class LeelooDevice(Service):
         self._entering = None
         self._binds = 0
         self.crew_code = None
+        self._pair_sent = False
         self._cancel_timer()
         self._cancel_entry_timer()
         if self.phase != "stopped":

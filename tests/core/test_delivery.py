@@ -234,16 +234,16 @@ class BugRecoveryTests(DeliveryTestCase):
         """
         a, b = self.device("a"), self.device("b")
         a.take(), b.take()
-        fanout = self.relay.crews_part.fanout
+        fanout = self.relay.fanout.publish
 
         def broken(*args, **kwargs):
             raise ZeroDivisionError("a bug")
 
-        self.patch(self.relay.crews_part, "fanout", broken)
+        self.patch(self.relay.fanout, "publish", broken)
         self.say(a, "boom")
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual(a.peer.closed[0], 1011)
-        self.patch(self.relay.crews_part, "fanout", fanout)
+        self.patch(self.relay.fanout, "publish", fanout)
         self.say(b, "still here")
         self.assertFalse(b.peer.closed)
         self.assertEqual([m["type"] for m in b.take()], [])

@@ -144,7 +144,8 @@ class UsageTests(SynchronousTestCase):
         """
         for args in (["frobnicate"], ["check", "http://relay.example/ws"], ["listen", "ws://h/ws"],
                      ["check", "ws://h/ws", "--ca", "/nonexistent/ca.pem"], ["check", "ws://h/ws", "--timeout", "0"],
-                     ["pair-spotify", "ws://h/ws", "--state", "d", "--client-id", "c"]):
+                     ["pair-spotify", "ws://h/ws", "--state", "d", "--client-id", "c"],
+                     ["pair-spotify", "ws://h/ws", "--state", "d", "--legacy"]):
             err = io.StringIO()
             self.patch(sys, "stderr", err)
             e = self.assertRaises(SystemExit, cli.parse, args)
@@ -217,11 +218,11 @@ class InProcessTests(TestCase):
         self.assertIn("crew_config.json is not valid JSON", line)
 
     @defer.inlineCallbacks
-    def test_pair_spotify_shows_the_url_and_waits_for_the_tokens(self):
+    def test_pair_spotify_legacy_shows_the_url_and_waits_for_the_tokens(self):
         """
-        pair-spotify prints Spotify's authorize URL with the device id as
-        its state, and its QR code, then saves the tokens the relay sends
-        to spotify_tokens.json and exits 0.
+        pair-spotify --legacy prints Spotify's authorize URL with the device
+        id as its state, and its QR code, then saves the tokens the relay
+        sends to spotify_tokens.json and exits 0.
         """
         state = os.path.abspath(self.mktemp())
         os.makedirs(state)
@@ -231,7 +232,7 @@ class InProcessTests(TestCase):
         # The phone finishes first: the relay keeps the tokens for the id.
         self.assertFalse(self.relay.relay.deliver_tokens("leeloo_cccccccccccc", tokens))
         d, out = self.run_command("pair-spotify", self.relay.url(), "--state", state, "--client-id", "cid",
-                                  "--redirect-uri", "https://relay.example/spotify/callback")
+                                  "--redirect-uri", "https://relay.example/spotify/callback", "--legacy")
         self.assertEqual((yield d), 0)
         text = out.getvalue()
         [url] = [line for line in text.splitlines() if line.startswith("https://accounts.spotify.com/")]

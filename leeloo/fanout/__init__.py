@@ -1,0 +1,71 @@
+"""
+The fan-out seam: how a crew's messages reach its members wherever they
+are connected, and how a device id has one connection at a time.
+
+L{IFanout} is what the core publishes through; L{local.LocalFanout} serves
+one relay process.  An engine shared by several nodes (Redis pub/sub)
+implements the same interface, so the core does not know which runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from zope.interface import Interface
+
+
+class IFanout(Interface):
+    def subscribe(crew_code: str, device_id: str, listener: Any) -> bool:
+        """
+        C{listener} (a L{leeloo.core.crews.Membership}) hears what is
+        published to C{crew_code} from now on, as C{device_id}'s connection
+        in that crew; return whether it is the crew's first listener.
+        """
+
+    def unsubscribe(crew_code: str, device_id: str, listener: Any) -> bool:
+        """
+        C{listener} hears C{crew_code} no more; return whether it was
+        subscribed (as C{device_id}'s current listener there).
+        """
+
+    def listeners(crew_code: str) -> Mapping[str, Any]:
+        """
+        The crew's listeners by device id: its members online.  Read only.
+        """
+
+    def publish(crew_code: str, out: Any, sender: Any = None, seq: int = 0) -> int:
+        """
+        Send C{out} (an L{leeloo.core.peer.Outgoing}, encoded once) to every
+        listener of C{crew_code} but the one of session C{sender}; return how
+        many it went to.  A crew message (C{seq} > 0) waits behind the
+        replay of a listener still catching up.
+        """
+
+    def claim(device_id: str, session: Any) -> Any:
+        """
+        Make C{session} the connection of C{device_id}; return the
+        connection it replaces, wherever it is (C{None} if none).
+        """
+
+    def release(device_id: str, session: Any) -> bool:
+        """
+        C{session} is no longer C{device_id}'s connection; return whether it
+        was.
+        """
+
+    def connection(device_id: str) -> Any:
+        """
+        C{device_id}'s connection on this node, or C{None}.
+        """
+
+    def send_to_device(device_id: str, message: Any) -> bool:
+        """
+        Send C{message} to C{device_id} wherever it is connected; return
+        whether it is.
+        """
+
+    def stats() -> dict:
+        """
+        Its figures: C{devices} connected, C{crews_online} (crews with a
+        listener).
+        """
