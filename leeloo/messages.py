@@ -18,6 +18,10 @@ Client -> relay
     ``ack``          ``seq`` (cumulative: everything up to ``seq`` arrived)
     ``spotify_pair`` ``scopes``? (space-separated; default
                      ``user-read-currently-playing user-read-playback-state``)
+    ``crew_add``     ``crew_code`` ``last_seq``?
+    ``crew_leave``   ``crew_code``
+    ``crews``
+    ``crew_primary`` ``crew_code``
 
 Relay -> client
     ``registered`` ``crew_created`` ``crew_joined`` ``member_joined``
@@ -27,6 +31,10 @@ Relay -> client
     ``replay_truncated`` ``from_seq`` ``to_seq``
     ``spotify_pair``     ``url`` ``user_code`` ``expires_in``
     ``spotify_pair_failed`` ``reason`` ``user_code``
+    ``crew_left``        ``crew_code``
+    ``crews``            ``primary`` ``crews`` (each ``crew_code``
+                         ``crew_name`` ``members_online`` ``member_names``)
+    ``crew_primary``     ``crew_code``
 
 Both directions are typed, one frozen dataclass per message type.
 L{decode} reads what a client sends (the relay's side); L{decode_from_relay}
@@ -35,14 +43,17 @@ dict or a typed message.  The names:
 
     - client -> relay: the request, in CamelCase (L{Register},
       L{CreateCrew}, L{JoinCrew}, L{CrewMessage} for ``message``,
-      L{ShareMusic}, L{Reaction}, L{Ack}, L{Ping}, L{SpotifyPair});
+      L{ShareMusic}, L{Reaction}, L{Ack}, L{Ping}, L{SpotifyPair},
+      L{CrewAdd}, L{CrewLeave}, L{Crews}, L{CrewPrimary});
     - relay -> client: the wire type in CamelCase (L{Registered},
       L{CrewCreated}, L{CrewJoined}, L{MemberJoined}, L{MemberOffline},
       L{MusicShared}, L{Sent}, L{ReplayTruncated}, L{Pong},
-      L{SpotifyAuthComplete}, L{SpotifyPairFailed}), except where that
-      would collide with a request: the crew fan-outs of ``message`` and
-      ``reaction`` are L{RelayedMessage} and L{RelayedReaction}, the
-      answer to ``spotify_pair`` is L{SpotifyPairStarted}, and ``error`` is
+      L{SpotifyAuthComplete}, L{SpotifyPairFailed}, L{CrewLeft}), except
+      where that would collide with a request: the crew fan-outs of
+      ``message`` and ``reaction`` are L{RelayedMessage} and
+      L{RelayedReaction}, the answer to ``spotify_pair`` is
+      L{SpotifyPairStarted}, to ``crews`` L{CrewList} (of L{CrewStatus}),
+      to ``crew_primary`` L{PrimaryCrew}, and ``error`` is
       L{ErrorFrame} (L{ProtocolError} is the exception, L{ErrorFrame} the
       frame that carries it).  A type this version does not know is read
       as an L{UnknownRelayMessage} keeping the whole dict.
@@ -143,6 +154,33 @@ Spotify pairing (the relay as the device's pairing broker, as in RFC 8628):
     answers ``unknown_type``: the device then falls back to building the
     authorize URL itself with ``state`` = its device id (the legacy path,
     which the relay's ``--no-legacy-spotify-state`` turns off).
+
+Several crews per device:
+    A device bound on the connection (by ``register``, ``create_crew`` or
+    ``join_crew``; before that every message below is ``not_registered``)
+    may be in several crews at once, at most the relay's
+    ``--max-crews-per-device`` (8).  ``crew_add`` joins another existing
+    crew and keeps the others: it is answered ``crew_joined`` as
+    ``join_crew`` is, the crew hears ``member_joined``, and what the device
+    missed there is replayed (after ``last_seq``, per crew, when given).
+    An unknown crew is ``invalid_crew_code`` (``crew_add`` never creates),
+    one already held is answered ``crew_joined`` again with no
+    ``member_joined``, and one past the limit is ``crew_limit``; entering a
+    crew counts against the entry rate as ``join_crew`` does.
+    ``crew_leave`` ends a membership (answered ``crew_left``; the crew
+    hears ``member_offline``; nothing of it is replayed); leaving the
+    primary crew makes the earliest-joined remaining crew primary.
+    ``crews`` lists them (``members_online`` counts the device,
+    ``member_names`` names the others), ``crew_primary`` sets the primary
+    crew; a crew not held is ``not_in_crew``.  ``message``,
+    ``share_music``, ``reaction`` and ``ack`` take an optional
+    ``crew_code`` naming one of the device's crews (``not_in_crew`` if it
+    is not one); without it they go to the primary crew (the first joined,
+    or the one set).  A device becomes multi-crew with its first
+    ``crew_add``: from then on ``join_crew`` (and ``register`` or
+    ``create_crew`` with a code) add a crew too; a device that never sent
+    ``crew_add`` (every deployed one) is moved by them to that one crew, as
+    before.  The message rate is the connection's, across all its crews.
 
 Unknown fields are ignored, so that newer devices keep working against this
 relay.  A frame that cannot be understood raises a L{ProtocolError} whose
@@ -469,6 +507,7 @@ class CrewMessage:
     msg_type: str = "text"
     payload: dict = field(default_factory=dict)
     client_msg_id: str | None = None
+    crew_code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,17 +517,55 @@ class ShareMusic:
     track: str | None = None
     album: str | None = None
     client_msg_id: str | None = None
+    crew_code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Reaction:
     reaction_type: str
     client_msg_id: str | None = None
+    crew_code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
     seq: int
+    crew_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CrewAdd:
+    """
+    ``crew_add``: join another existing crew and keep the others.
+    """
+
+    crew_code: str
+    last_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CrewLeave:
+    """
+    ``crew_leave``: end the membership of one crew.
+    """
+
+    crew_code: str
+
+
+@dataclass(frozen=True, slots=True)
+class Crews:
+    """
+    ``crews``: ask for the crews the device is in.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class CrewPrimary:
+    """
+    ``crew_primary``: make one of the device's crews its primary crew.
+    """
+
+    crew_code: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -675,7 +752,8 @@ def _join_crew(obj: Mapping) -> JoinCrew:
 
 def _crew_message(obj: Mapping) -> CrewMessage:
     msg_type = string_field(obj, "msg_type", MAX_TYPE_LENGTH) or "text"
-    return CrewMessage(msg_type=msg_type, payload=object_field(obj, "payload"), client_msg_id=_client_msg_id(obj))
+    return CrewMessage(msg_type=msg_type, payload=object_field(obj, "payload"), client_msg_id=_client_msg_id(obj),
+                       crew_code=crew_code_field(obj))
 
 
 def _share_music(obj: Mapping) -> ShareMusic:
@@ -685,6 +763,7 @@ def _share_music(obj: Mapping) -> ShareMusic:
             for name in ("spotify_uri", "artist", "track", "album")
         },
         client_msg_id=_client_msg_id(obj),
+        crew_code=crew_code_field(obj),
     )
 
 
@@ -692,11 +771,24 @@ def _reaction(obj: Mapping) -> Reaction:
     return Reaction(
         reaction_type=string_field(obj, "reaction_type", MAX_TYPE_LENGTH, required=True),
         client_msg_id=_client_msg_id(obj),
+        crew_code=crew_code_field(obj),
     )
 
 
 def _ack(obj: Mapping) -> Ack:
-    return Ack(seq=_sequence(obj, "seq", InvalidMessage, required=True))
+    return Ack(seq=_sequence(obj, "seq", InvalidMessage, required=True), crew_code=crew_code_field(obj))
+
+
+def _crew_add(obj: Mapping) -> CrewAdd:
+    return CrewAdd(crew_code=crew_code_field(obj, required=True), last_seq=_last_seq(obj))
+
+
+def _crew_leave(obj: Mapping) -> CrewLeave:
+    return CrewLeave(crew_code=crew_code_field(obj, required=True))
+
+
+def _crew_primary(obj: Mapping) -> CrewPrimary:
+    return CrewPrimary(crew_code=crew_code_field(obj, required=True))
 
 
 def _spotify_pair(obj: Mapping) -> SpotifyPair:
@@ -720,6 +812,10 @@ _DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "ping": lambda obj: Ping(),
     "ack": _ack,
     "spotify_pair": _spotify_pair,
+    "crew_add": _crew_add,
+    "crew_leave": _crew_leave,
+    "crews": lambda obj: Crews(),
+    "crew_primary": _crew_primary,
 }
 
 
@@ -993,6 +1089,65 @@ class ReplayTruncated:
 
     def to_dict(self) -> dict:
         return {"type": self.type, "from_seq": self.from_seq, "to_seq": self.to_seq}
+
+
+@dataclass(frozen=True, slots=True)
+class CrewLeft:
+    """
+    ``crew_left``: the answer to C{crew_leave}.
+    """
+
+    type: ClassVar[str] = "crew_left"
+    crew_code: str
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "crew_code": self.crew_code}
+
+
+@dataclass(frozen=True, slots=True)
+class CrewStatus:
+    """
+    One crew in a L{CrewList}: its code, name, the members online (the
+    device included) and the others' names.
+    """
+
+    crew_code: str
+    crew_name: str | None
+    members_online: int
+    member_names: list[str]
+
+    def to_dict(self) -> dict:
+        return {"crew_code": self.crew_code, "crew_name": self.crew_name,
+                "members_online": self.members_online, "member_names": self.member_names}
+
+
+@dataclass(frozen=True, slots=True)
+class CrewList:
+    """
+    ``crews``: the answer to C{crews}: the primary crew's code (C{None}
+    when in none) and every crew the device is in, in the order joined.
+    """
+
+    type: ClassVar[str] = "crews"
+    primary: str | None
+    crews: list[CrewStatus]
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "primary": self.primary, "crews": [c.to_dict() for c in self.crews]}
+
+
+@dataclass(frozen=True, slots=True)
+class PrimaryCrew:
+    """
+    ``crew_primary``: the answer to C{crew_primary}: crew messages without
+    a C{crew_code} now go to C{crew_code}.
+    """
+
+    type: ClassVar[str] = "crew_primary"
+    crew_code: str
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "crew_code": self.crew_code}
 
 
 @dataclass(frozen=True, slots=True)

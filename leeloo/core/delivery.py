@@ -40,7 +40,9 @@ def client_digest(message: Any) -> bytes:
     What identifies a crew message as its sender sent it (its type and
     fields but its C{client_msg_id}), whatever name it is sent under.
     """
-    fields = {name: getattr(message, name) for name in message.__slots__ if name != "client_msg_id"}
+    # Not its crew_code either: the crew's own log holds it, and digests
+    # stored before crew_code existed must still match.
+    fields = {name: getattr(message, name) for name in message.__slots__ if name not in ("client_msg_id", "crew_code")}
     canonical = json.dumps([type(message).__name__, fields], sort_keys=True, separators=(",", ":"),
                            ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).digest()
@@ -136,12 +138,23 @@ class Delivery:
                     e.id, e.seq, e.digest, e.created_at)
 
     @staticmethod
-    def crew_of(session: Session) -> Crew:
+    def crew_of(session: Session, code: str | None = None) -> Crew:
+        """
+        The crew of C{code} if C{session} is in it, else its primary crew.
+
+        @raise NotInCrew: it is in no crew, or not in that one.
+        """
+        if code is not None:
+            membership = session.membership(code)
+            if membership is None:
+                raise NotInCrew(f"this device is not in crew {code}")
+            return membership.crew
         if session.primary is None:
             raise NotInCrew("join or create a crew before sending crew messages")
         return session.primary.crew
 
-    def look_up_sent(self, session: Session, client_msg_id: str | None) -> Deferred | None:
+    def look_up_sent(self, session: Session, client_msg_id: str | None,
+                     code: str | None = None) -> Deferred | None:
         """
         Ask the store whether C{client_msg_id} from C{session}'s device is
         already in its crew's log when the relay does not hold it (it was
@@ -150,7 +163,7 @@ class Delivery:
         """
         if client_msg_id is None:
             return None
-        crew = self.crew_of(session)
+        crew = self.crew_of(session, code)
         key = (session.device_id, client_msg_id)
         if crew.client_messages is not None and key in crew.client_messages:
             return None
@@ -173,10 +186,11 @@ class Delivery:
              size: int) -> Deferred | None:
         """
         C{session}'s crew message (C{received}, as decoded, about C{size}
-        bytes) to its crew, as C{message}; a resend of a C{client_msg_id}
-        already stored is answered C{sent} again (C{None} is returned).
+        bytes) to the crew it names (its C{crew_code}) or else its primary
+        crew, as C{message}; a resend of a C{client_msg_id} already stored
+        is answered C{sent} again (C{None} is returned).
         """
-        crew = self.crew_of(session)
+        crew = self.crew_of(session, getattr(received, "crew_code", None))
         digest = None
         if client_msg_id is not None:
             digest = client_digest(received)
