@@ -27,8 +27,8 @@ Relay -> client
     ``registered`` ``crew_created`` ``crew_joined`` ``member_joined``
     ``member_offline`` ``message`` ``music_shared`` ``reaction`` ``pong``
     ``spotify_auth_complete`` ``error``
-    ``sent``             ``client_msg_id`` ``id`` ``seq``
-    ``replay_truncated`` ``from_seq`` ``to_seq``
+    ``sent``             ``client_msg_id`` ``id`` ``seq`` ``crew_code``
+    ``replay_truncated`` ``from_seq`` ``to_seq`` ``crew_code``
     ``spotify_pair``     ``url`` ``user_code`` ``expires_in``
     ``spotify_pair_failed`` ``reason`` ``user_code``
     ``crew_left``        ``crew_code``
@@ -52,7 +52,7 @@ dict or a typed message.  The names:
       where that would collide with a request: the crew fan-outs of
       ``message`` and ``reaction`` are L{RelayedMessage} and
       L{RelayedReaction}, the answer to ``spotify_pair`` is
-      L{SpotifyPairStarted}, to ``crews`` L{CrewList} (of L{CrewStatus}),
+      L{SpotifyPairStarted}, to ``crews`` L{CrewList} (of L{CrewListing}),
       to ``crew_primary`` L{PrimaryCrew}, and ``error`` is
       L{ErrorFrame} (L{ProtocolError} is the exception, L{ErrorFrame} the
       frame that carries it).  A type this version does not know is read
@@ -181,6 +181,11 @@ Several crews per device:
     ``create_crew`` with a code) add a crew too; a device that never sent
     ``crew_add`` (every deployed one) is moved by them to that one crew, as
     before.  The message rate is the connection's, across all its crews.
+    Every event the relay sends about a crew carries its ``crew_code``,
+    to every client: the crew fan-outs (after ``id``; replayed entries
+    stored before this field existed get it too), ``member_joined``,
+    ``member_offline``, ``sent`` and ``replay_truncated``.  Deployed
+    devices ignore it.
 
 Unknown fields are ignored, so that newer devices keep working against this
 relay.  A frame that cannot be understood raises a L{ProtocolError} whose
@@ -867,8 +872,16 @@ def _stamps(d: dict, m: Any) -> dict:
         d["seq"] = m.seq
     if m.id is not None:
         d["id"] = m.id
+    if m.crew_code is not None:
+        d["crew_code"] = m.crew_code
     if m.replayed:
         d["replayed"] = True
+    return d
+
+
+def _with_crew(d: dict, crew_code: str | None) -> dict:
+    if crew_code is not None:
+        d["crew_code"] = crew_code
     return d
 
 
@@ -944,9 +957,11 @@ class MemberJoined:
     type: ClassVar[str] = "member_joined"
     device_id: str
     display_name: str
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "device_id": self.device_id, "display_name": self.display_name}
+        return _with_crew({"type": self.type, "device_id": self.device_id, "display_name": self.display_name},
+                          self.crew_code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -958,9 +973,11 @@ class MemberOffline:
     type: ClassVar[str] = "member_offline"
     device_id: str
     display_name: str
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "device_id": self.device_id, "display_name": self.display_name}
+        return _with_crew({"type": self.type, "device_id": self.device_id, "display_name": self.display_name},
+                          self.crew_code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -981,6 +998,7 @@ class RelayedMessage:
     seq: int | None = None
     id: str | None = None
     replayed: bool = False
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
         return _stamps({
@@ -1015,6 +1033,7 @@ class MusicShared:
     seq: int | None = None
     id: str | None = None
     replayed: bool = False
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
         return _stamps({
@@ -1048,6 +1067,7 @@ class RelayedReaction:
     seq: int | None = None
     id: str | None = None
     replayed: bool = False
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
         return _stamps({"type": self.type, "reaction_type": self.reaction_type, "from": self.from_name}, self)
@@ -1071,9 +1091,11 @@ class Sent:
     client_msg_id: str
     id: str
     seq: int
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "client_msg_id": self.client_msg_id, "id": self.id, "seq": self.seq}
+        return _with_crew({"type": self.type, "client_msg_id": self.client_msg_id, "id": self.id, "seq": self.seq},
+                          self.crew_code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1086,9 +1108,10 @@ class ReplayTruncated:
     type: ClassVar[str] = "replay_truncated"
     from_seq: int
     to_seq: int
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "from_seq": self.from_seq, "to_seq": self.to_seq}
+        return _with_crew({"type": self.type, "from_seq": self.from_seq, "to_seq": self.to_seq}, self.crew_code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1105,7 +1128,7 @@ class CrewLeft:
 
 
 @dataclass(frozen=True, slots=True)
-class CrewStatus:
+class CrewListing:
     """
     One crew in a L{CrewList}: its code, name, the members online (the
     device included) and the others' names.
@@ -1130,7 +1153,7 @@ class CrewList:
 
     type: ClassVar[str] = "crews"
     primary: str | None
-    crews: list[CrewStatus]
+    crews: list[CrewListing]
 
     def to_dict(self) -> dict:
         return {"type": self.type, "primary": self.primary, "crews": [c.to_dict() for c in self.crews]}
@@ -1252,7 +1275,8 @@ class UnknownRelayMessage:
 
 RelayMessage = Union[Registered, CrewCreated, CrewJoined, MemberJoined, MemberOffline, RelayedMessage,
                      MusicShared, RelayedReaction, Sent, ReplayTruncated, Pong, SpotifyAuthComplete,
-                     SpotifyPairStarted, SpotifyPairFailed, ErrorFrame, UnknownRelayMessage]
+                     SpotifyPairStarted, SpotifyPairFailed, CrewLeft, CrewList, PrimaryCrew, ErrorFrame,
+                     UnknownRelayMessage]
 
 # The crew fan-outs: stored, sequenced, acknowledged.
 FANOUTS: tuple[type, ...] = (RelayedMessage, MusicShared, RelayedReaction)
@@ -1316,15 +1340,17 @@ def reaction(reaction_type: str, from_name: str) -> dict:
     return RelayedReaction(reaction_type, from_name).to_dict()
 
 
-def stamped(message: dict, timestamp: int, seq: int, message_id: str) -> dict:
+def stamped(message: dict, timestamp: int, seq: int, message_id: str, crew_code: str | None = None) -> dict:
     """
     C{message} (a crew fan-out's dict) as it is stored and fanned out: with
-    the relay's timestamp, the crew's sequence number and the message id,
-    after its fields.  The typed form is the fan-out's own C{stamped()};
+    the relay's timestamp, the crew's sequence number, the message id and
+    its crew's code (last), after its fields.  The typed form is the fan-out's own C{stamped()};
     this one stays a dict merge, since it runs on every crew message (a
     round trip through the typed class costs ten times as much).
     """
-    return {**message, "timestamp": timestamp, "seq": seq, "id": message_id}
+    if crew_code is None:
+        return {**message, "timestamp": timestamp, "seq": seq, "id": message_id}
+    return {**message, "timestamp": timestamp, "seq": seq, "id": message_id, "crew_code": crew_code}
 
 
 # Crew messages a legacy device is only replayed while they are fresh: a
@@ -1341,13 +1367,18 @@ def is_ephemeral(message: Mapping) -> bool:
     return kind == "reaction" or (kind == "message" and message.get("msg_type") in EPHEMERAL_MSG_TYPES)
 
 
-def replayed(payload: bytes) -> bytes:
+def replayed(payload: bytes, crew_code: str | None = None) -> bytes:
     """
     The stored frame C{payload} (an encoded fan-out, with its original
     C{timestamp}) as it is replayed: with C{"replayed": true}, spliced into
     the bytes rather than encoded again (what C{replayed=True} on the
-    typed fan-out gives).
+    typed fan-out gives).  An entry stored before fan-outs carried their
+    C{crew_code} (L{stamped} puts it last) gets C{crew_code} too.
     """
+    if crew_code is not None:
+        tag = b',"crew_code":' + orjson.dumps(crew_code) + b"}"
+        if not payload.endswith(tag):
+            return payload[:-1] + tag[:-1] + b',"replayed":true}'
     return payload[:-1] + b',"replayed":true}'
 
 
@@ -1400,7 +1431,15 @@ def _stamp_fields(obj: Mapping) -> dict:
         "seq": _relay_field(obj, "seq", int, required=False),
         "id": _relay_field(obj, "id", str, required=False),
         "replayed": _relay_field(obj, "replayed", bool, required=False) or False,
+        "crew_code": _relay_field(obj, "crew_code", str, required=False),
     }
+
+
+def _crew_listing(obj: Any) -> CrewListing:
+    if not isinstance(obj, dict):
+        raise InvalidMessage("each of crews must be an object")
+    return CrewListing(_relay_field(obj, "crew_code", str), _relay_field(obj, "crew_name", str, required=False),
+                       _relay_field(obj, "members_online", int), _names(obj, "member_names"))
 
 
 def _error_frame(obj: Mapping) -> ErrorFrame:
@@ -1419,9 +1458,11 @@ _RELAY_DECODERS: dict[str, Callable[[Mapping], Any]] = {
         _relay_field(o, "crew_members", int), _names(o, "member_names"),
         _relay_field(o, "device_key", str, required=False)),
     "member_joined": lambda o: MemberJoined(
-        _relay_field(o, "device_id", str), _relay_field(o, "display_name", str)),
+        _relay_field(o, "device_id", str), _relay_field(o, "display_name", str),
+        _relay_field(o, "crew_code", str, required=False)),
     "member_offline": lambda o: MemberOffline(
-        _relay_field(o, "device_id", str), _relay_field(o, "display_name", str)),
+        _relay_field(o, "device_id", str), _relay_field(o, "display_name", str),
+        _relay_field(o, "crew_code", str, required=False)),
     "message": lambda o: RelayedMessage(
         _relay_field(o, "from_device", str), _relay_field(o, "from_name", str),
         _relay_field(o, "msg_type", str), _relay_field(o, "payload", dict), **_stamp_fields(o)),
@@ -1431,9 +1472,15 @@ _RELAY_DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "reaction": lambda o: RelayedReaction(
         _relay_field(o, "reaction_type", str), _relay_field(o, "from", str), **_stamp_fields(o)),
     "sent": lambda o: Sent(
-        _relay_field(o, "client_msg_id", str), _relay_field(o, "id", str), _relay_field(o, "seq", int)),
+        _relay_field(o, "client_msg_id", str), _relay_field(o, "id", str), _relay_field(o, "seq", int),
+        _relay_field(o, "crew_code", str, required=False)),
+    "crew_left": lambda o: CrewLeft(_relay_field(o, "crew_code", str)),
+    "crews": lambda o: CrewList(_relay_field(o, "primary", str, required=False),
+                                [_crew_listing(c) for c in _relay_field(o, "crews", list)]),
+    "crew_primary": lambda o: PrimaryCrew(_relay_field(o, "crew_code", str)),
     "replay_truncated": lambda o: ReplayTruncated(
-        _relay_field(o, "from_seq", int), _relay_field(o, "to_seq", int)),
+        _relay_field(o, "from_seq", int), _relay_field(o, "to_seq", int),
+        _relay_field(o, "crew_code", str, required=False)),
     "pong": lambda o: Pong(),
     "spotify_auth_complete": lambda o: SpotifyAuthComplete(_relay_field(o, "tokens", dict)),
     "spotify_pair": lambda o: SpotifyPairStarted(

@@ -96,7 +96,7 @@ class Publication:
         crew = self.crew
         seq = self.seq = self.sequences.next(crew.code)
         fanout = self.message.to_dict()
-        self.out = Outgoing(messages.stamped(fanout, int(self.created_at * 1000), seq, self.id))
+        self.out = Outgoing(messages.stamped(fanout, int(self.created_at * 1000), seq, self.id, crew.code))
         if self.remembered is not None:
             self.remembered.seq = seq
         return LogEntry(crew.code, seq, self.id, self.sender, self.client_msg_id, self.digest,
@@ -202,7 +202,7 @@ class Delivery:
                     raise DuplicateClientMessage(
                         f"client_msg_id {client_msg_id!r} was already used for a different message")
                 if known.waiting is None:
-                    session.send(messages.Sent(client_msg_id, known.id, known.seq))
+                    session.send(messages.Sent(client_msg_id, known.id, known.seq, crew.code))
                 else:
                     known.waiting.append(session)
                 return None
@@ -251,7 +251,7 @@ class Delivery:
         reached = self.crews.fanout.publish(crew.code, out, session, seq)
         if remembered is not None:
             waiting, remembered.waiting = remembered.waiting, None
-            reply = messages.Sent(entry.client_msg_id, remembered.id, remembered.seq)
+            reply = messages.Sent(entry.client_msg_id, remembered.id, remembered.seq, crew.code)
             for s in [session, *waiting]:
                 if s is not None:
                     s.send(reply)

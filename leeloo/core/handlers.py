@@ -270,7 +270,7 @@ class Handlers:
         listed = []
         for membership in sorted(session.memberships(), key=lambda m: m.joined):
             online, others = self._online(session, membership.crew)
-            listed.append(messages.CrewStatus(membership.crew.code, None, online, others))
+            listed.append(messages.CrewListing(membership.crew.code, None, online, others))
         primary = session.primary.crew.code if session.primary is not None else None
         session.send(messages.CrewList(primary, listed))
 

@@ -74,9 +74,10 @@ class Replayer:
             membership.held = None
             return
         if replay.lost is not None and session.acks:
-            session.send(messages.ReplayTruncated(*replay.lost))
+            session.send(messages.ReplayTruncated(*replay.lost, crew_code=membership.crew.code))
+        code = membership.crew.code
         for seq, payload in replay.entries:
-            membership.peer.send(Outgoing(None, messages.replayed(payload)))
+            membership.peer.send(Outgoing(None, messages.replayed(payload, code)))
         self._release(membership, up_to)
 
     def _replay_failed(self, failure: Any, membership: Membership, up_to: int) -> None:

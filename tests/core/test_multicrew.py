@@ -4,6 +4,10 @@ C{crews}, C{crew_primary}, crew messages and acks naming a crew, and the
 crew limit, through the real core.
 """
 
+import json
+
+from leeloo import messages
+from leeloo.core.delivery import client_digest
 from leeloo.limits import Rate, RelayLimits
 from leeloo.relay import Relay
 from leeloo.testing import Device
@@ -469,3 +473,194 @@ class LegacyTests(MultiCrewTestCase):
         m.close()
         for d in (self.a1, self.b1, self.c1):
             self.assertEqual([f["type"] for f in d.take()], ["member_offline"])
+
+
+class TaggedTests(MultiCrewTestCase):
+    """
+    Every event about a crew carries its C{crew_code}.
+    """
+
+    def test_fanout_tagged(self):
+        """
+        A fan-out carries the code of the crew it was sent to, so a device in
+        several crews can tell them apart.
+        """
+        m = self.in_three()
+        self.say(self.b1, "from b")
+        self.say(self.c1, "from c")
+        self.assertEqual([(f["payload"]["text"], f["crew_code"]) for f in m.take()],
+                         [("from b", "BRAVO"), ("from c", "CHARLIE")])
+
+    def test_music_and_reaction_tagged(self):
+        """
+        C{music_shared} and C{reaction} carry their crew's code.
+        """
+        m = self.in_three()
+        self.b1.send(type="share_music", spotify_uri="spotify:track:1", artist="A", track="T", album="L")
+        self.c1.send(type="reaction", reaction_type="fire")
+        self.flush()
+        self.assertEqual([(f["type"], f["crew_code"]) for f in m.take()],
+                         [("music_shared", "BRAVO"), ("reaction", "CHARLIE")])
+
+    def test_member_joined_and_offline_tagged(self):
+        """
+        C{member_joined} and C{member_offline} carry the crew's code.
+        """
+        m = self.device("m", "ALPHA")
+        m.send(type="crew_add", crew_code="BRAVO")
+        self.assertEqual(self.b1.take(), [{"type": "member_joined", "device_id": "m", "display_name": "M",
+                                           "crew_code": "BRAVO"}])
+        m.send(type="crew_leave", crew_code="BRAVO")
+        self.assertEqual(self.b1.take(), [{"type": "member_offline", "device_id": "m", "display_name": "M",
+                                           "crew_code": "BRAVO"}])
+
+    def test_sent_tagged(self):
+        """
+        C{sent} carries the crew the message went to, and so does the answer
+        to a resend.
+        """
+        m = self.in_three()
+        self.say(m, "x", crew_code="BRAVO", client_msg_id="c1")
+        self.say(m, "x", crew_code="BRAVO", client_msg_id="c1")
+        self.assertEqual([(f["type"], f["crew_code"]) for f in m.take()], [("sent", "BRAVO")] * 2)
+
+    def test_replayed_tagged(self):
+        """
+        What a returning member is replayed carries its crew's code, once.
+        """
+        self.say(self.b1, "one")
+        m = self.device("m", "ALPHA")
+        m.send(type="crew_add", crew_code="BRAVO", last_seq=0)
+        self.flush()
+        [got] = [f for f in m.take() if f["type"] == "message"]
+        self.assertEqual((got["crew_code"], got["replayed"]), ("BRAVO", True))
+
+    def test_replay_truncated_tagged(self):
+        """
+        C{replay_truncated} names its crew.
+        """
+        self.relay = self.make_relay(replay_limit=1)
+        b1 = self.device("b1", "BRAVO")
+        for text in ("1", "2", "3"):
+            self.say(b1, text)
+        m = self.device("m", "ALPHA")
+        m.take()
+        m.send(type="crew_add", crew_code="BRAVO", last_seq=0)
+        self.flush()
+        [truncated] = [f for f in m.take() if f["type"] == "replay_truncated"]
+        self.assertEqual(truncated, {"type": "replay_truncated", "from_seq": 1, "to_seq": 2, "crew_code": "BRAVO"})
+
+    def test_entries_stored_before_get_crew_code(self):
+        """
+        A log entry stored before fan-outs carried C{crew_code} is replayed
+        with it.
+        """
+        old = b'{"type":"message","from_device":"a","from_name":"A","msg_type":"text","payload":{},' \
+              b'"timestamp":1,"seq":1,"id":"m1"}'
+        self.assertEqual(json.loads(messages.replayed(old, "ALPHA")),
+                         {**json.loads(old), "crew_code": "ALPHA", "replayed": True})
+
+    def test_new_entries_not_tagged_twice(self):
+        """
+        An entry stored with its C{crew_code} is replayed as stored, marked
+        replayed.
+        """
+        new = messages.encode(messages.stamped({"type": "reaction", "reaction_type": "x", "from": "A"},
+                                               1, 1, "m1", "ALPHA"))
+        self.assertEqual(messages.replayed(new, "ALPHA"), new[:-1] + b',"replayed":true}')
+
+    def test_device_side_reads_crew_code(self):
+        """
+        The device side of the protocol reads the C{crew_code} of the events
+        it is tagged on.
+        """
+        frames = [
+            {"type": "message", "from_device": "a", "from_name": "A", "msg_type": "text", "payload": {},
+             "crew_code": "BRAVO"},
+            {"type": "member_joined", "device_id": "a", "display_name": "A", "crew_code": "BRAVO"},
+            {"type": "member_offline", "device_id": "a", "display_name": "A", "crew_code": "BRAVO"},
+            {"type": "sent", "client_msg_id": "c", "id": "m", "seq": 1, "crew_code": "BRAVO"},
+            {"type": "replay_truncated", "from_seq": 1, "to_seq": 2, "crew_code": "BRAVO"},
+        ]
+        for frame in frames:
+            typed = messages.relay_message_from(frame)
+            self.assertEqual((typed.crew_code, typed.to_dict()), ("BRAVO", frame))
+
+
+class DecodeTests(MultiCrewTestCase):
+    def test_decode(self):
+        """
+        The new messages decode to their typed forms, crew codes normalized.
+        """
+        self.assertEqual(messages.decode('{"type":"crew_add","crew_code":" bravo ","last_seq":3}'),
+                         messages.CrewAdd("BRAVO", 3))
+        self.assertEqual(messages.decode('{"type":"crew_leave","crew_code":"bravo"}'), messages.CrewLeave("BRAVO"))
+        self.assertEqual(messages.decode('{"type":"crews"}'), messages.Crews())
+        self.assertEqual(messages.decode('{"type":"crew_primary","crew_code":"b"}'), messages.CrewPrimary("B"))
+        self.assertEqual(messages.decode('{"type":"ack","seq":2,"crew_code":"b"}'), messages.Ack(2, "B"))
+
+    def test_bad_fields(self):
+        """
+        A missing or malformed C{crew_code}, or a bad C{last_seq}, is refused
+        with its error code.
+        """
+        for frame, code in (('{"type":"crew_leave"}', "invalid_message"),
+                            ('{"type":"crew_primary","crew_code":7}', "invalid_message"),
+                            ('{"type":"crew_add","crew_code":"   "}', "invalid_crew_code"),
+                            ('{"type":"crew_add","crew_code":"B","last_seq":-1}', "invalid_last_seq"),
+                            ('{"type":"message","crew_code":"a\\u0001"}', "invalid_crew_code")):
+            with self.assertRaises(messages.ProtocolError) as e:
+                messages.decode(frame)
+            self.assertEqual(e.exception.code, code, frame)
+
+    def test_digest_ignores_crew_code(self):
+        """
+        A crew message's digest (what tells a resend from a different
+        message) is the same with or without C{crew_code}, so digests
+        stored before it existed still match.
+        """
+        self.assertEqual(client_digest(messages.CrewMessage("text", {"t": 1}, "c1")),
+                         client_digest(messages.CrewMessage("text", {"t": 1}, "c1", "ALPHA")))
+
+
+class CountsTests(MultiCrewTestCase):
+    def test_stats_count_a_device_once(self):
+        """
+        The landing page's figures count a device in three crews as one
+        device, and each of its crews as online.
+        """
+        self.in_three()
+        stats = self.relay.stats()
+        self.assertEqual((stats.devices, stats.crews_online), (4, 3))
+
+    def test_crew_status_lists_the_device_in_each_crew(self):
+        """
+        The bot API's crew status names a device in several crews in each of
+        them, and no longer in a crew it left.
+        """
+        m = self.in_three()
+        m.send(type="crew_leave", crew_code="CHARLIE")
+        self.assertEqual(sorted(self.relay.crew_status("BRAVO").device_names), ["B1", "M"])
+        self.assertEqual(self.relay.crew_status("CHARLIE").device_names, ["C1"])
+
+
+class DeviceSideTests(MultiCrewTestCase):
+    def test_replies_read_back(self):
+        """
+        The relay's answers to C{crews}, C{crew_leave} and C{crew_primary}
+        read back on the device side as their typed forms, unchanged.
+        """
+        m = self.in_three()
+        for frame in ({"type": "crews"}, {"type": "crew_primary", "crew_code": "BRAVO"},
+                      {"type": "crew_leave", "crew_code": "ALPHA"}):
+            m.send(**frame)
+            reply = m.last()
+            typed = messages.relay_message_from(reply)
+            self.assertEqual((typed.type, typed.to_dict()), (reply["type"], reply))
+
+    def test_bad_listing(self):
+        """
+        A C{crews} frame whose list holds no objects is C{invalid_message}.
+        """
+        with self.assertRaises(messages.InvalidMessage):
+            messages.relay_message_from({"type": "crews", "primary": None, "crews": ["X"]})
