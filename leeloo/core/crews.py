@@ -135,6 +135,10 @@ class Crews:
         # telegram user id -> the codes of the crews it is in (in join order)
         self.bot_user_index: dict[str, dict[str, None]] = {}
         self.presence: Presence | None = None
+        # Multi-crew devices (they sent crew_add): device id -> the codes of
+        # their crews, the primary first, while this relay runs (not yet
+        # stored: a restart forgets it).
+        self.multi: dict[str, dict[str, None]] = {}
 
     def restore(self, snapshot: Snapshot) -> None:
         for record in snapshot.crews:
@@ -250,6 +254,8 @@ class Crews:
             if session.others is None:
                 session.others = {}
             session.others[crew.code] = membership
+        if session.multi:
+            self._remember(session)
         self.fanout.subscribe(crew.code, session.device_id, membership)
         self.save_member(crew, member, online=True)
         self.presence.entered(membership, announce)
@@ -278,18 +284,43 @@ class Crews:
         if crew.members.get(member.device_id) is member:
             del crew.members[member.device_id]
         self.save_member(crew, member, online=False)
+        if membership.session.multi:
+            self._remember(membership.session)
 
-    @staticmethod
-    def make_primary(session: Session, membership: Membership) -> None:
+    def make_primary(self, session: Session, membership: Membership) -> None:
         """
         Make C{membership} C{session}'s primary crew (the others keep the
         order they were joined in).
         """
-        if session.primary is membership:
-            return
-        held = sorted(session.memberships(), key=lambda m: m.joined)
-        session.primary = membership
-        session.others = {m.crew.code: m for m in held if m is not membership} or None
+        if session.primary is not membership:
+            held = sorted(session.memberships(), key=lambda m: m.joined)
+            session.primary = membership
+            session.others = {m.crew.code: m for m in held if m is not membership} or None
+        if session.multi:
+            self._remember(session)
+
+    def become_multi(self, session: Session) -> None:
+        """
+        C{session}'s device is multi-crew from now on: entering a crew adds
+        one, and it comes back (C{register}) to every crew it holds.
+        """
+        session.multi = True
+        self._remember(session)
+
+    def _remember(self, session: Session) -> None:
+        held = [session.primary] if session.primary is not None else []
+        held += sorted(session.others.values(), key=lambda m: m.joined) if session.others else []
+        self.multi[session.device_id] = dict.fromkeys(m.crew.code for m in held)
+
+    def held_crews(self, device_id: str) -> list[Crew] | None:
+        """
+        The crews a multi-crew device holds, its primary first; C{None} for
+        a device that is not multi-crew.
+        """
+        codes = self.multi.get(device_id)
+        if codes is None:
+            return None
+        return [self.crews[code] for code in codes if code in self.crews]
 
     @staticmethod
     def held(session: Session, code: str) -> Membership:

@@ -156,6 +156,13 @@ class Handlers:
             self.identity.seen(session.device_id)
         session.send(messages.Registered(session.device_id, key))
         self.tokens.hand_over(session)
+        held = self.crews.held_crews(session.device_id)
+        if held is not None:
+            # A multi-crew device comes back to every crew it holds, each
+            # replaying what it missed there, its primary first.
+            session.multi = True
+            for each in held:
+                self._enter(session, each, announce=False)
         if message.crew_code is not None:
             if crew is None:
                 crew = self.crews.create(message.crew_code, session.device_id)
@@ -253,7 +260,7 @@ class Handlers:
         if not held and len(session.memberships()) >= self.admission.limits.max_crews_per_device:
             raise CrewLimit(f"this device is in {self.admission.limits.max_crews_per_device} crews, "
                             "the most it may be in; leave one first")
-        session.multi = True
+        self.crews.become_multi(session)
         session.send(self._crew_joined(session, crew))
         if not held:
             self._enter(session, crew, announce=True, last_seq=message.last_seq)

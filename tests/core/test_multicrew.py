@@ -664,3 +664,61 @@ class DeviceSideTests(MultiCrewTestCase):
         """
         with self.assertRaises(messages.InvalidMessage):
             messages.relay_message_from({"type": "crews", "primary": None, "crews": ["X"]})
+
+
+class ComingBackTests(MultiCrewTestCase):
+    """
+    A multi-crew device that reconnects (C{register} with its id) to the
+    same relay; across a restart this is not kept yet.
+    """
+
+    def test_reenters_every_crew(self):
+        """
+        Back with C{register}, a multi-crew device re-enters all its crews and
+        gets what it missed in each, in order per crew, tagged.
+        """
+        m = self.in_three()
+        m.close()
+        self.say(self.a1, "a1")
+        self.say(self.b1, "b1")
+        self.say(self.b1, "b2")
+        self.say(self.c1, "c1")
+        back = self.device("m")
+        got = [(f["crew_code"], f["payload"]["text"]) for f in back.take() if f["type"] == "message"]
+        self.assertEqual(sorted(got), [("ALPHA", "a1"), ("BRAVO", "b1"), ("BRAVO", "b2"), ("CHARLIE", "c1")])
+        self.assertEqual([t for c, t in got if c == "BRAVO"], ["b1", "b2"])
+        self.assertEqual([x.crew.code for x in back.session.memberships()], ["ALPHA", "BRAVO", "CHARLIE"])
+
+    def test_primary_kept(self):
+        """
+        The primary set with C{crew_primary} is still the primary after the
+        device comes back, and it stays multi-crew.
+        """
+        m = self.in_three()
+        m.send(type="crew_primary", crew_code="BRAVO")
+        m.close()
+        back = self.device("m")
+        self.assertEqual(back.session.primary.crew.code, "BRAVO")
+        back.send(type="join_crew", crew_code="ALPHA")
+        self.assertEqual(len(back.session.memberships()), 3)
+
+    def test_crew_left_not_reentered(self):
+        """
+        A crew left with C{crew_leave} is not re-entered.
+        """
+        m = self.in_three()
+        m.send(type="crew_leave", crew_code="ALPHA")
+        m.close()
+        back = self.device("m")
+        self.assertEqual([x.crew.code for x in back.session.memberships()], ["BRAVO", "CHARLIE"])
+
+    def test_legacy_device_comes_back_to_nothing_more(self):
+        """
+        A device that never sent C{crew_add} and registers again with no crew
+        is in no crew, as before.
+        """
+        m = self.device("m", "ALPHA")
+        m.close()
+        back = self.device("m")
+        self.assertEqual(back.session.memberships(), [])
+        self.assertFalse(back.session.multi)
