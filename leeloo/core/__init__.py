@@ -5,8 +5,11 @@ Nothing here imports a reactor, a transport or Autobahn.  A connection is a
 L{sessions.Session} whose L{peer.IPeer} the core sends through; time comes
 from an injected clock (anything with C{seconds()} and C{callLater()});
 state is written through a L{leeloo.store.Journal} to an
-L{leeloo.store.IStore}.  L{leeloo.relay.Relay} puts the parts together and
-is what the WebSocket adapter, the web layer and the tests drive.
+L{leeloo.store.IStore}, the authority: what the parts hold in memory is a
+cache of it, and what they do not hold they look up there.  Members are
+reached through the fan-out, L{leeloo.fanout.IFanout}, never by walking
+another part's dictionaries.  L{leeloo.relay.Relay} puts the parts together
+and is what the WebSocket adapter, the web layer and the tests drive.
 
     - L{peer}: what the core sends through (L{peer.IPeer}) and what it
       sends (L{peer.Outgoing}, encoded once for every peer it goes to);
@@ -24,6 +27,7 @@ is what the WebSocket adapter, the web layer and the tests drive.
     - L{handlers}: one method per frame a device sends;
     - L{bot}: the Telegram bot's crews and messages;
     - L{tokens}: Spotify tokens parked for devices that are offline;
+    - L{pairing}: the Spotify pairing broker;
     - L{pairing}: Spotify pairings, the relay as the device's broker;
     - L{retention}: what is forgotten, and when.
 """
