@@ -2,12 +2,15 @@
 The relay's listening endpoints, and its readiness: every C{--listen},
 C{--redirect-listen} and C{--admin-listen} endpoint listens before the relay
 says it is ready, and one that cannot ends the process with one line naming
-it, the reason and what to do.
+it, the reason and what to do.  Endpoint strings get the relay's default
+backlog here (L{with_default_backlog}), and are shown as written
+(L{as_written}).
 """
 
 from __future__ import annotations
 
 import errno
+import re
 from typing import Any, Callable, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
@@ -20,6 +23,29 @@ from twisted.python.failure import Failure
 from leeloo import __version__
 
 log = Logger()
+
+DEFAULT_BACKLOG = 1024
+# Endpoint types whose string takes a backlog= argument.
+_BACKLOG_TYPES = {"tcp", "tcp6", "ssl", "unix", "letsencrypt"}
+
+
+def as_written(description: str) -> str:
+    """
+    An endpoint string without the backlog L{with_default_backlog} added.
+    """
+    suffix = f":backlog={DEFAULT_BACKLOG}"
+    return description[:-len(suffix)] if description.endswith(suffix) else description
+
+
+def with_default_backlog(description: str) -> str:
+    """
+    Add C{backlog=1024} to an endpoint string that takes one and sets none
+    (Twisted's default of 50 makes a reconnecting fleet wait on SYN retries).
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind in _BACKLOG_TYPES and not re.search(r"(^|:)backlog=", description):
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
 
 
 def explain(reason: BaseException) -> str:

@@ -1357,6 +1357,11 @@ def stamped(message: dict, timestamp: int, seq: int, message_id: str, crew_code:
 # nudge or a reaction minutes late means nothing.
 EPHEMERAL_MSG_TYPES = frozenset({"nudge", "reaction"})
 
+# The msg_types deployed devices send (protocol.md); the relay forwards any
+# other too, but counts those together as "other" (a label per new name
+# would let anyone grow the metrics without bound).
+KNOWN_MSG_TYPES = ("text", "reaction", "song_push", "nudge", "hang_propose", "hang_confirm")
+
 
 def is_ephemeral(message: Mapping) -> bool:
     """

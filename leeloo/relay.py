@@ -56,7 +56,8 @@ from leeloo.messages import (
     ProtocolError,
     RateLimited,
 )
-from leeloo.store import IStore, Journal, MemoryStore, Snapshot
+from leeloo.figures import HistogramFigures
+from leeloo.store import IStore, Journal, JournalStats, MemoryStore, Snapshot
 
 __all__ = [
     "BIND_TIMEOUT", "CLOSE_ABUSE", "CLOSE_BIND_TIMEOUT", "CLOSE_GOING_AWAY", "CLOSE_INTERNAL_ERROR",
@@ -75,7 +76,10 @@ class Stats:
     """
     The relay's figures now: devices connected, crews known, crews with a
     member connected, connections open, Spotify tokens parked, and seconds
-    since it started.
+    since it started; and since it started, crew messages received by
+    kind, deliveries, the sampled fan-out times (L{DeliveryStats}),
+    messages replayed from crews' logs, and the store journal's figures
+    (L{JournalStats}).
     """
 
     devices: int
@@ -84,6 +88,11 @@ class Stats:
     sessions: int
     pending_tokens: int
     uptime: float
+    messages_received: dict[str, int]
+    deliveries: int
+    fanout_seconds: HistogramFigures
+    replayed: int
+    store: JournalStats
 
 
 class Relay:
@@ -205,8 +214,11 @@ class Relay:
     paused = property(lambda self: self.delivery.paused)
 
     def stats(self) -> Stats:
+        delivery = self.delivery.stats()
         return Stats(len(self.devices), len(self.crews), self.crews_online, len(self.sessions),
-                     len(self.pending_tokens), self.clock.seconds() - self.started)
+                     len(self.pending_tokens), self.clock.seconds() - self.started,
+                     delivery.received, delivery.deliveries, delivery.fanout_seconds,
+                     self.replayer.replayed, self.journal.stats())
 
     # --------------------------------------------------------- connections
 

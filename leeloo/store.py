@@ -20,6 +20,8 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from leeloo.figures import Histogram, HistogramFigures
+
 _log = Logger()
 
 
@@ -620,6 +622,19 @@ def encode_tokens(tokens: dict) -> str:
     return json.dumps(tokens, separators=(",", ":"))
 
 
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    """
+    The journal's figures: operations waiting for the store (queued, or
+    in the batch being committed), their bytes as the putters counted
+    them, and how long batches took to commit.
+    """
+
+    queue_depth: int
+    queue_bytes: int
+    batch_seconds: HistogramFigures
+
+
 class Journal:
     """
     Batches writes into group commits: while one batch is being committed,
@@ -652,6 +667,11 @@ class Journal:
         self._queued_bytes = 0
         self._batch_bytes = 0
         self.on_batch: Callable[[], Any] | None = None
+        # For the metrics: how long each batch took to commit, and the
+        # operations of the batch being committed.
+        self.batch_seconds = Histogram()
+        self._batch_ops = 0
+        self._batch_started = 0.0
 
     @property
     def backlog(self) -> int:
@@ -694,6 +714,14 @@ class Journal:
     def idle(self) -> bool:
         return not (self._committing or self._queue)
 
+    def stats(self) -> JournalStats:
+        """
+        The journal's figures now (the queue is counted here, at scrape
+        time, not as it changes).
+        """
+        queued = sum(op is not None for op, _ in self._queue)
+        return JournalStats(queued + self._batch_ops, self.backlog, self.batch_seconds.figures())
+
     def _flush(self) -> None:
         if self._committing or self._retry is not None or not self._queue:
             return
@@ -704,6 +732,7 @@ class Journal:
         # sequence number when its batch is formed).
         ops = [(kind, arg() if callable(arg) else arg) for (kind, arg), _ in
                ((op, d) for op, d in batch if op is not None)]
+        self._batch_ops, self._batch_started = len(ops), self.clock.seconds()
         d = maybeDeferred(self.store.write, ops) if ops else succeed(None)
         d.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
         d.addErrback(self._bug)
@@ -717,7 +746,13 @@ class Journal:
         if not self._committing and self._queue and self._retry is None:
             self._retry = self.clock.callLater(self.retry_delay, self._retry_now)
 
+    def _batch_done(self) -> None:
+        if self._batch_ops:
+            self.batch_seconds.observe(max(0.0, self.clock.seconds() - self._batch_started))
+            self._batch_ops = 0
+
     def _committed(self, _: Any, batch: list) -> None:
+        self._batch_done()
         if self._failing:
             self._failing = False
             _log.info("the store is writable again")
@@ -731,6 +766,7 @@ class Journal:
             self.on_batch()
 
     def _failed(self, failure: Any, batch: list) -> None:
+        self._batch_done()
         if not self._failing:
             self._failing = True
             _log.error("the store failed to commit {count} operations: {error}",

@@ -1,56 +1,49 @@
 """
 ``twistd leeloo``: command-line options -> a frozen L{Config} -> the service
 tree.  This is the only place argv and the environment become objects, and
-the only module that imports the global reactor (in L{makeService}).
+the only module that imports the global reactor (in L{makeService}).  The
+wiring of the service tree is L{leeloo.service}'s; the process tuning
+L{leeloo.process}'s.
 """
 
 from __future__ import annotations
 
-import ctypes
 import difflib
-import gc
 import math
 import os
 import platform
 import re
 import shlex
-import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from twisted.application.internet import TimerService
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
 from twisted.python import usage
 
 from leeloo import __version__
-from leeloo.access import OriginPolicy, TrustedProxies, parse_network
-from leeloo.core.pairing import PairingSettings
+from leeloo.access import OriginPolicy, parse_network
 from leeloo.limits import Rate, RelayLimits
-from leeloo.listening import Listener, Readiness
-from leeloo.metrics import Metrics
-from leeloo.process import exit_process, sd_notify
-from leeloo.relay import BIND_TIMEOUT, DAY, EPHEMERAL_AGE, Relay
-from leeloo.sqlitestore import SchemaError, SQLiteStore
-from leeloo.store import IStore, MemoryStore
-from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig, SpotifyOAuth
-from leeloo.tls import CertificateError, LetsEncryptServerEndpoint, ReloadOnHangup, health_fields
+from leeloo.listening import DEFAULT_BACKLOG, as_written, with_default_backlog
+from leeloo.process import tune_process
+from leeloo.relay import BIND_TIMEOUT, DAY, EPHEMERAL_AGE
+from leeloo.service import StartupError, build_service
+from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig
+from leeloo.tls import CertificateError
 from leeloo.tls_acme import (
-    LETS_ENCRYPT, LETS_ENCRYPT_STAGING, AcmeConfig, AcmeService, certificate_groups, is_acme, parse_endpoint,
+    LETS_ENCRYPT, LETS_ENCRYPT_STAGING, AcmeConfig, certificate_groups, is_acme, parse_endpoint,
 )
-from leeloo.web import HTTPLimits, make_admin_site, make_redirect_site, make_site
-from leeloo.websocket import RelayServerFactory, WebSocketLimits
+from leeloo.web import HTTPLimits
+from leeloo.websocket import WebSocketLimits
+
+__all__ = ["DEFAULT_BACKLOG", "Config", "Options", "StartupError", "as_written", "build_service", "makeService",
+           "with_default_backlog"]
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 DEFAULT_DATA_DIR = "leeloo-data"
-DEFAULT_BACKLOG = 1024
-# Endpoint types whose string takes a backlog= argument.
-_BACKLOG_TYPES = {"tcp", "tcp6", "ssl", "unix", "letsencrypt"}
 
 SETTINGS = (
     "SPOTIFY_CLIENT_ID",
@@ -131,25 +124,6 @@ def read_env_file(path: str) -> dict[str, str]:
             value = value.split(" #", 1)[0].rstrip()
         values[key] = value
     return values
-
-
-def as_written(description: str) -> str:
-    """
-    An endpoint string without the backlog L{with_default_backlog} added.
-    """
-    suffix = f":backlog={DEFAULT_BACKLOG}"
-    return description[:-len(suffix)] if description.endswith(suffix) else description
-
-
-def with_default_backlog(description: str) -> str:
-    """
-    Add C{backlog=1024} to an endpoint string that takes one and sets none
-    (Twisted's default of 50 makes a reconnecting fleet wait on SYN retries).
-    """
-    kind = description.split(":", 1)[0].strip().lower()
-    if kind in _BACKLOG_TYPES and not re.search(r"(^|:)backlog=", description):
-        return f"{description}:backlog={DEFAULT_BACKLOG}"
-    return description
 
 
 class _NoReactor:
@@ -728,297 +702,6 @@ class Options(usage.Options):
             spotify_pkce=self["spotify-pkce"] if isinstance(self["spotify-pkce"], bool)
             else _on_off(self["spotify-pkce"]),
         )
-
-
-def _never_raises(call: Callable[[], Any], log: Logger, what: str) -> Callable[[], None]:
-    """
-    Wrap a timer's callable: a TimerService whose callable raises (or whose
-    Deferred fails) stops for good, so log the failure and keep going.
-    """
-
-    def failed(failure: Any) -> None:
-        log.failure("timer {what} failed; it will run again", failure, what=what)
-
-    def safely() -> Any:
-        try:
-            result = call()
-        except Exception:
-            log.failure("timer {what} failed; it will run again", what=what)
-            return None
-        if isinstance(result, Deferred):
-            return result.addErrback(failed)
-        return None
-
-    return safely
-
-
-def _prune(relay: Relay, log: Logger) -> Deferred:
-    def pruned(counts: tuple[int, int]) -> None:
-        log.info("retention: pruned {messages} old messages and {crews} idle crews",
-                 messages=counts[0], crews=counts[1])
-
-    return relay.prune().addCallback(pruned)
-
-
-class RelayService(Service):
-    """
-    Owns the relay: logs its limits at start and closes every connection,
-    telling devices to come back, at stop.
-    """
-
-    log = Logger()
-
-    def __init__(self, relay: Relay, ws_factory: RelayServerFactory, config: Config) -> None:
-        self.relay = relay
-        self.ws_factory = ws_factory
-        self.config = config
-
-    def startService(self) -> None:
-        super().startService()
-        self.log.info(
-            "LEELOO relay starting, version {version}, on {listen}, data in {data_dir}",
-            version=__version__,
-            listen=", ".join([as_written(e) for e in self.config.listen]
-                             + [f"{as_written(e)} (redirect to https)" for e in self.config.redirect_listen]),
-            data_dir=str(self.config.data_dir),
-        )
-        for warning in self.config.warnings:
-            self.log.warn("{problem}", problem=warning)
-        self.ws_factory.log_limits()
-        self.log.info("HTTP limits: {limits}", limits=self.config.http_limits.describe())
-        self.log.info(
-            "metrics: /metrics {where}",
-            where=("on " + ", ".join(self.config.admin_listen) + ", and to loopback clients on the public site")
-            if self.config.admin_listen else "to loopback clients only (no --admin-listen)",
-        )
-        self.log.info("relay limits: {limits}", limits=self.relay.limits.describe())
-        self.log.info(
-            "legacy devices are replayed messages from the last {age:g}s, nudges and reactions from "
-            "the last {ephemeral:g}s; connections that bind no device are closed after {bind}",
-            age=self.relay.legacy_replay_age, ephemeral=self.relay.ephemeral_age,
-            bind=f"{self.relay.bind_timeout:g}s" if self.relay.bind_timeout else "never (off)",
-        )
-        self.log.info(
-            "store limits: crew logs of at most {log} bytes, senders paused past {queue} bytes "
-            "waiting for the store; presence grace {grace:g}s",
-            log=self.relay.crew_log_bytes, queue=self.relay.store_queue_bytes, grace=self.relay.presence_grace)
-        self.log.info(
-            "Spotify {spotify}; bot API {bot}",
-            spotify=f"configured: {self.relay.pairing.settings.describe()}" if self.config.spotify
-            else "not configured",
-            bot="enabled" if self.config.telegram_api_secret else "disabled (no TELEGRAM_API_SECRET)",
-        )
-
-    def stopService(self) -> Deferred:
-        super().stopService()
-        self.log.info("closing {count} connections and flushing the store",
-                      count=len(self.relay.sessions))
-        # Autobahn drops a connection whose device does not answer the
-        # close within its close handshake timeout: wait a little longer.
-        d = self.relay.shutdown(grace=self.config.limits.close_handshake_timeout + 1)
-        d.addBoth(lambda _: self.relay.store.close())
-        return d
-
-
-class HTTPPoolService(Service):
-    """
-    Closes the connections an HTTP client's pool keeps for reuse when the
-    relay stops.
-    """
-
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-
-    def stopService(self) -> Deferred:
-        super().stopService()
-        return self.pool.closeCachedConnections()
-
-
-class StartupError(Exception):
-    """
-    The relay cannot start; the message says why and what to do.
-    """
-
-
-def open_store(config: Config, reactor: Any) -> IStore:
-    if config.store == "memory":
-        return MemoryStore()
-    try:
-        return SQLiteStore(config.data_dir, reactor, fsync=config.fsync)
-    except (sqlite3.Error, SchemaError, OSError) as e:
-        raise StartupError(
-            f"cannot open the database in {config.data_dir}: {e}; "
-            "check the directory's permissions and free space, or restore it from a backup"
-        ) from None
-
-
-def build_service(config: Config, reactor: Any, http: Any = None,
-                  exit: Callable[[int], None] | None = None,
-                  notify: Callable[[str], Any] | None = None, clock: Any = None) -> MultiService:
-    """
-    The relay's service tree for C{config} on C{reactor}; C{clock} is the
-    relay core's (default: C{reactor}; connections always time out on the
-    reactor's).  C{http} is the
-    treq-like client Spotify is called with (default: treq on C{reactor});
-    C{exit} ends the process when an endpoint cannot listen (default:
-    L{exit_process}); C{notify} tells the service manager how the relay is
-    doing (default: L{sd_notify}).
-    """
-    import txaio
-
-    txaio.use_twisted()
-    txaio.config.loop = reactor
-
-    spotify = None
-    pool = None
-    if config.spotify is not None:
-        if http is None:
-            from treq.client import HTTPClient
-            from twisted.web.client import Agent, HTTPConnectionPool
-
-            pool = HTTPConnectionPool(reactor)
-            http = HTTPClient(Agent(reactor, pool=pool))
-        spotify = SpotifyOAuth(config.spotify, http, reactor)
-    relay = Relay(
-        reactor if clock is None else clock,
-        open_store(config, reactor),
-        spotify=spotify,
-        pairing=PairingSettings(public_url=config.public_url, legacy_state=config.legacy_spotify_state,
-                                pkce=config.spotify_pkce),
-        replay_limit=config.replay_limit,
-        retention=config.retention_days * DAY,
-        crew_ttl=config.crew_ttl_days * DAY,
-        limits=config.relay_limits,
-        legacy_replay_age=config.legacy_replay_age,
-        ephemeral_age=config.ephemeral_age,
-        bind_timeout=config.bind_timeout,
-        presence_grace=config.presence_grace,
-        crew_log_bytes=config.crew_log_bytes,
-        store_queue_bytes=config.store_queue_bytes,
-    )
-    proxies = TrustedProxies(config.trusted_proxies)
-    ws_factory = RelayServerFactory(relay, config.limits, proxies, OriginPolicy(config.public_url), reactor)
-    # One count of connections per address for the public and redirect sites.
-    gate = config.http_limits.gate(reactor, proxies)
-    metrics = Metrics(relay, ws_factory)
-    acme = None
-    if config.acme is not None:
-        try:
-            acme = AcmeService(reactor, config.acme, config.data_dir / "certificates")
-        except OSError as e:
-            raise StartupError(
-                f"cannot use {config.data_dir / 'certificates'} for the acme: certificates "
-                f"({e.strerror or e}); check that the relay's user owns it") from None
-    acme_specs = {spec.description: spec for spec in (config.acme.endpoints if config.acme else ())}
-    endpoints = [acme.endpoint(acme_specs[description]) if description in acme_specs
-                 else serverFromString(reactor, description) for description in config.listen]
-    certificates = list(dict.fromkeys(e.certificates for e in endpoints if isinstance(e, LetsEncryptServerEndpoint)))
-    challenges = acme.challenges.lookup if acme is not None else None
-    site = make_site(
-        relay, ws_factory, spotify, config.telegram_api_secret, reactor=reactor,
-        limits=config.http_limits, metrics=metrics,
-        health_fields=[health_fields(certificates)] if certificates else (),
-        challenges=challenges,
-        gate=gate,
-    )
-
-    top = MultiService()
-    if pool is not None:
-        # Stopped last: the connections to Spotify kept open for reuse close.
-        HTTPPoolService(pool).setServiceParent(top)
-    RelayService(relay, ws_factory, config).setServiceParent(top)
-    for interval, call, what in (
-        (60, relay.expire, "expire tokens"),
-        (3600, lambda: _prune(relay, RelayService.log), "retention"),
-    ):
-        timer = TimerService(interval, _never_raises(call, RelayService.log, what))
-        timer.clock = reactor
-        timer.setServiceParent(top)
-    if certificates:
-        ReloadOnHangup(reactor, certificates).setServiceParent(top)
-    listeners = [Listener(endpoint, site, "--listen", as_written(description))
-                 for endpoint, description in zip(endpoints, config.listen)]
-    if config.redirect_listen:
-        redirect_site = make_redirect_site(config.acme_webroot, reactor=reactor, limits=config.http_limits,
-                                           challenges=challenges, gate=gate)
-        for description in config.redirect_listen:
-            listeners.append(Listener(serverFromString(reactor, description), redirect_site,
-                                      "--redirect-listen", as_written(description)))
-    admin_site = None
-    if config.admin_listen:
-        admin_site = make_admin_site(relay, metrics, reactor=reactor, limits=config.http_limits)
-        for description in config.admin_listen:
-            listeners.append(Listener(serverFromString(reactor, description), admin_site,
-                                      "--admin-listen", as_written(description)))
-    for listener in listeners:
-        listener.setServiceParent(top)
-    if acme is not None:
-        # After the listeners: it starts ordering once they listen (the
-        # challenges are answered there), and stops before them.
-        acme.setServiceParent(top)
-    Readiness(listeners, notify or sd_notify, exit or exit_process(reactor),
-              when_running=reactor.callWhenRunning).setServiceParent(top)
-    top.relay = relay
-    top.site = site
-    top.admin_site = admin_site
-    top.metrics = metrics
-    top.acme = acme
-    return top
-
-
-# How long a thread that wants the GIL waits for the reactor thread to let
-# go of it.  Python's default is 5 ms; the database thread takes the GIL a
-# few times for every batch it commits, so at the default each batch waits
-# up to 15 ms behind a busy reactor, and every message with it.
-GIL_SWITCH_INTERVAL = 0.0005
-
-
-# The cyclic garbage collector's first threshold.  Python's 700 runs a young
-# collection every few hundred allocations, so the objects of messages
-# waiting a few milliseconds for their commit get promoted, and the old
-# generation fills with them: then full collections, which walk every
-# connection's objects (over 100 ms with 10,000 devices), come every few
-# seconds and show as latency spikes.  Objects that live milliseconds should
-# die young.
-GC_THRESHOLDS = (10_000, 20, 20)
-
-
-# glibc's malloc serves blocks under its mmap threshold from the heap, and
-# raises that threshold each time a larger block is freed: after a flood of
-# 64 KiB messages every message buffer lives in the heap, and what the flood
-# left there stays resident long after.  A fixed threshold (glibc's own
-# starting value) and trim threshold give the memory back once freed.
-MALLOC_THRESHOLD = 128 * 1024
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def tune_malloc(threshold: int = MALLOC_THRESHOLD) -> bool:
-    """
-    Fix glibc's mmap and trim thresholds at C{threshold}; return whether
-    the C library took them (other C libraries have no C{mallopt}).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return all(mallopt(option, threshold) == 1 for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
-
-
-def tune_process(reactor: Any) -> None:
-    """
-    Tune CPython and the C library for the relay: the GIL switch interval,
-    malloc's thresholds, the collector's thresholds, and a collector freeze
-    once C{reactor} runs (pinned by ProcessTuningTests).
-    """
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    tune_malloc()
-    gc.set_threshold(*GC_THRESHOLDS)
-    # What exists once the relay has started (modules, the service tree,
-    # the state it loaded) lives as long as the process: keep it out of
-    # every later full collection.
-    reactor.callWhenRunning(gc.freeze)
 
 
 def makeService(options: Options) -> MultiService:

@@ -697,6 +697,14 @@ class CertificateStore:
     def not_after(self) -> dict[str, str]:
         return {domain: iso(c.not_after) for domain, c in self._certificates.items() if domain not in self.pending}
 
+    def expiry(self) -> dict[str, float]:
+        """
+        When each domain's certificate expires, in seconds since the epoch
+        (a pending domain's placeholder is not its certificate: left out).
+        """
+        return {domain: c.not_after.timestamp() for domain, c in self._certificates.items()
+                if domain not in self.pending}
+
 
 def _pending_reason(e: CertificateError) -> str:
     if e.problem == "does not exist":

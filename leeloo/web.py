@@ -1192,6 +1192,24 @@ def _quoted(value: bytes | str | None) -> str:
     return value.encode("ascii", "backslashreplace").decode("ascii").replace('"', '\\"')
 
 
+@dataclass(frozen=True, slots=True)
+class SiteStats:
+    """
+    One site's figures: its name, connections that have not finished a
+    request now, and since the start: connections aborted for that,
+    bodies refused with 413, responses by status, and (for the gate it
+    shares with the other sites, C{None} without one) connections refused
+    before a byte was read, by reason.
+    """
+
+    name: str
+    waiting: int
+    timeouts: int
+    bodies_refused: int
+    responses: dict[int, int]
+    gate_refused: dict[str, int] | None
+
+
 class RelaySite(Site):
     """
     The relay's twisted.web site, hardened: L{RelayChannel}s and
@@ -1239,6 +1257,10 @@ class RelaySite(Site):
         self._gate_warned_at = self.reactor.seconds()
         self.body_too_large = canned_response(
             413, {"error": "body_too_large", "message": f"the body is over {limits.max_body} bytes"})
+
+    def stats(self) -> SiteStats:
+        return SiteStats(self.name, len(self.deadlines), self.deadlines.expired, self.bodies_refused,
+                         dict(self.responses), None if self.gate is None else dict(self.gate.refused))
 
     def gate_warn(self, reason: str, peer: Any) -> None:
         now = self.reactor.seconds()

@@ -388,6 +388,25 @@ class RelayServerProtocol(WebSocketServerProtocol):
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class WebSocketStats:
+    """
+    The WebSocket layer's figures: connections and client addresses open
+    now, and since the start: messages received and sent, handshakes
+    refused by reason, error messages sent by code, connections the relay
+    closed by close code, slow readers cut off.
+    """
+
+    connections: int
+    client_addresses: int
+    messages_received: int
+    messages_sent: int
+    refused: dict[str, int]
+    errors_sent: dict[str, int]
+    closed_by_relay: dict[int, int]
+    slow_readers: int
+
+
 class RelayServerFactory(WebSocketServerFactory):
     """
     Builds L{RelayServerProtocol}s for one L{Relay}, with every Autobahn
@@ -503,6 +522,11 @@ class RelayServerFactory(WebSocketServerFactory):
         if self._warned:
             self._warned.discard(address)
             self._warned.discard(TOO_MANY_CONNECTIONS)
+
+    def stats(self) -> WebSocketStats:
+        return WebSocketStats(self.caps.total, len(self.caps.by_address), self.messages_received,
+                              self.messages_sent, dict(self.refused), dict(self.errors_sent),
+                              dict(self.closed_by_relay), self.slow_readers)
 
     def log_limits(self) -> None:
         _log.info("WebSocket limits: {limits}", limits=self.limits.describe())

@@ -7,8 +7,9 @@ set -eu
 cd "$(dirname "$0")/.."
 
 # Debian packages the end-to-end tests use (real servers on loopback, and
-# headless Chromium with its driver for the page tests).
-DEBS="pebble certbot chromium chromium-driver"
+# headless Chromium with its driver for the page tests), and systemd for
+# systemd-analyze, which checks etc/leeloo.service offline.
+DEBS="pebble certbot chromium chromium-driver systemd"
 # npm fetches axe-core for them: NodeSource's nodejs has it, Debian packages it apart.
 command -v npm >/dev/null 2>&1 || DEBS="$DEBS npm"
 missing=""

@@ -69,7 +69,7 @@ def listening_port(service):
     A Deferred firing with the port the service tree's listener bound,
     leaving the listener's own Deferred (which stopService needs) intact.
     """
-    [listener] = [s for s in service if hasattr(s, "_waitingForPort")]
+    [listener] = [s for s in service.listeners if s.option == "--listen"]
     bound = defer.Deferred()
 
     def got(port):
@@ -134,22 +134,29 @@ class TwistdProtocol(protocol.ProcessProtocol):
 
 class RelayProcess:
     """
-    ``twistd -n leeloo ARGS`` in a temporary working directory, stopped (and
-    waited for) when the test ends.
+    ``twistd -n [TWISTD_ARGS] leeloo ARGS`` in a temporary working
+    directory, stopped (and waited for) when the test ends.
     """
 
-    def __init__(self, testcase, *args, cwd=None, environ=None):
-        self.proto = TwistdProtocol()
+    def __init__(self, testcase, *args, cwd=None, environ=None, twistd_args=(), proto=None, prelude="",
+                 child_fds=None):
+        """
+        C{prelude} is Python run in the child before twistd (a process
+        restriction, say); C{child_fds} extra descriptors to pass, by
+        number in the child.
+        """
+        self.proto = TwistdProtocol() if proto is None else proto
         if cwd is None:
             cwd = testcase.mktemp()
             os.makedirs(cwd)
         argv = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "leeloo", *args,
+            sys.executable, "-c", prelude + "\nfrom twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", *twistd_args, "leeloo", *args,
         ]
         env = dict(os.environ, **(environ or {}))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (CHECKOUT, env.get("PYTHONPATH")) if p)
-        self.transport = reactor.spawnProcess(self.proto, sys.executable, argv, env=env, path=cwd)
+        fds = {0: "w", 1: "r", 2: "r", **(child_fds or {})}
+        self.transport = reactor.spawnProcess(self.proto, sys.executable, argv, env=env, path=cwd, childFDs=fds)
         testcase.addCleanup(self._reap)
 
     def stop(self, signal="TERM"):

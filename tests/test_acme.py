@@ -87,10 +87,9 @@ class CertbotAgainstPebbleTests(TestCase):
         service.startService()
         self.addCleanup(service.stopService)
         ports = []
-        for child in service:
-            if hasattr(child, "_waitingForPort"):
-                port = yield listening_port(child)
-                ports.append(port.getHost().port)
+        for listener in service.listeners:
+            port = yield listening_port(listener)
+            ports.append(port.getHost().port)
         return service, ports
 
     @inlineCallbacks
@@ -169,7 +168,7 @@ class CertbotAgainstPebbleTests(TestCase):
             listen=(f"letsencrypt:domain={DOMAIN}:port=0:interface=127.0.0.1:directory={letsencrypt}:watch=0",),
             data_dir=tmp / "data-tls", store="memory")
         service, (tls_port,) = yield self.start(tls)
-        [certificates] = [s.endpoint.certificates for s in service if hasattr(s, "_waitingForPort")]
+        [certificates] = [s.endpoint.certificates for s in service.listeners]
         first = yield deferToThread(handshake, tls_port, DOMAIN, roots)
         self.assertEqual(first["fingerprint"], certificates.certificate(DOMAIN).fingerprint)
 

@@ -521,3 +521,46 @@ class JournalBugTests(JournalTestCase):
         self.journal.on_batch = None
         self.put(A2)
         self.assertEqual(self.store.commit(), [A2])
+
+
+class FigureTests(JournalTestCase):
+    """
+    The journal's figures for the metrics: its queue and its batch times.
+    """
+
+    def test_queue_depth(self):
+        """
+        The queue depth counts the operations queued and those of the batch
+        being committed, not barriers or operations replaced since; their
+        bytes too.
+        """
+        self.put(A1, size=100)
+        self.put(C1, size=10)
+        self.journal.put(M1, key="m")
+        self.journal.put(M1, key="m")
+        self.journal.barrier()
+        stats = self.journal.stats()
+        self.assertEqual((stats.queue_depth, stats.queue_bytes), (3, 110))
+        self.store.commit()
+        self.assertEqual(self.journal.stats().queue_depth, 2)
+        self.store.commit()
+        self.assertEqual((self.journal.stats().queue_depth, self.journal.stats().queue_bytes), (0, 0))
+
+    def test_batch_seconds(self):
+        """
+        Each batch's commit time is observed once it commits or fails;
+        batches of only a barrier are not.
+        """
+        self.successResultOf(self.journal.barrier())
+        self.put(A1)
+        self.clock.advance(0.3)
+        self.store.commit()
+        self.put(A2)
+        self.clock.advance(0.002)
+        self.store.refuse()
+        figures = self.journal.stats().batch_seconds
+        self.assertEqual(figures.count, 2)
+        self.assertAlmostEqual(figures.sum, 0.302)
+        buckets = dict(figures.cumulative())
+        self.assertEqual((buckets["0.001"], buckets["0.0025"], buckets["0.25"], buckets["0.5"], buckets["+Inf"]),
+                         (0, 1, 1, 2, 2))

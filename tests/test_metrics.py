@@ -176,3 +176,110 @@ class GateFigureTests(MetricsTestCase):
         self.assertEqual(found[("leeloo_http_responses_total", (("code", "503"), ("site", "public")))], 1)
         self.assertEqual(found[("leeloo_http_responses_total", (("code", "429"), ("site", "public")))], 1)
         self.assertEqual(found[("leeloo_http_responses_total", (("code", "400"), ("site", "public")))], 1)
+
+
+class LifecycleFigureTests(MetricsTestCase):
+    def scrape(self):
+        return samples(self.get("/metrics", host="127.0.0.1")[2])
+
+    def test_connect_share_leave(self):
+        """
+        /metrics moves as devices connect, one shares a song and leaves:
+        devices and connections, messages received by kind, deliveries, a
+        timed fan-out, the store's batches.
+        """
+        before = self.scrape()
+        self.assertEqual(before[("leeloo_devices", ())], 0)
+        self.assertEqual(before[("leeloo_messages_received_total", (("kind", "song_push"),))], 0)
+        self.assertEqual(before[("leeloo_fanout_seconds_count", ())], 0)
+        net = MemoryWebSocketClients(self.site)
+        a, b = net.connect(), net.connect(host="127.0.0.2")
+        for client, device in ((a, "leeloo_00000000000a"), (b, "leeloo_00000000000b")):
+            client.send_json({"type": "register", "device_id": device, "crew_code": "ALPHA"})
+        net.flush()
+        joined = self.scrape()
+        self.assertEqual((joined[("leeloo_devices", ())], joined[("leeloo_websocket_connections", ())]), (2, 2))
+        a.send_json({"type": "share_music", "spotify_uri": "spotify:track:1", "artist": "A", "track": "T",
+                     "album": "B"})
+        net.flush()
+        shared = self.scrape()
+        self.assertEqual(shared[("leeloo_messages_received_total", (("kind", "song_push"),))], 1)
+        self.assertEqual(shared[("leeloo_messages_received_total", (("kind", "text"),))], 0)
+        self.assertEqual(shared[("leeloo_deliveries_total", ())], 1)
+        self.assertEqual(shared[("leeloo_fanout_seconds_count", ())], 1)
+        self.assertEqual(shared[("leeloo_fanout_seconds_bucket", (("le", "+Inf"),))], 1)
+        self.assertGreater(shared[("leeloo_store_batch_seconds_count", ())], 0)
+        self.assertEqual(shared[("leeloo_store_queue_depth", ())], 0)
+        self.assertEqual(shared[("leeloo_replayed_messages_total", ())], 0)
+        a.sendClose()
+        net.flush()
+        left = self.scrape()
+        self.assertEqual((left[("leeloo_devices", ())], left[("leeloo_websocket_connections", ())]), (1, 1))
+
+    def test_kinds_bounded(self):
+        """
+        A msg_type devices do not send is counted as other: the labels stay
+        the known msg_types and other, whatever devices send.
+        """
+        net = MemoryWebSocketClients(self.site)
+        a = net.connect()
+        a.send_json({"type": "register", "device_id": "leeloo_00000000000a", "crew_code": "ALPHA"})
+        for n in range(5):
+            a.send_json({"type": "message", "msg_type": f"invented-{n}", "payload": {}})
+        net.flush()
+        found = self.scrape()
+        kinds = {dict(labels)["kind"] for name, labels in found if name == "leeloo_messages_received_total"}
+        self.assertEqual(kinds, {"text", "reaction", "song_push", "nudge", "hang_propose", "hang_confirm", "other"})
+        self.assertEqual(found[("leeloo_messages_received_total", (("kind", "other"),))], 5)
+
+    def test_replayed(self):
+        """
+        A device coming back is replayed what it missed, and the replayed
+        messages are counted.
+        """
+        net = MemoryWebSocketClients(self.site)
+        a, b = net.connect(), net.connect(host="127.0.0.2")
+        for client, device in ((a, "leeloo_00000000000a"), (b, "leeloo_00000000000b")):
+            client.send_json({"type": "register", "device_id": device, "crew_code": "ALPHA"})
+        net.flush()
+        [registered] = [m for m in b.take() if m["type"] == "registered"]
+        b.send_json({"type": "ack", "seq": 0})
+        b.sendClose()
+        net.flush()
+        a.send_json({"type": "message", "payload": {"text": "while away"}})
+        net.flush()
+        back = net.connect(host="127.0.0.2")
+        back.send_json({"type": "register", "device_id": "leeloo_00000000000b", "crew_code": "ALPHA",
+                        **({"device_key": registered["device_key"]} if registered.get("device_key") else {})})
+        net.flush()
+        self.assertIn("while away", [m["payload"]["text"] for m in back.take() if m["type"] == "message"])
+        self.assertEqual(self.scrape()[("leeloo_replayed_messages_total", ())], 1)
+
+
+class CertificateFigureTests(MetricsTestCase):
+    def test_expiry_by_domain(self):
+        """
+        Each served domain's certificate expiry is a gauge labelled by
+        domain; a domain waiting for its first certificate has none.
+        """
+        import datetime
+
+        from leeloo.testca import LetsEncryptDirectory, ThrowawayCA
+        from leeloo.tls import CertificateStore
+        from leeloo.tls_acme import placeholder_certificate
+
+        from .test_tls import FixedClock, temporary_directory
+
+        path = temporary_directory(self)
+        issued = ThrowawayCA().issue(["relay.leeloo.test"])
+        LetsEncryptDirectory(path).install("relay.leeloo.test", issued)
+        clock = FixedClock()
+        served = CertificateStore(path, ["relay.leeloo.test"], clock)
+        pending = CertificateStore(path, ["new.leeloo.test"], clock,
+                                   placeholder=lambda name: placeholder_certificate(name, (name,), clock.seconds()))
+        self.metrics.add_certificates([served, pending])
+        found = samples(self.get("/metrics", host="127.0.0.1")[2])
+        expiry = issued.cert.not_valid_after_utc.replace(tzinfo=datetime.timezone.utc).timestamp()
+        self.assertEqual(found[("leeloo_certificate_expiry_timestamp_seconds", (("domain", "relay.leeloo.test"),))],
+                         expiry)
+        self.assertNotIn(("leeloo_certificate_expiry_timestamp_seconds", (("domain", "new.leeloo.test"),)), found)

@@ -52,3 +52,25 @@ class HealthTests(RelayTestCase):
         self.clock.advance(42)
         self.assertEqual(web.health(self.relay.stats()),
                          {"status": "ok", "devices": 3, "crews": 2, "crews_online": 2, "uptime": 42})
+
+
+class StoreFigureTests(RelayTestCase):
+    def test_store_figures(self):
+        """
+        The store journal's queue and batch times are among the relay's
+        figures.
+        """
+        from leeloo.relay import Relay
+        from tests.core.support import HeldStore
+
+        store = HeldStore()
+        self.relay = Relay(self.clock, store)
+        self.crew_of(1)
+        self.assertGreater(self.relay.stats().store.queue_depth, 0)
+        while store.held:
+            self.clock.advance(0.01)
+            store.held.pop(0).callback(None)
+        stats = self.relay.stats().store
+        self.assertEqual(stats.queue_depth, 0)
+        self.assertGreater(stats.batch_seconds.count, 0)
+        self.assertAlmostEqual(stats.batch_seconds.sum, 0.01 * stats.batch_seconds.count)

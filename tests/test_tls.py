@@ -772,7 +772,7 @@ class RelayOverTLSTests(TestCase):
         self.service = tap.build_service(config, reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
-        [listening] = [s for s in self.service if hasattr(s, "_waitingForPort")]
+        [listening] = self.service.listeners
         port = yield listening_port(listening)
         self.port = port.getHost().port
         self.certificates = listening.endpoint.certificates

@@ -741,7 +741,7 @@ class AgainstPebbleTests(TestCase):
         service = tap.build_service(config, reactor)
         service.startService()
         self.addCleanup(service.stopService)
-        [https] = [s for s in service if getattr(s, "endpoint", None) is not None
+        [https] = [s for s in service.listeners if getattr(s, "endpoint", None) is not None
                    and isinstance(getattr(s.endpoint, "certificates", None), CertificateStore)]
         port = yield listening_port(https)
         [managed] = service.acme.certificates.values()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -18,6 +19,7 @@ from twisted.logger import Logger
 
 from leeloo import messages
 from leeloo.core.peer import Outgoing
+from leeloo.figures import Histogram, HistogramFigures
 from leeloo.messages import DuplicateClientMessage, NotInCrew, StoreUnavailable
 from leeloo.store import APPEND, IStore, Journal, LogEntry, Sequences, Snapshot
 
@@ -29,6 +31,17 @@ _log = Logger()
 
 # What a crew hears, as the relay sends it to every member.
 Fanout = messages.RelayedMessage | messages.MusicShared | messages.RelayedReaction
+
+# The kinds crew messages are counted by: a message's msg_type when it is
+# one devices send, else "other"; a share_music is a song push and a
+# top-level reaction a reaction.
+MESSAGE_KINDS = (*messages.KNOWN_MSG_TYPES, "other")
+_KNOWN_KINDS = frozenset(messages.KNOWN_MSG_TYPES)
+_KIND_OF_TYPE = {messages.MusicShared: "song_push", messages.RelayedReaction: "reaction"}
+
+# One crew message in this many has its fan-out timed (receipt to the last
+# write): the others pay one decrement for it.
+FANOUT_SAMPLE_EVERY = 16
 
 
 def generate_message_id() -> str:
@@ -103,6 +116,20 @@ class Publication:
                         self.created_at, self.out.payload, messages.is_ephemeral(fanout))
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryStats:
+    """
+    What L{Delivery} has done since the relay started: crew messages
+    received, by kind (L{MESSAGE_KINDS}); deliveries (one per device a
+    message was fanned out to live); the sampled fan-out times, from
+    receipt until the last member's write.
+    """
+
+    received: dict[str, int]
+    deliveries: int
+    fanout_seconds: HistogramFigures
+
+
 class Delivery:
     """
     @param crew_log_bytes: the most bytes of messages kept in one crew's
@@ -127,6 +154,15 @@ class Delivery:
         # Sessions not read from until the store catches up.
         self.paused: set[Session] = set()
         journal.on_batch = self._store_progressed
+        # The figures (see L{stats}).
+        self.received = dict.fromkeys(MESSAGE_KINDS, 0)
+        self.deliveries = 0
+        self.fanout_seconds = Histogram()
+        self.sample_every = FANOUT_SAMPLE_EVERY
+        self._until_sample = 1
+
+    def stats(self) -> DeliveryStats:
+        return DeliveryStats(dict(self.received), self.deliveries, self.fanout_seconds.figures())
 
     def restore(self, snapshot: Snapshot) -> None:
         for e in snapshot.client_messages:
@@ -217,6 +253,10 @@ class Delivery:
         was delivered, and no sequence number was spent on it.
         """
         now = self.clock.seconds()
+        kind = _KIND_OF_TYPE.get(type(message))
+        if kind is None:
+            kind = message.msg_type if message.msg_type in _KNOWN_KINDS else "other"
+        self.received[kind] += 1
         message_id = self._new_message_id()
         remembered = None
         if client_msg_id is not None:
@@ -249,6 +289,11 @@ class Delivery:
                 else:
                     membership.last_sent_seq = max(membership.last_sent_seq, seq)
         reached = self.crews.fanout.publish(crew.code, out, session, seq)
+        self.deliveries += reached
+        self._until_sample -= 1
+        if not self._until_sample:
+            self._until_sample = self.sample_every
+            self.fanout_seconds.observe(max(0.0, self.clock.seconds() - entry.created_at))
         if remembered is not None:
             waiting, remembered.waiting = remembered.waiting, None
             reply = messages.Sent(entry.client_msg_id, remembered.id, remembered.seq, crew.code)

@@ -43,6 +43,8 @@ class Replayer:
         self.retention = retention
         self.legacy_replay_age = legacy_replay_age
         self.ephemeral_age = ephemeral_age
+        # Messages sent from crews' logs to returning devices.
+        self.replayed = 0
 
     def catch_up(self, membership: Membership) -> None:
         """
@@ -78,6 +80,7 @@ class Replayer:
         code = membership.crew.code
         for seq, payload in replay.entries:
             membership.peer.send(Outgoing(None, messages.replayed(payload, code)))
+        self.replayed += len(replay.entries)
         self._release(membership, up_to)
 
     def _replay_failed(self, failure: Any, membership: Membership, up_to: int) -> None:

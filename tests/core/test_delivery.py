@@ -357,3 +357,81 @@ class BackPressureTests(BoundsTestCase):
             self.a.send(type="message", payload={"text": "x" * 1000})
         self.a.close()
         self.assertEqual(self.relay.paused, set())
+
+
+class FigureTests(DeliveryTestCase):
+    """
+    What Delivery counts for the metrics: plain counters, read through
+    Relay.stats().
+    """
+
+    def test_received_by_kind(self):
+        """
+        Crew messages are counted by kind: the msg_types devices send, any
+        other msg_type as other, share_music as song_push and a reaction
+        frame as reaction; the bot's messages too.  Other frames are not
+        crew messages.
+        """
+        from leeloo.core.delivery import MESSAGE_KINDS
+
+        a, _ = self.device("a"), self.device("b")
+        for msg_type in ("text", "text", "nudge", "hang_propose", "hang_confirm", "song_push", "new-feature"):
+            a.send(type="message", msg_type=msg_type, payload={})
+        a.send(type="message", payload={"text": "default"})
+        a.send(type="share_music", spotify_uri="spotify:track:1", artist="A", track="T", album="B")
+        a.send(type="reaction", reaction_type="love")
+        a.send(type="message", msg_type="reaction", payload={"reaction": "fire"})
+        a.send(type="ping")
+        self.relay.bot_join_crew("42", "ALPHA", "Bot")
+        self.successResultOf(self.relay.bot_message("42", "ALPHA", "Bot", "text", {"text": "hi"}))
+        received = self.relay.stats().messages_received
+        self.assertEqual(received, {"text": 4, "reaction": 2, "song_push": 2, "nudge": 1, "hang_propose": 1,
+                                    "hang_confirm": 1, "other": 1})
+        self.assertEqual(tuple(received), MESSAGE_KINDS)
+
+    def test_deliveries(self):
+        """
+        A delivery is one crew message fanned out live to one device: the
+        sender, a resend answered from memory and presence messages are
+        not deliveries.
+        """
+        a, b, c = self.device("a"), self.device("b"), self.device("c")
+        a.send(type="message", payload={"text": "one"}, client_msg_id="m1")
+        a.send(type="message", payload={"text": "one"}, client_msg_id="m1")
+        c.close()
+        self.say(b, "two")
+        stats = self.relay.stats()
+        self.assertEqual((stats.deliveries, sum(stats.messages_received.values())), (2 + 1, 2))
+
+    def test_fanout_sampled(self):
+        """
+        The first crew message's fan-out is timed, then one in
+        FANOUT_SAMPLE_EVERY.
+        """
+        from leeloo.core.delivery import FANOUT_SAMPLE_EVERY
+
+        a, _ = self.device("a"), self.device("b")
+        for n in range(FANOUT_SAMPLE_EVERY + 1):
+            self.say(a, str(n))
+        self.assertEqual(self.relay.stats().fanout_seconds.count, 2)
+        self.say(a, "again")
+        self.assertEqual(self.relay.stats().fanout_seconds.count, 2)
+
+    def test_fanout_time_includes_the_store(self):
+        """
+        A fan-out is timed from the message's receipt to the last write to
+        its crew, its store commit included.
+        """
+        self.store = HeldStore()
+        self.relay = self.make_relay()
+        a, b = self.device("a"), self.device("b")
+        self.store.release()
+        a.send(type="message", payload={"text": "slow"})
+        self.clock.advance(0.3)
+        self.store.release()
+        self.assertEqual(b.texts(), ["slow"])
+        figures = self.relay.stats().fanout_seconds
+        self.assertEqual(figures.count, 1)
+        self.assertAlmostEqual(figures.sum, 0.3)
+        buckets = dict(figures.cumulative())
+        self.assertEqual((buckets["0.25"], buckets["0.5"]), (0, 1))

@@ -426,3 +426,20 @@ class BugRecoveryTests(DeliveryTestCase):
         self.assertIsNone(back.session.primary.held)
         self.assertEqual(back.peer.closed[0], 1011)
         self.assertFalse(a.peer.closed)
+
+
+class FigureTests(DeliveryTestCase):
+    def test_replayed_counted(self):
+        """
+        Messages sent from a crew's log to a device coming back are
+        counted as replayed, not as deliveries.
+        """
+        a, b = self.device("a"), self.device("b")
+        b.send(type="ack", seq=0)
+        b.close()
+        for n in range(3):
+            self.say(a, str(n))
+        back = self.device("b")
+        self.assertEqual(back.texts(), ["0", "1", "2"])
+        stats = self.relay.stats()
+        self.assertEqual((stats.replayed, stats.deliveries), (3, 0))
