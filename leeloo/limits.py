@@ -99,6 +99,8 @@ class RelayLimits:
     abuse_strikes: int = 10
     require_device_key: bool = False
     crew_code_length: int = 4
+    #: crews one device may be in at once (C{crew_add} past it: C{crew_limit}).
+    max_crews_per_device: int = 8
 
     def describe(self) -> str:
         return (
@@ -106,5 +108,6 @@ class RelayLimits:
             f"crew entries {self.entries.describe()} per connection and per address, "
             f"close after {self.abuse_strikes} refusals in a row, "
             f"device keys {'required' if self.require_device_key else 'optional (legacy ids allowed)'}, "
-            f"new crew codes of {self.crew_code_length} characters"
+            f"new crew codes of {self.crew_code_length} characters, "
+            f"at most {self.max_crews_per_device} crews per device"
         )

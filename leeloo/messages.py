@@ -20,17 +20,25 @@ Client -> relay
                      ``user-read-currently-playing user-read-playback-state``)
     ``spotify_refresh`` ``refresh_token``
     ``spotify_search`` ``query`` ``limit``? (1 to 10, default 5)
+    ``crew_add``     ``crew_code`` ``last_seq``?
+    ``crew_leave``   ``crew_code``
+    ``crews``
+    ``crew_primary`` ``crew_code``
 
 Relay -> client
     ``registered`` ``crew_created`` ``crew_joined`` ``member_joined``
     ``member_offline`` ``message`` ``music_shared`` ``reaction`` ``pong``
     ``spotify_auth_complete`` ``error``
-    ``sent``             ``client_msg_id`` ``id`` ``seq``
-    ``replay_truncated`` ``from_seq`` ``to_seq``
+    ``sent``             ``client_msg_id`` ``id`` ``seq`` ``crew_code``
+    ``replay_truncated`` ``from_seq`` ``to_seq`` ``crew_code``
     ``spotify_pair``     ``url`` ``user_code`` ``expires_in``
     ``spotify_pair_failed`` ``reason`` ``user_code``
     ``spotify_tokens``   ``tokens`` (``access_token`` ``expires_in`` ``refresh_token``)
     ``spotify_search_results`` ``query`` ``results``
+    ``crew_left``        ``crew_code``
+    ``crews``            ``primary`` ``crews`` (each ``crew_code``
+                         ``crew_name`` ``members_online`` ``member_names``)
+    ``crew_primary``     ``crew_code``
 
 Both directions are typed, one frozen dataclass per message type.
 L{decode} reads what a client sends (the relay's side); L{decode_from_relay}
@@ -39,14 +47,17 @@ dict or a typed message.  The names:
 
     - client -> relay: the request, in CamelCase (L{Register},
       L{CreateCrew}, L{JoinCrew}, L{CrewMessage} for ``message``,
-      L{ShareMusic}, L{Reaction}, L{Ack}, L{Ping}, L{SpotifyPair});
+      L{ShareMusic}, L{Reaction}, L{Ack}, L{Ping}, L{SpotifyPair},
+      L{CrewAdd}, L{CrewLeave}, L{Crews}, L{CrewPrimary});
     - relay -> client: the wire type in CamelCase (L{Registered},
       L{CrewCreated}, L{CrewJoined}, L{MemberJoined}, L{MemberOffline},
       L{MusicShared}, L{Sent}, L{ReplayTruncated}, L{Pong},
-      L{SpotifyAuthComplete}, L{SpotifyPairFailed}), except where that
-      would collide with a request: the crew fan-outs of ``message`` and
-      ``reaction`` are L{RelayedMessage} and L{RelayedReaction}, the
-      answer to ``spotify_pair`` is L{SpotifyPairStarted}, and ``error`` is
+      L{SpotifyAuthComplete}, L{SpotifyPairFailed}, L{CrewLeft}), except
+      where that would collide with a request: the crew fan-outs of
+      ``message`` and ``reaction`` are L{RelayedMessage} and
+      L{RelayedReaction}, the answer to ``spotify_pair`` is
+      L{SpotifyPairStarted}, to ``crews`` L{CrewList} (of L{CrewListing}),
+      to ``crew_primary`` L{PrimaryCrew}, and ``error`` is
       L{ErrorFrame} (L{ProtocolError} is the exception, L{ErrorFrame} the
       frame that carries it).  A type this version does not know is read
       as an L{UnknownRelayMessage} keeping the whole dict.
@@ -147,6 +158,38 @@ Spotify pairing (the relay as the device's pairing broker, as in RFC 8628):
     answers ``unknown_type``: the device then falls back to building the
     authorize URL itself with ``state`` = its device id (the legacy path,
     which the relay's ``--no-legacy-spotify-state`` turns off).
+
+Several crews per device:
+    A device bound on the connection (by ``register``, ``create_crew`` or
+    ``join_crew``; before that every message below is ``not_registered``)
+    may be in several crews at once, at most the relay's
+    ``--max-crews-per-device`` (8).  ``crew_add`` joins another existing
+    crew and keeps the others: it is answered ``crew_joined`` as
+    ``join_crew`` is, the crew hears ``member_joined``, and what the device
+    missed there is replayed (after ``last_seq``, per crew, when given).
+    An unknown crew is ``invalid_crew_code`` (``crew_add`` never creates),
+    one already held is answered ``crew_joined`` again with no
+    ``member_joined``, and one past the limit is ``crew_limit``; entering a
+    crew counts against the entry rate as ``join_crew`` does.
+    ``crew_leave`` ends a membership (answered ``crew_left``; the crew
+    hears ``member_offline``; nothing of it is replayed); leaving the
+    primary crew makes the earliest-joined remaining crew primary.
+    ``crews`` lists them (``members_online`` counts the device,
+    ``member_names`` names the others), ``crew_primary`` sets the primary
+    crew; a crew not held is ``not_in_crew``.  ``message``,
+    ``share_music``, ``reaction`` and ``ack`` take an optional
+    ``crew_code`` naming one of the device's crews (``not_in_crew`` if it
+    is not one); without it they go to the primary crew (the first joined,
+    or the one set).  A device becomes multi-crew with its first
+    ``crew_add``: from then on ``join_crew`` (and ``register`` or
+    ``create_crew`` with a code) add a crew too; a device that never sent
+    ``crew_add`` (every deployed one) is moved by them to that one crew, as
+    before.  The message rate is the connection's, across all its crews.
+    Every event the relay sends about a crew carries its ``crew_code``,
+    to every client: the crew fan-outs (after ``id``; replayed entries
+    stored before this field existed get it too), ``member_joined``,
+    ``member_offline``, ``sent`` and ``replay_truncated``.  Deployed
+    devices ignore it.
 
 Unknown fields are ignored, so that newer devices keep working against this
 relay.  A frame that cannot be understood raises a L{ProtocolError} whose
@@ -501,6 +544,7 @@ class CrewMessage:
     msg_type: str = "text"
     payload: dict = field(default_factory=dict)
     client_msg_id: str | None = None
+    crew_code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,17 +554,55 @@ class ShareMusic:
     track: str | None = None
     album: str | None = None
     client_msg_id: str | None = None
+    crew_code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Reaction:
     reaction_type: str
     client_msg_id: str | None = None
+    crew_code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
     seq: int
+    crew_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CrewAdd:
+    """
+    ``crew_add``: join another existing crew and keep the others.
+    """
+
+    crew_code: str
+    last_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CrewLeave:
+    """
+    ``crew_leave``: end the membership of one crew.
+    """
+
+    crew_code: str
+
+
+@dataclass(frozen=True, slots=True)
+class Crews:
+    """
+    ``crews``: ask for the crews the device is in.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class CrewPrimary:
+    """
+    ``crew_primary``: make one of the device's crews its primary crew.
+    """
+
+    crew_code: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -734,7 +816,8 @@ def _join_crew(obj: Mapping) -> JoinCrew:
 
 def _crew_message(obj: Mapping) -> CrewMessage:
     msg_type = string_field(obj, "msg_type", MAX_TYPE_LENGTH) or "text"
-    return CrewMessage(msg_type=msg_type, payload=object_field(obj, "payload"), client_msg_id=_client_msg_id(obj))
+    return CrewMessage(msg_type=msg_type, payload=object_field(obj, "payload"), client_msg_id=_client_msg_id(obj),
+                       crew_code=crew_code_field(obj))
 
 
 def _share_music(obj: Mapping) -> ShareMusic:
@@ -744,6 +827,7 @@ def _share_music(obj: Mapping) -> ShareMusic:
             for name in ("spotify_uri", "artist", "track", "album")
         },
         client_msg_id=_client_msg_id(obj),
+        crew_code=crew_code_field(obj),
     )
 
 
@@ -751,11 +835,24 @@ def _reaction(obj: Mapping) -> Reaction:
     return Reaction(
         reaction_type=string_field(obj, "reaction_type", MAX_TYPE_LENGTH, required=True),
         client_msg_id=_client_msg_id(obj),
+        crew_code=crew_code_field(obj),
     )
 
 
 def _ack(obj: Mapping) -> Ack:
-    return Ack(seq=_sequence(obj, "seq", InvalidMessage, required=True))
+    return Ack(seq=_sequence(obj, "seq", InvalidMessage, required=True), crew_code=crew_code_field(obj))
+
+
+def _crew_add(obj: Mapping) -> CrewAdd:
+    return CrewAdd(crew_code=crew_code_field(obj, required=True), last_seq=_last_seq(obj))
+
+
+def _crew_leave(obj: Mapping) -> CrewLeave:
+    return CrewLeave(crew_code=crew_code_field(obj, required=True))
+
+
+def _crew_primary(obj: Mapping) -> CrewPrimary:
+    return CrewPrimary(crew_code=crew_code_field(obj, required=True))
 
 
 def _spotify_pair(obj: Mapping) -> SpotifyPair:
@@ -798,6 +895,10 @@ _DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "spotify_pair": _spotify_pair,
     "spotify_refresh": _spotify_refresh,
     "spotify_search": _spotify_search,
+    "crew_add": _crew_add,
+    "crew_leave": _crew_leave,
+    "crews": lambda obj: Crews(),
+    "crew_primary": _crew_primary,
 }
 
 
@@ -849,8 +950,16 @@ def _stamps(d: dict, m: Any) -> dict:
         d["seq"] = m.seq
     if m.id is not None:
         d["id"] = m.id
+    if m.crew_code is not None:
+        d["crew_code"] = m.crew_code
     if m.replayed:
         d["replayed"] = True
+    return d
+
+
+def _with_crew(d: dict, crew_code: str | None) -> dict:
+    if crew_code is not None:
+        d["crew_code"] = crew_code
     return d
 
 
@@ -926,9 +1035,11 @@ class MemberJoined:
     type: ClassVar[str] = "member_joined"
     device_id: str
     display_name: str
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "device_id": self.device_id, "display_name": self.display_name}
+        return _with_crew({"type": self.type, "device_id": self.device_id, "display_name": self.display_name},
+                          self.crew_code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -940,9 +1051,11 @@ class MemberOffline:
     type: ClassVar[str] = "member_offline"
     device_id: str
     display_name: str
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "device_id": self.device_id, "display_name": self.display_name}
+        return _with_crew({"type": self.type, "device_id": self.device_id, "display_name": self.display_name},
+                          self.crew_code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -963,6 +1076,7 @@ class RelayedMessage:
     seq: int | None = None
     id: str | None = None
     replayed: bool = False
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
         return _stamps({
@@ -997,6 +1111,7 @@ class MusicShared:
     seq: int | None = None
     id: str | None = None
     replayed: bool = False
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
         return _stamps({
@@ -1030,6 +1145,7 @@ class RelayedReaction:
     seq: int | None = None
     id: str | None = None
     replayed: bool = False
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
         return _stamps({"type": self.type, "reaction_type": self.reaction_type, "from": self.from_name}, self)
@@ -1053,9 +1169,11 @@ class Sent:
     client_msg_id: str
     id: str
     seq: int
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "client_msg_id": self.client_msg_id, "id": self.id, "seq": self.seq}
+        return _with_crew({"type": self.type, "client_msg_id": self.client_msg_id, "id": self.id, "seq": self.seq},
+                          self.crew_code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1068,9 +1186,69 @@ class ReplayTruncated:
     type: ClassVar[str] = "replay_truncated"
     from_seq: int
     to_seq: int
+    crew_code: str | None = None
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "from_seq": self.from_seq, "to_seq": self.to_seq}
+        return _with_crew({"type": self.type, "from_seq": self.from_seq, "to_seq": self.to_seq}, self.crew_code)
+
+
+@dataclass(frozen=True, slots=True)
+class CrewLeft:
+    """
+    ``crew_left``: the answer to C{crew_leave}.
+    """
+
+    type: ClassVar[str] = "crew_left"
+    crew_code: str
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "crew_code": self.crew_code}
+
+
+@dataclass(frozen=True, slots=True)
+class CrewListing:
+    """
+    One crew in a L{CrewList}: its code, name, the members online (the
+    device included) and the others' names.
+    """
+
+    crew_code: str
+    crew_name: str | None
+    members_online: int
+    member_names: list[str]
+
+    def to_dict(self) -> dict:
+        return {"crew_code": self.crew_code, "crew_name": self.crew_name,
+                "members_online": self.members_online, "member_names": self.member_names}
+
+
+@dataclass(frozen=True, slots=True)
+class CrewList:
+    """
+    ``crews``: the answer to C{crews}: the primary crew's code (C{None}
+    when in none) and every crew the device is in, in the order joined.
+    """
+
+    type: ClassVar[str] = "crews"
+    primary: str | None
+    crews: list[CrewListing]
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "primary": self.primary, "crews": [c.to_dict() for c in self.crews]}
+
+
+@dataclass(frozen=True, slots=True)
+class PrimaryCrew:
+    """
+    ``crew_primary``: the answer to C{crew_primary}: crew messages without
+    a C{crew_code} now go to C{crew_code}.
+    """
+
+    type: ClassVar[str] = "crew_primary"
+    crew_code: str
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "crew_code": self.crew_code}
 
 
 @dataclass(frozen=True, slots=True)
@@ -1206,7 +1384,8 @@ class UnknownRelayMessage:
 
 RelayMessage = Union[Registered, CrewCreated, CrewJoined, MemberJoined, MemberOffline, RelayedMessage,
                      MusicShared, RelayedReaction, Sent, ReplayTruncated, Pong, SpotifyAuthComplete,
-                     SpotifyPairStarted, SpotifyPairFailed, SpotifyTokens, SpotifySearchResults, ErrorFrame,
+                     SpotifyPairStarted, SpotifyPairFailed, SpotifyTokens, SpotifySearchResults, CrewLeft,
+                     CrewList, PrimaryCrew, ErrorFrame,
                      UnknownRelayMessage]
 
 # The crew fan-outs: stored, sequenced, acknowledged.
@@ -1271,15 +1450,17 @@ def reaction(reaction_type: str, from_name: str) -> dict:
     return RelayedReaction(reaction_type, from_name).to_dict()
 
 
-def stamped(message: dict, timestamp: int, seq: int, message_id: str) -> dict:
+def stamped(message: dict, timestamp: int, seq: int, message_id: str, crew_code: str | None = None) -> dict:
     """
     C{message} (a crew fan-out's dict) as it is stored and fanned out: with
-    the relay's timestamp, the crew's sequence number and the message id,
-    after its fields.  The typed form is the fan-out's own C{stamped()};
+    the relay's timestamp, the crew's sequence number, the message id and
+    its crew's code (last), after its fields.  The typed form is the fan-out's own C{stamped()};
     this one stays a dict merge, since it runs on every crew message (a
     round trip through the typed class costs ten times as much).
     """
-    return {**message, "timestamp": timestamp, "seq": seq, "id": message_id}
+    if crew_code is None:
+        return {**message, "timestamp": timestamp, "seq": seq, "id": message_id}
+    return {**message, "timestamp": timestamp, "seq": seq, "id": message_id, "crew_code": crew_code}
 
 
 # Crew messages a legacy device is only replayed while they are fresh: a
@@ -1301,13 +1482,18 @@ def is_ephemeral(message: Mapping) -> bool:
     return kind == "reaction" or (kind == "message" and message.get("msg_type") in EPHEMERAL_MSG_TYPES)
 
 
-def replayed(payload: bytes) -> bytes:
+def replayed(payload: bytes, crew_code: str | None = None) -> bytes:
     """
     The stored frame C{payload} (an encoded fan-out, with its original
     C{timestamp}) as it is replayed: with C{"replayed": true}, spliced into
     the bytes rather than encoded again (what C{replayed=True} on the
-    typed fan-out gives).
+    typed fan-out gives).  An entry stored before fan-outs carried their
+    C{crew_code} (L{stamped} puts it last) gets C{crew_code} too.
     """
+    if crew_code is not None:
+        tag = b',"crew_code":' + orjson.dumps(crew_code) + b"}"
+        if not payload.endswith(tag):
+            return payload[:-1] + tag[:-1] + b',"replayed":true}'
     return payload[:-1] + b',"replayed":true}'
 
 
@@ -1360,7 +1546,15 @@ def _stamp_fields(obj: Mapping) -> dict:
         "seq": _relay_field(obj, "seq", int, required=False),
         "id": _relay_field(obj, "id", str, required=False),
         "replayed": _relay_field(obj, "replayed", bool, required=False) or False,
+        "crew_code": _relay_field(obj, "crew_code", str, required=False),
     }
+
+
+def _crew_listing(obj: Any) -> CrewListing:
+    if not isinstance(obj, dict):
+        raise InvalidMessage("each of crews must be an object")
+    return CrewListing(_relay_field(obj, "crew_code", str), _relay_field(obj, "crew_name", str, required=False),
+                       _relay_field(obj, "members_online", int), _names(obj, "member_names"))
 
 
 def _error_frame(obj: Mapping) -> ErrorFrame:
@@ -1379,9 +1573,11 @@ _RELAY_DECODERS: dict[str, Callable[[Mapping], Any]] = {
         _relay_field(o, "crew_members", int), _names(o, "member_names"),
         _relay_field(o, "device_key", str, required=False)),
     "member_joined": lambda o: MemberJoined(
-        _relay_field(o, "device_id", str), _relay_field(o, "display_name", str)),
+        _relay_field(o, "device_id", str), _relay_field(o, "display_name", str),
+        _relay_field(o, "crew_code", str, required=False)),
     "member_offline": lambda o: MemberOffline(
-        _relay_field(o, "device_id", str), _relay_field(o, "display_name", str)),
+        _relay_field(o, "device_id", str), _relay_field(o, "display_name", str),
+        _relay_field(o, "crew_code", str, required=False)),
     "message": lambda o: RelayedMessage(
         _relay_field(o, "from_device", str), _relay_field(o, "from_name", str),
         _relay_field(o, "msg_type", str), _relay_field(o, "payload", dict), **_stamp_fields(o)),
@@ -1391,9 +1587,15 @@ _RELAY_DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "reaction": lambda o: RelayedReaction(
         _relay_field(o, "reaction_type", str), _relay_field(o, "from", str), **_stamp_fields(o)),
     "sent": lambda o: Sent(
-        _relay_field(o, "client_msg_id", str), _relay_field(o, "id", str), _relay_field(o, "seq", int)),
+        _relay_field(o, "client_msg_id", str), _relay_field(o, "id", str), _relay_field(o, "seq", int),
+        _relay_field(o, "crew_code", str, required=False)),
+    "crew_left": lambda o: CrewLeft(_relay_field(o, "crew_code", str)),
+    "crews": lambda o: CrewList(_relay_field(o, "primary", str, required=False),
+                                [_crew_listing(c) for c in _relay_field(o, "crews", list)]),
+    "crew_primary": lambda o: PrimaryCrew(_relay_field(o, "crew_code", str)),
     "replay_truncated": lambda o: ReplayTruncated(
-        _relay_field(o, "from_seq", int), _relay_field(o, "to_seq", int)),
+        _relay_field(o, "from_seq", int), _relay_field(o, "to_seq", int),
+        _relay_field(o, "crew_code", str, required=False)),
     "pong": lambda o: Pong(),
     "spotify_auth_complete": lambda o: SpotifyAuthComplete(_relay_field(o, "tokens", dict)),
     "spotify_pair": lambda o: SpotifyPairStarted(

@@ -555,6 +555,8 @@ class Options(usage.Options):
          "announced neither offline nor joined (Wi-Fi blips, crew hopping).", _non_negative_float],
         ["crew-code-length", None, 4,
          "Characters in new crew codes after LEELOO- (longer codes resist guessing).", _code_length],
+        ["max-crews-per-device", None, 8,
+         "Crews one device may be in at once (crew_add past it is answered crew_limit).", _positive_int],
         ["spotify-pkce", None, "on",
          "on or off: pair Spotify with PKCE (S256) on top of the client secret. Off falls back to "
          "the plain code flow, should Spotify refuse a verifier from a client that also "
@@ -690,6 +692,7 @@ class Options(usage.Options):
                 abuse_strikes=self["abuse-strikes"],
                 require_device_key=bool(self["require-device-key"]),
                 crew_code_length=self["crew-code-length"],
+                max_crews_per_device=self["max-crews-per-device"],
             ),
             legacy_replay_age=self["legacy-replay-age"],
             ephemeral_age=self["ephemeral-age"],

@@ -23,7 +23,7 @@ from leeloo.websocket import RelayServerFactory, WebSocketLimits
 txaio.use_twisted()
 
 TYPES = ["register", "create_crew", "join_crew", "message", "share_music", "reaction", "ping", "ack",
-         "nope", ""]
+         "crew_add", "crew_leave", "crews", "crew_primary", "nope", ""]
 FIELDS = ["device_id", "crew_code", "device_name", "display_name", "msg_type", "payload", "reaction_type",
           "spotify_uri", "artist", "track", "album", "last_seq", "seq", "client_msg_id", "device_key"]
 
@@ -52,10 +52,18 @@ well_formed = st.one_of(
     st.builds(lambda d, c: {"type": "join_crew", "device_id": d, "crew_code": c}, ids, codes),
     st.builds(lambda d, c: {"type": "create_crew", "device_id": d, "crew_code": c}, ids | st.none(),
               codes | st.none()),
-    st.builds(lambda t, c: {"type": "message", "payload": {"text": t}, "client_msg_id": c},
-              st.text(max_size=5), st.none() | st.sampled_from(["c1", "c2"])),
-    st.builds(lambda n: {"type": "ack", "seq": n}, st.integers(min_value=0, max_value=5)),
-    st.builds(lambda r: {"type": "reaction", "reaction_type": r}, st.sampled_from(["love", "fire"])),
+    st.builds(lambda t, c, k: {"type": "message", "payload": {"text": t}, "client_msg_id": c, "crew_code": k},
+              st.text(max_size=5), st.none() | st.sampled_from(["c1", "c2"]), codes | st.none()),
+    st.builds(lambda n, k: {"type": "ack", "seq": n, "crew_code": k}, st.integers(min_value=0, max_value=5),
+              codes | st.none()),
+    st.builds(lambda r, k: {"type": "reaction", "reaction_type": r, "crew_code": k},
+              st.sampled_from(["love", "fire"]), codes | st.none()),
+    # Several crews per device.
+    st.builds(lambda c, n: {"type": "crew_add", "crew_code": c, "last_seq": n}, codes,
+              st.none() | st.integers(min_value=0, max_value=3)),
+    st.builds(lambda c: {"type": "crew_leave", "crew_code": c}, codes),
+    st.builds(lambda c: {"type": "crew_primary", "crew_code": c}, codes),
+    st.just({"type": "crews"}),
     st.just({"type": "ping"}),
 ).map(lambda m: json.dumps(m).encode())
 frames = st.one_of(well_formed, well_formed, messages, junk)
@@ -102,15 +110,22 @@ class RelayMachine(RuleBasedStateMachine):
             assert crew.code == code
             for device_id, membership in relay.fanout.listeners(code).items():
                 session = membership.session
-                assert session.crew is crew
                 assert session.membership(code) is membership
                 assert session.device_id == device_id
                 assert relay.devices.get(device_id) is session
                 assert membership.member is crew.members[device_id]
         for session in relay.sessions:
-            if session.crew is not None:
-                assert relay.fanout.listeners(session.crew.code).get(session.device_id) is session.primary
-            assert session.memberships() == ([session.primary] if session.primary else [])
+            held = session.memberships()
+            # A device in crews has a primary; each membership is its
+            # device's listener in its crew, once; a single-crew device
+            # (one that never sent crew_add) is in one crew at most.
+            assert (session.primary is None) == (not held)
+            assert len({m.crew.code for m in held}) == len(held) <= relay.limits.max_crews_per_device
+            assert session.multi or len(held) <= 1
+            for membership in held:
+                assert membership.session is session
+                assert relay.fanout.listeners(membership.crew.code).get(session.device_id) is membership
+                assert relay.crews.get(membership.crew.code) is membership.crew
 
     @invariant()
     def only_protocol_messages(self):

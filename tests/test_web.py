@@ -523,6 +523,7 @@ class BotMessageTests(BotAPIMixin, SynchronousTestCase):
             "payload": payload,
             "timestamp": int((START + 1.5) * 1000),
             "seq": 1,
+            "crew_code": "ALPHA",
         }
         received = first.take()
         self.assertEqual(second.take(), received)

@@ -79,7 +79,8 @@ class ContractTests(WebSocketTestCase):
             [{"type": "crew_joined", "device_id": "b", "crew_code": code, "crew_members": 2,
               "member_names": ["Ann"]}],
         )
-        self.assertEqual(a.take(), [{"type": "member_joined", "device_id": "b", "display_name": "Bob"}])
+        self.assertEqual(a.take(), [{"type": "member_joined", "device_id": "b", "display_name": "Bob",
+                                     "crew_code": code}])
         self.send(b, type="share_music", spotify_uri="spotify:track:1", artist="A", track="T", album="B")
         [shared] = a.take()
         self.assertEqual((shared["type"], shared["pushed_by"]), ("music_shared", "Bob"))
@@ -107,7 +108,8 @@ class ContractTests(WebSocketTestCase):
         self.net.flush()
         self.clock.advance(PRESENCE_GRACE)
         self.net.flush()
-        self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "d0", "display_name": "D0"}])
+        self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "d0", "display_name": "D0",
+                                     "crew_code": "ALPHA"}])
         self.assertEqual(self.relay.stats().devices, 1)
 
     def test_dropped_connection_goes_offline(self):
@@ -275,7 +277,8 @@ class LimitTests(WebSocketTestCase):
         for _ in range(60):
             self.clock.advance(1)
             self.net.flush()
-        self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "deaf", "display_name": "deaf"}])
+        self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "deaf", "display_name": "deaf",
+                                     "crew_code": "ALPHA"}])
         self.assertTrue(a.closed)
 
 
@@ -570,7 +573,7 @@ class SlowReaderTests(WebSocketTestCase):
         self.net.flush()
         received = c.take()
         self.assertEqual([m["payload"]["n"] for m in received if m["type"] == "message"], [0, 1, 2, 3])
-        self.assertIn({"type": "member_offline", "device_id": "d1", "display_name": "D1"}, received)
+        self.assertIn({"type": "member_offline", "device_id": "d1", "display_name": "D1", "crew_code": "ALPHA"}, received)
         self.assertEqual(self.factory.slow_readers, 1)
         [warning] = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
         self.assertIn("d1", warning)

@@ -11,6 +11,7 @@ a crew is the fan-out's to say, wherever they are connected.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -18,7 +19,7 @@ from twisted.logger import Logger
 
 from leeloo import messages
 from leeloo.core.defaults import CODE_TRIES, MAX_GENERATED_CODE_LENGTH
-from leeloo.messages import CrewLimit, InvalidCrewCode, InvalidLastSeq
+from leeloo.messages import CrewLimit, InvalidCrewCode, InvalidLastSeq, NotInCrew
 from leeloo.store import (
     DELETE_CREW,
     PUT_BOT_USER,
@@ -69,9 +70,11 @@ class Membership:
     (C{last_sent_seq}) and how far its device is known to have received
     (C{proven_seq}: its transport proved it).  While C{held} is a list, it
     is catching up on what it missed and live fan-outs wait there.
+    C{joined} orders a session's memberships by when they began.
     """
 
-    __slots__ = ("session", "peer", "crew", "member", "last_sent_seq", "proven_seq", "held")
+    __slots__ = ("session", "peer", "crew", "member", "last_sent_seq", "proven_seq", "held", "joined")
+    _joined = itertools.count()
 
     def __init__(self, session: Session, crew: Crew, member: Member, start: int) -> None:
         self.session = session
@@ -80,6 +83,7 @@ class Membership:
         self.member = member
         self.last_sent_seq = self.proven_seq = start
         self.held: list[tuple[int, Outgoing | None]] | None = None
+        self.joined = next(Membership._joined)
 
     def __repr__(self) -> str:
         return f"<Membership {self.member.device_id!r} in {self.crew.code!r} at {self.last_sent_seq}>"
@@ -131,6 +135,10 @@ class Crews:
         # telegram user id -> the codes of the crews it is in (in join order)
         self.bot_user_index: dict[str, dict[str, None]] = {}
         self.presence: Presence | None = None
+        # Multi-crew devices (they sent crew_add): device id -> the codes of
+        # their crews, the primary first, while this relay runs (not yet
+        # stored: a restart forgets it).
+        self.multi: dict[str, dict[str, None]] = {}
 
     def restore(self, snapshot: Snapshot) -> None:
         for record in snapshot.crews:
@@ -209,17 +217,21 @@ class Crews:
 
     def enter(self, session: Session, crew: Crew, announce: bool, last_seq: int | None = None) -> Membership | None:
         """
-        Make C{session} a member of C{crew} online, its primary crew (it
-        leaves the one it was in); return its new membership, or C{None}
-        if it is already there.  Where it starts: C{last_seq} if given, else
-        its acknowledged position, else what it was proven to receive (a new
+        Make C{session} a member of C{crew} online; return its new
+        membership, or C{None} if it is already there.  A single-crew
+        session (every deployed device: C{session.multi} false) moves: it
+        leaves the crew it was in, and this one is its primary; a
+        multi-crew one keeps its crews, and this one is its primary only if
+        it had none.  Where it starts: C{last_seq} if given, else its
+        acknowledged position, else what it was proven to receive (a new
         member starts at the crew's latest).  Its crew hears it joined when
         C{announce}, or when it comes back within the presence grace, those
         who came since.
         """
-        if session.crew is crew:
+        if session.membership(crew.code) is not None:
             return None
-        self.leave(session, announce=True)
+        if not session.multi:
+            self.leave(session, announce=True)
         now = self.clock.seconds()
         member = crew.members.get(session.device_id)
         if member is None:
@@ -236,7 +248,14 @@ class Crews:
         if last_seq is not None or member.acked_seq is not None:
             session.acks = True
         membership = Membership(session, crew, member, start)
-        session.primary = membership
+        if session.primary is None:
+            session.primary = membership
+        else:
+            if session.others is None:
+                session.others = {}
+            session.others[crew.code] = membership
+        if session.multi:
+            self._remember(session)
         self.fanout.subscribe(crew.code, session.device_id, membership)
         self.save_member(crew, member, online=True)
         self.presence.entered(membership, announce)
@@ -244,14 +263,100 @@ class Crews:
 
     def leave(self, session: Session, announce: bool) -> None:
         """
-        Take C{session} out of its primary crew, keeping how far it got; the
-        crew hears it went offline when C{announce}.
+        Take C{session} out of every crew it is in, keeping how far it got;
+        each crew hears it went offline when C{announce}.
         """
-        membership = session.primary
+        for membership in session.memberships():
+            self.leave_crew(membership, announce)
+
+    def end(self, membership: Membership) -> None:
+        """
+        End C{membership} for good (C{crew_leave}): its crew hears the
+        device went offline, and the device is no longer a member there;
+        its stored row is kept as history, delivered up to the crew's
+        latest, so nothing of the crew is replayed to it again.
+        """
+        crew, member = membership.crew, membership.member
+        self.leave_crew(membership, announce=True)
+        member.delivered_seq = max(member.delivered_seq, crew.fanned_seq)
+        if member.acked_seq is not None:
+            member.acked_seq = max(member.acked_seq, crew.fanned_seq)
+        if crew.members.get(member.device_id) is member:
+            del crew.members[member.device_id]
+        self.save_member(crew, member, online=False)
+        if membership.session.multi:
+            self._remember(membership.session)
+
+    def make_primary(self, session: Session, membership: Membership) -> None:
+        """
+        Make C{membership} C{session}'s primary crew (the others keep the
+        order they were joined in).
+        """
+        if session.primary is not membership:
+            held = sorted(session.memberships(), key=lambda m: m.joined)
+            session.primary = membership
+            session.others = {m.crew.code: m for m in held if m is not membership} or None
+        if session.multi:
+            self._remember(session)
+
+    def become_multi(self, session: Session) -> None:
+        """
+        C{session}'s device is multi-crew from now on: entering a crew adds
+        one, and it comes back (C{register}) to every crew it holds.
+        """
+        session.multi = True
+        self._remember(session)
+
+    def _remember(self, session: Session) -> None:
+        held = [session.primary] if session.primary is not None else []
+        held += sorted(session.others.values(), key=lambda m: m.joined) if session.others else []
+        self.multi[session.device_id] = dict.fromkeys(m.crew.code for m in held)
+
+    def held_crews(self, device_id: str) -> list[Crew] | None:
+        """
+        The crews a multi-crew device holds, its primary first; C{None} for
+        a device that is not multi-crew.
+        """
+        codes = self.multi.get(device_id)
+        if codes is None:
+            return None
+        return [self.crews[code] for code in codes if code in self.crews]
+
+    @staticmethod
+    def held(session: Session, code: str) -> Membership:
+        """
+        C{session}'s membership of the crew of C{code}.
+
+        @raise NotInCrew: it is not in it.
+        """
+        membership = session.membership(code)
         if membership is None:
+            raise NotInCrew(f"this device is not in crew {code}")
+        return membership
+
+    def leave_crew(self, membership: Membership, announce: bool) -> None:
+        """
+        Take C{membership}'s session out of its crew, keeping how far it
+        got; the crew hears it went offline when C{announce}.  Leaving the
+        primary crew makes the earliest-joined remaining one primary.
+        """
+        session, crew = membership.session, membership.crew
+        if session.primary is membership:
+            others = session.others
+            if others:
+                first = min(others.values(), key=lambda m: m.joined)
+                del others[first.crew.code]
+                session.primary = first
+                if not others:
+                    session.others = None
+            else:
+                session.primary = None
+        elif session.others and session.others.get(crew.code) is membership:
+            del session.others[crew.code]
+            if not session.others:
+                session.others = None
+        else:
             return
-        crew = membership.crew
-        session.primary = None
         membership.held = None
         if self.fanout.unsubscribe(crew.code, session.device_id, membership):
             member = membership.member

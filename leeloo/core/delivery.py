@@ -53,7 +53,9 @@ def client_digest(message: Any) -> bytes:
     What identifies a crew message as its sender sent it (its type and
     fields but its C{client_msg_id}), whatever name it is sent under.
     """
-    fields = {name: getattr(message, name) for name in message.__slots__ if name != "client_msg_id"}
+    # Not its crew_code either: the crew's own log holds it, and digests
+    # stored before crew_code existed must still match.
+    fields = {name: getattr(message, name) for name in message.__slots__ if name not in ("client_msg_id", "crew_code")}
     canonical = json.dumps([type(message).__name__, fields], sort_keys=True, separators=(",", ":"),
                            ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).digest()
@@ -107,7 +109,7 @@ class Publication:
         crew = self.crew
         seq = self.seq = self.sequences.next(crew.code)
         fanout = self.message.to_dict()
-        self.out = Outgoing(messages.stamped(fanout, int(self.created_at * 1000), seq, self.id))
+        self.out = Outgoing(messages.stamped(fanout, int(self.created_at * 1000), seq, self.id, crew.code))
         if self.remembered is not None:
             self.remembered.seq = seq
         return LogEntry(crew.code, seq, self.id, self.sender, self.client_msg_id, self.digest,
@@ -172,12 +174,23 @@ class Delivery:
                     e.id, e.seq, e.digest, e.created_at)
 
     @staticmethod
-    def crew_of(session: Session) -> Crew:
+    def crew_of(session: Session, code: str | None = None) -> Crew:
+        """
+        The crew of C{code} if C{session} is in it, else its primary crew.
+
+        @raise NotInCrew: it is in no crew, or not in that one.
+        """
+        if code is not None:
+            membership = session.membership(code)
+            if membership is None:
+                raise NotInCrew(f"this device is not in crew {code}")
+            return membership.crew
         if session.primary is None:
             raise NotInCrew("join or create a crew before sending crew messages")
         return session.primary.crew
 
-    def look_up_sent(self, session: Session, client_msg_id: str | None) -> Deferred | None:
+    def look_up_sent(self, session: Session, client_msg_id: str | None,
+                     code: str | None = None) -> Deferred | None:
         """
         Ask the store whether C{client_msg_id} from C{session}'s device is
         already in its crew's log when the relay does not hold it (it was
@@ -186,7 +199,7 @@ class Delivery:
         """
         if client_msg_id is None:
             return None
-        crew = self.crew_of(session)
+        crew = self.crew_of(session, code)
         key = (session.device_id, client_msg_id)
         if crew.client_messages is not None and key in crew.client_messages:
             return None
@@ -209,10 +222,11 @@ class Delivery:
              size: int) -> Deferred | None:
         """
         C{session}'s crew message (C{received}, as decoded, about C{size}
-        bytes) to its crew, as C{message}; a resend of a C{client_msg_id}
-        already stored is answered C{sent} again (C{None} is returned).
+        bytes) to the crew it names (its C{crew_code}) or else its primary
+        crew, as C{message}; a resend of a C{client_msg_id} already stored
+        is answered C{sent} again (C{None} is returned).
         """
-        crew = self.crew_of(session)
+        crew = self.crew_of(session, getattr(received, "crew_code", None))
         digest = None
         if client_msg_id is not None:
             digest = client_digest(received)
@@ -224,7 +238,7 @@ class Delivery:
                     raise DuplicateClientMessage(
                         f"client_msg_id {client_msg_id!r} was already used for a different message")
                 if known.waiting is None:
-                    session.send(messages.Sent(client_msg_id, known.id, known.seq))
+                    session.send(messages.Sent(client_msg_id, known.id, known.seq, crew.code))
                 else:
                     known.waiting.append(session)
                 return None
@@ -282,7 +296,7 @@ class Delivery:
             self.fanout_seconds.observe(max(0.0, self.clock.seconds() - entry.created_at))
         if remembered is not None:
             waiting, remembered.waiting = remembered.waiting, None
-            reply = messages.Sent(entry.client_msg_id, remembered.id, remembered.seq)
+            reply = messages.Sent(entry.client_msg_id, remembered.id, remembered.seq, crew.code)
             for s in [session, *waiting]:
                 if s is not None:
                     s.send(reply)

@@ -17,7 +17,12 @@ from leeloo import messages
 from leeloo.messages import (
     Ack,
     CreateCrew,
+    CrewAdd,
+    CrewLeave,
+    CrewLimit,
     CrewMessage,
+    CrewPrimary,
+    Crews,
     InvalidCrewCode,
     JoinCrew,
     NotRegistered,
@@ -76,6 +81,10 @@ class Handlers:
             SpotifyPair: self.spotify_pair,
             SpotifyRefresh: self.spotify_refresh,
             SpotifySearch: self.spotify_search,
+            CrewAdd: self.crew_add,
+            CrewLeave: self.crew_leave,
+            Crews: self.crews_list,
+            CrewPrimary: self.crew_primary,
         }
 
     # ------------------------------------------------------ entering crews
@@ -99,7 +108,7 @@ class Handlers:
         there was nothing to look up.
         """
         waits: list[Deferred] = []
-        code, device_id = message.crew_code, message.device_id
+        code, device_id = message.crew_code, getattr(message, "device_id", None)
         if code is not None and code not in self.crews.crews:
             self._find(waits, self.store.find_crew(code), self._adopt_crew, code)
         if device_id is not None:
@@ -153,6 +162,13 @@ class Handlers:
             self.identity.seen(session.device_id)
         session.send(messages.Registered(session.device_id, key))
         self.tokens.hand_over(session)
+        held = self.crews.held_crews(session.device_id)
+        if held is not None:
+            # A multi-crew device comes back to every crew it holds, each
+            # replaying what it missed there, its primary first.
+            session.multi = True
+            for each in held:
+                self._enter(session, each, announce=False)
         if message.crew_code is not None:
             if crew is None:
                 crew = self.crews.create(message.crew_code, session.device_id)
@@ -196,8 +212,9 @@ class Handlers:
         # state; the device is told it was not created, and may ask again.
         _log.error("crew {crew_code} was not stored: {error}", crew_code=code, error=failure.getErrorMessage())
         if not session.closing and session in self.sessions.sessions:
-            if session.crew is not None and session.crew.code == code:
-                self.crews.leave(session, announce=False)
+            membership = session.membership(code)
+            if membership is not None:
+                self.crews.leave_crew(membership, announce=False)
             session.send(StoreUnavailable("the crew could not be stored; try again").as_frame())
 
     def _join_crew(self, session: Session, message: JoinCrew) -> None:
@@ -207,13 +224,74 @@ class Handlers:
             raise InvalidCrewCode(f"Crew {message.crew_code} not found")
         self.crews.check_last_seq(crew, message.last_seq)
         key = self._identify(session, message.device_id, message.display_name, message.device_key)
-        listeners = self.crews.online(crew)
-        others = [m.session.name for m in listeners.values() if m.session is not session]
-        online = len(listeners) + (session.device_id not in listeners)
-        session.send(messages.CrewJoined(session.device_id, crew.code, online, others, key))
+        session.send(self._crew_joined(session, crew, key))
         self.tokens.hand_over(session)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
         self._log_entry("join_crew", session)
+
+    def _online(self, session: Session, crew: Crew) -> tuple[int, list[str]]:
+        """
+        The members of C{crew} online counting C{session}'s device, and the
+        others' names.
+        """
+        listeners = self.crews.online(crew)
+        others = [m.session.name for m in listeners.values() if m.session is not session]
+        return len(listeners) + (session.device_id not in listeners), others
+
+    def _crew_joined(self, session: Session, crew: Crew, key: str | None = None) -> messages.CrewJoined:
+        online, others = self._online(session, crew)
+        return messages.CrewJoined(session.device_id, crew.code, online, others, key)
+
+    # ------------------------------------------------------- several crews
+
+    def _bound(self, session: Session) -> None:
+        """
+        @raise NotRegistered: C{session} has bound no device.
+        """
+        if not self.sessions.is_bound(session):
+            raise NotRegistered("register, create_crew or join_crew first, then ask again")
+
+    def crew_add(self, session: Session, message: CrewAdd, size: int) -> Deferred | None:
+        self._bound(session)
+        return self._looked_up(session, message, self._crew_add)
+
+    def _crew_add(self, session: Session, message: CrewAdd) -> None:
+        self._bound(session)
+        crew = self.crews.get(message.crew_code)
+        self.admission.check_entry(session, session.device_id, crew)
+        if crew is None:
+            raise InvalidCrewCode(f"Crew {message.crew_code} not found")
+        self.crews.check_last_seq(crew, message.last_seq)
+        held = session.membership(crew.code) is not None
+        if not held and len(session.memberships()) >= self.admission.limits.max_crews_per_device:
+            raise CrewLimit(f"this device is in {self.admission.limits.max_crews_per_device} crews, "
+                            "the most it may be in; leave one first")
+        self.crews.become_multi(session)
+        session.send(self._crew_joined(session, crew))
+        if not held:
+            self._enter(session, crew, announce=True, last_seq=message.last_seq)
+            self._log_entry("crew_add", session)
+
+    def crew_leave(self, session: Session, message: CrewLeave, size: int) -> None:
+        self._bound(session)
+        membership = self.crews.held(session, message.crew_code)
+        self.crews.end(membership)
+        session.send(messages.CrewLeft(membership.crew.code))
+
+    def crews_list(self, session: Session, message: Crews, size: int) -> None:
+        self._bound(session)
+        listed = []
+        for membership in sorted(session.memberships(), key=lambda m: m.joined):
+            online, others = self._online(session, membership.crew)
+            listed.append(messages.CrewListing(membership.crew.code, None, online, others))
+        primary = session.primary.crew.code if session.primary is not None else None
+        session.send(messages.CrewList(primary, listed))
+
+    def crew_primary(self, session: Session, message: CrewPrimary, size: int) -> None:
+        self._bound(session)
+        membership = self.crews.held(session, message.crew_code)
+        self.crews.make_primary(session, membership)
+        session.send(messages.PrimaryCrew(membership.crew.code))
 
     def _enter(self, session: Session, crew: Crew, announce: bool, last_seq: int | None = None) -> None:
         """
@@ -283,7 +361,7 @@ class Handlers:
         return self._send(session, messages.RelayedReaction(message.reaction_type, session.name), message, size)
 
     def _send(self, session: Session, out: Fanout, received: Any, size: int) -> Deferred | None:
-        wait = self.delivery.look_up_sent(session, received.client_msg_id)
+        wait = self.delivery.look_up_sent(session, received.client_msg_id, received.crew_code)
         if wait is not None:
             wait.addErrback(self._lookup_failed)
             return wait.addCallback(lambda _: None if session.closing else self._send_now(session, out, received, size))
@@ -316,7 +394,7 @@ class Handlers:
         session.send(messages.Pong())
 
     def ack(self, session: Session, message: Ack, size: int) -> None:
-        self.replayer.ack(session, message.seq)
+        self.replayer.ack(session, message.seq, message.crew_code)
 
     # -------------------------------------------------------------- Spotify
 

@@ -40,13 +40,13 @@ class Presence:
         crew, session = membership.crew, membership.session
         witnesses = self._returned(crew, session.device_id)
         if witnesses is not None:
-            joined = Outgoing(messages.MemberJoined(session.device_id, session.name))
+            joined = Outgoing(messages.MemberJoined(session.device_id, session.name, crew.code))
             for other in tuple(self.crews.online(crew).values()):
                 if other is not membership and other.session not in witnesses:
                     other.peer.send(joined)
         elif announce:
-            self.crews.fanout.publish(crew.code, Outgoing(messages.MemberJoined(session.device_id, session.name)),
-                                      session)
+            joined = Outgoing(messages.MemberJoined(session.device_id, session.name, crew.code))
+            self.crews.fanout.publish(crew.code, joined, session)
 
     def left(self, membership: Membership) -> None:
         """
@@ -54,7 +54,7 @@ class Presence:
         back within the grace.
         """
         crew, session = membership.crew, membership.session
-        out = Outgoing(messages.MemberOffline(session.device_id, session.name))
+        out = Outgoing(messages.MemberOffline(session.device_id, session.name, crew.code))
         if self.grace <= 0:
             self.crews.fanout.publish(crew.code, out)
             return

@@ -76,9 +76,10 @@ class Replayer:
             membership.held = None
             return
         if replay.lost is not None and session.acks:
-            session.send(messages.ReplayTruncated(*replay.lost))
+            session.send(messages.ReplayTruncated(*replay.lost, crew_code=membership.crew.code))
+        code = membership.crew.code
         for seq, payload in replay.entries:
-            membership.peer.send(Outgoing(None, messages.replayed(payload)))
+            membership.peer.send(Outgoing(None, messages.replayed(payload, code)))
         self.replayed += len(replay.entries)
         self._release(membership, up_to)
 
@@ -139,12 +140,17 @@ class Replayer:
                 member.delivered_seq = seq
                 self.crews.save_member(membership.crew, member, online=True)
 
-    def ack(self, session: Session, seq: int) -> None:
+    def ack(self, session: Session, seq: int, code: str | None = None) -> None:
         """
-        C{session}'s device acknowledged everything up to C{seq} in its
-        primary crew.
+        C{session}'s device acknowledged everything up to C{seq} in the
+        crew of C{code}, or else its primary crew.
         """
-        membership = session.primary
+        if code is not None:
+            membership = session.membership(code)
+            if membership is None:
+                raise NotInCrew(f"this device is not in crew {code}")
+        else:
+            membership = session.primary
         if membership is None:
             raise NotInCrew("join or create a crew before sending crew messages")
         if seq > membership.last_sent_seq:

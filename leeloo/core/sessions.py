@@ -31,12 +31,14 @@ class Session:
     a dict costs more than the membership) those of the other crews it is
     in, by crew code; L{membership} finds either.  C{acks} is whether
     the device speaks the acknowledging protocol (it sent C{ack} or
-    C{last_seq}); a device that does not is a legacy device.  C{bucket} and
+    C{last_seq}); a device that does not is a legacy device.  C{multi} is
+    whether it is multi-crew (it sent C{crew_add}): entering a crew then
+    adds one instead of moving it.  C{bucket} and
     C{entries} are its rate budgets, C{strikes} its refusals in a row, and
     C{bind_timer} closes it if it binds no device in time.
     """
 
-    __slots__ = ("peer", "address", "device_id", "name", "primary", "others", "acks",
+    __slots__ = ("peer", "address", "device_id", "name", "primary", "others", "multi", "acks",
                  "bucket", "entries", "strikes", "closing", "bind_timer", "waiting")
 
     def __init__(self, peer: IPeer, address: str | None, bucket: Bucket) -> None:
@@ -46,6 +48,7 @@ class Session:
         self.name: str | None = None
         self.primary: Membership | None = None
         self.others: dict[str, Membership] | None = None
+        self.multi = False
         self.acks = False
         self.bucket = bucket
         self.entries: Bucket | None = None

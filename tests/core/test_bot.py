@@ -25,7 +25,8 @@ class BotTests(RelayTestCase):
             self.assertEqual(
                 d.take(),
                 [{"type": "message", "from_device": "telegram", "from_name": "Tom", "msg_type": "text",
-                  "payload": {"text": "yo"}, "timestamp": int(T0 * 1000), "seq": 1, "id": "m1"}],
+                  "payload": {"text": "yo"}, "timestamp": int(T0 * 1000), "seq": 1, "id": "m1",
+                  "crew_code": "ALPHA"}],
             )
 
     def test_bot_not_in_crew(self):

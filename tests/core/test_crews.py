@@ -101,7 +101,7 @@ class JoinCrewTests(RelayTestCase):
         [c] = self.crew_of(1, "BETA")
         b.send(type="join_crew", crew_code="BETA")
         self.clock.advance(PRESENCE_GRACE)
-        self.assertEqual(a.take(), [{"type": "member_offline", "device_id": "dev1", "display_name": "Dev 1"}])
+        self.assertEqual(a.take(), [{"type": "member_offline", "device_id": "dev1", "display_name": "Dev 1", "crew_code": "ALPHA"}])
         b.send(type="reaction", reaction_type="fire")
         self.assertEqual(a.take(), [])
         self.assertEqual(c.take()[-1]["type"], "reaction")

@@ -80,7 +80,8 @@ class ClientMessageIdTests(DeliveryTestCase):
         self.say(a, "hi", client_msg_id="c1")
         [sent] = a.take()
         [got] = b.take()
-        self.assertEqual(sent, {"type": "sent", "client_msg_id": "c1", "id": got["id"], "seq": got["seq"]})
+        self.assertEqual(sent, {"type": "sent", "client_msg_id": "c1", "id": got["id"], "seq": got["seq"],
+                                "crew_code": "ALPHA"})
 
     def test_resend_not_delivered_twice(self):
         """

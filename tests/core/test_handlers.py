@@ -88,7 +88,7 @@ class CreateCrewTests(RelayTestCase):
         b = self.device()
         b.send(type="create_crew", device_id="b", crew_code="alpha", display_name="Bea")
         self.assertEqual(strip_keys(b.take()), [{"type": "crew_created", "device_id": "b", "crew_code": "ALPHA"}])
-        self.assertEqual(a.take(), [{"type": "member_joined", "device_id": "b", "display_name": "Bea"}])
+        self.assertEqual(a.take(), [{"type": "member_joined", "device_id": "b", "display_name": "Bea", "crew_code": "ALPHA"}])
 
 
 class JoinCrewTests(RelayTestCase):
@@ -111,7 +111,8 @@ class JoinCrewTests(RelayTestCase):
             }],
         )
         for other in (a, b):
-            self.assertEqual(other.take(), [{"type": "member_joined", "device_id": "c", "display_name": "Cat"}])
+            self.assertEqual(other.take(), [{"type": "member_joined", "device_id": "c", "display_name": "Cat",
+                                                        "crew_code": "ALPHA"}])
 
     def test_join_device_name_fallback(self):
         """
@@ -145,7 +146,7 @@ class JoinCrewTests(RelayTestCase):
         d = self.device()
         d.send(type="register", device_id="d", device_name="Dot")
         d.send(type="join_crew", crew_code="ALPHA")
-        self.assertEqual(a.take(), [{"type": "member_joined", "device_id": "d", "display_name": "Dot"}])
+        self.assertEqual(a.take(), [{"type": "member_joined", "device_id": "d", "display_name": "Dot", "crew_code": "ALPHA"}])
 
 
 class FanoutTests(RelayTestCase):
@@ -166,6 +167,7 @@ class FanoutTests(RelayTestCase):
             "timestamp": int((T0 + 1.5) * 1000),
             "seq": 1,
             "id": "m1",
+            "crew_code": "ALPHA",
         }
         self.assertEqual(b.take(), [expected])
         self.assertEqual(c.take(), [expected])
@@ -218,6 +220,7 @@ class FanoutTests(RelayTestCase):
                 "timestamp": int(T0 * 1000),
                 "seq": 1,
                 "id": "m1",
+                "crew_code": "ALPHA",
             }],
         )
         self.assertEqual(a.take(), [])
@@ -231,7 +234,7 @@ class FanoutTests(RelayTestCase):
         self.assertEqual(
             b.take(),
             [{"type": "reaction", "reaction_type": "fire", "from": "Dev 0", "timestamp": int(T0 * 1000),
-              "seq": 1, "id": "m1"}],
+              "seq": 1, "id": "m1", "crew_code": "ALPHA"}],
         )
 
     def test_ping(self):

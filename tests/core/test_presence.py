@@ -18,7 +18,8 @@ class DisconnectTests(RelayTestCase):
         self.clock.advance(PRESENCE_GRACE - 0.1)
         self.assertEqual(b.take(), [])
         self.clock.advance(0.1)
-        self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "dev0", "display_name": "Dev 0"}])
+        self.assertEqual(b.take(), [{"type": "member_offline", "device_id": "dev0", "display_name": "Dev 0",
+                                     "crew_code": "ALPHA"}])
         self.assertEqual(self.relay.stats().devices, 1)
 
 
@@ -47,8 +48,8 @@ class PresenceTests(BoundsTestCase):
         back = self.device()
         back.send(type="join_crew", crew_code="ALPHA", device_id="b", display_name="Bea")
         self.assertEqual(victim.take(), [
-            {"type": "member_offline", "device_id": "b", "display_name": "Bea"},
-            {"type": "member_joined", "device_id": "b", "display_name": "Bea"},
+            {"type": "member_offline", "device_id": "b", "display_name": "Bea", "crew_code": "ALPHA"},
+            {"type": "member_joined", "device_id": "b", "display_name": "Bea", "crew_code": "ALPHA"},
         ])
 
     def test_crew_hopping_quiet(self):
@@ -80,7 +81,8 @@ class PresenceTests(BoundsTestCase):
         newcomer.take()
         back = self.device()
         back.send(type="join_crew", crew_code="ALPHA", device_id="b", display_name="Bea")
-        self.assertEqual(newcomer.take(), [{"type": "member_joined", "device_id": "b", "display_name": "Bea"}])
+        self.assertEqual(newcomer.take(), [{"type": "member_joined", "device_id": "b", "display_name": "Bea",
+                                             "crew_code": "ALPHA"}])
 
     def test_stop_cancels_announcements(self):
         """

@@ -181,7 +181,7 @@ class AckTests(DeliveryTestCase):
             self.say(a, str(i))
         back = self.device("b", last_seq=0)
         got = back.take()[1:]
-        self.assertEqual(got[0], {"type": "replay_truncated", "from_seq": 1, "to_seq": 3})
+        self.assertEqual(got[0], {"type": "replay_truncated", "from_seq": 1, "to_seq": 3, "crew_code": "ALPHA"})
         self.assertEqual([m["seq"] for m in got[1:]], [4, 5, 6])
 
     def test_ack_from_the_future(self):
