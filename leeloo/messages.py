@@ -1058,8 +1058,23 @@ class MemberOffline:
                           self.crew_code)
 
 
+class _Stamped:
+    """
+    What the crew fan-outs share: they are stored stamped.
+    """
+
+    __slots__ = ()
+
+    def stamped(self, timestamp: int, seq: int, id: str) -> Any:
+        """
+        This fan-out as it is stored: with the relay's timestamp (ms), the
+        crew's sequence number and the message id.
+        """
+        return replace(self, timestamp=timestamp, seq=seq, id=id)
+
+
 @dataclass(frozen=True, slots=True)
-class RelayedMessage:
+class RelayedMessage(_Stamped):
     """
     ``message`` as the crew receives it (what a device sent as
     L{CrewMessage}, or the bot): from whom, and once stored its
@@ -1087,16 +1102,9 @@ class RelayedMessage:
             "payload": self.payload,
         }, self)
 
-    def stamped(self, timestamp: int, seq: int, id: str) -> "RelayedMessage":
-        """
-        This fan-out as it is stored: with the relay's timestamp (ms), the
-        crew's sequence number and the message id.
-        """
-        return replace(self, timestamp=timestamp, seq=seq, id=id)
-
 
 @dataclass(frozen=True, slots=True)
-class MusicShared:
+class MusicShared(_Stamped):
     """
     ``music_shared`` as the crew receives a L{ShareMusic}.
     """
@@ -1123,16 +1131,9 @@ class MusicShared:
             "pushed_by": self.pushed_by,
         }, self)
 
-    def stamped(self, timestamp: int, seq: int, id: str) -> "MusicShared":
-        """
-        This fan-out as it is stored: with the relay's timestamp (ms), the
-        crew's sequence number and the message id.
-        """
-        return replace(self, timestamp=timestamp, seq=seq, id=id)
-
 
 @dataclass(frozen=True, slots=True)
-class RelayedReaction:
+class RelayedReaction(_Stamped):
     """
     ``reaction`` as the crew receives a L{Reaction}; C{from_name} is the
     wire's C{from} (a Python keyword).
@@ -1149,13 +1150,6 @@ class RelayedReaction:
 
     def to_dict(self) -> dict:
         return _stamps({"type": self.type, "reaction_type": self.reaction_type, "from": self.from_name}, self)
-
-    def stamped(self, timestamp: int, seq: int, id: str) -> "RelayedReaction":
-        """
-        This fan-out as it is stored: with the relay's timestamp (ms), the
-        crew's sequence number and the message id.
-        """
-        return replace(self, timestamp=timestamp, seq=seq, id=id)
 
 
 @dataclass(frozen=True, slots=True)
