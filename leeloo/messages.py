@@ -18,6 +18,8 @@ Client -> relay
     ``ack``          ``seq`` (cumulative: everything up to ``seq`` arrived)
     ``spotify_pair`` ``scopes``? (space-separated; default
                      ``user-read-currently-playing user-read-playback-state``)
+    ``spotify_refresh`` ``refresh_token``
+    ``spotify_search`` ``query`` ``limit``? (1 to 10, default 5)
     ``crew_add``     ``crew_code`` ``last_seq``?
     ``crew_leave``   ``crew_code``
     ``crews``
@@ -31,6 +33,8 @@ Relay -> client
     ``replay_truncated`` ``from_seq`` ``to_seq`` ``crew_code``
     ``spotify_pair``     ``url`` ``user_code`` ``expires_in``
     ``spotify_pair_failed`` ``reason`` ``user_code``
+    ``spotify_tokens``   ``tokens`` (``access_token`` ``expires_in`` ``refresh_token``)
+    ``spotify_search_results`` ``query`` ``results``
     ``crew_left``        ``crew_code``
     ``crews``            ``primary`` ``crews`` (each ``crew_code``
                          ``crew_name`` ``members_online`` ``member_names``)
@@ -440,6 +444,34 @@ class SpotifyNotConfigured(ProtocolError):
     http_status = 503
 
 
+class SpotifyRefused(ProtocolError):
+    """
+    Spotify refused a C{spotify_*} request; C{spotify_error} is its error
+    code (C{invalid_grant} on a refresh: pair again).
+    """
+
+    code = "spotify_refused"
+    http_status = 502
+
+    def __init__(self, message: str, spotify_error: str = "unknown", **extra: Any) -> None:
+        super().__init__(message, spotify_error=spotify_error, **extra)
+        self.spotify_error = spotify_error
+
+
+class SpotifyUnavailable(ProtocolError):
+    """
+    Spotify could not be reached, failed, or was slower than the relay's
+    timeout: C{retry} is always true.
+    """
+
+    code = "spotify_unavailable"
+    http_status = 503
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        extra["retry"] = True
+        super().__init__(message, **extra)
+
+
 # Every error code of the contract, by its class: what a client turns an
 # ``error`` frame back into (L{error_from}).  (L{FieldError} and
 # L{MalformedCrewCode} share their parents' codes.)
@@ -448,7 +480,7 @@ ERRORS: dict[str, type[ProtocolError]] = {
     for cls in (InvalidJSON, InvalidMessage, UnknownType, NotInCrew, InvalidCrewCode,
                 BinaryNotSupported, InvalidLastSeq, InvalidAck, DuplicateClientMessage,
                 StoreUnavailable, CrewLimit, RateLimited, DeviceAuthFailed, NotRegistered,
-                SpotifyNotConfigured)
+                SpotifyNotConfigured, SpotifyRefused, SpotifyUnavailable)
 }
 
 
@@ -591,6 +623,33 @@ class SpotifyPair:
     """
 
     scopes: str = DEFAULT_SPOTIFY_SCOPES
+
+
+MAX_REFRESH_TOKEN_LENGTH = 2048
+MAX_SEARCH_QUERY_LENGTH = 200
+SEARCH_LIMIT_DEFAULT = 5
+SEARCH_LIMIT_MAX = 10
+
+
+@dataclass(frozen=True, slots=True)
+class SpotifyRefresh:
+    """
+    ``spotify_refresh``: new tokens for C{refresh_token} (the relay holds
+    the client secret).
+    """
+
+    refresh_token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SpotifySearch:
+    """
+    ``spotify_search``: tracks for C{query}, in natural words; C{limit} 1
+    to 10.
+    """
+
+    query: str
+    limit: int = SEARCH_LIMIT_DEFAULT
 
 
 # ------------------------------------------------------------- validation
@@ -807,6 +866,23 @@ def _spotify_pair(obj: Mapping) -> SpotifyPair:
     return SpotifyPair(" ".join(dict.fromkeys(names)))
 
 
+def _spotify_refresh(obj: Mapping) -> SpotifyRefresh:
+    return SpotifyRefresh(string_field(obj, "refresh_token", MAX_REFRESH_TOKEN_LENGTH, required=True))
+
+
+def _spotify_search(obj: Mapping) -> SpotifySearch:
+    query = string_field(obj, "query", MAX_SEARCH_QUERY_LENGTH, required=True)
+    if any(unicodedata.category(c) == "Cc" for c in query):
+        raise FieldError("query", "must hold no control characters", "query must hold no control characters")
+    limit = obj.get("limit", SEARCH_LIMIT_DEFAULT)
+    if limit is None:
+        limit = SEARCH_LIMIT_DEFAULT
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= SEARCH_LIMIT_MAX:
+        raise FieldError("limit", f"must be an integer from 1 to {SEARCH_LIMIT_MAX}",
+                         f"limit must be an integer from 1 to {SEARCH_LIMIT_MAX}")
+    return SpotifySearch(query, limit)
+
+
 _DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "register": _register,
     "create_crew": _create_crew,
@@ -817,6 +893,8 @@ _DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "ping": lambda obj: Ping(),
     "ack": _ack,
     "spotify_pair": _spotify_pair,
+    "spotify_refresh": _spotify_refresh,
+    "spotify_search": _spotify_search,
     "crew_add": _crew_add,
     "crew_leave": _crew_leave,
     "crews": lambda obj: Crews(),
@@ -1233,6 +1311,37 @@ class SpotifyPairFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class SpotifyTokens:
+    """
+    ``spotify_tokens``: the answer to L{SpotifyRefresh}; C{tokens} holds
+    C{access_token}, C{expires_in} and C{refresh_token} (Spotify's new one,
+    or the one sent).
+    """
+
+    type: ClassVar[str] = "spotify_tokens"
+    tokens: dict = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "tokens": self.tokens}
+
+
+@dataclass(frozen=True, slots=True)
+class SpotifySearchResults:
+    """
+    ``spotify_search_results``: the answer to L{SpotifySearch}; each of
+    C{results} has C{spotify_uri}, C{track}, C{artist}, C{album},
+    C{album_art_url}.
+    """
+
+    type: ClassVar[str] = "spotify_search_results"
+    query: str
+    results: list
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "query": self.query, "results": self.results}
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorFrame:
     """
     ``error``: C{error} is the stable code, C{message} the sentence for
@@ -1269,7 +1378,8 @@ class UnknownRelayMessage:
 
 RelayMessage = Union[Registered, CrewCreated, CrewJoined, MemberJoined, MemberOffline, RelayedMessage,
                      MusicShared, RelayedReaction, Sent, ReplayTruncated, Pong, SpotifyAuthComplete,
-                     SpotifyPairStarted, SpotifyPairFailed, CrewLeft, CrewList, PrimaryCrew, ErrorFrame,
+                     SpotifyPairStarted, SpotifyPairFailed, SpotifyTokens, SpotifySearchResults, CrewLeft,
+                     CrewList, PrimaryCrew, ErrorFrame,
                      UnknownRelayMessage]
 
 # The crew fan-outs: stored, sequenced, acknowledged.
@@ -1486,6 +1596,9 @@ _RELAY_DECODERS: dict[str, Callable[[Mapping], Any]] = {
         _relay_field(o, "url", str), _relay_field(o, "user_code", str), _relay_field(o, "expires_in", int)),
     "spotify_pair_failed": lambda o: SpotifyPairFailed(
         _relay_field(o, "reason", str), _relay_field(o, "user_code", str, required=False)),
+    "spotify_tokens": lambda o: SpotifyTokens(_relay_field(o, "tokens", dict)),
+    "spotify_search_results": lambda o: SpotifySearchResults(
+        _relay_field(o, "query", str), _relay_field(o, "results", list)),
     "error": _error_frame,
 }
 

@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.test import iosim
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from leeloo.core.peer import IPeer, Outgoing
@@ -240,6 +240,19 @@ class FakeSpotifyAccounts(Resource):
     C{authorization} and C{content_type} headers.  C{fail_with} makes it
     answer every token request with that status: an HTML page, or
     C{fail_body} as JSON when set.
+
+    Also the grants the relay uses for its devices: C{refresh_token}
+    (C{refreshable} maps the refresh tokens it accepts to the answer, which
+    holds a new C{refresh_token} or none; unknown ones are C{invalid_grant})
+    and C{client_credentials} (a new app token C{fake-app-token-N} each
+    time, valid C{app_expires_in} seconds, counted in C{app_tokens}).  And
+    the Web API's ``GET /v1/search`` with C{Authorization: Bearer} of a
+    live app token (else 401), answering Spotify's JSON shape
+    C{{"tracks": {"items": [...]}}} with C{catalog[q]} (C{[]} for any other
+    C{q}), cut to C{limit}; C{searches} holds each search's query
+    parameters.  C{rate_limit} (seconds) answers every request 429 with
+    that C{Retry-After}; C{slow} leaves every request unanswered (kept in
+    C{held}); C{fail_with} fails searches too.
     """
 
     isLeaf = True
@@ -262,6 +275,14 @@ class FakeSpotifyAccounts(Resource):
         self.tokens = {"access_token": "fake-access-token", "refresh_token": "fake-refresh-token",
                        "expires_in": 3600}
         self._issued = 0
+        self.refreshable: dict[str, dict] = {}
+        self.app_tokens: list[str] = []
+        self.app_expires_in = 3600
+        self.catalog: dict[str, list] = {}
+        self.searches: list[dict] = []
+        self.rate_limit: int | None = None
+        self.slow = False
+        self.held: list[Request] = []
 
     def _json(self, request: Request, status: int, body: dict) -> bytes:
         request.setResponseCode(status)
@@ -271,7 +292,36 @@ class FakeSpotifyAccounts(Resource):
     def _error(self, request: Request, status: int, error: str, description: str) -> bytes:
         return self._json(request, status, {"error": error, "error_description": description})
 
+    def _hold_or_limit(self, request: Request) -> bytes | None:
+        if self.slow:
+            self.held.append(request)
+            return NOT_DONE_YET
+        if self.rate_limit is not None:
+            request.setHeader(b"retry-after", str(self.rate_limit).encode())
+            return self._json(request, 429, {"error": {"status": 429, "message": "API rate limit exceeded"}})
+        return None
+
+    def _search(self, request: Request) -> bytes:
+        query = {k.decode(): v[0].decode() for k, v in request.args.items()}
+        authorization = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        self.searches.append({**query, "authorization": authorization})
+        held = self._hold_or_limit(request)
+        if held is not None:
+            return held
+        if self.fail_with is not None:
+            request.setResponseCode(self.fail_with)
+            return b"<html>upstream trouble</html>"
+        if not authorization.startswith("Bearer ") or authorization[7:] not in self.app_tokens[-1:]:
+            return self._json(request, 401, {"error": {"status": 401, "message": "Invalid access token"}})
+        if query.get("type") != "track" or not query.get("q"):
+            return self._json(request, 400, {"error": {"status": 400, "message": "Bad search"}})
+        limit = int(query.get("limit", "20"))
+        items = self.catalog.get(query["q"], [])[:limit]
+        return self._json(request, 200, {"tracks": {"href": "x", "items": items, "limit": limit, "total": len(items)}})
+
     def render_GET(self, request: Request) -> bytes:
+        if request.postpath == [b"v1", b"search"]:
+            return self._search(request)
         if request.postpath == [b"api", b"token"]:
             request.setResponseCode(405)
             request.setHeader(b"allow", b"POST")
@@ -329,6 +379,9 @@ class FakeSpotifyAccounts(Resource):
                 "form": form,
             }
         )
+        held = self._hold_or_limit(request)
+        if held is not None:
+            return held
         if self.fail_with is not None:
             if self.fail_body is not None:
                 return self._json(request, self.fail_with, self.fail_body)
@@ -340,6 +393,16 @@ class FakeSpotifyAccounts(Resource):
             return self._error(request, 400, "invalid_client", "Invalid client")
         if (content_type or b"").split(b";")[0].strip() != b"application/x-www-form-urlencoded":
             return self._error(request, 400, "invalid_request", "form body expected")
+        if form.get("grant_type") == "refresh_token":
+            answer = self.refreshable.get(form.get("refresh_token", ""))
+            if answer is None:
+                return self._error(request, 400, "invalid_grant", "Invalid refresh token")
+            return self._json(request, 200, {"token_type": "Bearer", **answer})
+        if form.get("grant_type") == "client_credentials":
+            token = f"fake-app-token-{len(self.app_tokens) + 1}"
+            self.app_tokens.append(token)
+            return self._json(request, 200, {"access_token": token, "token_type": "Bearer",
+                                             "expires_in": self.app_expires_in})
         if form.get("grant_type") != "authorization_code":
             return self._error(request, 400, "unsupported_grant_type", "grant_type must be authorization_code")
         if not form.get("code"):
@@ -409,3 +472,15 @@ class FailingMemoryStore(MemoryStore):
         if self.fail_with is not None:
             return fail(StoreError(str(self.fail_with)))
         return super().write(ops)
+
+
+def spotify_track(uri: str, name: str, artists: list[str], album: str, art: str | None = None) -> dict:
+    """
+    A track as Spotify's C{/v1/search} lists it (the fields the relay reads,
+    and a few it does not).
+    """
+    return {
+        "uri": uri, "name": name, "id": uri.rsplit(":", 1)[-1], "type": "track", "popularity": 50,
+        "artists": [{"name": a, "type": "artist"} for a in artists],
+        "album": {"name": album, "images": [{"url": art, "height": 640, "width": 640}] if art else []},
+    }

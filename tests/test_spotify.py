@@ -387,10 +387,10 @@ class FakeSpotifyAccountsTests(SynchronousTestCase):
 
     def test_wrong_grant_type(self) -> None:
         """
-        A grant type other than C{authorization_code} is
-        C{unsupported_grant_type}.
+        A grant type other than C{authorization_code}, C{refresh_token} and
+        C{client_credentials} is C{unsupported_grant_type}.
         """
-        data = {"grant_type": "client_credentials", "code": CODE, "redirect_uri": REDIRECT_URI}
+        data = {"grant_type": "password", "code": CODE, "redirect_uri": REDIRECT_URI}
         self.assertRefused(*self.post(data=data), "unsupported_grant_type")
 
     def test_wrong_redirect_uri(self) -> None:

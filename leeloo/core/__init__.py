@@ -29,5 +29,7 @@ and is what the WebSocket adapter, the web layer and the tests drive.
     - L{tokens}: Spotify tokens parked for devices that are offline;
     - L{pairing}: the Spotify pairing broker;
     - L{pairing}: Spotify pairings, the relay as the device's broker;
+    - L{spotify_broker}: Spotify refresh and search for devices, through
+      the relay's app (its secret and app token), with Spotify's limits;
     - L{retention}: what is forgotten, and when.
 """

@@ -33,8 +33,11 @@ from leeloo.messages import (
     ShareMusic,
     SpotifyNotConfigured,
     SpotifyPair,
+    SpotifyRefresh,
+    SpotifySearch,
     StoreUnavailable,
 )
+from leeloo.core.spotify_broker import SpotifyBroker
 from leeloo.store import StoreError
 
 if TYPE_CHECKING:
@@ -65,6 +68,7 @@ class Handlers:
         self.replayer = replayer
         self.tokens = tokens
         self.pairing = pairing
+        self.spotify_broker = SpotifyBroker(pairing.clock, lambda: pairing.spotify, sessions.sessions)
         self.by_type = {
             Register: self.register,
             CreateCrew: self.create_crew,
@@ -75,6 +79,8 @@ class Handlers:
             Ping: self.ping,
             Ack: self.ack,
             SpotifyPair: self.spotify_pair,
+            SpotifyRefresh: self.spotify_refresh,
+            SpotifySearch: self.spotify_search,
             CrewAdd: self.crew_add,
             CrewLeave: self.crew_leave,
             Crews: self.crews_list,
@@ -408,3 +414,11 @@ class Handlers:
     def spotify_pair(self, session: Session, message: SpotifyPair, size: int) -> None:
         self._spotify_device(session)
         self.pairing.start(session, message.scopes)
+
+    def spotify_refresh(self, session: Session, message: SpotifyRefresh, size: int) -> None:
+        self._spotify_device(session)
+        self.spotify_broker.refresh(session, message)
+
+    def spotify_search(self, session: Session, message: SpotifySearch, size: int) -> None:
+        self._spotify_device(session)
+        self.spotify_broker.search(session, message)

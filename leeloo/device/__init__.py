@@ -13,10 +13,11 @@ from leeloo.device.client import (
     LeelooDevice,
     OutboxFull,
     PairingUnsupported,
+    SpotifyUnsupported,
 )
 from leeloo.device.state import DeviceState, StateError
 
 __all__ = [
     "DeviceError", "DeviceReplaced", "DeviceState", "DeviceStopped", "FullJitter", "LeelooDevice",
-    "OutboxFull", "PairingUnsupported", "StateError",
+    "OutboxFull", "PairingUnsupported", "SpotifyUnsupported", "StateError",
 ]

@@ -52,7 +52,7 @@ from twisted.logger import Logger
 from leeloo import __version__, messages
 from leeloo.device.backoff import FullJitter
 from leeloo.device.connection import RelayURL, endpoint_for
-from leeloo.device.state import DeviceState
+from leeloo.device.state import DeviceState, StateError
 from leeloo.messages import (
     FANOUTS,
     CloseCode,
@@ -68,13 +68,16 @@ from leeloo.messages import (
     Sent,
     SpotifyAuthComplete,
     SpotifyPairStarted,
+    SpotifySearchResults,
+    SpotifyTokens,
 )
 
 # The msg_type values deployed devices send and understand.
 MSG_TYPES = ("text", "song_push", "reaction", "nudge", "hang_propose", "hang_confirm")
 
 EVENTS = ("message", "music_shared", "reaction", "member_joined", "member_offline",
-          "spotify_auth_complete", "spotify_pair", "spotify_pair_failed", "connected", "disconnected",
+          "spotify_auth_complete", "spotify_pair", "spotify_pair_failed", "spotify_tokens",
+          "spotify_search_results", "connected", "disconnected",
           "replay_truncated", "sent", "error", "stopped")
 
 # The reply that says the relay has put the connection where it asked.
@@ -135,6 +138,22 @@ class PairingUnsupported(DeviceError):
     """
 
     code = "pairing_unsupported"
+
+
+class SpotifyUnsupported(DeviceError):
+    """
+    The relay does not know C{spotify_refresh} / C{spotify_search} (it
+    answered C{unknown_type}): an older relay.
+    """
+
+    code = "spotify_unsupported"
+
+
+# The errors that answer a spotify_refresh or spotify_search.
+_SPOTIFY_ERRORS = ("unknown_type", "not_registered", "spotify_not_configured", "spotify_refused",
+                   "spotify_unavailable", "rate_limited", "invalid_message")
+# The answers to them.
+_SPOTIFY_ANSWERS = {"spotify_refresh": "spotify_tokens", "spotify_search": "spotify_search_results"}
 
 
 # The errors that answer a spotify_pair.
@@ -281,6 +300,11 @@ class LeelooDevice(Service):
         self._pairing: list[Deferred] = []
         self._pair_request: dict | None = None
         self._pair_sent = False
+        # refresh_spotify() / search() calls: (frame, Deferred), the first
+        # one sent (True) or waiting to be; one at a time, as the relay's
+        # answers carry no request id.
+        self._spotify_calls: list[tuple[dict, Deferred]] = []
+        self._spotify_sent = False
         self._unproductive = 0
         self._next_delay: float | None = None
         self._timer: Any = None
@@ -377,6 +401,7 @@ class LeelooDevice(Service):
         for _, w in entries:
             w.errback(DeviceStopped(why, reason))
         self._fail_pairing(DeviceStopped(why, reason))
+        self._fail_spotify_calls(DeviceStopped(why, reason))
         return d
 
     def _give_up(self, reason: Exception) -> None:
@@ -524,6 +549,7 @@ class LeelooDevice(Service):
                                  "member_names": reply.member_names if joined else []})
         self._flush()
         self._send_pairing()
+        self._send_spotify_call()
 
     def _take_waiters(self, target: tuple | None) -> list:
         taken = [(t, d) for t, d in self._entry_waiters if t == target]
@@ -628,6 +654,89 @@ class LeelooDevice(Service):
         self._pair_request = None
         waiting, self._pairing = self._pairing, []
         for d in waiting:
+            d.errback(error)
+
+    def refresh_spotify(self, refresh_token: str | None = None) -> Deferred:
+        """
+        New Spotify tokens from the relay (which holds the app's secret) for
+        C{refresh_token}, by default the one in C{spotify_tokens.json}.
+        Fires with the tokens (C{access_token}, C{expires_in},
+        C{refresh_token}), also saved to C{spotify_tokens.json}.
+
+        Fails with the relay's error: C{spotify_refused} (C{spotify_error}
+        C{invalid_grant}: pair again), C{spotify_unavailable} (try again),
+        C{rate_limited} (C{retry_after}), C{not_registered},
+        C{spotify_not_configured}; with L{SpotifyUnsupported} against an
+        older relay, or L{DeviceStopped}.
+        """
+        if refresh_token is None:
+            try:
+                saved = self.state.load_tokens()
+            except StateError as e:
+                return fail(e)
+            refresh_token = saved.get("refresh_token") if isinstance(saved, dict) else None
+            if not isinstance(refresh_token, str) or not refresh_token:
+                return fail(DeviceError("no refresh token: pair with Spotify first"))
+        d = self._spotify_call({"type": "spotify_refresh", "refresh_token": refresh_token})
+        d.addCallback(self._refreshed)
+        return d
+
+    def _refreshed(self, frame: dict) -> dict:
+        tokens = frame["tokens"]
+        path = self.state.save_tokens(tokens)
+        _log.info("refreshed Spotify tokens saved to {path}", path=str(path))
+        return tokens
+
+    def search(self, query: str, limit: int = 5) -> Deferred:
+        """
+        Search Spotify's tracks through the relay, in natural words
+        (C{"mr brightside by the killers"}, C{"songs by radiohead"}).
+        Fires with the list of results (C{spotify_uri}, C{track},
+        C{artist}, C{album}, C{album_art_url}), empty when nothing matches.
+        Fails as L{refresh_spotify} does.
+        """
+        d = self._spotify_call({"type": "spotify_search", "query": query, "limit": limit})
+        d.addCallback(lambda frame: frame["results"])
+        return d
+
+    def _spotify_call(self, frame: dict) -> Deferred:
+        if self.phase == "stopped" and self.stopped_by is not None:
+            return fail(DeviceStopped(str(self.stopped_by), self.stopped_by))
+        try:
+            messages.decode(messages.encode(frame))
+        except ProtocolError as e:
+            return fail(e)
+        d = Deferred()
+        self._spotify_calls.append((frame, d))
+        self._send_spotify_call()
+        return d
+
+    def _send_spotify_call(self) -> None:
+        if self._spotify_calls and not self._spotify_sent and self.phase == "ready" and self._proto is not None:
+            self._spotify_sent = True
+            self._proto.send_frame(self._spotify_calls[0][0])
+
+    def _spotify_answered(self, frame: dict) -> None:
+        if self._spotify_calls and self._spotify_sent \
+                and _SPOTIFY_ANSWERS[self._spotify_calls[0][0]["type"]] == frame["type"]:
+            _, d = self._spotify_calls.pop(0)
+            self._spotify_sent = False
+            d.callback(frame)
+            self._send_spotify_call()
+        self._emit(frame["type"], frame)
+
+    def _spotify_refused(self, error: Exception) -> None:
+        frame, d = self._spotify_calls.pop(0)
+        self._spotify_sent = False
+        if getattr(error, "code", None) == "unknown_type":
+            error = SpotifyUnsupported(f"the relay does not know {frame['type']} (an older relay)")
+        d.errback(error)
+        self._send_spotify_call()
+
+    def _fail_spotify_calls(self, error: Exception) -> None:
+        calls, self._spotify_calls = self._spotify_calls, []
+        self._spotify_sent = False
+        for _, d in calls:
             d.errback(error)
 
     # ---------------------------------------------------------------- sends
@@ -782,6 +891,8 @@ class LeelooDevice(Service):
             self._tokens(message, frame)
         elif isinstance(message, SpotifyPairStarted):
             self._paired(message, frame)
+        elif isinstance(message, (SpotifyTokens, SpotifySearchResults)):
+            self._spotify_answered(frame)
         else:
             # member_joined, member_offline, replay_truncated, and whatever
             # a newer relay adds (an UnknownRelayMessage).
@@ -817,6 +928,10 @@ class LeelooDevice(Service):
                     "with the authorize URL's state set to the device id")
             self._fail_pairing(error)
             return
+        if (self._spotify_calls and self._spotify_sent and error.code in _SPOTIFY_ERRORS
+                and "client_msg_id" not in error.extra):
+            self._spotify_refused(error)
+            return
         if self.phase == "entering":
             self._entry_refused(error)
         elif error.code == "rate_limited":
@@ -847,6 +962,7 @@ class LeelooDevice(Service):
         self._binds = 0
         self.crew_code = None
         self._pair_sent = False
+        self._spotify_sent = False
         self._cancel_timer()
         self._cancel_entry_timer()
         if self.phase != "stopped":

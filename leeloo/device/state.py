@@ -219,6 +219,13 @@ class DeviceState:
     def save_outbox(self) -> None:
         self._write(OUTBOX, _json_bytes({"messages": self.outbox}), 0o600)
 
+    def load_tokens(self) -> dict | None:
+        """
+        The saved Spotify tokens (C{spotify_tokens.json}), or C{None}.
+        """
+        tokens = self._read_json(SPOTIFY_TOKENS)
+        return tokens if isinstance(tokens, dict) else None
+
     def save_tokens(self, tokens: dict) -> Path:
         path = self.path(SPOTIFY_TOKENS)
         self._write(SPOTIFY_TOKENS, _json_bytes(tokens, indent=2), 0o600)
