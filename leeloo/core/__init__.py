@@ -27,7 +27,6 @@ and is what the WebSocket adapter, the web layer and the tests drive.
     - L{handlers}: one method per frame a device sends;
     - L{bot}: the Telegram bot's crews and messages;
     - L{tokens}: Spotify tokens parked for devices that are offline;
-    - L{pairing}: the Spotify pairing broker;
     - L{pairing}: Spotify pairings, the relay as the device's broker;
     - L{spotify_broker}: Spotify refresh and search for devices, through
       the relay's app (its secret and app token), with Spotify's limits;
