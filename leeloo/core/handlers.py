@@ -69,18 +69,20 @@ class Handlers:
         self.tokens = tokens
         self.pairing = pairing
         self.spotify_broker = SpotifyBroker(pairing.clock, lambda: pairing.spotify, sessions.sessions)
+        self.crew_messages = posted = CrewMessageHandlers(sessions, delivery)
+        self.spotify = spotify = SpotifyHandlers(sessions, pairing, self.spotify_broker)
         self.by_type = {
             Register: self.register,
             CreateCrew: self.create_crew,
             JoinCrew: self.join_crew,
-            CrewMessage: self.crew_message,
-            ShareMusic: self.share_music,
-            Reaction: self.reaction,
+            CrewMessage: posted.crew_message,
+            ShareMusic: posted.share_music,
+            Reaction: posted.reaction,
             Ping: self.ping,
             Ack: self.ack,
-            SpotifyPair: self.spotify_pair,
-            SpotifyRefresh: self.spotify_refresh,
-            SpotifySearch: self.spotify_search,
+            SpotifyPair: spotify.spotify_pair,
+            SpotifyRefresh: spotify.spotify_refresh,
+            SpotifySearch: spotify.spotify_search,
             CrewAdd: self.crew_add,
             CrewLeave: self.crew_leave,
             Crews: self.crews_list,
@@ -347,7 +349,27 @@ class Handlers:
                   device_id=session.device_id, client_address=session.address,
                   crew_code=session.crew.code if session.crew is not None else None)
 
-    # -------------------------------------------------------- crew messages
+    # ---------------------------------------------------------------- other
+
+    @staticmethod
+    def ping(session: Session, message: Ping, size: int) -> None:
+        session.send(messages.Pong())
+
+    def ack(self, session: Session, message: Ack, size: int) -> None:
+        self.replayer.ack(session, message.seq, message.crew_code)
+
+
+class CrewMessageHandlers:
+    """
+    The crew messages a device sends (C{message}, C{share_music},
+    C{reaction}): looked up when their C{client_msg_id} may be another
+    node's, then published; a refusal from the store is answered, a bug
+    closes the sender.
+    """
+
+    def __init__(self, sessions: Sessions, delivery: Delivery) -> None:
+        self.sessions = sessions
+        self.delivery = delivery
 
     def crew_message(self, session: Session, message: CrewMessage, size: int) -> Deferred | None:
         return self._send(session, messages.RelayedMessage(session.device_id, session.name, message.msg_type,
@@ -363,7 +385,7 @@ class Handlers:
     def _send(self, session: Session, out: Fanout, received: Any, size: int) -> Deferred | None:
         wait = self.delivery.look_up_sent(session, received.client_msg_id, received.crew_code)
         if wait is not None:
-            wait.addErrback(self._lookup_failed)
+            wait.addErrback(Handlers._lookup_failed)
             return wait.addCallback(lambda _: None if session.closing else self._send_now(session, out, received, size))
         self._send_now(session, out, received, size)
         return None
@@ -387,16 +409,17 @@ class Handlers:
             _log.failure("bug while answering {device_id}", device_id=session.device_id)
         self.sessions.close_for_bug(session)
 
-    # ---------------------------------------------------------------- other
 
-    @staticmethod
-    def ping(session: Session, message: Ping, size: int) -> None:
-        session.send(messages.Pong())
+class SpotifyHandlers:
+    """
+    What a device asks of Spotify through the relay: pairing, refresh and
+    search, for a bound device of a relay with a Spotify app.
+    """
 
-    def ack(self, session: Session, message: Ack, size: int) -> None:
-        self.replayer.ack(session, message.seq, message.crew_code)
-
-    # -------------------------------------------------------------- Spotify
+    def __init__(self, sessions: Sessions, pairing: Pairings, spotify_broker: SpotifyBroker) -> None:
+        self.sessions = sessions
+        self.pairing = pairing
+        self.spotify_broker = spotify_broker
 
     def _spotify_device(self, session: Session) -> None:
         """
