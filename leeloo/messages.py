@@ -240,6 +240,9 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 1011
     #: A newer connection for the same device id replaced this one.
     REPLACED = 4001
+    #: The relay's operator deleted the device's crew or reset its key
+    #: (C{leeloo-admin}): reconnect.
+    OPERATOR = 4004
     #: No device bound (C{register}, C{create_crew}, C{join_crew}) within
     #: the relay's C{--bind-timeout}.
     BIND_TIMEOUT = 4008
@@ -254,6 +257,7 @@ CLOSE_INTERNAL_ERROR = CloseCode.INTERNAL_ERROR
 CLOSE_REPLACED = CloseCode.REPLACED
 CLOSE_BIND_TIMEOUT = CloseCode.BIND_TIMEOUT
 CLOSE_ABUSE = CloseCode.ABUSE
+CLOSE_OPERATOR = CloseCode.OPERATOR
 
 
 class ProtocolError(Exception):
@@ -1200,6 +1204,34 @@ class CrewLeft:
 
 
 @dataclass(frozen=True, slots=True)
+class CrewRenamed:
+    """
+    ``crew_renamed``: the relay's operator gave the device's crew
+    C{old_crew_code} the code C{crew_code}.
+    """
+
+    type: ClassVar[str] = "crew_renamed"
+    crew_code: str
+    old_crew_code: str
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "crew_code": self.crew_code, "old_crew_code": self.old_crew_code}
+
+
+@dataclass(frozen=True, slots=True)
+class CrewDeleted:
+    """
+    ``crew_deleted``: the relay's operator deleted the device's crew.
+    """
+
+    type: ClassVar[str] = "crew_deleted"
+    crew_code: str
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "crew_code": self.crew_code}
+
+
+@dataclass(frozen=True, slots=True)
 class CrewListing:
     """
     One crew in a L{CrewList}: its code, name, the members online (the
@@ -1379,7 +1411,7 @@ class UnknownRelayMessage:
 RelayMessage = Union[Registered, CrewCreated, CrewJoined, MemberJoined, MemberOffline, RelayedMessage,
                      MusicShared, RelayedReaction, Sent, ReplayTruncated, Pong, SpotifyAuthComplete,
                      SpotifyPairStarted, SpotifyPairFailed, SpotifyTokens, SpotifySearchResults, CrewLeft,
-                     CrewList, PrimaryCrew, ErrorFrame,
+                     CrewList, PrimaryCrew, CrewRenamed, CrewDeleted, ErrorFrame,
                      UnknownRelayMessage]
 
 # The crew fan-outs: stored, sequenced, acknowledged.
@@ -1584,6 +1616,8 @@ _RELAY_DECODERS: dict[str, Callable[[Mapping], Any]] = {
         _relay_field(o, "client_msg_id", str), _relay_field(o, "id", str), _relay_field(o, "seq", int),
         _relay_field(o, "crew_code", str, required=False)),
     "crew_left": lambda o: CrewLeft(_relay_field(o, "crew_code", str)),
+    "crew_renamed": lambda o: CrewRenamed(_relay_field(o, "crew_code", str), _relay_field(o, "old_crew_code", str)),
+    "crew_deleted": lambda o: CrewDeleted(_relay_field(o, "crew_code", str)),
     "crews": lambda o: CrewList(_relay_field(o, "primary", str, required=False),
                                 [_crew_listing(c) for c in _relay_field(o, "crews", list)]),
     "crew_primary": lambda o: PrimaryCrew(_relay_field(o, "crew_code", str)),

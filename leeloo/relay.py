@@ -36,6 +36,7 @@ from leeloo.core.defaults import (
 from leeloo.core.delivery import ClientMessage, Delivery, client_digest, generate_message_id
 from leeloo.core.handlers import Handlers
 from leeloo.core.identity import Identity, generate_device_id, generate_device_key, key_hash
+from leeloo.core.operator import Operator
 from leeloo.core.pairing import Pairings, PairingSettings
 from leeloo.core.peer import IPeer, Outgoing
 from leeloo.core.presence import Presence
@@ -176,6 +177,7 @@ class Relay:
         self.bot = BotUsers(journal, crews, self.delivery, self.admission)
         self.retention_part = Retention(clock, self.store, journal, crews, self.identity, sessions, retention,
                                    crew_ttl)
+        self.operator = Operator(self.store, journal, crews, self.identity, self.tokens, self.restore)
         self.restore(self.store.load())
 
     def restore(self, snapshot: Snapshot) -> None:

@@ -27,12 +27,15 @@ from leeloo.store import (
     APPEND,
     DELETE_CREW,
     DELETE_DEVICE,
+    DELETE_MEMBER,
     DELETE_TOKEN,
+    PUT_ALIAS,
     PUT_BOT_USER,
     PUT_CREW,
     PUT_DEVICE,
     PUT_MEMBER,
     PUT_TOKEN,
+    RENAME_CREW,
     BotUserRecord,
     CrewRecord,
     DeviceRecord,
@@ -145,6 +148,14 @@ MIGRATIONS = [
     );
     CREATE INDEX pairings_expires_at ON pairings (expires_at);
     """,
+    # 7: the codes crews were renamed from (leeloo-admin rename-crew), so
+    # that their members' devices, which keep the old one, find them.
+    """
+    CREATE TABLE crew_aliases (
+        code TEXT PRIMARY KEY,
+        crew_code TEXT NOT NULL REFERENCES crews(code) ON DELETE CASCADE
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -213,7 +224,7 @@ def _connect(path: Path, fsync: bool, busy_timeout: float = BUSY_TIMEOUT) -> sql
     return db
 
 
-_INDEXED = frozenset({PUT_CREW, DELETE_CREW, PUT_DEVICE, DELETE_DEVICE, PUT_TOKEN, DELETE_TOKEN})
+_INDEXED = frozenset({PUT_CREW, DELETE_CREW, PUT_DEVICE, DELETE_DEVICE, PUT_TOKEN, DELETE_TOKEN, RENAME_CREW})
 
 
 def _find_crew(db: Any, code: str) -> Snapshot | None:
@@ -294,6 +305,7 @@ def _load(db: sqlite3.Connection) -> Snapshot:
     ]
     snapshot.pairings = [PairingRecord(*row) for row in db.execute(
         f"SELECT {_PAIRING_COLUMNS} FROM pairings")]
+    snapshot.aliases = dict(db.execute("SELECT code, crew_code FROM crew_aliases"))
     for code, seq, created, size in db.execute(
         "SELECT crew_code, MAX(seq), MAX(created_at), SUM(length(payload)) FROM messages GROUP BY crew_code"
     ):
@@ -348,7 +360,26 @@ _STATEMENTS: dict[str, tuple[str, Callable[[Any], tuple]]] = {
         lambda d: (d.device_id, d.key_hash, int(d.bound), d.created_at, d.last_seen),
     ),
     DELETE_DEVICE: ("DELETE FROM devices WHERE device_id = ?", lambda device_id: (device_id,)),
+    DELETE_MEMBER: ("DELETE FROM members WHERE crew_code = ? AND device_id = ?", tuple),
+    PUT_ALIAS: ("INSERT OR REPLACE INTO crew_aliases (code, crew_code) VALUES (?, ?)", tuple),
 }
+
+
+def _rename(cursor: Any, old: str, new: str) -> None:
+    """
+    Move crew C{old} to C{new} with its members, bot users and log; C{old}
+    becomes an alias of C{new} (and C{new} is no longer one).
+    """
+    cursor.execute("INSERT INTO crews (code, created_at, created_by) "
+                   "SELECT ?, created_at, created_by FROM crews WHERE code = ?", (new, old))
+    if cursor.rowcount != 1:
+        raise sqlite3.IntegrityError(f"no crew {old}")
+    for table in ("members", "bot_users", "messages", "crew_aliases"):
+        cursor.execute(f"UPDATE {table} SET crew_code = ? WHERE crew_code = ?", (new, old))
+    cursor.execute("UPDATE pairings SET crew_code = ? WHERE crew_code = ?", (new, old))
+    cursor.execute("DELETE FROM crew_aliases WHERE code = ?", (new,))
+    cursor.execute("INSERT OR REPLACE INTO crew_aliases (code, crew_code) VALUES (?, ?)", (old, new))
+    cursor.execute("DELETE FROM crews WHERE code = ?", (old,))
 
 
 _APPEND_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -386,6 +417,10 @@ def _write(cursor: Any, ops: list) -> None:
     if all(kind in _RANK for kind, _ in ops):
         ops = sorted(ops, key=lambda op: _RANK[op[0]])
     for kind, run in groupby(ops, key=itemgetter(0)):
+        if kind == RENAME_CREW:
+            for _, (old, new) in run:
+                _rename(cursor, old, new)
+            continue
         statement = _STATEMENTS.get(kind)
         if statement is None:
             raise ValueError(f"unknown store operation {kind!r}")
@@ -597,6 +632,9 @@ class SQLiteStore:
                 self._crew_codes.add(arg.code)
             elif kind == DELETE_CREW:
                 self._crew_codes.discard(arg)
+            elif kind == RENAME_CREW:
+                self._crew_codes.discard(arg[0])
+                self._crew_codes.add(arg[1])
             elif kind == PUT_DEVICE:
                 self._device_ids.add(arg.device_id)
             elif kind == DELETE_DEVICE:

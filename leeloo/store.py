@@ -130,6 +130,8 @@ class Snapshot:
     # The bytes of payload in each crew's log.
     log_bytes: dict[str, int] = field(default_factory=dict)
     pairings: list[PairingRecord] = field(default_factory=list)
+    # The codes crews were renamed from: old code -> the crew's code now.
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,11 @@ DELETE_TOKEN = "delete_token"  # device id
 APPEND = "append"  # LogEntry
 PUT_DEVICE = "device"  # DeviceRecord
 DELETE_DEVICE = "delete_device"  # device id
+DELETE_MEMBER = "delete_member"  # (crew code, device id)
+# (old code, new code): the crew moves with its members, bot users and log;
+# the old code becomes an alias of the new one (see Snapshot.aliases).
+RENAME_CREW = "rename_crew"
+PUT_ALIAS = "alias"  # (old code, the crew's code now)
 
 
 class StoreError(Exception):
@@ -407,6 +414,7 @@ class MemoryStore:
         # (crew code, sender, client_msg_id) -> its entry in the log
         self._sent: dict[tuple[str, str, str], LogEntry] = {}
         self.pairings = MemoryPairings(self._pairings_fail)
+        self.aliases: dict[str, str] = {}
 
     def _pairings_fail(self) -> Exception | None:
         return None
@@ -419,6 +427,7 @@ class MemoryStore:
             tokens=list(self.tokens.values()),
             devices=list(self.devices.values()),
             pairings=list(self.pairings.flows.values()),
+            aliases=dict(self.aliases),
         )
         for code, entries in self.log.items():
             if entries:
@@ -501,6 +510,19 @@ class MemoryStore:
                 for key in [k for k in table if k[0] == arg]:
                     undo.append(_restorer(table, key))
                     del table[key]
+            for alias in [a for a, code in self.aliases.items() if code == arg]:
+                undo.append(_restorer(self.aliases, alias))
+                del self.aliases[alias]
+        elif kind == DELETE_MEMBER:
+            key = tuple(arg)
+            undo.append(_restorer(self.members, key))
+            self.members.pop(key, None)
+        elif kind == RENAME_CREW:
+            self._rename(*arg, undo)
+        elif kind == PUT_ALIAS:
+            self._check_crew(arg[1])
+            undo.append(_restorer(self.aliases, arg[0]))
+            self.aliases[arg[0]] = arg[1]
         elif kind == PUT_MEMBER:
             self._check_crew(arg.crew_code)
             key = (arg.crew_code, arg.device_id)
@@ -547,6 +569,28 @@ class MemoryStore:
     def _check_crew(self, code: str) -> None:
         if code not in self.crews:
             raise StoreError(f"no crew {code}")
+
+    def _rename(self, old: str, new: str, undo: list) -> None:
+        self._check_crew(old)
+        if new in self.crews:
+            raise StoreError(f"crew {new} exists already", transient=False)
+        tables = ("crews", "members", "bot_users", "log", "_sent", "aliases")
+        saved = {name: dict(getattr(self, name)) for name in tables}
+        undo.append(lambda: [setattr(self, name, table) for name, table in saved.items()])
+        self.crews[new] = replace(self.crews.pop(old), code=new)
+        for table in (self.members, self.bot_users):
+            for key in [k for k in table if k[0] == old]:
+                table[(new, key[1])] = replace(table.pop(key), crew_code=new)
+        entries = self.log.pop(old, None)
+        if entries is not None:
+            self.log[new] = [replace(e, crew_code=new) for e in entries]
+        self._index_sent(old)
+        self._index_sent(new)
+        for alias, code in list(self.aliases.items()):
+            if code == old:
+                self.aliases[alias] = new
+        self.aliases.pop(new, None)
+        self.aliases[old] = new
 
     def replay(
         self, crew_code: str, after_seq: int, up_to_seq: int, since: float, exclude_sender: str, limit: int,

@@ -437,6 +437,8 @@ OUTGOING = [
      {"type": "reaction", "reaction_type": "love", "from": "Bob", "timestamp": 5, "seq": 3, "id": "m3",
       "crew_code": "B", "replayed": True}),
     (messages.CrewLeft("B"), {"type": "crew_left", "crew_code": "B"}),
+    (messages.CrewRenamed("C", "B"), {"type": "crew_renamed", "crew_code": "C", "old_crew_code": "B"}),
+    (messages.CrewDeleted("B"), {"type": "crew_deleted", "crew_code": "B"}),
     (messages.PrimaryCrew("B"), {"type": "crew_primary", "crew_code": "B"}),
     (messages.CrewList(None, []), {"type": "crews", "primary": None, "crews": []}),
     (messages.CrewList("B", [messages.CrewListing("B", None, 2, ["Bob"])]),
@@ -811,7 +813,7 @@ class ErrorAttributeTests(SynchronousTestCase):
         """
         self.assertEqual([(c.name, int(c)) for c in CloseCode],
                          [("GOING_AWAY", 1001), ("MESSAGE_TOO_BIG", 1009), ("INTERNAL_ERROR", 1011),
-                          ("REPLACED", 4001), ("BIND_TIMEOUT", 4008), ("ABUSE", 4029)])
+                          ("REPLACED", 4001), ("OPERATOR", 4004), ("BIND_TIMEOUT", 4008), ("ABUSE", 4029)])
         for c in CloseCode:
             self.assertIs(getattr(messages, "CLOSE_" + c.name), c)
         self.assertEqual((str(CloseCode.ABUSE), f"{CloseCode.ABUSE}"), ("4029", "4029"))

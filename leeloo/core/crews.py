@@ -11,6 +11,7 @@ a crew is the fan-out's to say, wherever they are connected.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import secrets
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -25,6 +26,7 @@ from leeloo.store import (
     PUT_BOT_USER,
     PUT_CREW,
     PUT_MEMBER,
+    RENAME_CREW,
     BotUserRecord,
     CrewRecord,
     Journal,
@@ -139,8 +141,11 @@ class Crews:
         # their crews, the primary first, while this relay runs (not yet
         # stored: a restart forgets it).
         self.multi: dict[str, dict[str, None]] = {}
+        # The codes crews were renamed from: old code -> the crew's code now.
+        self.aliases: dict[str, str] = {}
 
     def restore(self, snapshot: Snapshot) -> None:
+        self.aliases.update(snapshot.aliases)
         for record in snapshot.crews:
             crew = self.crews[record.code] = Crew(record.code, record.created_at, record.created_by)
             crew.fanned_seq = snapshot.last_seq.get(record.code, 0)
@@ -167,6 +172,61 @@ class Crews:
         Whether C{membership} is still its device's connection in its crew.
         """
         return self.fanout.listeners(membership.crew.code).get(membership.member.device_id) is membership
+
+    def resolve(self, code: str, device_id: str | None) -> str:
+        """
+        The code C{device_id} means by C{code}: for a member of a crew that
+        was renamed from C{code}, the crew's code now (its device keeps the
+        old one until a reply tells it the new); else C{code} itself.
+        """
+        target = self.aliases.get(code)
+        if target is not None and device_id is not None:
+            crew = self.crews.get(target)
+            if crew is not None and device_id in crew.members:
+                return target
+        return code
+
+    def rename(self, crew: Crew, new: str) -> None:
+        """
+        Give C{crew} the code C{new} (no crew has it), its members online
+        with it; the old code becomes an alias (see L{resolve}).  The
+        store's sequences move when the rename's batch forms, after every
+        message numbered under the old code before it.
+        """
+        old = crew.code
+        online = list(self.fanout.listeners(old).items())
+        for device_id, membership in online:
+            self.fanout.unsubscribe(old, device_id, membership)
+        del self.crews[old]
+        crew.code = new
+        self.crews[new] = crew
+        for device_id, membership in online:
+            self.fanout.subscribe(new, device_id, membership)
+            others = membership.session.others
+            if others is not None and others.get(old) is membership:
+                others[new] = others.pop(old)
+        for table in (*self.multi.values(), *self.bot_user_index.values()):
+            if old in table:
+                # Keep the order (a multi-crew device's primary first).
+                items = [new if code == old else code for code in table]
+                table.clear()
+                table.update(dict.fromkeys(items))
+        for alias, code in list(self.aliases.items()):
+            if code == old:
+                self.aliases[alias] = new
+        self.aliases.pop(new, None)
+        self.aliases[old] = new
+        self.presence.renamed(old, new)
+        self.journal.put((RENAME_CREW, functools.partial(self._move_sequences, old, new)), wait=False)
+        _log.info("crew {crew_code} renamed {new_code}", crew_code=old, new_code=new)
+
+    def _move_sequences(self, old: str, new: str) -> tuple[str, str]:
+        sequences = self.journal.store.sequences
+        last = sequences.last(old)
+        if last:
+            sequences.seen(new, last)
+            sequences.forget(old)
+        return old, new
 
     def get(self, code: str | None) -> Crew | None:
         return self.crews.get(code) if code is not None else None
@@ -379,12 +439,19 @@ class Crews:
         Forget C{crew} (it has no one online).
         """
         del self.crews[crew.code]
-        self.journal.put((DELETE_CREW, crew.code), wait=False)
-        # A crew made again under this code starts its log afresh.
-        self.journal.store.sequences.forget(crew.code)
+        # A crew made again under this code starts its log afresh: its
+        # sequence is forgotten when the deletion's batch forms, after the
+        # messages numbered before it.
+        self.journal.put((DELETE_CREW, functools.partial(self._forget_sequence, crew.code)), wait=False)
+        for alias in [a for a, code in self.aliases.items() if code == crew.code]:
+            del self.aliases[alias]
         for user_id in crew.bot_users:
             codes = self.bot_user_index.get(user_id)
             if codes is not None:
                 codes.pop(crew.code, None)
                 if not codes:
                     del self.bot_user_index[user_id]
+
+    def _forget_sequence(self, code: str) -> str:
+        self.journal.store.sequences.forget(code)
+        return code

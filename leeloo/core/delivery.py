@@ -87,7 +87,7 @@ class Publication:
     stamped message, are set then.
     """
 
-    __slots__ = ("sequences", "crew", "message", "id", "sender", "client_msg_id", "digest", "created_at",
+    __slots__ = ("sequences", "crew", "code", "message", "id", "sender", "client_msg_id", "digest", "created_at",
                  "remembered", "seq", "out")
 
     def __init__(self, sequences: Sequences, crew: Crew, message: Fanout, id: str, sender: str,
@@ -95,6 +95,9 @@ class Publication:
                  remembered: ClientMessage | None) -> None:
         self.sequences = sequences
         self.crew = crew
+        # The crew's code when it was sent: numbered and logged under it,
+        # even should the crew be renamed before its batch forms.
+        self.code = crew.code
         self.message = message
         self.id = id
         self.sender = sender
@@ -106,13 +109,13 @@ class Publication:
         self.out: Outgoing | None = None
 
     def __call__(self) -> LogEntry:
-        crew = self.crew
-        seq = self.seq = self.sequences.next(crew.code)
+        code = self.code
+        seq = self.seq = self.sequences.next(code)
         fanout = self.message.to_dict()
-        self.out = Outgoing(messages.stamped(fanout, int(self.created_at * 1000), seq, self.id, crew.code))
+        self.out = Outgoing(messages.stamped(fanout, int(self.created_at * 1000), seq, self.id, code))
         if self.remembered is not None:
             self.remembered.seq = seq
-        return LogEntry(crew.code, seq, self.id, self.sender, self.client_msg_id, self.digest,
+        return LogEntry(code, seq, self.id, self.sender, self.client_msg_id, self.digest,
                         self.created_at, self.out.payload, messages.is_ephemeral(fanout))
 
 
@@ -309,7 +312,7 @@ class Delivery:
         if entry.seq:
             # Its whole batch failed, and no later batch has been numbered
             # yet: the next message takes the first sequence this one had.
-            self.store.sequences.failed(crew.code, entry.seq)
+            self.store.sequences.failed(entry.code, entry.seq)
         extra = {} if client_msg_id is None else {"client_msg_id": client_msg_id}
         if remembered is not None:
             crew.client_messages.pop((entry.sender, client_msg_id), None)

@@ -8,6 +8,7 @@ is answered here when it happens.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, FirstError
@@ -111,6 +112,12 @@ class Handlers:
         """
         waits: list[Deferred] = []
         code, device_id = message.crew_code, getattr(message, "device_id", None)
+        if code is not None and self.crews.aliases:
+            # A member of a renamed crew whose device still has the old code.
+            resolved = self.crews.resolve(code, device_id or session.device_id)
+            if resolved != code:
+                message = dataclasses.replace(message, crew_code=resolved)
+                code = resolved
         if code is not None and code not in self.crews.crews:
             self._find(waits, self.store.find_crew(code), self._adopt_crew, code)
         if device_id is not None:

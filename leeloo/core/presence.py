@@ -81,6 +81,13 @@ class Presence:
         leaving[0].cancel()
         return leaving[1]
 
+    def renamed(self, old: str, new: str) -> None:
+        """
+        Crew C{old} is called C{new} now: who is leaving it still is.
+        """
+        for key in [k for k in self._leaving if k[0] == old]:
+            self._leaving[(new, key[1])] = self._leaving.pop(key)
+
     def cancel_all(self) -> None:
         """
         Announce no one (the relay is stopping: nobody is left to tell).
