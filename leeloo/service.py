@@ -13,7 +13,9 @@ become named services, each found with C{getServiceNamed}:
   - C{web}: the public site and its C{--listen} and C{--redirect-listen}
     endpoints;
   - C{admin}: the admin site and its C{--admin-listen} endpoints (where
-    there are any);
+    there are any), with the admin API (L{leeloo.admin.api});
+  - C{admin-files}: what the relay leaves in its data directory for
+    C{leeloo-admin} (L{leeloo.admin.datadir});
   - C{acme}: the relay's own ACME client (where there are C{acme:}
     endpoints);
   - C{readiness}: says C{READY=1} once everything listens, C{STOPPING=1}
@@ -39,6 +41,8 @@ from twisted.logger import Logger
 
 from leeloo import __version__
 from leeloo.access import OriginPolicy, TrustedProxies
+from leeloo.admin.api import AdminAPI
+from leeloo.admin.datadir import DataDirFiles, admin_token
 from leeloo.core.pairing import PairingSettings
 from leeloo.listening import Listener, Readiness, as_written
 from leeloo.metrics import Metrics
@@ -404,12 +408,22 @@ def build_service(config: Config, reactor: Any, http: Any = None,
         tls.setName("tls")
         tls.setServiceParent(top)
     SiteService("web", site, listeners, redirect_site).setServiceParent(top)
+    admin_listeners: list[Listener] = []
     if config.admin_listen:
-        admin_site = make_admin_site(relay, metrics, reactor=reactor, limits=config.http_limits)
-        SiteService("admin", admin_site, [
+        try:
+            token = admin_token(config.data_dir)
+        except OSError as e:
+            raise StartupError(f"cannot write the admin API's token to {config.data_dir}: "
+                               f"{e.strerror or e}; check that the relay's user owns it") from None
+        admin_site = make_admin_site(relay, metrics, reactor=reactor, limits=config.http_limits,
+                                     admin=AdminAPI(relay.operator, token))
+        admin_listeners = [
             Listener(serverFromString(reactor, description), admin_site, "--admin-listen", as_written(description))
             for description in config.admin_listen
-        ]).setServiceParent(top)
+        ]
+        SiteService("admin", admin_site, admin_listeners).setServiceParent(top)
+    # config.json at start, admin.json once the admin listeners listen.
+    DataDirFiles(config.data_dir, config, __version__, admin_listeners).setServiceParent(top)
     if acme is not None:
         # After the listeners: it starts ordering once they listen (the
         # challenges are answered there), and stops before them.

@@ -1344,14 +1344,18 @@ def make_admin_site(
     metrics: Any,
     reactor: Any = None,
     limits: HTTPLimits = HTTPLimits(),
+    admin: Resource | None = None,
 ) -> RelaySite:
     """
     The site for C{--admin-listen} endpoints: C{/metrics} for anyone who can
-    reach it, and C{/health}.
+    reach it, C{/health}, and C{admin} (L{leeloo.admin.api.AdminAPI}) at
+    C{/admin/}.
     """
     root = Directory()
     root.putChild(b"metrics", MetricsResource(metrics, local_only=False))
     root.putChild(b"health", Health(relay))
+    if admin is not None:
+        root.putChild(b"admin", admin)
     site = RelaySite(root, limits=limits, name="admin", reactor=reactor)
     metrics.add_site(site)
     return site
