@@ -16,12 +16,15 @@ from leeloo.store import (
     APPEND,
     DELETE_CREW,
     DELETE_DEVICE,
+    DELETE_MEMBER,
     DELETE_TOKEN,
+    PUT_ALIAS,
     PUT_BOT_USER,
     PUT_CREW,
     PUT_DEVICE,
     PUT_MEMBER,
     PUT_TOKEN,
+    RENAME_CREW,
     BotUserRecord,
     CrewRecord,
     DeviceRecord,
@@ -341,6 +344,81 @@ class StoreContract:
         self.assertEqual(snapshot.last_seq, {ALPHA: 1})
         replay = yield self.store.replay(ALPHA, 0, 10, 0.0, "nobody", 10)
         self.assertEqual([seq for seq, _ in replay.entries], [1])
+
+    @contract
+    def test_rename_crew(self):
+        """
+        RENAME_CREW moves the crew with its members, bot users and log to
+        the new code, and keeps the old one as its alias.
+        """
+        yield self.store.write([
+            *with_crew(code=ALPHA),
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0, 1)),
+            (PUT_BOT_USER, BotUserRecord(ALPHA, "42", "Tina")),
+            *appends(entry(1, client_msg_id="c1"), entry(2)),
+        ])
+        yield self.store.write([(RENAME_CREW, (ALPHA, BRAVO))])
+        snapshot = yield self.restart()
+        self.assertEqual([c.code for c in snapshot.crews], [BRAVO])
+        self.assertEqual([(m.crew_code, m.device_id, m.delivered_seq) for m in snapshot.members],
+                         [(BRAVO, "leeloo_a", 1)])
+        self.assertEqual([b.crew_code for b in snapshot.bot_users], [BRAVO])
+        self.assertEqual((snapshot.last_seq, snapshot.aliases), ({BRAVO: 2}, {ALPHA: BRAVO}))
+        self.assertEqual([(e.crew_code, e.client_msg_id) for e in snapshot.client_messages], [(BRAVO, "c1")])
+        replay = yield self.store.replay(BRAVO, 0, 10, 0.0, "nobody", 10)
+        self.assertEqual([seq for seq, _ in replay.entries], [1, 2])
+
+    @contract
+    def test_rename_again(self):
+        """
+        Renamed twice, a crew's first code leads to its last; renamed back,
+        its code is no longer an alias.
+        """
+        yield self.store.write(with_crew(code=ALPHA))
+        yield self.store.write([(RENAME_CREW, (ALPHA, BRAVO)), (RENAME_CREW, (BRAVO, "LEELOO-CCCC"))])
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.aliases, {ALPHA: "LEELOO-CCCC", BRAVO: "LEELOO-CCCC"})
+        yield self.store.write([(RENAME_CREW, ("LEELOO-CCCC", ALPHA))])
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.aliases, {BRAVO: ALPHA, "LEELOO-CCCC": ALPHA})
+
+    @contract
+    def test_rename_onto_a_crew(self):
+        """
+        RENAME_CREW to a code a crew has fails, and the write changes nothing.
+        """
+        yield self.store.write([*with_crew(code=ALPHA), *with_crew(code=BRAVO)])
+        yield self.failure_of(self.store.write([(RENAME_CREW, (ALPHA, BRAVO))]), StoreError)
+        snapshot = yield self.restart()
+        self.assertEqual(sorted(c.code for c in snapshot.crews), [ALPHA, BRAVO])
+        self.assertEqual(snapshot.aliases, {})
+
+    @contract
+    def test_aliases_go_with_their_crew(self):
+        """
+        PUT_ALIAS keeps an alias; DELETE_CREW drops the crew's aliases.
+        """
+        yield self.store.write([*with_crew(code=ALPHA), *with_crew(code=BRAVO),
+                                (PUT_ALIAS, ("LEELOO-OLD1", ALPHA)), (PUT_ALIAS, ("LEELOO-OLD2", BRAVO))])
+        yield self.store.write([(DELETE_CREW, ALPHA)])
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.aliases, {"LEELOO-OLD2": BRAVO})
+
+    @contract
+    def test_delete_member(self):
+        """
+        DELETE_MEMBER removes one member of one crew.
+        """
+        yield self.store.write([
+            *with_crew(code=ALPHA), *with_crew(code=BRAVO),
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0)),
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_b", "Bob", T0)),
+            (PUT_MEMBER, MemberRecord(BRAVO, "leeloo_a", "Ann", T0)),
+        ])
+        yield self.store.write([(DELETE_MEMBER, (ALPHA, "leeloo_a"))])
+        snapshot = yield self.restart()
+        self.assertEqual(sorted((m.crew_code, m.device_id) for m in snapshot.members),
+                         [(ALPHA, "leeloo_b"), (BRAVO, "leeloo_a")])
 
     # -------------------------------------------------------- transactions
 
