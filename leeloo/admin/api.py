@@ -63,9 +63,12 @@ class AdminAPI(Resource):
         }
 
     def render(self, request: Request) -> Any:
+        # notifyFinish fails once the client has gone.
+        gone: list = []
+        request.notifyFinish().addErrback(gone.append)
         d = maybeDeferred(self._dispatch, request)
         d.addCallbacks(lambda answer: (200, {"ok": True, **answer}), self._error, errbackArgs=(request,))
-        d.addCallback(self._answer, request)
+        d.addCallback(self._answer, request, gone)
         d.addErrback(self.log.failure, "bug while answering an admin API call")
         return NOT_DONE_YET
 
@@ -75,7 +78,7 @@ class AdminAPI(Resource):
                           client_address=client_address(request))
             raise APIError(403, "forbidden", "the admin API answers clients on this host only")
         given = request.getHeader(b"authorization") or b""
-        if not hmac.compare_digest(given.encode("latin-1") if isinstance(given, str) else given, self._expected):
+        if not hmac.compare_digest(given, self._expected):
             self.log.warn("admin API call with a wrong or missing token from {client_address}",
                           client_address=client_address(request))
             raise APIError(401, "unauthorized", "send Authorization: Bearer <the token in DATA_DIR/admin.token>")
@@ -115,8 +118,8 @@ class AdminAPI(Resource):
         return 500, {"error": "internal_error"}
 
     @staticmethod
-    def _answer(answer: tuple[int, dict], request: Request) -> None:
-        if request.finished or request.channel is None:
+    def _answer(answer: tuple[int, dict], request: Request, gone: list) -> None:
+        if gone or request.finished:
             return
         request.write(write_json(request, *answer))
         request.finish()
