@@ -75,16 +75,16 @@ class TreeTestCase(SynchronousTestCase):
 class NamedServiceTests(TreeTestCase):
     def test_named_services(self):
         """
-        The tree holds the store, relay, timers, web, readiness services by
-        name; admin only with --admin-listen; tls, acme and watchdog only
+        The tree holds the store, relay, timers, web, readiness and
+        admin-files services by name; admin only with --admin-listen; tls, acme and watchdog only
         where configured.
         """
         tree = self.build()
-        self.assertEqual(sorted(tree.namedServices), ["readiness", "relay", "store", "timers", "web"])
+        self.assertEqual(sorted(tree.namedServices), ["admin-files", "readiness", "relay", "store", "timers", "web"])
         tree = self.build("--admin-listen", "tcp:9100:interface=127.0.0.1",
                           environ={"WATCHDOG_USEC": "10000000"})
         self.assertEqual(sorted(tree.namedServices),
-                         ["admin", "readiness", "relay", "store", "timers", "watchdog", "web"])
+                         ["admin", "admin-files", "readiness", "relay", "store", "timers", "watchdog", "web"])
 
     def test_parts_reachable_by_name(self):
         """

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 CONFIG_FILE = "config.json"
 TOKEN_FILE = "admin.token"
@@ -105,6 +106,24 @@ def config_document(config: Any, version: str) -> str:
     return json.dumps({"version": version, "config": document}, indent=2, sort_keys=True) + "\n"
 
 
+def _observed(d: Deferred) -> Deferred:
+    """
+    A Deferred firing as C{d} does, leaving C{d}'s result (a failure too)
+    to its other callbacks (L{leeloo.listening.Readiness} reads it).
+    """
+    seen: Deferred = Deferred()
+
+    def passing(result: Any) -> Any:
+        if isinstance(result, Failure):
+            seen.errback(result)
+        else:
+            seen.callback(result)
+        return result
+
+    d.addBoth(passing)
+    return seen
+
+
 class DataDirFiles(Service):
     """
     Writes C{config.json} at start, and C{admin.json} once the admin
@@ -129,7 +148,7 @@ class DataDirFiles(Service):
             _log.warn("could not write {path}: {error}", path=str(self.data_dir / CONFIG_FILE),
                       error=e.strerror or str(e))
         if self.listeners:
-            gatherResults([l.listening for l in self.listeners], consumeErrors=True).addCallbacks(
+            gatherResults([_observed(l.listening) for l in self.listeners], consumeErrors=True).addCallbacks(
                 self._listening, lambda _: None)
 
     def _listening(self, ports: list) -> None:
