@@ -376,7 +376,6 @@ def _rename(cursor: Any, old: str, new: str) -> None:
         raise sqlite3.IntegrityError(f"no crew {old}")
     for table in ("members", "bot_users", "messages", "crew_aliases"):
         cursor.execute(f"UPDATE {table} SET crew_code = ? WHERE crew_code = ?", (new, old))
-    cursor.execute("UPDATE pairings SET crew_code = ? WHERE crew_code = ?", (new, old))
     cursor.execute("DELETE FROM crew_aliases WHERE code = ?", (new,))
     cursor.execute("INSERT OR REPLACE INTO crew_aliases (code, crew_code) VALUES (?, ?)", (old, new))
     cursor.execute("DELETE FROM crews WHERE code = ?", (old,))
