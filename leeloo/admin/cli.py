@@ -207,6 +207,9 @@ def admin_call(data_dir: str, command: str, arguments: dict) -> dict:
     directory = Path(data_dir)
     try:
         endpoint = json.loads((directory / ENDPOINT_FILE).read_text(encoding="utf-8"))
+        if not endpoint["admin"]:
+            raise Refusal("the relay's admin API listens on no TCP address; give it one on loopback: "
+                          "--admin-listen tcp:8081:interface=127.0.0.1")
         url = endpoint["admin"][0]["url"]
     except FileNotFoundError:
         raise Refusal(f"no {directory / ENDPOINT_FILE}: the relay is not running with --admin-listen "

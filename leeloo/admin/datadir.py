@@ -26,6 +26,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from leeloo.access import is_loopback
+
 CONFIG_FILE = "config.json"
 TOKEN_FILE = "admin.token"
 ENDPOINT_FILE = "admin.json"
@@ -164,6 +166,8 @@ class DataDirFiles(Service):
             name = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(name, name)
             url = f"http://[{name}]:{host.port}" if ":" in name else f"http://{name}:{host.port}"
             addresses.append({"listen": listener.description, "url": url})
+        # The admin API answers loopback clients only: those addresses first.
+        addresses.sort(key=lambda a: not is_loopback(a["url"].removeprefix("http://").rpartition(":")[0].strip("[]")))
         try:
             write_private(self.data_dir / ENDPOINT_FILE,
                           json.dumps({"pid": os.getpid(), "admin": addresses}, indent=2) + "\n")

@@ -107,15 +107,18 @@ class FilesServiceTests(SynchronousTestCase):
         listeners listen (a wildcard address reached on loopback), and
         removed at stop.
         """
-        listeners = [FakeListener(), FakeListener()]
+        listeners = [FakeListener(), FakeListener(), FakeListener()]
         files = DataDirFiles(self.dir, Config(), "1", listeners)
         files.startService()
         self.assertEqual(mode(self.dir / "config.json"), 0o600)
         self.assertFalse((self.dir / "admin.json").exists())
-        listeners[0].listening.callback(FakePort("127.0.0.1", 8081))
-        listeners[1].listening.callback(FakePort("0.0.0.0", 8082))
+        listeners[0].listening.callback(FakePort("192.0.2.1", 8080))
+        listeners[1].listening.callback(FakePort("127.0.0.1", 8081))
+        listeners[2].listening.callback(FakePort("0.0.0.0", 8082))
         endpoint = json.loads((self.dir / "admin.json").read_text())
-        self.assertEqual([a["url"] for a in endpoint["admin"]], ["http://127.0.0.1:8081", "http://127.0.0.1:8082"])
+        # Loopback first: the admin API answers no other address.
+        self.assertEqual([a["url"] for a in endpoint["admin"]],
+                         ["http://127.0.0.1:8081", "http://127.0.0.1:8082", "http://192.0.2.1:8080"])
         self.assertEqual(mode(self.dir / "admin.json"), 0o600)
         files.stopService()
         self.assertFalse((self.dir / "admin.json").exists())
