@@ -9,7 +9,8 @@ and the store change together.
 Answers: 200 C{{"ok": true, ...}} with what was done; 400 C{invalid_argument}
 (bad input); 401 C{unauthorized} (no or a wrong token); 403 C{forbidden}
 (not from this host); 404 C{unknown_command}; 405; 409 C{refused} (the
-relay will not do it as things are).
+relay will not do it as things are); 503 C{store_unavailable} (the store
+failed to write it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from leeloo import messages
 from leeloo.admin.state import StateError, read_export
 from leeloo.core.operator import Imported, Operator, Refused
+from leeloo.store import StoreError
 from leeloo.web import APIError, client_address, from_this_host, write_json
 
 
@@ -114,6 +116,11 @@ class AdminAPI(Resource):
             return 409, {"error": "refused", "message": str(failure.value)}
         if failure.check(messages.ProtocolError):
             return 400, {"error": "invalid_argument", "message": failure.value.message}
+        if failure.check(StoreError):
+            self.log.error("admin API: the store failed: {error}", error=failure.getErrorMessage())
+            return 503, {"error": "store_unavailable",
+                         "message": f"the store failed ({failure.getErrorMessage()}); the relay retries what "
+                                    "it holds, so check again with the reading commands"}
         self.log.failure("bug in an admin API call", failure)
         return 500, {"error": "internal_error"}
 

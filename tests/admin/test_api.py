@@ -15,15 +15,16 @@ from leeloo.admin.api import AdminAPI
 from leeloo.admin.state import StateError
 from leeloo.relay import Relay
 from leeloo.store import MemoryStore
-from leeloo.testing import Device
+from leeloo.testing import Device, FailingMemoryStore
 
 TOKEN = "t" * 43
 
 
 def call(api, command, body=None, token=TOKEN, peer=IPv4Address("TCP", "127.0.0.1", 50000), method=b"POST",
-         headers=()):
+         headers=(), clock=None):
     """
-    C{api}'s answer to C{METHOD /admin/COMMAND} from C{peer}: (status, body).
+    C{api}'s answer to C{METHOD /admin/COMMAND} from C{peer}: (status, body)
+    (C{clock} advanced a second first, when given).
     """
     request = DummyRequest([command.encode()])
     request.method = method
@@ -34,6 +35,8 @@ def call(api, command, body=None, token=TOKEN, peer=IPv4Address("TCP", "127.0.0.
     for name, value in headers:
         request.requestHeaders.setRawHeaders(name, [value])
     api.render(request)
+    if clock is not None:
+        clock.advance(1)
     assert request.finished, "the admin API did not answer"
     return request.responseCode or 200, json.loads(b"".join(request.written))
 
@@ -131,3 +134,19 @@ class AdminAPITests(SynchronousTestCase):
         api = AdminAPI(self.relay.operator, TOKEN, read_import=unreadable)
         status, body = call(api, "import", {"file": "/tmp/nothing.json"})
         self.assertEqual((status, body["message"]), (400, "/tmp/nothing.json: not JSON"))
+
+    def test_store_failure(self):
+        """
+        A change the store fails to write is 503 store_unavailable, not a
+        bug.
+        """
+        store = FailingMemoryStore()
+        relay = Relay(self.clock, store)
+        device = Device(relay)
+        device.send(type="create_crew", device_id="leeloo_a", crew_code="LEELOO-ALFA", display_name="A")
+        store.fail_with = OSError("disk full")
+        # The journal retries once a second: the first retry fails too.
+        status, body = call(AdminAPI(relay.operator, TOKEN), "delete-crew", {"crew_code": "LEELOO-ALFA"},
+                            clock=self.clock)
+        self.assertEqual((status, body["error"]), (503, "store_unavailable"))
+        self.assertIn("disk full", body["message"])
