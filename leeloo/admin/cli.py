@@ -83,10 +83,18 @@ def _reader(data_dir: str) -> Any:
         raise Refusal(str(e)) from None
 
 
+def _printable(text: str) -> str:
+    """
+    C{text} (a name a device chose) with what is not printable (a newline,
+    say) shown as its escape, so that one line stays one line.
+    """
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def cmd_crews(args: argparse.Namespace, out: TextIO) -> None:
     with _reader(args.data_dir) as r:
         crews = r.crews()
-        names = {c["code"]: [m["name"] for m in r.members(c["code"])] for c in crews}
+        names = {c["code"]: [_printable(m["name"]) for m in r.members(c["code"])] for c in crews}
     for c in crews:
         out.write(f"{c['code']}  {c['members']} members, {c['online']} online, {c['messages']} messages"
                   f"{': ' + ', '.join(names[c['code']]) if names[c['code']] else ''}\n")
@@ -133,7 +141,7 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> None:
     with _reader(args.data_dir) as r:
         document = r.export()
     document["exported_at"] = time.time()
-    json.dump(document, out, indent=1, sort_keys=True, ensure_ascii=False)
+    json.dump(document, out, indent=1, sort_keys=True)
     out.write("\n")
 
 
@@ -324,7 +332,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out = sys.stdout if out is None else out
+    if out is None:
+        out = sys.stdout
+        # A name in any script shows, whatever the terminal's encoding.
+        out.reconfigure(errors="backslashreplace")
     err = sys.stderr if err is None else err
     # What the CLI creates (a backup; SQLite's -wal and -shm when the relay
     # is not running) is its user's alone.

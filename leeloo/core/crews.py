@@ -382,14 +382,26 @@ class Crews:
             return None
         return [self.crews[code] for code in codes if code in self.crews]
 
-    @staticmethod
-    def held(session: Session, code: str) -> Membership:
+    def membership_of(self, session: Session, code: str) -> Membership | None:
+        """
+        C{session}'s membership of the crew of C{code}, also when C{code} is
+        a code its crew was renamed from (a client that has not yet taken
+        the new one up); C{None} if it is not in it.
+        """
+        membership = session.membership(code)
+        if membership is None and self.aliases:
+            resolved = self.resolve(code, session.device_id)
+            if resolved != code:
+                membership = session.membership(resolved)
+        return membership
+
+    def held(self, session: Session, code: str) -> Membership:
         """
         C{session}'s membership of the crew of C{code}.
 
         @raise NotInCrew: it is not in it.
         """
-        membership = session.membership(code)
+        membership = self.membership_of(session, code)
         if membership is None:
             raise NotInCrew(f"this device is not in crew {code}")
         return membership

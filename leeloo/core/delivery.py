@@ -176,8 +176,7 @@ class Delivery:
                 crew.client_messages[(e.sender, e.client_msg_id)] = ClientMessage(
                     e.id, e.seq, e.digest, e.created_at)
 
-    @staticmethod
-    def crew_of(session: Session, code: str | None = None) -> Crew:
+    def crew_of(self, session: Session, code: str | None = None) -> Crew:
         """
         The crew of C{code} if C{session} is in it, else its primary crew.
 
@@ -185,6 +184,8 @@ class Delivery:
         """
         if code is not None:
             membership = session.membership(code)
+            if membership is None:
+                membership = self.crews.membership_of(session, code)
             if membership is None:
                 raise NotInCrew(f"this device is not in crew {code}")
             return membership.crew

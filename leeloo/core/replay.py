@@ -148,6 +148,8 @@ class Replayer:
         if code is not None:
             membership = session.membership(code)
             if membership is None:
+                membership = self.crews.membership_of(session, code)
+            if membership is None:
                 raise NotInCrew(f"this device is not in crew {code}")
         else:
             membership = session.primary

@@ -128,6 +128,27 @@ class RenameTests(OperatorTestCase):
         [message] = b.take()
         self.assertEqual((message["payload"], message["crew_code"], message["seq"]), ({"text": "hello"}, BRAVO, 1))
 
+    def test_old_code_on_messages(self):
+        """
+        A client that names the crew by its old code on a message or an ack
+        (it has not taken the new one up) is still heard in the crew; a
+        device that is no member there is not.
+        """
+        a, b = self.member("leeloo_a"), self.member("leeloo_b")
+        self.done(self.operator.rename_crew(ALPHA, BRAVO))
+        a.take(), b.take()
+        self.say(a, "old code", crew_code=ALPHA, client_msg_id="c1")
+        [sent] = a.take()
+        self.assertEqual((sent["type"], sent["crew_code"]), ("sent", BRAVO))
+        [message] = b.take()
+        self.assertEqual(message["payload"], {"text": "old code"})
+        b.send(type="ack", seq=message["seq"], crew_code=ALPHA)
+        self.assertEqual(b.take(), [])
+        self.assertEqual(self.relay.crews[BRAVO].members["leeloo_b"].acked_seq, 1)
+        c = self.member("leeloo_c", "LEELOO-CCCC")
+        c.send(type="message", payload={"text": "x"}, crew_code=ALPHA)
+        self.assertEqual(c.take()[0]["error"], "not_in_crew")
+
     def test_store_follows(self):
         """
         The store holds the crew, its members and its log under the new
