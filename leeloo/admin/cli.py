@@ -335,7 +335,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     if out is None:
         out = sys.stdout
         # A name in any script shows, whatever the terminal's encoding.
-        out.reconfigure(errors="backslashreplace")
+        if hasattr(out, "reconfigure"):
+            out.reconfigure(errors="backslashreplace")
     err = sys.stderr if err is None else err
     # What the CLI creates (a backup; SQLite's -wal and -shm when the relay
     # is not running) is its user's alone.
