@@ -138,6 +138,10 @@ class Operator:
             raise Refused(f"crew {code} has that code already")
         if code in self.crews.crews:
             raise Refused(f"crew {code} exists already: choose another code")
+        renamed = self.crews.aliases.get(code)
+        if renamed is not None and renamed != crew.code:
+            raise Refused(f"{code} is the old code of crew {renamed}, whose members' devices may still use it: "
+                          "choose another code")
         old_code = crew.code
         self.crews.rename(crew, code)
         told = messages.CrewRenamed(code, old_code)

@@ -230,6 +230,18 @@ class RenameTests(OperatorTestCase):
         self.assertRaises(Refused, self.operator.rename_crew, "LEELOO-NONE", "LEELOO-CCCC")
         self.assertEqual(sorted(self.relay.crews), [ALPHA, BRAVO])
 
+    def test_not_onto_another_crews_old_code(self):
+        """
+        A code another crew was renamed from is refused (its members' devices
+        may still use it); the crew's own old code is not.
+        """
+        self.member("leeloo_a")
+        self.member("leeloo_b", BRAVO)
+        self.done(self.operator.rename_crew(BRAVO, "LEELOO-CCCC"))
+        self.assertRaises(Refused, self.operator.rename_crew, ALPHA, BRAVO)
+        self.done(self.operator.rename_crew("LEELOO-CCCC", BRAVO))
+        self.assertEqual(sorted(self.relay.crews), [ALPHA, BRAVO])
+
 
 class DeleteTests(OperatorTestCase):
     def test_members_told_and_closed(self):
