@@ -30,5 +30,6 @@ and is what the WebSocket adapter, the web layer and the tests drive.
     - L{pairing}: Spotify pairings, the relay as the device's broker;
     - L{spotify_broker}: Spotify refresh and search for devices, through
       the relay's app (its secret and app token), with Spotify's limits;
-    - L{retention}: what is forgotten, and when.
+    - L{retention}: what is forgotten, and when;
+    - L{operator}: what the relay's operator changes (C{leeloo-admin}).
 """

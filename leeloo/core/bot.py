@@ -18,7 +18,7 @@ from leeloo.messages import NotInCrew, StoreUnavailable
 
 if TYPE_CHECKING:
     from leeloo.core.admission import Admission
-    from leeloo.core.crews import Crews
+    from leeloo.core.crews import Crew, Crews
     from leeloo.core.delivery import Delivery
     from leeloo.store import Journal
 
@@ -78,7 +78,7 @@ class BotUsers:
         its devices are online.
         """
         self.admission.check_bot_join(user_id)
-        crew = self.crews.known(code)
+        crew = self._crew(code, user_id)
         self.crews.add_bot_user(crew, user_id, name)
         return crew.code, len(self.crews.online(crew))
 
@@ -87,11 +87,22 @@ class BotUsers:
         A bot user's message to a crew it joined.  Fires with the devices
         reached once it is stored and delivered.
         """
-        crew = self.crews.known(code)
+        crew = self._crew(code, user_id)
         if user_id not in crew.bot_users:
             raise NotInCrew(f"join crew {crew.code} before sending to it")
         message = messages.RelayedMessage(TELEGRAM_DEVICE_ID, sender_name, msg_type, payload)
         return self.delivery.publish(crew, message, TELEGRAM_DEVICE_ID, size=len(messages.encode(message)))
+
+    def _crew(self, code: str, user_id: str) -> Crew:
+        """
+        The crew of C{code} as bot user C{user_id} means it: the crew it is
+        in that was renamed from C{code}, if there is one.
+
+        @raise InvalidCrewCode: there is none.
+        """
+        if self.crews.aliases:
+            code = self.crews.resolve(messages.normalize_crew_code(code), None, user_id)
+        return self.crews.known(code)
 
     def user_crews(self, user_id: str) -> list[BotCrew]:
         """

@@ -173,16 +173,18 @@ class Crews:
         """
         return self.fanout.listeners(membership.crew.code).get(membership.member.device_id) is membership
 
-    def resolve(self, code: str, device_id: str | None) -> str:
+    def resolve(self, code: str, device_id: str | None, bot_user: str | None = None) -> str:
         """
-        The code C{device_id} means by C{code}: for a member of a crew that
-        was renamed from C{code}, the crew's code now (its device keeps the
-        old one until a reply tells it the new); else C{code} itself.
+        The code C{device_id} (or bot user C{bot_user}) means by C{code}:
+        for a member of a crew that was renamed from C{code}, the crew's
+        code now (its device keeps the old one until a reply tells it the
+        new); else C{code} itself.
         """
         target = self.aliases.get(code)
-        if target is not None and device_id is not None:
+        if target is not None:
             crew = self.crews.get(target)
-            if crew is not None and device_id in crew.members:
+            if crew is not None and ((device_id is not None and device_id in crew.members)
+                                     or (bot_user is not None and bot_user in crew.bot_users)):
                 return target
         return code
 

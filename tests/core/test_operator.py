@@ -5,7 +5,7 @@ cache, the store and the connected devices together.
 
 from leeloo.core.defaults import PRESENCE_GRACE
 from leeloo.core.operator import Imported, Refused
-from leeloo.messages import CLOSE_OPERATOR
+from leeloo.messages import CLOSE_OPERATOR, InvalidCrewCode
 from leeloo.relay import Relay
 from leeloo.store import MemoryStore
 from leeloo.testing import Device
@@ -148,6 +148,21 @@ class RenameTests(OperatorTestCase):
         c = self.member("leeloo_c", "LEELOO-CCCC")
         c.send(type="message", payload={"text": "x"}, crew_code=ALPHA)
         self.assertEqual(c.take()[0]["error"], "not_in_crew")
+
+    def test_bot_user_follows(self):
+        """
+        A bot user of the crew that joins or sends with the old code reaches
+        it (and is told its new code); another bot user does not.
+        """
+        a = self.member("leeloo_a")
+        self.relay.bot_join_crew("7", ALPHA, "Tina")
+        self.done(self.operator.rename_crew(ALPHA, BRAVO))
+        a.take()
+        self.assertEqual(self.relay.bot_join_crew("7", ALPHA.lower(), "Tina"), (BRAVO, 1))
+        self.assertEqual(self.done(self.relay.bot_message("7", ALPHA, "Tina", "text", {"text": "hi"})), 1)
+        self.assertEqual([m["payload"] for m in a.take()], [{"text": "hi"}])
+        with self.assertRaises(InvalidCrewCode):
+            self.relay.bot_join_crew("8", ALPHA, "Tom")
 
     def test_store_follows(self):
         """
