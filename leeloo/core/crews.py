@@ -16,6 +16,7 @@ import itertools
 import secrets
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from leeloo import messages
@@ -143,6 +144,9 @@ class Crews:
         self.multi: dict[str, dict[str, None]] = {}
         # The codes crews were renamed from: old code -> the crew's code now.
         self.aliases: dict[str, str] = {}
+        # Crews renamed whose rename is not yet durable: code -> what waits
+        # for their log to have moved (replays).
+        self.moving: dict[str, list[Deferred]] = {}
 
     def restore(self, snapshot: Snapshot) -> None:
         self.aliases.update(snapshot.aliases)
@@ -220,7 +224,17 @@ class Crews:
         self.aliases[old] = new
         self.presence.renamed(old, new)
         self.journal.put((RENAME_CREW, functools.partial(self._move_sequences, old, new)), wait=False)
+        self.moving.setdefault(new, [])
+        self.journal.barrier().addBoth(self._moved, new)
         _log.info("crew {crew_code} renamed {new_code}", crew_code=old, new_code=new)
+
+    def _moved(self, result: Any, code: str) -> None:
+        """
+        Crew C{code}'s rename is durable (or failed, and is retried with the
+        relay's other state): what waited reads its log now.
+        """
+        for d in self.moving.pop(code, ()):
+            d.callback(None)
 
     def _move_sequences(self, old: str, new: str) -> tuple[str, str]:
         sequences = self.journal.store.sequences

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from leeloo import messages
@@ -64,8 +65,15 @@ class Replayer:
         if not session.acks:
             since = max(since, now - self.legacy_replay_age)
             ephemeral_since = max(since, now - self.ephemeral_age)
-        d = self.store.replay(crew.code, start, up_to, since, session.device_id, self.replay_limit,
-                              ephemeral_since)
+        args = (crew.code, start, up_to, since, session.device_id, self.replay_limit, ephemeral_since)
+        moving = self.crews.moving.get(crew.code)
+        if moving is None:
+            d = self.store.replay(*args)
+        else:
+            # The crew was just renamed: its log is read once it has moved.
+            d = Deferred()
+            moving.append(d)
+            d.addCallback(lambda _: self.store.replay(*args))
         d.addCallbacks(self._replayed, self._replay_failed,
                        callbackArgs=(membership, up_to), errbackArgs=(membership, up_to))
         d.addErrback(self._replay_bug, membership)

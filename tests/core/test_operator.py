@@ -233,6 +233,29 @@ class RenameTests(OperatorTestCase):
         self.assertEqual([(m["payload"]["text"], m["seq"]) for m in b.take() if m["type"] == "message"],
                          [("first", 1), ("before", 2), ("after", 3)])
 
+    def test_returning_member_while_it_moves(self):
+        """
+        A member that comes back before the rename is durable gets what it
+        missed once the log has moved.
+        """
+        self.store = HeldStore()
+        self.relay = Relay(self.clock, self.store)
+        a = self.member("leeloo_a")
+        self.store.release()
+        b = self.member("leeloo_b")
+        self.store.release()
+        b.close()
+        self.say(a, "missed")
+        self.store.release()
+        d = self.relay.operator.rename_crew(ALPHA, BRAVO)
+        back = Device(self.relay)
+        back.send(type="join_crew", device_id="leeloo_b", crew_code=ALPHA, display_name="B")
+        self.assertEqual([m["type"] for m in back.take()], ["crew_joined"])
+        self.store.release()
+        self.store.release()
+        self.done(d)
+        self.assertEqual([m["payload"] for m in back.take() if m["type"] == "message"], [{"text": "missed"}])
+
     def test_refused(self):
         """
         A code another crew has, the crew's own code, or no such crew is
