@@ -248,6 +248,9 @@ def admin_call(data_dir: str, command: str, arguments: dict) -> dict:
     message = answer.get("message") or answer.get("error") or f"HTTP {response.status}"
     if response.status == 400:
         raise BadInput(message)
+    if response.status == 401:
+        raise Refusal(f"the relay at {url} does not take the token in {directory / TOKEN_FILE}: is it this "
+                      "data directory's relay? (it writes its token there at start)")
     raise Refusal(f"the relay refused: {message}")
 
 

@@ -387,6 +387,12 @@ class TokenTests(CLITestCase):
         answers = yield deferToThread(script)
         # With the token, the call reaches the core (no such crew: 409).
         self.assertEqual(answers, (401, 401, 401, 409, 200, 200))
+        # The CLI with a token that is not this relay's is refused.
+        with open(os.path.join(self.data_dir, "admin.token"), "w") as f:
+            f.write("w" * 43 + "\n")
+        status, out, err = yield self.admin("delete-crew", "LEELOO-NONE")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("does not take the token", err)
         yield relay.stop()
         self.assertNotIn(token, relay.proto.output.decode())
 
