@@ -219,6 +219,7 @@ DEVICE_ID_PREFIX = "leeloo_"
 MAX_CREW_CODE_LENGTH = 64
 MAX_DEVICE_ID_LENGTH = 64
 MAX_NAME_LENGTH = 64
+MAX_CREW_NAME_LENGTH = 40
 MAX_TYPE_LENGTH = 64
 MAX_FIELD_LENGTH = 1024
 
@@ -528,6 +529,7 @@ class CreateCrew:
     display_name: str | None = None
     last_seq: int | None = None
     device_key: str | None = field(default=None, repr=False)
+    crew_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -801,6 +803,7 @@ def _create_crew(obj: Mapping) -> CreateCrew:
         display_name=_display_name(obj),
         last_seq=_last_seq(obj),
         device_key=_device_key(obj),
+        crew_name=string_field(obj, "crew_name", MAX_CREW_NAME_LENGTH),
     )
 
 
@@ -1003,7 +1006,8 @@ class CrewCreated:
 class CrewJoined:
     """
     ``crew_joined``: the answer to C{join_crew}.  C{crew_members} counts
-    the online members with the joiner; C{member_names} names the others.
+    the online members with the joiner; C{member_names} names the others;
+    C{crew_name} is written only for a crew that has one.
     """
 
     type: ClassVar[str] = "crew_joined"
@@ -1012,18 +1016,19 @@ class CrewJoined:
     crew_members: int
     member_names: list[str]
     device_key: str | None = field(default=None, repr=False)
+    crew_name: str | None = None
 
     def to_dict(self) -> dict:
-        return _with_key(
-            {
-                "type": self.type,
-                "device_id": self.device_id,
-                "crew_code": self.crew_code,
-                "crew_members": self.crew_members,
-                "member_names": self.member_names,
-            },
-            self.device_key,
-        )
+        d = {
+            "type": self.type,
+            "device_id": self.device_id,
+            "crew_code": self.crew_code,
+            "crew_members": self.crew_members,
+            "member_names": self.member_names,
+        }
+        if self.crew_name is not None:
+            d["crew_name"] = self.crew_name
+        return _with_key(d, self.device_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1565,7 +1570,7 @@ _RELAY_DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "crew_joined": lambda o: CrewJoined(
         _relay_field(o, "device_id", str), _relay_field(o, "crew_code", str),
         _relay_field(o, "crew_members", int), _names(o, "member_names"),
-        _relay_field(o, "device_key", str, required=False)),
+        _relay_field(o, "device_key", str, required=False), _relay_field(o, "crew_name", str, required=False)),
     "member_joined": lambda o: MemberJoined(
         _relay_field(o, "device_id", str), _relay_field(o, "display_name", str),
         _relay_field(o, "crew_code", str, required=False)),
