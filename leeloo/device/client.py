@@ -36,6 +36,19 @@ C{unknown_type} while a pairing is asked for
     the relay predates pairing: L{pair_spotify} fails with
     L{PairingUnsupported}, and the caller falls back to the legacy authorize
     URL (C{state} = the device id).
+
+Several crews (issue 16): L{crew_add} adds a crew and keeps the others (the
+device is multi-crew from then on, and saves its other crews in
+C{relay_state.json}); L{crew_leave} leaves one; L{crews} asks the relay
+for the list.  On every connection the device enters its main crew (the one
+C{crew_config.json} names, as deployed devices do), and adds its other
+crews again, each after the last sequence it handled there.  A send may
+name one of its crews (C{crew_code}); a multi-crew device names the crew on
+every send.  Every crew event (C{message}, C{music_shared}, C{reaction},
+C{member_joined}, C{member_offline}, C{replay_truncated}, C{sent}) reaches
+observers with the C{crew_code} the relay tags it with (an older relay sends
+none: its events are the main crew's), and positions and acknowledgements
+are kept per crew.
 """
 
 from __future__ import annotations
@@ -58,6 +71,8 @@ from leeloo.messages import (
     CloseCode,
     CrewCreated,
     CrewJoined,
+    CrewLeft,
+    CrewList,
     ErrorFrame,
     InvalidMessage,
     NotInCrew,
@@ -78,7 +93,7 @@ MSG_TYPES = ("text", "song_push", "reaction", "nudge", "hang_propose", "hang_con
 EVENTS = ("message", "music_shared", "reaction", "member_joined", "member_offline",
           "spotify_auth_complete", "spotify_pair", "spotify_pair_failed", "spotify_tokens",
           "spotify_search_results", "connected", "disconnected",
-          "replay_truncated", "sent", "error", "stopped")
+          "replay_truncated", "sent", "error", "stopped", "crew_joined", "crew_left", "crews")
 
 # The reply that says the relay has put the connection where it asked.
 _REPLIES: dict[str, type] = {"join": CrewJoined, "create": CrewCreated, "register": Registered}
@@ -154,6 +169,11 @@ _SPOTIFY_ERRORS = ("unknown_type", "not_registered", "spotify_not_configured", "
                    "spotify_unavailable", "rate_limited", "invalid_message")
 # The answers to them.
 _SPOTIFY_ANSWERS = {"spotify_refresh": "spotify_tokens", "spotify_search": "spotify_search_results"}
+
+
+# The errors that answer a crew_add, crew_leave or crews.
+_CREW_ERRORS = ("invalid_crew_code", "crew_limit", "not_in_crew", "rate_limited", "not_registered",
+                "invalid_last_seq", "invalid_message", "unknown_type")
 
 
 # The errors that answer a spotify_pair.
@@ -305,6 +325,11 @@ class LeelooDevice(Service):
         # answers carry no request id.
         self._spotify_calls: list[tuple[dict, Deferred]] = []
         self._spotify_sent = False
+        # crew_add / crew_leave / crews: (frame, Deferred or None for the
+        # device's own re-adds), the first one sent (True) or waiting to be.
+        self._crew_calls: list[tuple[dict, Deferred | None]] = []
+        self._crew_sent = False
+        self._crew_timer: Any = None
         self._unproductive = 0
         self._next_delay: float | None = None
         self._timer: Any = None
@@ -402,6 +427,7 @@ class LeelooDevice(Service):
             w.errback(DeviceStopped(why, reason))
         self._fail_pairing(DeviceStopped(why, reason))
         self._fail_spotify_calls(DeviceStopped(why, reason))
+        self._fail_crew_calls(DeviceStopped(why, reason))
         return d
 
     def _give_up(self, reason: Exception) -> None:
@@ -456,6 +482,183 @@ class LeelooDevice(Service):
         except ProtocolError as e:
             return fail(e)
         return self._retarget(("join", code, True))
+
+    @property
+    def held_crews(self) -> list[str]:
+        """
+        The codes of the crews this device is in as it knows them: its main
+        crew (C{crew_config.json}'s) first, then the others in the order
+        added.
+        """
+        main = self.crew_code or self.state.config.crew_code or None
+        return ([main] if main else []) + [c for c in self.state.crews if c != main]
+
+    def crew_add(self, crew_code: str) -> Deferred:
+        """
+        Add the existing crew C{crew_code} to this device's crews, keeping
+        the others: the device is multi-crew from then on, and comes back
+        to it on every connection.  Fires with the relay's C{crew_joined}
+        frame (its C{crew_name} when the crew has one); fails with
+        L{messages.InvalidCrewCode} (no such crew: C{crew_add} never
+        creates one), the relay's C{crew_limit} or C{rate_limited}, or
+        L{DeviceStopped}.  Offline, it waits for the connection.
+        """
+        try:
+            code = messages.normalize_crew_code(crew_code)
+        except ProtocolError as e:
+            return fail(e)
+        if not code:
+            return fail(InvalidMessage("crew_add needs a crew code"))
+        return self._crew_call({"type": "crew_add", "crew_code": code})
+
+    def crew_leave(self, crew_code: str) -> Deferred:
+        """
+        Leave crew C{crew_code} for good (nothing of it is replayed); its
+        unsent messages are dropped (their sends fail with
+        L{messages.NotInCrew}).  Leaving the main crew makes the
+        earliest-added other crew the main one, as the relay makes it
+        primary.  Fires with the relay's C{crew_left} frame; fails with
+        L{messages.NotInCrew} for a crew the device is not in.
+        """
+        try:
+            code = messages.normalize_crew_code(crew_code)
+        except ProtocolError as e:
+            return fail(e)
+        if code not in self.held_crews:
+            return fail(NotInCrew(f"this device is not in crew {code}"))
+        return self._crew_call({"type": "crew_leave", "crew_code": code})
+
+    def crews(self) -> Deferred:
+        """
+        Ask the relay which crews this device is in.  Fires with its
+        C{crews} frame: C{primary}, and C{crews}, each with C{crew_code},
+        C{crew_name}, C{members_online} (the device included) and
+        C{member_names} (the others).
+        """
+        return self._crew_call({"type": "crews"})
+
+    def _crew_call(self, frame: dict, d: Deferred | None = None, first: bool = False) -> Deferred | None:
+        if self.phase == "stopped" and self.stopped_by is not None:
+            return fail(DeviceStopped(str(self.stopped_by), self.stopped_by))
+        if d is None and not first:
+            d = Deferred()
+        if first:
+            self._crew_calls.insert(1 if self._crew_sent else 0, (frame, d))
+        else:
+            self._crew_calls.append((frame, d))
+        self._send_crew_call()
+        return d
+
+    def _send_crew_call(self) -> None:
+        if self._crew_calls and not self._crew_sent and self.phase == "ready" and self._proto is not None \
+                and self._crew_timer is None:
+            self._crew_sent = True
+            frame = dict(self._crew_calls[0][0])
+            code = frame.get("crew_code")
+            if frame["type"] == "crew_add" and code in self.state.last_seq:
+                frame["last_seq"] = self.state.last_seq[code]
+            self._proto.send_frame(frame)
+
+    def _readd_crews(self) -> None:
+        """
+        A multi-crew device entered its main crew: add its other crews
+        again (the relay answers a crew it still holds C{crew_joined}, with
+        nothing replayed twice), before anything the application asked.
+        """
+        queued = {f.get("crew_code") for f, d in self._crew_calls if d is None}
+        for code in reversed([c for c in self.state.crews if c != self.crew_code and c not in queued]):
+            self._crew_call({"type": "crew_add", "crew_code": code}, first=True)
+
+    @staticmethod
+    def _answers(call: dict, message: Any) -> bool:
+        if call["type"] == "crew_add":
+            return isinstance(message, CrewJoined) and message.crew_code == call["crew_code"]
+        if call["type"] == "crew_leave":
+            return isinstance(message, CrewLeft) and message.crew_code == call["crew_code"]
+        return isinstance(message, CrewList)
+
+    def _crew_answered(self, message: CrewJoined | CrewLeft | CrewList, frame: dict) -> None:
+        if self._crew_calls and self._crew_sent and self._answers(self._crew_calls[0][0], message):
+            call, d = self._crew_calls.pop(0)
+            self._crew_sent = False
+            if call["type"] == "crew_add":
+                self._added(call["crew_code"])
+            elif call["type"] == "crew_leave":
+                self._left(call["crew_code"])
+            if d is not None:
+                d.callback(frame)
+            self._send_crew_call()
+        self._emit(frame["type"], frame)
+
+    def _added(self, code: str) -> None:
+        state = self.state
+        changed = not state.multi
+        state.multi = True
+        if code != self.crew_code and code not in state.crews:
+            state.crews.append(code)
+            changed = True
+        if changed:
+            state.save_positions()
+
+    def _left(self, code: str) -> None:
+        state = self.state
+        if code in state.crews:
+            state.crews.remove(code)
+        state.last_seq.pop(code, None)
+        c = state.config
+        if code == self.crew_code:
+            # The earliest-added other crew is the main one now (the relay
+            # makes it primary), or none.
+            self.crew_code = state.crews.pop(0) if state.crews else None
+            c.crew_code = c.crew_id = self.crew_code or ""
+            state.save_config()
+            self._target = ("join", self.crew_code, False) if self.crew_code else ("register", None, False)
+        state.save_positions()
+        self._drop_other_crews()
+
+    def _crew_refused(self, error: Exception) -> None:
+        call, d = self._crew_calls[0]
+        code = call.get("crew_code")
+        if getattr(error, "code", None) == "rate_limited":
+            self._crew_sent = False
+
+            def again() -> None:
+                self._crew_timer = None
+                self._send_crew_call()
+
+            self._crew_timer = self.reactor.callLater(error.retry_after, again)
+            return
+        if getattr(error, "code", None) == "invalid_last_seq" and code in self.state.last_seq:
+            self.state.last_seq.pop(code)
+            self.state.save_positions()
+            self._crew_sent = False
+            self._send_crew_call()
+            return
+        self._crew_calls.pop(0)
+        self._crew_sent = False
+        if d is not None:
+            d.errback(error)
+        elif call["type"] == "crew_add":
+            _log.warn("could not add crew {crew_code} again: {error}", crew_code=code, error=str(error))
+            if getattr(error, "code", None) == "invalid_crew_code" and code in self.state.crews:
+                # The relay lost it: it is no longer one of this device's crews.
+                self.state.crews.remove(code)
+                self.state.save_positions()
+        self._send_crew_call()
+
+    def _fail_crew_calls(self, error: Exception) -> None:
+        calls, self._crew_calls = self._crew_calls, []
+        self._crew_sent = False
+        self._cancel_crew_timer()
+        for _, d in calls:
+            if d is not None:
+                d.errback(error)
+
+    def _cancel_crew_timer(self) -> None:
+        if self._crew_timer is not None:
+            if self._crew_timer.active():
+                self._crew_timer.cancel()
+            self._crew_timer = None
 
     def _retarget(self, target: tuple) -> Deferred:
         if self.phase == "stopped" and self.stopped_by is not None:
@@ -518,6 +721,14 @@ class LeelooDevice(Service):
         if device_id != c.device_id:
             c.device_id, changed = device_id, True
         if code is not None and code != c.crew_code:
+            if self.state.multi and c.crew_code:
+                # A multi-crew device's join_crew adds a crew: the one it
+                # was in stays one of its crews.
+                if c.crew_code not in self.state.crews:
+                    self.state.crews.insert(0, c.crew_code)
+                if code in self.state.crews:
+                    self.state.crews.remove(code)
+                self.state.save_positions()
             c.crew_code, c.crew_id, changed = code, code, True
         if changed or self.state.config_changed():
             self.state.save_config()
@@ -548,6 +759,9 @@ class LeelooDevice(Service):
                                  "crew_members": reply.crew_members if joined else None,
                                  "member_names": reply.member_names if joined else []})
         self._flush()
+        if self.state.multi:
+            self._readd_crews()
+        self._send_crew_call()
         self._send_pairing()
         self._send_spotify_call()
 
@@ -558,9 +772,10 @@ class LeelooDevice(Service):
 
     def _drop_other_crews(self) -> None:
         kept, dropped = [], []
+        held = self.held_crews
         for entry in self.state.outbox:
-            if entry.get("crew_code") in (None, self.crew_code):
-                entry["crew_code"] = self.crew_code
+            if entry.get("crew_code") is None and self.crew_code is not None or entry.get("crew_code") in held:
+                entry["crew_code"] = entry.get("crew_code") or self.crew_code
                 kept.append(entry)
             else:
                 dropped.append(entry)
@@ -741,46 +956,60 @@ class LeelooDevice(Service):
 
     # ---------------------------------------------------------------- sends
 
-    def send_message(self, msg_type: str, payload: dict | None = None) -> Deferred:
+    def send_message(self, msg_type: str, payload: dict | None = None, crew_code: str | None = None) -> Deferred:
         """
-        Send a crew C{message}.  Fires with the relay's C{sent} frame (its
+        Send a crew C{message}, to crew C{crew_code} (one of the device's
+        crews) or its main crew.  Fires with the relay's C{sent} frame (its
         C{seq}) once the message is stored; fails with the relay's error
-        (a L{ProtocolError} naming its code), L{OutboxFull} or
-        L{DeviceStopped}.  Offline, it waits in the outbox.
+        (a L{ProtocolError} naming its code: L{messages.NotInCrew} for a
+        crew the device is not in), L{OutboxFull} or L{DeviceStopped}.
+        Offline, it waits in the outbox.
         """
         return self._send({"type": "message", "msg_type": msg_type,
-                           "payload": payload if payload is not None else {}})
+                           "payload": payload if payload is not None else {}}, crew_code)
 
-    def send_text(self, text: str) -> Deferred:
-        return self.send_message("text", {"text": text})
+    def send_text(self, text: str, crew_code: str | None = None) -> Deferred:
+        return self.send_message("text", {"text": text}, crew_code)
 
     def push_song(self, spotify_uri: str, artist: str = "", track: str = "", album: str = "",
-                  album_art_url: str = "", note: str = "") -> Deferred:
+                  album_art_url: str = "", note: str = "", crew_code: str | None = None) -> Deferred:
         return self.send_message("song_push", {
             "artist": artist, "track": track, "album": album, "spotify_uri": spotify_uri,
             "album_art_url": album_art_url, "note": note,
-        })
+        }, crew_code)
 
-    def react(self, reaction: str = "love", to_device: str | None = None) -> Deferred:
-        return self.send_message("reaction", {"reaction": reaction, "to_device": to_device})
+    def react(self, reaction: str = "love", to_device: str | None = None, crew_code: str | None = None) -> Deferred:
+        return self.send_message("reaction", {"reaction": reaction, "to_device": to_device}, crew_code)
 
-    def nudge(self) -> Deferred:
-        return self.send_message("nudge")
+    def nudge(self, crew_code: str | None = None) -> Deferred:
+        return self.send_message("nudge", crew_code=crew_code)
 
-    def propose_hang(self, datetime: str, description: str = "") -> Deferred:
-        return self.send_message("hang_propose", {"datetime": datetime, "description": description})
+    def propose_hang(self, datetime: str, description: str = "", crew_code: str | None = None) -> Deferred:
+        return self.send_message("hang_propose", {"datetime": datetime, "description": description}, crew_code)
 
-    def confirm_hang(self) -> Deferred:
-        return self.send_message("hang_confirm")
+    def confirm_hang(self, crew_code: str | None = None) -> Deferred:
+        return self.send_message("hang_confirm", crew_code=crew_code)
 
-    def _send(self, message: dict) -> Deferred:
+    def _send(self, message: dict, crew_code: str | None = None) -> Deferred:
         if self.phase == "stopped" and self.stopped_by is not None:
             return fail(DeviceStopped(str(self.stopped_by), self.stopped_by))
         kind, code, _ = self._target
-        if kind == "register" and self.crew_code is None:
+        if crew_code is not None:
+            try:
+                crew_code = messages.normalize_crew_code(crew_code)
+            except ProtocolError as e:
+                return fail(e)
+            if crew_code not in self.held_crews:
+                return fail(NotInCrew(f"this device is not in crew {crew_code}"))
+        elif kind == "register" and self.crew_code is None:
             return fail(NotInCrew("join or create a crew before sending crew messages"))
         client_msg_id = secrets.token_hex(8)
         frame = {**message, "client_msg_id": client_msg_id}
+        crew = crew_code or (self.crew_code if self.phase == "ready" else code)
+        if crew_code is not None or self.state.multi:
+            # Named, the message goes to that crew; a multi-crew device
+            # names its main crew too (the relay's primary may differ).
+            frame["crew_code"] = crew
         try:
             payload = messages.encode(frame)
             # The relay's own decoder: a message it would refuse fails here,
@@ -796,7 +1025,6 @@ class LeelooDevice(Service):
         if len(self.state.outbox) >= self.outbox_limit:
             return fail(OutboxFull(
                 f"{len(self.state.outbox)} messages already wait for the relay (the limit is {self.outbox_limit})"))
-        crew = self.crew_code if self.phase == "ready" else code
         self.state.outbox.append({"client_msg_id": client_msg_id, "crew_code": crew, "message": frame})
         self.state.save_outbox()
         d = Deferred()
@@ -807,13 +1035,15 @@ class LeelooDevice(Service):
 
     def _flush(self) -> None:
         """
-        Send every unconfirmed message of this crew (the relay answers a
-        resend it already stored with C{sent}, without storing it again).
+        Send every unconfirmed message of this device's crews (the relay
+        answers a resend it already stored with C{sent}, without storing it
+        again).
         """
         if self.phase != "ready" or self._proto is None:
             return
+        held = self.held_crews
         for entry in self.state.outbox:
-            if entry.get("crew_code") == self.crew_code:
+            if entry.get("crew_code") in held:
                 self._proto.send_frame(entry["message"])
 
     def _confirmed(self, sent: Sent, frame: dict) -> None:
@@ -877,9 +1107,13 @@ class LeelooDevice(Service):
             return
         if isinstance(message, Registered) and self._binds:
             self._binds -= 1  # the answer to presenting a freshly issued key
-        elif self.phase == "entering" and type(message) is self._expected:
+        elif self.phase == "entering" and type(message) is self._expected and (
+                not isinstance(message, CrewJoined) or self._entering is None
+                or message.crew_code == self._entering[1]):
             self._entered(proto, message)
-        elif isinstance(message, (CrewJoined, CrewCreated, Registered, Pong)):
+        elif isinstance(message, (CrewJoined, CrewLeft, CrewList)):
+            self._crew_answered(message, frame)
+        elif isinstance(message, (CrewCreated, Registered, Pong)):
             pass
         elif isinstance(message, FANOUTS):
             self._crew_frame(proto, message, frame)
@@ -900,7 +1134,8 @@ class LeelooDevice(Service):
 
     def _crew_frame(self, proto: DeviceProtocol, message: RelayMessage, frame: dict) -> None:
         seq = message.seq
-        crew = self.crew_code
+        # Its crew, as the relay tags it (an older relay's: the main one).
+        crew = message.crew_code or self.crew_code
         if seq is not None and crew is not None and seq <= self.state.last_seq.get(crew, 0):
             _log.debug("crew {crew_code} seq {seq} was handled already", crew_code=crew, seq=seq)
             return
@@ -908,7 +1143,10 @@ class LeelooDevice(Service):
         if seq is not None and crew is not None:
             self.state.last_seq[crew] = seq
             self.state.save_positions()
-            proto.send_frame({"type": "ack", "seq": seq})
+            ack: dict = {"type": "ack", "seq": seq}
+            if message.crew_code is not None and (self.state.multi or crew != self.crew_code):
+                ack["crew_code"] = crew
+            proto.send_frame(ack)
 
     def _tokens(self, message: SpotifyAuthComplete, frame: dict) -> None:
         tokens = message.tokens
@@ -931,6 +1169,10 @@ class LeelooDevice(Service):
         if (self._spotify_calls and self._spotify_sent and error.code in _SPOTIFY_ERRORS
                 and "client_msg_id" not in error.extra):
             self._spotify_refused(error)
+            return
+        if (self._crew_calls and self._crew_sent and error.code in _CREW_ERRORS and self.phase != "entering"
+                and "client_msg_id" not in error.extra):
+            self._crew_refused(error)
             return
         if self.phase == "entering":
             self._entry_refused(error)
@@ -963,6 +1205,8 @@ class LeelooDevice(Service):
         self.crew_code = None
         self._pair_sent = False
         self._spotify_sent = False
+        self._crew_sent = False
+        self._cancel_crew_timer()
         self._cancel_timer()
         self._cancel_entry_timer()
         if self.phase != "stopped":
