@@ -10,6 +10,7 @@ add messages and fields, they never rename or remove these.
 Client -> relay
     ``register``     ``device_id``? ``crew_code``? ``device_name``?
     ``create_crew``  ``device_id``? ``crew_code``? ``display_name``? (or ``device_name``)
+                     ``crew_name``? (at most 40 characters)
     ``join_crew``    ``crew_code`` ``device_id``? ``display_name``? (or ``device_name``)
     ``message``      ``msg_type`` (default ``"text"``), ``payload`` (object, default ``{}``)
     ``share_music``  ``spotify_uri`` ``artist`` ``track`` ``album``
@@ -35,6 +36,7 @@ Relay -> client
     ``spotify_pair_failed`` ``reason`` ``user_code``
     ``spotify_tokens``   ``tokens`` (``access_token`` ``expires_in`` ``refresh_token``)
     ``spotify_search_results`` ``query`` ``results``
+    ``crew_joined``      ``crew_name`` (added, for a crew that has one)
     ``crew_left``        ``crew_code``
     ``crews``            ``primary`` ``crews`` (each ``crew_code``
                          ``crew_name`` ``members_online`` ``member_names``)
@@ -190,6 +192,23 @@ Several crews per device:
     stored before this field existed get it too), ``member_joined``,
     ``member_offline``, ``sent`` and ``replay_truncated``.  Deployed
     devices ignore it.
+
+    ``create_crew`` may name the crew it creates: ``crew_name``, at most
+    40 characters (stripped; longer, or not a string, is
+    ``invalid_message``); ``crews`` lists it (``null`` for a crew without)
+    and ``crew_joined`` carries it as ``crew_name`` for a crew that has one
+    (a crew without one is answered exactly as before).  A crew that
+    exists keeps its name.
+
+    Being multi-crew, the crews (in the order joined) and the primary are
+    stored, and survive a restart: a multi-crew device entering on a new
+    connection (``register`` with its id, ``join_crew``, ``create_crew``)
+    re-enters every crew it is in, each replaying what it missed there in
+    order (``last_seq`` is for the crew the message names), with its
+    primary as it was.  A crew left with ``crew_leave`` stays left.  Member
+    rows kept by earlier releases (a deployed device's in crews it moved
+    out of included) are never memberships: no device is multi-crew until
+    it sends ``crew_add``.
 
 Unknown fields are ignored, so that newer devices keep working against this
 relay.  A frame that cannot be understood raises a L{ProtocolError} whose
