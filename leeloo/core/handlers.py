@@ -164,6 +164,8 @@ class Handlers:
     def _register(self, session: Session, message: Register) -> None:
         crew = self.crews.get(message.crew_code)
         self.crews.check_last_seq(crew, message.last_seq)
+        if message.crew_code is not None:
+            self._check_room(message.device_id or session.device_id, message.crew_code)
         if message.crew_code is not None or self.identity.unseen(session, message.device_id):
             self.admission.check_entry(session, message.device_id, crew)
         key = self._identify(session, message.device_id, message.device_name, message.device_key)
@@ -181,6 +183,7 @@ class Handlers:
     def _create_crew(self, session: Session, message: CreateCrew) -> None:
         crew = self.crews.get(message.crew_code)
         self.crews.check_last_seq(crew, message.last_seq)
+        self._check_room(message.device_id or session.device_id, message.crew_code)
         # Counted before a code is searched for: a refused flood costs no search.
         self.admission.check_entry(session, message.device_id, crew)
         code = message.crew_code or self.crews.unused_code()
@@ -228,6 +231,7 @@ class Handlers:
         if crew is None:
             raise InvalidCrewCode(f"Crew {message.crew_code} not found")
         self.crews.check_last_seq(crew, message.last_seq)
+        self._check_room(message.device_id or session.device_id, crew.code)
         key = self._identify(session, message.device_id, message.display_name, message.device_key)
         session.send(self._crew_joined(session, crew, key))
         self.tokens.hand_over(session)
@@ -249,6 +253,19 @@ class Handlers:
         return messages.CrewJoined(session.device_id, crew.code, online, others, key, crew.name)
 
     # ------------------------------------------------------- several crews
+
+    def _check_room(self, device_id: str | None, code: str | None) -> None:
+        """
+        Check that a multi-crew device has room for crew C{code} (C{None}:
+        a new one) if it is not in it: C{join_crew}, C{create_crew} and
+        C{register} add a crew for it, as C{crew_add} does.
+
+        @raise CrewLimit: it is in C{max_crews_per_device} crews.
+        """
+        record = self.crews.multi.get(device_id) if device_id is not None else None
+        limit = self.admission.limits.max_crews_per_device
+        if record is not None and code not in record.crews and len(record.crews) >= limit:
+            raise CrewLimit(f"this device is in {limit} crews, the most it may be in; leave one first")
 
     def _bound(self, session: Session) -> None:
         """

@@ -1007,3 +1007,35 @@ class CrewNameTests(MultiCrewTestCase):
         self.named("Family")
         self.relay = self.make_relay(store=store)
         self.assertEqual(self.relay.crews_part.crews["NAMED"].name, "Family")
+
+
+class MultiLimitTests(MultiCrewTestCase):
+    limits = RelayLimits(messages=Rate(1000, 1000), entries=Rate.per_window(1000, 600), max_crews_per_device=2)
+
+    def test_join_crew_past_the_limit(self):
+        """
+        A multi-crew device at the limit is answered C{crew_limit} by
+        C{join_crew}, C{create_crew} and C{register} naming another crew,
+        and stays in its crews; naming a crew it holds is fine.
+        """
+        m = self.device("m", "ALPHA")
+        m.send(type="crew_add", crew_code="BRAVO")
+        m.take()
+        for frame in ({"type": "join_crew", "crew_code": "CHARLIE"}, {"type": "create_crew"},
+                      {"type": "create_crew", "crew_code": "NEW"},
+                      {"type": "register", "device_id": "m", "crew_code": "CHARLIE"}):
+            m.send(**frame)
+            self.assertEqual(m.last()["error"], "crew_limit", frame)
+        self.assertEqual([x.crew.code for x in m.session.memberships()], ["ALPHA", "BRAVO"])
+        self.assertEqual(self.c1.take(), [])
+        m.send(type="join_crew", crew_code="BRAVO")
+        self.assertEqual(m.last()["type"], "crew_joined")
+
+    def test_legacy_device_has_no_limit_to_reach(self):
+        """
+        A device that never sent C{crew_add} moves as often as it likes.
+        """
+        m = self.device("m", "ALPHA")
+        for code in ("BRAVO", "CHARLIE", "ALPHA"):
+            m.send(type="join_crew", crew_code=code)
+            self.assertEqual(m.last()["type"], "crew_joined")
