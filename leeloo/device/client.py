@@ -1006,7 +1006,7 @@ class LeelooDevice(Service):
         client_msg_id = secrets.token_hex(8)
         frame = {**message, "client_msg_id": client_msg_id}
         crew = crew_code or (self.crew_code if self.phase == "ready" else code)
-        if crew_code is not None or self.state.multi:
+        if crew is not None and (crew_code is not None or self.state.multi):
             # Named, the message goes to that crew; a multi-crew device
             # names its main crew too (the relay's primary may differ).
             frame["crew_code"] = crew
