@@ -1571,6 +1571,9 @@ def _stamp_fields(obj: Mapping) -> dict:
 def _crew_listing(obj: Any) -> CrewListing:
     if not isinstance(obj, dict):
         raise InvalidMessage("each of crews must be an object")
+    # Named as the crews frame's own fields are ("crews crew_code is
+    # required"): a listing has no type of its own.
+    obj = {**obj, "type": "crews"}
     return CrewListing(_relay_field(obj, "crew_code", str), _relay_field(obj, "crew_name", str, required=False),
                        _relay_field(obj, "members_online", int), _names(obj, "member_names"))
 

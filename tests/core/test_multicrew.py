@@ -666,6 +666,16 @@ class DeviceSideTests(MultiCrewTestCase):
         with self.assertRaises(messages.InvalidMessage):
             messages.relay_message_from({"type": "crews", "primary": None, "crews": ["X"]})
 
+    def test_listing_missing_field_named(self):
+        """
+        A listed crew without its C{crew_code} is C{invalid_message} saying
+        so, named as a field of C{crews}.
+        """
+        with self.assertRaises(messages.InvalidMessage) as caught:
+            messages.relay_message_from({"type": "crews", "primary": None,
+                                         "crews": [{"members_online": 1, "member_names": []}]})
+        self.assertEqual(str(caught.exception), "crews crew_code is required")
+
 
 class ComingBackTests(MultiCrewTestCase):
     """
@@ -904,6 +914,23 @@ class RestartTests(MultiCrewTestCase):
         self.device("x1", "DELTA")
         back = self.device("m")
         self.assertEqual([x.crew.code for x in back.session.memberships()], ["ALPHA"])
+
+    def test_idle_device_forgotten_with_its_crews(self):
+        """
+        A multi-crew device in no crew whose id retention forgets (not seen
+        for crew_ttl) is no longer stored as multi-crew.
+        """
+        m = self.device("m", "ALPHA")
+        m.send(type="crew_add", crew_code="BRAVO")
+        m.send(type="crew_leave", crew_code="ALPHA")
+        m.send(type="crew_leave", crew_code="BRAVO")
+        m.close()
+        for d in (self.a1, self.b1, self.c1):
+            d.close()
+        self.clock.advance(self.relay.crew_ttl + 1)
+        self.successResultOf(self.relay.prune())
+        self.assertNotIn("m", self.relay.crews_part.multi)
+        self.assertNotIn("m", self.store.multi_crew)
 
     def test_stored_once_per_change(self):
         """
