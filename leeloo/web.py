@@ -903,6 +903,41 @@ class Deadlines:
             self._call = None
 
 
+# The longest request line looked at for a WebSocket upgrade; a longer
+# one is twisted.web's to parse (and refuse).
+MAX_ROUTED_LINE = 2048
+UPGRADE_PATH = b"/ws"
+
+
+def is_upgrade_line(line: bytes, path: bytes = UPGRADE_PATH) -> bool:
+    """
+    Whether C{line} is the request line of a WebSocket upgrade at C{path}:
+    C{GET /ws HTTP/1.1}, maybe with a query.
+    """
+    n = len(path) + 4
+    return (line.startswith(b"GET " + path) and line[n:n + 1] in (b" ", b"?")
+            and line.endswith(b" HTTP/1.1") and line.count(b" ") == 2)
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeGuard:
+    """
+    What an upgrade routed past twisted.web keeps of its HTTP channel's
+    limits until the handshake is done: the request deadline (C{deadlines}
+    watching C{channel}), and the most bytes and lines its head may have,
+    past which it is answered C{refusal}.
+    """
+
+    deadlines: Any
+    channel: Any
+    max_size: int
+    max_lines: int
+    refusal: bytes
+
+    def done(self) -> None:
+        self.deadlines.done(self.channel)
+
+
 class RelayChannel(HTTPChannel):
     """
     An HTTP/1.1 connection that must finish each request within the site's
@@ -933,6 +968,9 @@ class RelayChannel(HTTPChannel):
     # included); 0 between requests.
     _head_size = 0
     _head_lines = 0
+    # The connection's first bytes while its request line is not yet
+    # whole (see L{dataReceived}); None once routed.
+    _routing: bytes | None = b""
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -982,6 +1020,10 @@ class RelayChannel(HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if not self._refused:
+            if self._routing is not None:
+                data = self._route(data)
+                if data is None:
+                    return
             super().dataReceived(data)
         elif self._answer is not None:
             # A turned-away connection's request: answer it, close our
@@ -990,6 +1032,59 @@ class RelayChannel(HTTPChannel):
             self.site.responses[int(response[9:12])] += 1
             self.transport.write(response)
             self.transport.loseWriteConnection()
+
+    def _route(self, data: bytes) -> bytes | None:
+        """
+        Look at the connection's request line before twisted.web does: a
+        WebSocket upgrade (C{GET /ws HTTP/1.1}, the connection's first
+        request) goes straight to Autobahn, which parses the handshake
+        itself, without a twisted.web request built for it (a third of the
+        CPU a reconnect storm costs).  Return what twisted.web is to read,
+        or None when there is nothing for it (yet).
+        """
+        if self._routing:
+            data = self._routing + data
+        end = data.find(b"\r\n", 0, MAX_ROUTED_LINE)
+        if end < 0 and len(data) < MAX_ROUTED_LINE:
+            # The request line is not whole yet: wait for it (within the
+            # deadline, which runs from the connection's start).
+            self._routing = data
+            return None
+        self._routing = None
+        upgrade = self.site.upgrade
+        if end >= 0 and upgrade is not None and is_upgrade_line(data[:end]):
+            self._upgrade(upgrade, data)
+            return None
+        return data
+
+    def _upgrade(self, factory: Any, data: bytes) -> None:
+        """
+        Give the connection to a WebSocket protocol of C{factory}, as
+        Autobahn's WebSocketResource does once twisted.web has parsed the
+        request (pinned by test_site's UpgradeRoutingTests), with C{data},
+        everything read so far.
+        """
+        transport = self.transport
+        protocol = factory.buildProtocol(transport.getPeer())
+        if isinstance(transport, ProtocolWrapper):
+            # TLS: the channel is the TLS layer's wrapped protocol.
+            transport.wrappedProtocol = protocol
+        elif isinstance(transport.protocol, ProtocolWrapper):
+            transport.protocol.wrappedProtocol = protocol
+        else:
+            transport.protocol = protocol
+        if self._gated is not None:
+            # The WebSocket now gets the connection's end, not this
+            # channel: it frees the connection's place under the gate.
+            protocol.gate_slot = (self.site.gate, self._gated)
+            self._gated = None
+        # The request deadline keeps running until the handshake is done
+        # (this channel keeps its transport for the deadline to abort), and
+        # the handshake's head has the limits twisted.web gives a request's.
+        protocol.handshake_guard = HandshakeGuard(
+            self.site.deadlines, self, self.totalHeadersSize, self.maxHeaders, HEADERS_TOO_LARGE)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
@@ -1220,6 +1315,9 @@ class RelaySite(Site):
     @param hsts: the C{Strict-Transport-Security} value to send over TLS,
         or C{None} for none.
     @param name: how the metrics label this site.
+    @param upgrade: the WebSocket factory (the one at C{/ws} in
+        C{resource}) that takes C{GET /ws} upgrades straight from the
+        channel, or C{None} to leave them to twisted.web.
     """
 
     protocol = RelayChannel
@@ -1235,8 +1333,11 @@ class RelaySite(Site):
         name: str = "public",
         reactor: Any = None,
         gate: ConnectionGate | None = None,
+        upgrade: Any = None,
     ) -> None:
         self.proxies = proxies
+        # The WebSocket factory that upgrades at /ws skip twisted.web for.
+        self.upgrade = upgrade
         super().__init__(resource, reactor=reactor, timeout=None, logFormatter=self.access_log_line)
         self.limits = limits
         self.hsts = hsts
@@ -1333,6 +1434,7 @@ def make_site(
         hsts=hsts,
         reactor=reactor,
         gate=gate,
+        upgrade=ws_factory,
     )
     if metrics is not None:
         metrics.add_site(site)

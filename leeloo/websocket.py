@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import FunctionType
 from typing import Any
 
+import autobahn.util
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import tcp
@@ -32,6 +33,13 @@ from leeloo.timers import TimerWheel
 # Module-level: Autobahn's classes use their own ``log`` (a txaio logger that
 # drops debug events cheaply); overriding it would emit every frame's debug.
 _log = Logger()
+
+# Autobahn formats the arguments of its debug lines before the logger drops
+# them, and names code in them with hltype(), which colours each part with
+# click.style: twelve calls per connection, a tenth of a handshake's CPU.
+# Without colours they are plain strings.  (A private flag of
+# autobahn.util: test_websocket's AutobahnColourTests fail if it changes.)
+autobahn.util._HAS_CLICK = False
 
 MiB = 1024 * 1024
 
@@ -112,6 +120,11 @@ class RelayServerProtocol(WebSocketServerProtocol):
     # connection against, handed over by the HTTP channel at the upgrade:
     # released when the connection ends.
     gate_slot: tuple | None = None
+    # An upgrade the HTTP channel routed past twisted.web: its request
+    # deadline and head limits (leeloo.web.HandshakeGuard), until the
+    # handshake is done.
+    handshake_guard: Any = None
+    _head_refused = False
 
     # The payload of the last ping sent, and the relay's delivery mark then.
     _ping_payload: bytes | None = None
@@ -133,7 +146,40 @@ class RelayServerProtocol(WebSocketServerProtocol):
         # Autobahn's own dataReceived formats a debug line's arguments (with
         # terminal colours) for every read before the logger drops it: about
         # 6% of the relay's CPU under load.  Go straight to the protocol.
+        if self.handshake_guard is not None and not self._head_allowed(data):
+            return
         self._dataReceived(data)
+
+    def _head_allowed(self, data: bytes) -> bool:
+        """
+        Whether the opening handshake may read C{data}: Autobahn buffers a
+        head of any size, so past the guard's limits it is answered (431)
+        and nothing more is read, as twisted.web does with a request.
+        """
+        if self._head_refused:
+            return False
+        guard = self.handshake_guard
+        head = self.data + data
+        end = head.find(b"\r\n\r\n")
+        size = len(head) if end < 0 else end
+        lines = head.count(b"\r\n", 0, size)
+        if size - 2 * lines <= guard.max_size and lines < guard.max_lines:
+            return True
+        self._head_refused = True
+        self.transport.write(guard.refusal)
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:
+            # The deadline aborts the connection if the client does not
+            # close its side.
+            half_close()
+        else:
+            self.transport.loseConnection()
+        return False
+
+    def _handshake_done(self) -> None:
+        guard, self.handshake_guard = self.handshake_guard, None
+        if guard is not None:
+            guard.done()
 
     def onConnect(self, request) -> None:
         factory = self.factory
@@ -147,6 +193,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
         self._admitted = True
 
     def onOpen(self) -> None:
+        if self.handshake_guard is not None:
+            self._handshake_done()
         for name in _HANDSHAKE_LEFTOVERS:
             setattr(self, name, None)
         try:
@@ -157,7 +205,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
             _log.failure("bug while opening a WebSocket from {client_address}", client_address=self.address)
             self.close(CLOSE_INTERNAL_ERROR, "internal error")
             return
-        _log.info("WebSocket connected from {client_address}", client_address=self.address)
+        # At debug: the device's register, or its close, says it at info.
+        _log.debug("WebSocket connected from {client_address}", client_address=self.address)
 
     def onMessageBegin(self, isBinary: bool) -> None:
         self._fragments = 0
@@ -204,6 +253,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
         try:
             super().connectionLost(reason)
         finally:
+            self._handshake_done()
             slot, self.gate_slot = self.gate_slot, None
             if slot is not None:
                 gate, host = slot

@@ -14,10 +14,12 @@ import weakref
 
 import txaio
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.trial.unittest import SynchronousTestCase
@@ -124,6 +126,8 @@ class SiteTestCase(SynchronousTestCase):
             peerAddress=IPv4Address("TCP", host, 50000),
         )
         channel = self.site.buildProtocol(transport.getPeer())
+        # As a TCP connection's: what it delivers to, replaced at an upgrade.
+        transport.protocol = channel
         channel.makeConnection(transport)
         return channel, transport
 
@@ -274,25 +278,221 @@ class UpgradeTests(SiteTestCase):
         self.assertEqual(self.site.gate.by_address, {})
         self.assertTrue(net.connect().opened)
 
+    def test_upgrade_builds_no_request(self):
+        """
+        A WebSocket upgrade is routed on its request line straight to
+        Autobahn: no twisted.web request is built for it, and its HTTP
+        channel is freed once the handshake is done (nothing holds it, not
+        even a reference cycle).
+        """
+        requests, channels = self.record()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        client = MemoryWebSocketClients(self.site).connect()
+        self.assertTrue(client.opened)
+        self.assertEqual(requests, [])
+        self.assertEqual(len(channels), 1)
+        self.assertIsNone(channels[0]())
+        self.assertEqual(len(self.site.deadlines), 0)
+
     def test_upgrade_request_released(self):
         """
-        Once the connection is upgraded, the HTTP request it came as is
-        freed at once (nothing holds it, not even a reference cycle).
+        Without routing (a site given no WebSocket factory), the upgrade
+        goes through twisted.web's request to WebSocketResource, and that
+        request is freed at once once the connection is upgraded.
         """
-        requests = []
-
-        def recording(*args, **kwargs):
-            request = RelayRequest(*args, **kwargs)
-            requests.append(weakref.ref(request))
-            return request
-
-        self.site.requestFactory = recording
+        self.site.upgrade = None
+        requests, _ = self.record()
         gc.disable()
         self.addCleanup(gc.enable)
         client = MemoryWebSocketClients(self.site).connect()
         self.assertTrue(client.opened)
         self.assertEqual(len(requests), 1)
         self.assertIsNone(requests[0]())
+
+    def record(self):
+        """
+        Weak references to every request and channel the site builds.
+        """
+        requests, channels = [], []
+
+        def recording(*args, **kwargs):
+            request = RelayRequest(*args, **kwargs)
+            requests.append(weakref.ref(request))
+            return request
+
+        build = self.site.buildProtocol
+
+        def building(address):
+            channel = build(address)
+            channels.append(weakref.ref(channel))
+            return channel
+
+        self.site.requestFactory = recording
+        self.site.buildProtocol = building
+        return requests, channels
+
+
+class UpgradeRoutingTests(SiteTestCase):
+    """
+    The channel routes a connection whose first request line is a WebSocket
+    upgrade to Autobahn, before twisted.web parses anything, with the
+    limits twisted.web would have applied to it; everything else is
+    twisted.web's as before.
+    """
+
+    limits = HTTPLimits(request_timeout=10)
+    HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: relay.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+    def requests(self):
+        built = []
+
+        def recording(*args, **kwargs):
+            built.append(args)
+            return RelayRequest(*args, **kwargs)
+
+        self.site.requestFactory = recording
+        return built
+
+    def test_upgrade_line(self):
+        """
+        Only C{GET /ws} (with or without a query) over HTTP/1.1 is routed.
+        """
+        for line, routed in [
+            (b"GET /ws HTTP/1.1", True),
+            (b"GET /ws?v=2 HTTP/1.1", True),
+            (b"GET /ws HTTP/1.0", False),
+            (b"GET /ws/ HTTP/1.1", False),
+            (b"GET /wss HTTP/1.1", False),
+            (b"POST /ws HTTP/1.1", False),
+            (b"GET /ws?a b HTTP/1.1", False),
+            (b"get /ws HTTP/1.1", False),
+            (b"GET /health HTTP/1.1", False),
+        ]:
+            self.assertEqual(web.is_upgrade_line(line), routed, line)
+
+    def test_handshake_answered_by_autobahn(self):
+        """
+        The routed handshake is answered 101 by Autobahn, the connection
+        belongs to the WebSocket protocol, and no request was built.
+        """
+        built = self.requests()
+        channel, transport = self.connect()
+        channel.dataReceived(self.HANDSHAKE)
+        status, headers, _ = parse_response(transport.value())
+        self.assertEqual(status, 101)
+        self.assertEqual(headers["sec-websocket-accept"], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        self.assertIsInstance(transport.protocol, self.factory.protocol)
+        self.assertEqual(built, [])
+        self.assertEqual(self.relay.stats().sessions, 1)
+
+    def test_request_line_in_pieces(self):
+        """
+        A request line that arrives a few bytes at a time is routed once
+        it is whole.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(self.HANDSHAKE[:2])
+        channel.dataReceived(self.HANDSHAKE[2:9])
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(self.HANDSHAKE[9:30])
+        transport.protocol.dataReceived(self.HANDSHAKE[30:])
+        self.assertEqual(parse_response(transport.value())[0], 101)
+
+    def test_upgrade_over_tls_layer(self):
+        """
+        Behind a wrapping protocol (TLS's), the wrapped protocol is
+        replaced, as WebSocketResource does it.
+        """
+        from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+        wrapping = WrappingFactory(self.site)
+        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
+                                    peerAddress=IPv4Address("TCP", "198.51.100.1", 50000))
+        wrapper = wrapping.buildProtocol(transport.getPeer())
+        self.assertIsInstance(wrapper, ProtocolWrapper)
+        wrapper.makeConnection(transport)
+        wrapper.dataReceived(self.HANDSHAKE)
+        self.assertIsInstance(wrapper.wrappedProtocol, self.factory.protocol)
+        self.assertEqual(parse_response(transport.value())[0], 101)
+
+    def test_other_requests_to_twisted_web(self):
+        """
+        Anything else, the WebSocket path without HTTP/1.1 among it, is
+        parsed by twisted.web as before.
+        """
+        built = self.requests()
+        self.assertEqual(self.get("/health")[0], 200)
+        status, _, _ = self.request(b"GET /ws HTTP/1.0\r\nHost: relay.test\r\n\r\n")
+        self.assertEqual(status, 426)
+        self.assertEqual(len(built), 2)
+
+    def test_second_request_not_routed(self):
+        """
+        An upgrade after a plain request on the same connection is
+        twisted.web's (and WebSocketResource's), and works.
+        """
+        built = self.requests()
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+        self.assertEqual(parse_response(transport.value())[0], 200)
+        transport.clear()
+        channel.dataReceived(self.HANDSHAKE)
+        self.assertEqual(parse_response(transport.value())[0], 101)
+        self.assertEqual(len(built), 2)
+
+    def test_head_too_large(self):
+        """
+        A routed handshake's head past twisted.web's limits (its size, or
+        its number of lines) is answered 431 as a request's would be, and
+        nothing more of it is read.
+        """
+        for head in [b"GET /ws HTTP/1.1\r\nX-A: " + b"a" * 17000 + b"\r\n\r\n",
+                     b"GET /ws HTTP/1.1\r\n" + b"X-A: 1\r\n" * 600 + b"\r\n"]:
+            channel, transport = self.connect()
+            channel.dataReceived(head[:100])
+            transport.protocol.dataReceived(head[100:])
+            status, _, body = parse_response(transport.value())
+            self.assertEqual((status, json.loads(body)["error"]), (431, "headers_too_large"))
+            transport.protocol.dataReceived(self.HANDSHAKE)
+            self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+        self.assertEqual(self.relay.stats().sessions, 0)
+
+    def test_head_at_the_limit(self):
+        """
+        A handshake whose headers are just under the limit opens.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(self.HANDSHAKE[:-2] + b"X-A: " + b"a" * 15000 + b"\r\n\r\n")
+        self.assertEqual(parse_response(transport.value())[0], 101)
+
+    def test_unfinished_handshake_meets_the_deadline(self):
+        """
+        A routed handshake whose head never ends is aborted by the request
+        deadline, which runs from the connection's start.
+        """
+        channel, transport = self.connect()
+        self.clock.advance(5)
+        channel.dataReceived(self.HANDSHAKE[:40])
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.site.deadlines.expired, 1)
+
+    def test_bad_handshake_refused(self):
+        """
+        A routed request that is no valid upgrade is refused by Autobahn
+        with the relay's headers, and frees its deadline.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /ws HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+        status, headers, _ = parse_response(transport.value())
+        self.assertEqual(status, 426)
+        self.assertEqual(headers["x-content-type-options"], "nosniff")
+        transport.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.site.deadlines), 0)
 
 
 class BodyLimitTests(SiteTestCase):

@@ -15,7 +15,7 @@ from leeloo.access import OriginPolicy, TrustedProxies
 from leeloo.relay import PRESENCE_GRACE, Relay
 from leeloo.testing import MemoryWebSocketClients, RecordingClientProtocol, strip_keys
 from leeloo.web import make_site
-from leeloo.websocket import RelayServerFactory, WebSocketLimits
+from leeloo.websocket import RelayServerFactory, RelayServerProtocol, WebSocketLimits
 
 txaio.use_twisted()
 
@@ -623,9 +623,10 @@ class LifecycleLogTests(WebSocketTestCase):
 
     def test_lifecycle_lines_carry_the_fields_never_a_body(self):
         """
-        A device connecting, registering (id, crew, client address) and
-        disconnecting (close code) is logged at info level, as the original
-        relay printed; nothing a device sends in a message is logged.
+        A device registering (id, crew, client address) and disconnecting
+        (close code) is logged at info level, as the original relay printed;
+        the connection itself at debug (the lines at info name its address);
+        nothing a device sends in a message is logged.
         """
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         a = self.net.connect(host="198.51.100.7")
@@ -641,7 +642,9 @@ class LifecycleLogTests(WebSocketTestCase):
         self.net.flush()
         info = [formatEvent(e) for e in events
                 if e["log_level"] == LogLevel.info and e["log_namespace"].startswith("leeloo")]
-        self.assertIn("WebSocket connected from 198.51.100.7", info)
+        self.assertNotIn("WebSocket connected from 198.51.100.7", info)
+        self.assertIn("WebSocket connected from 198.51.100.7",
+                      [formatEvent(e) for e in events if e["log_level"] == LogLevel.debug])
         self.assertIn("register: device leeloo_aaaaaaaaaaaa from 198.51.100.7, crew ALPHA", info)
         self.assertIn("join_crew: device leeloo_bbbbbbbbbbbb from 198.51.100.8, crew ALPHA", info)
         self.assertIn("device leeloo_aaaaaaaaaaaa at 198.51.100.7 disconnected, close code 1000 from the device",
@@ -660,7 +663,7 @@ class LifecycleLogTests(WebSocketTestCase):
         a.sendClose(1000)
         self.net.flush()
         fields = {formatEvent(e).split(":")[0].split(" ")[0]: e for e in events
-                  if e["log_namespace"].startswith("leeloo") and e["log_level"] == LogLevel.info}
+                  if e["log_namespace"].startswith("leeloo") and e["log_level"] in (LogLevel.debug, LogLevel.info)}
         self.assertEqual(fields["WebSocket"]["client_address"], "198.51.100.7")
         self.assertEqual((fields["register"]["client_address"], fields["register"]["crew_code"]),
                          ("198.51.100.7", "ALPHA"))
@@ -937,3 +940,20 @@ class AutobahnPrivatesTests(WebSocketTestCase):
         protocol = self.server_protocol()
         self.assertEqual({name: getattr(protocol, name) for name in _HANDSHAKE_LEFTOVERS},
                          dict.fromkeys(_HANDSHAKE_LEFTOVERS))
+
+
+class AutobahnColourTests(SynchronousTestCase):
+    """
+    Pins leeloo.websocket's reach into autobahn.util: the flag that turns
+    the colours of Autobahn's debug lines off.
+    """
+
+    def test_debug_names_uncoloured(self):
+        import autobahn.util
+
+        self.assertIn("_HAS_CLICK", vars(autobahn.util))
+        self.assertFalse(autobahn.util._HAS_CLICK)
+        self.assertEqual(autobahn.util.hl("text", bold=True), "text")
+        name = autobahn.util.hltype(RelayServerProtocol.onOpen)
+        self.assertNotIn("\x1b", name)
+        self.assertIn("RelayServerProtocol.onOpen", name)
