@@ -537,15 +537,11 @@ class LeelooDevice(Service):
         """
         return self._crew_call({"type": "crews"})
 
-    def _crew_call(self, frame: dict, d: Deferred | None = None, first: bool = False) -> Deferred | None:
+    def _crew_call(self, frame: dict) -> Deferred:
         if self.phase == "stopped" and self.stopped_by is not None:
             return fail(DeviceStopped(str(self.stopped_by), self.stopped_by))
-        if d is None and not first:
-            d = Deferred()
-        if first:
-            self._crew_calls.insert(1 if self._crew_sent else 0, (frame, d))
-        else:
-            self._crew_calls.append((frame, d))
+        d = Deferred()
+        self._crew_calls.append((frame, d))
         self._send_crew_call()
         return d
 
@@ -566,8 +562,12 @@ class LeelooDevice(Service):
         nothing replayed twice), before anything the application asked.
         """
         queued = {f.get("crew_code") for f, d in self._crew_calls if d is None}
-        for code in reversed([c for c in self.state.crews if c != self.crew_code and c not in queued]):
-            self._crew_call({"type": "crew_add", "crew_code": code}, first=True)
+        adds: list[tuple[dict, Deferred | None]] = [
+            ({"type": "crew_add", "crew_code": code}, None)
+            for code in self.state.crews if code != self.crew_code and code not in queued]
+        at = 1 if self._crew_sent else 0
+        self._crew_calls[at:at] = adds
+        self._send_crew_call()
 
     @staticmethod
     def _answers(call: dict, message: Any) -> bool:
