@@ -59,7 +59,6 @@ def main() -> None:
     parser.add_argument("--hold", type=float, default=20.0, help="seconds the devices are held (bounds the wait)")
     args = parser.parse_args()
 
-    from twisted.application.internet import StreamServerEndpointService
     from twisted.internet import reactor, task
 
     from leeloo import tap
@@ -153,7 +152,12 @@ def main() -> None:
                     size = len(value) if isinstance(value, (bytes, str, dict, list)) else "?"
                     print(f"  kept after the upgrade: {name} ({type(value).__name__}, {size})")
             transport = getattr(proto, "transport", None)
-            print(f"  transport: {type(transport).__module__}.{type(transport).__qualname__}")
+            print(f"  transport: {type(transport).__module__}.{type(transport).__qualname__}, "
+                  f"{len(vars(transport))} instance attributes, __dict__ {sys.getsizeof(vars(transport))} B")
+            held = [len(getattr(t, "dataBuffer", b"")) + getattr(t, "_tempDataLen", 0)
+                    for t in (getattr(s.peer, "transport", None) for s in relay.sessions) if t is not None]
+            print(f"  unsent bytes the transports hold: {sum(held)} in {sum(1 for h in held if h)} "
+                  f"of {len(held)} connections")
             seen = 0
             for ref in gc.get_referrers(proto):
                 if seen >= 8:
@@ -165,12 +169,21 @@ def main() -> None:
         report["loadgen"].wait(timeout=args.hold + 60)
         reactor.stop()
 
-    for service in top:
-        if isinstance(service, StreamServerEndpointService):
-            d = service._waitingForPort
-            d.addCallback(lambda port: measure_before(port.getHost().port))
-            d.addErrback(lambda f: (print(f.getTraceback(), file=sys.stderr), reactor.stop()))
-            break
+    from leeloo.listening import Listener
+
+    def listeners(service):
+        if isinstance(service, Listener):
+            yield service
+        for child in getattr(service, "services", ()):
+            yield from listeners(child)
+
+    for service in listeners(top):
+        d = service.listening
+        d.addCallback(lambda port: measure_before(port.getHost().port))
+        d.addErrback(lambda f: (print(f.getTraceback(), file=sys.stderr), reactor.stop()))
+        break
+    else:
+        sys.exit("memprofile: the relay has no listening service")
     reactor.callLater(args.hold + 180, reactor.stop)   # the whole run is bounded
     reactor.run()
     loadgen = report.get("loadgen")

@@ -10,6 +10,7 @@ add messages and fields, they never rename or remove these.
 Client -> relay
     ``register``     ``device_id``? ``crew_code``? ``device_name``?
     ``create_crew``  ``device_id``? ``crew_code``? ``display_name``? (or ``device_name``)
+                     ``crew_name``? (at most 40 characters)
     ``join_crew``    ``crew_code`` ``device_id``? ``display_name``? (or ``device_name``)
     ``message``      ``msg_type`` (default ``"text"``), ``payload`` (object, default ``{}``)
     ``share_music``  ``spotify_uri`` ``artist`` ``track`` ``album``
@@ -35,6 +36,7 @@ Relay -> client
     ``spotify_pair_failed`` ``reason`` ``user_code``
     ``spotify_tokens``   ``tokens`` (``access_token`` ``expires_in`` ``refresh_token``)
     ``spotify_search_results`` ``query`` ``results``
+    ``crew_joined``      ``crew_name`` (added, for a crew that has one)
     ``crew_left``        ``crew_code``
     ``crews``            ``primary`` ``crews`` (each ``crew_code``
                          ``crew_name`` ``members_online`` ``member_names``)
@@ -191,6 +193,23 @@ Several crews per device:
     ``member_offline``, ``sent`` and ``replay_truncated``.  Deployed
     devices ignore it.
 
+    ``create_crew`` may name the crew it creates: ``crew_name``, at most
+    40 characters (stripped; longer, or not a string, is
+    ``invalid_message``); ``crews`` lists it (``null`` for a crew without)
+    and ``crew_joined`` carries it as ``crew_name`` for a crew that has one
+    (a crew without one is answered exactly as before).  A crew that
+    exists keeps its name.
+
+    Being multi-crew, the crews (in the order joined) and the primary are
+    stored, and survive a restart: a multi-crew device entering on a new
+    connection (``register`` with its id, ``join_crew``, ``create_crew``)
+    re-enters every crew it is in, each replaying what it missed there in
+    order (``last_seq`` is for the crew the message names), with its
+    primary as it was.  A crew left with ``crew_leave`` stays left.  Member
+    rows kept by earlier releases (a deployed device's in crews it moved
+    out of included) are never memberships: no device is multi-crew until
+    it sends ``crew_add``.
+
 Unknown fields are ignored, so that newer devices keep working against this
 relay.  A frame that cannot be understood raises a L{ProtocolError} whose
 ``code`` is the stable machine-readable error code sent back in an ``error``
@@ -219,6 +238,7 @@ DEVICE_ID_PREFIX = "leeloo_"
 MAX_CREW_CODE_LENGTH = 64
 MAX_DEVICE_ID_LENGTH = 64
 MAX_NAME_LENGTH = 64
+MAX_CREW_NAME_LENGTH = 40
 MAX_TYPE_LENGTH = 64
 MAX_FIELD_LENGTH = 1024
 
@@ -532,6 +552,7 @@ class CreateCrew:
     display_name: str | None = None
     last_seq: int | None = None
     device_key: str | None = field(default=None, repr=False)
+    crew_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -805,6 +826,7 @@ def _create_crew(obj: Mapping) -> CreateCrew:
         display_name=_display_name(obj),
         last_seq=_last_seq(obj),
         device_key=_device_key(obj),
+        crew_name=string_field(obj, "crew_name", MAX_CREW_NAME_LENGTH),
     )
 
 
@@ -1007,7 +1029,8 @@ class CrewCreated:
 class CrewJoined:
     """
     ``crew_joined``: the answer to C{join_crew}.  C{crew_members} counts
-    the online members with the joiner; C{member_names} names the others.
+    the online members with the joiner; C{member_names} names the others;
+    C{crew_name} is written only for a crew that has one.
     """
 
     type: ClassVar[str] = "crew_joined"
@@ -1016,18 +1039,19 @@ class CrewJoined:
     crew_members: int
     member_names: list[str]
     device_key: str | None = field(default=None, repr=False)
+    crew_name: str | None = None
 
     def to_dict(self) -> dict:
-        return _with_key(
-            {
-                "type": self.type,
-                "device_id": self.device_id,
-                "crew_code": self.crew_code,
-                "crew_members": self.crew_members,
-                "member_names": self.member_names,
-            },
-            self.device_key,
-        )
+        d = {
+            "type": self.type,
+            "device_id": self.device_id,
+            "crew_code": self.crew_code,
+            "crew_members": self.crew_members,
+            "member_names": self.member_names,
+        }
+        if self.crew_name is not None:
+            d["crew_name"] = self.crew_name
+        return _with_key(d, self.device_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1579,6 +1603,9 @@ def _stamp_fields(obj: Mapping) -> dict:
 def _crew_listing(obj: Any) -> CrewListing:
     if not isinstance(obj, dict):
         raise InvalidMessage("each of crews must be an object")
+    # Named as the crews frame's own fields are ("crews crew_code is
+    # required"): a listing has no type of its own.
+    obj = {**obj, "type": "crews"}
     return CrewListing(_relay_field(obj, "crew_code", str), _relay_field(obj, "crew_name", str, required=False),
                        _relay_field(obj, "members_online", int), _names(obj, "member_names"))
 
@@ -1597,7 +1624,7 @@ _RELAY_DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "crew_joined": lambda o: CrewJoined(
         _relay_field(o, "device_id", str), _relay_field(o, "crew_code", str),
         _relay_field(o, "crew_members", int), _names(o, "member_names"),
-        _relay_field(o, "device_key", str, required=False)),
+        _relay_field(o, "device_key", str, required=False), _relay_field(o, "crew_name", str, required=False)),
     "member_joined": lambda o: MemberJoined(
         _relay_field(o, "device_id", str), _relay_field(o, "display_name", str),
         _relay_field(o, "crew_code", str, required=False)),

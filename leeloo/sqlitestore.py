@@ -28,12 +28,14 @@ from leeloo.store import (
     DELETE_CREW,
     DELETE_DEVICE,
     DELETE_MEMBER,
+    DELETE_MULTI_CREW,
     DELETE_TOKEN,
     PUT_ALIAS,
     PUT_BOT_USER,
     PUT_CREW,
     PUT_DEVICE,
     PUT_MEMBER,
+    PUT_MULTI_CREW,
     PUT_TOKEN,
     RENAME_CREW,
     BotUserRecord,
@@ -43,6 +45,7 @@ from leeloo.store import (
     IPairings,
     LogEntry,
     MemberRecord,
+    MultiCrewRecord,
     PairingRecord,
     Sequences,
     Snapshot,
@@ -148,7 +151,21 @@ MIGRATIONS = [
     );
     CREATE INDEX pairings_expires_at ON pairings (expires_at);
     """,
-    # 7: the codes crews were renamed from (leeloo-admin rename-crew), so
+    # 7: several crews per device (issue 16): a crew's name, and each
+    # multi-crew device's crews (a JSON list of codes, in the order joined)
+    # and primary crew.  No device was multi-crew before: every member row
+    # already kept (those a legacy device left behind when it moved
+    # included) stays what it was, history and delivery position, never a
+    # membership.
+    """
+    ALTER TABLE crews ADD COLUMN name TEXT;
+    CREATE TABLE multi_crew_devices (
+        device_id TEXT PRIMARY KEY,
+        crews TEXT NOT NULL,
+        primary_crew TEXT
+    );
+    """,
+    # 8: the codes crews were renamed from (leeloo-admin rename-crew), so
     # that their members' devices, which keep the old one, find them.
     """
     CREATE TABLE crew_aliases (
@@ -232,7 +249,7 @@ def _find_crew(db: Any, code: str) -> Snapshot | None:
     Crew C{code} alone, as L{_load} reads every crew; None if there is none.
     """
     crews = [CrewRecord(*row) for row in db.execute(
-        "SELECT code, created_at, created_by FROM crews WHERE code = ?", (code,))]
+        "SELECT code, created_at, created_by, name FROM crews WHERE code = ?", (code,))]
     if not crews:
         return None
     snapshot = Snapshot(crews=crews)
@@ -284,7 +301,7 @@ _PAIRING_COLUMNS = ("user_code, device_id, device_name, crew_code, scopes, creat
 def _load(db: sqlite3.Connection) -> Snapshot:
     snapshot = Snapshot()
     snapshot.crews = [CrewRecord(*row) for row in db.execute(
-        "SELECT code, created_at, created_by FROM crews")]
+        "SELECT code, created_at, created_by, name FROM crews")]
     snapshot.members = [
         MemberRecord(code, device, name, seen, delivered, acked, bool(online))
         for code, device, name, seen, delivered, acked, online in db.execute(
@@ -305,6 +322,11 @@ def _load(db: sqlite3.Connection) -> Snapshot:
     ]
     snapshot.pairings = [PairingRecord(*row) for row in db.execute(
         f"SELECT {_PAIRING_COLUMNS} FROM pairings")]
+    snapshot.multi_crew = [
+        MultiCrewRecord(device, tuple(json.loads(crews)), primary)
+        for device, crews, primary in db.execute(
+            "SELECT device_id, crews, primary_crew FROM multi_crew_devices")
+    ]
     snapshot.aliases = dict(db.execute("SELECT code, crew_code FROM crew_aliases"))
     for code, seq, created, size in db.execute(
         "SELECT crew_code, MAX(seq), MAX(created_at), SUM(length(payload)) FROM messages GROUP BY crew_code"
@@ -339,12 +361,18 @@ _STATEMENTS: dict[str, tuple[str, Callable[[Any], tuple]]] = {
     PUT_CREW: (
         # Not INSERT OR REPLACE: replacing deletes the row, and the delete
         # cascades to the crew's members, bot users and log.
-        "INSERT INTO crews (code, created_at, created_by) VALUES (?, ?, ?) "
+        "INSERT INTO crews (code, created_at, created_by, name) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (code) DO UPDATE SET created_at = excluded.created_at, "
-        "created_by = excluded.created_by",
-        lambda c: (c.code, c.created_at, c.created_by),
+        "created_by = excluded.created_by, name = excluded.name",
+        lambda c: (c.code, c.created_at, c.created_by, c.name),
     ),
     DELETE_CREW: ("DELETE FROM crews WHERE code = ?", lambda code: (code,)),
+    DELETE_MEMBER: ("DELETE FROM members WHERE crew_code = ? AND device_id = ?", tuple),
+    PUT_MULTI_CREW: (
+        "INSERT OR REPLACE INTO multi_crew_devices (device_id, crews, primary_crew) VALUES (?, ?, ?)",
+        lambda r: (r.device_id, json.dumps(list(r.crews), separators=(",", ":")), r.primary),
+    ),
+    DELETE_MULTI_CREW: ("DELETE FROM multi_crew_devices WHERE device_id = ?", lambda device_id: (device_id,)),
     PUT_BOT_USER: (
         "INSERT OR REPLACE INTO bot_users (crew_code, user_id, display_name) VALUES (?, ?, ?)",
         lambda b: (b.crew_code, b.user_id, b.name),
@@ -360,7 +388,6 @@ _STATEMENTS: dict[str, tuple[str, Callable[[Any], tuple]]] = {
         lambda d: (d.device_id, d.key_hash, int(d.bound), d.created_at, d.last_seen),
     ),
     DELETE_DEVICE: ("DELETE FROM devices WHERE device_id = ?", lambda device_id: (device_id,)),
-    DELETE_MEMBER: ("DELETE FROM members WHERE crew_code = ? AND device_id = ?", tuple),
     PUT_ALIAS: ("INSERT OR REPLACE INTO crew_aliases (code, crew_code) VALUES (?, ?)", tuple),
 }
 
@@ -370,8 +397,8 @@ def _rename(cursor: Any, old: str, new: str) -> None:
     Move crew C{old} to C{new} with its members, bot users and log; C{old}
     becomes an alias of C{new} (and C{new} is no longer one).
     """
-    cursor.execute("INSERT INTO crews (code, created_at, created_by) "
-                   "SELECT ?, created_at, created_by FROM crews WHERE code = ?", (new, old))
+    cursor.execute("INSERT INTO crews (code, created_at, created_by, name) "
+                   "SELECT ?, created_at, created_by, name FROM crews WHERE code = ?", (new, old))
     if cursor.rowcount != 1:
         raise sqlite3.IntegrityError(f"no crew {old}")
     for table in ("members", "bot_users", "messages", "crew_aliases"):
@@ -401,11 +428,12 @@ def _append_many(cursor: Any, rows: list[tuple]) -> None:
 
 
 # Without a crew deletion in a batch, its operations may run grouped by kind
-# (each kind's in put order): crews before what refers to them, a token's
-# puts and deletes in one group.  A reconnect storm's batch is then a few
-# statements, not three per device.
-_RANK = {PUT_CREW: 0, PUT_DEVICE: 1, PUT_MEMBER: 2, PUT_BOT_USER: 3, APPEND: 4,
-         PUT_TOKEN: 5, DELETE_TOKEN: 5}
+# (each kind's in put order): crews before what refers to them, the puts and
+# deletes of one kind of row (tokens, members, multi-crew devices) sharing a
+# rank, so that a retried delete still comes before a later put.  A
+# reconnect storm's batch is then a few statements, not three per device.
+_RANK = {PUT_CREW: 0, PUT_DEVICE: 1, PUT_MEMBER: 2, DELETE_MEMBER: 2, PUT_BOT_USER: 3, APPEND: 4,
+         PUT_TOKEN: 5, DELETE_TOKEN: 5, PUT_MULTI_CREW: 6, DELETE_MULTI_CREW: 6}
 
 
 def _write(cursor: Any, ops: list) -> None:

@@ -33,6 +33,8 @@ class CrewRecord:
     code: str
     created_at: float
     created_by: str | None
+    # What create_crew named it, or None.
+    name: str | None = None
 
 
 @dataclass(slots=True)
@@ -44,6 +46,22 @@ class MemberRecord:
     delivered_seq: int = 0
     acked_seq: int | None = None
     online: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MultiCrewRecord:
+    """
+    A multi-crew device (it sent C{crew_add}: entering a crew adds one
+    instead of moving it there) and the crews it is in now: their codes in
+    the order it joined them, and its primary crew's (C{None} while it is
+    in none).  A device's member rows of other crews (those a legacy device
+    moved out of) are history, not memberships; a device with no such
+    record is a legacy one.
+    """
+
+    device_id: str
+    crews: tuple[str, ...]
+    primary: str | None
 
 
 @dataclass(slots=True)
@@ -130,6 +148,7 @@ class Snapshot:
     # The bytes of payload in each crew's log.
     log_bytes: dict[str, int] = field(default_factory=dict)
     pairings: list[PairingRecord] = field(default_factory=list)
+    multi_crew: list[MultiCrewRecord] = field(default_factory=list)
     # The codes crews were renamed from: old code -> the crew's code now.
     aliases: dict[str, str] = field(default_factory=dict)
 
@@ -151,13 +170,15 @@ class Replay:
 PUT_CREW = "crew"  # CrewRecord
 DELETE_CREW = "delete_crew"  # crew code, with its members, bot users and log
 PUT_MEMBER = "member"  # MemberRecord
+DELETE_MEMBER = "delete_member"  # (crew code, device id)
 PUT_BOT_USER = "bot_user"  # BotUserRecord
 PUT_TOKEN = "token"  # TokenRecord
 DELETE_TOKEN = "delete_token"  # device id
 APPEND = "append"  # LogEntry
 PUT_DEVICE = "device"  # DeviceRecord
 DELETE_DEVICE = "delete_device"  # device id
-DELETE_MEMBER = "delete_member"  # (crew code, device id)
+PUT_MULTI_CREW = "multi_crew"  # MultiCrewRecord
+DELETE_MULTI_CREW = "delete_multi_crew"  # device id
 # (old code, new code): the crew moves with its members, bot users and log;
 # the old code becomes an alias of the new one (see Snapshot.aliases).
 RENAME_CREW = "rename_crew"
@@ -210,7 +231,8 @@ class Sequences:
 
 class ICrewStore(Interface):
     """
-    Crews, their members and bot users, as the engine holds them.
+    Crews, their members and bot users, and the crews of multi-crew
+    devices (L{MultiCrewRecord}), as the engine holds them.
     """
 
     def find_crew(code: str) -> Deferred:
@@ -409,6 +431,7 @@ class MemoryStore:
         self.bot_users: dict[tuple[str, str], BotUserRecord] = {}
         self.tokens: dict[str, TokenRecord] = {}
         self.devices: dict[str, DeviceRecord] = {}
+        self.multi_crew: dict[str, MultiCrewRecord] = {}
         self.log: dict[str, list[LogEntry]] = {}
         self.sequences = Sequences()
         # (crew code, sender, client_msg_id) -> its entry in the log
@@ -427,6 +450,7 @@ class MemoryStore:
             tokens=list(self.tokens.values()),
             devices=list(self.devices.values()),
             pairings=list(self.pairings.flows.values()),
+            multi_crew=list(self.multi_crew.values()),
             aliases=dict(self.aliases),
         )
         for code, entries in self.log.items():
@@ -513,10 +537,6 @@ class MemoryStore:
             for alias in [a for a, code in self.aliases.items() if code == arg]:
                 undo.append(_restorer(self.aliases, alias))
                 del self.aliases[alias]
-        elif kind == DELETE_MEMBER:
-            key = tuple(arg)
-            undo.append(_restorer(self.members, key))
-            self.members.pop(key, None)
         elif kind == RENAME_CREW:
             self._rename(*arg, undo)
         elif kind == PUT_ALIAS:
@@ -528,6 +548,15 @@ class MemoryStore:
             key = (arg.crew_code, arg.device_id)
             undo.append(_restorer(self.members, key))
             self.members[key] = MemberRecord(**_fields(arg))
+        elif kind == DELETE_MEMBER:
+            undo.append(_restorer(self.members, arg))
+            self.members.pop(arg, None)
+        elif kind == PUT_MULTI_CREW:
+            undo.append(_restorer(self.multi_crew, arg.device_id))
+            self.multi_crew[arg.device_id] = arg
+        elif kind == DELETE_MULTI_CREW:
+            undo.append(_restorer(self.multi_crew, arg))
+            self.multi_crew.pop(arg, None)
         elif kind == PUT_BOT_USER:
             self._check_crew(arg.crew_code)
             key = (arg.crew_code, arg.user_id)

@@ -53,6 +53,44 @@ _HANDSHAKE_LEFTOVERS = (
 )
 
 
+# Attributes Autobahn sets on every connection that, once a device is
+# registered and idle, hold these values (immutable ones only): the
+# protocol class holds them instead, so an idle connection's __dict__ holds
+# only what is its own (a third of its size).  Autobahn setting one again
+# puts it back.  (Names of Autobahn's, pinned by test_websocket's
+# CompactTests.)
+_IDLE_DEFAULTS = {
+    **dict.fromkeys((
+        "wasNotCleanReason", "localCloseCode", "localCloseReason", "remoteCloseCode", "remoteCloseReason",
+        "openHandshakeTimeoutCall", "closeHandshakeTimeoutCall", "autoPingTimeoutCall", "autoPingPending",
+        "autoPingPendingSent", "websocket_protocol_in_use", "current_frame", "message_data", "frame_data",
+        "_perMessageCompress", "trackedTimings", *_HANDSHAKE_LEFTOVERS), None),
+    **dict.fromkeys((
+        "triggered", "wasMaxFramePayloadSizeExceeded", "wasMaxMessagePayloadSizeExceeded", "closedByMe",
+        "failedByMe", "droppedByMe", "wasClean", "wasServerConnectionDropTimeout", "wasOpenHandshakeTimeout",
+        "wasCloseHandshakeTimeout", "wasServingFlashSocketPolicyFile", "inside_message",
+        "_isMessageCompressed", "message_is_binary"), False),
+    "utf8validateIncomingCurrentMessage": True,
+    "autoPingPendingSeq": 0,
+    "send_state": 0,
+    "websocket_version": 13,
+    "data": b"",
+}
+
+
+class _SendQueue(list):
+    """
+    Autobahn's queue of chopped or synchronous sends (it uses C{append},
+    C{popleft} and C{len}), as a list: an empty deque costs 760 bytes per
+    connection, an empty list 56, and the relay never queues there.
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
 @dataclass(frozen=True)
 class WebSocketLimits:
     """
@@ -129,6 +167,13 @@ class RelayServerProtocol(WebSocketServerProtocol):
     # The payload of the last ping sent, and the relay's delivery mark then.
     _ping_payload: bytes | None = None
     _ping_mark: Any = None
+    # False until the first message; None once it is handled and the
+    # connection's attributes are to be compacted (L{_compact}); then True.
+    _compacted: bool | None = False
+    # What Autobahn keeps between frames: the last frame's masker, and its
+    # description of the transport (only read while connecting).
+    current_frame_masker = None
+    _transport_details = None
     # The relay's delivery mark when it sent its close.
     _close_mark: Any = None
 
@@ -141,6 +186,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
         # request it parsed).  The WebSocket is the producer now.
         self.transport.unregisterProducer()
         self.transport.registerProducer(self, True)
+        self.send_queue = _SendQueue()
 
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's own dataReceived formats a debug line's arguments (with
@@ -149,6 +195,27 @@ class RelayServerProtocol(WebSocketServerProtocol):
         if self.handshake_guard is not None and not self._head_allowed(data):
             return
         self._dataReceived(data)
+        if self._compacted is None:
+            self._compact()
+
+    def _compact(self) -> None:
+        """
+        Once the first message is handled (and outside Autobahn's own
+        calls, which may still read what they set): drop the attributes
+        that hold their idle values (L{_IDLE_DEFAULTS}, which the class
+        holds), and the transport description and last frame masker
+        Autobahn keeps, into a __dict__ sized for what is left.
+        """
+        self._compacted = True
+        d = self.__dict__
+        if d.get("current_frame") is None:
+            d.pop("current_frame_masker", None)
+        d.pop("_transport_details", None)
+        for name, idle in _IDLE_DEFAULTS.items():
+            value = d.get(name, d)
+            if value is idle or (type(value) is type(idle) and value == idle):
+                del d[name]
+        self.__dict__ = {name: value for name, value in d.items()}
 
     def _head_allowed(self, data: bytes) -> bool:
         """
@@ -240,6 +307,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
         if session is None:
             return
         self.factory.messages_received += 1
+        if self._compacted is False:
+            self._compacted = None
         try:
             if isBinary:
                 self.factory.relay.receive_binary(session)
@@ -436,6 +505,11 @@ class RelayServerProtocol(WebSocketServerProtocol):
             )
             self.transport.abortConnection()
         return True
+
+
+for _name, _idle in _IDLE_DEFAULTS.items():
+    setattr(RelayServerProtocol, _name, _idle)
+del _name, _idle
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,6 +177,57 @@ class DurabilityTests(TestCase):
         self.assertEqual(resent["seq"], 2)
 
     @defer.inlineCallbacks
+    def test_multi_crew_device_after_restart(self):
+        """
+        After a relay restart a device in three crews (issue 16) re-enters
+        all three when it registers, and gets what it missed in each,
+        tagged with its crew; its primary is kept.
+        """
+        relay, port = yield self.start()
+        friends = {"ALPHA": "leeloo_a00000000000", "BRAVO": "leeloo_b00000000000", "CHARLIE": "leeloo_c00000000000"}
+
+        def before(opener):
+            with opener() as a, opener() as b, opener() as c, opener() as m:
+                for ws, (code, device_id) in zip((a, b, c), friends.items()):
+                    send(ws, type="register", device_id=device_id, crew_code=code)
+                    recv(ws)
+                send(m, type="register", device_id="leeloo_m00000000000", crew_code="ALPHA")
+                answers = [recv(m)]
+                for code in ("BRAVO", "CHARLIE"):
+                    send(m, type="crew_add", crew_code=code)
+                    answers.append(recv(m))
+                send(m, type="crew_primary", crew_code="BRAVO")
+                answers.append(recv(m))
+                return answers
+
+        answers = yield ws_session(port, before)
+        yield relay.stop("TERM")
+        relay, port = yield self.start()
+
+        def after(opener):
+            with opener() as a, opener() as b, opener() as c:
+                for ws, (code, device_id) in zip((a, b, c), friends.items()):
+                    send(ws, type="register", device_id=device_id, crew_code=code)
+                    recv(ws)
+                    send(ws, type="message", payload={"text": f"to {code}"}, client_msg_id="1")
+                    messages_until(ws, lambda m: m["type"] == "sent")
+                with opener() as m:
+                    send(m, type="register", device_id="leeloo_m00000000000")
+                    got = [recv(m) for _ in range(4)]
+                    send(m, type="crews")
+                    listed = messages_until(m, lambda f: f["type"] == "crews")[-1]
+                return got, listed
+
+        got, listed = yield ws_session(port, after)
+        yield relay.stop("TERM")
+        self.assertEqual([f["type"] for f in answers], ["registered", "crew_joined", "crew_joined", "crew_primary"])
+        self.assertEqual(got[0]["type"], "registered")
+        self.assertEqual(sorted((f["crew_code"], f["payload"]["text"]) for f in got[1:]),
+                         [("ALPHA", "to ALPHA"), ("BRAVO", "to BRAVO"), ("CHARLIE", "to CHARLIE")])
+        self.assertEqual((listed["primary"], [c["crew_code"] for c in listed["crews"]]),
+                         ("BRAVO", ["ALPHA", "BRAVO", "CHARLIE"]))
+
+    @defer.inlineCallbacks
     def test_files_private(self):
         """
         The data directory is 0700 and the database files 0600.

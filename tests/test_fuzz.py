@@ -78,8 +78,8 @@ class RelayMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.relay = Relay(self.clock, limits=RelayLimits(messages=Rate(1000, 1000),
-                                                          entries=Rate(1000, 1000)))
+        self.limits = RelayLimits(messages=Rate(1000, 1000), entries=Rate(1000, 1000))
+        self.relay = Relay(self.clock, limits=self.limits)
         self.devices = []
 
     @rule()
@@ -92,6 +92,20 @@ class RelayMachine(RuleBasedStateMachine):
         self.devices[index % len(self.devices)].send_frame(frame)
 
     @precondition(lambda self: self.devices)
+    @rule(index=st.integers(min_value=0), device_id=ids, crews=st.lists(codes, min_size=1, max_size=3))
+    def several_crews(self, index, device_id, crews):
+        """
+        A device registers in a crew (made if need be) and adds others:
+        the common way to several crews, which random frames seldom find.
+        """
+        for code in crews:
+            self.relay.crews_part.crews.get(code.upper()) or self.relay.crews_part.create(code.upper(), None)
+        device = self.devices[index % len(self.devices)]
+        device.send(type="register", device_id=device_id, crew_code=crews[0])
+        for code in crews[1:]:
+            device.send(type="crew_add", crew_code=code)
+
+    @precondition(lambda self: self.devices)
     @rule(index=st.integers(min_value=0))
     def disconnect(self, index):
         self.devices.pop(index % len(self.devices)).close()
@@ -99,6 +113,17 @@ class RelayMachine(RuleBasedStateMachine):
     @rule()
     def tick(self):
         self.clock.advance(1)
+
+    @rule()
+    def restart(self):
+        """
+        A new relay on the store (the old one crashed): it knows every
+        multi-crew device's crews and primary as the old one did.
+        """
+        before = dict(self.relay.crews_part.multi)
+        self.relay = Relay(self.clock, store=self.relay.store, limits=self.limits)
+        self.devices = []
+        assert self.relay.crews_part.multi == before
 
     @invariant()
     def consistent(self):
@@ -126,6 +151,17 @@ class RelayMachine(RuleBasedStateMachine):
                 assert membership.session is session
                 assert relay.fanout.listeners(membership.crew.code).get(session.device_id) is membership
                 assert relay.crews.get(membership.crew.code) is membership.crew
+        for device_id, record in relay.crews_part.multi.items():
+            # What is stored of a multi-crew device: its crews once each,
+            # within the limit, a primary among them exactly when it has
+            # one; on its connection, the crews it holds and its primary.
+            assert len(set(record.crews)) == len(record.crews) <= relay.limits.max_crews_per_device
+            assert (record.primary is None) == (not record.crews)
+            assert record.primary is None or record.primary in record.crews
+            session = relay.devices.get(device_id)
+            if session is not None and session.multi:
+                assert {m.crew.code for m in session.memberships()} == set(record.crews)
+                assert (session.primary.crew.code if session.primary else None) == record.primary
 
     @invariant()
     def only_protocol_messages(self):

@@ -147,7 +147,8 @@ class SQLitePairingsTests(PairingsContract, TestCase):
     def test_migration(self):
         """
         A database of the schema before pairings (version 5) migrates to
-        one with an empty pairings table, keeping what it had.
+        this relay's version, with an empty pairings table, keeping what it
+        had.
         """
         directory = self.mktemp()
         os.mkdir(directory)
@@ -157,6 +158,7 @@ class SQLitePairingsTests(PairingsContract, TestCase):
         db.execute("PRAGMA user_version = 5")
         db.execute("INSERT INTO crews VALUES ('ALPHA', ?, 'leeloo_a')", (T0,))
         db.close()
+        self.assertGreaterEqual(SCHEMA_VERSION, 6)
         store = SQLiteStore(directory, reactor)
         self.addCleanup(store.close)
         snapshot = store.load()

@@ -17,12 +17,14 @@ from leeloo.store import (
     DELETE_CREW,
     DELETE_DEVICE,
     DELETE_MEMBER,
+    DELETE_MULTI_CREW,
     DELETE_TOKEN,
     PUT_ALIAS,
     PUT_BOT_USER,
     PUT_CREW,
     PUT_DEVICE,
     PUT_MEMBER,
+    PUT_MULTI_CREW,
     PUT_TOKEN,
     RENAME_CREW,
     BotUserRecord,
@@ -36,6 +38,7 @@ from leeloo.store import (
     LogEntry,
     MemberRecord,
     MemoryStore,
+    MultiCrewRecord,
     Replay,
     StoreError,
     TokenRecord,
@@ -155,6 +158,24 @@ class StoreContract:
         )
 
     @contract
+    def test_crew_name(self):
+        """
+        A crew's name comes back after a restart, and putting the crew again
+        replaces it; a crew without one has None.
+        """
+        yield self.store.write([
+            (PUT_CREW, CrewRecord(ALPHA, T0, "leeloo_a", "The band")),
+            (PUT_CREW, CrewRecord(BRAVO, T0, "leeloo_a")),
+        ])
+        snapshot = yield self.restart()
+        self.assertEqual(sorted((c.code, c.name) for c in snapshot.crews), [(ALPHA, "The band"), (BRAVO, None)])
+        yield self.store.write([(PUT_CREW, CrewRecord(ALPHA, T0, "leeloo_a", "Family"))])
+        snapshot = yield self.restart()
+        self.assertEqual(sorted((c.code, c.name) for c in snapshot.crews), [(ALPHA, "Family"), (BRAVO, None)])
+        found = yield self.store.find_crew(ALPHA)
+        self.assertEqual(found.crews, [CrewRecord(ALPHA, T0, "leeloo_a", "Family")])
+
+    @contract
     def test_crew_put_again(self):
         """
         Putting a crew that exists updates it and keeps its members, bot
@@ -200,6 +221,36 @@ class StoreContract:
         yield self.store.write([(PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Annie", T0 + 9, 8, 6, False))])
         snapshot = yield self.restart()
         self.assertEqual(snapshot.members, [MemberRecord(ALPHA, "leeloo_a", "Annie", T0 + 9, 8, 6, False)])
+
+    @contract
+    def test_delete_member(self):
+        """
+        A member deleted (a crew left with crew_leave) is gone after a
+        restart; the device's other member rows and the crew stay.
+        """
+        yield self.store.write([
+            *with_crew(code=ALPHA), *with_crew(code=BRAVO),
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0, 1)),
+            (PUT_MEMBER, MemberRecord(BRAVO, "leeloo_a", "Ann", T0, 2)),
+        ])
+        yield self.store.write([(DELETE_MEMBER, (ALPHA, "leeloo_a")), (DELETE_MEMBER, (ALPHA, "leeloo_z"))])
+        snapshot = yield self.restart()
+        self.assertEqual([(m.crew_code, m.device_id) for m in snapshot.members], [(BRAVO, "leeloo_a")])
+        self.assertEqual(sorted(c.code for c in snapshot.crews), [ALPHA, BRAVO])
+
+    @contract
+    def test_member_deleted_then_put(self):
+        """
+        A member deleted and put again in one write is there (operations
+        apply in order).
+        """
+        yield self.store.write(with_crew(
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0, 1)),
+        ))
+        yield self.store.write([(DELETE_MEMBER, (ALPHA, "leeloo_a")),
+                                (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0, 4))])
+        snapshot = yield self.restart()
+        self.assertEqual([m.delivered_seq for m in snapshot.members], [4])
 
     @contract
     def test_member_of_one_device_in_two_crews(self):
@@ -403,22 +454,6 @@ class StoreContract:
         yield self.store.write([(DELETE_CREW, ALPHA)])
         snapshot = yield self.restart()
         self.assertEqual(snapshot.aliases, {"LEELOO-OLD2": BRAVO})
-
-    @contract
-    def test_delete_member(self):
-        """
-        DELETE_MEMBER removes one member of one crew.
-        """
-        yield self.store.write([
-            *with_crew(code=ALPHA), *with_crew(code=BRAVO),
-            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0)),
-            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_b", "Bob", T0)),
-            (PUT_MEMBER, MemberRecord(BRAVO, "leeloo_a", "Ann", T0)),
-        ])
-        yield self.store.write([(DELETE_MEMBER, (ALPHA, "leeloo_a"))])
-        snapshot = yield self.restart()
-        self.assertEqual(sorted((m.crew_code, m.device_id) for m in snapshot.members),
-                         [(ALPHA, "leeloo_b"), (BRAVO, "leeloo_a")])
 
     # -------------------------------------------------------- transactions
 
@@ -747,6 +782,53 @@ class StoreContract:
         snapshot = yield self.restart()
         self.assertEqual([d.device_id for d in snapshot.devices], ["leeloo_b"])
 
+
+    # --------------------------------------------------- multi-crew devices
+
+    @contract
+    def test_multi_crew(self):
+        """
+        A multi-crew device's crews (in the order joined) and primary come
+        back after a restart; one with no crew (primary None) too.
+        """
+        yield self.store.write([
+            (PUT_MULTI_CREW, MultiCrewRecord("leeloo_a", (BRAVO, ALPHA, "LEELOO-CHRL"), ALPHA)),
+            (PUT_MULTI_CREW, MultiCrewRecord("leeloo_b", (), None)),
+        ])
+        snapshot = yield self.restart()
+        self.assertEqual(sorted(snapshot.multi_crew, key=lambda r: r.device_id), [
+            MultiCrewRecord("leeloo_a", (BRAVO, ALPHA, "LEELOO-CHRL"), ALPHA),
+            MultiCrewRecord("leeloo_b", (), None),
+        ])
+
+    @contract
+    def test_multi_crew_put_again_and_deleted(self):
+        """
+        Putting a multi-crew device again replaces its crews and primary;
+        deleting it forgets it (and deleting one never put is harmless).
+        """
+        yield self.store.write([(PUT_MULTI_CREW, MultiCrewRecord("leeloo_a", (ALPHA, BRAVO), ALPHA)),
+                                (PUT_MULTI_CREW, MultiCrewRecord("leeloo_b", (ALPHA,), ALPHA))])
+        yield self.store.write([(PUT_MULTI_CREW, MultiCrewRecord("leeloo_a", (BRAVO,), BRAVO))])
+        snapshot = yield self.restart()
+        self.assertEqual(sorted(snapshot.multi_crew, key=lambda r: r.device_id), [
+            MultiCrewRecord("leeloo_a", (BRAVO,), BRAVO), MultiCrewRecord("leeloo_b", (ALPHA,), ALPHA)])
+        yield self.store.write([(DELETE_MULTI_CREW, "leeloo_b"), (DELETE_MULTI_CREW, "leeloo_z")])
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.multi_crew, [MultiCrewRecord("leeloo_a", (BRAVO,), BRAVO)])
+
+    @contract
+    def test_multi_crew_undone_with_its_write(self):
+        """
+        A multi-crew device put in a write that fails is not kept.
+        """
+        error = yield self.failure_of(self.store.write([
+            (PUT_MULTI_CREW, MultiCrewRecord("leeloo_a", (ALPHA,), ALPHA)),
+            (PUT_MEMBER, MemberRecord("NO-SUCH-CREW", "leeloo_a", "Ann", T0)),
+        ]), StoreError)
+        self.assertIsInstance(error, StoreError)
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.multi_crew, [])
 
     # ------------------------------------------------- the engine's answers
 

@@ -957,3 +957,70 @@ class AutobahnColourTests(SynchronousTestCase):
         name = autobahn.util.hltype(RelayServerProtocol.onOpen)
         self.assertNotIn("\x1b", name)
         self.assertIn("RelayServerProtocol.onOpen", name)
+
+
+class CompactTests(WebSocketTestCase):
+    """
+    An idle connection's protocol holds only what is its own: the
+    attributes Autobahn sets to their idle values are left to the class
+    once the first message is handled, and its send queue is a list.
+    These pin the names of Autobahn's attributes that leeloo.websocket
+    relies on.
+    """
+
+    def server(self, client):
+        return self.net.pumps[-1].serverIO.protocol
+
+    def test_autobahn_sets_every_name(self):
+        """
+        Every attribute left to the class is one Autobahn sets on a
+        connection (a name it renames fails here), to its idle value once
+        a device has registered; so do the masker, transport description
+        and send queue the relay replaces.
+        """
+        from leeloo.websocket import _IDLE_DEFAULTS, _SendQueue
+
+        client = self.client()
+        server = self.server(client)
+        self.assertIsInstance(server.send_queue, _SendQueue)
+        before = {}
+        compact = server._compact
+
+        def recording():
+            before.update(vars(server))
+            compact()
+
+        server._compact = recording
+        self.send(client, type="register", device_id="d0", crew_code="ALPHA")
+        for name in [*_IDLE_DEFAULTS, "current_frame_masker", "_transport_details"]:
+            self.assertIn(name, before, name)
+        after = vars(server)
+        for name, idle in _IDLE_DEFAULTS.items():
+            self.assertNotIn(name, after, name)
+            self.assertEqual(getattr(server, name), idle, name)
+        self.assertLess(len(after), len(before) // 2)
+        self.assertIsNone(server.current_frame_masker)
+
+    def test_works_after_compacting(self):
+        """
+        A compacted connection goes on as any: messages both ways, pings
+        (Autobahn's own, answered), a message in several frames, and a
+        clean close with its code.
+        """
+        a, b = self.registered(2)
+        server = self.server(b)
+        self.assertNotIn("wasClean", vars(server))
+        self.send(a, type="message", msg_type="text", payload={"text": "hi"})
+        [relayed] = b.take()
+        self.assertEqual((relayed["type"], relayed["payload"]), ("message", {"text": "hi"}))
+        server.sendPing(b"mark")
+        self.net.flush()
+        self.assertIsNone(server.autoPingPending)
+        b.sendMessage(json.dumps({"type": "ping"}).encode(), fragmentSize=3)
+        self.net.flush()
+        self.assertEqual(b.take(), [{"type": "pong"}])
+        b.sendClose(1000)
+        self.net.flush()
+        self.assertTrue(server.wasClean)
+        self.assertEqual(server.remoteCloseCode, 1000)
+        self.assertEqual(self.relay.stats().sessions, 1)

@@ -111,7 +111,7 @@ def cmd_crew(args: argparse.Namespace, out: TextIO) -> None:
             raise Refusal(f"no crew {code}{renamed}")
         members = r.members(code)
         bots = r.bot_users(code)
-    out.write(f"crew {code}\n")
+    out.write(f"crew {code}" + (f" ({_printable(crew['name'])})" if crew.get("name") else "") + "\n")
     out.write(f"  created      {_when(crew['created_at'])} by {crew['created_by'] or '-'}\n")
     out.write(f"  messages     {crew['messages']} in its log, last seq {crew['last_seq']}\n")
     was = sorted(a for a, target in aliases.items() if target == code)

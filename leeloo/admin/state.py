@@ -6,7 +6,8 @@ C{import} takes.
 
 The document (C{"format": "leeloo-export"}, C{"version": 1}):
 
-  - C{crews}: each with C{code}, C{created_at}, C{created_by},
+  - C{crews}: each with C{code}, C{name} (what create_crew named it, or
+    null), C{created_at}, C{created_by},
     C{members} (C{device_id}, C{name}, C{last_seen}, C{delivered_seq},
     C{acked_seq}, C{online}), C{bot_users} (C{user_id}, C{name}),
     C{aliases} (the codes it was renamed from) and C{log} (C{seq}, C{id},
@@ -15,7 +16,9 @@ The document (C{"format": "leeloo-export"}, C{"version": 1}):
   - C{devices}: C{device_id}, C{key_hash} (a device's key itself is
     never stored), C{bound}, C{created_at}, C{last_seen};
   - C{pending_tokens}: the Spotify tokens parked for devices that were
-    offline, as stored (C{device_id}, C{tokens}, C{expires_at}).
+    offline, as stored (C{device_id}, C{tokens}, C{expires_at});
+  - C{multi_crew}: the multi-crew devices (C{device_id}, C{crews}: their
+    codes in the order joined, C{primary}).
 
 Times are the relay's, seconds since the Unix epoch.
 """
@@ -31,7 +34,9 @@ from typing import Any, Iterator
 from leeloo import messages
 from leeloo.core.operator import Imported
 from leeloo.sqlitestore import DATABASE_NAME
-from leeloo.store import BotUserRecord, CrewRecord, DeviceRecord, LogEntry, MemberRecord, Snapshot, TokenRecord
+from leeloo.store import (
+    BotUserRecord, CrewRecord, DeviceRecord, LogEntry, MemberRecord, MultiCrewRecord, Snapshot, TokenRecord,
+)
 
 FORMAT = "leeloo-export"
 VERSION = 1
@@ -74,8 +79,10 @@ class Reader:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
-        self.aliases_table = bool(db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'crew_aliases'").fetchone())
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.aliases_table = "crew_aliases" in tables
+        self.multi_table = "multi_crew_devices" in tables
+        self.crew_names = any(row[1] == "name" for row in db.execute("PRAGMA table_info(crews)"))
 
     def __enter__(self) -> Reader:
         self.db.execute("BEGIN")
@@ -88,17 +95,18 @@ class Reader:
         """
         Every crew with its counts, by code.
         """
+        name = "c.name" if self.crew_names else "NULL"
         rows = self.db.execute(
-            "SELECT c.code, c.created_at, c.created_by, "
+            f"SELECT c.code, {name}, c.created_at, c.created_by, "
             "(SELECT COUNT(*) FROM members m WHERE m.crew_code = c.code), "
             "(SELECT COUNT(*) FROM members m WHERE m.crew_code = c.code AND m.online), "
             "(SELECT COUNT(*) FROM bot_users b WHERE b.crew_code = c.code), "
             "(SELECT COUNT(*) FROM messages l WHERE l.crew_code = c.code), "
             "(SELECT MAX(seq) FROM messages l WHERE l.crew_code = c.code) "
             "FROM crews c ORDER BY c.code")
-        return [{"code": code, "created_at": created, "created_by": by, "members": members, "online": online,
-                 "bot_users": bots, "messages": count, "last_seq": last or 0}
-                for code, created, by, members, online, bots, count, last in rows]
+        return [{"code": code, "name": crew_name, "created_at": created, "created_by": by, "members": members,
+                 "online": online, "bot_users": bots, "messages": count, "last_seq": last or 0}
+                for code, crew_name, created, by, members, online, bots, count, last in rows]
 
     def members(self, code: str) -> list[dict]:
         return [{"device_id": d, "name": name, "last_seen": seen, "delivered_seq": delivered,
@@ -137,6 +145,13 @@ class Reader:
                 for d, key_hash, bound, created, seen in self.db.execute(
                     "SELECT device_id, key_hash, bound, created_at, last_seen FROM devices ORDER BY device_id")]
 
+    def multi_crew(self) -> list[dict]:
+        if not self.multi_table:
+            return []
+        return [{"device_id": d, "crews": json.loads(crews), "primary": primary}
+                for d, crews, primary in self.db.execute(
+                    "SELECT device_id, crews, primary_crew FROM multi_crew_devices ORDER BY device_id")]
+
     def tokens(self) -> list[dict]:
         return [{"device_id": d, "tokens": json.loads(tokens), "expires_at": expires}
                 for d, tokens, expires in self.db.execute(
@@ -151,7 +166,8 @@ class Reader:
         for crew in self.crews():
             code = crew["code"]
             crews.append({
-                "code": code, "created_at": crew["created_at"], "created_by": crew["created_by"],
+                "code": code, "name": crew["name"], "created_at": crew["created_at"],
+                "created_by": crew["created_by"],
                 "members": self.members(code), "bot_users": self.bot_users(code),
                 "aliases": sorted(a for a, target in aliases.items() if target == code),
                 "log": list(self.log(code)),
@@ -159,7 +175,7 @@ class Reader:
         devices = [{k: v for k, v in d.items() if k != "crews"} for d in self.devices()]
         schema = self.db.execute("PRAGMA user_version").fetchone()[0]
         return {"format": FORMAT, "version": VERSION, "schema": schema, "crews": crews, "devices": devices,
-                "pending_tokens": self.tokens()}
+                "pending_tokens": self.tokens(), "multi_crew": self.multi_crew()}
 
 
 # ------------------------------------------------------------------ import
@@ -230,7 +246,8 @@ def parse_export(text: str | bytes) -> Imported:
         codes.add(code)
         where = f"crew {code}"
         snapshot.crews.append(CrewRecord(code, _time(crew, "created_at", where),
-                                         _get(crew, "created_by", (str,), where, optional=True)))
+                                         _get(crew, "created_by", (str,), where, optional=True),
+                                         _get(crew, "name", (str,), where, optional=True)))
         seen_members: set[str] = set()
         for m in _list(crew, "members", where):
             device = _get(m, "device_id", (str,), f"{where} member")
@@ -284,6 +301,17 @@ def parse_export(text: str | bytes) -> Imported:
         device = _get(t, "device_id", (str,), "a pending token")
         w = f"the token pending for {device}"
         snapshot.tokens.append(TokenRecord(device, _get(t, "tokens", (dict,), w), _time(t, "expires_at", w)))
+    for m in _list(doc, "multi_crew", "the export"):
+        device = _get(m, "device_id", (str,), "a multi-crew device")
+        w = f"multi-crew device {device}"
+        held = [_code(c, w) for c in _list(m, "crews", w)]
+        missing = [c for c in held if c not in codes]
+        if missing:
+            raise StateError(f"{w}: crew {missing[0]} is not in the export")
+        primary = _get(m, "primary", (str,), w, optional=True)
+        if primary is not None and primary not in held:
+            raise StateError(f"{w}: primary {primary} is not one of its crews")
+        snapshot.multi_crew.append(MultiCrewRecord(device, tuple(held), primary))
     return Imported(snapshot, entries)
 
 

@@ -24,14 +24,18 @@ from leeloo.core.defaults import CODE_TRIES, MAX_GENERATED_CODE_LENGTH
 from leeloo.messages import CrewLimit, InvalidCrewCode, InvalidLastSeq, NotInCrew
 from leeloo.store import (
     DELETE_CREW,
+    DELETE_MEMBER,
+    DELETE_MULTI_CREW,
     PUT_BOT_USER,
     PUT_CREW,
     PUT_MEMBER,
+    PUT_MULTI_CREW,
     RENAME_CREW,
     BotUserRecord,
     CrewRecord,
     Journal,
     MemberRecord,
+    MultiCrewRecord,
     Snapshot,
 )
 
@@ -94,18 +98,20 @@ class Membership:
 
 class Crew:
     """
-    A crew: its members (by device id), its bot users, and the last
-    sequence number stored and delivered, C{fanned_seq} (the store mints
-    them: L{leeloo.store.Sequences}).
+    A crew: its name (what C{create_crew} called it, or C{None}), its
+    members (by device id), its bot users, and the last sequence number
+    stored and delivered, C{fanned_seq} (the store mints them:
+    L{leeloo.store.Sequences}).
     """
 
-    __slots__ = ("code", "created_at", "created_by", "members", "bot_users",
+    __slots__ = ("code", "created_at", "created_by", "name", "members", "bot_users",
                  "fanned_seq", "last_message_at", "client_messages", "log_bytes", "trimming")
 
-    def __init__(self, code: str, created_at: float, created_by: str | None) -> None:
+    def __init__(self, code: str, created_at: float, created_by: str | None, name: str | None = None) -> None:
         self.code = code
         self.created_at = created_at
         self.created_by = created_by
+        self.name = name
         self.members: dict[str, Member] = {}
         self.bot_users: dict[str, str] = {}
         self.fanned_seq = 0
@@ -138,10 +144,10 @@ class Crews:
         # telegram user id -> the codes of the crews it is in (in join order)
         self.bot_user_index: dict[str, dict[str, None]] = {}
         self.presence: Presence | None = None
-        # Multi-crew devices (they sent crew_add): device id -> the codes of
-        # their crews, the primary first, while this relay runs (not yet
-        # stored: a restart forgets it).
-        self.multi: dict[str, dict[str, None]] = {}
+        # Multi-crew devices (they sent crew_add): device id -> its crews
+        # and primary, as the store keeps them.  A device not here is a
+        # legacy one (every deployed device).
+        self.multi: dict[str, MultiCrewRecord] = {}
         # The codes crews were renamed from: old code -> the crew's code now.
         self.aliases: dict[str, str] = {}
         # Crews renamed whose rename is not yet durable: code -> what waits
@@ -150,8 +156,10 @@ class Crews:
 
     def restore(self, snapshot: Snapshot) -> None:
         self.aliases.update(snapshot.aliases)
+        for multi in snapshot.multi_crew:
+            self.multi[multi.device_id] = multi
         for record in snapshot.crews:
-            crew = self.crews[record.code] = Crew(record.code, record.created_at, record.created_by)
+            crew = self.crews[record.code] = Crew(record.code, record.created_at, record.created_by, record.name)
             crew.fanned_seq = snapshot.last_seq.get(record.code, 0)
             crew.last_message_at = snapshot.last_message_at.get(record.code, 0.0)
             crew.log_bytes = snapshot.log_bytes.get(record.code, 0)
@@ -211,9 +219,12 @@ class Crews:
             others = membership.session.others
             if others is not None and others.get(old) is membership:
                 others[new] = others.pop(old)
-        for table in (*self.multi.values(), *self.bot_user_index.values()):
+        for record in [r for r in self.multi.values() if old in r.crews or r.primary == old]:
+            self._keep(MultiCrewRecord(record.device_id, tuple(new if c == old else c for c in record.crews),
+                                       new if record.primary == old else record.primary))
+        for table in self.bot_user_index.values():
             if old in table:
-                # Keep the order (a multi-crew device's primary first).
+                # Keep the order they joined in.
                 items = [new if code == old else code for code in table]
                 table.clear()
                 table.update(dict.fromkeys(items))
@@ -258,9 +269,9 @@ class Crews:
             raise InvalidCrewCode(f"Crew {code.strip().upper()} not found")
         return crew
 
-    def create(self, code: str, created_by: str | None) -> Crew:
-        crew = self.crews[code] = Crew(code, self.clock.seconds(), created_by)
-        self.journal.put((PUT_CREW, CrewRecord(code, crew.created_at, created_by)), wait=False)
+    def create(self, code: str, created_by: str | None, name: str | None = None) -> Crew:
+        crew = self.crews[code] = Crew(code, self.clock.seconds(), created_by, name)
+        self.journal.put((PUT_CREW, CrewRecord(code, crew.created_at, created_by, name)), wait=False)
         _log.info("crew {crew_code} created", crew_code=code)
         return crew
 
@@ -331,7 +342,7 @@ class Crews:
                 session.others = {}
             session.others[crew.code] = membership
         if session.multi:
-            self._remember(session)
+            self._joined(session.device_id, crew.code)
         self.fanout.subscribe(crew.code, session.device_id, membership)
         self.save_member(crew, member, online=True)
         self.presence.entered(membership, announce)
@@ -348,20 +359,23 @@ class Crews:
     def end(self, membership: Membership) -> None:
         """
         End C{membership} for good (C{crew_leave}): its crew hears the
-        device went offline, and the device is no longer a member there;
-        its stored row is kept as history, delivered up to the crew's
-        latest, so nothing of the crew is replayed to it again.
+        device went offline, and the device is no longer a member there
+        (its member row is deleted), so nothing of the crew is replayed to
+        it again, also after a restart: added again, it starts at the
+        crew's latest.
         """
-        crew, member = membership.crew, membership.member
+        session, crew, member = membership.session, membership.crew, membership.member
         self.leave_crew(membership, announce=True)
-        member.delivered_seq = max(member.delivered_seq, crew.fanned_seq)
-        if member.acked_seq is not None:
-            member.acked_seq = max(member.acked_seq, crew.fanned_seq)
         if crew.members.get(member.device_id) is member:
             del crew.members[member.device_id]
-        self.save_member(crew, member, online=False)
-        if membership.session.multi:
-            self._remember(membership.session)
+        self.journal.put((DELETE_MEMBER, (crew.code, member.device_id)), key=(crew.code, member.device_id))
+        record = self.multi.get(session.device_id)
+        if record is not None and crew.code in record.crews:
+            crews = tuple(c for c in record.crews if c != crew.code)
+            primary = record.primary
+            if primary == crew.code:
+                primary = session.primary.crew.code if session.primary is not None else next(iter(crews), None)
+            self._keep(MultiCrewRecord(session.device_id, crews, primary))
 
     def make_primary(self, session: Session, membership: Membership) -> None:
         """
@@ -372,31 +386,91 @@ class Crews:
             held = sorted(session.memberships(), key=lambda m: m.joined)
             session.primary = membership
             session.others = {m.crew.code: m for m in held if m is not membership} or None
-        if session.multi:
-            self._remember(session)
+        record = self.multi.get(session.device_id)
+        if session.multi and record is not None:
+            self._keep(MultiCrewRecord(session.device_id, record.crews, membership.crew.code))
 
     def become_multi(self, session: Session) -> None:
         """
-        C{session}'s device is multi-crew from now on: entering a crew adds
-        one, and it comes back (C{register}) to every crew it holds.
+        C{session}'s device is multi-crew from now on (it sent
+        C{crew_add}), and stored so: entering a crew adds one, and entering
+        on a new connection (L{held_crews}) it re-enters every crew it is
+        in, also after a restart.  Its crews start as those it holds now.
         """
         session.multi = True
-        self._remember(session)
+        if session.device_id not in self.multi:
+            held = sorted(session.memberships(), key=lambda m: m.joined)
+            primary = session.primary.crew.code if session.primary is not None else None
+            self._keep(MultiCrewRecord(session.device_id, tuple(m.crew.code for m in held), primary))
 
-    def _remember(self, session: Session) -> None:
-        held = [session.primary] if session.primary is not None else []
-        held += sorted(session.others.values(), key=lambda m: m.joined) if session.others else []
-        self.multi[session.device_id] = dict.fromkeys(m.crew.code for m in held)
+    def _joined(self, device_id: str, code: str) -> None:
+        """
+        Multi-crew device C{device_id} is in crew C{code}: the last joined
+        (nothing changes when it is back in a crew it was in), its primary
+        if it had none.
+        """
+        record = self.multi.get(device_id)
+        if record is None:
+            record = MultiCrewRecord(device_id, (), None)
+        elif code in record.crews and record.primary is not None:
+            return
+        crews = record.crews if code in record.crews else record.crews + (code,)
+        self._keep(MultiCrewRecord(device_id, crews, record.primary or code))
+
+    def remove_member(self, crew: Crew, device_id: str) -> None:
+        """
+        C{device_id}, offline, is a member of C{crew} no more (its member
+        row is deleted, as L{end} does for one online).
+        """
+        del crew.members[device_id]
+        self.journal.put((DELETE_MEMBER, (crew.code, device_id)), key=(crew.code, device_id))
+        record = self.multi.get(device_id)
+        if record is not None and crew.code in record.crews:
+            crews = tuple(c for c in record.crews if c != crew.code)
+            primary = record.primary if record.primary != crew.code else next(iter(crews), None)
+            self._keep(MultiCrewRecord(device_id, crews, primary))
+
+    def _keep(self, record: MultiCrewRecord) -> None:
+        """
+        Hold and store C{record}, if it changed anything.
+        """
+        if self.multi.get(record.device_id) != record:
+            self.multi[record.device_id] = record
+            self.journal.put((PUT_MULTI_CREW, record), key=(PUT_MULTI_CREW, record.device_id))
 
     def held_crews(self, device_id: str) -> list[Crew] | None:
         """
-        The crews a multi-crew device holds, its primary first; C{None} for
-        a device that is not multi-crew.
+        The crews a multi-crew device is in, in the order it joined them;
+        C{None} for a legacy device (it never sent C{crew_add}).
         """
-        codes = self.multi.get(device_id)
-        if codes is None:
+        record = self.multi.get(device_id)
+        if record is None:
             return None
-        return [self.crews[code] for code in codes if code in self.crews]
+        crews = self.crews
+        return [crews[code] for code in record.crews if code in crews]
+
+    def restore_primary(self, session: Session) -> None:
+        """
+        Make the primary crew of C{session}'s multi-crew device its
+        session's primary again (it came back to its crews).
+        """
+        record = self.multi.get(session.device_id)
+        if record is None:
+            return
+        membership = session.membership(record.primary) if record.primary is not None else None
+        if membership is not None:
+            if session.primary is not membership:
+                self.make_primary(session, membership)
+        elif session.primary is not None:
+            # Its primary crew is gone: the earliest joined of the rest is.
+            self._keep(MultiCrewRecord(record.device_id, record.crews, session.primary.crew.code))
+
+    def forget_device(self, device_id: str) -> None:
+        """
+        Forget that C{device_id} is multi-crew (its id is forgotten).
+        """
+        if self.multi.pop(device_id, None) is not None:
+            self.journal.put((DELETE_MULTI_CREW, device_id), key=(PUT_MULTI_CREW, device_id))
 
     def membership_of(self, session: Session, code: str) -> Membership | None:
         """
@@ -473,6 +547,11 @@ class Crews:
         self.journal.put((DELETE_CREW, functools.partial(self._forget_sequence, crew.code)), wait=False)
         for alias in [a for a, code in self.aliases.items() if code == crew.code]:
             del self.aliases[alias]
+        # No multi-crew device comes back to another crew made under its code.
+        for record in [r for r in self.multi.values() if crew.code in r.crews]:
+            crews = tuple(c for c in record.crews if c != crew.code)
+            primary = record.primary if record.primary != crew.code else next(iter(crews), None)
+            self._keep(MultiCrewRecord(record.device_id, crews, primary))
         for user_id in crew.bot_users:
             codes = self.bot_user_index.get(user_id)
             if codes is not None:

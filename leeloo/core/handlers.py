@@ -120,6 +120,13 @@ class Handlers:
                 code = resolved
         if code is not None and code not in self.crews.crews:
             self._find(waits, self.store.find_crew(code), self._adopt_crew, code)
+        multi = self.crews.multi.get(device_id) if device_id is not None else None
+        if multi is not None:
+            # A multi-crew device comes back to its crews: those another
+            # node made are looked up too.
+            for held in multi.crews:
+                if held != code and held not in self.crews.crews:
+                    self._find(waits, self.store.find_crew(held), self._adopt_crew, held)
         if device_id is not None:
             if device_id not in self.identity.keys:
                 self._find(waits, self.store.find_device(device_id), self.identity.adopt)
@@ -164,6 +171,8 @@ class Handlers:
     def _register(self, session: Session, message: Register) -> None:
         crew = self.crews.get(message.crew_code)
         self.crews.check_last_seq(crew, message.last_seq)
+        if message.crew_code is not None:
+            self._check_room(message.device_id or session.device_id, message.crew_code)
         if message.crew_code is not None or self.identity.unseen(session, message.device_id):
             self.admission.check_entry(session, message.device_id, crew)
         key = self._identify(session, message.device_id, message.device_name, message.device_key)
@@ -171,13 +180,7 @@ class Handlers:
             self.identity.seen(session.device_id)
         session.send(messages.Registered(session.device_id, key))
         self.tokens.hand_over(session)
-        held = self.crews.held_crews(session.device_id)
-        if held is not None:
-            # A multi-crew device comes back to every crew it holds, each
-            # replaying what it missed there, its primary first.
-            session.multi = True
-            for each in held:
-                self._enter(session, each, announce=False)
+        self._come_back(session, message.crew_code, message.last_seq)
         if message.crew_code is not None:
             if crew is None:
                 crew = self.crews.create(message.crew_code, session.device_id)
@@ -187,6 +190,7 @@ class Handlers:
     def _create_crew(self, session: Session, message: CreateCrew) -> None:
         crew = self.crews.get(message.crew_code)
         self.crews.check_last_seq(crew, message.last_seq)
+        self._check_room(message.device_id or session.device_id, message.crew_code)
         # Counted before a code is searched for: a refused flood costs no search.
         self.admission.check_entry(session, message.device_id, crew)
         code = message.crew_code or self.crews.unused_code()
@@ -194,7 +198,8 @@ class Handlers:
         if crew is None:
             # A new crew is answered once it is durable: a code handed out
             # and then lost in a crash could be handed to someone else.
-            self._enter(session, self.crews.create(code, session.device_id), announce=False)
+            self._come_back(session)
+            self._enter(session, self.crews.create(code, session.device_id, message.crew_name), announce=False)
             self.journal.barrier().addCallbacks(
                 self._crew_stored, self._crew_not_stored,
                 callbackArgs=(session, session.device_id, code, key), errbackArgs=(session, code),
@@ -203,6 +208,7 @@ class Handlers:
             return
         session.send(messages.CrewCreated(session.device_id, code, key))
         self.tokens.hand_over(session)
+        self._come_back(session, code, message.last_seq)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
         self._log_entry("create_crew", session)
 
@@ -232,9 +238,11 @@ class Handlers:
         if crew is None:
             raise InvalidCrewCode(f"Crew {message.crew_code} not found")
         self.crews.check_last_seq(crew, message.last_seq)
+        self._check_room(message.device_id or session.device_id, crew.code)
         key = self._identify(session, message.device_id, message.display_name, message.device_key)
         session.send(self._crew_joined(session, crew, key))
         self.tokens.hand_over(session)
+        self._come_back(session, crew.code, message.last_seq)
         self._enter(session, crew, announce=True, last_seq=message.last_seq)
         self._log_entry("join_crew", session)
 
@@ -249,9 +257,22 @@ class Handlers:
 
     def _crew_joined(self, session: Session, crew: Crew, key: str | None = None) -> messages.CrewJoined:
         online, others = self._online(session, crew)
-        return messages.CrewJoined(session.device_id, crew.code, online, others, key)
+        return messages.CrewJoined(session.device_id, crew.code, online, others, key, crew.name)
 
     # ------------------------------------------------------- several crews
+
+    def _check_room(self, device_id: str | None, code: str | None) -> None:
+        """
+        Check that a multi-crew device has room for crew C{code} (C{None}:
+        a new one) if it is not in it: C{join_crew}, C{create_crew} and
+        C{register} add a crew for it, as C{crew_add} does.
+
+        @raise CrewLimit: it is in C{max_crews_per_device} crews.
+        """
+        record = self.crews.multi.get(device_id) if device_id is not None else None
+        limit = self.admission.limits.max_crews_per_device
+        if record is not None and code not in record.crews and len(record.crews) >= limit:
+            raise CrewLimit(f"this device is in {limit} crews, the most it may be in; leave one first")
 
     def _bound(self, session: Session) -> None:
         """
@@ -292,7 +313,7 @@ class Handlers:
         listed = []
         for membership in sorted(session.memberships(), key=lambda m: m.joined):
             online, others = self._online(session, membership.crew)
-            listed.append(messages.CrewListing(membership.crew.code, None, online, others))
+            listed.append(messages.CrewListing(membership.crew.code, membership.crew.name, online, others))
         primary = session.primary.crew.code if session.primary is not None else None
         session.send(messages.CrewList(primary, listed))
 
@@ -301,6 +322,24 @@ class Handlers:
         membership = self.crews.held(session, message.crew_code)
         self.crews.make_primary(session, membership)
         session.send(messages.PrimaryCrew(membership.crew.code))
+
+    def _come_back(self, session: Session, code: str | None = None, last_seq: int | None = None) -> None:
+        """
+        A multi-crew device entering on a connection (C{register},
+        C{create_crew} or C{join_crew}) re-enters every crew it is in, as
+        the store keeps them (also after a restart), each replaying what it
+        missed there (after C{last_seq} for the crew of C{code}, the one
+        its message names), in the order it joined them; its primary is
+        what it was.  Nothing for a legacy device, nor for one whose
+        connection holds its crews already.
+        """
+        held = self.crews.held_crews(session.device_id)
+        if held is None:
+            return
+        session.multi = True
+        for crew in held:
+            self._enter(session, crew, announce=False, last_seq=last_seq if crew.code == code else None)
+        self.crews.restore_primary(session)
 
     def _enter(self, session: Session, crew: Crew, announce: bool, last_seq: int | None = None) -> None:
         """

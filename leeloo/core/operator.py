@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from leeloo import messages
 from leeloo.messages import CLOSE_OPERATOR
 from leeloo.store import (
-    APPEND, DELETE_DEVICE, DELETE_MEMBER, PUT_ALIAS, PUT_BOT_USER, PUT_CREW, PUT_DEVICE, PUT_MEMBER, PUT_TOKEN,
+    APPEND, DELETE_DEVICE, PUT_ALIAS, PUT_BOT_USER, PUT_CREW, PUT_DEVICE, PUT_MEMBER, PUT_MULTI_CREW, PUT_TOKEN,
     LogEntry, Snapshot, StoreError,
 )
 
@@ -60,8 +60,8 @@ class Refused(Exception):
 class Imported:
     """
     A whole state to take up: the records of a L{Snapshot} (its crews,
-    members, bot users, devices, tokens and aliases) and every crew's log
-    entries.
+    members, bot users, devices, tokens, aliases and multi-crew devices)
+    and every crew's log entries.
     """
 
     snapshot: Snapshot
@@ -115,13 +115,12 @@ class Operator:
             raise Refused(f"{device_id} is not a member of crew {crew.code}")
         membership = self.crews.online(crew).get(device_id)
         if membership is not None:
-            self.crews.leave_crew(membership, announce=True)
+            # As if it had sent crew_leave.
+            self.crews.end(membership)
             membership.session.send(messages.CrewLeft(crew.code))
-        del crew.members[device_id]
-        held = self.crews.multi.get(device_id)
-        if held is not None:
-            held.pop(crew.code, None)
-        d = self.journal.put((DELETE_MEMBER, (crew.code, device_id)))
+        else:
+            self.crews.remove_member(crew, device_id)
+        d = self.journal.barrier()
         _log.info("operator: device {device_id} removed from crew {crew_code}", device_id=device_id,
                   crew_code=crew.code)
         return d.addCallback(lambda _: {"device_id": device_id, "crew_code": crew.code,
@@ -168,8 +167,6 @@ class Operator:
             if not session.memberships() and not session.closing:
                 closed += 1
                 session.close(CLOSE_OPERATOR, "crew deleted by the relay's operator; reconnect")
-        for codes in self.crews.multi.values():
-            codes.pop(crew.code, None)
         self.crews.forget(crew)
         _log.info("operator: crew {crew_code} deleted", crew_code=crew.code)
         return self.journal.barrier().addCallback(
@@ -232,6 +229,8 @@ class Operator:
             self.crews.aliases.pop(alias, None)
         for b in snapshot.bot_users:
             self.crews.bot_user_index.pop(b.user_id, None)
+        for r in snapshot.multi_crew:
+            self.crews.multi.pop(r.device_id, None)
         failure.trap(StoreError)
         _log.error("operator: the import was not stored: {error}", error=failure.getErrorMessage())
         raise Refused(f"the store did not take the import ({failure.getErrorMessage()}); nothing was imported")
@@ -246,4 +245,5 @@ def _import_ops(state: Imported) -> list:
     ops += [(APPEND, e) for e in state.entries]
     ops += [(PUT_TOKEN, t) for t in s.tokens]
     ops += [(PUT_ALIAS, alias) for alias in s.aliases.items()]
+    ops += [(PUT_MULTI_CREW, r) for r in s.multi_crew]
     return ops

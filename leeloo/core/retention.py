@@ -66,6 +66,7 @@ class Retention:
         for device_id in idle_devices:
             del self.identity.keys[device_id]
             self.journal.put((DELETE_DEVICE, device_id), wait=False)
+            self.crews.forget_device(device_id)
         if idle_devices:
             _log.info("retention: forgot {count} device ids in no crew and not seen for {days:g} days",
                       count=len(idle_devices), days=self.crew_ttl / DAY)

@@ -36,6 +36,19 @@ C{unknown_type} while a pairing is asked for
     the relay predates pairing: L{pair_spotify} fails with
     L{PairingUnsupported}, and the caller falls back to the legacy authorize
     URL (C{state} = the device id).
+
+Several crews (issue 16): L{crew_add} adds a crew and keeps the others (the
+device is multi-crew from then on, and saves its other crews in
+C{relay_state.json}); L{crew_leave} leaves one; L{crews} asks the relay
+for the list.  On every connection the device enters its main crew (the one
+C{crew_config.json} names, as deployed devices do), and adds its other
+crews again, each after the last sequence it handled there.  A send may
+name one of its crews (C{crew_code}); a multi-crew device names the crew on
+every send.  Every crew event (C{message}, C{music_shared}, C{reaction},
+C{member_joined}, C{member_offline}, C{replay_truncated}, C{sent}) reaches
+observers with the C{crew_code} the relay tags it with (an older relay sends
+none: its events are the main crew's), and positions and acknowledgements
+are kept per crew.
 """
 
 from __future__ import annotations
@@ -52,12 +65,15 @@ from twisted.logger import Logger
 from leeloo import __version__, messages
 from leeloo.device.backoff import FullJitter
 from leeloo.device.connection import RelayURL, endpoint_for
+from leeloo.device.crews import CREW_ERRORS, SeveralCrews
 from leeloo.device.state import DeviceState, StateError
 from leeloo.messages import (
     FANOUTS,
     CloseCode,
     CrewCreated,
     CrewJoined,
+    CrewLeft,
+    CrewList,
     ErrorFrame,
     InvalidMessage,
     NotInCrew,
@@ -78,7 +94,7 @@ MSG_TYPES = ("text", "song_push", "reaction", "nudge", "hang_propose", "hang_con
 EVENTS = ("message", "music_shared", "reaction", "member_joined", "member_offline",
           "spotify_auth_complete", "spotify_pair", "spotify_pair_failed", "spotify_tokens",
           "spotify_search_results", "connected", "disconnected",
-          "replay_truncated", "sent", "error", "stopped")
+          "replay_truncated", "sent", "error", "stopped", "crew_joined", "crew_left", "crews")
 
 # The reply that says the relay has put the connection where it asked.
 _REPLIES: dict[str, type] = {"join": CrewJoined, "create": CrewCreated, "register": Registered}
@@ -211,7 +227,7 @@ def cancel_close_timer(proto: WebSocketClientProtocol) -> None:
         proto.closeHandshakeTimeoutCall = None
 
 
-class LeelooDevice(Service):
+class LeelooDevice(SeveralCrews, Service):
     """
     A LEELOO's client: connects to C{url}, keeps its files in C{state_dir},
     and enters its crew (the saved one, or a new one when it has none and
@@ -305,6 +321,7 @@ class LeelooDevice(Service):
         # answers carry no request id.
         self._spotify_calls: list[tuple[dict, Deferred]] = []
         self._spotify_sent = False
+        self._init_crews()
         self._unproductive = 0
         self._next_delay: float | None = None
         self._timer: Any = None
@@ -402,6 +419,7 @@ class LeelooDevice(Service):
             w.errback(DeviceStopped(why, reason))
         self._fail_pairing(DeviceStopped(why, reason))
         self._fail_spotify_calls(DeviceStopped(why, reason))
+        self._fail_crew_calls(DeviceStopped(why, reason))
         return d
 
     def _give_up(self, reason: Exception) -> None:
@@ -456,6 +474,15 @@ class LeelooDevice(Service):
         except ProtocolError as e:
             return fail(e)
         return self._retarget(("join", code, True))
+
+    def _stopped(self) -> Deferred | None:
+        """
+        A failed Deferred (L{DeviceStopped}) when the device stopped for
+        good, else C{None}.
+        """
+        if self.phase == "stopped" and self.stopped_by is not None:
+            return fail(DeviceStopped(str(self.stopped_by), self.stopped_by))
+        return None
 
     def _retarget(self, target: tuple) -> Deferred:
         if self.phase == "stopped" and self.stopped_by is not None:
@@ -518,6 +545,14 @@ class LeelooDevice(Service):
         if device_id != c.device_id:
             c.device_id, changed = device_id, True
         if code is not None and code != c.crew_code:
+            if self.state.multi and c.crew_code:
+                # A multi-crew device's join_crew adds a crew: the one it
+                # was in stays one of its crews.
+                if c.crew_code not in self.state.crews:
+                    self.state.crews.insert(0, c.crew_code)
+                if code in self.state.crews:
+                    self.state.crews.remove(code)
+                self.state.save_positions()
             c.crew_code, c.crew_id, changed = code, code, True
         if changed or self.state.config_changed():
             self.state.save_config()
@@ -548,6 +583,9 @@ class LeelooDevice(Service):
                                  "crew_members": reply.crew_members if joined else None,
                                  "member_names": reply.member_names if joined else []})
         self._flush()
+        if self.state.multi:
+            self._readd_crews()
+        self._send_crew_call()
         self._send_pairing()
         self._send_spotify_call()
 
@@ -558,9 +596,10 @@ class LeelooDevice(Service):
 
     def _drop_other_crews(self) -> None:
         kept, dropped = [], []
+        held = self.held_crews
         for entry in self.state.outbox:
-            if entry.get("crew_code") in (None, self.crew_code):
-                entry["crew_code"] = self.crew_code
+            if entry.get("crew_code") is None and self.crew_code is not None or entry.get("crew_code") in held:
+                entry["crew_code"] = entry.get("crew_code") or self.crew_code
                 kept.append(entry)
             else:
                 dropped.append(entry)
@@ -741,46 +780,60 @@ class LeelooDevice(Service):
 
     # ---------------------------------------------------------------- sends
 
-    def send_message(self, msg_type: str, payload: dict | None = None) -> Deferred:
+    def send_message(self, msg_type: str, payload: dict | None = None, crew_code: str | None = None) -> Deferred:
         """
-        Send a crew C{message}.  Fires with the relay's C{sent} frame (its
+        Send a crew C{message}, to crew C{crew_code} (one of the device's
+        crews) or its main crew.  Fires with the relay's C{sent} frame (its
         C{seq}) once the message is stored; fails with the relay's error
-        (a L{ProtocolError} naming its code), L{OutboxFull} or
-        L{DeviceStopped}.  Offline, it waits in the outbox.
+        (a L{ProtocolError} naming its code: L{messages.NotInCrew} for a
+        crew the device is not in), L{OutboxFull} or L{DeviceStopped}.
+        Offline, it waits in the outbox.
         """
         return self._send({"type": "message", "msg_type": msg_type,
-                           "payload": payload if payload is not None else {}})
+                           "payload": payload if payload is not None else {}}, crew_code)
 
-    def send_text(self, text: str) -> Deferred:
-        return self.send_message("text", {"text": text})
+    def send_text(self, text: str, crew_code: str | None = None) -> Deferred:
+        return self.send_message("text", {"text": text}, crew_code)
 
     def push_song(self, spotify_uri: str, artist: str = "", track: str = "", album: str = "",
-                  album_art_url: str = "", note: str = "") -> Deferred:
+                  album_art_url: str = "", note: str = "", crew_code: str | None = None) -> Deferred:
         return self.send_message("song_push", {
             "artist": artist, "track": track, "album": album, "spotify_uri": spotify_uri,
             "album_art_url": album_art_url, "note": note,
-        })
+        }, crew_code)
 
-    def react(self, reaction: str = "love", to_device: str | None = None) -> Deferred:
-        return self.send_message("reaction", {"reaction": reaction, "to_device": to_device})
+    def react(self, reaction: str = "love", to_device: str | None = None, crew_code: str | None = None) -> Deferred:
+        return self.send_message("reaction", {"reaction": reaction, "to_device": to_device}, crew_code)
 
-    def nudge(self) -> Deferred:
-        return self.send_message("nudge")
+    def nudge(self, crew_code: str | None = None) -> Deferred:
+        return self.send_message("nudge", crew_code=crew_code)
 
-    def propose_hang(self, datetime: str, description: str = "") -> Deferred:
-        return self.send_message("hang_propose", {"datetime": datetime, "description": description})
+    def propose_hang(self, datetime: str, description: str = "", crew_code: str | None = None) -> Deferred:
+        return self.send_message("hang_propose", {"datetime": datetime, "description": description}, crew_code)
 
-    def confirm_hang(self) -> Deferred:
-        return self.send_message("hang_confirm")
+    def confirm_hang(self, crew_code: str | None = None) -> Deferred:
+        return self.send_message("hang_confirm", crew_code=crew_code)
 
-    def _send(self, message: dict) -> Deferred:
+    def _send(self, message: dict, crew_code: str | None = None) -> Deferred:
         if self.phase == "stopped" and self.stopped_by is not None:
             return fail(DeviceStopped(str(self.stopped_by), self.stopped_by))
         kind, code, _ = self._target
-        if kind == "register" and self.crew_code is None:
+        if crew_code is not None:
+            try:
+                crew_code = messages.normalize_crew_code(crew_code)
+            except ProtocolError as e:
+                return fail(e)
+            if crew_code not in self.held_crews:
+                return fail(NotInCrew(f"this device is not in crew {crew_code}"))
+        elif kind == "register" and self.crew_code is None:
             return fail(NotInCrew("join or create a crew before sending crew messages"))
         client_msg_id = secrets.token_hex(8)
         frame = {**message, "client_msg_id": client_msg_id}
+        crew = crew_code or (self.crew_code if self.phase == "ready" else code)
+        if crew is not None and (crew_code is not None or self.state.multi):
+            # Named, the message goes to that crew; a multi-crew device
+            # names its main crew too (the relay's primary may differ).
+            frame["crew_code"] = crew
         try:
             payload = messages.encode(frame)
             # The relay's own decoder: a message it would refuse fails here,
@@ -796,7 +849,6 @@ class LeelooDevice(Service):
         if len(self.state.outbox) >= self.outbox_limit:
             return fail(OutboxFull(
                 f"{len(self.state.outbox)} messages already wait for the relay (the limit is {self.outbox_limit})"))
-        crew = self.crew_code if self.phase == "ready" else code
         self.state.outbox.append({"client_msg_id": client_msg_id, "crew_code": crew, "message": frame})
         self.state.save_outbox()
         d = Deferred()
@@ -807,13 +859,15 @@ class LeelooDevice(Service):
 
     def _flush(self) -> None:
         """
-        Send every unconfirmed message of this crew (the relay answers a
-        resend it already stored with C{sent}, without storing it again).
+        Send every unconfirmed message of this device's crews (the relay
+        answers a resend it already stored with C{sent}, without storing it
+        again).
         """
         if self.phase != "ready" or self._proto is None:
             return
+        held = self.held_crews
         for entry in self.state.outbox:
-            if entry.get("crew_code") == self.crew_code:
+            if entry.get("crew_code") in held:
                 self._proto.send_frame(entry["message"])
 
     def _confirmed(self, sent: Sent, frame: dict) -> None:
@@ -877,9 +931,13 @@ class LeelooDevice(Service):
             return
         if isinstance(message, Registered) and self._binds:
             self._binds -= 1  # the answer to presenting a freshly issued key
-        elif self.phase == "entering" and type(message) is self._expected:
+        elif self.phase == "entering" and type(message) is self._expected and (
+                not isinstance(message, CrewJoined) or self._entering is None
+                or message.crew_code == self._entering[1]):
             self._entered(proto, message)
-        elif isinstance(message, (CrewJoined, CrewCreated, Registered, Pong)):
+        elif isinstance(message, (CrewJoined, CrewLeft, CrewList)):
+            self._crew_answered(message, frame)
+        elif isinstance(message, (CrewCreated, Registered, Pong)):
             pass
         elif isinstance(message, FANOUTS):
             self._crew_frame(proto, message, frame)
@@ -900,7 +958,8 @@ class LeelooDevice(Service):
 
     def _crew_frame(self, proto: DeviceProtocol, message: RelayMessage, frame: dict) -> None:
         seq = message.seq
-        crew = self.crew_code
+        # Its crew, as the relay tags it (an older relay's: the main one).
+        crew = message.crew_code or self.crew_code
         if seq is not None and crew is not None and seq <= self.state.last_seq.get(crew, 0):
             _log.debug("crew {crew_code} seq {seq} was handled already", crew_code=crew, seq=seq)
             return
@@ -908,7 +967,10 @@ class LeelooDevice(Service):
         if seq is not None and crew is not None:
             self.state.last_seq[crew] = seq
             self.state.save_positions()
-            proto.send_frame({"type": "ack", "seq": seq})
+            ack: dict = {"type": "ack", "seq": seq}
+            if message.crew_code is not None and (self.state.multi or crew != self.crew_code):
+                ack["crew_code"] = crew
+            proto.send_frame(ack)
 
     def _tokens(self, message: SpotifyAuthComplete, frame: dict) -> None:
         tokens = message.tokens
@@ -931,6 +993,10 @@ class LeelooDevice(Service):
         if (self._spotify_calls and self._spotify_sent and error.code in _SPOTIFY_ERRORS
                 and "client_msg_id" not in error.extra):
             self._spotify_refused(error)
+            return
+        if (self._crew_calls and self._crew_sent and error.code in CREW_ERRORS and self.phase != "entering"
+                and "client_msg_id" not in error.extra):
+            self._crew_refused(error)
             return
         if self.phase == "entering":
             self._entry_refused(error)
@@ -963,6 +1029,8 @@ class LeelooDevice(Service):
         self.crew_code = None
         self._pair_sent = False
         self._spotify_sent = False
+        self._crew_sent = False
+        self._cancel_crew_timer()
         self._cancel_timer()
         self._cancel_entry_timer()
         if self.phase != "stopped":

@@ -12,7 +12,10 @@ C{device_key}
     C{crew_config.json}: deployed code rewrites that file with only its four
     fields, which would drop the key and lock the device out.
 C{relay_state.json}
-    C{{"last_seq": {CREW: SEQ}}}: the last crew sequence handled, per crew.
+    C{{"last_seq": {CREW: SEQ}}}: the last crew sequence handled, per crew;
+    for a multi-crew device (it added a crew: issue 16) also
+    C{"multi_crew": true} and C{"crews"}, the codes of its other crews in
+    the order added (its main crew is C{crew_config.json}'s).
 C{outbox.json}
     C{{"messages": [...]}}: crew messages not yet confirmed by the relay.
 C{spotify_tokens.json}
@@ -127,7 +130,12 @@ class DeviceState:
         self._config_extra: dict = {}
         self.config = self._load_config()
         self.device_key = self._load_key()
-        self.last_seq: dict[str, int] = self._load_positions()
+        self.last_seq: dict[str, int] = {}
+        # A multi-crew device's other crews (in the order added), and
+        # whether it is one.
+        self.crews: list[str] = []
+        self.multi = False
+        self._load_positions()
         self.outbox: list[dict] = self._load_outbox()
 
     def path(self, name: str) -> Path:
@@ -163,11 +171,19 @@ class DeviceState:
             raise StateError(f"cannot read {self.path(DEVICE_KEY)}: {e}") from None
         return key or None
 
-    def _load_positions(self) -> dict[str, int]:
+    def _load_positions(self) -> None:
         data = self._read_json(RELAY_STATE) or {}
-        positions = data.get("last_seq", {}) if isinstance(data, dict) else {}
-        return {str(k): v for k, v in positions.items()
-                if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+        if not isinstance(data, dict):
+            data = {}
+        positions = data.get("last_seq", {})
+        if not isinstance(positions, dict):
+            positions = {}
+        self.last_seq = {str(k): v for k, v in positions.items()
+                         if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+        crews = data.get("crews", [])
+        self.crews = list(dict.fromkeys(c for c in crews if isinstance(c, str) and c)) \
+            if isinstance(crews, list) else []
+        self.multi = data.get("multi_crew") is True or bool(self.crews)
 
     def _load_outbox(self) -> list[dict]:
         data = self._read_json(OUTBOX) or {}
@@ -214,7 +230,14 @@ class DeviceState:
         self._write(DEVICE_KEY, key.encode("ascii") + b"\n", 0o600)
 
     def save_positions(self) -> None:
-        self._write(RELAY_STATE, _json_bytes({"last_seq": self.last_seq}), 0o600)
+        """
+        Write C{relay_state.json}: the positions, and a multi-crew device's
+        other crews.
+        """
+        data: dict = {"last_seq": self.last_seq}
+        if self.multi:
+            data.update(multi_crew=True, crews=self.crews)
+        self._write(RELAY_STATE, _json_bytes(data), 0o600)
 
     def save_outbox(self) -> None:
         self._write(OUTBOX, _json_bytes({"messages": self.outbox}), 0o600)

@@ -424,6 +424,9 @@ class ExportImportTests(CLITestCase):
                      display_name="Bob")
                 recv(b)
                 bot("crew/join", {"telegram_user_id": 7, "crew_code": "LEELOO-ALFA", "display_name": "Tina"})
+                # Bob is in two crews: a multi-crew device.
+                send(b, type="crew_add", crew_code="LEELOO-ALFA")
+                until(b, of_type("crew_joined"))
                 for i in range(5):
                     send(a, type="message", payload={"text": f"m{i}"}, client_msg_id=f"a{i}")
                     send(b, type="reaction", reaction_type="fire", client_msg_id=f"b{i}")
@@ -443,7 +446,7 @@ class ExportImportTests(CLITestCase):
         other, (other_port, _) = yield self.start(other_dir)
         status, out, err = yield self.admin("import", path, data_dir=other_dir)
         self.assertEqual(status, 0, err)
-        self.assertIn("imported 2 crews, 2 members, 1 bot users, 2 devices, 0 pending tokens and 10 messages", out)
+        self.assertIn("imported 2 crews, 3 members, 1 bot users, 2 devices, 0 pending tokens and 10 messages", out)
         status, again, _ = yield self.admin("export", data_dir=other_dir)
 
         def comparable(text):
@@ -456,6 +459,9 @@ class ExportImportTests(CLITestCase):
 
         self.assertEqual(comparable(again), comparable(exported))
         self.assertEqual([c["aliases"] for c in comparable(again)["crews"]], [[], ["LEELOO-BRVO"]])
+        # The rename took Bob's crews along.
+        self.assertEqual(comparable(again)["multi_crew"], [
+            {"device_id": "leeloo_bbbbbbbbbbbb", "crews": ["LEELOO-CHLI", "LEELOO-ALFA"], "primary": "LEELOO-CHLI"}])
         # Importing twice is refused: the relay is no longer empty.
         status, _, err = yield self.admin("import", path, data_dir=other_dir)
         self.assertEqual((status, "not empty" in err), (1, True))

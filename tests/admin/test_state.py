@@ -19,7 +19,7 @@ from leeloo.admin.state import Reader, StateError, open_database, parse_export
 from leeloo.sqlitestore import DATABASE_NAME, MIGRATIONS, SQLiteStore
 from leeloo.store import (
     APPEND, PUT_BOT_USER, PUT_CREW, PUT_DEVICE, PUT_MEMBER, PUT_TOKEN, RENAME_CREW, BotUserRecord, CrewRecord,
-    DeviceRecord, LogEntry, MemberRecord, TokenRecord,
+    DeviceRecord, LogEntry, MemberRecord, MultiCrewRecord, TokenRecord,
 )
 from tests.support import CHECKOUT
 
@@ -39,6 +39,7 @@ def document(**changes):
         "devices": [{"device_id": "leeloo_a", "key_hash": HASH, "bound": True, "created_at": T0,
                      "last_seen": None}],
         "pending_tokens": [{"device_id": "leeloo_a", "tokens": {"access_token": "x"}, "expires_at": T0}],
+        "multi_crew": [{"device_id": "leeloo_a", "crews": ["LEELOO-ALFA"], "primary": "LEELOO-ALFA"}],
     }
     for path, value in changes.items():
         target = doc
@@ -63,6 +64,7 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(s.devices, [DeviceRecord("leeloo_a", HASH, True, T0, None)])
         self.assertEqual(s.tokens, [TokenRecord("leeloo_a", {"access_token": "x"}, T0)])
         self.assertEqual(s.aliases, {"LEELOO-OLD1": "LEELOO-ALFA"})
+        self.assertEqual(s.multi_crew, [MultiCrewRecord("leeloo_a", ("LEELOO-ALFA",), "LEELOO-ALFA")])
         self.assertEqual(state.entries, [LogEntry("LEELOO-ALFA", 1, "m1", "leeloo_a", "c1", b"\x00\xff", T0,
                                                   b'{"type":"message"}', False)])
 
@@ -85,6 +87,8 @@ class ParseTests(SynchronousTestCase):
             (document(**{"crews.0.aliases": ["LEELOO-ALFA"]}), "is a crew's code too"),
             (document(**{"crews.0.created_at": float("nan")}), "must be finite"),
             (json.dumps(two), "appears twice"),
+            (document(**{"multi_crew.0.crews": ["LEELOO-ZZZZ"]}), "crew LEELOO-ZZZZ is not in the export"),
+            (document(**{"multi_crew.0.primary": "LEELOO-ZZZZ"}), "is not one of its crews"),
         ]
         for text, problem in cases:
             with self.assertRaises(StateError, msg=problem) as raised:

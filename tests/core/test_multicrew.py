@@ -10,6 +10,7 @@ from leeloo import messages
 from leeloo.core.delivery import client_digest
 from leeloo.limits import Rate, RelayLimits
 from leeloo.relay import Relay
+from leeloo.store import DELETE_MEMBER, PUT_MULTI_CREW, MemoryStore, MultiCrewRecord
 from leeloo.testing import Device
 
 from tests.core.support import ClockTestCase
@@ -665,11 +666,21 @@ class DeviceSideTests(MultiCrewTestCase):
         with self.assertRaises(messages.InvalidMessage):
             messages.relay_message_from({"type": "crews", "primary": None, "crews": ["X"]})
 
+    def test_listing_missing_field_named(self):
+        """
+        A listed crew without its C{crew_code} is C{invalid_message} saying
+        so, named as a field of C{crews}.
+        """
+        with self.assertRaises(messages.InvalidMessage) as caught:
+            messages.relay_message_from({"type": "crews", "primary": None,
+                                         "crews": [{"members_online": 1, "member_names": []}]})
+        self.assertEqual(str(caught.exception), "crews crew_code is required")
+
 
 class ComingBackTests(MultiCrewTestCase):
     """
     A multi-crew device that reconnects (C{register} with its id) to the
-    same relay; across a restart this is not kept yet.
+    same relay (across a restart: L{RestartTests}).
     """
 
     def test_reenters_every_crew(self):
@@ -722,3 +733,336 @@ class ComingBackTests(MultiCrewTestCase):
         back = self.device("m")
         self.assertEqual(back.session.memberships(), [])
         self.assertFalse(back.session.multi)
+
+    def test_join_crew_comes_back_too(self):
+        """
+        Back on a new connection with C{join_crew} (not C{register}), a
+        multi-crew device re-enters all its crews as well, and the crew it
+        names is added.
+        """
+        self.device("d1", "DELTA")
+        m = self.in_three()
+        m.close()
+        back = Device(self.relay, "192.0.2.7")
+        back.send(type="join_crew", device_id="m", crew_code="DELTA")
+        self.flush()
+        self.assertEqual([x.crew.code for x in back.session.memberships()], ["ALPHA", "BRAVO", "CHARLIE", "DELTA"])
+        self.assertEqual(back.session.primary.crew.code, "ALPHA")
+
+    def test_register_last_seq_is_for_its_crew(self):
+        """
+        A multi-crew device's C{register} with a crew and C{last_seq}
+        resumes that crew after it; its other crews resume where they were.
+        """
+        m = self.in_three()
+        self.say(self.b1, "b1")
+        self.say(self.a1, "a1")
+        m.take()
+        m.prove()
+        m.close()
+        self.say(self.a1, "a2")
+        back = self.device("m", "BRAVO", last_seq=0)
+        got = sorted((f["crew_code"], f["payload"]["text"]) for f in back.take() if f["type"] == "message")
+        self.assertEqual(got, [("ALPHA", "a2"), ("BRAVO", "b1")])
+
+
+class RestartTests(MultiCrewTestCase):
+    """
+    What a multi-crew device is survives a restart of the relay on the same
+    store (here in memory; on SQLite: tests/test_multicrew_store.py; a
+    real twistd process: tests/test_durability.py).
+    """
+
+    def make_relay(self, **kwargs):
+        if not hasattr(self, "store"):
+            self.store = MemoryStore()
+        kwargs.setdefault("store", self.store)
+        return super().make_relay(**kwargs)
+
+    def restart(self):
+        """
+        A new relay on the store (the old one crashed: its connections
+        gone without a word); a1, b1 and c1 come back to their crews.
+        """
+        self.relay = self.make_relay()
+        self.a1 = self.device("a1", "ALPHA")
+        self.b1 = self.device("b1", "BRAVO")
+        self.c1 = self.device("c1", "CHARLIE")
+        for d in (self.a1, self.b1, self.c1):
+            d.take()
+
+    def test_reenters_all_three_after_restart(self):
+        """
+        After a relay restart the device re-enters all three crews and gets
+        what it missed in each, in order per crew, tagged with its crew.
+        """
+        m = self.in_three()
+        m.close()
+        self.restart()
+        self.say(self.a1, "a1")
+        self.say(self.b1, "b1")
+        self.say(self.b1, "b2")
+        self.say(self.c1, "c1")
+        back = self.device("m")
+        got = [(f["crew_code"], f["payload"]["text"]) for f in back.take() if f["type"] == "message"]
+        self.assertEqual(sorted(got), [("ALPHA", "a1"), ("BRAVO", "b1"), ("BRAVO", "b2"), ("CHARLIE", "c1")])
+        self.assertEqual([t for c, t in got if c == "BRAVO"], ["b1", "b2"])
+        self.assertEqual([x.crew.code for x in back.session.memberships()], ["ALPHA", "BRAVO", "CHARLIE"])
+        self.say(self.c1, "live")
+        self.assertEqual([(f["crew_code"], f["payload"]["text"]) for f in back.take()], [("CHARLIE", "live")])
+
+    def test_primary_survives(self):
+        """
+        The primary set with C{crew_primary} is the primary after a restart:
+        a message naming no crew goes there.
+        """
+        m = self.in_three()
+        m.send(type="crew_primary", crew_code="CHARLIE")
+        m.close()
+        self.restart()
+        back = self.device("m")
+        back.take()
+        self.say(back, "default")
+        self.assertEqual((self.a1.texts(), self.b1.texts(), self.c1.texts()), ([], [], ["default"]))
+        back.send(type="crews")
+        reply = back.last()
+        self.assertEqual((reply["primary"], [c["crew_code"] for c in reply["crews"]]),
+                         ("CHARLIE", ["ALPHA", "BRAVO", "CHARLIE"]))
+
+    def test_still_multi_after_restart(self):
+        """
+        A device multi-crew before a restart is after it: C{join_crew} adds
+        a crew, its other crews kept and not told it left.
+        """
+        m = self.device("m", "ALPHA")
+        m.send(type="crew_add", crew_code="BRAVO")
+        m.close()
+        self.restart()
+        back = self.device("m")
+        self.a1.take()
+        back.send(type="join_crew", crew_code="CHARLIE")
+        self.assertEqual([x.crew.code for x in back.session.memberships()], ["ALPHA", "BRAVO", "CHARLIE"])
+        self.assertEqual(self.a1.take(), [])
+
+    def test_multi_with_no_crew_survives(self):
+        """
+        A multi-crew device that left every crew is still multi-crew after
+        a restart: its next two C{join_crew} add two crews.
+        """
+        m = self.device("m", "ALPHA")
+        m.send(type="crew_add", crew_code="BRAVO")
+        m.send(type="crew_leave", crew_code="ALPHA")
+        m.send(type="crew_leave", crew_code="BRAVO")
+        m.close()
+        self.assertEqual(self.store.multi_crew["m"], MultiCrewRecord("m", (), None))
+        self.restart()
+        back = self.device("m")
+        self.assertEqual(back.session.memberships(), [])
+        back.send(type="join_crew", crew_code="BRAVO")
+        back.send(type="join_crew", crew_code="CHARLIE")
+        self.assertEqual([x.crew.code for x in back.session.memberships()], ["BRAVO", "CHARLIE"])
+        self.assertEqual(back.session.primary.crew.code, "BRAVO")
+
+    def test_crew_left_ends_replay_after_restart(self):
+        """
+        A crew left with C{crew_leave} is neither re-entered after a
+        restart nor replayed when added again: its member row is gone.
+        """
+        m = self.in_three()
+        m.send(type="crew_leave", crew_code="BRAVO")
+        self.say(self.b1, "while away")
+        m.close()
+        self.assertNotIn(("BRAVO", "m"), self.store.members)
+        self.restart()
+        back = self.device("m")
+        self.assertEqual([x.crew.code for x in back.session.memberships()], ["ALPHA", "CHARLIE"])
+        back.take()
+        back.send(type="crew_add", crew_code="BRAVO")
+        self.flush()
+        self.assertEqual(back.texts(), [])
+
+    def test_legacy_device_still_moves_after_restart(self):
+        """
+        A device that never sent C{crew_add} is not multi-crew after a
+        restart: it comes back to nothing more, and C{join_crew} moves it.
+        """
+        m = self.device("m", "ALPHA")
+        m.send(type="join_crew", crew_code="BRAVO")
+        m.close()
+        self.restart()
+        back = self.device("m")
+        self.assertEqual((back.session.memberships(), back.session.multi), ([], False))
+        back.send(type="join_crew", crew_code="ALPHA")
+        back.send(type="join_crew", crew_code="CHARLIE")
+        self.assertEqual([x.crew.code for x in back.session.memberships()], ["CHARLIE"])
+        self.assertNotIn("m", self.store.multi_crew)
+
+    def test_forgotten_crew_not_reentered(self):
+        """
+        A crew the relay forgets (idle past its time) is dropped from a
+        multi-crew device's crews, so a crew made again under its code is
+        not entered for it.
+        """
+        m = self.device("m", "ALPHA")
+        self.device("d1", "DELTA").close()
+        m.send(type="crew_add", crew_code="DELTA")
+        m.send(type="crew_primary", crew_code="DELTA")
+        m.close()
+        self.relay.crews_part.forget(self.relay.crews_part.crews["DELTA"])
+        self.assertEqual(self.store.multi_crew["m"], MultiCrewRecord("m", ("ALPHA",), "ALPHA"))
+        self.restart()
+        self.device("x1", "DELTA")
+        back = self.device("m")
+        self.assertEqual([x.crew.code for x in back.session.memberships()], ["ALPHA"])
+
+    def test_idle_device_forgotten_with_its_crews(self):
+        """
+        A multi-crew device in no crew whose id retention forgets (not seen
+        for crew_ttl) is no longer stored as multi-crew.
+        """
+        m = self.device("m", "ALPHA")
+        m.send(type="crew_add", crew_code="BRAVO")
+        m.send(type="crew_leave", crew_code="ALPHA")
+        m.send(type="crew_leave", crew_code="BRAVO")
+        m.close()
+        for d in (self.a1, self.b1, self.c1):
+            d.close()
+        self.clock.advance(self.relay.crew_ttl + 1)
+        self.successResultOf(self.relay.prune())
+        self.assertNotIn("m", self.relay.crews_part.multi)
+        self.assertNotIn("m", self.store.multi_crew)
+
+    def test_stored_once_per_change(self):
+        """
+        A multi-crew device coming back with nothing changed writes no
+        multi-crew record; crew_leave deletes the member row.
+        """
+        m = self.in_three()
+        m.close()
+        writes = []
+        original = self.store.write
+        self.patch(self.store, "write", lambda ops: writes.extend(kind for kind, _ in ops) or original(ops))
+        back = self.device("m")
+        self.assertNotIn(PUT_MULTI_CREW, writes)
+        back.send(type="crew_leave", crew_code="BRAVO")
+        self.flush()
+        self.assertEqual((writes.count(PUT_MULTI_CREW), writes.count(DELETE_MEMBER)), (1, 1))
+
+
+class CrewNameTests(MultiCrewTestCase):
+    """
+    C{create_crew}'s C{crew_name}: at most 40 characters, carried by
+    C{crews} and C{crew_joined}.
+    """
+
+    def named(self, name, code="NAMED"):
+        creator = Device(self.relay, "192.0.2.8")
+        creator.send(type="create_crew", device_id="n1", crew_code=code, crew_name=name)
+        self.flush()
+        return creator
+
+    def test_crews_carries_name(self):
+        """
+        C{crews} lists each crew's name, null for one without.
+        """
+        self.named("The band")
+        m = self.device("m", "NAMED")
+        m.send(type="crew_add", crew_code="ALPHA")
+        m.take()
+        m.send(type="crews")
+        self.assertEqual([(c["crew_code"], c["crew_name"]) for c in m.last()["crews"]],
+                         [("NAMED", "The band"), ("ALPHA", None)])
+
+    def test_crew_joined_carries_name(self):
+        """
+        C{join_crew} and C{crew_add} of a named crew are answered
+        C{crew_joined} with its C{crew_name}.
+        """
+        self.named("  Old friends ")
+        j = self.device("j")
+        j.take()
+        j.send(type="join_crew", crew_code="named")
+        self.assertEqual(j.last()["crew_name"], "Old friends")
+        a = self.device("a", "ALPHA")
+        a.take()
+        a.send(type="crew_add", crew_code="NAMED")
+        self.assertEqual(a.last()["crew_name"], "Old friends")
+
+    def test_unnamed_crew_joined_unchanged(self):
+        """
+        A crew with no name is answered C{crew_joined} exactly as before:
+        no C{crew_name} field.
+        """
+        j = self.device("j")
+        j.take()
+        j.send(type="join_crew", crew_code="ALPHA")
+        self.assertNotIn("crew_name", j.last())
+
+    def test_at_most_40_characters(self):
+        """
+        A name of 40 characters is kept; one of 41 is C{invalid_message}
+        saying the limit, and no crew is created.
+        """
+        self.named("x" * 40, "FORTY")
+        self.assertEqual(self.relay.crews_part.crews["FORTY"].name, "x" * 40)
+        error = self.named("x" * 41, "LONGER").last()
+        self.assertEqual(error["error"], "invalid_message")
+        self.assertIn("crew_name must be at most 40 characters", error["message"])
+        self.assertNotIn("LONGER", self.relay.crews_part.crews)
+
+    def test_not_a_string(self):
+        """
+        A C{crew_name} that is not a string is C{invalid_message}.
+        """
+        creator = self.named(7)
+        self.assertEqual(creator.last()["error"], "invalid_message")
+
+    def test_existing_crew_keeps_its_name(self):
+        """
+        C{create_crew} with a code that exists joins it; its name stays.
+        """
+        self.named("First")
+        self.named("Second")
+        self.assertEqual(self.relay.crews_part.crews["NAMED"].name, "First")
+
+    def test_name_survives_restart(self):
+        """
+        A crew's name is stored: a relay restarted on the store lists it.
+        """
+        store = MemoryStore()
+        self.relay = self.make_relay(store=store)
+        self.named("Family")
+        self.relay = self.make_relay(store=store)
+        self.assertEqual(self.relay.crews_part.crews["NAMED"].name, "Family")
+
+
+class MultiLimitTests(MultiCrewTestCase):
+    limits = RelayLimits(messages=Rate(1000, 1000), entries=Rate.per_window(1000, 600), max_crews_per_device=2)
+
+    def test_join_crew_past_the_limit(self):
+        """
+        A multi-crew device at the limit is answered C{crew_limit} by
+        C{join_crew}, C{create_crew} and C{register} naming another crew,
+        and stays in its crews; naming a crew it holds is fine.
+        """
+        m = self.device("m", "ALPHA")
+        m.send(type="crew_add", crew_code="BRAVO")
+        m.take()
+        for frame in ({"type": "join_crew", "crew_code": "CHARLIE"}, {"type": "create_crew"},
+                      {"type": "create_crew", "crew_code": "NEW"},
+                      {"type": "register", "device_id": "m", "crew_code": "CHARLIE"}):
+            m.send(**frame)
+            self.assertEqual(m.last()["error"], "crew_limit", frame)
+        self.assertEqual([x.crew.code for x in m.session.memberships()], ["ALPHA", "BRAVO"])
+        self.assertEqual(self.c1.take(), [])
+        m.send(type="join_crew", crew_code="BRAVO")
+        self.assertEqual(m.last()["type"], "crew_joined")
+
+    def test_legacy_device_has_no_limit_to_reach(self):
+        """
+        A device that never sent C{crew_add} moves as often as it likes.
+        """
+        m = self.device("m", "ALPHA")
+        for code in ("BRAVO", "CHARLIE", "ALPHA"):
+            m.send(type="join_crew", crew_code=code)
+            self.assertEqual(m.last()["type"], "crew_joined")

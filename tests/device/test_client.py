@@ -640,3 +640,138 @@ class SendTests(DeviceTestCase):
         device = self.device(auto_create=False)
         failure = self.failureResultOf(device.send_text("hi"), messages.NotInCrew)
         self.assertEqual(failure.value.code, "not_in_crew")
+
+
+class SeveralCrewsTests(DeviceTestCase):
+    """
+    A device in several crews (issue 16), in memory: what it sends and
+    keeps, and how it takes the relay's answers.
+    """
+
+    def multi(self, crews=("BRAVO",), last_seq=None):
+        """
+        A device whose state says it is in ALPHA (its main crew) and
+        C{crews}; ready, with the frames of its entry taken.
+        """
+        self.write("crew_config.json", {"device_id": "leeloo_aaaaaaaaaaaa", "crew_id": "ALPHA",
+                                        "crew_code": "ALPHA", "display_name": "Ann"})
+        self.write("relay_state.json", {"last_seq": last_seq or {}, "multi_crew": True, "crews": list(crews)})
+        device = self.device()
+        conn = self.open(device)
+        [entry] = conn.take()
+        self.assertEqual(entry["type"], "join_crew")
+        self.says(device, conn, type="crew_joined", device_id="leeloo_aaaaaaaaaaaa", crew_code="ALPHA",
+                  crew_members=1, member_names=[])
+        return device, conn
+
+    def test_other_crews_added_again_on_entry(self):
+        """
+        Entered in its main crew, a multi-crew device adds its other crews
+        again, one at a time, each with the last sequence it handled there.
+        """
+        device, conn = self.multi(("BRAVO", "CHARLIE"), {"BRAVO": 4})
+        self.assertEqual(conn.take(), [{"type": "crew_add", "crew_code": "BRAVO", "last_seq": 4}])
+        self.says(device, conn, type="crew_joined", device_id="leeloo_aaaaaaaaaaaa", crew_code="BRAVO",
+                  crew_members=1, member_names=[])
+        self.assertEqual(conn.take(), [{"type": "crew_add", "crew_code": "CHARLIE"}])
+
+    def test_crew_the_relay_lost_is_dropped(self):
+        """
+        An other crew the relay no longer knows (invalid_crew_code to the
+        device's own crew_add) is no longer one of its crews.
+        """
+        device, conn = self.multi(("BRAVO", "CHARLIE"))
+        conn.take()
+        self.says(device, conn, type="error", error="invalid_crew_code", message="Crew BRAVO not found")
+        self.assertEqual(conn.take(), [{"type": "crew_add", "crew_code": "CHARLIE"}])
+        self.assertEqual(device.held_crews, ["ALPHA", "CHARLIE"])
+        self.assertEqual(self.read("relay_state.json")["crews"], ["CHARLIE"])
+
+    def test_rate_limited_crew_add_is_sent_again(self):
+        """
+        A crew_add answered rate_limited is sent again after retry_after,
+        and its Deferred fires with the crew_joined that answers it then.
+        """
+        device = self.device()
+        conn = self.ready(device)
+        d = device.crew_add("bravo")
+        self.assertEqual(conn.take(), [{"type": "crew_add", "crew_code": "BRAVO"}])
+        self.says(device, conn, type="error", error="rate_limited", message="slow down", retry_after=3)
+        self.clock.advance(2)
+        self.assertEqual(conn.take(), [])
+        self.clock.advance(1)
+        self.assertEqual(conn.take(), [{"type": "crew_add", "crew_code": "BRAVO"}])
+        self.says(device, conn, type="crew_joined", device_id="leeloo_aaaaaaaaaaaa", crew_code="BRAVO",
+                  crew_members=2, member_names=["Bob"], crew_name="The band")
+        self.assertEqual(self.successResultOf(d)["crew_name"], "The band")
+        self.assertEqual(device.held_crews, ["ALPHA", "BRAVO"])
+        self.assertEqual(self.read("relay_state.json"), {"last_seq": {}, "multi_crew": True, "crews": ["BRAVO"]})
+
+    def test_crew_limit_fails_the_add(self):
+        """
+        crew_limit fails crew_add with the relay's error; the crew is not
+        saved and the device stays single-crew.
+        """
+        device = self.device()
+        conn = self.ready(device)
+        d = device.crew_add("BRAVO")
+        conn.take()
+        self.says(device, conn, type="error", error="crew_limit", message="in 8 crews")
+        self.assertEqual(self.failureResultOf(d).value.code, "crew_limit")
+        self.assertEqual((device.held_crews, device.state.multi), (["ALPHA"], False))
+
+    def test_crew_joined_of_another_crew_is_not_the_entry_answer(self):
+        """
+        While entering a crew, a crew_joined for another crew (the answer
+        to an earlier crew_add) is not taken for the entry's answer.
+        """
+        device = self.device()
+        conn = self.ready(device)
+        device.crew_add("BRAVO")
+        device.join_crew("CHARLIE")
+        conn.take()
+        self.says(device, conn, type="crew_joined", device_id="leeloo_aaaaaaaaaaaa", crew_code="BRAVO",
+                  crew_members=1, member_names=[])
+        self.assertEqual((device.phase, device.crew_code), ("entering", "ALPHA"))
+
+    def test_positions_and_acks_per_crew(self):
+        """
+        Crew messages are deduplicated, saved and acknowledged per crew (the
+        ack naming it); a replayed copy in one crew is skipped.
+        """
+        device, conn = self.multi(("BRAVO",), {"ALPHA": 5})
+        conn.take()
+        for crew, seq in (("ALPHA", 6), ("BRAVO", 6), ("BRAVO", 6), ("ALPHA", 5)):
+            self.says(device, conn, type="message", from_device="x", from_name="X", msg_type="text",
+                      payload={"text": f"{crew} {seq}"}, seq=seq, id=f"m{seq}", crew_code=crew)
+        self.assertEqual([f["payload"]["text"] for f in self.fired("message")], ["ALPHA 6", "BRAVO 6"])
+        self.assertEqual(conn.take(), [{"type": "ack", "seq": 6, "crew_code": "ALPHA"},
+                                       {"type": "ack", "seq": 6, "crew_code": "BRAVO"}])
+        self.assertEqual(self.read("relay_state.json")["last_seq"], {"ALPHA": 6, "BRAVO": 6})
+
+    def test_single_crew_device_sends_as_before(self):
+        """
+        A device that never added a crew sends and acknowledges exactly as
+        before: no crew_code in its frames.
+        """
+        device = self.device()
+        conn = self.ready(device)
+        device.send_text("hi")
+        self.says(device, conn, type="message", from_device="x", from_name="X", msg_type="text",
+                  payload={}, seq=1, id="m1", crew_code="ALPHA")
+        sent = conn.take()
+        self.assertNotIn("crew_code", sent[0])
+        self.assertEqual(sent[1], {"type": "ack", "seq": 1})
+
+    def test_multi_crew_device_names_its_main_crew(self):
+        """
+        A multi-crew device names the crew on every send, its main one
+        when none is given; the outbox keeps each send's crew.
+        """
+        device, conn = self.multi()
+        conn.take()
+        device.send_text("to main")
+        device.send_text("to bravo", crew_code="bravo")
+        self.assertEqual([(f["payload"]["text"], f["crew_code"]) for f in conn.take()],
+                         [("to main", "ALPHA"), ("to bravo", "BRAVO")])
+        self.assertEqual([e["crew_code"] for e in self.read("outbox.json")["messages"]], ["ALPHA", "BRAVO"])
