@@ -29,6 +29,8 @@
 #   LOADGEN_ARGS="..." extra load-generator options for every scenario
 #   TWISTD=twistd     the twistd command, split on spaces (e.g. TWISTD="python3 benchmarks/gcwatch.py
 #                     /tmp/gc.json" records GC pauses); READY_TIMEOUT=30 seconds for the relay to listen
+#   SERVER="CMD ..."  run this server command instead of the relay (split on spaces, run in
+#                     SERVER_DIR, its port in $PORT; benchmarks/sidebyside.sh runs the Node original so)
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -58,6 +60,8 @@ STORM_CONC="${STORM_CONC:-500}"; CONNECT_RATE="${CONNECT_RATE:-2000}"
 PROFILE="${PROFILE:-}"; PROFILE_NATIVE="${PROFILE_NATIVE:-}"
 LOADGEN_ARGS="${LOADGEN_ARGS:-}"
 read -ra TWISTD_CMD <<<"${TWISTD:-twistd}"
+read -ra SERVER_CMD <<<"${SERVER:-}"
+SERVER_DIR="${SERVER_DIR:-$PWD}"
 READY_TIMEOUT="${READY_TIMEOUT:-30}"
 [ -n "$OUTDIR" ] || OUTDIR="$HERE/out/$(date +%Y%m%d-%H%M%S)-$LABEL"
 mkdir -p "$OUTDIR"
@@ -72,7 +76,7 @@ for n in "$N_IDLE" "$N_FANOUT" "$N_SAT" "$N_STORM"; do
 done
 
 command -v node >/dev/null || { echo "run.sh: needs Node.js (node 18 or later)" >&2; exit 1; }
-command -v "${TWISTD_CMD[0]}" >/dev/null || { echo "run.sh: ${TWISTD_CMD[0]} not found; pip install -e . first" >&2; exit 1; }
+[ -n "${SERVER:-}" ] || command -v "${TWISTD_CMD[0]}" >/dev/null || { echo "run.sh: ${TWISTD_CMD[0]} not found; pip install -e . first" >&2; exit 1; }
 if [ ! -d "$HERE/loadgen/node_modules/ws" ]; then
   echo "run.sh: installing the load generator's packages (npm ci)" >&2
   (cd "$HERE/loadgen" && npm ci --no-audit --no-fund >/dev/null) || { echo "run.sh: npm ci failed in benchmarks/loadgen" >&2; exit 1; }
@@ -89,7 +93,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 # (RAISE_LIMITS=0 keeps the relay's defaults).  Extra args after -- come later
 # and win.
 LIMIT_ARGS=()
-if [ "${RAISE_LIMITS:-1}" = 1 ]; then
+if [ "${RAISE_LIMITS:-1}" = 1 ] && [ -z "${SERVER:-}" ]; then
   HELP_TEXT="$("${TWISTD_CMD[@]}" leeloo --help 2>/dev/null)"
   for pair in join-attempts=1000000 messages-per-second=100000 message-burst=100000 \
               max-connections-per-address=1000000 max-connections=1000000 connect-rate=1000000; do
@@ -114,7 +118,7 @@ for name in ("twisted", "autobahn", "txaio"):
 EOF
   echo "node: $(node --version)"
   echo "ws: $(node -p "require('$HERE/loadgen/node_modules/ws/package.json').version" 2>/dev/null)"
-  echo "relay args: ${RELAY_ARGS[*]:-(none)}"
+  if [ -n "${SERVER:-}" ]; then echo "server: $SERVER (in $SERVER_DIR)"; else echo "relay args: ${RELAY_ARGS[*]:-(none)}"; fi
   echo "sizes: N_IDLE=$N_IDLE N_FANOUT=$N_FANOUT N_SAT=$N_SAT N_STORM=$N_STORM CREW_SIZE=$CREW_SIZE WORKERS=$WORKERS CLIENT=$CLIENT"
 } >"$OUTDIR/machine.txt"
 echo "run.sh: results in $OUTDIR (open-files limit $NOFILE)" >&2
@@ -151,8 +155,12 @@ start_relay() {  # $1 = log file; sets PORT RELAY_PID DATA_DIR
   PORT="$(free_port)"
   DATA_DIR="$(mktemp -d /tmp/leeloo-bench-data.XXXXXX)"
   # exec: the started process is the relay itself, so its pid is the one measured
-  ( exec "${TWISTD_CMD[@]}" -n --pidfile= --logfile=- leeloo --listen "tcp:$PORT:interface=127.0.0.1" \
-      --data-dir "$DATA_DIR" ${RELAY_ARGS[@]+"${RELAY_ARGS[@]}"} ) >"$1" 2>&1 &
+  if [ -n "${SERVER:-}" ]; then
+    ( cd "$SERVER_DIR" && PORT="$PORT" exec "${SERVER_CMD[@]}" ) >"$1" 2>&1 &
+  else
+    ( exec "${TWISTD_CMD[@]}" -n --pidfile= --logfile=- leeloo --listen "tcp:$PORT:interface=127.0.0.1" \
+        --data-dir "$DATA_DIR" ${RELAY_ARGS[@]+"${RELAY_ARGS[@]}"} ) >"$1" 2>&1 &
+  fi
   RELAY_PID=$!
   for _ in $(seq 1 $((READY_TIMEOUT * 10))); do
     if ! kill -0 "$RELAY_PID" 2>/dev/null; then

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# This relay against the Node.js relay it replaces, on one machine in one run.
+#
+#   benchmarks/sidebyside.sh PEER_SRC [-o OUTDIR] [-r ROUNDS] [-f "FIGURE ..."]
+#
+# PEER_SRC is a checkout of the public squid-baby/Leeloo_Ui repository (its
+# code is never copied into this one).  Its leeloo_server/server.js is
+# installed outside this repository (PEER_DIR, default a new temporary
+# directory) with express 4, ws 8 and dotenv 16, and run on loopback with
+# benchmarks/peer/loopback-listen.cjs and quiet-console.cjs preloaded (its
+# console.log silenced, as a production deployment would).  Then every
+# figure is measured with benchmarks/run.sh against the Node original, this
+# relay (default SQLite store) and this relay with --store memory, one after
+# the other for each figure, and ROUNDS times (default 1); the ratios are
+# printed (benchmarks/sidebyside.py) and written to OUTDIR/ratios.txt.
+#
+# Figures (-f picks some): idle (memory per device, N=10,000), sat2k and
+# sat10k (sustained deliveries/s with p99 <= 50 ms at N=2,000 and 10,000),
+# fanout (p99 at 8,000 deliveries/s, N=10,000), storm (10,000 devices at
+# once, 500 pending: time until all registered).  SIDES="node relay memory".
+set -uo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PEER_SRC="${1:-}"
+[ -n "$PEER_SRC" ] && [ "${PEER_SRC#-}" = "$PEER_SRC" ] || { sed -n '2,22p' "$0"; exit 2; }
+shift
+OUTDIR=""
+ROUNDS=1
+FIGURES="idle sat2k sat10k fanout storm"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -o) OUTDIR="$2"; shift 2 ;;
+    -r) ROUNDS="$2"; shift 2 ;;
+    -f) FIGURES="$2"; shift 2 ;;
+    *) echo "sidebyside.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+SIDES="${SIDES:-node relay memory}"
+SERVER_JS="$PEER_SRC/leeloo_server/server.js"
+[ -f "$SERVER_JS" ] || { echo "sidebyside.sh: no leeloo_server/server.js in $PEER_SRC" >&2; exit 2; }
+[ -n "$OUTDIR" ] || OUTDIR="$HERE/out/$(date +%Y%m%d-%H%M%S)-sidebyside"
+mkdir -p "$OUTDIR"
+
+PEER_DIR="${PEER_DIR:-$(mktemp -d /tmp/leeloo-node-original.XXXXXX)}"
+case "$(cd "$PEER_DIR" && pwd)/" in
+  "$(cd "$HERE/.." && pwd)/"*) echo "sidebyside.sh: PEER_DIR must be outside this repository" >&2; exit 2 ;;
+esac
+if [ ! -d "$PEER_DIR/node_modules/ws" ]; then
+  cp "$SERVER_JS" "$PEER_DIR/server.js"
+  [ -d "$PEER_SRC/leeloo_server/public" ] && cp -r "$PEER_SRC/leeloo_server/public" "$PEER_DIR/"
+  printf '{"name":"leeloo-node-original","private":true}\n' >"$PEER_DIR/package.json"
+  echo "sidebyside.sh: installing the Node original in $PEER_DIR (express 4, ws 8, dotenv 16)" >&2
+  (cd "$PEER_DIR" && npm install --no-audit --no-fund express@4 ws@8 dotenv@16 >/dev/null) ||
+    { echo "sidebyside.sh: npm install failed in $PEER_DIR" >&2; exit 1; }
+fi
+NODE_SERVER="node --require $HERE/peer/loopback-listen.cjs --require $HERE/peer/quiet-console.cjs server.js"
+
+figure_env() {  # the run.sh sizes of a figure
+  case "$1" in
+    idle) echo "SCENARIOS=idle N_IDLE=10000 HOLD=5" ;;
+    sat2k) echo "SCENARIOS=saturate N_SAT=2000 SAT_START=1000 SAT_STEP=2 SAT_REFINE=3" ;;
+    sat10k) echo "SCENARIOS=saturate N_SAT=10000 SAT_START=1000 SAT_STEP=2 SAT_REFINE=3" ;;
+    fanout) echo "SCENARIOS=fanout N_FANOUT=10000 RATE=2000 DURATION=8" ;;
+    storm) echo "SCENARIOS=storm N_STORM=10000 STORM_CONC=500" ;;
+    *) return 1 ;;
+  esac
+}
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "peer: $(git -C "$PEER_SRC" rev-parse --short HEAD 2>/dev/null || echo "$PEER_SRC")"
+  echo "peer packages: $(cd "$PEER_DIR" && node -p "['express','ws','dotenv'].map(n => n + ' ' + require(n + '/package.json').version).join(', ')")"
+  echo "figures: $FIGURES; sides: $SIDES; rounds: $ROUNDS"
+} >"$OUTDIR/about.txt"
+cat "$OUTDIR/about.txt" >&2
+
+for round in $(seq 1 "$ROUNDS"); do
+  for fig in $FIGURES; do
+    sizes="$(figure_env "$fig")" || { echo "sidebyside.sh: unknown figure $fig" >&2; exit 2; }
+    for side in $SIDES; do
+      out="$OUTDIR/r$round/$fig-$side"
+      echo "=== round $round: $fig, $side" >&2
+      case "$side" in
+        node) env $sizes SERVER="$NODE_SERVER" SERVER_DIR="$PEER_DIR" "$HERE/run.sh" -l "$side" -o "$out" >/dev/null ;;
+        relay) env $sizes "$HERE/run.sh" -l "$side" -o "$out" >/dev/null ;;
+        memory) env $sizes "$HERE/run.sh" -l "$side" -o "$out" -- --store memory >/dev/null ;;
+        *) echo "sidebyside.sh: unknown side $side" >&2; exit 2 ;;
+      esac
+    done
+  done
+done
+python3 "$HERE/sidebyside.py" "$OUTDIR" | tee "$OUTDIR/ratios.txt"
