@@ -143,7 +143,7 @@ def main() -> None:
         if proto is not None:
             attrs = vars(proto)
             print(f"\none connection's protocol ({type(proto).__qualname__}): {len(attrs)} instance attributes, "
-                  f"__dict__ {sys.getsizeof(attrs)} B")
+                  f"__dict__ {sys.getsizeof(attrs)} B: {', '.join(attrs)}")
             config = [k for k in attrs if k in getattr(type(proto), "CONFIG_ATTRS", ())]
             print(f"  of which {len(config)} are Autobahn options copied from the factory")
             for name in ("http_request", "http_headers", "http_request_data", "data", "http_response_data"):

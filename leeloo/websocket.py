@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from types import FunctionType
 from typing import Any
 
+import autobahn.twisted.websocket
 import autobahn.util
+import autobahn.websocket.protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import tcp
@@ -35,11 +37,20 @@ from leeloo.timers import TimerWheel
 _log = Logger()
 
 # Autobahn formats the arguments of its debug lines before the logger drops
-# them, and names code in them with hltype(), which colours each part with
-# click.style: twelve calls per connection, a tenth of a handshake's CPU.
-# Without colours they are plain strings.  (A private flag of
-# autobahn.util: test_websocket's AutobahnColourTests fail if it changes.)
+# them, and names code in them with hltype(), which looks the code up with
+# inspect and colours each part with click.style: twelve calls per
+# connection, a tenth of a handshake's CPU.  Here colours are off and code
+# is named by its qualified name alone.  (A private flag of autobahn.util,
+# and the hltype its two modules imported: test_websocket's
+# AutobahnColourTests fail if either changes.)
 autobahn.util._HAS_CLICK = False
+
+
+def _code_name(obj: Any) -> str:
+    return f"<{getattr(obj, '__qualname__', 'unknown')}>"
+
+
+autobahn.websocket.protocol.hltype = autobahn.twisted.websocket.hltype = _code_name
 
 MiB = 1024 * 1024
 
@@ -64,7 +75,7 @@ _IDLE_DEFAULTS = {
         "wasNotCleanReason", "localCloseCode", "localCloseReason", "remoteCloseCode", "remoteCloseReason",
         "openHandshakeTimeoutCall", "closeHandshakeTimeoutCall", "autoPingTimeoutCall", "autoPingPending",
         "autoPingPendingSent", "websocket_protocol_in_use", "current_frame", "message_data", "frame_data",
-        "_perMessageCompress", "trackedTimings", *_HANDSHAKE_LEFTOVERS), None),
+        "_perMessageCompress", "trackedTimings", "handshake_guard", *_HANDSHAKE_LEFTOVERS), None),
     **dict.fromkeys((
         "triggered", "wasMaxFramePayloadSizeExceeded", "wasMaxMessagePayloadSizeExceeded", "closedByMe",
         "failedByMe", "droppedByMe", "wasClean", "wasServerConnectionDropTimeout", "wasOpenHandshakeTimeout",
@@ -76,6 +87,11 @@ _IDLE_DEFAULTS = {
     "websocket_version": 13,
     "data": b"",
 }
+
+
+# Set when a message or frame begins, stale once it has ended.
+_BETWEEN_MESSAGES = ("current_frame_masker", "frame_length", "message_data_total_length", "utf8validateLast",
+                     "_fragments")
 
 
 class _SendQueue(list):
@@ -170,9 +186,13 @@ class RelayServerProtocol(WebSocketServerProtocol):
     # False until the first message; None once it is handled and the
     # connection's attributes are to be compacted (L{_compact}); then True.
     _compacted: bool | None = False
-    # What Autobahn keeps between frames: the last frame's masker, and its
-    # description of the transport (only read while connecting).
+    # What Autobahn keeps between messages: the last frame's masker, length
+    # and UTF-8 state, the last message's length; and its description of
+    # the transport (only read while connecting).
     current_frame_masker = None
+    frame_length = 0
+    message_data_total_length = 0
+    utf8validateLast = (True, True, 0, 0)
     _transport_details = None
     # The relay's delivery mark when it sent its close.
     _close_mark: Any = None
@@ -208,14 +228,22 @@ class RelayServerProtocol(WebSocketServerProtocol):
         """
         self._compacted = True
         d = self.__dict__
-        if d.get("current_frame") is None:
-            d.pop("current_frame_masker", None)
+        if d.get("current_frame") is None and not d.get("inside_message"):
+            # Between messages: what the last message and frame left (each
+            # is set afresh when the next one begins).
+            for name in _BETWEEN_MESSAGES:
+                d.pop(name, None)
         d.pop("_transport_details", None)
-        for name, idle in _IDLE_DEFAULTS.items():
-            value = d.get(name, d)
-            if value is idle or (type(value) is type(idle) and value == idle):
-                del d[name]
-        self.__dict__ = {name: value for name, value in d.items()}
+        if self._listeners is None:
+            # Autobahn's event listeners (ObservableMixin): the relay adds
+            # none, so the events they would check (and L{onMessageEnd}
+            # fires none) need no list and dict of their own.
+            d.pop("_valid_events", None)
+            d.pop("_results", None)
+        # The idle values are singletons (None, False, True, b"") or small
+        # ints, which CPython keeps one of: "is" tells them.
+        idle = _IDLE_DEFAULTS.get
+        self.__dict__ = {name: value for name, value in d.items() if idle(name, d) is not value}
 
     def _head_allowed(self, data: bytes) -> bool:
         """
@@ -289,6 +317,14 @@ class RelayServerProtocol(WebSocketServerProtocol):
             self._fail_connection(self.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
                                   f"message in more than {self.factory.limits.max_fragments} frames")
         super().onMessageFrameBegin(length)
+
+    def onMessageEnd(self) -> None:
+        # Autobahn's, without firing the "message" event for listeners the
+        # relay never adds (each fire makes a Deferred and a closure per
+        # message).  Pinned by test_websocket's MessageEndTests.
+        if not self.failedByMe:
+            self._onMessage(b"".join(self.message_data), self.message_is_binary)
+        self.message_data = None
 
     def onPing(self, payload: bytes) -> None:
         # A ping is a frame like any other: it counts against the message

@@ -954,9 +954,12 @@ class AutobahnColourTests(SynchronousTestCase):
         self.assertIn("_HAS_CLICK", vars(autobahn.util))
         self.assertFalse(autobahn.util._HAS_CLICK)
         self.assertEqual(autobahn.util.hl("text", bold=True), "text")
-        name = autobahn.util.hltype(RelayServerProtocol.onOpen)
-        self.assertNotIn("\x1b", name)
-        self.assertIn("RelayServerProtocol.onOpen", name)
+        import autobahn.twisted.websocket
+        import autobahn.websocket.protocol
+
+        for module in (autobahn.websocket.protocol, autobahn.twisted.websocket):
+            self.assertIn("hltype", vars(module))
+            self.assertEqual(module.hltype(RelayServerProtocol.onOpen), "<RelayServerProtocol.onOpen>")
 
 
 class CompactTests(WebSocketTestCase):
@@ -978,7 +981,7 @@ class CompactTests(WebSocketTestCase):
         a device has registered; so do the masker, transport description
         and send queue the relay replaces.
         """
-        from leeloo.websocket import _IDLE_DEFAULTS, _SendQueue
+        from leeloo.websocket import _BETWEEN_MESSAGES, _IDLE_DEFAULTS, _SendQueue
 
         client = self.client()
         server = self.server(client)
@@ -992,8 +995,10 @@ class CompactTests(WebSocketTestCase):
 
         server._compact = recording
         self.send(client, type="register", device_id="d0", crew_code="ALPHA")
-        for name in [*_IDLE_DEFAULTS, "current_frame_masker", "_transport_details"]:
+        for name in [*_IDLE_DEFAULTS, *_BETWEEN_MESSAGES, "_transport_details", "_valid_events", "_results"]:
             self.assertIn(name, before, name)
+        for name in _BETWEEN_MESSAGES:
+            self.assertNotIn(name, vars(server), name)
         after = vars(server)
         for name, idle in _IDLE_DEFAULTS.items():
             self.assertNotIn(name, after, name)
@@ -1024,3 +1029,25 @@ class CompactTests(WebSocketTestCase):
         self.assertTrue(server.wasClean)
         self.assertEqual(server.remoteCloseCode, 1000)
         self.assertEqual(self.relay.stats().sessions, 1)
+
+
+class MessageEndTests(WebSocketTestCase):
+    """
+    Pins RelayServerProtocol.onMessageEnd, Autobahn's without its "message"
+    event: a message (in one frame or several) reaches the relay whole, and
+    no event is fired for it (Autobahn's fire makes a Deferred each time).
+    """
+
+    def test_whole_message_no_event(self):
+        a, b = self.registered(2)
+        server = self.net.pumps[0].serverIO.protocol
+        fired = []
+        server.fire = lambda *args, **kwargs: fired.append(args)
+        a.sendMessage(json.dumps({"type": "message", "msg_type": "text", "payload": {"text": "hi"}}).encode(),
+                      fragmentSize=5)
+        self.net.flush()
+        [relayed] = b.take()
+        self.assertEqual(relayed["payload"], {"text": "hi"})
+        self.assertIsNone(server.message_data)
+        self.assertIsNone(server._listeners)
+        self.assertEqual(fired, [])
