@@ -67,3 +67,27 @@ class RatioTests(SynchronousTestCase):
         text = self.report(root)
         self.assertIn("all registered: 0.80  <= 1: met", text)
         self.assertIn("every target met in every round", text)
+
+    def test_node_sustained_no_step(self):
+        """
+        When Node's ramp fails at its first step, its figure is below that
+        step, and this relay's ratio is a lower bound.
+        """
+        root = Path(self.mktemp())
+        self.write(root, "sat10k", "node", {"max_sustained_deliveries_per_s": None,
+                                            "lowest_failing_msgs_per_s": 1000, "params": {"crew_size": 5}})
+        self.write(root, "sat10k", "relay", {"max_sustained_deliveries_per_s": 12800})
+        text = self.report(root)
+        self.assertIn("N=10,000: >3.20  >= 3: met", text)
+        self.assertIn("Node sustained no step: p99 over the limit at its first, 4,000 /s", text)
+
+    def test_losses_shown(self):
+        """
+        A fan-out that lost deliveries still shows its p99, with the loss.
+        """
+        root = Path(self.mktemp())
+        self.write(root, "fanout", "node", {"latency_ms": {"p99": 9397.9}, "lost": 25992})
+        self.write(root, "fanout", "relay", {"latency_ms": {"p99": 51.2}, "lost": 0})
+        text = self.report(root)
+        self.assertIn("N=10,000: 0.01", text)
+        self.assertIn("Node 9,398 ms (lost 25,992 deliveries), this relay 51.20 ms", text)
