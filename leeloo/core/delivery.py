@@ -183,12 +183,7 @@ class Delivery:
         @raise NotInCrew: it is in no crew, or not in that one.
         """
         if code is not None:
-            membership = session.membership(code)
-            if membership is None:
-                membership = self.crews.membership_of(session, code)
-            if membership is None:
-                raise NotInCrew(f"this device is not in crew {code}")
-            return membership.crew
+            return self.crews.held(session, code).crew
         if session.primary is None:
             raise NotInCrew("join or create a crew before sending crew messages")
         return session.primary.crew

@@ -154,11 +154,7 @@ class Replayer:
         crew of C{code}, or else its primary crew.
         """
         if code is not None:
-            membership = session.membership(code)
-            if membership is None:
-                membership = self.crews.membership_of(session, code)
-            if membership is None:
-                raise NotInCrew(f"this device is not in crew {code}")
+            membership = self.crews.held(session, code)
         else:
             membership = session.primary
         if membership is None:
