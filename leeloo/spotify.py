@@ -241,19 +241,11 @@ class SpotifyOAuth:
             when the app token is no longer good, L{SpotifyRateLimited}).
         """
         url = self.config.api_url.rstrip("/") + "/v1/search"
-        try:
-            response = yield self._http.get(
-                url,
-                params={"q": q, "type": "track", "limit": str(limit)},
-                headers={"Authorization": "Bearer " + app_token, "Accept": "application/json"},
-                reactor=self._clock,
-                timeout=self._timeout,
-            )
-            body = yield response.content()
-        except Exception as e:
-            raise SpotifyError(
-                "unreachable", f"Spotify could not be reached ({type(e).__name__})"
-            ) from None
+        response, body = yield self._fetch(
+            self._http.get, url,
+            params={"q": q, "type": "track", "limit": str(limit)},
+            headers={"Authorization": "Bearer " + app_token, "Accept": "application/json"},
+        )
         if response.code == 429:
             raise SpotifyRateLimited(retry_after_of(response))
         if response.code != 200:
@@ -272,21 +264,29 @@ class SpotifyOAuth:
         return [r for r in (track_result(item) for item in items) if r is not None]
 
     @inlineCallbacks
-    def _token_request(self, form: dict) -> Deferred:
+    def _fetch(self, method: Any, url: str, **kwargs: Any) -> Deferred:
+        """
+        C{method} (treq's get or post) of C{url}: fires with the response and
+        its body, or fails with L{SpotifyError} C{"unreachable"} (naming the
+        kind of failure only: an error's text may hold the request).
+        """
         try:
-            response = yield self._http.post(
-                self.config.token_url,
-                data=form,
-                auth=(self.config.client_id, self.config.client_secret),
-                headers={"Accept": "application/json"},
-                reactor=self._clock,
-                timeout=self._timeout,
-            )
+            response = yield method(url, reactor=self._clock, timeout=self._timeout, **kwargs)
             body = yield response.content()
         except Exception as e:
             raise SpotifyError(
                 "unreachable", f"Spotify could not be reached ({type(e).__name__})"
             ) from None
+        return response, body
+
+    @inlineCallbacks
+    def _token_request(self, form: dict) -> Deferred:
+        response, body = yield self._fetch(
+            self._http.post, self.config.token_url,
+            data=form,
+            auth=(self.config.client_id, self.config.client_secret),
+            headers={"Accept": "application/json"},
+        )
         try:
             answer = json.loads(body)
         except ValueError:
