@@ -94,3 +94,22 @@ class TimerWheel:
 
     def pending(self) -> int:
         return sum(len(calls) for _, calls in self._buckets.values())
+
+
+def cancel_close_timer(proto: Any) -> None:
+    """
+    Cancel the close-handshake timer Autobahn leaves running when a
+    connection drops before the peer answered our close (its connectionLost
+    cancels the ping and opening timers, not this one), so that nothing
+    holds the dead connection until the timeout.  For the relay's
+    connections and the device's alike; pinned by test_websocket's
+    LostBeforeCloseAnsweredTests and tests.device.test_loopback's
+    stop-while-dropping test.
+    """
+    call = getattr(proto, "closeHandshakeTimeoutCall", None)
+    if call is not None:
+        try:
+            call.cancel()
+        except Exception:
+            pass
+        proto.closeHandshakeTimeoutCall = None

@@ -30,7 +30,7 @@ from leeloo.core.peer import IPeer, Outgoing
 from leeloo.core.sessions import Session
 from leeloo.messages import CLOSE_INTERNAL_ERROR, ErrorFrame
 from leeloo.relay import Relay
-from leeloo.timers import TimerWheel
+from leeloo.timers import TimerWheel, cancel_close_timer
 
 # Module-level: Autobahn's classes use their own ``log`` (a txaio logger that
 # drops debug events cheaply); overriding it would emit every frame's debug.
@@ -358,6 +358,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
         try:
             super().connectionLost(reason)
         finally:
+            cancel_close_timer(self)
             self._handshake_done()
             slot, self.gate_slot = self.gate_slot, None
             if slot is not None:

@@ -1028,6 +1028,28 @@ class CompactTests(WebSocketTestCase):
         self.assertEqual(self.relay.stats().sessions, 1)
 
 
+class LostBeforeCloseAnsweredTests(WebSocketTestCase):
+    """
+    A connection that drops before answering the relay's close leaves no
+    timer behind: Autobahn's connectionLost cancels its ping and opening
+    timers but not the closing handshake's (the name is Autobahn's,
+    pinned here).
+    """
+
+    def test_no_close_timer_left_on_the_wheel(self):
+        [client] = self.registered(1)
+        server = self.net.pumps[-1].serverIO.protocol
+        wheel = self.factory._batched_timer
+        server.close(4000, "going")
+        self.assertIsNotNone(server.closeHandshakeTimeoutCall)
+        # The device vanishes without reading the close.
+        client.transport.abortConnection()
+        self.net.flush()
+        self.assertEqual(server.state, server.STATE_CLOSED)
+        self.assertIsNone(server.closeHandshakeTimeoutCall)
+        self.assertEqual(wheel.pending(), 0)
+
+
 class MessageEndTests(WebSocketTestCase):
     """
     Pins RelayServerProtocol.onMessageEnd, Autobahn's without its "message"

@@ -18,7 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, Timeo
 from twisted.python.failure import Failure
 
 from leeloo import __version__, messages
-from leeloo.device.client import cancel_close_timer
+from leeloo.timers import cancel_close_timer
 from leeloo.device.connection import RelayURL, describe, endpoint_for
 from leeloo.messages import ErrorFrame, MusicShared, Pong, ProtocolError, Registered, RelayMessage
 

@@ -87,6 +87,7 @@ from leeloo.messages import (
     SpotifySearchResults,
     SpotifyTokens,
 )
+from leeloo.timers import cancel_close_timer
 
 # The msg_type values deployed devices send and understand.
 MSG_TYPES = ("text", "song_push", "reaction", "nudge", "hang_propose", "hang_confirm")
@@ -209,22 +210,6 @@ class DeviceProtocol(WebSocketClientProtocol):
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
         cancel_close_timer(self)
-
-
-def cancel_close_timer(proto: WebSocketClientProtocol) -> None:
-    """
-    Cancel the close-handshake timer Autobahn leaves running when the
-    connection drops before the relay answered our close (its
-    connectionLost cancels the ping and opening timers, not this one).
-    Pinned by tests.device.test_loopback's stop-while-dropping test.
-    """
-    call = getattr(proto, "closeHandshakeTimeoutCall", None)
-    if call is not None:
-        try:
-            call.cancel()
-        except Exception:
-            pass
-        proto.closeHandshakeTimeoutCall = None
 
 
 class LeelooDevice(SeveralCrews, Service):
