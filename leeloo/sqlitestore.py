@@ -213,6 +213,8 @@ def _seal_pending_tokens(db: sqlite3.Connection, sealer: Any) -> None:
     rows = [(device, json.loads(tokens)) for device, tokens in
             db.execute("SELECT device_id, tokens FROM pending_tokens")]
     plain = [(device, tokens) for device, tokens in rows if not is_sealed(tokens)]
+    # The rows' old bytes are overwritten, not left in free pages.
+    db.execute("PRAGMA secure_delete = ON")
     if plain and sealer is None:
         raise SchemaError(f"{len(plain)} pending Spotify token(s) must be encrypted, and no secrets key was given")
     for device, tokens in plain:
