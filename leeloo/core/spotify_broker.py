@@ -268,7 +268,7 @@ class SpotifyBroker:
 
     def _device_tokens(self, grant: dict) -> dict:
         return {"access_token": grant["access_token"],
-                "expires_in": max(0, int(grant["expires_at"] - self.clock.seconds()))}
+                "expires_in": max(0, round(grant["expires_at"] - self.clock.seconds()))}
 
     def _grant(self, device_id: str) -> Deferred:
         """
