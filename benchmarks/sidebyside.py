@@ -21,9 +21,9 @@ FIGURES = {
                lambda r: r.get("max_sustained_deliveries_per_s"), "higher", 3.0),
     "fanout": ("fan-out p99 at 8,000 deliveries/s, N=10,000", "ms",
                lambda r: (r.get("latency_ms") or {}).get("p99"), "lower", None),
-    # CPU time is what a busy machine changes least: at a rate both relays
-    # sustain, what each spends per delivery tells where the saturate
-    # ratios would land on a quiet machine (no target of its own).
+    # What each relay spends per delivery at a rate both sustain: where the
+    # load generator shares the cores (N=2,000) it bounds the saturate
+    # ratio (no target of its own).
     "cpu2k": ("CPU per 1,000 deliveries at 4,000 deliveries/s, N=2,000", "ms",
               lambda r: 1e6 * r["whole"]["server_cpu_s"] / r["received_deliveries"]
               if r.get("received_deliveries") and (r.get("whole") or {}).get("server_cpu_s") is not None

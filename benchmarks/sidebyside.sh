@@ -17,8 +17,7 @@
 # Figures (-f picks some): idle (memory per device, N=10,000), sat2k and
 # sat10k (sustained deliveries/s with p99 <= 50 ms at N=2,000 and 10,000),
 # fanout (p99 at 8,000 deliveries/s, N=10,000), cpu2k (the relay's CPU per
-# 1,000 deliveries at 4,000 deliveries/s, N=2,000: the figure a busy machine
-# changes least), storm (10,000 devices at once, 500 pending: time until all
+# 1,000 deliveries at 4,000 deliveries/s, N=2,000), storm (10,000 devices at once, 500 pending: time until all
 # registered).  SIDES="node relay memory".
 set -uo pipefail
 
