@@ -164,7 +164,8 @@ class Relay:
     ) -> None:
         self.clock = clock
         self.store = store if store is not None else MemoryStore()
-        self.journal = journal = Journal(self.store, clock)
+        self.journal = journal = Journal(self.store, clock, gather=getattr(self.store, "gather_writes", 0.0),
+                                         gather_clock=getattr(self.store, "gather_clock", None))
         self.limits = limits
         self.started = clock.seconds()
         self.fanout = fanout = LocalFanout() if fanout is None else fanout

@@ -612,10 +612,19 @@ class SQLiteStore:
         lock before the operation fails with L{StoreError}.
     """
 
+    # Each commit is a round trip to the database thread (a wake-up on each
+    # side and the GIL handed back and forth, about 100 us of CPU here):
+    # at a thousand messages a second, one each.  Gathered for 2 ms, a few
+    # share one, for 2 ms more before the crew sees them.
+    gather_writes = 0.002
+
     def __init__(self, directory: Path | str, reactor: Any, fsync: bool = False,
                  busy_timeout: float = BUSY_TIMEOUT, sealer: Any = None) -> None:
         self.path = Path(directory) / DATABASE_NAME
         self.fsync = fsync
+        # The database thread answers on this reactor: the gathering window
+        # is timed there, whatever clock the relay's own timers run on.
+        self.gather_clock = reactor
         for suffix in ("", "-wal", "-shm"):
             _private_file(Path(f"{self.path}{suffix}"))
         db = _connect(self.path, fsync, busy_timeout)

@@ -346,6 +346,10 @@ class IStore(ICrewStore, IDeviceStore, ITokenStore, IMessageLog):
     """
     The whole store: the narrow parts above, what is read at start, and the
     batched writes (L{Journal}) that change every part in one transaction.
+
+    A store may also have C{gather_writes}: the seconds a write put while
+    none is being committed waits for others to share its commit (none
+    when it has no such attribute), timed on its C{gather_clock}.
     """
 
     pairings = Attribute("The store's L{IPairings}.")
@@ -761,10 +765,19 @@ class Journal:
     are queued again and retried after C{retry_delay}.
     """
 
-    def __init__(self, store: IStore, clock: Any, retry_delay: float = 1.0) -> None:
+    def __init__(self, store: IStore, clock: Any, retry_delay: float = 1.0, gather: float = 0.0,
+                 gather_clock: Any = None) -> None:
         self.store = store
         self.clock = clock
         self.retry_delay = retry_delay
+        # Seconds an operation put while nothing is being committed waits
+        # for others to share its batch (what is put during a commit goes
+        # at once after it): a store whose every commit costs a round trip
+        # to its thread says how long (L{IStore}'s C{gather_writes}), timed
+        # on the clock that thread answers on.
+        self.gather = gather
+        self.gather_clock = clock if gather_clock is None else gather_clock
+        self._gathering: Any = None
         # (operation, Deferred); (None, d) is a barrier, (None, None) the
         # place of a keyed operation put again since.
         self._queue: list[tuple[tuple[str, Any] | None, Deferred | None]] = []
@@ -833,9 +846,16 @@ class Journal:
         queued = sum(op is not None for op, _ in self._queue)
         return JournalStats(queued + self._batch_ops, self.backlog, self.batch_seconds.figures())
 
-    def _flush(self) -> None:
+    def _flush(self, now: bool = False) -> None:
         if self._committing or self._retry is not None or not self._queue:
             return
+        if not now and self.gather > 0:
+            if self._gathering is None:
+                self._gathering = self.gather_clock.callLater(self.gather, self._gathered)
+            return
+        if self._gathering is not None:
+            self._gathering.cancel()
+            self._gathering = None
         batch, self._queue, self._keyed = self._queue, [], {}
         self._batch_bytes, self._queued_bytes = self._queued_bytes, 0
         self._committing = True
@@ -847,6 +867,10 @@ class Journal:
         d = maybeDeferred(self.store.write, ops) if ops else succeed(None)
         d.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
         d.addErrback(self._bug)
+
+    def _gathered(self) -> None:
+        self._gathering = None
+        self._flush(now=True)
 
     def _bug(self, failure: Any) -> None:
         """
@@ -872,7 +896,8 @@ class Journal:
                 d.callback(None)
         self._committing = False
         self._batch_bytes = 0
-        self._flush()
+        # What queued meanwhile has waited a commit already.
+        self._flush(now=True)
         if self.on_batch is not None:
             self.on_batch()
 
@@ -906,7 +931,7 @@ class Journal:
 
     def _retry_now(self) -> None:
         self._retry = None
-        self._flush()
+        self._flush(now=True)
 
     def drain(self) -> Deferred:
         """
@@ -915,4 +940,6 @@ class Journal:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        return self.barrier()
+        d = self.barrier()
+        self._flush(now=True)
+        return d

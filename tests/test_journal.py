@@ -3,6 +3,8 @@ The Journal's group commit, against a store whose writes the test commits
 or fails by hand and a Clock for the retry delay.
 """
 
+import os
+
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
@@ -108,6 +110,74 @@ class JournalTestCase(SynchronousTestCase):
 
     def writes(self):
         return [ops for kind, ops in self.events if kind == "write"]
+
+
+class GatherTests(JournalTestCase):
+    """
+    With a gathering window, an operation put on an idle journal waits that
+    long for others to share its commit.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.journal = Journal(self.store, self.clock, retry_delay=5.0, gather=0.002)
+
+    def test_gathered_into_one_write(self):
+        """
+        Operations put within the window go together once it has passed,
+        in put order; none is written before.
+        """
+        self.put(A1)
+        self.clock.advance(0.001)
+        self.put(C1)
+        self.put(A2)
+        self.assertEqual(self.writes(), [])
+        self.assertFalse(self.journal.idle)
+        self.clock.advance(0.001)
+        self.assertEqual(self.writes(), [[A1, C1, A2]])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_queued_during_a_commit_goes_at_once(self):
+        """
+        What is put while a batch commits has waited that long already: it
+        is written as soon as the batch has committed.
+        """
+        self.put(A1)
+        self.clock.advance(0.002)
+        self.put(A2)
+        self.store.commit()
+        self.assertEqual(self.writes(), [[A1], [A2]])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_drain_does_not_wait(self):
+        """
+        Draining (the relay stopping) writes what is gathering at once.
+        """
+        self.put(A1)
+        drained = self.journal.drain()
+        self.assertEqual(self.writes(), [[A1]])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.store.commit()
+        self.assertIsNone(self.successResultOf(drained))
+
+    def test_sqlite_gathers(self):
+        """
+        The relay gathers for its store's window: SQLite's commits are a
+        round trip to its thread each; the memory store has none.
+        """
+        from twisted.internet import reactor
+
+        from leeloo.relay import Relay
+        from leeloo.sqlitestore import SQLiteStore
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        store = SQLiteStore(directory, reactor)
+        self.addCleanup(store.close)
+        journal = Relay(self.clock, store=store).journal
+        self.assertEqual((journal.gather, journal.gather_clock), (SQLiteStore.gather_writes, reactor))
+        self.assertGreater(SQLiteStore.gather_writes, 0)
+        self.assertEqual(Relay(self.clock).journal.gather, 0.0)
 
 
 class BatchTests(JournalTestCase):
