@@ -1,0 +1,262 @@
+"""
+The Redis store against a real C{redis-server} (AOF on, its own process on
+a loopback port): the store and pairings contracts SQLite passes, and what
+only Redis has (a password, TLS, the connection going and coming back).
+"""
+
+import os
+
+from twisted.internet import defer, reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from leeloo.redisstore import (
+    BlockingRedis, RedisStore, RedisURLError, decode_snapshot, parse_redis_url,
+)
+from leeloo.store import APPEND, PUT_CREW, CrewRecord, StoreError
+
+from .redis_support import SKIP, RedisServer
+from .test_pairing_store import PairingsContract
+from .test_store import ALPHA, T0, StoreContract, appends, contract, entry, with_crew
+
+
+class RedisTestCase(TestCase):
+    """
+    A test with its own C{redis-server} (C{self.redis}), started before it.
+    """
+
+    skip = SKIP
+    timeout = 20
+    redis_options: dict = {}
+
+    def setUp(self):
+        self.redis = RedisServer(self, **self.redis_options)
+        return self.redis.start()
+
+    def open(self, **options):
+        store = RedisStore(parse_redis_url(self.redis.url, **options), reactor)
+        self.addCleanup(store.close)
+        return store
+
+
+class RedisStoreTests(StoreContract, RedisTestCase):
+    """
+    The store contract, on L{RedisStore}.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        yield RedisTestCase.setUp(self)
+        StoreContract.setUp(self)
+
+    def make_store(self):
+        return self.open()
+
+    @inlineCallbacks
+    def reopen(self, store):
+        yield store.close()
+        return self.open()
+
+    def finish(self, d):
+        return d
+
+    @contract
+    def test_find_sent_after_restart(self):
+        """
+        find_sent asks Redis: an id sent before a restart is found after
+        it, by whichever relay asks.
+        """
+        yield self.store.write(with_crew(*appends(entry(1, client_msg_id="c1", digest=b"\x07"))))
+        yield self.restart()
+        found = yield self.store.find_sent(ALPHA, "leeloo_a", "c1")
+        self.assertEqual((found.seq, found.id, found.digest), (1, "m1", b"\x07"))
+
+    @contract
+    def test_sequence_taken_refused_and_counted(self):
+        """
+        An append of a number another writer took fails (nothing of its
+        batch applied), and this store's sequences move past what Redis
+        holds.
+        """
+        yield self.store.write(with_crew(*appends(entry(1))))
+        yield self.restart()
+        other = self.open()
+        yield other.write(appends(entry(2), entry(3)))
+        self.assertEqual(self.store.sequences.next(ALPHA), 2)
+        error = yield self.failure_of(self.store.write(appends(entry(2, payload=b"mine"))), StoreError)
+        self.assertIn("already holds sequence 2", str(error))
+        self.store.sequences.failed(ALPHA, 2)
+        # The counts come back from Redis after the failure.
+        yield self.store.connection.call("PING")
+        self.assertEqual(self.store.sequences.next(ALPHA), 4)
+
+
+class RedisPairingsTests(PairingsContract, RedisTestCase):
+    """
+    The pairings contract, on L{RedisStore}'s pairings.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        yield RedisTestCase.setUp(self)
+        PairingsContract.setUp(self)
+
+    def make_store(self):
+        return self.open()
+
+    @inlineCallbacks
+    def reopen(self, store):
+        yield store.close()
+        return self.open()
+
+    def finish(self, d):
+        return d
+
+
+class URLTests(SynchronousTestCase):
+    """
+    What C{--redis} takes.
+    """
+
+    def test_parts(self):
+        """
+        Host, port, database, user and TLS come from the URL; the password
+        from the argument alone.
+        """
+        s = parse_redis_url("rediss://relay@redis.example.org:6380/3", password="pw")
+        self.assertEqual((s.host, s.port, s.db, s.username, s.tls, s.password),
+                         ("redis.example.org", 6380, 3, "relay", True, "pw"))
+        s = parse_redis_url("redis://127.0.0.1")
+        self.assertEqual((s.port, s.db, s.username, s.tls, s.password), (6379, 0, None, False, None))
+
+    def test_password_in_url_refused(self):
+        """
+        A password in the URL is refused, naming LEELOO_REDIS_PASSWORD and
+        never repeating the password.
+        """
+        with self.assertRaises(RedisURLError) as e:
+            parse_redis_url("redis://user:hunter2@localhost:6379/0")
+        self.assertIn("LEELOO_REDIS_PASSWORD", str(e.exception))
+        self.assertNotIn("hunter2", str(e.exception))
+
+    def test_bad_urls(self):
+        """
+        Another scheme, no host, a database that is not a number, or a
+        query are refused.
+        """
+        for url in ["http://localhost:6379", "redis://:6379/0", "redis://localhost:6379/zero",
+                    "redis://localhost:6379/0?x=1", "redis://localhost:notaport/0"]:
+            self.assertRaises(RedisURLError, parse_redis_url, url)
+
+    def test_password_not_in_repr(self):
+        """
+        The settings' repr (and so config.json, which masks repr=False
+        fields) never shows the password.
+        """
+        self.assertNotIn("hunter2", repr(parse_redis_url("redis://localhost/0", password="hunter2")))
+
+
+class BlockingRedisTests(RedisTestCase):
+    """
+    The synchronous start-up read drives txredisapi's protocol over a
+    blocking socket (its C{callLater} run in the loop): this pins that use.
+    """
+
+    def test_large_and_binary_replies(self):
+        """
+        A bulk reply larger than one read, and one with CR LF and NUL
+        bytes inside, come back byte for byte.
+        """
+        r = BlockingRedis(parse_redis_url(self.redis.url))
+        self.addCleanup(r.close)
+        big = bytes(range(256)) * 4096 + b"\r\n\x00tail"
+        r.command("SET", "k", big)
+        self.assertEqual(r.command("GET", "k"), big)
+        self.assertEqual(r.command("MGET", "k", "missing"), [big, None])
+
+    def test_unreachable(self):
+        """
+        Nothing listening is a StoreError naming where.
+        """
+        settings = parse_redis_url("redis://127.0.0.1:1/0")
+        with self.assertRaises(StoreError) as e:
+            BlockingRedis(settings)
+        self.assertIn("127.0.0.1:1", str(e.exception))
+
+    def test_snapshot_of_unknown_crew(self):
+        """
+        The SNAPSHOT script for a code Redis does not hold is None.
+        """
+        r = BlockingRedis(parse_redis_url(self.redis.url))
+        self.addCleanup(r.close)
+        self.assertIsNone(decode_snapshot(r.script("SNAPSHOT", "LEELOO-NONE")))
+
+
+class PasswordTests(RedisTestCase):
+    """
+    A Redis with C{requirepass}.
+    """
+
+    redis_options = {"password": "s3cret-pw"}
+
+    @inlineCallbacks
+    def test_password_used(self):
+        """
+        With the password the store opens and writes; without it, opening
+        fails with a StoreError that does not contain the password.
+        """
+        store = self.open(password="s3cret-pw")
+        yield store.write(with_crew())
+        self.assertEqual([c.code for c in (yield store.find_crew(ALPHA)).crews], [ALPHA])
+        with self.assertRaises(StoreError) as e:
+            self.open(password="wrong")
+        self.assertIn("refused", str(e.exception))
+        self.assertNotIn("wrong", str(e.exception).replace("WRONGPASS", ""))
+
+
+class OutageTests(RedisTestCase):
+    """
+    Redis going away and coming back, under one store.
+    """
+
+    @inlineCallbacks
+    def test_unavailable_then_back(self):
+        """
+        While Redis is down a write fails at once with a transient
+        StoreError; once it is back on the same port (its AOF read back),
+        the store reconnects by itself and what was written before is
+        there.
+        """
+        store = self.open(max_retry_delay=0.2)
+        yield store.write(with_crew(*appends(entry(1))))
+        lost = next_event("lost the connection to Redis")
+        yield self.redis.stop()
+        yield lost
+        error = yield store.write(appends(entry(2))).addCallbacks(lambda _: None, lambda f: f.value)
+        self.assertIsInstance(error, StoreError)
+        self.assertTrue(error.transient)
+        back = next_event("connected to Redis at")
+        yield self.redis.start()
+        yield back
+        yield store.write(appends(entry(2)))
+        replay = yield store.replay(ALPHA, 0, 9, 0.0, "nobody", 9)
+        self.assertEqual([seq for seq, _ in replay.entries], [1, 2])
+
+
+def next_event(text):
+    """
+    A Deferred firing with the next event logged whose format contains
+    C{text}.
+    """
+    from twisted.logger import formatEvent
+
+    d = defer.Deferred()
+
+    def observe(event):
+        if text in (event.get("log_format") or "") and not d.called:
+            globalLogPublisher.removeObserver(observe)
+            d.callback(event)
+
+    globalLogPublisher.addObserver(observe)
+    return d
