@@ -52,7 +52,7 @@ from leeloo.process import (
 from leeloo.relay import DAY, Relay
 from leeloo.spotify import SpotifyOAuth
 from leeloo.sqlitestore import SchemaError, SQLiteStore
-from leeloo.store import IStore, MemoryStore
+from leeloo.store import IStore, MemoryStore, StoreError
 from leeloo.tls import LetsEncryptServerEndpoint, ReloadOnHangup, health_fields
 from leeloo.tls_acme import AcmeService
 from leeloo.web import make_admin_site, make_redirect_site, make_site
@@ -71,6 +71,17 @@ class StartupError(Exception):
 def open_store(config: Config, reactor: Any) -> IStore:
     if config.store == "memory":
         return MemoryStore()
+    if config.redis is not None:
+        # Imported here: the SQLite path never loads the Redis client.
+        from leeloo.redisstore import RedisStore
+
+        try:
+            return RedisStore(config.redis, reactor)
+        except StoreError as e:
+            raise StartupError(
+                f"cannot open the Redis store: {e}; check that Redis runs there, and "
+                "LEELOO_REDIS_PASSWORD if it asks for a password"
+            ) from None
     try:
         return SQLiteStore(config.data_dir, reactor, fsync=config.fsync)
     except (sqlite3.Error, SchemaError, OSError) as e:
