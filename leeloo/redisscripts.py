@@ -344,3 +344,9 @@ for _, key in ipairs({'crews', 'devices', 'tokens', 'multicrew', 'pairings', 'al
 end
 return 1
 """
+
+# ARGV: prefix, code.  Returns {meta hash, log hash} of the crew's log, as
+# flat field/value lists.
+LOG = _COMMON + r"""
+return {redis.call('HGETALL', P .. 'meta:' .. ARGV[2]), redis.call('HGETALL', P .. 'log:' .. ARGV[2])}
+"""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+from dataclasses import dataclass
 from hashlib import sha1
 from typing import Any, Callable, Iterable
 
@@ -202,7 +203,7 @@ def _script_call(script: str) -> tuple[str, bytes]:
 
 
 _SCRIPTS = {name: _script_call(getattr(redisscripts, name)) for name in
-            ("WRITE", "SNAPSHOT", "FIND_SENT", "REPLAY", "TRIM", "PRUNE", "PAIRINGS_EXPIRED", "EMPTY")}
+            ("WRITE", "SNAPSHOT", "FIND_SENT", "REPLAY", "TRIM", "PRUNE", "PAIRINGS_EXPIRED", "EMPTY", "LOG")}
 
 
 def _is_noscript(error: Exception) -> bool:
@@ -716,3 +717,63 @@ def snapshot_ops(snapshot: Snapshot, log: Callable[[str], Iterable[LogEntry]]) -
     rest += [(PUT_MULTI_CREW, r) for r in snapshot.multi_crew]
     for start in range(0, len(rest), 500):
         yield rest[start:start + 500]
+
+
+def read_log(redis: BlockingRedis, code: str) -> list[LogEntry]:
+    """
+    Crew C{code}'s log in Redis, oldest first, payloads included.
+    """
+    metas, payloads = redis.script("LOG", code)
+    data = {int(seq): bytes(payload) for seq, payload in zip(payloads[::2], payloads[1::2])}
+    entries = []
+    for seq, meta in sorted(((int(s), m) for s, m in zip(metas[::2], metas[1::2]))):
+        e = _entry(code, seq, meta)
+        e.payload = data.get(seq, b"")
+        entries.append(e)
+    return entries
+
+
+class MigrationError(Exception):
+    """
+    The migration was refused; the message says why (nothing was written).
+    """
+
+
+@dataclass(frozen=True)
+class Migrated:
+    crews: int
+    messages: int
+    devices: int
+    tokens: int
+    pairings: int
+
+
+def migrate_to_redis(snapshot: Snapshot, log: Callable[[str], Iterable[LogEntry]],
+                     settings: RedisSettings) -> Migrated:
+    """
+    Put a single node's state (C{snapshot}, each crew's log from
+    C{log(code)}) into an empty Redis, in batches of the write script, then
+    check that Redis holds what was read.
+
+    @raise MigrationError: Redis already holds a relay's state there.
+    @raise StoreError: Redis cannot be reached, or refused a batch.
+    """
+    redis = BlockingRedis(settings)
+    try:
+        if not int(redis.script("EMPTY")):
+            raise MigrationError(f"Redis at {settings.where} already holds a relay's state (keys "
+                                 f"{settings.prefix}*): migrate into an empty database only")
+        messages = 0
+        for ops in snapshot_ops(snapshot, log):
+            messages += sum(kind == APPEND for kind, _ in ops)
+            redis.script("WRITE", *_encode(ops))
+        for record in snapshot.pairings:
+            redis.command("HSET", settings.prefix + "pairings", record.user_code, _pairing_value(record))
+        copied = redis.snapshot()
+    finally:
+        redis.close()
+    if (len(copied.crews), len(copied.devices), len(copied.tokens), len(copied.pairings)) != (
+            len(snapshot.crews), len(snapshot.devices), len(snapshot.tokens), len(snapshot.pairings)):
+        raise MigrationError("Redis does not hold what was copied; check it and migrate again into an empty one")
+    return Migrated(len(snapshot.crews), messages, len(snapshot.devices), len(snapshot.tokens),
+                    len(snapshot.pairings))
