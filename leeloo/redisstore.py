@@ -433,13 +433,19 @@ class RedisConnection:
         self.service.whenConnected(failAfterFailures=1).addErrback(self._first_failed)
 
     def _first_failed(self, failure: Failure) -> None:
+        if self._first is not None and not failure.check(StoreError):
+            _log.error("cannot connect to Redis at {where}: {error}; retrying", where=self.settings.where,
+                       error=failure.getErrorMessage())
+        self._release_first()
+
+    def _release_first(self) -> None:
+        """
+        The first connection is made, or its first attempt failed: what
+        waited for it goes on (and fails at once if there is none).
+        """
         waiting, self._first = self._first, None
-        if waiting is not None:
-            if not failure.check(StoreError):
-                _log.error("cannot connect to Redis at {where}: {error}; retrying", where=self.settings.where,
-                           error=failure.getErrorMessage())
-            for d in waiting:
-                d.callback(None)
+        for d in waiting or ():
+            d.callback(None)
 
     def stop(self) -> Deferred:
         self.protocol = None
@@ -448,17 +454,12 @@ class RedisConnection:
 
     def _ready(self, p: Any) -> None:
         p.whenDisconnected().addCallback(self._lost)
-        d = None
+        # A first answer before the connection is used: over TLS the
+        # handshake (and the certificate's check) is done by then.
+        d = self.call("PING", protocol=p)
         if self.on_ready is not None:
-            self._candidate = p
-            try:
-                d = self.on_ready(p)
-            except Exception:
-                d = fail()
-        if d is None:
-            self._use(None, p)
-        else:
-            d.addCallbacks(self._use, self._not_ready, callbackArgs=(p,), errbackArgs=(p,))
+            d.addCallback(lambda _: self.on_ready(p))
+        d.addCallbacks(self._use, self._not_ready, callbackArgs=(p,), errbackArgs=(p,))
 
     def _use(self, _: Any, p: Any) -> None:
         if not p.connected:
@@ -469,14 +470,13 @@ class RedisConnection:
         else:
             _log.info("connected to Redis at {where}", where=self.settings.where)
         self._was_connected = True
-        waiting, self._first = self._first, None
-        for d in waiting or ():
-            d.callback(None)
+        self._release_first()
 
     def _not_ready(self, failure: Failure, p: Any) -> None:
         _log.error("the new connection to Redis at {where} failed: {error}", where=self.settings.where,
                    error=failure.getErrorMessage())
         p.transport.loseConnection()
+        self._release_first()
 
     def _lost(self, p: Any) -> None:
         if self.protocol is p:

@@ -260,3 +260,77 @@ def next_event(text):
 
     globalLogPublisher.addObserver(observe)
     return d
+
+
+class TLSTests(TestCase):
+    """
+    rediss:// against a redis-server serving TLS with a certificate from a
+    throwaway CA: the certificate and the host name are verified, on the
+    start-up read and on the relay's own connection alike.
+    """
+
+    skip = SKIP
+    timeout = 20
+
+    def setUp(self):
+        from leeloo.testca import ThrowawayCA, key_pem
+
+        self.ca = ThrowawayCA()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+
+        def write(name, data):
+            path = os.path.join(directory, name)
+            with open(path, "wb") as f:
+                f.write(data)
+            return path
+
+        issued = self.ca.issue(["localhost"])
+        self.ca_file = write("ca.pem", self.ca.root_pem)
+        self.other_ca = write("other.pem", ThrowawayCA("someone else").root_pem)
+        self.redis = RedisServer(self, tls=(write("cert.pem", issued.fullchain_pem),
+                                            write("key.pem", key_pem(issued.key)), self.ca_file))
+        return self.redis.start()
+
+    def url(self, host="localhost"):
+        return f"rediss://{host}:{self.redis.port}/0"
+
+    @inlineCallbacks
+    def test_verified_connection(self):
+        """
+        With the CA that signed Redis's certificate, the store opens over
+        TLS and writes and reads through its own connection.
+        """
+        store = RedisStore(parse_redis_url(self.url(), ca_file=self.ca_file), reactor)
+        self.addCleanup(store.close)
+        yield store.write(with_crew(*appends(entry(1))))
+        replay = yield store.replay(ALPHA, 0, 1, 0.0, "nobody", 1)
+        self.assertEqual([seq for seq, _ in replay.entries], [1])
+
+    def test_untrusted_certificate_refused(self):
+        """
+        A certificate from another CA, or one for another host name, is
+        refused at start with a StoreError.
+        """
+        for url, ca in [(self.url(), self.other_ca), (self.url("127.0.0.1"), self.ca_file)]:
+            with self.assertRaises(StoreError) as e:
+                RedisStore(parse_redis_url(url, ca_file=ca), reactor)
+            self.assertIn("TLS to Redis", str(e.exception))
+
+    @inlineCallbacks
+    def test_relay_connection_verifies_too(self):
+        """
+        The relay's own connection (ClientService over TLS) refuses a
+        certificate its CA did not sign: commands fail with a StoreError and
+        nothing is written.
+        """
+        from leeloo.redisstore import RedisConnection
+
+        good = BlockingRedis(parse_redis_url(self.url(), ca_file=self.ca_file))
+        self.addCleanup(good.close)
+        connection = RedisConnection(parse_redis_url(self.url(), ca_file=self.other_ca), reactor)
+        connection.start()
+        self.addCleanup(connection.stop)
+        error = yield connection.call("SET", "written", "1").addCallbacks(lambda _: None, lambda f: f.value)
+        self.assertIsInstance(error, StoreError)
+        self.assertIsNone(good.command("GET", "written"))
