@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from leeloo import redisscripts
-from leeloo.redisurl import PASSWORD_SETTING, RedisSettings, RedisURLError, parse_redis_url  # noqa: F401
+from leeloo.redisurl import RedisSettings
 from leeloo.store import (
     APPEND,
     DELETE_CREW,

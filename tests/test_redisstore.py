@@ -8,17 +8,16 @@ import os
 
 from twisted.internet import defer, reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from leeloo.redisstore import (
-    BlockingRedis, RedisStore, RedisURLError, decode_snapshot, parse_redis_url,
-)
-from leeloo.store import APPEND, PUT_CREW, CrewRecord, StoreError
+from leeloo.redisstore import BlockingRedis, RedisStore, decode_snapshot
+from leeloo.redisurl import RedisURLError, parse_redis_url
+from leeloo.store import StoreError
 
 from .redis_support import SKIP, RedisServer
 from .test_pairing_store import PairingsContract
-from .test_store import ALPHA, T0, StoreContract, appends, contract, entry, with_crew
+from .test_store import ALPHA, StoreContract, appends, contract, entry, with_crew
 
 
 class RedisTestCase(TestCase):
@@ -249,8 +248,6 @@ def next_event(text):
     A Deferred firing with the next event logged whose format contains
     C{text}.
     """
-    from twisted.logger import formatEvent
-
     d = defer.Deferred()
 
     def observe(event):

@@ -16,7 +16,6 @@ from twisted.internet.threads import deferToThread
 from leeloo import __version__
 from leeloo.admin.cli import main
 from leeloo.admin.datadir import CONFIG_FILE, config_document
-from leeloo.redisstore import RedisStore, parse_redis_url
 from leeloo.sqlitestore import SQLiteStore
 from leeloo.store import (
     APPEND, PUT_ALIAS, PUT_BOT_USER, PUT_CREW, PUT_DEVICE, PUT_MEMBER, PUT_MULTI_CREW, PUT_TOKEN, BotUserRecord,
@@ -24,7 +23,6 @@ from leeloo.store import (
 )
 from leeloo.tap import Options
 
-from ..redis_support import RedisServer
 from ..test_redisstore import RedisTestCase
 from .test_cli import admin
 
