@@ -9,6 +9,7 @@ relay answers C{store_unavailable} and keeps its connections.
 
 import json
 import os
+import signal
 
 import txaio
 from twisted.internet import defer, reactor
@@ -197,7 +198,11 @@ class RelayKillTests(TestCase):
                 return registered, replayed, resent, new, fresh, refused
 
         registered, replayed, resent, new, fresh, refused = yield ws_session(port, after)
-        yield relay.stop("TERM")
+        ended = yield relay.stop("TERM")
+        # twistd exits 0, or with the SIGTERM it got (as test_endtoend allows).
+        self.assertIn((ended.exitCode, ended.signal), [(0, None), (None, signal.SIGTERM)])
+        self.assertIn(b"Server Shut Down", relay.proto.output)
+        self.assertNotIn(b"Traceback", relay.proto.output)
         self.assertEqual(registered["type"], "registered")
         self.assertEqual([(m["seq"], m["id"]) for m in replayed], [(s["seq"], s["id"]) for s in sent])
         self.assertEqual([m["payload"]["text"] for m in replayed], [f"m{i}" for i in range(20)])
