@@ -20,6 +20,7 @@ the same protocol, driven over a blocking socket (L{BlockingRedis}).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -516,7 +517,10 @@ def tls_options(settings: RedisSettings) -> Any:
     """
     if settings.ca_file is not None:
         with open(settings.ca_file, "rb") as f:
-            trust: Any = Certificate.loadPEM(f.read())
+            pem = f.read()
+        # Every certificate of the file (a bundle), not only the first.
+        blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S)
+        trust: Any = trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
     else:
         trust = platformTrust()
     return optionsForClientTLS(settings.host, trustRoot=trust)

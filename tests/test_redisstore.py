@@ -283,10 +283,13 @@ class TLSTests(TestCase):
             return path
 
         issued = self.ca.issue(["localhost"])
-        self.ca_file = write("ca.pem", self.ca.root_pem)
-        self.other_ca = write("other.pem", ThrowawayCA("someone else").root_pem)
+        other = ThrowawayCA("someone else").root_pem
+        self.other_ca = write("other.pem", other)
+        # A bundle: the CA that signed comes second.
+        self.ca_file = write("ca.pem", other + self.ca.root_pem)
         self.redis = RedisServer(self, tls=(write("cert.pem", issued.fullchain_pem),
-                                            write("key.pem", key_pem(issued.key)), self.ca_file))
+                                            write("key.pem", key_pem(issued.key)),
+                                            write("root.pem", self.ca.root_pem)))
         return self.redis.start()
 
     def url(self, host="localhost"):
@@ -295,8 +298,9 @@ class TLSTests(TestCase):
     @inlineCallbacks
     def test_verified_connection(self):
         """
-        With the CA that signed Redis's certificate, the store opens over
-        TLS and writes and reads through its own connection.
+        With the CA that signed Redis's certificate (the second of a
+        bundle), the store opens over TLS and writes and reads through its
+        own connection.
         """
         store = RedisStore(parse_redis_url(self.url(), ca_file=self.ca_file), reactor)
         self.addCleanup(store.close)
