@@ -60,13 +60,14 @@ end
 """
 
 # ARGV: prefix, then each operation: its kind and its fields (see
-# leeloo.redisstore._encode).  Returns 'OK', or an error reply starting
-# LEELOO-REFUSED (for good) or LEELOO-TAKEN (a sequence already taken).
+# leeloo.redisstore._encode).  Returns the numbers minted for the batch's
+# 'mint' entries, in order, or an error reply starting LEELOO-REFUSED (for
+# good) or LEELOO-TAKEN (a sequence already taken).
 WRITE = _COMMON + r"""
 local ops = {}
 local i = 2
 local arity = {crew=2, delete_crew=1, member=3, delete_member=2, bot_user=3, token=2, delete_token=1,
-               append=6, device=2, delete_device=1, multi_crew=2, delete_multi_crew=1, rename_crew=2, alias=2}
+               append=6, mint=6, device=2, delete_device=1, multi_crew=2, delete_multi_crew=1, rename_crew=2, alias=2}
 while i <= #ARGV do
   local kind = ARGV[i]
   local n = arity[kind]
@@ -103,6 +104,8 @@ for _, op in ipairs(ops) do
   elseif kind == 'member' or kind == 'bot_user' or kind == 'alias' then
     local code = kind == 'alias' and op[3] or op[2]
     if not crew_exists(code) then return redis.error_reply('LEELOO-REFUSED no crew ' .. code) end
+  elseif kind == 'mint' then
+    if not crew_exists(op[2]) then return redis.error_reply('LEELOO-REFUSED no crew ' .. op[2]) end
   elseif kind == 'append' then
     if not crew_exists(op[2]) then return redis.error_reply('LEELOO-REFUSED no crew ' .. op[2]) end
     if seq_taken(op[2], op[3]) then
@@ -167,6 +170,7 @@ local function rename(old, new)
   redis.call('HDEL', P .. 'aliases', new)
   redis.call('HSET', P .. 'aliases', old, new)
 end
+local minted = {}
 local hashes = {device='devices', token='tokens', multi_crew='multicrew'}
 local deletes = {delete_device='devices', delete_token='tokens', delete_multi_crew='multicrew'}
 for _, op in ipairs(ops) do
@@ -185,9 +189,16 @@ for _, op in ipairs(ops) do
     redis.call('HSET', P .. hashes[kind], op[2], op[3])
   elseif deletes[kind] then
     redis.call('HDEL', P .. deletes[kind], op[2])
-  elseif kind == 'append' then
-    -- code, seq, meta, payload, time, sent field ('' for none)
+  elseif kind == 'append' or kind == 'mint' then
+    -- append: code, seq, meta, payload, time, ''; mint: code, the seq the
+    -- relay proposed, meta, the payload before its seq's digits, time, the
+    -- payload after them: the number is the crew's next here.
     local code, seq = op[2], op[3]
+    if kind == 'mint' then
+      seq = tostring(redis.call('HINCRBY', P .. 'seq', code, 1))
+      op[5] = op[5] .. seq .. op[7]
+      minted[#minted + 1] = tonumber(seq)
+    end
     redis.call('HSET', P .. 'log:' .. code, seq, op[5])
     redis.call('HSET', P .. 'meta:' .. code, seq, op[4])
     redis.call('ZADD', P .. 'seqs:' .. code, seq, seq)
@@ -205,7 +216,7 @@ for _, op in ipairs(ops) do
     redis.call('HSET', P .. 'aliases', op[2], op[3])
   end
 end
-return 'OK'
+return minted
 """
 
 # ARGV: prefix, code ('' for every crew).  Returns the state as load()

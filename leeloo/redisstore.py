@@ -116,8 +116,14 @@ def _encode(ops: list) -> list:
             meta = {"id": arg.id, "sender": arg.sender, "cmid": arg.client_msg_id,
                     "digest": arg.digest.hex() if arg.digest is not None else None,
                     "at": arg.created_at, "eph": bool(arg.ephemeral)}
-            args += ["append", arg.crew_code, _seq(arg.seq), _dumps(meta), bytes(arg.payload),
-                     _time(arg.created_at), ""]
+            split = _split_stamp(arg) if arg.renumber is not None else None
+            if split is not None:
+                # Redis mints the number: the payload around its stamp.
+                args += ["mint", arg.crew_code, _seq(arg.seq), _dumps(meta), split[0], _time(arg.created_at),
+                         split[1]]
+            else:
+                args += ["append", arg.crew_code, _seq(arg.seq), _dumps(meta), bytes(arg.payload),
+                         _time(arg.created_at), ""]
         elif kind == PUT_DEVICE:
             args += ["device", arg.device_id, _dumps([arg.key_hash, arg.bound, arg.created_at, arg.last_seen])]
         elif kind == DELETE_DEVICE:
@@ -133,6 +139,22 @@ def _encode(ops: list) -> list:
         else:
             raise ValueError(f"unknown store operation {kind!r}")
     return args
+
+
+def _split_stamp(entry: LogEntry) -> tuple[bytes, bytes] | None:
+    """
+    C{entry}'s payload as the bytes before and after the digits of its
+    stamped sequence number (L{leeloo.messages.stamped} puts C{"seq":N}
+    just before C{"id"}, after the message's own fields, so the last such
+    stamp is it); C{None} if there is none.
+    """
+    payload = bytes(entry.payload)
+    stamp = b'"seq":%d,"id":' % entry.seq
+    at = payload.rfind(stamp)
+    if at < 0:
+        return None
+    head = at + len(b'"seq":')
+    return payload[:head], payload[head + len(str(entry.seq)):]
 
 
 def _text(value: bytes | str) -> str:
@@ -551,6 +573,16 @@ class RedisPairings:
 
 
 
+class RedisSequences(Sequences):
+    """
+    The relay's proposals for each crew's next number; Redis mints the
+    number itself as it stores the entry (the write script), and the
+    entry is renumbered if Redis gave another.
+    """
+
+    engine_mints = True
+
+
 @implementer(IStore)
 class RedisStore:
     """
@@ -575,7 +607,7 @@ class RedisStore:
             self._snapshot: Snapshot | None = start.snapshot()
         finally:
             start.close()
-        self.sequences = Sequences(self._snapshot.last_seq)
+        self.sequences = RedisSequences(self._snapshot.last_seq)
         self.connection = RedisConnection(settings, reactor, on_ready=self._resync)
         self.pairings = RedisPairings(self.connection)
         self._started = False
@@ -610,8 +642,26 @@ class RedisStore:
         except ValueError:
             return fail()
         d = self.connection.script("WRITE", *args)
-        d.addCallbacks(lambda _: None, self._write_failed, errbackArgs=(ops,))
+        d.addCallbacks(self._written, self._write_failed, callbackArgs=(ops,), errbackArgs=(ops,))
         return d
+
+    def _written(self, minted: list, ops: list) -> None:
+        """
+        The numbers Redis minted, in the order of the batch's entries that
+        let it: renumber those it numbered otherwise than proposed (another
+        relay took the number), and mint later ones after them.
+        """
+        if not minted:
+            return
+        entries = iter(arg for kind, arg in ops if kind == APPEND and arg.renumber is not None)
+        for seq in minted:
+            seq = int(seq)
+            entry = next(entries)
+            while _split_stamp(entry) is None:
+                entry = next(entries)
+            self.sequences.seen(entry.crew_code, seq)
+            if seq != entry.seq:
+                entry.renumber(seq)
 
     def _write_failed(self, failure: Failure, ops: list) -> Failure:
         if any(kind == APPEND for kind, _ in ops):

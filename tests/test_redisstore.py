@@ -4,7 +4,9 @@ a loopback port): the store and pairings contracts SQLite passes, and what
 only Redis has (a password, TLS, the connection going and coming back).
 """
 
+import json
 import os
+from dataclasses import replace
 
 from twisted.internet import defer, reactor
 from twisted.internet.defer import inlineCallbacks
@@ -335,3 +337,92 @@ class TLSTests(TestCase):
         error = yield connection.call("SET", "written", "1").addCallbacks(lambda _: None, lambda f: f.value)
         self.assertIsInstance(error, StoreError)
         self.assertIsNone(good.command("GET", "written"))
+
+
+class MintingTests(RedisTestCase):
+    """
+    Redis mints each crew's sequence numbers as it stores the entries: two
+    relays sharing one Redis never store one number twice, nor refuse a
+    message because the other took its number.
+    """
+
+    def minted_entry(self, seq, renumbered, text="x"):
+        """
+        A log entry as the relay makes it: stamped with C{seq}, which Redis
+        may change (C{renumbered} is told).
+        """
+        payload = json.dumps({"type": "message", "payload": {"text": text, "seq": seq, "id": "fake"},
+                              "timestamp": 1, "seq": seq, "id": f"id-{text}", "crew_code": ALPHA},
+                             separators=(",", ":")).encode()
+        return replace(entry(seq, client_msg_id=f"c-{text}", payload=payload), renumber=renumbered.append)
+
+    @inlineCallbacks
+    def test_numbers_minted_in_redis(self):
+        """
+        Two stores proposing the same number both store their entry: the
+        second is numbered after the first, told so, and its payload is
+        stamped with the number Redis gave (its own "seq" fields left
+        alone); the proposal that matched is not renumbered.
+        """
+        one, two = self.open(), self.open()
+        yield one.write(with_crew())
+        first, second = [], []
+        yield one.write(appends(self.minted_entry(1, first, "one")))
+        yield two.write(appends(self.minted_entry(1, second, "two")))
+        self.assertEqual((first, second), ([], [2]))
+        replay = yield one.replay(ALPHA, 0, 9, 0.0, "nobody", 9)
+        self.assertEqual([seq for seq, _ in replay.entries], [1, 2])
+        stored = json.loads(replay.entries[1][1])
+        self.assertEqual((stored["seq"], stored["payload"]["seq"], stored["id"]), (2, 1, "id-two"))
+        found = yield one.find_sent(ALPHA, "leeloo_a", "c-two")
+        self.assertEqual(found.seq, 2)
+        self.assertEqual(two.sequences.next(ALPHA), 3)
+
+    @inlineCallbacks
+    def test_two_relays_one_crew(self):
+        """
+        Devices on two relays sharing one Redis send to one crew: each
+        message is answered sent with its own number, in the order stored,
+        and the log holds both, stamped with those numbers.
+        """
+        from leeloo.relay import Relay
+        from leeloo.testing import Device
+
+        stores = [self.open(), self.open()]
+        relays = [Relay(reactor, store, presence_grace=0, bind_timeout=0) for store in stores]
+
+        @inlineCallbacks
+        def settled(i):
+            # Redis answers in order: once a PING sent now is answered, the
+            # lookups sent before it were, and what they queued is written
+            # once the journal's barrier fires.
+            yield stores[i].connection.call("PING")
+            yield relays[i].journal.barrier()
+
+        ann, bob = Device(relays[0], "127.0.0.1"), Device(relays[1], "127.0.0.1")
+        ann.send(type="create_crew", device_id="leeloo_aaaaaaaaaaaa", crew_code=ALPHA)
+        yield settled(0)
+        bob.send(type="join_crew", device_id="leeloo_bbbbbbbbbbbb", crew_code=ALPHA)
+        yield settled(1)
+        self.assertEqual([ann.take()[0]["type"], bob.take()[0]["type"]], ["crew_created", "crew_joined"])
+        ann.send(type="message", payload={"text": "from a"}, client_msg_id="a1")
+        bob.send(type="message", payload={"text": "from b"}, client_msg_id="b1")
+        sent = []
+        for i, device in enumerate((ann, bob)):
+            # Each message takes a lookup, then a write: settle until it is
+            # answered (a few round trips to Redis, no timer).
+            for _ in range(10):
+                yield settled(i)
+                sent += [m for m in device.take() if m["type"] == "sent"]
+                if len(sent) == i + 1:
+                    break
+        for device in (ann, bob):
+            device.close()
+        for relay in relays:
+            yield relay.journal.drain()
+        self.assertEqual(sorted(m["seq"] for m in sent), [1, 2])
+        replay = yield stores[0].replay(ALPHA, 0, 9, 0.0, "nobody", 9)
+        self.assertEqual(sorted((seq, json.loads(p)["seq"], json.loads(p)["payload"]["text"])
+                                for seq, p in replay.entries),
+                         sorted((m["seq"], m["seq"], "from a" if m["client_msg_id"] == "a1" else "from b")
+                                for m in sent))
