@@ -21,6 +21,13 @@ FIGURES = {
                lambda r: r.get("max_sustained_deliveries_per_s"), "higher", 3.0),
     "fanout": ("fan-out p99 at 8,000 deliveries/s, N=10,000", "ms",
                lambda r: (r.get("latency_ms") or {}).get("p99"), "lower", None),
+    # CPU time is what a busy machine changes least: at a rate both relays
+    # sustain, what each spends per delivery tells where the saturate
+    # ratios would land on a quiet machine (no target of its own).
+    "cpu2k": ("CPU per 1,000 deliveries at 4,000 deliveries/s, N=2,000", "ms",
+              lambda r: 1e6 * r["whole"]["server_cpu_s"] / r["received_deliveries"]
+              if r.get("received_deliveries") and (r.get("whole") or {}).get("server_cpu_s") is not None
+              else None, "lower", None),
     "storm": ("10,000 devices at once: all registered", "s",
               lambda r: r["elapsed_ms"] / 1000 if r.get("registered") == (r.get("params") or {}).get("n")
               and not r.get("failed") else None, "lower", 1.0),

@@ -19,7 +19,10 @@ Client -> relay
     ``ack``          ``seq`` (cumulative: everything up to ``seq`` arrived)
     ``spotify_pair`` ``scopes``? (space-separated; default
                      ``user-read-currently-playing user-read-playback-state``)
-    ``spotify_refresh`` ``refresh_token``
+                     ``keep_access``? (true: offer the relay keeping the access)
+    ``spotify_refresh`` ``refresh_token`` (none when the relay keeps the access)
+    ``spotify_forget``
+    ``share_now_playing`` ``crew_code``? ``note``? ``client_msg_id``?
     ``spotify_search`` ``query`` ``limit``? (1 to 10, default 5)
     ``crew_add``     ``crew_code`` ``last_seq``?
     ``crew_leave``   ``crew_code``
@@ -36,6 +39,7 @@ Relay -> client
     ``spotify_pair_failed`` ``reason`` ``user_code``
     ``spotify_tokens``   ``tokens`` (``access_token`` ``expires_in`` ``refresh_token``)
     ``spotify_search_results`` ``query`` ``results``
+    ``spotify_forgotten``
     ``crew_joined``      ``crew_name`` (added, for a crew that has one)
     ``crew_left``        ``crew_code``
     ``crews``            ``primary`` ``crews`` (each ``crew_code``
@@ -160,6 +164,26 @@ Spotify pairing (the relay as the device's pairing broker, as in RFC 8628):
     answers ``unknown_type``: the device then falls back to building the
     authorize URL itself with ``state`` = its device id (the legacy path,
     which the relay's ``--no-legacy-spotify-state`` turns off).
+
+Sharing what is playing (the relay keeps the Spotify access, with consent):
+    A device that sends ``{"type":"spotify_pair","keep_access":true}`` has
+    its pairing page offer a box, unchecked: "let the relay keep access so
+    this LEELOO can share what you're playing".  Checked, the relay is the
+    only holder of the refresh token (encrypted at rest): the device's
+    ``spotify_auth_complete`` carries ``access_token`` and ``expires_in``
+    without ``refresh_token``, and the device refreshes with
+    ``{"type":"spotify_refresh"}`` (no token), answered ``spotify_tokens``
+    likewise without one.  ``{"type":"spotify_forget"}`` deletes what the
+    relay keeps for the device: ``{"type":"spotify_forgotten"}``.
+    ``{"type":"share_now_playing","crew_code"?,"note"?,"client_msg_id"?}``
+    asks Spotify what is playing and sends the crew (the primary without
+    ``crew_code``) an ordinary ``message`` of ``msg_type`` ``song_push``
+    (payload ``track`` ``artist`` ``album`` ``spotify_uri``
+    ``album_art_url`` ``note``); the sender is answered ``sent`` (with its
+    ``client_msg_id`` when it gave one), or ``nothing_playing``,
+    ``not_paired`` (no access kept for it), ``spotify_refused`` with
+    ``spotify_error`` (``invalid_grant``: pair again), ``spotify_unavailable``
+    or ``rate_limited``.
 
 Several crews per device:
     A device bound on the connection (by ``register``, ``create_crew`` or
@@ -482,6 +506,24 @@ class SpotifyRefused(ProtocolError):
         self.spotify_error = spotify_error
 
 
+class NothingPlaying(ProtocolError):
+    """
+    C{share_now_playing} while Spotify plays nothing (or an ad, a podcast:
+    no track).
+    """
+
+    code = "nothing_playing"
+
+
+class NotPaired(ProtocolError):
+    """
+    C{share_now_playing} (or a tokenless C{spotify_refresh}) from a device
+    the relay keeps no Spotify access for: never paired, or no consent.
+    """
+
+    code = "not_paired"
+
+
 class SpotifyUnavailable(ProtocolError):
     """
     Spotify could not be reached, failed, or was slower than the relay's
@@ -504,7 +546,7 @@ ERRORS: dict[str, type[ProtocolError]] = {
     for cls in (InvalidJSON, InvalidMessage, UnknownType, NotInCrew, InvalidCrewCode,
                 BinaryNotSupported, InvalidLastSeq, InvalidAck, DuplicateClientMessage,
                 StoreUnavailable, CrewLimit, RateLimited, DeviceAuthFailed, NotRegistered,
-                SpotifyNotConfigured, SpotifyRefused, SpotifyUnavailable)
+                SpotifyNotConfigured, SpotifyRefused, SpotifyUnavailable, NothingPlaying, NotPaired)
 }
 
 
@@ -648,6 +690,7 @@ class SpotifyPair:
     """
 
     scopes: str = DEFAULT_SPOTIFY_SCOPES
+    keep_access: bool = False
 
 
 MAX_REFRESH_TOKEN_LENGTH = 2048
@@ -660,10 +703,31 @@ SEARCH_LIMIT_MAX = 10
 class SpotifyRefresh:
     """
     ``spotify_refresh``: new tokens for C{refresh_token} (the relay holds
-    the client secret).
+    the client secret); C{None}: with the refresh token the relay keeps.
     """
 
-    refresh_token: str = field(repr=False)
+    refresh_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SpotifyForget:
+    """
+    ``spotify_forget``: delete the Spotify access the relay keeps.
+    """
+
+
+MAX_NOTE_LENGTH = 280
+
+
+@dataclass(frozen=True, slots=True)
+class ShareNowPlaying:
+    """
+    ``share_now_playing``: send the crew the song playing now.
+    """
+
+    crew_code: str | None = None
+    note: str | None = None
+    client_msg_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -884,16 +948,34 @@ def _crew_primary(obj: Mapping) -> CrewPrimary:
 def _spotify_pair(obj: Mapping) -> SpotifyPair:
     scopes = string_field(obj, "scopes", MAX_FIELD_LENGTH)
     if scopes is None:
-        return SpotifyPair()
+        return _spotify_pair_default(obj)
     names = scopes.split()
     if len(names) > MAX_SCOPES or not all(_SCOPE_RE.fullmatch(n) for n in names):
         raise FieldError("scopes", "must be Spotify scope names",
                          f"scopes must be at most {MAX_SCOPES} Spotify scope names separated by spaces")
-    return SpotifyPair(" ".join(dict.fromkeys(names)))
+    return SpotifyPair(" ".join(dict.fromkeys(names)), _keep_access(obj))
+
+
+def _keep_access(obj: Mapping) -> bool:
+    keep = obj.get("keep_access", False)
+    if keep is None:
+        return False
+    if not isinstance(keep, bool):
+        raise FieldError("keep_access", "must be true or false", "keep_access must be true or false")
+    return keep
+
+
+def _spotify_pair_default(obj: Mapping) -> SpotifyPair:
+    return SpotifyPair(keep_access=_keep_access(obj))
 
 
 def _spotify_refresh(obj: Mapping) -> SpotifyRefresh:
-    return SpotifyRefresh(string_field(obj, "refresh_token", MAX_REFRESH_TOKEN_LENGTH, required=True))
+    return SpotifyRefresh(string_field(obj, "refresh_token", MAX_REFRESH_TOKEN_LENGTH))
+
+
+def _share_now_playing(obj: Mapping) -> ShareNowPlaying:
+    return ShareNowPlaying(crew_code=crew_code_field(obj), note=string_field(obj, "note", MAX_NOTE_LENGTH),
+                           client_msg_id=_client_msg_id(obj))
 
 
 def _spotify_search(obj: Mapping) -> SpotifySearch:
@@ -921,6 +1003,8 @@ _DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "spotify_pair": _spotify_pair,
     "spotify_refresh": _spotify_refresh,
     "spotify_search": _spotify_search,
+    "spotify_forget": lambda obj: SpotifyForget(),
+    "share_now_playing": _share_now_playing,
     "crew_add": _crew_add,
     "crew_leave": _crew_leave,
     "crews": lambda obj: Crews(),
@@ -1188,14 +1272,18 @@ class Sent:
     """
 
     type: ClassVar[str] = "sent"
-    client_msg_id: str
+    client_msg_id: str | None
     id: str
     seq: int
     crew_code: str | None = None
 
     def to_dict(self) -> dict:
-        return _with_crew({"type": self.type, "client_msg_id": self.client_msg_id, "id": self.id, "seq": self.seq},
-                          self.crew_code)
+        # Only share_now_playing is answered sent without a client_msg_id.
+        d = {"type": self.type, "client_msg_id": self.client_msg_id} if self.client_msg_id is not None \
+            else {"type": self.type}
+        d["id"] = self.id
+        d["seq"] = self.seq
+        return _with_crew(d, self.crew_code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1382,6 +1470,18 @@ class SpotifyTokens:
 
 
 @dataclass(frozen=True, slots=True)
+class SpotifyForgotten:
+    """
+    ``spotify_forgotten``: the answer to L{SpotifyForget}.
+    """
+
+    type: ClassVar[str] = "spotify_forgotten"
+
+    def to_dict(self) -> dict:
+        return {"type": self.type}
+
+
+@dataclass(frozen=True, slots=True)
 class SpotifySearchResults:
     """
     ``spotify_search_results``: the answer to L{SpotifySearch}; each of
@@ -1434,7 +1534,7 @@ class UnknownRelayMessage:
 
 RelayMessage = Union[Registered, CrewCreated, CrewJoined, MemberJoined, MemberOffline, RelayedMessage,
                      MusicShared, RelayedReaction, Sent, ReplayTruncated, Pong, SpotifyAuthComplete,
-                     SpotifyPairStarted, SpotifyPairFailed, SpotifyTokens, SpotifySearchResults, CrewLeft,
+                     SpotifyPairStarted, SpotifyPairFailed, SpotifyTokens, SpotifySearchResults, SpotifyForgotten, CrewLeft,
                      CrewList, PrimaryCrew, CrewRenamed, CrewDeleted, ErrorFrame,
                      UnknownRelayMessage]
 
@@ -1640,7 +1740,7 @@ _RELAY_DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "reaction": lambda o: RelayedReaction(
         _relay_field(o, "reaction_type", str), _relay_field(o, "from", str), **_stamp_fields(o)),
     "sent": lambda o: Sent(
-        _relay_field(o, "client_msg_id", str), _relay_field(o, "id", str), _relay_field(o, "seq", int),
+        _relay_field(o, "client_msg_id", str, required=False), _relay_field(o, "id", str), _relay_field(o, "seq", int),
         _relay_field(o, "crew_code", str, required=False)),
     "crew_left": lambda o: CrewLeft(_relay_field(o, "crew_code", str)),
     "crew_renamed": lambda o: CrewRenamed(_relay_field(o, "crew_code", str), _relay_field(o, "old_crew_code", str)),
@@ -1660,6 +1760,7 @@ _RELAY_DECODERS: dict[str, Callable[[Mapping], Any]] = {
     "spotify_tokens": lambda o: SpotifyTokens(_relay_field(o, "tokens", dict)),
     "spotify_search_results": lambda o: SpotifySearchResults(
         _relay_field(o, "query", str), _relay_field(o, "results", list)),
+    "spotify_forgotten": lambda o: SpotifyForgotten(),
     "error": _error_frame,
 }
 

@@ -233,11 +233,19 @@ def unavailable(reason: str) -> bytes:
 # -------------------------------------------------------------- pairing
 
 
-def pair(user_code: str, device_name: str, crew_code: str | None, action: str) -> bytes:
+# The consent box's words (issue 20), on a page whose device offered it.
+KEEP_ACCESS_LABEL = "let the relay keep access so this LEELOO can share what you're playing"
+
+
+def pair(user_code: str, device_name: str, crew_code: str | None, action: str, keep_offered: bool = False) -> bytes:
     """
     The page a phone sees at C{/pair/CODE}: which LEELOO asks, in which
     crew, the code it shows, and the one button, posting to C{action}.
+    With C{keep_offered}, the form holds the consent box, unchecked: the
+    form field C{keep} is C{yes} only when the person ticks it.
     """
+    box = (f'<p><label class="consent"><input type="checkbox" name="keep" value="yes" id="keep"> '
+           f"{escape(KEEP_ACCESS_LABEL)}</label></p>") if keep_offered else ""
     crew = (f"in crew <strong>{escape(crew_code)}</strong>" if crew_code
             else "not in a crew yet")
     return _page(
@@ -247,7 +255,7 @@ def pair(user_code: str, device_name: str, crew_code: str | None, action: str) -
         "asks to use your Spotify account.</p>"
         "<p>Check that your LEELOO shows this code:</p>"
         f'<p class="pair-code" id="user-code">{escape(user_code)}</p>'
-        f'<form method="post" action="{escape(action)}">'
+        f'<form method="post" action="{escape(action)}">{box}'
         '<button type="submit" id="connect">Continue to Spotify</button></form>'
         '<p class="muted">Not your LEELOO, or a different code? Close this page: nothing '
         "happens until you press the button.</p>",

@@ -18,8 +18,9 @@ The keys, under a prefix C{P} (C{leeloo:}), each crew's by its code:
     go, dropped with the crew); C{P bytes} hash: code -> its log's payload
     bytes; C{P times} sorted set: CODE NUL seq scored by its time (for
     pruning);
-  - C{P devices}, C{P tokens}, C{P multicrew}, C{P pairings} hashes: by
-    device id / user code -> the record (JSON; tokens as stored, opaque).
+  - C{P devices}, C{P tokens}, C{P multicrew}, C{P pairings}, C{P grants}
+    hashes: by device id / user code -> the record (JSON; tokens and
+    grants as stored, ciphertext opaque to the engine).
 
 Several crews per device are member rows of each crew plus the device's
 C{multicrew} record, as in SQLite; nothing here assumes one crew.
@@ -67,7 +68,8 @@ WRITE = _COMMON + r"""
 local ops = {}
 local i = 2
 local arity = {crew=2, delete_crew=1, member=3, delete_member=2, bot_user=3, token=2, delete_token=1,
-               append=6, mint=6, device=2, delete_device=1, multi_crew=2, delete_multi_crew=1, rename_crew=2, alias=2}
+               append=6, mint=6, device=2, delete_device=1, multi_crew=2, delete_multi_crew=1, rename_crew=2, alias=2,
+               grant=2, delete_grant=1}
 while i <= #ARGV do
   local kind = ARGV[i]
   local n = arity[kind]
@@ -171,8 +173,9 @@ local function rename(old, new)
   redis.call('HSET', P .. 'aliases', old, new)
 end
 local minted = {}
-local hashes = {device='devices', token='tokens', multi_crew='multicrew'}
-local deletes = {delete_device='devices', delete_token='tokens', delete_multi_crew='multicrew'}
+local hashes = {device='devices', token='tokens', multi_crew='multicrew', grant='grants'}
+local deletes = {delete_device='devices', delete_token='tokens', delete_multi_crew='multicrew',
+                 delete_grant='grants'}
 for _, op in ipairs(ops) do
   local kind = op[1]
   if kind == 'crew' then
@@ -235,11 +238,12 @@ if only == '' then
   out[5] = redis.call('HGETALL', P .. 'multicrew')
   out[6] = redis.call('HGETALL', P .. 'pairings')
   codes = redis.call('HKEYS', P .. 'crews')
+  out[8] = redis.call('HGETALL', P .. 'grants')
 else
   local record = redis.call('HGET', P .. 'crews', only)
   if not record then return {} end
   out[1] = {only, record}
-  out[2], out[3], out[4], out[5], out[6] = {}, {}, {}, {}, {}
+  out[2], out[3], out[4], out[5], out[6], out[8] = {}, {}, {}, {}, {}, {}
   codes = {only}
 end
 local crews = {}
@@ -261,7 +265,7 @@ for _, code in ipairs(codes) do
                        redis.call('HGETALL', P .. 'bots:' .. code), last, size, newest_meta, metas}
 end
 out[7] = crews
-return out
+return {out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]}
 """
 
 # ARGV: prefix, code, sender, client_msg_id.  Returns {seq, meta} or {}.
@@ -350,7 +354,7 @@ return deleted
 # ARGV: prefix.  Whether the prefix holds any state (migration refuses to
 # write over it).
 EMPTY = _COMMON + r"""
-for _, key in ipairs({'crews', 'devices', 'tokens', 'multicrew', 'pairings', 'aliases'}) do
+for _, key in ipairs({'crews', 'devices', 'tokens', 'multicrew', 'pairings', 'aliases', 'grants'}) do
   if redis.call('HLEN', P .. key) > 0 then return 0 end
 end
 return 1

@@ -43,6 +43,7 @@ from leeloo.store import (
     APPEND,
     DELETE_CREW,
     DELETE_DEVICE,
+    DELETE_GRANT,
     DELETE_MEMBER,
     DELETE_MULTI_CREW,
     DELETE_TOKEN,
@@ -50,6 +51,7 @@ from leeloo.store import (
     PUT_BOT_USER,
     PUT_CREW,
     PUT_DEVICE,
+    PUT_GRANT,
     PUT_MEMBER,
     PUT_MULTI_CREW,
     PUT_TOKEN,
@@ -57,6 +59,7 @@ from leeloo.store import (
     BotUserRecord,
     CrewRecord,
     DeviceRecord,
+    GrantRecord,
     IPairings,
     IStore,
     LogEntry,
@@ -132,6 +135,11 @@ def _encode(ops: list) -> list:
             args += ["multi_crew", arg.device_id, _dumps([list(arg.crews), arg.primary])]
         elif kind == DELETE_MULTI_CREW:
             args += ["delete_multi_crew", arg]
+        elif kind == PUT_GRANT:
+            # Ciphertext (leeloo.sealing), kept as it is.
+            args += ["grant", arg.device_id, arg.sealed]
+        elif kind == DELETE_GRANT:
+            args += ["delete_grant", arg]
         elif kind == RENAME_CREW:
             args += ["rename_crew", arg[0], arg[1]]
         elif kind == PUT_ALIAS:
@@ -186,7 +194,7 @@ def decode_snapshot(reply: list) -> Snapshot | None:
     """
     if not reply:
         return None
-    crews, aliases, devices, tokens, multi, pairings, per_crew = reply
+    crews, aliases, devices, tokens, multi, pairings, per_crew, grants = reply
     snapshot = Snapshot()
     for code, value in _pairs(crews):
         created_at, created_by, name = json.loads(value)
@@ -202,6 +210,7 @@ def decode_snapshot(reply: list) -> Snapshot | None:
         codes, primary = json.loads(value)
         snapshot.multi_crew.append(MultiCrewRecord(device_id, tuple(codes), primary))
     snapshot.pairings = [_pairing(user_code, value) for user_code, value in _pairs(pairings)]
+    snapshot.grants = [GrantRecord(device_id, sealed) for device_id, sealed in _pairs(grants)]
     for code, members, bots, last, size, newest, sent in per_crew:
         code = _text(code)
         for device_id, value in _pairs(members):
@@ -701,6 +710,12 @@ class RedisStore:
 
         return self.connection.call("HGET", self.settings.prefix + "tokens", device_id).addCallback(decoded)
 
+    def find_grant(self, device_id: str) -> Deferred:
+        def decoded(value: bytes | None) -> GrantRecord | None:
+            return None if value is None else GrantRecord(device_id, _text(value))
+
+        return self.connection.call("HGET", self.settings.prefix + "grants", device_id).addCallback(decoded)
+
     def find_sent(self, crew_code: str, sender: str, client_msg_id: str) -> Deferred:
         def decoded(reply: list) -> LogEntry | None:
             if not reply:
@@ -769,6 +784,7 @@ def snapshot_ops(snapshot: Snapshot, log: Callable[[str], Iterable[LogEntry]]) -
     rest: list = [(PUT_DEVICE, d) for d in snapshot.devices]
     rest += [(PUT_TOKEN, t) for t in snapshot.tokens]
     rest += [(PUT_MULTI_CREW, r) for r in snapshot.multi_crew]
+    rest += [(PUT_GRANT, g) for g in snapshot.grants]
     for start in range(0, len(rest), 500):
         yield rest[start:start + 500]
 

@@ -34,6 +34,7 @@ from leeloo.core.defaults import (
     MiB,
 )
 from leeloo.core.delivery import ClientMessage, Delivery, client_digest, generate_message_id
+from leeloo.core.grants import Grants
 from leeloo.core.handlers import Handlers
 from leeloo.core.identity import Identity, generate_device_id, generate_device_key, key_hash
 from leeloo.core.operator import Operator
@@ -58,6 +59,7 @@ from leeloo.messages import (
     RateLimited,
 )
 from leeloo.figures import HistogramFigures
+from leeloo.sealing import Sealer
 from leeloo.store import IStore, Journal, JournalStats, MemoryStore, Snapshot
 
 __all__ = [
@@ -130,6 +132,10 @@ class Relay:
     @param spotify: the relay's Spotify client (L{leeloo.spotify.SpotifyOAuth}),
         or C{None} without a Spotify app.
     @param pairing: how Spotify pairings work (L{PairingSettings}).
+    @param sealer: seals the Spotify tokens the relay keeps
+        (L{leeloo.sealing.Sealer}; default: a fresh key, for tests).
+
+    @raise SealError: the store holds sealed tokens this key does not open.
     """
 
     def __init__(
@@ -154,6 +160,7 @@ class Relay:
         fanout: IFanout | None = None,
         spotify: Any = None,
         pairing: PairingSettings = PairingSettings(),
+        sealer: Sealer | None = None,
     ) -> None:
         self.clock = clock
         self.store = store if store is not None else MemoryStore()
@@ -170,10 +177,12 @@ class Relay:
                                  store_queue_bytes, message_id)
         self.replayer = Replayer(clock, self.store, crews, sessions, replay_limit, retention,
                                  legacy_replay_age, ephemeral_age)
-        self.tokens = PendingTokens(clock, journal, fanout, token_ttl)
+        self.sealer = sealer if sealer is not None else Sealer()
+        self.tokens = PendingTokens(clock, journal, fanout, token_ttl, self.sealer)
+        self.grants = Grants(clock, self.store, journal, self.sealer)
         self.pairing = Pairings(clock, sessions, self.deliver_tokens, self.store.pairings, spotify, pairing)
         self.handlers = Handlers(self.store, journal, sessions, self.identity, self.admission, crews, self.delivery,
-                                 self.replayer, self.tokens, self.pairing)
+                                 self.replayer, self.tokens, self.pairing, self.grants)
         self.bot = BotUsers(journal, crews, self.delivery, self.admission)
         self.retention_part = Retention(clock, self.store, journal, crews, self.identity, sessions, retention,
                                    crew_ttl)
@@ -187,6 +196,9 @@ class Relay:
         when the relay last stopped without saying goodbye: what was sent to
         it but not proven is sent again.
         """
+        for grant in snapshot.grants[:1]:
+            # One is enough to tell a wrong (or new) key from the right one.
+            self.sealer.open(grant.sealed)
         self.crews_part.restore(snapshot)
         self.tokens.restore(snapshot)
         self.pairing.restore(snapshot)
@@ -380,12 +392,22 @@ class Relay:
 
     # ---------------------------------------------------- Spotify, retention
 
-    def deliver_tokens(self, device_id: str, tokens: dict) -> bool:
+    def deliver_tokens(self, device_id: str, tokens: dict, keep: bool | None = None) -> bool:
         """
         Hand Spotify tokens to C{device_id}: at once if it is online (return
         C{True}), else at its next register, create or join within the
-        token lifetime.
+        token lifetime.  With C{keep} (its owner consented), the relay keeps
+        the refresh token (sealed) and the device gets C{access_token} and
+        C{expires_in} only; C{keep} false forgets any it kept (the device
+        holds its own now); C{None} (the legacy callback) leaves that be.
         """
+        if keep:
+            self.grants.keep(device_id, tokens).addErrback(
+                lambda f: _log.error("the Spotify access kept for {device_id} was not stored: {error}",
+                                     device_id=device_id, error=f.getErrorMessage()))
+            tokens = {"access_token": tokens["access_token"], "expires_in": tokens["expires_in"]}
+        elif keep is not None:
+            self.grants.forget(device_id).addErrback(lambda f: None)
         return self.tokens.deliver(device_id, tokens)
 
     def expire(self) -> int:

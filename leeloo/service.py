@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from twisted.application.internet import TimerService
@@ -51,7 +52,8 @@ from leeloo.process import (
 )
 from leeloo.relay import DAY, Relay
 from leeloo.spotify import SpotifyOAuth
-from leeloo.sqlitestore import SchemaError, SQLiteStore
+from leeloo.sealing import KEY_FILE_NAME, KeyFileError, SealError, Sealer, create_key, read_key
+from leeloo.sqlitestore import DATABASE_NAME, SchemaError, SQLiteStore, schema_version
 from leeloo.store import IStore, MemoryStore, StoreError
 from leeloo.tls import LetsEncryptServerEndpoint, ReloadOnHangup, health_fields
 from leeloo.tls_acme import AcmeService
@@ -62,13 +64,71 @@ if TYPE_CHECKING:
     from leeloo.tap import Config
 
 
+_log = Logger()
+
+
 class StartupError(Exception):
     """
     The relay cannot start; the message says why and what to do.
     """
 
 
-def open_store(config: Config, reactor: Any) -> IStore:
+def key_file(config: Config) -> Path:
+    return config.secrets_key_file if config.secrets_key_file is not None else config.data_dir / KEY_FILE_NAME
+
+
+def _holds_sealed_rows(path: Path) -> bool:
+    """
+    Whether the database at C{path} (if there is one) holds Spotify tokens
+    sealed with a secrets key (schema 9 and later seal every one).
+    """
+    if not path.exists():
+        return False
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        if schema_version(db) < 9:
+            return False
+        return any(db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
+                   for table in ("pending_tokens", "spotify_grants"))
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+
+
+def open_sealer(config: Config, create: bool = True) -> Sealer:
+    """
+    The sealer of the secrets key file, created (0600) on first start.
+
+    @raise StartupError: the file cannot be read or created, or it is
+        missing while the database holds tokens sealed with it.
+    """
+    path = key_file(config)
+    try:
+        return Sealer(read_key(path))
+    except KeyFileError as e:
+        raise StartupError(f"{e}; restore it from your backup (README.rst, 'The secrets key')") from None
+    except FileNotFoundError:
+        pass
+    database = config.data_dir / DATABASE_NAME
+    if _holds_sealed_rows(database):
+        raise StartupError(
+            f"the database {database} holds encrypted Spotify tokens but the secrets key file {path} is missing; "
+            "restore it from your backup, or pass --secrets-key-file (README.rst, 'The secrets key')")
+    if not create:
+        return Sealer()
+    try:
+        key = create_key(path)
+    except KeyFileError as e:
+        raise StartupError(str(e)) from None
+    _log.info("created the secrets key file {path}: back it up (README.rst, 'The secrets key')", path=str(path))
+    return Sealer(key)
+
+
+def open_store(config: Config, reactor: Any, sealer: Sealer | None = None) -> IStore:
     if config.store == "memory":
         return MemoryStore()
     if config.redis is not None:
@@ -83,7 +143,7 @@ def open_store(config: Config, reactor: Any) -> IStore:
                 "LEELOO_REDIS_PASSWORD if it asks for a password"
             ) from None
     try:
-        return SQLiteStore(config.data_dir, reactor, fsync=config.fsync)
+        return SQLiteStore(config.data_dir, reactor, fsync=config.fsync, sealer=sealer)
     except (sqlite3.Error, SchemaError, OSError) as e:
         raise StartupError(
             f"cannot open the database in {config.data_dir}: {e}; "
@@ -318,6 +378,28 @@ class RelayTree(MultiService):
                 for l in self.getServiceNamed(name).listeners]
 
 
+
+def _relay(config: Config, reactor: Any, clock: Any, store: StoreService, spotify: Any, sealer: Sealer) -> Relay:
+    return Relay(
+        reactor if clock is None else clock,
+        store.store,
+        spotify=spotify,
+        pairing=PairingSettings(public_url=config.public_url, legacy_state=config.legacy_spotify_state,
+                                pkce=config.spotify_pkce),
+        replay_limit=config.replay_limit,
+        retention=config.retention_days * DAY,
+        crew_ttl=config.crew_ttl_days * DAY,
+        limits=config.relay_limits,
+        legacy_replay_age=config.legacy_replay_age,
+        ephemeral_age=config.ephemeral_age,
+        bind_timeout=config.bind_timeout,
+        presence_grace=config.presence_grace,
+        crew_log_bytes=config.crew_log_bytes,
+        store_queue_bytes=config.store_queue_bytes,
+        sealer=sealer,
+    )
+
+
 def build_service(config: Config, reactor: Any, http: Any = None,
                   exit: Callable[[int], None] | None = None,
                   notify: Callable[[str], Any] | None = None, clock: Any = None,
@@ -351,24 +433,16 @@ def build_service(config: Config, reactor: Any, http: Any = None,
             pool = HTTPConnectionPool(reactor)
             http = HTTPClient(Agent(reactor, pool=pool))
         spotify = SpotifyOAuth(config.spotify, http, reactor)
-    store = StoreService(open_store(config, reactor))
-    relay = Relay(
-        reactor if clock is None else clock,
-        store.store,
-        spotify=spotify,
-        pairing=PairingSettings(public_url=config.public_url, legacy_state=config.legacy_spotify_state,
-                                pkce=config.spotify_pkce),
-        replay_limit=config.replay_limit,
-        retention=config.retention_days * DAY,
-        crew_ttl=config.crew_ttl_days * DAY,
-        limits=config.relay_limits,
-        legacy_replay_age=config.legacy_replay_age,
-        ephemeral_age=config.ephemeral_age,
-        bind_timeout=config.bind_timeout,
-        presence_grace=config.presence_grace,
-        crew_log_bytes=config.crew_log_bytes,
-        store_queue_bytes=config.store_queue_bytes,
-    )
+    sealer = open_sealer(config) if config.store != "memory" else Sealer()
+    store = StoreService(open_store(config, reactor, sealer))
+    try:
+        relay = _relay(config, reactor, clock, store, spotify, sealer)
+    except SealError:
+        store.store.close()
+        raise StartupError(
+            f"the secrets key file {key_file(config)} does not open the Spotify tokens in the database: it is not "
+            "the key they were encrypted with; restore the right one (README.rst, 'The secrets key')") from None
+
     proxies = TrustedProxies(config.trusted_proxies)
     ws_factory = RelayServerFactory(relay, config.limits, proxies, OriginPolicy(config.public_url), reactor)
     # One count of connections per address for the public and redirect sites.

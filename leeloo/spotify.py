@@ -264,6 +264,45 @@ class SpotifyOAuth:
         return [r for r in (track_result(item) for item in items) if r is not None]
 
     @inlineCallbacks
+    def currently_playing(self, access_token: str) -> Deferred:
+        """
+        What the user of C{access_token} is playing: Spotify's
+        C{/v1/me/player/currently-playing}.
+
+        @return: a L{Deferred} firing with a L{track_result}, or C{None}
+            when nothing plays (Spotify's 204, or an C{item} of null: an ad,
+            a podcast episode); or failing with L{SpotifyError}
+            (C{"invalid_token"} with status 401 when the access token is no
+            longer good, L{SpotifyRateLimited}).
+        """
+        url = self.config.api_url.rstrip("/") + "/v1/me/player/currently-playing"
+        response, body = yield self._fetch(
+            self._http.get, url,
+            headers={"Authorization": "Bearer " + access_token, "Accept": "application/json"},
+        )
+        if response.code == 204:
+            return None
+        if response.code == 429:
+            raise SpotifyRateLimited(retry_after_of(response))
+        if response.code != 200:
+            error = SpotifyError("invalid_token" if response.code == 401 else
+                                 "server_error" if response.code >= 500 else
+                                 "insufficient_scope" if response.code == 403 else "bad_request",
+                                 f"Spotify's player answered HTTP {response.code}")
+            error.status = response.code
+            raise error
+        try:
+            answer = json.loads(body) if body.strip() else {}
+            if not isinstance(answer, dict):
+                raise TypeError(answer)
+        except (ValueError, TypeError):
+            raise SpotifyError("invalid_response", "Spotify's player answer could not be read") from None
+        item = answer.get("item")
+        if item is None or answer.get("currently_playing_type", "track") != "track":
+            return None
+        return track_result(item)
+
+    @inlineCallbacks
     def _fetch(self, method: Any, url: str, **kwargs: Any) -> Deferred:
         """
         C{method} (treq's get or post) of C{url}: fires with the response and

@@ -23,12 +23,15 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from leeloo.sealing import is_sealed
+
 from leeloo.store import (
     APPEND,
     DELETE_CREW,
     DELETE_DEVICE,
     DELETE_MEMBER,
     DELETE_MULTI_CREW,
+    DELETE_GRANT,
     DELETE_TOKEN,
     PUT_ALIAS,
     PUT_BOT_USER,
@@ -36,6 +39,7 @@ from leeloo.store import (
     PUT_DEVICE,
     PUT_MEMBER,
     PUT_MULTI_CREW,
+    PUT_GRANT,
     PUT_TOKEN,
     RENAME_CREW,
     BotUserRecord,
@@ -50,6 +54,7 @@ from leeloo.store import (
     Sequences,
     Snapshot,
     StoreError,
+    GrantRecord,
     TokenRecord,
     _replay_window,
     encode_tokens,
@@ -173,6 +178,17 @@ MIGRATIONS = [
         crew_code TEXT NOT NULL REFERENCES crews(code) ON DELETE CASCADE
     );
     """,
+    # 9: Spotify tokens encrypted at rest (issue 20): the grants the relay
+    # holds with their owner's consent, whether a pairing offered and got
+    # that consent, and every pending token row of an earlier release sealed
+    # with the secrets key (see _seal_pending_tokens).
+    """
+    CREATE TABLE spotify_grants (
+        device_id TEXT PRIMARY KEY,
+        sealed TEXT NOT NULL
+    );
+    ALTER TABLE pairings ADD COLUMN keep INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -187,10 +203,34 @@ def schema_version(db: sqlite3.Connection) -> int:
     return db.execute("PRAGMA user_version").fetchone()[0]
 
 
-def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+def _seal_pending_tokens(db: sqlite3.Connection, sealer: Any) -> None:
+    """
+    Migration 9's rows: seal each pending token an earlier release kept in
+    the clear.
+
+    @raise SchemaError: there are some, and no key to seal them with.
+    """
+    rows = [(device, json.loads(tokens)) for device, tokens in
+            db.execute("SELECT device_id, tokens FROM pending_tokens")]
+    plain = [(device, tokens) for device, tokens in rows if not is_sealed(tokens)]
+    # The rows' old bytes are overwritten, not left in free pages.
+    db.execute("PRAGMA secure_delete = ON")
+    if plain and sealer is None:
+        raise SchemaError(f"{len(plain)} pending Spotify token(s) must be encrypted, and no secrets key was given")
+    for device, tokens in plain:
+        db.execute("UPDATE pending_tokens SET tokens = ? WHERE device_id = ?",
+                   (encode_tokens(sealer.seal_tokens(tokens)), device))
+
+
+# What runs after a migration's script, in its transaction.
+_AFTER = {9: _seal_pending_tokens}
+
+
+def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION, sealer: Any = None) -> int:
     """
     Bring C{db}'s schema up to C{target}, one version per transaction;
-    return the version it started at.
+    return the version it started at.  C{sealer} (L{leeloo.sealing.Sealer})
+    encrypts the rows migration 9 finds in the clear.
     """
     start = current = schema_version(db)
     if current > SCHEMA_VERSION:
@@ -204,6 +244,9 @@ def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
         try:
             for statement in filter(str.strip, script.split(";")):
                 db.execute(statement)
+            after = _AFTER.get(current + 1)
+            if after is not None:
+                after(db, sealer)
             db.execute(f"PRAGMA user_version = {current + 1}")
             db.execute("COMMIT")
         except BaseException:
@@ -241,7 +284,8 @@ def _connect(path: Path, fsync: bool, busy_timeout: float = BUSY_TIMEOUT) -> sql
     return db
 
 
-_INDEXED = frozenset({PUT_CREW, DELETE_CREW, PUT_DEVICE, DELETE_DEVICE, PUT_TOKEN, DELETE_TOKEN, RENAME_CREW})
+_INDEXED = frozenset({PUT_CREW, DELETE_CREW, PUT_DEVICE, DELETE_DEVICE, PUT_TOKEN, DELETE_TOKEN, RENAME_CREW,
+                      PUT_GRANT, DELETE_GRANT})
 
 
 def _find_crew(db: Any, code: str) -> Snapshot | None:
@@ -315,7 +359,20 @@ def read_log(db: sqlite3.Connection, code: str) -> Iterator[LogEntry]:
 
 
 _PAIRING_COLUMNS = ("user_code, device_id, device_name, crew_code, scopes, created_at, expires_at, "
-                    "state_hash, cookie_hash, verifier")
+                    "state_hash, cookie_hash, verifier, keep")
+# The pairings' keep column: 0 not offered, 1 offered, 2 offered and consented.
+
+
+def _pairing(row: tuple) -> PairingRecord:
+    *fields, keep = row
+    return PairingRecord(*fields, keep_offered=keep >= 1, keep=keep >= 2)
+
+
+def _find_grant(db: Any, device_id: str) -> GrantRecord | None:
+    for device, sealed in db.execute("SELECT device_id, sealed FROM spotify_grants WHERE device_id = ?",
+                                     (device_id,)):
+        return GrantRecord(device, sealed)
+    return None
 
 
 def _load(db: sqlite3.Connection) -> Snapshot:
@@ -340,8 +397,9 @@ def _load(db: sqlite3.Connection) -> Snapshot:
         for device, key_hash, bound, created, seen in db.execute(
             "SELECT device_id, key_hash, bound, created_at, last_seen FROM devices")
     ]
-    snapshot.pairings = [PairingRecord(*row) for row in db.execute(
+    snapshot.pairings = [_pairing(row) for row in db.execute(
         f"SELECT {_PAIRING_COLUMNS} FROM pairings")]
+    snapshot.grants = [GrantRecord(*row) for row in db.execute("SELECT device_id, sealed FROM spotify_grants")]
     snapshot.multi_crew = [
         MultiCrewRecord(device, tuple(json.loads(crews)), primary)
         for device, crews, primary in db.execute(
@@ -402,6 +460,9 @@ _STATEMENTS: dict[str, tuple[str, Callable[[Any], tuple]]] = {
         lambda t: (t.device_id, encode_tokens(t.tokens), t.expires_at),
     ),
     DELETE_TOKEN: ("DELETE FROM pending_tokens WHERE device_id = ?", lambda device_id: (device_id,)),
+    PUT_GRANT: ("INSERT OR REPLACE INTO spotify_grants (device_id, sealed) VALUES (?, ?)",
+                lambda g: (g.device_id, g.sealed)),
+    DELETE_GRANT: ("DELETE FROM spotify_grants WHERE device_id = ?", lambda device_id: (device_id,)),
     PUT_DEVICE: (
         "INSERT OR REPLACE INTO devices (device_id, key_hash, bound, created_at, last_seen) "
         "VALUES (?, ?, ?, ?, ?)",
@@ -453,7 +514,7 @@ def _append_many(cursor: Any, rows: list[tuple]) -> None:
 # rank, so that a retried delete still comes before a later put.  A
 # reconnect storm's batch is then a few statements, not three per device.
 _RANK = {PUT_CREW: 0, PUT_DEVICE: 1, PUT_MEMBER: 2, DELETE_MEMBER: 2, PUT_BOT_USER: 3, APPEND: 4,
-         PUT_TOKEN: 5, DELETE_TOKEN: 5, PUT_MULTI_CREW: 6, DELETE_MULTI_CREW: 6}
+         PUT_TOKEN: 5, DELETE_TOKEN: 5, PUT_MULTI_CREW: 6, DELETE_MULTI_CREW: 6, PUT_GRANT: 7, DELETE_GRANT: 7}
 
 
 def _write(cursor: Any, ops: list) -> None:
@@ -522,9 +583,9 @@ def _trim(cursor: Any, crew_code: str, max_bytes: int, keep: int) -> tuple[int, 
 
 def _put_pairing(cursor: Any, r: PairingRecord) -> None:
     cursor.execute(
-        f"INSERT OR REPLACE INTO pairings ({_PAIRING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT OR REPLACE INTO pairings ({_PAIRING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (r.user_code, r.device_id, r.device_name, r.crew_code, r.scopes, r.created_at, r.expires_at,
-         r.state_hash, r.cookie_hash, r.verifier))
+         r.state_hash, r.cookie_hash, r.verifier, 2 if r.keep else 1 if r.keep_offered else 0))
 
 
 def _delete_pairing(cursor: Any, user_code: str) -> None:
@@ -564,19 +625,22 @@ class SQLiteStore:
     @param fsync: make every commit survive a power cut (synchronous=FULL);
         by default commits survive a crash of the process (WAL with
         synchronous=NORMAL).
+    @param sealer: a L{leeloo.sealing.Sealer}, with which migration 9 seals
+        the pending tokens an earlier release kept in the clear (only then
+        is it used: the rows are opaque to this store).
     @param busy_timeout: seconds a statement waits for another connection's
         lock before the operation fails with L{StoreError}.
     """
 
     def __init__(self, directory: Path | str, reactor: Any, fsync: bool = False,
-                 busy_timeout: float = BUSY_TIMEOUT) -> None:
+                 busy_timeout: float = BUSY_TIMEOUT, sealer: Any = None) -> None:
         self.path = Path(directory) / DATABASE_NAME
         self.fsync = fsync
         for suffix in ("", "-wal", "-shm"):
             _private_file(Path(f"{self.path}{suffix}"))
         db = _connect(self.path, fsync, busy_timeout)
         try:
-            start = migrate(db)
+            start = migrate(db, sealer=sealer)
             if start != SCHEMA_VERSION:
                 _log.info("database schema migrated from version {start} to {version}",
                           start=start, version=SCHEMA_VERSION)
@@ -588,6 +652,7 @@ class SQLiteStore:
         self._crew_codes = {c.code for c in self._snapshot.crews}
         self._device_ids = {d.device_id for d in self._snapshot.devices}
         self._token_ids = {t.device_id for t in self._snapshot.tokens}
+        self._grant_ids = {g.device_id for g in self._snapshot.grants}
         self._closed = False
         self._written = False
         self._truncated = False
@@ -690,6 +755,10 @@ class SQLiteStore:
                 self._token_ids.add(arg.device_id)
             elif kind == DELETE_TOKEN:
                 self._token_ids.discard(arg)
+            elif kind == PUT_GRANT:
+                self._grant_ids.add(arg.device_id)
+            elif kind == DELETE_GRANT:
+                self._grant_ids.discard(arg)
         return result
 
     def find_crew(self, code: str) -> Deferred | None:
@@ -713,6 +782,11 @@ class SQLiteStore:
         if device_id not in self._token_ids:
             return None
         return self._run(_find_token, device_id)
+
+    def find_grant(self, device_id: str) -> Deferred | None:
+        if device_id not in self._grant_ids:
+            return None
+        return self._run(_find_grant, device_id)
 
     def _write_with(self, interaction: Any, *args: Any) -> Deferred:
         self._written = True

@@ -79,6 +79,18 @@ class TokenRecord:
 
 
 @dataclass(slots=True)
+class GrantRecord:
+    """
+    The Spotify access the relay holds for a device with its owner's
+    consent (issue 20): C{sealed} is ciphertext (L{leeloo.sealing}), opaque
+    to the engine, which keeps it unchanged.
+    """
+
+    device_id: str
+    sealed: str = field(repr=False)
+
+
+@dataclass(slots=True)
 class DeviceRecord:
     """
     A device id's key: only its hash is kept.  C{bound} once the device
@@ -113,6 +125,10 @@ class PairingRecord:
     state_hash: str | None = None
     cookie_hash: str | None = None
     verifier: str | None = field(default=None, repr=False)
+    # The device offered to let the relay keep the access (issue 20), and
+    # the phone's box said yes.
+    keep_offered: bool = False
+    keep: bool = False
 
 
 @dataclass(slots=True)
@@ -145,6 +161,9 @@ class Snapshot:
     members: list[MemberRecord] = field(default_factory=list)
     bot_users: list[BotUserRecord] = field(default_factory=list)
     tokens: list[TokenRecord] = field(default_factory=list)
+    # The Spotify grants the store holds (read at start to check the
+    # secrets key opens them; the core looks each up, ITokenStore.find_grant).
+    grants: list[GrantRecord] = field(default_factory=list)
     devices: list[DeviceRecord] = field(default_factory=list)
     last_seq: dict[str, int] = field(default_factory=dict)
     last_message_at: dict[str, float] = field(default_factory=dict)
@@ -182,6 +201,8 @@ APPEND = "append"  # LogEntry
 PUT_DEVICE = "device"  # DeviceRecord
 DELETE_DEVICE = "delete_device"  # device id
 PUT_MULTI_CREW = "multi_crew"  # MultiCrewRecord
+PUT_GRANT = "grant"  # GrantRecord
+DELETE_GRANT = "delete_grant"  # device id
 DELETE_MULTI_CREW = "delete_multi_crew"  # device id
 # (old code, new code): the crew moves with its members, bot users and log;
 # the old code becomes an alias of the new one (see Snapshot.aliases).
@@ -276,6 +297,12 @@ class ITokenStore(Interface):
     def find_token(device_id: str) -> Deferred:
         """
         The L{TokenRecord} parked for C{device_id}, or C{None}.
+        """
+
+    def find_grant(device_id: str) -> Deferred:
+        """
+        The L{GrantRecord} the relay holds for C{device_id}, or C{None}
+        (a value or a Deferred of one).
         """
 
 
@@ -440,6 +467,7 @@ class MemoryStore:
         self.members: dict[tuple[str, str], MemberRecord] = {}
         self.bot_users: dict[tuple[str, str], BotUserRecord] = {}
         self.tokens: dict[str, TokenRecord] = {}
+        self.grants: dict[str, GrantRecord] = {}
         self.devices: dict[str, DeviceRecord] = {}
         self.multi_crew: dict[str, MultiCrewRecord] = {}
         self.log: dict[str, list[LogEntry]] = {}
@@ -458,6 +486,7 @@ class MemoryStore:
             members=[MemberRecord(**_fields(m)) for m in self.members.values()],
             bot_users=list(self.bot_users.values()),
             tokens=list(self.tokens.values()),
+            grants=list(self.grants.values()),
             devices=list(self.devices.values()),
             pairings=list(self.pairings.flows.values()),
             multi_crew=list(self.multi_crew.values()),
@@ -514,6 +543,9 @@ class MemoryStore:
 
     def find_token(self, device_id: str) -> TokenRecord | None:
         return self.tokens.get(device_id)
+
+    def find_grant(self, device_id: str) -> GrantRecord | None:
+        return self.grants.get(device_id)
 
     def find_sent(self, crew_code: str, sender: str, client_msg_id: str) -> LogEntry | None:
         entry = self._sent.get((crew_code, sender, client_msg_id))
@@ -584,6 +616,12 @@ class MemoryStore:
         elif kind == DELETE_TOKEN:
             undo.append(_restorer(self.tokens, arg))
             self.tokens.pop(arg, None)
+        elif kind == PUT_GRANT:
+            undo.append(_restorer(self.grants, arg.device_id))
+            self.grants[arg.device_id] = arg
+        elif kind == DELETE_GRANT:
+            undo.append(_restorer(self.grants, arg))
+            self.grants.pop(arg, None)
         elif kind == APPEND:
             self._check_crew(arg.crew_code)
             entries = self.log.get(arg.crew_code)

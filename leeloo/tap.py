@@ -82,6 +82,8 @@ class Config:
     fsync: bool = False
     # --redis: the Redis store (store is then "redis").
     redis: RedisSettings | None = None
+    # None: DATA_DIR/secrets.key.
+    secrets_key_file: Path | None = None
     replay_limit: int = 50
     retention_days: float = 7.0
     crew_ttl_days: float = 90.0
@@ -505,6 +507,9 @@ class Options(usage.Options):
     optParameters = _named([
         ["data-dir", "d", DEFAULT_DATA_DIR, "Directory the relay keeps its state in (created 0700)."],
         ["env-file", "e", None, "KEY=VALUE file of settings; the environment wins over it."],
+        ["secrets-key-file", None, None,
+         "The key that encrypts the Spotify tokens the relay keeps (default DATA_DIR/secrets.key, "
+         "created 0600 on first start); the same file for every node sharing one store. Back it up."],
         ["acme-webroot", None, None,
          "Directory whose .well-known/acme-challenge/ the --redirect-listen endpoints serve "
          "(certbot certonly --webroot -w DIR)."],
@@ -728,6 +733,7 @@ class Options(usage.Options):
             store="redis" if redis is not None else self["store"] or "sqlite",
             fsync=bool(self["fsync"]),
             redis=redis,
+            secrets_key_file=Path(self["secrets-key-file"]) if self["secrets-key-file"] else None,
             replay_limit=self["replay-limit"],
             retention_days=self["retention-days"],
             crew_ttl_days=self["crew-ttl-days"],

@@ -253,6 +253,17 @@ class FakeSpotifyAccounts(Resource):
     parameters.  C{rate_limit} (seconds) answers every request 429 with
     that C{Retry-After}; C{slow} leaves every request unanswered (kept in
     C{held}); C{fail_with} fails searches too.
+
+    And the player: ``GET /v1/me/player/currently-playing`` with
+    C{Authorization: Bearer} of a user's live access token (one that a code
+    exchange or a refresh answered, or the test put in C{user_tokens}; else
+    401), answering C{playing}: C{None} is Spotify's 204 (nothing plays),
+    else that JSON (L{currently_playing} builds Spotify's shape, with an
+    C{item} of null for an ad).  C{player_requests} holds each request's
+    C{authorization}.  With C{rotate}, each refresh answers a new refresh
+    token (C{fake-refresh-rotated-N}, with access token
+    C{fake-access-refreshed-N}) and the one spent is refused from then on
+    (C{invalid_grant}), as Spotify's rotation does.
     """
 
     isLeaf = True
@@ -283,6 +294,11 @@ class FakeSpotifyAccounts(Resource):
         self.rate_limit: int | None = None
         self.slow = False
         self.held: list[Request] = []
+        self.user_tokens: set[str] = set()
+        self.playing: dict | None = None
+        self.player_requests: list[str] = []
+        self.rotate = False
+        self._rotated = 0
 
     def _json(self, request: Request, status: int, body: dict) -> bytes:
         request.setResponseCode(status)
@@ -319,9 +335,42 @@ class FakeSpotifyAccounts(Resource):
         items = self.catalog.get(query["q"], [])[:limit]
         return self._json(request, 200, {"tracks": {"href": "x", "items": items, "limit": limit, "total": len(items)}})
 
+    def _player(self, request: Request) -> bytes:
+        authorization = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        self.player_requests.append(authorization)
+        held = self._hold_or_limit(request)
+        if held is not None:
+            return held
+        if self.fail_with is not None:
+            request.setResponseCode(self.fail_with)
+            return b"<html>upstream trouble</html>"
+        if not authorization.startswith("Bearer ") or authorization[7:] not in self.user_tokens:
+            return self._json(request, 401, {"error": {"status": 401, "message": "The access token expired"}})
+        if self.playing is None:
+            request.setResponseCode(204)
+            return b""
+        return self._json(request, 200, self.playing)
+
+    def _refresh_answer(self, refresh_token: str) -> dict | None:
+        answer = self.refreshable.get(refresh_token)
+        if answer is None:
+            return None
+        if self.rotate:
+            self._rotated += 1
+            del self.refreshable[refresh_token]
+            answer = {"access_token": f"fake-access-refreshed-{self._rotated}",
+                      "refresh_token": f"fake-refresh-rotated-{self._rotated}",
+                      "expires_in": answer.get("expires_in", 3600)}
+            self.refreshable[answer["refresh_token"]] = dict(answer)
+        if isinstance(answer.get("access_token"), str):
+            self.user_tokens.add(answer["access_token"])
+        return answer
+
     def render_GET(self, request: Request) -> bytes:
         if request.postpath == [b"v1", b"search"]:
             return self._search(request)
+        if request.postpath == [b"v1", b"me", b"player", b"currently-playing"]:
+            return self._player(request)
         if request.postpath == [b"api", b"token"]:
             request.setResponseCode(405)
             request.setHeader(b"allow", b"POST")
@@ -394,7 +443,7 @@ class FakeSpotifyAccounts(Resource):
         if (content_type or b"").split(b";")[0].strip() != b"application/x-www-form-urlencoded":
             return self._error(request, 400, "invalid_request", "form body expected")
         if form.get("grant_type") == "refresh_token":
-            answer = self.refreshable.get(form.get("refresh_token", ""))
+            answer = self._refresh_answer(form.get("refresh_token", ""))
             if answer is None:
                 return self._error(request, 400, "invalid_grant", "Invalid refresh token")
             return self._json(request, 200, {"token_type": "Bearer", **answer})
@@ -422,6 +471,8 @@ class FakeSpotifyAccounts(Resource):
         self.challenges.pop(form["code"], None)
         if tokens is None:
             return self._error(request, 400, "invalid_grant", "Invalid authorization code")
+        if isinstance(tokens.get("access_token"), str):
+            self.user_tokens.add(tokens["access_token"])
         return self._json(
             request, 200, {"token_type": "Bearer", "scope": "user-read-playback-state", **tokens}
         )
@@ -444,6 +495,16 @@ class FakeSpotifyAccounts(Resource):
 def _s256(verifier: str) -> str:
     digest = hashlib.sha256(verifier.encode("ascii")).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def currently_playing(item: dict | None, kind: str = "track") -> dict:
+    """
+    Spotify's C{/v1/me/player/currently-playing} answer: C{item} (a track
+    as L{spotify_track} gives it, or C{None}: an ad, C{kind} C{"ad"}).
+    """
+    return {"timestamp": 1700000000000, "progress_ms": 42000, "is_playing": True,
+            "currently_playing_type": kind, "item": item, "context": None,
+            "actions": {"disallows": {"resuming": True}}}
 
 
 def strip_keys(received: list) -> list:

@@ -478,7 +478,8 @@ class PairPage(Resource):
         except PairingProblem as e:
             return write_html(request, *_problem_page(e))
         action = "/pair/" + view.user_code.replace("-", "")
-        return write_html(request, 200, pages.pair(view.user_code, view.device_name, view.crew_code, action))
+        return write_html(request, 200, pages.pair(view.user_code, view.device_name, view.crew_code, action,
+                                                   view.keep_offered))
 
     render_HEAD = render_GET
 
@@ -503,7 +504,9 @@ class PairPage(Resource):
             failure.trap(PairingProblem)
             respond(*_problem_page(failure.value))
 
-        d = self.relay.pairing.consent(self._code(request))
+        # The consent box: ticked, a browser sends keep=yes; unticked, nothing.
+        keep = (request.args.get(b"keep") or [b""])[0] == b"yes"
+        d = self.relay.pairing.consent(self._code(request), keep)
         d.addCallbacks(consented, failed)
         d.addErrback(lambda f: (self.log.failure("bug while pressing a pairing button", f),
                                 respond(500, pages.pair_problem("unavailable"))))

@@ -168,7 +168,7 @@ class SQLitePairingsTests(PairingsContract, TestCase):
         self.assertEqual(schema_version(db), SCHEMA_VERSION)
         columns = [row[1] for row in db.execute("PRAGMA table_info(pairings)")]
         self.assertEqual(columns, ["user_code", "device_id", "device_name", "crew_code", "scopes", "created_at",
-                                   "expires_at", "state_hash", "cookie_hash", "verifier"])
+                                   "expires_at", "state_hash", "cookie_hash", "verifier", "keep"])
 
 
 class RestartTests(TestCase):

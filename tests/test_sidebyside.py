@@ -48,6 +48,18 @@ class RatioTests(SynchronousTestCase):
         self.assertIn("N=2,000: 0.75  >= 1.5: NOT met", text)
         self.assertIn("not every target met", text)
 
+    def test_cpu_per_delivery(self):
+        """
+        The CPU figure is the relay's CPU seconds over the phase per 1,000
+        deliveries it made, lower being better, with no target.
+        """
+        root = Path(self.mktemp())
+        self.write(root, "cpu2k", "node", {"received_deliveries": 40000, "whole": {"server_cpu_s": 4.0}})
+        self.write(root, "cpu2k", "relay", {"received_deliveries": 40000, "whole": {"server_cpu_s": 6.0}})
+        text = self.report(root)
+        self.assertIn("CPU per 1,000 deliveries at 4,000 deliveries/s, N=2,000: 1.50  \n", text)
+        self.assertIn("Node 100 ms, this relay 150 ms", text)
+
     def test_failed_run(self):
         """
         A storm in which a device failed has no figure, and misses its

@@ -15,6 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
+from leeloo.sealing import Sealer
 from leeloo.sqlitestore import (
     DATABASE_NAME,
     JOURNAL_SIZE_LIMIT,
@@ -58,6 +59,9 @@ class SQLiteTestCase(TestCase):
         return path
 
     def open(self, directory=None, **kwargs):
+        # Every test's store has a secrets key (migration 9 seals the tokens
+        # an earlier release kept in the clear).
+        kwargs.setdefault("sealer", Sealer())
         store = SQLiteStore(directory if directory is not None else self.directory(), reactor, **kwargs)
         self.addCleanup(self.close, store)
         return store
@@ -204,19 +208,22 @@ class MigrationTests(SQLiteTestCase):
         """
         A version 1 database is migrated to the current version and its
         crew, member (with nothing delivered or acknowledged, offline), bot
-        user and token load.
+        user and token load (the token sealed by migration 9).
         """
         directory = self.version_1()
-        snapshot = self.open(directory).load()
+        sealer = Sealer()
+        snapshot = self.open(directory, sealer=sealer).load()
         self.assertEqual(schema_version(self.connect(directory)), SCHEMA_VERSION)
+        [token] = snapshot.tokens
         self.assertEqual(
-            (snapshot.crews, snapshot.members, snapshot.bot_users, snapshot.tokens, snapshot.last_seq),
+            (snapshot.crews, snapshot.members, snapshot.bot_users, snapshot.last_seq),
             ([CrewRecord(ALPHA, T0, "leeloo_a")],
              [MemberRecord(ALPHA, "leeloo_a", "Ann", T0 + 1, 0, None, False)],
              [BotUserRecord(ALPHA, "42", "Bob")],
-             [TokenRecord("leeloo_b", {"access_token": "at"}, T0 + 600)],
              {}),
         )
+        self.assertEqual((token.device_id, sealer.open_tokens(token.tokens), token.expires_at),
+                         ("leeloo_b", {"access_token": "at"}, T0 + 600))
 
     @inlineCallbacks
     def test_migrated_log(self):

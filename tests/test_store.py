@@ -13,6 +13,9 @@ from zope.interface.verify import verifyObject
 
 from leeloo.sqlitestore import SQLiteStore
 from leeloo.store import (
+    DELETE_GRANT,
+    PUT_GRANT,
+    GrantRecord,
     APPEND,
     DELETE_CREW,
     DELETE_DEVICE,
@@ -903,6 +906,33 @@ class StoreContract:
         self.assertIsNone((yield self.store.find_token("leeloo_b")))
         yield self.store.write([(DELETE_TOKEN, "leeloo_a")])
         self.assertIsNone((yield self.store.find_token("leeloo_a")))
+
+    @contract
+    def test_find_grant(self):
+        """
+        find_grant gives the sealed grant held for a device id, unchanged (a
+        put again replaces it), and None once it is deleted or for an id
+        with none.
+        """
+        yield self.store.write([(PUT_GRANT, GrantRecord("leeloo_a", "gAAAA-old-ciphertext"))])
+        yield self.store.write([(PUT_GRANT, GrantRecord("leeloo_a", "gAAAA-new-ciphertext"))])
+        self.assertEqual((yield self.store.find_grant("leeloo_a")), GrantRecord("leeloo_a", "gAAAA-new-ciphertext"))
+        self.assertIsNone((yield self.store.find_grant("leeloo_b")))
+        yield self.store.write([(DELETE_GRANT, "leeloo_a"), (DELETE_GRANT, "leeloo_zz")])
+        self.assertIsNone((yield self.store.find_grant("leeloo_a")))
+
+    @contract
+    def test_grants_after_restart(self):
+        """
+        Grants survive a restart: the snapshot lists them, and find_grant
+        still gives each.
+        """
+        yield self.store.write([(PUT_GRANT, GrantRecord("leeloo_a", "sealed-a")),
+                                (PUT_GRANT, GrantRecord("leeloo_b", "sealed-b")),
+                                (DELETE_GRANT, "leeloo_b")])
+        snapshot = yield self.restart()
+        self.assertEqual(snapshot.grants, [GrantRecord("leeloo_a", "sealed-a")])
+        self.assertEqual((yield self.store.find_grant("leeloo_a")), GrantRecord("leeloo_a", "sealed-a"))
 
     @contract
     def test_find_sent(self):

@@ -28,8 +28,10 @@ from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate as TwistedCertificate, optionsForClientTLS
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
@@ -654,6 +656,24 @@ class ChallengeSiteTests(SynchronousTestCase):
 TOOLS = ("pebble", "pebble-challtestsrv")
 
 
+@inlineCallbacks
+def until_listening(port: int, attempts: int = 200, every: float = 0.05):
+    """
+    Fire once something accepts connections on loopback C{port}: a server
+    that says so only before it listens gives no other event to wait for.
+    """
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    for _ in range(attempts):
+        try:
+            connected = yield endpoint.connect(Factory.forProtocol(Protocol))
+        except ConnectError:
+            yield deferLater(reactor, every, lambda: None)
+        else:
+            connected.transport.abortConnection()
+            return
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
 class Pebble:
     """
     Debian's pebble on free loopback ports with its DNS stub answering
@@ -706,6 +726,9 @@ class Pebble:
         self.server = yield self.spawn(b"ACME directory available at", [
             "pebble", "-config", str(self.tmp / "pebble.json"), "-dnsserver", f"127.0.0.1:{self.dns_port}",
         ], env={"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"})
+        # Pebble logs each address before its goroutine listens there.
+        yield until_listening(self.port)
+        yield until_listening(self.management)
         context = ssl.create_default_context(cafile=str(self.ca_bundle))
         self.root_pem = yield deferToThread(
             lambda: urllib.request.urlopen(f"https://127.0.0.1:{self.management}/roots/0", context=context).read())

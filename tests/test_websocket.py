@@ -975,7 +975,8 @@ class CompactTests(WebSocketTestCase):
         """
         Every attribute left to the class is one Autobahn sets on a
         connection (a name it renames fails here), to its idle value once
-        a device has registered; so do the masker, transport description
+        a device has registered (in a message its frame parser takes); so
+        do the masker, transport description
         and send queue the relay replaces.
         """
         from leeloo.websocket import _BETWEEN_MESSAGES, _IDLE_DEFAULTS, _SendQueue
@@ -991,7 +992,11 @@ class CompactTests(WebSocketTestCase):
             compact()
 
         server._compact = recording
-        self.send(client, type="register", device_id="d0", crew_code="ALPHA")
+        # In several frames: Autobahn's own parser takes it (a whole
+        # message in one frame skips it, WholeMessageTests) and sets all.
+        client.sendMessage(json.dumps({"type": "register", "device_id": "d0", "crew_code": "ALPHA"}).encode(),
+                           fragmentSize=7)
+        self.net.flush()
         for name in [*_IDLE_DEFAULTS, *_BETWEEN_MESSAGES, "_transport_details", "_valid_events", "_results"]:
             self.assertIn(name, before, name)
         for name in _BETWEEN_MESSAGES:
@@ -1026,6 +1031,154 @@ class CompactTests(WebSocketTestCase):
         self.assertTrue(server.wasClean)
         self.assertEqual(server.remoteCloseCode, 1000)
         self.assertEqual(self.relay.stats().sessions, 1)
+
+
+def _frame(payload: bytes, opcode: int = 1, fin: bool = True, masked: bool = True, rsv: int = 0,
+           long_length: bool = False) -> bytes:
+    """
+    One client-to-server frame as a device sends it (masked), or broken as
+    asked.
+    """
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    n = len(payload)
+    bit = 0x80 if masked else 0
+    if n < 126 and not long_length:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([bit | 127]) + n.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    mask = b"\x5a\x13\xc4\x07"
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class WholeMessageTests(WebSocketTestCase):
+    """
+    A whole message in one masked frame (what devices send) reaches the
+    relay without Autobahn's frame parser; everything else still goes
+    through it, in order, with its errors.  These pin the Autobahn state
+    the short path reads and sets.
+    """
+
+    limits = WebSocketLimits(max_message_size=300)
+
+    def setUp(self):
+        super().setUp()
+        from autobahn.websocket.protocol import WebSocketProtocol
+
+        self.parsed = []
+        parse = WebSocketProtocol.processData
+
+        def counted(protocol):
+            if isinstance(protocol, RelayServerProtocol):
+                self.parsed.append(protocol)
+            return parse(protocol)
+
+        self.patch(WebSocketProtocol, "processData", counted)
+
+    def test_single_frame_messages_skip_autobahns_parser(self):
+        """
+        Single-frame text and binary messages, several in one read, are
+        handled in order without Autobahn's parser.
+        """
+        [client] = self.registered(1)
+        server = self.net.pumps[-1].serverIO.protocol
+        del self.parsed[:]
+        server.dataReceived(_frame(b'{"type": "ping"}') + _frame(b'{"type": "crews"}') + _frame(b"\x00", 2))
+        self.net.flush()
+        self.assertEqual([m["type"] for m in client.take()], ["pong", "crews", "error"])
+        self.assertEqual(self.parsed, [])
+
+    def test_a_message_restarts_the_ping_timeout(self):
+        """
+        A message is proof of life, as Autobahn counts any data frame: it
+        ends the wait for the pong of the last auto-ping.
+        """
+        [client] = self.registered(1)
+        server = self.net.pumps[-1].serverIO.protocol
+        self.assertTrue(server.autoPingRestartOnAnyTraffic)
+        server._sendAutoPing()
+        self.assertIsNotNone(server.autoPingTimeoutCall)
+        server.dataReceived(_frame(b'{"type": "ping"}'))
+        self.assertIsNone(server.autoPingTimeoutCall)
+        self.assertEqual(self.parsed, [])
+
+    def test_other_frames_go_to_autobahn_in_order(self):
+        """
+        A control frame, a fragmented message and a frame split across
+        reads go through Autobahn's parser, and nothing overtakes them.
+        """
+        [client] = self.registered(1)
+        server = self.net.pumps[-1].serverIO.protocol
+        crews = _frame(b'{"type": "crews"}')
+        server.dataReceived(_frame(b'{"type": "ping"}') + _frame(b"mark", 9) + crews
+                            + _frame(b'{"type": ', fin=False) + _frame(b'"ping"}', 0) + crews[:5])
+        self.assertNotEqual(self.parsed, [])
+        server.dataReceived(crews[5:] + _frame(b'{"type": "ping"}'))
+        self.net.flush()
+        self.assertEqual([m["type"] for m in client.take()], ["pong", "crews", "pong", "crews", "pong"])
+
+    def test_autobahns_errors_stand(self):
+        """
+        What a device must not send is failed as Autobahn fails it: invalid
+        UTF-8 (1007), an unmasked frame, set reserved bits or a length not
+        minimally encoded (1002), a message over the size limit (1009).
+        """
+        cases = [
+            (_frame(b'{"type": "\xff"}'), 1007),
+            (_frame(b'{"type": "ping"}', masked=False), 1002),
+            (_frame(b'{"type": "ping"}', rsv=4), 1002),
+            (_frame(b'{"type": "ping"}', long_length=True), 1002),
+            (_frame(b"x" * 301), 1009),
+        ]
+        for data, code in cases:
+            client = self.client()
+            server = self.net.pumps[-1].serverIO.protocol
+            server.dataReceived(_frame(b'{"type": "ping"}') + data + _frame(b'{"type": "ping"}'))
+            self.net.flush()
+            self.assertEqual((client.take(), client.close_code), ([{"type": "pong"}], code), data[:12])
+
+    def test_same_as_autobahns_parser(self):
+        """
+        For any frames, cut into reads anywhere, the relay hears the same
+        messages, and ends in the same state, as with Autobahn's parser
+        alone.
+        """
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        payloads = st.binary(max_size=310) | st.text(max_size=120).map(lambda t: t.encode("utf-8"))
+        frames = st.one_of(
+            payloads.map(_frame),
+            payloads.map(lambda p: _frame(p, 2)),
+            st.binary(max_size=125).map(lambda p: _frame(p, 9)),
+            st.tuples(payloads, payloads).map(lambda ps: _frame(ps[0], fin=False) + _frame(ps[1], 0)),
+            st.builds(_frame, payloads, st.sampled_from([0, 1, 2, 3, 8]), st.booleans(), st.booleans(),
+                      st.integers(0, 7), st.booleans()),
+        )
+
+        def run(data, cuts, whole):
+            heard = []
+            client = self.client()
+            server = self.net.pumps[-1].serverIO.protocol
+            if not whole:
+                server._whole_messages = lambda data: data
+            server.onMessage = lambda payload, binary: heard.append((payload, binary))
+            start = 0
+            for cut in sorted(set(cuts)) + [len(data)]:
+                server.dataReceived(data[start:cut])
+                start = cut
+            self.net.flush()
+            return heard, server.state, client.close_code, server.wasClean
+
+        @settings(max_examples=300, deadline=None, database=None)
+        @given(st.lists(frames, max_size=6).map(b"".join), st.lists(st.integers(0, 2000), max_size=4))
+        def same(data, cuts):
+            self.assertEqual(run(data, cuts, True), run(data, cuts, False))
+
+        same()
 
 
 class LostBeforeCloseAnsweredTests(WebSocketTestCase):

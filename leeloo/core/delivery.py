@@ -88,7 +88,7 @@ class Publication:
     """
 
     __slots__ = ("sequences", "crew", "code", "message", "id", "sender", "client_msg_id", "digest", "created_at",
-                 "remembered", "seq", "out")
+                 "remembered", "seq", "out", "answer")
 
     def __init__(self, sequences: Sequences, crew: Crew, message: Fanout, id: str, sender: str,
                  client_msg_id: str | None, digest: bytes | None, created_at: float,
@@ -105,6 +105,8 @@ class Publication:
         self.digest = digest
         self.created_at = created_at
         self.remembered = remembered
+        # Answer the sender sent even without a client_msg_id.
+        self.answer = False
         self.seq = 0
         self.out: Outgoing | None = None
 
@@ -231,12 +233,13 @@ class Delivery:
             crew.client_messages[key] = ClientMessage(entry.id, entry.seq, entry.digest, entry.created_at)
 
     def send(self, session: Session, message: Fanout, client_msg_id: str | None, received: Any,
-             size: int) -> Deferred | None:
+             size: int, answer: bool = False) -> Deferred | None:
         """
         C{session}'s crew message (C{received}, as decoded, about C{size}
         bytes) to the crew it names (its C{crew_code}) or else its primary
         crew, as C{message}; a resend of a C{client_msg_id} already stored
-        is answered C{sent} again (C{None} is returned).
+        is answered C{sent} again (C{None} is returned).  With C{answer}, the
+        sender is answered C{sent} also without a C{client_msg_id}.
         """
         crew = self.crew_of(session, getattr(received, "crew_code", None))
         digest = None
@@ -254,10 +257,11 @@ class Delivery:
                 else:
                     known.waiting.append(session)
                 return None
-        return self.publish(crew, message, session.device_id, session, client_msg_id, digest, size)
+        return self.publish(crew, message, session.device_id, session, client_msg_id, digest, size, answer)
 
     def publish(self, crew: Crew, message: Fanout, sender_id: str, session: Session | None = None,
-                client_msg_id: str | None = None, digest: bytes | None = None, size: int = 0) -> Deferred:
+                client_msg_id: str | None = None, digest: bytes | None = None, size: int = 0,
+                answer: bool = False) -> Deferred:
         """
         Store C{message} (about C{size} bytes) in C{crew}'s log, then fan it
         out to the crew (but C{session}, its sender).  Fires with the number
@@ -277,6 +281,7 @@ class Delivery:
             remembered = crew.client_messages[(sender_id, client_msg_id)] = ClientMessage(
                 message_id, 0, digest, now, [])
         entry = Publication(self.store.sequences, crew, message, message_id, sender_id, client_msg_id, digest, now, remembered)
+        entry.answer = answer
         d = self.journal.put((APPEND, entry), size=size)
         if session is not None and self.journal.backlog > self.store_queue_bytes and session not in self.paused:
             # The store is behind: read no more from this sender until it
@@ -312,6 +317,8 @@ class Delivery:
             for s in [session, *waiting]:
                 if s is not None:
                     s.send(reply)
+        elif entry.answer and session is not None and not session.closing:
+            session.send(messages.Sent(None, entry.id, seq, crew.code))
         return reached
 
     def _not_stored(self, failure: Any, entry: Publication) -> None:

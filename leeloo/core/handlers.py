@@ -34,6 +34,8 @@ from leeloo.messages import (
     ShareMusic,
     SpotifyNotConfigured,
     SpotifyPair,
+    ShareNowPlaying,
+    SpotifyForget,
     SpotifyRefresh,
     SpotifySearch,
     StoreUnavailable,
@@ -44,6 +46,7 @@ from leeloo.store import StoreError
 if TYPE_CHECKING:
     from leeloo.core.admission import Admission
     from leeloo.core.crews import Crew, Crews
+    from leeloo.core.grants import Grants
     from leeloo.core.delivery import Delivery, Fanout
     from leeloo.core.identity import Identity
     from leeloo.core.pairing import Pairings
@@ -58,7 +61,7 @@ _log = Logger()
 class Handlers:
     def __init__(self, store: IStore, journal: Journal, sessions: Sessions, identity: Identity, admission: Admission,
                  crews: Crews, delivery: Delivery, replayer: Replayer, tokens: PendingTokens,
-                 pairing: Pairings) -> None:
+                 pairing: Pairings, grants: Grants | None = None) -> None:
         self.store = store
         self.journal = journal
         self.sessions = sessions
@@ -69,9 +72,10 @@ class Handlers:
         self.replayer = replayer
         self.tokens = tokens
         self.pairing = pairing
-        self.spotify_broker = SpotifyBroker(pairing.clock, lambda: pairing.spotify, sessions.sessions)
+        self.spotify_broker = SpotifyBroker(pairing.clock, lambda: pairing.spotify, sessions.sessions,
+                                            grants=grants)
         self.crew_messages = posted = CrewMessageHandlers(sessions, delivery)
-        self.spotify = spotify = SpotifyHandlers(sessions, pairing, self.spotify_broker)
+        self.spotify = spotify = SpotifyHandlers(sessions, pairing, self.spotify_broker, delivery)
         self.by_type = {
             Register: self.register,
             CreateCrew: self.create_crew,
@@ -84,6 +88,8 @@ class Handlers:
             SpotifyPair: spotify.spotify_pair,
             SpotifyRefresh: spotify.spotify_refresh,
             SpotifySearch: spotify.spotify_search,
+            SpotifyForget: spotify.spotify_forget,
+            ShareNowPlaying: spotify.share_now_playing,
             CrewAdd: self.crew_add,
             CrewLeave: self.crew_leave,
             Crews: self.crews_list,
@@ -470,14 +476,17 @@ class CrewMessageHandlers:
 
 class SpotifyHandlers:
     """
-    What a device asks of Spotify through the relay: pairing, refresh and
-    search, for a bound device of a relay with a Spotify app.
+    What a device asks of Spotify through the relay: pairing, refresh,
+    search, forgetting the access the relay keeps and sharing what plays,
+    for a bound device of a relay with a Spotify app.
     """
 
-    def __init__(self, sessions: Sessions, pairing: Pairings, spotify_broker: SpotifyBroker) -> None:
+    def __init__(self, sessions: Sessions, pairing: Pairings, spotify_broker: SpotifyBroker,
+                 delivery: Delivery | None = None) -> None:
         self.sessions = sessions
         self.pairing = pairing
         self.spotify_broker = spotify_broker
+        self.delivery = delivery
 
     def _spotify_device(self, session: Session) -> None:
         """
@@ -494,7 +503,7 @@ class SpotifyHandlers:
 
     def spotify_pair(self, session: Session, message: SpotifyPair, size: int) -> None:
         self._spotify_device(session)
-        self.pairing.start(session, message.scopes)
+        self.pairing.start(session, message.scopes, message.keep_access)
 
     def spotify_refresh(self, session: Session, message: SpotifyRefresh, size: int) -> None:
         self._spotify_device(session)
@@ -503,3 +512,28 @@ class SpotifyHandlers:
     def spotify_search(self, session: Session, message: SpotifySearch, size: int) -> None:
         self._spotify_device(session)
         self.spotify_broker.search(session, message)
+
+    def spotify_forget(self, session: Session, message: SpotifyForget, size: int) -> None:
+        self._spotify_device(session)
+        self.spotify_broker.forget(session)
+
+    def share_now_playing(self, session: Session, message: ShareNowPlaying, size: int) -> None:
+        self._spotify_device(session)
+        # A crew it is not in is refused before Spotify is asked.
+        self.delivery.crew_of(session, message.crew_code)
+        self.spotify_broker.share_now_playing(session, message,
+                                              lambda track: self._push(session, message, track, size))
+
+    def _push(self, session: Session, message: ShareNowPlaying, track: dict, size: int) -> Deferred | None:
+        """
+        The track playing for C{session}'s device, to its crew as an
+        ordinary C{message} of C{msg_type} C{song_push}; the sender is
+        answered C{sent}.
+        """
+        if session.closing:
+            return None
+        payload = {"track": track["track"], "artist": track["artist"], "album": track["album"],
+                   "spotify_uri": track["spotify_uri"], "album_art_url": track["album_art_url"],
+                   "note": message.note}
+        out = messages.RelayedMessage(session.device_id, session.name, "song_push", payload)
+        return self.delivery.send(session, out, message.client_msg_id, message, size, answer=True)

@@ -34,9 +34,10 @@ from twisted.logger import Logger
 
 from leeloo import messages
 from leeloo.messages import CLOSE_OPERATOR
+from leeloo.sealing import SealError, is_sealed
 from leeloo.store import (
     APPEND, DELETE_DEVICE, PUT_ALIAS, PUT_BOT_USER, PUT_CREW, PUT_DEVICE, PUT_MEMBER, PUT_MULTI_CREW, PUT_TOKEN,
-    LogEntry, Snapshot, StoreError,
+    LogEntry, Snapshot, StoreError, TokenRecord,
 )
 
 if TYPE_CHECKING:
@@ -196,6 +197,20 @@ class Operator:
             raise Refused("the relay is no longer empty: a device came meanwhile; import into a relay "
                           "no device reaches yet")
         snapshot = state.snapshot
+        sealer = self.tokens.sealer
+        sealed = []
+        for t in snapshot.tokens:
+            if is_sealed(t.tokens):
+                try:
+                    sealer.open_tokens(t.tokens)
+                except SealError:
+                    raise Refused("the state's Spotify tokens were encrypted with another secrets key: copy that "
+                                  "secrets.key here (or pass --secrets-key-file) and import again") from None
+                sealed.append(t)
+            else:
+                # An export of a release before encryption: sealed now, never kept in the clear.
+                sealed.append(TokenRecord(t.device_id, sealer.seal_tokens(t.tokens), t.expires_at))
+        snapshot.tokens = sealed
         ops = _import_ops(state)
         for e in state.entries:
             snapshot.last_seq[e.crew_code] = max(snapshot.last_seq.get(e.crew_code, 0), e.seq)

@@ -154,6 +154,8 @@ class PairingView:
     device_name: str
     crew_code: str | None
     expires_in: int
+    # Whether the page offers the box "let the relay keep access".
+    keep_offered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,14 +183,15 @@ class Paired:
 class Pairings:
     """
     The relay's pairing flows.  Tokens go to a device through C{deliver}
-    (device id, tokens -> whether it was online: the relay's
+    (device id, tokens, whether the relay keeps the access -> whether it
+    was online: the relay's
     L{leeloo.relay.Relay.deliver_tokens}).
 
     C{flows}: user code -> record; C{by_state}: state hash -> user code;
     C{by_device}: device id -> user code of its one flow.
     """
 
-    def __init__(self, clock: Any, sessions: Sessions, deliver: Callable[[str, dict], bool], store: IPairings,
+    def __init__(self, clock: Any, sessions: Sessions, deliver: Callable[..., bool], store: IPairings,
                  spotify: SpotifyOAuth | None = None, settings: PairingSettings = PairingSettings(),
                  user_code: Callable[[], str] = generate_user_code,
                  secret: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> None:
@@ -281,11 +284,13 @@ class Pairings:
 
     # --------------------------------------------------------- device side
 
-    def start(self, session: Session, scopes: str) -> None:
+    def start(self, session: Session, scopes: str, keep_offered: bool = False) -> None:
         """
         C{session}'s device (registered, on a relay with Spotify) asks for a
         pairing: a flow of its own replaces its previous one (cancelled),
-        and is answered C{spotify_pair} once it is stored.
+        and is answered C{spotify_pair} once it is stored.  With
+        C{keep_offered}, the phone's page offers the box that lets the relay
+        keep the access.
         """
         device_id = session.device_id
         previous = self.by_device.get(device_id)
@@ -295,7 +300,7 @@ class Pairings:
         now = self.clock.seconds()
         crew = session.crew
         record = PairingRecord(code, device_id, session.name or device_id, crew.code if crew else None, scopes,
-                               now, now + self.settings.ttl)
+                               now, now + self.settings.ttl, keep_offered=keep_offered)
         self._keep(record)
         _log.info("Spotify pairing started by {device_id} from {client_address}",
                   device_id=device_id, client_address=session.address)
@@ -354,11 +359,13 @@ class Pairings:
         """
         record = self._waiting(text)
         return PairingView(display_code(record.user_code), record.device_name, record.crew_code,
-                           max(0, int(record.expires_at - self.clock.seconds())))
+                           max(0, int(record.expires_at - self.clock.seconds())), record.keep_offered)
 
-    def consent(self, text: str | None) -> Deferred:
+    def consent(self, text: str | None, keep: bool = False) -> Deferred:
         """
-        The button of user code C{text} was pressed: spend the code, and
+        The button of user code C{text} was pressed (C{keep}: with the box
+        that lets the relay keep the access ticked, on a page that offered
+        it): spend the code, and
         fire with the L{Consent} (the cookie for this browser and where to
         send it) once the flow is stored; fail with L{PairingProblem}.
         """
@@ -370,7 +377,8 @@ class Pairings:
         cookie = self._secret()
         verifier = code_verifier() if self.settings.pkce else None
         spent = dataclasses.replace(record, state_hash=_hash(state), cookie_hash=_hash(cookie),
-                                    verifier=verifier, expires_at=self.clock.seconds() + self.settings.ttl)
+                                    verifier=verifier, expires_at=self.clock.seconds() + self.settings.ttl,
+                                    keep=keep and record.keep_offered)
         self._keep(spent)
         location = self.spotify.config.authorize_url(
             state, record.scopes, code_challenge(verifier) if verifier is not None else None)
@@ -428,9 +436,10 @@ class Pairings:
             raise PairingProblem("unavailable")
 
         def exchanged(tokens: dict) -> Paired:
-            online = self.deliver(record.device_id, tokens)
-            _log.info("Spotify pairing: tokens for {device_id} {how}", device_id=record.device_id,
-                      how="delivered" if online else "kept until it comes back")
+            online = self.deliver(record.device_id, tokens, record.keep)
+            _log.info("Spotify pairing: tokens for {device_id} {how}{kept}", device_id=record.device_id,
+                      how="delivered" if online else "kept until it comes back",
+                      kept=" (the relay keeps the refresh token)" if record.keep else "")
             return Paired(record.device_id, online)
 
         def refused(failure: Any) -> None:

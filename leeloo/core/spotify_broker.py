@@ -11,6 +11,13 @@ Each device may ask in bursts (L{DEVICE_RATE}); beyond, C{rate_limited}.  A
 request goes to Spotify, and each is answered C{rate_limited} with the time
 left (the relay has one app for all devices).
 
+With the owner's consent the relay keeps the device's Spotify access
+(L{leeloo.core.grants}): C{spotify_refresh} without a token refreshes the
+refresh token the relay holds (a rotated one replaces it), answered without
+it; C{spotify_forget} deletes it; C{share_now_playing} asks Spotify's
+currently-playing (refreshing an expired access token on the way) and hands
+the track to the crew through the caller's C{publish}.
+
 L{search_query} turns natural words into Spotify's search syntax.  Log
 lines name the device, never a token, a secret or the query's words.
 """
@@ -26,17 +33,26 @@ from twisted.logger import Logger
 
 from leeloo.limits import Limiter, Rate
 from leeloo.messages import (
+    NothingPlaying,
+    NotPaired,
+    ProtocolError,
     RateLimited,
+    ShareNowPlaying,
+    SpotifyForgotten,
     SpotifyRefresh,
     SpotifyRefused,
     SpotifySearch,
     SpotifySearchResults,
     SpotifyTokens,
     SpotifyUnavailable,
+    StoreUnavailable,
 )
+from leeloo.sealing import SealError
+from leeloo.store import StoreError
 from leeloo.spotify import SpotifyError, SpotifyRateLimited, is_unavailable
 
 if TYPE_CHECKING:
+    from leeloo.core.grants import Grants
     from leeloo.core.sessions import Session
     from leeloo.spotify import SpotifyOAuth
 
@@ -46,6 +62,8 @@ _log = Logger()
 DEVICE_RATE = Rate.per_window(6, 60)
 # An app token is renewed this many seconds before Spotify says it expires.
 APP_TOKEN_MARGIN = 60.0
+# A kept access token is refreshed when it has less than this many seconds left.
+ACCESS_TOKEN_MARGIN = 60.0
 
 # ------------------------------------------------------------------ query
 
@@ -134,8 +152,9 @@ class SpotifyBroker:
     """
 
     def __init__(self, clock: Any, spotify: Callable[[], SpotifyOAuth | None], sessions: Any = None,
-                 rate: Rate = DEVICE_RATE) -> None:
+                 rate: Rate = DEVICE_RATE, grants: Grants | None = None) -> None:
         self.clock = clock
+        self.grants = grants
         self._sessions = sessions
         self._spotify = spotify
         self.limiter = Limiter(clock, rate)
@@ -193,6 +212,16 @@ class SpotifyBroker:
             _log.warn("Spotify was unavailable for a {what} for {device_id}: {error}",
                       what=what, device_id=session.device_id, error=e.error)
             error = SpotifyUnavailable(f"Spotify is unavailable ({e.description}); try again")
+        elif isinstance(e, ProtocolError):
+            error = e
+        elif isinstance(e, StoreError):
+            _log.error("the store failed during a Spotify {what} for {device_id}: {error}",
+                       what=what, device_id=session.device_id, error=str(e))
+            error = StoreUnavailable("the relay could not store the Spotify access; try again")
+        elif isinstance(e, SealError):
+            _log.error("the Spotify access kept for {device_id} does not open with the secrets key",
+                       device_id=session.device_id)
+            error = NotPaired("the relay cannot read the Spotify access it kept; pair again")
         elif isinstance(e, SpotifyError):
             _log.info("Spotify refused a {what} for {device_id}: {error}",
                       what=what, device_id=session.device_id, error=e.error)
@@ -208,6 +237,9 @@ class SpotifyBroker:
     def refresh(self, session: Session, message: SpotifyRefresh) -> None:
         if not self._admit(session):
             return
+        if message.refresh_token is None:
+            self._refresh_kept(session)
+            return
         spotify = self._spotify()
         d = spotify.refresh(message.refresh_token)
         d.addCallback(lambda tokens: self._refreshed(session, tokens))
@@ -217,6 +249,114 @@ class SpotifyBroker:
         _log.info("Spotify tokens refreshed for {device_id}", device_id=session.device_id)
         self._send(session, SpotifyTokens({"access_token": tokens["access_token"], "expires_in": tokens["expires_in"],
                                     "refresh_token": tokens["refresh_token"]}))
+
+    # ------------------------------------------------- the access kept
+
+    def _refresh_kept(self, session: Session) -> None:
+        device_id = session.device_id
+
+        def operation() -> Deferred:
+            return self._grant(device_id).addCallback(lambda grant: self._renew(device_id, grant))
+
+        def renewed(grant: dict) -> None:
+            _log.info("kept Spotify tokens refreshed for {device_id}", device_id=device_id)
+            self._send(session, SpotifyTokens(self._device_tokens(grant)))
+
+        d = self.grants.serially(device_id, operation)
+        d.addCallback(renewed)
+        d.addErrback(self._answer_failure, session, "token refresh")
+
+    def _device_tokens(self, grant: dict) -> dict:
+        return {"access_token": grant["access_token"],
+                "expires_in": max(0, round(grant["expires_at"] - self.clock.seconds()))}
+
+    def _grant(self, device_id: str) -> Deferred:
+        """
+        Fire with C{device_id}'s kept grant; fail with L{NotPaired} when
+        there is none.
+        """
+        def found(grant: dict | None) -> dict:
+            if grant is None:
+                raise NotPaired("the relay keeps no Spotify access for this LEELOO: pair with Spotify, "
+                                "ticking the box that lets the relay keep access")
+            return grant
+
+        return self.grants.find(device_id).addCallback(found)
+
+    def _renew(self, device_id: str, grant: dict) -> Deferred:
+        """
+        Refresh C{grant}; fire with the new one once it is stored (Spotify's
+        rotated refresh token replacing the one spent).  A refresh token
+        Spotify no longer takes (C{invalid_grant}) is forgotten.
+        """
+        d = self._spotify().refresh(grant["refresh_token"])
+
+        def refreshed(tokens: dict) -> Deferred:
+            kept = self.grants.keep(device_id, tokens)
+            grant = self.grants.held[device_id]
+            return kept.addCallback(lambda _: grant)
+
+        def refused(failure: Any) -> Any:
+            if failure.check(SpotifyError) and failure.value.error == "invalid_grant":
+                _log.info("Spotify no longer takes the refresh token kept for {device_id}: forgotten",
+                          device_id=device_id)
+                self.grants.forget(device_id)
+            return failure
+
+        return d.addCallbacks(refreshed, refused)
+
+    def forget(self, session: Session) -> None:
+        """
+        Delete what the relay keeps of C{session}'s device's Spotify access;
+        answered C{spotify_forgotten} once that is durable.
+        """
+        device_id = session.device_id
+
+        def forgotten(_: Any) -> None:
+            _log.info("Spotify access kept for {device_id} forgotten at its request", device_id=device_id)
+            self._send(session, SpotifyForgotten())
+
+        d = self.grants.serially(device_id, lambda: self.grants.forget(device_id))
+        d.addCallback(forgotten)
+        d.addErrback(self._answer_failure, session, "forget")
+
+    def share_now_playing(self, session: Session, message: ShareNowPlaying,
+                          publish: Callable[[dict], Deferred | None]) -> None:
+        """
+        Ask Spotify what C{session}'s device's owner is playing, and hand
+        the track (L{leeloo.spotify.track_result}) to C{publish}.  Nothing
+        playing is C{nothing_playing}; no access kept, C{not_paired}.
+        """
+        if not self._admit(session):
+            return
+        device_id = session.device_id
+
+        def operation() -> Deferred:
+            return self._grant(device_id).addCallback(lambda grant: self._playing(device_id, grant, False))
+
+        def got(track: dict | None) -> Deferred | None:
+            if track is None:
+                raise NothingPlaying("Spotify is playing no song right now (nothing, an ad or a podcast)")
+            _log.info("now playing on Spotify shared by {device_id}", device_id=device_id)
+            return publish(track)
+
+        d = self.grants.serially(device_id, operation)
+        d.addCallback(got)
+        d.addErrback(self._answer_failure, session, "now playing")
+
+    def _playing(self, device_id: str, grant: dict, renewed: bool) -> Deferred:
+        if not renewed and grant["expires_at"] - ACCESS_TOKEN_MARGIN <= self.clock.seconds():
+            return self._renew(device_id, grant).addCallback(lambda g: self._playing(device_id, g, True))
+        d = self._spotify().currently_playing(grant["access_token"])
+
+        def expired(failure: Any) -> Any:
+            failure.trap(SpotifyError)
+            if not renewed and failure.value.error == "invalid_token":
+                self._check_blocked()
+                return self._renew(device_id, grant).addCallback(lambda g: self._playing(device_id, g, True))
+            return failure
+
+        return d.addErrback(expired)
 
     # ------------------------------------------------------------ search
 

@@ -1,7 +1,8 @@
 """
 Spotify tokens parked for a device that was offline when its owner
 finished the consent: handed over at its next register, create or join
-within the token lifetime, then forgotten.
+within the token lifetime, then forgotten.  They reach the store sealed
+(L{leeloo.sealing}: C{{"sealed": ciphertext}}), opaque to the engine.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from leeloo import messages
+from leeloo.sealing import Sealer
 from leeloo.store import DELETE_TOKEN, PUT_TOKEN, Journal, Snapshot, TokenRecord
 
 if TYPE_CHECKING:
@@ -23,8 +25,10 @@ class PendingTokens:
     @param ttl: seconds parked tokens are kept.
     """
 
-    def __init__(self, clock: Any, journal: Journal, fanout: IFanout, ttl: float) -> None:
+    def __init__(self, clock: Any, journal: Journal, fanout: IFanout, ttl: float,
+                 sealer: Sealer | None = None) -> None:
         self.clock = clock
+        self.sealer = sealer if sealer is not None else Sealer()
         self.journal = journal
         self.fanout = fanout
         self.ttl = ttl
@@ -35,7 +39,7 @@ class PendingTokens:
 
     def restore(self, snapshot: Snapshot) -> None:
         for t in snapshot.tokens:
-            self.pending[t.device_id] = (t.tokens, t.expires_at)
+            self.pending[t.device_id] = (self.sealer.open_tokens(t.tokens), t.expires_at)
 
     def adopt(self, record: TokenRecord | None) -> None:
         """
@@ -43,7 +47,7 @@ class PendingTokens:
         unless tokens are held for that device already.
         """
         if record is not None and record.device_id not in self.pending and record.device_id not in self._taken:
-            self.pending[record.device_id] = (record.tokens, record.expires_at)
+            self.pending[record.device_id] = (self.sealer.open_tokens(record.tokens), record.expires_at)
 
     def deliver(self, device_id: str, tokens: dict) -> bool:
         """
@@ -54,7 +58,7 @@ class PendingTokens:
             return True
         expires = self.clock.seconds() + self.ttl
         self.pending[device_id] = (tokens, expires)
-        self.journal.put((PUT_TOKEN, TokenRecord(device_id, tokens, expires)), wait=False)
+        self.journal.put((PUT_TOKEN, TokenRecord(device_id, self.sealer.seal_tokens(tokens), expires)), wait=False)
         return False
 
     def hand_over(self, session: Session) -> None:

@@ -83,6 +83,7 @@ from leeloo.messages import (
     RelayMessage,
     Sent,
     SpotifyAuthComplete,
+    SpotifyForgotten,
     SpotifyPairStarted,
     SpotifySearchResults,
     SpotifyTokens,
@@ -94,7 +95,7 @@ MSG_TYPES = ("text", "song_push", "reaction", "nudge", "hang_propose", "hang_con
 
 EVENTS = ("message", "music_shared", "reaction", "member_joined", "member_offline",
           "spotify_auth_complete", "spotify_pair", "spotify_pair_failed", "spotify_tokens",
-          "spotify_search_results", "connected", "disconnected",
+          "spotify_search_results", "spotify_forgotten", "connected", "disconnected",
           "replay_truncated", "sent", "error", "stopped", "crew_joined", "crew_left", "crews")
 
 # The reply that says the relay has put the connection where it asked.
@@ -169,8 +170,13 @@ class SpotifyUnsupported(DeviceError):
 # The errors that answer a spotify_refresh or spotify_search.
 _SPOTIFY_ERRORS = ("unknown_type", "not_registered", "spotify_not_configured", "spotify_refused",
                    "spotify_unavailable", "rate_limited", "invalid_message")
+# The errors that answer only some of them.
+_SPOTIFY_CALL_ERRORS = {"spotify_refresh": ("not_paired", "store_unavailable"),
+                        "spotify_forget": ("store_unavailable",),
+                        "share_now_playing": ("nothing_playing", "not_paired", "not_in_crew", "store_unavailable")}
 # The answers to them.
-_SPOTIFY_ANSWERS = {"spotify_refresh": "spotify_tokens", "spotify_search": "spotify_search_results"}
+_SPOTIFY_ANSWERS = {"spotify_refresh": "spotify_tokens", "spotify_search": "spotify_search_results",
+                    "spotify_forget": "spotify_forgotten", "share_now_playing": "sent"}
 
 
 # The errors that answer a spotify_pair.
@@ -630,10 +636,14 @@ class LeelooDevice(SeveralCrews, Service):
 
     # -------------------------------------------------------------- Spotify
 
-    def pair_spotify(self, scopes: str | None = None) -> Deferred:
+    def pair_spotify(self, scopes: str | None = None, keep_access: bool = False) -> Deferred:
         """
         Ask the relay for a Spotify pairing (C{scopes} space-separated;
-        the relay's default without).  Fires with the relay's answer as a
+        the relay's default without).  With C{keep_access}, the phone's
+        page offers its owner the box that lets the relay keep the access
+        (for L{share_now_playing}): ticked, the device gets no refresh
+        token, and L{refresh_spotify} asks the relay to refresh the one it
+        keeps.  Fires with the relay's answer as a
         dict: C{url} to show (as a QR code) and C{user_code} (C{XXXX-XXXX})
         to show beside it, and C{expires_in} seconds.  The tokens come later
         as ever (C{spotify_auth_complete}, saved to C{spotify_tokens.json});
@@ -650,6 +660,8 @@ class LeelooDevice(SeveralCrews, Service):
         frame: dict = {"type": "spotify_pair"}
         if scopes is not None:
             frame["scopes"] = scopes
+        if keep_access:
+            frame["keep_access"] = True
         try:
             messages.decode(messages.encode(frame))
         except ProtocolError as e:
@@ -683,7 +695,10 @@ class LeelooDevice(SeveralCrews, Service):
     def refresh_spotify(self, refresh_token: str | None = None) -> Deferred:
         """
         New Spotify tokens from the relay (which holds the app's secret) for
-        C{refresh_token}, by default the one in C{spotify_tokens.json}.
+        C{refresh_token}, by default the one in C{spotify_tokens.json}; when
+        that holds none (the relay keeps it: a pairing with C{keep_access}
+        and its owner's consent), with the one the relay keeps (answered
+        without a refresh token; C{not_paired} when it keeps none).
         Fires with the tokens (C{access_token}, C{expires_in},
         C{refresh_token}), also saved to C{spotify_tokens.json}.
 
@@ -698,10 +713,13 @@ class LeelooDevice(SeveralCrews, Service):
                 saved = self.state.load_tokens()
             except StateError as e:
                 return fail(e)
-            refresh_token = saved.get("refresh_token") if isinstance(saved, dict) else None
-            if not isinstance(refresh_token, str) or not refresh_token:
-                return fail(DeviceError("no refresh token: pair with Spotify first"))
-        d = self._spotify_call({"type": "spotify_refresh", "refresh_token": refresh_token})
+            if not isinstance(saved, dict) or not saved.get("access_token"):
+                return fail(DeviceError("no Spotify tokens: pair with Spotify first"))
+            refresh_token = saved.get("refresh_token")
+        frame: dict = {"type": "spotify_refresh"}
+        if isinstance(refresh_token, str) and refresh_token:
+            frame["refresh_token"] = refresh_token
+        d = self._spotify_call(frame)
         d.addCallback(self._refreshed)
         return d
 
@@ -722,6 +740,29 @@ class LeelooDevice(SeveralCrews, Service):
         d = self._spotify_call({"type": "spotify_search", "query": query, "limit": limit})
         d.addCallback(lambda frame: frame["results"])
         return d
+
+    def share_now_playing(self, note: str | None = None, crew_code: str | None = None) -> Deferred:
+        """
+        Have the relay share what this device's owner plays on Spotify
+        with crew C{crew_code} (one of the device's crews) or the main one:
+        an ordinary C{song_push} message, with C{note}.  Fires with the
+        relay's C{sent} frame; fails with the relay's error:
+        C{nothing_playing}, C{not_paired} (pair with C{keep_access} and the
+        box ticked), C{not_in_crew}, or as L{refresh_spotify} does.
+        """
+        frame: dict = {"type": "share_now_playing"}
+        if note is not None:
+            frame["note"] = note
+        if crew_code is not None:
+            frame["crew_code"] = crew_code
+        return self._spotify_call(frame)
+
+    def forget_spotify(self) -> Deferred:
+        """
+        Have the relay delete the Spotify access it keeps for this device.
+        Fires with the relay's C{spotify_forgotten} frame.
+        """
+        return self._spotify_call({"type": "spotify_forget"})
 
     def _spotify_call(self, frame: dict) -> Deferred:
         if self.phase == "stopped" and self.stopped_by is not None:
@@ -926,6 +967,9 @@ class LeelooDevice(SeveralCrews, Service):
             pass
         elif isinstance(message, FANOUTS):
             self._crew_frame(proto, message, frame)
+        elif isinstance(message, Sent) and message.client_msg_id is None:
+            # Only share_now_playing is answered sent without a client_msg_id.
+            self._spotify_answered(frame)
         elif isinstance(message, Sent):
             self._confirmed(message, frame)
         elif isinstance(message, ErrorFrame):
@@ -934,7 +978,7 @@ class LeelooDevice(SeveralCrews, Service):
             self._tokens(message, frame)
         elif isinstance(message, SpotifyPairStarted):
             self._paired(message, frame)
-        elif isinstance(message, (SpotifyTokens, SpotifySearchResults)):
+        elif isinstance(message, (SpotifyTokens, SpotifySearchResults, SpotifyForgotten)):
             self._spotify_answered(frame)
         else:
             # member_joined, member_offline, replay_truncated, and whatever
@@ -975,7 +1019,9 @@ class LeelooDevice(SeveralCrews, Service):
                     "with the authorize URL's state set to the device id")
             self._fail_pairing(error)
             return
-        if (self._spotify_calls and self._spotify_sent and error.code in _SPOTIFY_ERRORS
+        if (self._spotify_calls and self._spotify_sent
+                and (error.code in _SPOTIFY_ERRORS
+                     or error.code in _SPOTIFY_CALL_ERRORS.get(self._spotify_calls[0][0]["type"], ()))
                 and "client_msg_id" not in error.extra):
             self._spotify_refused(error)
             return

@@ -86,6 +86,30 @@ class PairingPageTests(RelayBrowserTestCase):
         self.assertIn("Start again on your LEELOO", results[2]["text"])
 
     @defer.inlineCallbacks
+    def test_consent_box(self):
+        """
+        The pairing page of a device that offers the relay keeping the
+        access holds the consent box, unchecked, with its label: it passes
+        axe and fits a phone.
+        """
+        axe = axe_source()
+
+        def script(stack):
+            ws, created = device(stack, self.port, "Kitchen", create=True)
+            ws.send(json.dumps({"type": "spotify_pair", "keep_access": True}))
+            answer = next_of(ws, "spotify_pair")
+            b = self.browser(size=PHONE)
+            b.driver.get(self.base + "/pair/" + answer["user_code"].replace("-", ""))
+            box = b.driver.find_element("id", "keep")
+            return self.check(b, "pair-consent", axe), box.is_selected(), box.get_attribute("type")
+
+        result, selected, kind = yield in_thread(script)
+        self.assertEqual(result["violations"], [])
+        self.assertTrue(result["fits"], "the consent page is wider than a phone")
+        self.assertEqual((kind, selected), ("checkbox", False))
+        self.assertIn("let the relay keep access so this LEELOO can share what you're playing", result["text"])
+
+    @defer.inlineCallbacks
     def test_button_reaches_spotify(self):
         """
         The button's post and the 303 after it take Chrome on to Spotify's

@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.relay import Relay
+from leeloo.sealing import Sealer
 from leeloo.store import MemoryStore, StoreError
 from leeloo.testing import Device
 
@@ -53,8 +54,10 @@ class TwoNodesTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(T0)
         self.store = SlowStore()
-        self.a = Relay(self.clock, self.store, presence_grace=0)
-        self.b = Relay(self.clock, self.store, presence_grace=0)
+        # Nodes on one store share its secrets key (--secrets-key-file).
+        sealer = Sealer()
+        self.a = Relay(self.clock, self.store, presence_grace=0, sealer=sealer)
+        self.b = Relay(self.clock, self.store, presence_grace=0, sealer=sealer)
 
     def device(self, relay, device_id, **join):
         d = Device(relay, "127.0.0.1")

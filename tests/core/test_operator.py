@@ -7,7 +7,8 @@ from leeloo.core.defaults import PRESENCE_GRACE
 from leeloo.core.operator import Imported, Refused
 from leeloo.messages import CLOSE_OPERATOR, InvalidCrewCode
 from leeloo.relay import Relay
-from leeloo.store import MemoryStore
+from leeloo.sealing import Sealer
+from leeloo.store import MemoryStore, TokenRecord
 from leeloo.testing import Device
 from tests.core.support import ClockTestCase, HeldStore
 
@@ -360,6 +361,33 @@ class ImportTests(OperatorTestCase):
         c = self.member("leeloo_c")
         self.say(c, "next")
         self.assertEqual([e.seq for e in self.store.log[ALPHA]], [1, 2])
+
+    def test_plain_tokens_sealed(self):
+        """
+        Pending tokens of an export from before encryption are sealed as
+        they are imported (the store never holds them in the clear), and
+        still reach their device.
+        """
+        snapshot = MemoryStore().load()
+        snapshot.tokens = [TokenRecord("leeloo_t", {"access_token": "imported-at"}, self.clock.seconds() + 60)]
+        self.done(self.operator.import_state(Imported(snapshot)))
+        [stored] = self.store.tokens.values()
+        self.assertEqual(list(stored.tokens), ["sealed"])
+        self.assertNotIn("imported-at", stored.tokens["sealed"])
+        device = Device(self.relay)
+        device.send(type="register", device_id="leeloo_t")
+        self.assertIn({"type": "spotify_auth_complete", "tokens": {"access_token": "imported-at"}}, device.take())
+
+    def test_tokens_of_another_key(self):
+        """
+        Tokens sealed with another secrets key are refused with a reason
+        naming the key; nothing is imported.
+        """
+        snapshot = MemoryStore().load()
+        snapshot.tokens = [TokenRecord("leeloo_t", Sealer().seal_tokens({"access_token": "x"}), 0.0)]
+        failure = self.failureResultOf(self.operator.import_state(Imported(snapshot)), Refused)
+        self.assertIn("secrets key", str(failure.value))
+        self.assertEqual(self.store.tokens, {})
 
     def test_not_empty(self):
         """

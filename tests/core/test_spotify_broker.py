@@ -202,10 +202,19 @@ class RefreshTests(BrokerMixin, SynchronousTestCase):
 
     def test_bad_frame(self) -> None:
         """
-        A refresh without a refresh token is C{invalid_message}.
+        A refresh token that is no string is C{invalid_message}.
+        """
+        answer = self.ask(self.device(), type="spotify_refresh", refresh_token=42)
+        self.assertEqual(answer["error"], "invalid_message")
+
+    def test_no_token_and_none_kept(self) -> None:
+        """
+        A refresh without a refresh token, from a device the relay keeps no
+        access for, is C{not_paired}, and Spotify is not asked.
         """
         answer = self.ask(self.device(), type="spotify_refresh")
-        self.assertEqual(answer["error"], "invalid_message")
+        self.assertEqual(answer["error"], "not_paired")
+        self.assertEqual(self.spotify.requests, [])
 
 
 class SearchTests(BrokerMixin, SynchronousTestCase):

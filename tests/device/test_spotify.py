@@ -7,6 +7,7 @@ Spotify is L{FakeSpotifyAccounts} served over real HTTP on loopback too.
 from __future__ import annotations
 
 import json
+import os
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
@@ -15,7 +16,7 @@ from twisted.web.server import Site
 from leeloo.device import SpotifyUnsupported
 from leeloo.messages import ProtocolError, SpotifySearch, UnknownType
 from leeloo.spotify import SpotifyConfig
-from leeloo.testing import FakeSpotifyAccounts, spotify_track
+from leeloo.testing import FakeSpotifyAccounts, currently_playing, spotify_track
 
 from .loopback import LoopbackRelay, start_device
 
@@ -126,3 +127,103 @@ class SpotifyTests(TestCase):
         """
         device, events = start_device(self, self.relay.url(), "Kitchen", auto_create=False)
         return self.assertFailure(device.search("x", limit=50), ProtocolError)
+
+
+class KeptAccessTests(TestCase):
+    """
+    The device's side of the access the relay keeps (issue 20):
+    share_now_playing(), forget_spotify(), a tokenless refresh_spotify(),
+    and pair_spotify()'s keep_access.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.spotify = FakeSpotifyAccounts(CLIENT_ID, CLIENT_SECRET, REDIRECT_URI)
+        self.spotify.refreshable["rt-kept"] = dict(TOKENS)
+        self.spotify.user_tokens.add("at-kept")
+        self.spotify.playing = currently_playing(HURT)
+        site = Site(self.spotify)
+        site.noisy = False
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        base = f"http://127.0.0.1:{port.getHost().port}"
+        config = SpotifyConfig(CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, accounts_url=base, api_url=base)
+        self.relay = yield LoopbackRelay(self, store="memory", spotify=config).start()
+
+    @defer.inlineCallbacks
+    def kept(self):
+        device, events = start_device(self, self.relay.url(), "Kitchen")
+        yield events.wait("connected", after=0)
+        yield self.relay.relay.grants.keep(device.device_id, {"access_token": "at-kept", "refresh_token": "rt-kept",
+                                                              "expires_in": 3600})
+        return device, events
+
+    @defer.inlineCallbacks
+    def test_share_now_playing(self):
+        """
+        share_now_playing() fires with the relay's sent; the crew's other
+        device receives the song_push with the note.
+        """
+        device, events = yield self.kept()
+        [(_, created)] = [(e, f) for e, f in events.seen if e == "connected"][:1]
+        state = self.mktemp()
+        os.makedirs(state)
+        with open(os.path.join(state, "crew_config.json"), "w") as f:
+            json.dump({"crew_code": created["crew_code"]}, f)
+        friend, friend_events = start_device(self, self.relay.url(), "Den", state)
+        yield friend_events.wait("connected", after=0)
+        pushed = friend_events.wait("message")
+        sent = yield device.share_now_playing(note="listen")
+        self.assertEqual(sent["type"], "sent")
+        message = yield pushed
+        self.assertEqual((message["msg_type"], message["payload"]["track"], message["payload"]["note"]),
+                         ("song_push", "Hurt", "listen"))
+
+    @defer.inlineCallbacks
+    def test_nothing_playing(self):
+        """
+        With nothing playing, share_now_playing() fails with nothing_playing.
+        """
+        device, _ = yield self.kept()
+        self.spotify.playing = None
+        e = yield self.assertFailure(device.share_now_playing(), ProtocolError)
+        self.assertEqual(e.code, "nothing_playing")
+
+    @defer.inlineCallbacks
+    def test_tokenless_refresh(self):
+        """
+        With saved tokens that hold no refresh token (a consent pairing),
+        refresh_spotify() asks the relay to refresh the one it keeps.
+        """
+        device, _ = yield self.kept()
+        device.state.save_tokens({"access_token": "at-kept", "expires_in": 3600})
+        tokens = yield device.refresh_spotify()
+        self.assertEqual(sorted(tokens), ["access_token", "expires_in"])
+        self.assertEqual(tokens["access_token"], "at-new")
+        self.assertAlmostEqual(tokens["expires_in"], 3600, delta=5)
+        self.assertEqual(self.spotify.requests[-1], {"grant_type": "refresh_token", "refresh_token": "rt-kept"})
+
+    @defer.inlineCallbacks
+    def test_forget(self):
+        """
+        forget_spotify() fires with spotify_forgotten; sharing is then
+        not_paired.
+        """
+        device, _ = yield self.kept()
+        answer = yield device.forget_spotify()
+        self.assertEqual(answer, {"type": "spotify_forgotten"})
+        e = yield self.assertFailure(device.share_now_playing(), ProtocolError)
+        self.assertEqual(e.code, "not_paired")
+
+    @defer.inlineCallbacks
+    def test_pair_keep_access(self):
+        """
+        pair_spotify(keep_access=True) asks for a pairing whose page offers
+        the consent box.
+        """
+        device, _ = yield self.kept()
+        answer = yield device.pair_spotify(keep_access=True)
+        code = answer["user_code"].replace("-", "")
+        self.assertTrue(self.relay.relay.pairing.lookup(code).keep_offered)
