@@ -816,6 +816,7 @@ class Migrated:
     devices: int
     tokens: int
     pairings: int
+    grants: int
 
 
 def migrate_to_redis(snapshot: Snapshot, log: Callable[[str], Iterable[LogEntry]],
@@ -842,8 +843,9 @@ def migrate_to_redis(snapshot: Snapshot, log: Callable[[str], Iterable[LogEntry]
         copied = redis.snapshot()
     finally:
         redis.close()
-    if (len(copied.crews), len(copied.devices), len(copied.tokens), len(copied.pairings)) != (
-            len(snapshot.crews), len(snapshot.devices), len(snapshot.tokens), len(snapshot.pairings)):
+    if (len(copied.crews), len(copied.devices), len(copied.tokens), len(copied.pairings), len(copied.grants)) != (
+            len(snapshot.crews), len(snapshot.devices), len(snapshot.tokens), len(snapshot.pairings),
+            len(snapshot.grants)):
         raise MigrationError("Redis does not hold what was copied; check it and migrate again into an empty one")
     return Migrated(len(snapshot.crews), messages, len(snapshot.devices), len(snapshot.tokens),
-                    len(snapshot.pairings))
+                    len(snapshot.pairings), len(snapshot.grants))

@@ -389,7 +389,7 @@ def cmd_migrate_to_redis(args: argparse.Namespace, out: TextIO) -> None:
     finally:
         db.close()
     out.write(f"copied {done.crews} crews, {done.messages} messages, {done.devices} devices, "
-              f"{done.tokens} pending tokens and {done.pairings} pairing flows from "
+              f"{done.tokens} pending tokens, {done.grants} Spotify grants and {done.pairings} pairing flows from "
               f"{Path(args.data_dir) / 'leeloo.sqlite3'} to {settings.where}; start the relay with "
               f"--redis {settings.url}\n")
 

@@ -18,8 +18,8 @@ from leeloo.admin.cli import main
 from leeloo.admin.datadir import CONFIG_FILE, config_document
 from leeloo.sqlitestore import SQLiteStore
 from leeloo.store import (
-    APPEND, PUT_ALIAS, PUT_BOT_USER, PUT_CREW, PUT_DEVICE, PUT_MEMBER, PUT_MULTI_CREW, PUT_TOKEN, BotUserRecord,
-    CrewRecord, DeviceRecord, LogEntry, MemberRecord, MultiCrewRecord, PairingRecord, TokenRecord,
+    APPEND, PUT_ALIAS, PUT_BOT_USER, PUT_CREW, PUT_DEVICE, PUT_GRANT, PUT_MEMBER, PUT_MULTI_CREW, PUT_TOKEN,
+    BotUserRecord, CrewRecord, DeviceRecord, GrantRecord, LogEntry, MemberRecord, MultiCrewRecord, PairingRecord, TokenRecord,
 )
 from leeloo.tap import Options
 
@@ -48,6 +48,7 @@ def state():
         (PUT_DEVICE, DeviceRecord("leeloo_b", "b" * 64, False, T0, T0 + 9)),
         (PUT_TOKEN, TokenRecord("leeloo_b", {"access_token": "opaque", "expires_in": 3600}, T0 + 3600)),
         (PUT_MULTI_CREW, MultiCrewRecord("leeloo_a", ("LEELOO-ALFA", "LEELOO-BRVO"), "LEELOO-ALFA")),
+        (PUT_GRANT, GrantRecord("leeloo_a", "gAAAA-opaque-ciphertext")),
     ]
     for seq in range(1, 4):
         payload = json.dumps({"type": "message", "payload": {"text": f"m{seq} é"}, "seq": seq}).encode()
@@ -100,14 +101,15 @@ class MigrationTests(RedisTestCase):
         """
         migrate-to-redis copies everything a relay loads at start (crews,
         members, bot users, aliases, devices, tokens, multi-crew devices,
-        pairing flows, each crew's log with its client_msg_ids) into Redis,
+        pairing flows, Spotify grants, each crew's log with its client_msg_ids)
+        into Redis,
         with the password from LEELOO_REDIS_PASSWORD; a relay on that Redis
         replays the log byte for byte and numbers on after it.  A second
         migration into the same Redis is refused and changes nothing.
         """
         status, out, err = yield self.admin("migrate-to-redis", self.redis.url)
         self.assertEqual((status, err), (0, ""))
-        self.assertIn("copied 2 crews, 3 messages, 2 devices, 1 pending tokens and 1 pairing flows", out)
+        self.assertIn("copied 2 crews, 3 messages, 2 devices, 1 pending tokens, 1 Spotify grants and 1 pairing flows", out)
         sqlite = SQLiteStore(self.data_dir, reactor)
         before = sqlite.load()
         yield sqlite.close()
@@ -117,7 +119,7 @@ class MigrationTests(RedisTestCase):
         # default (the export compares it, see below).
         after.client_messages = [replace(e, ephemeral=False) for e in after.client_messages]
         for name in ("crews", "members", "bot_users", "tokens", "devices", "client_messages", "pairings",
-                     "multi_crew"):
+                     "multi_crew", "grants"):
             self.assertEqual(sorted(map(repr, getattr(after, name))), sorted(map(repr, getattr(before, name))),
                              name)
         for name in ("last_seq", "last_message_at", "log_bytes", "aliases"):
