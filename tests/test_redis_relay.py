@@ -142,8 +142,11 @@ class RelayKillTests(TestCase):
 
     @defer.inlineCallbacks
     def start(self, data_dir):
+        # The secrets key outside the data directories, shared by both relays
+        # (README.rst, "The Redis store").
         relay = RelayProcess(self, "--listen", "tcp:0:interface=127.0.0.1", "--data-dir", data_dir,
-                             "--redis", self.redis.url, environ={"LEELOO_REDIS_PASSWORD": PASSWORD})
+                             "--redis", self.redis.url, "--secrets-key-file", self.key_file,
+                             environ={"LEELOO_REDIS_PASSWORD": PASSWORD})
         port = yield relay.proto.port
         return relay, port
 
@@ -159,6 +162,7 @@ class RelayKillTests(TestCase):
         """
         self.redis = RedisServer(self, password=PASSWORD)
         yield self.redis.start()
+        self.key_file = os.path.join(os.path.abspath(self.mktemp()) + "-secrets.key")
         first_dir = os.path.abspath(self.mktemp())
         relay, port = yield self.start(first_dir)
 
@@ -212,3 +216,7 @@ class RelayKillTests(TestCase):
         self.assertIn('"redis"', config)
         self.assertNotIn(PASSWORD, config)
         self.assertNotIn(PASSWORD.encode(), relay.proto.output)
+        # One secrets key for both: neither made its own in its data directory.
+        self.assertTrue(os.path.exists(self.key_file))
+        self.assertEqual([os.path.exists(os.path.join(d, "secrets.key")) for d in (first_dir, second_dir)],
+                         [False, False])
