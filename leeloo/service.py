@@ -54,7 +54,7 @@ from leeloo.relay import DAY, Relay
 from leeloo.spotify import SpotifyOAuth
 from leeloo.sealing import KEY_FILE_NAME, KeyFileError, SealError, Sealer, create_key, read_key
 from leeloo.sqlitestore import DATABASE_NAME, SchemaError, SQLiteStore, schema_version
-from leeloo.store import IStore, MemoryStore
+from leeloo.store import IStore, MemoryStore, StoreError
 from leeloo.tls import LetsEncryptServerEndpoint, ReloadOnHangup, health_fields
 from leeloo.tls_acme import AcmeService
 from leeloo.web import make_admin_site, make_redirect_site, make_site
@@ -131,6 +131,17 @@ def open_sealer(config: Config, create: bool = True) -> Sealer:
 def open_store(config: Config, reactor: Any, sealer: Sealer | None = None) -> IStore:
     if config.store == "memory":
         return MemoryStore()
+    if config.redis is not None:
+        # Imported here: the SQLite path never loads the Redis client.
+        from leeloo.redisstore import RedisStore
+
+        try:
+            return RedisStore(config.redis, reactor)
+        except StoreError as e:
+            raise StartupError(
+                f"cannot open the Redis store: {e}; check that Redis runs there, and "
+                "LEELOO_REDIS_PASSWORD if it asks for a password"
+            ) from None
     try:
         return SQLiteStore(config.data_dir, reactor, fsync=config.fsync, sealer=sealer)
     except (sqlite3.Error, SchemaError, OSError) as e:

@@ -15,7 +15,7 @@ import sqlite3
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from twisted.enterprise import adbapi
 from twisted.internet.task import LoopingCall
@@ -336,6 +336,26 @@ def _find_token(db: Any, device_id: str) -> TokenRecord | None:
     ):
         return TokenRecord(device, json.loads(tokens), expires)
     return None
+
+
+def load_database(db: sqlite3.Connection) -> Snapshot:
+    """
+    Everything a database at this relay's schema holds, as a relay reads
+    it at start (for C{leeloo-admin migrate-to-redis}).
+    """
+    return _load(db)
+
+
+def read_log(db: sqlite3.Connection, code: str) -> Iterator[LogEntry]:
+    """
+    Crew C{code}'s log, oldest first, payloads included.
+    """
+    for seq, id, sender, cmid, digest, created, payload, ephemeral in db.execute(
+        "SELECT seq, id, sender, client_msg_id, digest, created_at, payload, ephemeral "
+        "FROM messages WHERE crew_code = ? ORDER BY seq", (code,)
+    ):
+        yield LogEntry(code, seq, id, sender, cmid, bytes(digest) if digest is not None else None, created,
+                       bytes(payload), bool(ephemeral))
 
 
 _PAIRING_COLUMNS = ("user_code, device_id, device_name, crew_code, scopes, created_at, expires_at, "

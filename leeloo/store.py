@@ -143,6 +143,10 @@ class LogEntry:
     payload: bytes
     # A nudge or a reaction (see leeloo.messages.is_ephemeral).
     ephemeral: bool = False
+    # For an engine that mints the number itself (Sequences.engine_mints):
+    # called with the number it gave, when that is not C{seq}, before the
+    # write's Deferred fires, so that the entry's sender stamps it again.
+    renumber: Callable[[int], Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -224,6 +228,12 @@ class Sequences:
     given back when the batch fails (no later batch is formed while one is
     being written), so no number is skipped; a crew deleted starts again at 1.
     """
+
+    # Whether the engine mints the numbers itself, atomically as it stores
+    # each entry (Redis: several relays share one log): then C{next} is a
+    # proposal, and an entry numbered otherwise is renumbered
+    # (L{LogEntry.renumber}).
+    engine_mints = False
 
     def __init__(self, last: dict[str, int] | None = None) -> None:
         self._last: dict[str, int] = dict(last or {})

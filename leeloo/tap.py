@@ -29,6 +29,7 @@ from leeloo.access import OriginPolicy, parse_network
 from leeloo.limits import Rate, RelayLimits
 from leeloo.listening import DEFAULT_BACKLOG, as_written, with_default_backlog
 from leeloo.process import tune_process
+from leeloo.redisurl import RedisSettings, RedisURLError, parse_redis_url
 from leeloo.relay import BIND_TIMEOUT, DAY, EPHEMERAL_AGE
 from leeloo.service import StartupError, build_service
 from leeloo.spotify import DEFAULT_ACCOUNTS_URL, DEFAULT_API_URL, SpotifyConfig
@@ -52,6 +53,7 @@ SETTINGS = (
     "SPOTIFY_ACCOUNTS_URL",
     "SPOTIFY_API_URL",
     "TELEGRAM_API_SECRET",
+    "LEELOO_REDIS_PASSWORD",
 )
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -78,6 +80,8 @@ class Config:
     telegram_api_secret: str | None = field(default=None, repr=False)
     store: str = "sqlite"
     fsync: bool = False
+    # --redis: the Redis store (store is then "redis").
+    redis: RedisSettings | None = None
     # None: DATA_DIR/secrets.key.
     secrets_key_file: Path | None = None
     replay_limit: int = 50
@@ -421,6 +425,36 @@ def _store_kind(value: str) -> str:
     return value
 
 
+def redis_settings(options: Any, values: Mapping[str, str]) -> RedisSettings | None:
+    """
+    The Redis store's settings from C{--redis} and its options, with the
+    password from C{LEELOO_REDIS_PASSWORD}; C{None} without C{--redis}.
+    """
+    url = options["redis"]
+    if url is None:
+        if options["redis-ca"] is not None:
+            raise usage.UsageError("--redis-ca is for --redis rediss://...; give --redis too")
+        return None
+    if options["store"] is not None:
+        raise usage.UsageError(f"--store {options['store']} and --redis both say where the state is kept: "
+                               "give one of them")
+    if options["fsync"]:
+        raise usage.UsageError("--fsync is the SQLite store's; with --redis, durability is Redis's own "
+                               "(appendonly yes with appendfsync everysec or always: see README.rst)")
+    try:
+        settings = parse_redis_url(url, password=values.get("LEELOO_REDIS_PASSWORD"),
+                                   ca_file=options["redis-ca"], reply_timeout=options["redis-timeout"],
+                                   max_retry_delay=options["redis-max-retry-delay"])
+    except RedisURLError as e:
+        raise usage.UsageError(f"--redis: {e}") from None
+    if settings.ca_file is not None:
+        if not settings.tls:
+            raise usage.UsageError("--redis-ca is for rediss:// (TLS); the --redis URL is redis://")
+        if not os.access(settings.ca_file, os.R_OK):
+            raise usage.UsageError(f"--redis-ca {settings.ca_file}: cannot read it")
+    return settings
+
+
 def bad_value(option: str, value: str, allowed: str) -> usage.UsageError:
     """
     The one line for a bad option value: the option, the value as given,
@@ -496,9 +530,21 @@ class Options(usage.Options):
         ["max-fragments", None, 64,
          "Most frames one WebSocket message may come in; more are refused with close 1009.",
          _positive_int],
-        ["store", None, "sqlite",
-         "Where state is kept: sqlite (durable, under --data-dir) or memory (lost at exit).",
+        ["store", None, None,
+         "Where state is kept: sqlite (durable, under --data-dir; the default) or memory (lost at "
+         "exit). Not with --redis.",
          _store_kind],
+        ["redis", None, None,
+         "redis://[USER@]HOST:PORT/DB or rediss://... (TLS, the certificate verified): keep the "
+         "state in Redis instead (several relays can share it). The password comes from "
+         "LEELOO_REDIS_PASSWORD (environment or --env-file), never the command line."],
+        ["redis-ca", None, None,
+         "PEM file of the certificates rediss:// trusts (default: the system's)."],
+        ["redis-timeout", None, 5.0,
+         "Seconds a Redis command may take before the connection is dropped and made again.",
+         _positive_float],
+        ["redis-max-retry-delay", None, 5.0,
+         "Longest wait in seconds between attempts to reconnect to Redis.", _positive_float],
         ["replay-limit", None, 50,
          "Most missed messages replayed to a returning device.", _positive_int],
         ["retention-days", None, 7.0,
@@ -658,6 +704,7 @@ class Options(usage.Options):
                 "--redirect-listen without --acme-webroot: certificate challenges "
                 "(/.well-known/acme-challenge/) are redirected to https like everything else, so "
                 "certbot --webroot cannot renew through this relay; pass --acme-webroot DIR")
+        redis = redis_settings(self, values)
         self.config = Config(
             listen=listen,
             redirect_listen=redirect_listen,
@@ -683,8 +730,9 @@ class Options(usage.Options):
             warnings=tuple(warnings),
             spotify=spotify_config(values),
             telegram_api_secret=values.get("TELEGRAM_API_SECRET"),
-            store=self["store"],
+            store="redis" if redis is not None else self["store"] or "sqlite",
             fsync=bool(self["fsync"]),
+            redis=redis,
             secrets_key_file=Path(self["secrets-key-file"]) if self["secrets-key-file"] else None,
             replay_limit=self["replay-limit"],
             retention_days=self["retention-days"],

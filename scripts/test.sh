@@ -7,9 +7,11 @@ set -eu
 cd "$(dirname "$0")/.."
 
 # Debian packages the end-to-end tests use (real servers on loopback, and
-# headless Chromium with its driver for the page tests), and systemd for
-# systemd-analyze, which checks etc/leeloo.service offline.
-DEBS="pebble certbot chromium chromium-driver systemd"
+# headless Chromium with its driver for the page tests), systemd for
+# systemd-analyze, which checks etc/leeloo.service offline, and redis-server
+# for the Redis store's tests (each starts its own on a loopback port; the
+# system's service is not used).
+DEBS="pebble certbot chromium chromium-driver systemd redis-server"
 # npm fetches axe-core for them: NodeSource's nodejs has it, Debian packages it apart.
 command -v npm >/dev/null 2>&1 || DEBS="$DEBS npm"
 missing=""

@@ -75,6 +75,19 @@ class PairingsContract:
         self.assertEqual(sorted(snapshot.pairings, key=lambda r: r.user_code), [waiting, pressed])
 
     @contract
+    def test_consent_kept(self):
+        """
+        Whether a flow offered to keep the access, and whether the phone
+        said yes (issue 20), come back after a restart.
+        """
+        flows = [record("AAAAAAAA"), record("BBBBBBBB", keep_offered=True),
+                 record("CCCCCCCC", keep_offered=True, keep=True)]
+        for flow in flows:
+            yield self.store.pairings.put(flow)
+        snapshot = yield self.restart()
+        self.assertEqual(sorted(snapshot.pairings, key=lambda r: r.user_code), flows)
+
+    @contract
     def test_put_again(self):
         """
         A flow put again under its code replaces the first.

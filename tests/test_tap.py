@@ -689,3 +689,97 @@ class StoreLimitOptionsTests(OptionsTestCase):
         for option, bad in (("--crew-log-bytes", "0"), ("--store-queue-bytes", "-1"),
                             ("--presence-grace", "-1"), ("--presence-grace", "soon")):
             self.assertRaises(UsageError, self.parse, option, bad)
+
+
+class RedisOptionsTests(OptionsTestCase):
+    """
+    --redis and its options.
+    """
+
+    def test_default_is_sqlite(self):
+        """
+        Without --redis or --store the state is in SQLite, and no Redis is
+        configured.
+        """
+        config = self.parse()
+        self.assertEqual((config.store, config.redis), ("sqlite", None))
+
+    def test_redis_with_password_from_environment(self):
+        """
+        --redis makes Redis the store; the password comes from
+        LEELOO_REDIS_PASSWORD in the environment and never shows in the
+        configuration's repr.
+        """
+        config = self.parse("--redis", "rediss://relay@redis.example.org:6380/2", "--redis-timeout", "2",
+                            environ={"LEELOO_REDIS_PASSWORD": "pw-from-env"})
+        self.assertEqual(config.store, "redis")
+        r = config.redis
+        self.assertEqual((r.host, r.port, r.db, r.username, r.tls, r.password, r.reply_timeout),
+                         ("redis.example.org", 6380, 2, "relay", True, "pw-from-env", 2.0))
+        self.assertNotIn("pw-from-env", repr(config))
+
+    def test_password_from_env_file(self):
+        """
+        LEELOO_REDIS_PASSWORD may come from the env file (no unknown-setting
+        warning); the environment wins over it.
+        """
+        path = self.env_file("LEELOO_REDIS_PASSWORD=pw-from-file\n")
+        os.chmod(path, 0o600)
+        config = self.parse("--env-file", path, "--redis", "redis://127.0.0.1:6379/0")
+        self.assertEqual((config.redis.password, config.warnings), ("pw-from-file", ()))
+        config = self.parse("--env-file", path, "--redis", "redis://127.0.0.1:6379/0",
+                            environ={"LEELOO_REDIS_PASSWORD": "env"})
+        self.assertEqual(config.redis.password, "env")
+
+    def test_refused_combinations(self):
+        """
+        --store or --fsync with --redis, a password in the URL, a bad URL,
+        and --redis-ca without rediss:// are refused in one line each.
+        """
+        cases = [
+            (("--redis", "redis://h:1/0", "--store", "sqlite"), "--store sqlite and --redis"),
+            (("--redis", "redis://h:1/0", "--store", "memory"), "--store memory and --redis"),
+            (("--redis", "redis://h:1/0", "--fsync"), "--fsync is the SQLite store's"),
+            (("--redis", "redis://u:secret@h:1/0"), "LEELOO_REDIS_PASSWORD"),
+            (("--redis", "http://h:1/0"), "redis:// or rediss://"),
+            (("--redis", "redis://h:1/0", "--redis-ca", __file__), "--redis-ca is for rediss://"),
+            (("--redis-ca", __file__), "give --redis too"),
+        ]
+        for argv, says in cases:
+            with self.assertRaises(UsageError) as raised:
+                self.parse(*argv)
+            self.assertIn(says, str(raised.exception), argv)
+            self.assertNotIn("secret", str(raised.exception))
+            self.assertEqual(len(str(raised.exception).splitlines()), 1)
+
+    def test_unreachable_redis_is_a_startup_error(self):
+        """
+        A Redis that cannot be reached at start is one StartupError line
+        naming where, not a traceback.
+        """
+        from leeloo.service import StartupError
+
+        config = self.parse("--redis", "redis://127.0.0.1:1/0")
+        with self.assertRaises(StartupError) as raised:
+            build_service(config, MemoryReactorClock(), notify=lambda state: True)
+        self.assertIn("cannot open the Redis store", str(raised.exception))
+        self.assertIn("127.0.0.1:1", str(raised.exception))
+
+    def test_sqlite_path_does_not_load_the_redis_client(self):
+        """
+        Building the SQLite relay never imports txredisapi (nor the Redis
+        store): the single-node path is as it was.
+        """
+        import subprocess
+
+        code = ("import sys; from leeloo.tap import Options, build_service; "
+                "o = Options(environ={}); o.parseOptions(['--data-dir', sys.argv[1]]); "
+                "from twisted.internet.testing import MemoryReactorClock; "
+                "build_service(o.config, MemoryReactorClock(), notify=lambda s: True); "
+                "print('txredisapi' in sys.modules, 'leeloo.redisstore' in sys.modules)")
+        from .support import CHECKOUT
+
+        env = dict(os.environ, PYTHONPATH=CHECKOUT)
+        done = subprocess.run([sys.executable, "-c", code, self.data_dir], capture_output=True, text=True,
+                              env=env, timeout=60)
+        self.assertEqual(done.stdout.split(), ["False", "False"], done.stderr)

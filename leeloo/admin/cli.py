@@ -10,6 +10,12 @@ C{DATA_DIR/admin.token}), so that the relay and its store never disagree:
 C{reset-key DEVICE}, C{remove DEVICE CREW}, C{rename-crew OLD NEW},
 C{delete-crew CODE}, C{import FILE}.
 
+A relay on the Redis store (C{--redis}) is read from Redis: the one named
+by C{--redis URL}, or else the one the relay of C{--data-dir} wrote in its
+C{config.json}, with the password from C{LEELOO_REDIS_PASSWORD} (the
+environment, or C{--env-file}).  C{migrate-to-redis URL} copies a stopped
+single node's SQLite state into an empty Redis.
+
 Exit status: 0 done; 1 refused (no such crew, the relay not running or
 not empty, ...); 2 bad input.  Every problem is one line on stderr.
 """
@@ -74,11 +80,64 @@ def _device(value: str) -> str:
 # ------------------------------------------------------------- read only
 
 
-def _reader(data_dir: str) -> Any:
-    from leeloo.admin.state import Reader, StateError, open_database
+def _redis_password(args: argparse.Namespace) -> str | None:
+    """
+    LEELOO_REDIS_PASSWORD from the environment, or else from C{--env-file}.
+    """
+    from leeloo.redisurl import PASSWORD_SETTING
+
+    if os.environ.get(PASSWORD_SETTING):
+        return os.environ[PASSWORD_SETTING]
+    if getattr(args, "env_file", None):
+        from twisted.python.usage import UsageError
+
+        from leeloo.tap import read_env_file
+
+        try:
+            return read_env_file(args.env_file).get(PASSWORD_SETTING) or None
+        except UsageError as e:
+            raise Refusal(str(e)) from None
+    return None
+
+
+def _redis_settings(args: argparse.Namespace, url: str, ca_file: str | None = None) -> Any:
+    from leeloo.redisurl import RedisURLError, parse_redis_url
 
     try:
-        return Reader(open_database(data_dir))
+        return parse_redis_url(url, password=_redis_password(args), ca_file=ca_file)
+    except RedisURLError as e:
+        raise BadInput(str(e)) from None
+
+
+def _redis_of(args: argparse.Namespace) -> Any:
+    """
+    The Redis the state is in: C{--redis URL}, or else the one the relay of
+    C{--data-dir} said it uses (its config.json); C{None} for SQLite.
+    """
+    if getattr(args, "redis", None):
+        return _redis_settings(args, args.redis, getattr(args, "redis_ca", None))
+    from leeloo.admin.datadir import CONFIG_FILE
+
+    try:
+        document = json.loads((Path(args.data_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+        redis = document["config"]["redis"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(redis, dict) or not isinstance(redis.get("url"), str):
+        return None
+    return _redis_settings(args, redis["url"], redis.get("ca_file") if isinstance(redis.get("ca_file"), str) else None)
+
+
+def _reader(args: argparse.Namespace) -> Any:
+    from leeloo.admin.state import Reader, StateError, open_database
+
+    redis = _redis_of(args)
+    try:
+        if redis is not None:
+            from leeloo.admin.redisstate import RedisReader
+
+            return RedisReader(redis)
+        return Reader(open_database(args.data_dir))
     except StateError as e:
         raise Refusal(str(e)) from None
 
@@ -92,7 +151,7 @@ def _printable(text: str) -> str:
 
 
 def cmd_crews(args: argparse.Namespace, out: TextIO) -> None:
-    with _reader(args.data_dir) as r:
+    with _reader(args) as r:
         crews = r.crews()
         names = {c["code"]: [_printable(m["name"]) for m in r.members(c["code"])] for c in crews}
     for c in crews:
@@ -103,7 +162,7 @@ def cmd_crews(args: argparse.Namespace, out: TextIO) -> None:
 
 def cmd_crew(args: argparse.Namespace, out: TextIO) -> None:
     code = _code(args.code)
-    with _reader(args.data_dir) as r:
+    with _reader(args) as r:
         crew = next((c for c in r.crews() if c["code"] == code), None)
         aliases = r.aliases()
         if crew is None:
@@ -128,7 +187,7 @@ def cmd_crew(args: argparse.Namespace, out: TextIO) -> None:
 
 
 def cmd_devices(args: argparse.Namespace, out: TextIO) -> None:
-    with _reader(args.data_dir) as r:
+    with _reader(args) as r:
         devices = r.devices()
     for d in devices:
         key = "key bound" if d["bound"] else "key issued, not yet presented"
@@ -138,7 +197,7 @@ def cmd_devices(args: argparse.Namespace, out: TextIO) -> None:
 
 
 def cmd_export(args: argparse.Namespace, out: TextIO) -> None:
-    with _reader(args.data_dir) as r:
+    with _reader(args) as r:
         document = r.export()
     document["exported_at"] = time.time()
     json.dump(document, out, indent=1, sort_keys=True)
@@ -162,9 +221,12 @@ def cmd_config(args: argparse.Namespace, out: TextIO) -> None:
 
 def cmd_backup(args: argparse.Namespace, out: TextIO) -> None:
     target = Path(args.file)
+    if _redis_of(args) is not None:
+        raise Refusal("the relay keeps its state in Redis: back it up with Redis's own persistence "
+                      "(its AOF and RDB files, BGSAVE), not with leeloo-admin backup")
     if target.exists():
         raise Refusal(f"{target} exists: back up to a new file")
-    r = _reader(args.data_dir)
+    r = _reader(args)
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
@@ -300,10 +362,49 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> None:
               f"{answer.get('tokens', 0)} pending tokens and {answer.get('messages', 0)} messages from {path}\n")
 
 
+def cmd_migrate_to_redis(args: argparse.Namespace, out: TextIO) -> None:
+    from leeloo.admin.state import StateError, open_database
+    from leeloo.redisstore import MigrationError, migrate_to_redis
+    from leeloo.sqlitestore import SCHEMA_VERSION, load_database, read_log, schema_version
+    from leeloo.store import StoreError
+
+    settings = _redis_settings(args, args.url, args.redis_ca)
+    try:
+        db = open_database(args.data_dir)
+    except StateError as e:
+        raise Refusal(str(e)) from None
+    try:
+        if schema_version(db) != SCHEMA_VERSION:
+            raise Refusal(f"the database in {args.data_dir} is at schema version {schema_version(db)}, not "
+                          f"{SCHEMA_VERSION}: start this relay on it once (it migrates it), stop it, and try again")
+        # One read transaction: the copy is the state of one moment.
+        db.execute("BEGIN")
+        try:
+            snapshot = load_database(db)
+            done = migrate_to_redis(snapshot, lambda code: read_log(db, code), settings)
+        finally:
+            db.execute("COMMIT")
+    except (MigrationError, StoreError) as e:
+        raise Refusal(str(e)) from None
+    finally:
+        db.close()
+    out.write(f"copied {done.crews} crews, {done.messages} messages, {done.devices} devices, "
+              f"{done.tokens} pending tokens, {done.grants} Spotify grants and {done.pairings} pairing flows from "
+              f"{Path(args.data_dir) / 'leeloo.sqlite3'} to {settings.where}; start the relay with "
+              f"--redis {settings.url}\n")
+
+
 def parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--data-dir", "-d", metavar="DIR", default=argparse.SUPPRESS,
                         help=f"the relay's --data-dir (default: {DEFAULT_DATA_DIR})")
+    common.add_argument("--redis", metavar="URL", default=argparse.SUPPRESS,
+                        help="read the state from this Redis (default: the one the relay of --data-dir "
+                             "uses, if any); the password comes from LEELOO_REDIS_PASSWORD")
+    common.add_argument("--redis-ca", metavar="FILE", default=argparse.SUPPRESS,
+                        help="PEM certificates rediss:// trusts (default: the system's)")
+    common.add_argument("--env-file", "-e", metavar="FILE", default=argparse.SUPPRESS,
+                        help="the relay's env file, for LEELOO_REDIS_PASSWORD")
     top = _Parser(prog="leeloo-admin", parents=[common],
                   description="Look after a LEELOO relay's crews and devices.",
                   epilog="Exit status: 0 done, 1 refused, 2 bad input.")
@@ -331,6 +432,9 @@ def parser() -> argparse.ArgumentParser:
     command("delete-crew", cmd_delete_crew, "delete a crew with its members, bot users and log",
             ("code", "the crew's code"))
     command("import", cmd_import, "take up an export in an empty relay", ("file", "the export's file"))
+    command("migrate-to-redis", cmd_migrate_to_redis,
+            "copy a stopped single node's SQLite state into an empty Redis (then start the relay with --redis)",
+            ("url", "redis://[USER@]HOST:PORT/DB or rediss://..."))
     return top
 
 
@@ -348,6 +452,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         args = parser().parse_args(argv)
         if not hasattr(args, "data_dir"):
             args.data_dir = DEFAULT_DATA_DIR
+        if not hasattr(args, "redis_ca"):
+            args.redis_ca = None
         args.call(args, out)
     except BadInput as e:
         err.write(f"leeloo-admin: {e}\n")

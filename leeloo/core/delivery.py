@@ -118,7 +118,20 @@ class Publication:
         if self.remembered is not None:
             self.remembered.seq = seq
         return LogEntry(code, seq, self.id, self.sender, self.client_msg_id, self.digest,
-                        self.created_at, self.out.payload, messages.is_ephemeral(fanout))
+                        self.created_at, self.out.payload, messages.is_ephemeral(fanout),
+                        self.renumbered if self.sequences.engine_mints else None)
+
+    def renumbered(self, seq: int) -> None:
+        """
+        The engine stored this message as C{seq} (another relay sharing it
+        took the number proposed): stamp it so before it is fanned out and
+        answered.
+        """
+        self.seq = seq
+        self.out = Outgoing(messages.stamped(self.message.to_dict(), int(self.created_at * 1000), seq, self.id,
+                                             self.code))
+        if self.remembered is not None:
+            self.remembered.seq = seq
 
 
 @dataclass(frozen=True, slots=True)

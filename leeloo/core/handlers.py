@@ -169,6 +169,18 @@ class Handlers:
         _log.error("could not look a crew or device up in the store: {error}", error=failure.getErrorMessage())
         raise StoreUnavailable("the relay could not read its store; try again")
 
+    @staticmethod
+    def _sent_lookup_failed(failure: Any, client_msg_id: str) -> None:
+        """
+        The store could not say whether C{client_msg_id} was sent already:
+        the message is not sent, and the refusal names it, as a failed
+        write's does.
+        """
+        failure.trap(StoreError)
+        _log.error("could not look a client_msg_id up in the store: {error}", error=failure.getErrorMessage())
+        raise StoreUnavailable("the message could not be stored and was not delivered; send it again",
+                               client_msg_id=client_msg_id)
+
     def _adopt_crew(self, snapshot: Snapshot | None, code: str) -> None:
         if snapshot is not None and code not in self.crews.crews:
             self.crews.restore(snapshot)
@@ -437,7 +449,7 @@ class CrewMessageHandlers:
     def _send(self, session: Session, out: Fanout, received: Any, size: int) -> Deferred | None:
         wait = self.delivery.look_up_sent(session, received.client_msg_id, received.crew_code)
         if wait is not None:
-            wait.addErrback(Handlers._lookup_failed)
+            wait.addErrback(Handlers._sent_lookup_failed, received.client_msg_id)
             return wait.addCallback(lambda _: None if session.closing else self._send_now(session, out, received, size))
         self._send_now(session, out, received, size)
         return None

@@ -276,3 +276,29 @@ class SentLookupTests(TwoNodesTestCase):
         [again] = [m for m in moved.take() if m["type"] == "sent"]
         self.assertEqual((again["id"], again["seq"]), (sent["id"], sent["seq"]))
         self.assertEqual(len(self.store.log["HOME"]), 1)
+
+    def test_failed_lookup_names_the_message(self):
+        """
+        When the store cannot say whether a client_msg_id was sent already,
+        the message is answered store_unavailable naming its client_msg_id
+        (as a failed write is), nothing is stored, and the next frame is
+        handled.
+        """
+        class Broken(MemoryStore):
+            def find_sent(self, crew_code, sender, client_msg_id):
+                from twisted.internet.defer import fail
+                return fail(StoreError("Redis went away"))
+
+        store = Broken()
+        relay = Relay(self.clock, store)
+        d = Device(relay, "127.0.0.1")
+        d.send(type="create_crew", device_id="ann", crew_code="HOME")
+        self.clock.advance(1)
+        d.take()
+        d.send(type="message", payload={"text": "hi"}, client_msg_id="c1")
+        d.send(type="ping")
+        self.clock.advance(1)
+        [refused, pong] = d.take()
+        self.assertEqual((refused["error"], refused["client_msg_id"], pong["type"]),
+                         ("store_unavailable", "c1", "pong"))
+        self.assertEqual(store.log.get("HOME", []), [])
