@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from leeloo.admin.state import FORMAT, VERSION, StateError
+from leeloo.admin.state import StateError, export_document
 from leeloo.redisstore import BlockingRedis, read_log
 from leeloo.redisurl import RedisSettings
 from leeloo.sqlitestore import SCHEMA_VERSION
@@ -90,17 +90,4 @@ class RedisReader:
                 for t in sorted(self.snapshot.tokens, key=lambda t: t.device_id)]
 
     def export(self) -> dict:
-        aliases = self.aliases()
-        crews = []
-        for crew in self.crews():
-            code = crew["code"]
-            crews.append({
-                "code": code, "name": crew["name"], "created_at": crew["created_at"],
-                "created_by": crew["created_by"],
-                "members": self.members(code), "bot_users": self.bot_users(code),
-                "aliases": sorted(a for a, target in aliases.items() if target == code),
-                "log": list(self.log(code)),
-            })
-        devices = [{k: v for k, v in d.items() if k != "crews"} for d in self.devices()]
-        return {"format": FORMAT, "version": VERSION, "schema": SCHEMA_VERSION, "crews": crews,
-                "devices": devices, "pending_tokens": self.tokens(), "multi_crew": self.multi_crew()}
+        return export_document(self, SCHEMA_VERSION)

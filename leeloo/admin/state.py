@@ -161,21 +161,28 @@ class Reader:
         """
         The whole state as the export document.
         """
-        aliases = self.aliases()
-        crews = []
-        for crew in self.crews():
-            code = crew["code"]
-            crews.append({
-                "code": code, "name": crew["name"], "created_at": crew["created_at"],
-                "created_by": crew["created_by"],
-                "members": self.members(code), "bot_users": self.bot_users(code),
-                "aliases": sorted(a for a, target in aliases.items() if target == code),
-                "log": list(self.log(code)),
-            })
-        devices = [{k: v for k, v in d.items() if k != "crews"} for d in self.devices()]
-        schema = self.db.execute("PRAGMA user_version").fetchone()[0]
-        return {"format": FORMAT, "version": VERSION, "schema": schema, "crews": crews, "devices": devices,
-                "pending_tokens": self.tokens(), "multi_crew": self.multi_crew()}
+        return export_document(self, self.db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def export_document(reader: Any, schema: int) -> dict:
+    """
+    The export document of the state a reader (of SQLite, or of Redis)
+    reads, written at C{schema}.
+    """
+    aliases = reader.aliases()
+    crews = []
+    for crew in reader.crews():
+        code = crew["code"]
+        crews.append({
+            "code": code, "name": crew["name"], "created_at": crew["created_at"],
+            "created_by": crew["created_by"],
+            "members": reader.members(code), "bot_users": reader.bot_users(code),
+            "aliases": sorted(a for a, target in aliases.items() if target == code),
+            "log": list(reader.log(code)),
+        })
+    devices = [{k: v for k, v in d.items() if k != "crews"} for d in reader.devices()]
+    return {"format": FORMAT, "version": VERSION, "schema": schema, "crews": crews, "devices": devices,
+            "pending_tokens": reader.tokens(), "multi_crew": reader.multi_crew()}
 
 
 # ------------------------------------------------------------------ import
