@@ -60,7 +60,9 @@ figure_env() {  # the run.sh sizes of a figure
   case "$1" in
     idle) echo "SCENARIOS=idle N_IDLE=10000 HOLD=5" ;;
     sat2k) echo "SCENARIOS=saturate N_SAT=2000 SAT_START=1000 SAT_STEP=2 SAT_REFINE=3" ;;
-    sat10k) echo "SCENARIOS=saturate N_SAT=10000 SAT_START=1000 SAT_STEP=2 SAT_REFINE=3" ;;
+    # From 250 msg/s: the Node original's p99 passes 50 ms below 1,000 msg/s at N=10,000,
+    # and a ramp that starts above it gives a bound, not its figure.
+    sat10k) echo "SCENARIOS=saturate N_SAT=10000 SAT_START=250 SAT_STEP=2 SAT_REFINE=3" ;;
     fanout) echo "SCENARIOS=fanout N_FANOUT=10000 RATE=2000 DURATION=8" ;;
     cpu2k) echo "SCENARIOS=fanout N_FANOUT=2000 RATE=1000 DURATION=10" ;;
     storm) echo "SCENARIOS=storm N_STORM=10000 STORM_CONC=500" ;;
