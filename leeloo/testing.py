@@ -317,16 +317,26 @@ class FakeSpotifyAccounts(Resource):
             return self._json(request, 429, {"error": {"status": 429, "message": "API rate limit exceeded"}})
         return None
 
-    def _search(self, request: Request) -> bytes:
-        query = {k.decode(): v[0].decode() for k, v in request.args.items()}
-        authorization = (request.getHeader(b"authorization") or b"").decode("latin-1")
-        self.searches.append({**query, "authorization": authorization})
+    def _held_or_failing(self, request: Request) -> bytes | None:
+        """
+        What the Web API answers instead, while held, rate limited or told
+        to fail (C{fail_with}); otherwise C{None}.
+        """
         held = self._hold_or_limit(request)
         if held is not None:
             return held
         if self.fail_with is not None:
             request.setResponseCode(self.fail_with)
             return b"<html>upstream trouble</html>"
+        return None
+
+    def _search(self, request: Request) -> bytes:
+        query = {k.decode(): v[0].decode() for k, v in request.args.items()}
+        authorization = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        self.searches.append({**query, "authorization": authorization})
+        refused = self._held_or_failing(request)
+        if refused is not None:
+            return refused
         if not authorization.startswith("Bearer ") or authorization[7:] not in self.app_tokens[-1:]:
             return self._json(request, 401, {"error": {"status": 401, "message": "Invalid access token"}})
         if query.get("type") != "track" or not query.get("q"):
@@ -338,12 +348,9 @@ class FakeSpotifyAccounts(Resource):
     def _player(self, request: Request) -> bytes:
         authorization = (request.getHeader(b"authorization") or b"").decode("latin-1")
         self.player_requests.append(authorization)
-        held = self._hold_or_limit(request)
-        if held is not None:
-            return held
-        if self.fail_with is not None:
-            request.setResponseCode(self.fail_with)
-            return b"<html>upstream trouble</html>"
+        refused = self._held_or_failing(request)
+        if refused is not None:
+            return refused
         if not authorization.startswith("Bearer ") or authorization[7:] not in self.user_tokens:
             return self._json(request, 401, {"error": {"status": 401, "message": "The access token expired"}})
         if self.playing is None:

@@ -41,15 +41,11 @@ class RedisTestCase(TestCase):
         return store
 
 
-class RedisStoreTests(StoreContract, RedisTestCase):
+class RedisEngine:
     """
-    The store contract, on L{RedisStore}.
+    What a store contract asks of its engine, on a L{RedisTestCase}'s
+    Redis (first in the bases, before the contract's own).
     """
-
-    @inlineCallbacks
-    def setUp(self):
-        yield RedisTestCase.setUp(self)
-        StoreContract.setUp(self)
 
     def make_store(self):
         return self.open()
@@ -61,6 +57,18 @@ class RedisStoreTests(StoreContract, RedisTestCase):
 
     def finish(self, d):
         return d
+
+
+class RedisStoreTests(RedisEngine, StoreContract, RedisTestCase):
+    """
+    The store contract, on L{RedisStore}.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        yield RedisTestCase.setUp(self)
+        StoreContract.setUp(self)
+
 
     @contract
     def test_find_sent_after_restart(self):
@@ -93,7 +101,7 @@ class RedisStoreTests(StoreContract, RedisTestCase):
         self.assertEqual(self.store.sequences.next(ALPHA), 4)
 
 
-class RedisPairingsTests(PairingsContract, RedisTestCase):
+class RedisPairingsTests(RedisEngine, PairingsContract, RedisTestCase):
     """
     The pairings contract, on L{RedisStore}'s pairings.
     """
@@ -103,16 +111,6 @@ class RedisPairingsTests(PairingsContract, RedisTestCase):
         yield RedisTestCase.setUp(self)
         PairingsContract.setUp(self)
 
-    def make_store(self):
-        return self.open()
-
-    @inlineCallbacks
-    def reopen(self, store):
-        yield store.close()
-        return self.open()
-
-    def finish(self, d):
-        return d
 
 
 class URLTests(SynchronousTestCase):
