@@ -237,6 +237,8 @@ class ConnectionGate:
         self.limiter = Limiter(clock, rate)
         self.refused: dict[str, int] = {TOO_MANY_FROM_ADDRESS: 0, CONNECTING_TOO_FAST: 0}
         self._swept = clock.seconds()
+        # The cluster's counts, when the relay shares its limits (--redis).
+        self.shared: Any = None
 
     def counted(self, host: str | None) -> bool:
         """
@@ -269,16 +271,42 @@ class ConnectionGate:
         self.by_address[host] = count + 1
         return None
 
-    def release(self, host: str | None) -> None:
+    def release(self, host: str | None, ticket: Any = None) -> None:
         """
-        A connection L{admit}ted from C{host} closed.
+        A connection L{admit}ted from C{host} closed (with its L{share}
+        C{ticket}, if it has one).
         """
         count = self.by_address.get(host, 0)
         if count <= 1:
             self.by_address.pop(host, None)
         else:
             self.by_address[host] = count - 1
+        if ticket is not None:
+            ticket.release()
+
+    def share(self, host: str | None) -> tuple[Any, Any] | None:
+        """
+        After L{admit} let a connection from C{host} in: count it against
+        the whole cluster too, when this node shares its limits
+        (C{shared}, a L{leeloo.sharedlimits.SharedLimits}; C{--redis}).
+
+        @return: C{None} (not shared), or the connection's ticket and
+            C{None} (let in) or a Deferred of the cluster's verdict, as
+            L{leeloo.sharedlimits.SharedLimits.admit} gives them.
+        """
+        if self.shared is None or not self.counted(host):
+            return None
+        return self.shared.admit(host, self.max_per_address, self.rate)
+
+    def refused_by_cluster(self, host: str | None, reason: str) -> None:
+        """
+        The cluster refused a connection from C{host} that L{admit}
+        counted: uncount it here, and count the refusal.
+        """
+        self.release(host)
+        self.refused[reason] += 1
 
     def describe(self) -> str:
-        return (f"{self.max_per_address} TCP connections per client address, "
+        shared = " (shared by every node on the Redis)" if self.shared is not None else ""
+        return (f"{self.max_per_address} TCP connections per client address{shared}, "
                 f"new ones at {self.rate.describe()} per address")

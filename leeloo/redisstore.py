@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.logger import Logger
@@ -459,6 +459,27 @@ class RedisConnection:
             endpoint, _Factory(self),
             retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=settings.max_retry_delay, factor=2.0),
             clock=reactor)
+
+    @property
+    def starting(self) -> bool:
+        """
+        Whether commands wait for the first connection (made, or its first
+        attempt failed, they fail at once while there is none).
+        """
+        return self._first is not None
+
+    def also_on_ready(self, hook: Callable[[Any], Deferred | None]) -> None:
+        """
+        Call C{hook} too with each new connection before it is used, after
+        C{on_ready} (and waited for the same way).
+        """
+        first = self.on_ready
+
+        def both(p: Any) -> Deferred:
+            d = maybeDeferred(first, p) if first is not None else succeed(None)
+            return d.addCallback(lambda _: hook(p))
+
+        self.on_ready = both
 
     def start(self) -> None:
         self.service.startService()

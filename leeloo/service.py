@@ -482,10 +482,21 @@ def build_service(config: Config, reactor: Any, http: Any = None,
 
     top = RelayTree()
     top.metrics = metrics
+    if config.redis is not None:
+        # Imported here: the SQLite path never loads the Redis client.
+        from leeloo.sharedlimits import SharedLimits, SharedLimitsService
+
+        # Every node on this Redis counts each client address's
+        # connections together (one cap for the cluster, not one a node).
+        shared = SharedLimits(store.store.connection, reactor)
+        gate.shared = ws_factory.shared = shared
+        limits_service = SharedLimitsService(shared)
     if pool is not None:
         # Stopped last: the connections to Spotify kept open for reuse close.
         HTTPPoolService(pool).setServiceParent(top)
     store.setServiceParent(top)
+    if config.redis is not None:
+        limits_service.setServiceParent(top)
     RelayService(relay, ws_factory, config, store).setServiceParent(top)
     timers(relay, reactor).setServiceParent(top)
     if certificates:

@@ -967,6 +967,8 @@ class RelayChannel(HTTPChannel):
     _answer: bytes | None = None
     # The peer host the site's gate counted this connection against.
     _gated: str | None = None
+    # Its ticket in the cluster's counts (L{ConnectionGate.share}), if any.
+    _ticket: Any = None
     # Bytes of the request head so far, and its lines (the request line
     # included); 0 between requests.
     _head_size = 0
@@ -985,7 +987,31 @@ class RelayChannel(HTTPChannel):
                 self.turn_away(*refused)
                 return
             self._gated = host
+            if gate.shared is not None:
+                shared = gate.share(host)
+                if shared is not None:
+                    self._ticket, verdict = shared
+                    if verdict is not None:
+                        # Nothing is read until the cluster has counted it.
+                        self.transport.pauseProducing()
+                        verdict.addCallback(self._cluster_verdict, gate)
         self.site.deadlines.watch(self)
+
+    def _cluster_verdict(self, refused: tuple[str, float] | None, gate: ConnectionGate) -> None:
+        """
+        The cluster's answer for this connection (L{ConnectionGate.share}):
+        read on, or turn it away as the node's own limits would.
+        """
+        if self._gated is None:
+            # Closed meanwhile (its ticket was released with it).
+            return
+        if refused is not None:
+            host, self._gated, self._ticket = self._gated, None, None
+            gate.refused_by_cluster(host, refused[0])
+            self.transport.resumeProducing()
+            self.turn_away(*refused)
+            return
+        self.transport.resumeProducing()
 
     def turn_away(self, reason: str, wait: float) -> None:
         """
@@ -1079,8 +1105,8 @@ class RelayChannel(HTTPChannel):
         if self._gated is not None:
             # The WebSocket now gets the connection's end, not this
             # channel: it frees the connection's place under the gate.
-            protocol.gate_slot = (self.site.gate, self._gated)
-            self._gated = None
+            protocol.gate_slot = (self.site.gate, self._gated, self._ticket)
+            self._gated = self._ticket = None
         # The request deadline keeps running until the handshake is done
         # (this channel keeps its transport for the deadline to abort), and
         # the handshake's head has the limits twisted.web gives a request's.
@@ -1146,8 +1172,8 @@ class RelayChannel(HTTPChannel):
             if self._gated is not None:
                 # The WebSocket now gets the connection's end, not this
                 # channel: it frees the connection's place under the gate.
-                _protocol_of(transport).gate_slot = (self.site.gate, self._gated)
-                self._gated = None
+                _protocol_of(transport).gate_slot = (self.site.gate, self._gated, self._ticket)
+                self._gated = self._ticket = None
 
     def requestDone(self, request: Request) -> None:
         # The next request (or the close, if this one was the last) is due
@@ -1180,8 +1206,8 @@ class RelayChannel(HTTPChannel):
         self.site.deadlines.done(self)
         self.site.lingering.done(self)
         if self._gated is not None:
-            self.site.gate.release(self._gated)
-            self._gated = None
+            self.site.gate.release(self._gated, self._ticket)
+            self._gated = self._ticket = None
         super().connectionLost(reason)
 
     def refuse_body(self) -> None:

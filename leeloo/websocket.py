@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from leeloo.access import TOO_MANY_CONNECTIONS, ConnectionCaps, OriginPolicy, TrustedProxies
+from leeloo.access import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_ADDRESS, ConnectionCaps, OriginPolicy, TrustedProxies
 from leeloo.pages import SECURITY_HEADERS, reason_phrase
 from leeloo.core.peer import IPeer, Outgoing
 from leeloo.core.sessions import Session
@@ -166,6 +166,9 @@ class RelayServerProtocol(WebSocketServerProtocol):
     # The client address, counted against the caps once admitted.
     address: str | None = None
     _admitted = False
+    # Its ticket in the cluster's counts, for a client a trusted proxy
+    # forwards (leeloo.sharedlimits; the gate counts the others).
+    _ticket: Any = None
     # Bytes sent since the transport paused us; None while it is not paused.
     _unsent: float | None = None
     # The socket of a plain TCP transport, which frames go straight to.
@@ -340,6 +343,29 @@ class RelayServerProtocol(WebSocketServerProtocol):
         factory.admit(address)
         self.address = address
         self._admitted = True
+        if factory.shared is not None and address is not None and address != peer:
+            # Forwarded by a trusted proxy, so the gate did not count it:
+            # count it against the cluster before the handshake is answered.
+            self._ticket, verdict = factory.shared.admit(address, factory.caps.max_per_address)
+            if verdict is not None:
+                return verdict.addCallback(self._cluster_verdict)
+        return None
+
+    def _cluster_verdict(self, refused: tuple[str, float] | None) -> None:
+        """
+        The cluster's answer for this forwarded client: go on with the
+        handshake, or refuse it as L{RelayServerFactory.admit} would (also
+        when the connection closed meanwhile: nothing is left to open).
+        """
+        if refused is None and self._admitted:
+            return
+        if self._admitted:
+            self._admitted = False
+            self.factory.release(self.address)
+        if refused is not None:
+            self._ticket = None
+            self.factory.refused_by_cluster(self.address)
+        raise ConnectionDeny(503, "Too Many Connections From Your Address")
 
     def onOpen(self) -> None:
         if self.handshake_guard is not None:
@@ -416,8 +442,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
             self._handshake_done()
             slot, self.gate_slot = self.gate_slot, None
             if slot is not None:
-                gate, host = slot
-                gate.release(host)
+                gate, host, ticket = slot
+                gate.release(host, ticket)
 
     def sendPing(self, payload: bytes | None = None) -> None:
         super().sendPing(payload)
@@ -464,6 +490,9 @@ class RelayServerProtocol(WebSocketServerProtocol):
             if self._admitted:
                 self._admitted = False
                 self.factory.release(self.address)
+            ticket, self._ticket = self._ticket, None
+            if ticket is not None:
+                ticket.release()
 
     def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders=None) -> None:
         # Autobahn's refusals (403, 503, 400...) carry the relay's security
@@ -651,6 +680,8 @@ class RelayServerFactory(WebSocketServerFactory):
         self.proxies = proxies
         self.origins = origins
         self.caps = ConnectionCaps(limits.max_connections, limits.max_connections_per_address)
+        # The cluster's per-address counts (leeloo.sharedlimits) with --redis.
+        self.shared: Any = None
         # Counters for the metrics: plain integers, O(1) to bump.
         self.refused: Counter[str] = Counter()
         # Error messages sent by code (rate_limited, device_auth_failed...),
@@ -728,6 +759,18 @@ class RelayServerFactory(WebSocketServerFactory):
                       "it has {count} open, the most allowed",
                       client_address=address, count=self.caps.max_per_address)
         raise ConnectionDeny(503, "Too Many Connections From Your Address")
+
+    def refused_by_cluster(self, address: str | None) -> None:
+        """
+        The cluster (L{leeloo.sharedlimits}) refused a connection from
+        C{address} that L{admit} let in (and that has been released).
+        """
+        self.refused[TOO_MANY_FROM_ADDRESS] += 1
+        if address not in self._warned:
+            self._warned.add(address)
+            _log.warn("refusing WebSocket connections from {client_address}: "
+                      "it has {count} open on all the relay's nodes, the most allowed",
+                      client_address=address, count=self.caps.max_per_address)
 
     def release(self, address: str | None) -> None:
         """
