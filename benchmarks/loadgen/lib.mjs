@@ -34,8 +34,22 @@ export function loopbackUrl(text) {
 let CLK_TCK = 100;
 try { CLK_TCK = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8', timeout: 2000 }).trim()) || 100; } catch { /* 100 */ }
 
+// A pid, or several comma-separated (summed): the nodes of a cluster.
+function eachPid(pid, f) {
+  const pids = String(pid).split(',');
+  if (pids.length === 1) return f(pids[0]);
+  let total = 0;
+  for (const p of pids) {
+    const v = f(p);
+    if (v === null) return null;
+    total += v;
+  }
+  return total;
+}
+
 export function procRssKb(pid) {
   if (!pid) return null;
+  if (String(pid).includes(',')) return eachPid(pid, procRssKb);
   try {
     const m = /VmRSS:\s+(\d+)\s+kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
     return m ? Number(m[1]) : null;
@@ -45,6 +59,7 @@ export function procRssKb(pid) {
 // utime + stime of a process, in seconds
 export function procCpuS(pid) {
   if (!pid) return null;
+  if (String(pid).includes(',')) return eachPid(pid, procCpuS);
   try {
     const s = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
     const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
@@ -53,7 +68,7 @@ export function procCpuS(pid) {
 }
 
 export function procAlive(pid) {
-  return !!pid && fs.existsSync(`/proc/${pid}/stat`);
+  return !!pid && String(pid).split(',').every((p) => fs.existsSync(`/proc/${p}/stat`));
 }
 
 // whole-machine jiffies: busy and total

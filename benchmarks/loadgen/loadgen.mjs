@@ -33,8 +33,14 @@ SCENARIO (crews of --crew-size; device i registers as bench_<i> in crew-<i/K>)
             total); time until all are registered, and failures.
 
 options [defaults]
-  --url URL               ws:// URL on a loopback address [ws://127.0.0.1:8080/ws]
-  --server-pid PID        the relay's pid: RSS from /proc/PID/status, CPU from /proc/PID/stat
+  --url URL[,URL...]      ws:// URL on a loopback address [ws://127.0.0.1:8080/ws]; several
+                          (comma-separated, one per relay node): device i connects to URL i mod k,
+                          so each crew spans the nodes (--spread device)
+  --spread device|crew    several URLs: device i goes to URL i mod k (device), or the
+                          whole crew c to URL c mod k (crew: no crew spans nodes) [device]
+  --server-pid PID[,PID]  the relay's pid(s): RSS from /proc/PID/status, CPU from /proc/PID/stat,
+                          summed over several (the nodes of a cluster)
+  --aux-pid PID[,PID]     other server processes (Redis) whose CPU each window reports too (aux_cpu_s)
   --n N                   devices [2000]
   --crew-size K           devices per crew, 2..32 [5]
   --workers W             generator worker processes [2]
@@ -71,14 +77,14 @@ options [defaults]
 `;
 
 const DEFAULTS = {
-  url: 'ws://127.0.0.1:8080/ws', 'server-pid': null, n: 2000, 'crew-size': 5, workers: 2, client: 'raw',
+  url: 'ws://127.0.0.1:8080/ws', 'server-pid': null, 'aux-pid': null, spread: 'device', n: 2000, 'crew-size': 5, workers: 2, client: 'raw',
   hold: 5, rate: 1000, duration: 8, warmup: 2,
   'start-rate': 500, 'step-seconds': 4, 'ramp-factor': 2, 'refine-steps': 3, 'max-steps': 12, 'max-rate': 200000,
   'p99-ms': 50, 'step-retries': 1, 'disturbed-retries': 3, 'min-send-ratio': 0.95, settle: 1, 'quiet-wait': 10, drain: 5,
   'connect-rate': 2000, 'connect-concurrency': 200, concurrency: 1000, 'register-timeout': 30, 'src-ips': 1,
   'json-out': null, label: '', 'max-seconds': 900, quiet: false, help: false,
 };
-const STRINGS = new Set(['url', 'client', 'json-out', 'label']);
+const STRINGS = new Set(['url', 'client', 'json-out', 'label', 'server-pid', 'aux-pid', 'spread']);
 const FLAGS = new Set(['quiet', 'help']);
 const RANGES = {
   n: [1, 100000, true], 'crew-size': [2, 32, true], workers: [1, 16, true], hold: [0, 3600], rate: [0.1, 1e6],
@@ -86,7 +92,7 @@ const RANGES = {
   'ramp-factor': [1.05, 16], 'refine-steps': [0, 20, true], 'max-steps': [1, 50, true], 'max-rate': [1, 1e6],
   'p99-ms': [0.01, 1e6], 'step-retries': [0, 5, true], 'disturbed-retries': [0, 10, true], 'min-send-ratio': [0, 1], settle: [0, 600], 'quiet-wait': [0, 600], drain: [0, 600],
   'connect-rate': [0, 1e6], 'connect-concurrency': [1, 100000, true], concurrency: [1, 100000, true],
-  'register-timeout': [0.1, 600], 'src-ips': [1, 254, true], 'max-seconds': [1, 86400], 'server-pid': [1, 2 ** 31, true],
+  'register-timeout': [0.1, 600], 'src-ips': [1, 254, true], 'max-seconds': [1, 86400],
 };
 const SCENARIOS = ['idle', 'fanout', 'saturate', 'storm'];
 
@@ -126,10 +132,16 @@ const opt = parseArgs(process.argv.slice(2));
 if (opt.help) { process.stdout.write(HELP); process.exit(0); }
 if (!SCENARIOS.includes(opt.scenario)) die(`SCENARIO must be one of ${SCENARIOS.join(', ')} (see --help)`);
 if (opt.client !== 'raw' && opt.client !== 'ws') die('--client must be raw or ws');
-let URL_;
-try { URL_ = loopbackUrl(opt.url); } catch (e) { die(e.message); }
-if (opt.client === 'raw' && URL_.protocol !== 'ws:') die('--client raw speaks ws:// only');
-if (opt['server-pid'] && !procAlive(opt['server-pid'])) die(`--server-pid ${opt['server-pid']} is not running`);
+if (opt.spread !== 'device' && opt.spread !== 'crew') die('--spread must be device or crew');
+let URLS;
+try { URLS = opt.url.split(',').map((u) => loopbackUrl(u.trim())); } catch (e) { die(e.message); }
+const URL_ = URLS.join(',');
+if (opt.client === 'raw' && URLS.some((u) => u.protocol !== 'ws:')) die('--client raw speaks ws:// only');
+for (const key of ['server-pid', 'aux-pid']) {
+  if (opt[key] && !/^\d+(,\d+)*$/.test(opt[key])) die(`--${key} must be a pid or comma-separated pids, got ${JSON.stringify(opt[key])}`);
+  if (opt[key] && !procAlive(opt[key])) die(`--${key} ${opt[key]}: not every one is running`);
+}
+const AUX = opt['aux-pid'];
 
 const T0 = nowMs();
 const N = opt.n;
@@ -189,7 +201,7 @@ const all = (cmd, argsOf, timeoutS) => Promise.all(workers.map((wk) => call(wk, 
 // coordinator's own CPU.  Worker CPU comes back with each command's reply.
 function openWindow(t = nowMs()) {
   const c = process.cpuUsage();
-  return { t, srv: procCpuS(PID), mach: machineJiffies(), coord_us: c.user + c.system };
+  return { t, srv: procCpuS(PID), aux: procCpuS(AUX), mach: machineJiffies(), coord_us: c.user + c.system };
 }
 function closeWindow(w, workerCpuUs, t = nowMs()) {
   const wall = Math.max((t - w.t) / 1000, 1e-9);
@@ -200,6 +212,11 @@ function closeWindow(w, workerCpuUs, t = nowMs()) {
   if (w.srv !== null && srv !== null) {
     out.server_cpu_s = round(srv - w.srv, 2);
     out.server_cpu_pct = round((100 * (srv - w.srv)) / wall, 1);
+  }
+  const aux = procCpuS(AUX);
+  if (w.aux !== null && aux !== null) {
+    out.aux_cpu_s = round(aux - w.aux, 2);
+    out.aux_cpu_pct = round((100 * (aux - w.aux)) / wall, 1);
   }
   const m = machineJiffies();
   if (w.mach && m && m.total > w.mach.total) out.machine_busy_pct = round((100 * (m.busy - w.mach.busy)) / (m.total - w.mach.total), 1);
@@ -233,10 +250,10 @@ const sum = (xs, f) => xs.reduce((s, x) => s + f(x), 0);
 // ------------------------------------------------------------ result
 const result = {
   tool: 'leeloo-benchmarks-loadgen', scenario: opt.scenario, label: opt.label, date: new Date().toISOString(),
-  url: URL_.toString(), run_id: RUN_ID,
+  url: URL_, urls: URLS.map(String), run_id: RUN_ID,
   host: { nproc: os.cpus().length, cpu: os.cpus()[0]?.model ?? null, node: process.version, ws: null },
-  params: { n: N, crew_size: K, workers: opt.workers, client: opt.client },
-  server: { pid: PID },
+  params: { n: N, crew_size: K, workers: opt.workers, client: opt.client, spread: opt.spread },
+  server: { pid: PID, aux_pid: AUX },
   ok: false,
 };
 try { result.host.ws = JSON.parse(fs.readFileSync(new URL('./node_modules/ws/package.json', import.meta.url), 'utf8')).version; } catch { /* not installed */ }
@@ -311,7 +328,7 @@ async function phase(rate, seconds) {
   let sendWin = null;
   // the relay's CPU over the sending period: sampled at its nominal end, or
   // when the workers answer if that comes first (they stop at their target)
-  const takeSnap = () => { if (!sendWin) sendWin = { t: nowMs(), srv: procCpuS(PID), mach: machineJiffies() }; };
+  const takeSnap = () => { if (!sendWin) sendWin = { t: nowMs(), srv: procCpuS(PID), aux: procCpuS(AUX), mach: machineJiffies() }; };
   const snap = setTimeout(takeSnap, startAt + seconds * 1000 - nowMs());
   const rs = await all('phase', (wk) => ({ phase: id, rate: rate * wk.share, seconds, startAt, drainS: opt.drain }),
     seconds + opt.drain + 30);
@@ -332,6 +349,11 @@ async function phase(rate, seconds) {
   if (sendWin && win.srv !== null && sendWin.srv !== null) {
     const wall = Math.max((sendWin.t - startAt) / 1000, 1e-9);
     send.server_cpu_pct = round((100 * (sendWin.srv - win.srv)) / wall, 1);
+    send.server_cpu_s = round(sendWin.srv - win.srv, 3);
+    if (win.aux !== null && sendWin.aux !== null) {
+      send.aux_cpu_pct = round((100 * (sendWin.aux - win.aux)) / wall, 1);
+      send.aux_cpu_s = round(sendWin.aux - win.aux, 3);
+    }
     if (win.mach && sendWin.mach && sendWin.mach.total > win.mach.total) {
       send.machine_busy_pct = round((100 * (sendWin.mach.busy - win.mach.busy)) / (sendWin.mach.total - win.mach.total), 1);
     }
@@ -504,7 +526,7 @@ async function saturate() {
   result.best_step = best ? {
     offered_msgs_per_s: best.offered_msgs_per_s, deliveries_per_s: best.deliveries_per_s, latency_ms: best.latency_ms,
     gen_cpu_pct: best.send.gen_cpu_pct, server_cpu_pct: best.send.server_cpu_pct, machine_busy_pct: best.send.machine_busy_pct,
-    other_load_pct: best.send.other_load_pct,
+    other_load_pct: best.send.other_load_pct, aux_cpu_pct: best.send.aux_cpu_pct,
   } : null;
   result.lowest_failing_msgs_per_s = hi;
   result.peak_deliveries_per_s = Math.max(0, ...steps.map((s) => s.deliveries_per_s || 0));
@@ -527,7 +549,7 @@ async function main() {
   result.params.workers = workers.length;
   try {
     await all('init', (wk) => ({
-      url: URL_.toString(), wid: wk.w, from: wk.from, to: wk.to, crewFrom: wk.crewFrom, crewTo: wk.crewTo, crewSize: K,
+      url: URLS[0].toString(), urls: URLS.map(String), spread: opt.spread, wid: wk.w, from: wk.from, to: wk.to, crewFrom: wk.crewFrom, crewTo: wk.crewTo, crewSize: K,
       client: opt.client, runId: RUN_ID, srcIps: opt['src-ips'], registerTimeoutMs: REG_S * 1000, maxSeconds: opt['max-seconds'],
     }), 20);
     if (opt.scenario === 'idle') await idle();

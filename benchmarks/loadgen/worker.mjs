@@ -38,8 +38,12 @@ function cpuUs() {
 // ------------------------------------------------------------ connections
 function openSocket(dev) {
   const local = cfg.srcIps > 1 ? `127.0.0.${1 + (dev.i % cfg.srcIps)}` : undefined;
-  if (cfg.client === 'raw') return new RawClient(cfg.url, { handshakeTimeout: cfg.registerTimeoutMs, localAddress: local });
-  return new WebSocket(cfg.url, {
+  // Several relay nodes: device i goes to node i mod k, so a crew spans
+  // them (or, --spread crew, crew c to node c mod k).
+  const url = cfg.urls && cfg.urls.length > 1
+    ? cfg.urls[(cfg.spread === 'crew' ? dev.crew : dev.i) % cfg.urls.length] : cfg.url;
+  if (cfg.client === 'raw') return new RawClient(url, { handshakeTimeout: cfg.registerTimeoutMs, localAddress: local });
+  return new WebSocket(url, {
     perMessageDeflate: false, handshakeTimeout: cfg.registerTimeoutMs, skipUTF8Validation: true,
     followRedirects: false, maxPayload: 1 << 20, ...(local ? { localAddress: local } : {}),
   });
