@@ -195,3 +195,61 @@ class SocketActivationTests(TestCase):
         self.assertEqual(reply["type"], "registered")
         yield relay.stop()
         self.assertIn(b"register: device leeloo_00000000006a from ::1, crew V6", relay.proto.output)
+
+
+TEMPLATE = Path(CHECKOUT) / "etc" / "leeloo@.service"
+# What the template may set otherwise than leeloo.service: its instance's
+# own state, the shared secrets key, and no capability (a port over 1024).
+TEMPLATE_OWN = {"Description", "StateDirectory", "WorkingDirectory", "LoadCredential", "ExecReload",
+                "AmbientCapabilities", "CapabilityBoundingSet"}
+
+
+class TemplateUnitTests(SynchronousTestCase):
+    """
+    etc/leeloo@.service, one node of several on one Redis: systemd accepts
+    an instance of it, and it keeps the single unit's hardening.
+    """
+
+    def instance(self):
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        unit = directory / "leeloo@8001.service"
+        unit.write_text(TEMPLATE.read_text())
+        return unit
+
+    def test_verifies_and_exposure(self):
+        """
+        systemd-analyze verify's only complaint about leeloo@8001.service is
+        the absent twistd, and its exposure is no worse than leeloo.service's.
+        """
+        if ANALYZE is None:
+            raise SkipTest("needs systemd-analyze (Debian's systemd package)")
+        unit = self.instance()
+        done = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        absent = ("leeloo@8001.service: Command /opt/leeloo/venv/bin/twistd is not executable: "
+                  "No such file or directory")
+        complaints = [line for line in (done.stdout + done.stderr).splitlines() if line.strip() and line != absent]
+        self.assertEqual(complaints, [])
+        done = subprocess.run([ANALYZE, "security", "--offline=true", str(unit)],
+                              capture_output=True, text=True, timeout=60)
+        [score] = re.findall(r"Overall exposure level for leeloo@8001\.service: (\d+\.\d+)", done.stdout + done.stderr)
+        self.assertLessEqual(float(score), EXPOSURE)
+
+    def test_same_hardening_own_state_shared_key(self):
+        """
+        Every directive of leeloo.service but the instance's own is the
+        template's too, with the same value; each instance has its own
+        state directory, and every node reads the one secrets key and
+        settings file and the one Redis.
+        """
+        single, template = directives(), directives(TEMPLATE)
+        for key, values in single.items():
+            if key not in TEMPLATE_OWN and key != "ExecStart":
+                self.assertEqual(template.get(key), values, key)
+        self.assertEqual(template["StateDirectory"], ["leeloo/%i"])
+        self.assertEqual(sorted(template["LoadCredential"]),
+                         ["leeloo.env:/etc/leeloo/leeloo.env", "secrets.key:/etc/leeloo/secrets.key"])
+        text = TEMPLATE.read_text()
+        for argument in ("--data-dir /var/lib/leeloo/%i", "--secrets-key-file ${CREDENTIALS_DIRECTORY}/secrets.key",
+                         "--redis redis://", "--listen tcp:%i", "--trusted-proxy "):
+            self.assertIn(argument, text)
