@@ -16,15 +16,18 @@ Then the projection.  On one 2-core machine every node, Redis and the load
 generator share the same cores, so the total cannot grow with K.  On
 separate machines each node has its own core (a relay node is one Python
 reactor: about one core is what it can use) and Redis its own (it is
-single-threaded).  With c_node(K) the CPU-seconds a node spends per
-delivery and c_redis(K) Redis's, both measured at K nodes, and u the share
-of a core a node used at its best step when it ran alone on SQLite:
+single-threaded).  With c_relays(K) the CPU-seconds all K nodes together
+spend per delivery (each node carries 1/K of the deliveries) and
+c_redis(K) Redis's, both measured at K nodes, and u the share of a core a
+node used at its best step when it ran alone on SQLite:
 
-    deliveries/s(K) ~= min(K * u / c_node(K), u / c_redis(K))
+    deliveries/s(K) ~= min(K * u / c_relays(K), u / c_redis(K))
 
-c_node and c_redis are fitted as a + b*K over the measured K (cross-node
+c_relays and c_redis are fitted as a + b*K over the measured K (cross-node
 fan-out costs each node one pub/sub message per crew message per other
-node, and Redis one write per subscribed node), and extrapolated.
+node, and Redis one write per subscribed node), and extrapolated; a slope
+the noise makes negative is taken as 0 (adding nodes adds work per
+delivery, never removes it).
 """
 
 from __future__ import annotations
@@ -83,12 +86,14 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     """
     if not points:
         return None
-    if len({k for k, _ in points}) < 2:
-        return sum(v for _, v in points) / len(points), 0.0
     n = len(points)
     mk = sum(k for k, _ in points) / n
     mv = sum(v for _, v in points) / n
+    if len({k for k, _ in points}) < 2:
+        return mv, 0.0
     b = sum((k - mk) * (v - mv) for k, v in points) / sum((k - mk) ** 2 for k, _ in points)
+    if b < 0:
+        return mv, 0.0
     return mv - b * mk, b
 
 
@@ -129,8 +134,8 @@ def main(outdir: str) -> int:
             if config == "sqlite" and "node_core" in c:
                 alone_core.append(c["node_core"])
             elif config != "sqlite":
-                if "node_us" in c:
-                    node_points.append((k, c["node_us"]))
+                if "relays_us" in c:
+                    node_points.append((k, c["relays_us"]))
                 if "redis_us" in c:
                     redis_points.append((k, c["redis_us"]))
         elif scenario == "fanout":
@@ -147,13 +152,13 @@ def main(outdir: str) -> int:
     u = sum(alone_core) / len(alone_core) if alone_core else 1.0
     print(f"\nProjection on separate machines (one core per node, one for Redis; u = {u:.2f} of a core, "
           f"the share one node used alone at its best step):")
-    print(f"  node CPU per delivery  ~ {node_fit[0]:.1f} + {node_fit[1]:.1f}*K us  (from K = "
+    print(f"  relays' CPU per delivery (all nodes) ~ {node_fit[0]:.1f} + {node_fit[1]:.1f}*K us  (from K = "
           f"{sorted({k for k, _ in node_points})})")
-    print(f"  Redis CPU per delivery ~ {redis_fit[0]:.2f} + {redis_fit[1]:.2f}*K us")
+    print(f"  Redis's CPU per delivery             ~ {redis_fit[0]:.2f} + {redis_fit[1]:.2f}*K us")
     for k in range(1, 7):
-        node_us = max(node_fit[0] + node_fit[1] * k, 1e-3)
+        relays_us = max(node_fit[0] + node_fit[1] * k, 1e-3)
         redis_us = max(redis_fit[0] + redis_fit[1] * k, 1e-3)
-        nodes = k * u / node_us * 1e6
+        nodes = k * u / relays_us * 1e6
         redis = u / redis_us * 1e6
         bound = "nodes" if nodes <= redis else "Redis"
         print(f"  K={k}: ~{min(nodes, redis):,.0f} deliveries/s (nodes allow {nodes:,.0f}, Redis {redis:,.0f}; "
