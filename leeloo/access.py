@@ -271,18 +271,16 @@ class ConnectionGate:
         self.by_address[host] = count + 1
         return None
 
-    def release(self, host: str | None, ticket: Any = None) -> None:
+    def release(self, host: str | None) -> None:
         """
-        A connection L{admit}ted from C{host} closed (with its L{share}
-        C{ticket}, if it has one).
+        A connection L{admit}ted from C{host} closed (its L{share} ticket,
+        if it has one, is released by its holder).
         """
         count = self.by_address.get(host, 0)
         if count <= 1:
             self.by_address.pop(host, None)
         else:
             self.by_address[host] = count - 1
-        if ticket is not None:
-            ticket.release()
 
     def share(self, host: str | None) -> tuple[Any, Any] | None:
         """

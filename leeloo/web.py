@@ -1206,7 +1206,9 @@ class RelayChannel(HTTPChannel):
         self.site.deadlines.done(self)
         self.site.lingering.done(self)
         if self._gated is not None:
-            self.site.gate.release(self._gated, self._ticket)
+            self.site.gate.release(self._gated)
+            if self._ticket is not None:
+                self._ticket.release()
             self._gated = self._ticket = None
         super().connectionLost(reason)
 

@@ -443,7 +443,9 @@ class RelayServerProtocol(WebSocketServerProtocol):
             slot, self.gate_slot = self.gate_slot, None
             if slot is not None:
                 gate, host, ticket = slot
-                gate.release(host, ticket)
+                gate.release(host)
+                if ticket is not None:
+                    ticket.release()
 
     def sendPing(self, payload: bytes | None = None) -> None:
         super().sendPing(payload)
