@@ -183,7 +183,10 @@ run_scenario() {  # $1 = scenario, $2 = devices, rest = loadgen options
     return
   fi
   if { [ "$sc" = saturate ] || [ "$sc" = fanout ]; } && [ "$PROFILE" = py-spy ]; then
-    py-spy record --pid "$RELAY_PID" --rate 200 --nonblocking --format raw ${PROFILE_NATIVE:+--native} \
+    # py-spy cannot read native stacks without pausing the relay (--nonblocking)
+    local PYSPY_MODE=--nonblocking
+    [ -n "$PROFILE_NATIVE" ] && PYSPY_MODE=--native
+    py-spy record --pid "$RELAY_PID" --rate 200 $PYSPY_MODE --format raw \
       -o "$base.pyspy.txt" >"$base.pyspy.log" 2>&1 &
     PROFILER_PID=$!
   fi
