@@ -488,7 +488,9 @@ def build_service(config: Config, reactor: Any, http: Any = None,
 
         # Every node on this Redis counts each client address's
         # connections together (one cap for the cluster, not one a node).
-        shared = SharedLimits(store.store.connection, reactor)
+        # Heartbeats as the nodes' presence does (--node-heartbeat, issue
+        # 26's fan-out; 5 s until it is there).
+        shared = SharedLimits(store.store.connection, reactor, heartbeat=getattr(config, "node_heartbeat", 5.0))
         gate.shared = ws_factory.shared = shared
         limits_service = SharedLimitsService(shared)
     if pool is not None:
