@@ -29,6 +29,7 @@
 #   SPREAD=device (each crew spans the nodes) or crew (whole crews per node: no
 #                 cross-node fan-out, the upper bound)
 #   REDIS_SERVER=redis-server   TWISTD=twistd   READY_TIMEOUT=30
+#   RELAY_CHECKOUT=DIR  run the relay of another checkout (default: this one)
 # The relays run with their per-address and per-connection limits lifted,
 # as benchmarks/run.sh does (all the load comes from 127.0.0.1).
 set -uo pipefail
@@ -42,7 +43,7 @@ while [ $# -gt 0 ]; do
     -l) LABEL="$2"; shift 2 ;;
     -o) OUTDIR="$2"; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "multinode.sh: unknown option $1 (relay options go after --)" >&2; exit 2 ;;
   esac
 done
@@ -66,7 +67,8 @@ if [ ! -d "$HERE/loadgen/node_modules/ws" ]; then
   echo "multinode.sh: installing the load generator's packages (npm ci)" >&2
   (cd "$HERE/loadgen" && npm ci --no-audit --no-fund >/dev/null) || { echo "multinode.sh: npm ci failed in benchmarks/loadgen" >&2; exit 1; }
 fi
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+RELAY_CHECKOUT="${RELAY_CHECKOUT:-$REPO}"
+export PYTHONPATH="$RELAY_CHECKOUT${PYTHONPATH:+:$PYTHONPATH}"
 
 LIMIT_ARGS=(--join-attempts 1000000 --messages-per-second 100000 --message-burst 100000
             --max-connections-per-address 1000000 --max-connections 1000000 --connect-rate 1000000)
@@ -121,7 +123,7 @@ redis_cli() { redis-cli -p "$REDIS_PORT" "$@" >/dev/null; }
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "relay commit: $(git -C "$RELAY_CHECKOUT" rev-parse --short HEAD 2>/dev/null || echo unknown) ($RELAY_CHECKOUT)"
   echo "nproc: $(nproc)"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
   echo "redis: $("$REDIS_SERVER" --version)"
