@@ -410,12 +410,13 @@ class _Factory(protocol.Factory):
     isLazy = False
     noisy = False
 
-    def __init__(self, connection: RedisConnection) -> None:
+    def __init__(self, connection: RedisConnection, protocol_class: Any = None) -> None:
         self.connection = connection
+        self.protocol_class = txredisapi.RedisProtocol if protocol_class is None else protocol_class
 
     def buildProtocol(self, addr: Any) -> Any:
         s = self.connection.settings
-        p = txredisapi.RedisProtocol(
+        p = self.protocol_class(
             charset=None, replyTimeout=s.reply_timeout, password=s.password, dbid=s.db or None,
             convertNumbers=False, username=s.username)
         p.factory = self
@@ -443,7 +444,8 @@ class RedisConnection:
     log = _log
 
     def __init__(self, settings: RedisSettings, reactor: Any,
-                 on_ready: Callable[[RedisConnection], Deferred | None] | None = None) -> None:
+                 on_ready: Callable[[RedisConnection], Deferred | None] | None = None,
+                 protocol_class: Any = None) -> None:
         self.settings = settings
         self.reactor = reactor
         self.on_ready = on_ready
@@ -456,7 +458,7 @@ class RedisConnection:
         if settings.tls:
             endpoint = wrapClientTLS(tls_options(settings), endpoint)
         self.service = ClientService(
-            endpoint, _Factory(self),
+            endpoint, _Factory(self, protocol_class),
             retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=settings.max_retry_delay, factor=2.0),
             clock=reactor)
 

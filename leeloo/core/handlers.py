@@ -102,6 +102,11 @@ class Handlers:
         return self._looked_up(session, message, self._register)
 
     def create_crew(self, session: Session, message: CreateCrew, size: int) -> Deferred | None:
+        if message.crew_code is None and self.crews.fanout.shared:
+            # Other nodes make crews too: a new code is reserved in the store.
+            return self.crews.reserve_code().addCallback(
+                lambda code: self._looked_up(session, dataclasses.replace(message, crew_code=code),
+                                             self._create_crew))
         return self._looked_up(session, message, self._create_crew)
 
     def join_crew(self, session: Session, message: JoinCrew, size: int) -> Deferred | None:
@@ -126,6 +131,10 @@ class Handlers:
                 code = resolved
         if code is not None and code not in self.crews.crews:
             self._find(waits, self.store.find_crew(code), self._adopt_crew, code)
+        elif code is not None and self.crews.fanout.shared:
+            # Other nodes change it: as the store holds it now (its
+            # members, how far each got, its last sequence).
+            self._find(waits, self.store.find_crew(code), self._refresh_crew)
         multi = self.crews.multi.get(device_id) if device_id is not None else None
         if multi is not None:
             # A multi-crew device comes back to its crews: those another
@@ -180,6 +189,10 @@ class Handlers:
         _log.error("could not look a client_msg_id up in the store: {error}", error=failure.getErrorMessage())
         raise StoreUnavailable("the message could not be stored and was not delivered; send it again",
                                client_msg_id=client_msg_id)
+
+    def _refresh_crew(self, snapshot: Snapshot | None) -> None:
+        if snapshot is not None:
+            self.crews.refresh(snapshot)
 
     def _adopt_crew(self, snapshot: Snapshot | None, code: str) -> None:
         if snapshot is not None and code not in self.crews.crews:
@@ -269,9 +282,8 @@ class Handlers:
         The members of C{crew} online counting C{session}'s device, and the
         others' names.
         """
-        listeners = self.crews.online(crew)
-        others = [m.session.name for m in listeners.values() if m.session is not session]
-        return len(listeners) + (session.device_id not in listeners), others
+        others = self.crews.online_names(crew, session)
+        return self.crews.online_count(crew) + (not self.crews.online_anywhere(crew, session.device_id)), others
 
     def _crew_joined(self, session: Session, crew: Crew, key: str | None = None) -> messages.CrewJoined:
         online, others = self._online(session, crew)

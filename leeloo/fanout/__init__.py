@@ -33,6 +33,18 @@ class IFanout(Interface):
         The crew's listeners by device id: its members online.  Read only.
         """
 
+    def elsewhere(crew_code: str) -> Mapping[str, Any]:
+        """
+        The crew's members online on other nodes: device id -> (node,
+        name).  Read only; empty for a single node.
+        """
+
+    def changed(crew_code: str) -> None:
+        """
+        Crew C{crew_code} was made, gained a bot user or went, here: other
+        nodes read it again.
+        """
+
     def publish(crew_code: str, out: Any, sender: Any = None, seq: int = 0) -> int:
         """
         Send C{out} (an L{leeloo.core.peer.Outgoing}, encoded once) to every

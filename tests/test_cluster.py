@@ -1,0 +1,210 @@
+"""
+Several relay nodes on one Redis, for real (L{tests.cluster_support}):
+devices on different nodes are one crew (messages, presence, counts and
+names, the bot API), a newer connection on one node replaces the older on
+another, a node killed with SIGKILL has its devices shown offline, and
+nothing acknowledged is lost across a Redis restart or a rolling restart.
+"""
+
+import json
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+from websockets.sync.client import connect
+
+from .cluster_support import Cluster
+from .redis_support import SKIP
+from .support import TIMEOUT, recv, ws_session
+
+A, B, C = "leeloo_aaaaaaaaaaaa", "leeloo_bbbbbbbbbbbb", "leeloo_cccccccccccc"
+
+
+def send(ws, **fields):
+    ws.send(json.dumps(fields))
+
+
+def until(ws, kind):
+    """
+    Receive until a message of type C{kind}; return it.
+    """
+    while True:
+        message = recv(ws)
+        if message["type"] == kind:
+            return message
+
+
+def join(ws, device_id, code, name, **fields):
+    """
+    What a deployed device does: join_crew, then create_crew if the crew
+    is not there.  Returns the answer.
+    """
+    send(ws, type="join_crew", device_id=device_id, crew_code=code, display_name=name, **fields)
+    answer = recv(ws)
+    if answer["type"] == "error" and answer["error"] == "invalid_crew_code":
+        send(ws, type="create_crew", device_id=device_id, crew_code=code, display_name=name, **fields)
+        answer = recv(ws)
+    return answer
+
+
+def opener(node):
+    return connect(node.url, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
+
+
+def in_thread(script):
+    return ws_session(0, lambda _: script())
+
+
+class TwoNodeTests(TestCase):
+    """
+    Two nodes, a device on each.
+    """
+
+    skip = SKIP
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.cluster = yield Cluster(self, 2).start()
+        self.one, self.two = self.cluster.nodes
+
+    @defer.inlineCallbacks
+    def test_one_crew_across_nodes(self):
+        """
+        A device on node one and one on node two in a crew see each
+        other's messages (with seq), member_joined and member_offline;
+        crew_joined counts and names the member on the other node, and
+        each node's bot API counts and names both.
+        """
+        one, two = self.one, self.two
+
+        def script():
+            with opener(one) as a, opener(two) as b:
+                created = join(a, A, "duo", "Ann")
+                one.until_online("DUO", 1)
+                two.until_online("DUO", 1)
+                joined = join(b, B, "duo", "Bob")
+                announced = until(a, "member_joined")
+                statuses = [one.until_online("DUO", 2), two.until_online("DUO", 2)]
+                send(b, type="share_music", spotify_uri="spotify:track:1", artist="X", track="Y", album="Z")
+                music = until(a, "music_shared")
+                send(a, type="reaction", reaction_type="fire")
+                reaction = until(b, "reaction")
+                send(a, type="message", msg_type="text", payload={"text": "hi"}, client_msg_id="m1")
+                sent = until(a, "sent")
+                text = until(b, "message")
+                b.close()
+                offline = until(a, "member_offline")
+                after = one.until_online("DUO", 1)
+                return created, joined, announced, statuses, music, reaction, sent, text, offline, after
+
+        created, joined, announced, statuses, music, reaction, sent, text, offline, after = yield in_thread(script)
+        self.assertEqual(created["type"], "crew_created")
+        self.assertEqual((joined["type"], joined["crew_members"], joined["member_names"]),
+                         ("crew_joined", 2, ["Ann"]))
+        self.assertEqual((announced["device_id"], announced["display_name"]), (B, "Bob"))
+        for status in statuses:
+            self.assertEqual((status["devices_online"], sorted(status["device_names"])), (2, ["Ann", "Bob"]))
+        self.assertEqual((music["pushed_by"], music["track"], music["seq"]), ("Bob", "Y", 1))
+        self.assertEqual((reaction["from"], reaction["seq"]), ("Ann", 2))
+        self.assertEqual((text["payload"], text["seq"], text["id"]), ({"text": "hi"}, 3, sent["id"]))
+        self.assertEqual((offline["device_id"], offline["display_name"]), (B, "Bob"))
+        self.assertEqual((after["devices_online"], after["device_names"]), (1, ["Ann"]))
+
+    @defer.inlineCallbacks
+    def test_replaced_across_nodes(self):
+        """
+        A newer connection for a device id on node two closes the one on
+        node one with 4001; the crew counts the device once, and hears no
+        member_offline for it.
+        """
+        one, two = self.one, self.two
+
+        def script():
+            with opener(one) as a, opener(one) as c:
+                first = join(a, A, "trio", "Ann")
+                join(c, C, "trio", "Cat")
+                until(a, "member_joined")
+                with opener(two) as again:
+                    rejoined = join(again, A, "trio", "Ann", device_key=first["device_key"])
+                    try:
+                        while True:
+                            recv(a)
+                    except Exception:
+                        pass
+                    code = a.close_code
+                    status = one.until_online("TRIO", 2)
+                    send(again, type="ping")
+                    until(again, "pong")
+                    send(c, type="reaction", reaction_type="love")
+                    reaction = until(again, "reaction")
+                    return rejoined, code, status, reaction
+
+        rejoined, code, status, reaction = yield in_thread(script)
+        self.assertEqual((rejoined["type"], rejoined["crew_members"], rejoined["member_names"]),
+                         ("crew_joined", 2, ["Cat"]))
+        self.assertEqual(code, 4001)
+        self.assertEqual((status["devices_online"], sorted(status["device_names"])), (2, ["Ann", "Cat"]))
+        self.assertEqual(reaction["from"], "Cat")
+
+    @defer.inlineCallbacks
+    def test_bot_on_either_node(self):
+        """
+        A crew made by the bot API on node one is found by node two's;
+        a bot message sent through node two reaches a device on node one,
+        counted in devices_reached.
+        """
+        one, two = self.one, self.two
+
+        def script():
+            made = one.bot("/api/telegram/crew/create", {"telegram_user_id": "7", "display_name": "Tel"})
+            code = made["crew_code"]
+            with opener(one) as a:
+                join(a, A, code, "Ann")
+                two.until_online(code, 1)
+                joined = two.bot("/api/telegram/crew/join",
+                                 {"telegram_user_id": "8", "crew_code": code, "display_name": "Gram"})
+                reached = two.bot("/api/telegram/message", {
+                    "telegram_user_id": "8", "crew_code": code, "sender_name": "Gram", "msg_type": "text",
+                    "payload": {"text": "from the bot"}})
+                message = until(a, "message")
+                status = one.until_status(code, lambda s: len(s["telegram_user_names"]) == 2)
+                return made, joined, reached, message, status
+
+        made, joined, reached, message, status = yield in_thread(script)
+        self.assertTrue(made["crew_code"].startswith("LEELOO-"))
+        self.assertEqual((joined["success"], joined["devices_online"]), (True, 1))
+        self.assertEqual(reached, {"success": True, "devices_reached": 1})
+        self.assertEqual((message["from_device"], message["from_name"], message["payload"]),
+                         ("telegram", "Gram", {"text": "from the bot"}))
+        self.assertEqual(sorted(status["telegram_user_names"]), ["Gram", "Tel"])
+
+    @defer.inlineCallbacks
+    def test_node_killed(self):
+        """
+        Node one is killed with SIGKILL: its device is shown offline to
+        its crew on node two (within 30 s; here three short heartbeats),
+        and node two's bot API counts no ghost.
+        """
+        one, two = self.one, self.two
+
+        def before():
+            a, b = opener(one), opener(two)
+            join(a, A, "gone", "Ann")
+            join(b, B, "gone", "Bob")
+            two.until_online("GONE", 2)
+            return a, b
+
+        a, b = yield in_thread(before)
+        self.addCleanup(b.close)
+        self.addCleanup(a.close)
+        reaped = two.logged(r"stopped beating")
+        yield one.stop("KILL")
+        yield reaped
+
+        def after():
+            offline = until(b, "member_offline")
+            return offline, two.status("GONE")
+
+        offline, status = yield in_thread(after)
+        self.assertEqual((offline["device_id"], offline["display_name"]), (A, "Ann"))
+        self.assertEqual((status["devices_online"], status["device_names"]), (1, ["Bob"]))
