@@ -208,3 +208,128 @@ class TwoNodeTests(TestCase):
         offline, status = yield in_thread(after)
         self.assertEqual((offline["device_id"], offline["display_name"]), (A, "Ann"))
         self.assertEqual((status["devices_online"], status["device_names"]), (1, ["Bob"]))
+
+
+class RestartTests(TestCase):
+    """
+    Two nodes through a Redis restart, and nodes restarted one by one.
+    """
+
+    skip = SKIP
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_redis_restart_under_traffic(self):
+        """
+        Redis stops and starts again (its AOF read back) while a device
+        on each node is connected: both nodes subscribe again, and a
+        message sent after is stored and reaches the other node's device
+        exactly once, numbered after those before.
+        """
+        cluster = yield Cluster(self, 2, appendfsync="everysec").start()
+        one, two = cluster.nodes
+
+        def before():
+            a, b = opener(one), opener(two)
+            join(a, A, "storm", "Ann", last_seq=0)
+            join(b, B, "storm", "Bob", last_seq=0)
+            one.until_online("STORM", 2)
+            send(a, type="message", payload={"text": "before"}, client_msg_id="c1")
+            until(a, "sent")
+            return a, b, until(b, "message")
+
+        a, b, first = yield in_thread(before)
+        self.addCleanup(b.close)
+        self.addCleanup(a.close)
+        again = [one.logged(r"subscribed again"), two.logged(r"subscribed again")]
+        yield cluster.redis.stop()
+        yield cluster.redis.start()
+        yield defer.gatherResults(again)
+
+        def after():
+            two.until_online("STORM", 2)
+            while True:
+                send(a, type="message", payload={"text": "after"}, client_msg_id="c2")
+                sent = recv(a)
+                if sent["type"] == "sent":
+                    break
+            received = until(b, "message")
+            send(b, type="ping")
+            between = []
+            while True:
+                message = recv(b)
+                if message["type"] == "pong":
+                    break
+                between.append(message)
+            return sent, received, between
+
+        sent, received, between = yield in_thread(after)
+        self.assertEqual((first["seq"], first["payload"]), (1, {"text": "before"}))
+        self.assertEqual((sent["seq"], received["seq"], received["payload"]), (2, 2, {"text": "after"}))
+        self.assertEqual(between, [])
+
+    @defer.inlineCallbacks
+    def test_rolling_restart(self):
+        """
+        Nodes stopped one by one (a new one started in between) with
+        devices connected: each device is closed with 1001, comes back on
+        a node still running, and receives every message the other
+        acknowledged as sent, once.
+        """
+        cluster = yield Cluster(self, 2).start()
+        one, two = cluster.nodes
+
+        def phase1():
+            a, b = opener(one), opener(two)
+            join(a, A, "roll", "Ann", last_seq=0)
+            join(b, B, "roll", "Bob", last_seq=0)
+            one.until_online("ROLL", 2)
+            send(a, type="message", payload={"text": "m1"}, client_msg_id="c1")
+            sent = until(a, "sent")
+            return a, b, sent, until(b, "message")
+
+        a, b, sent1, got1 = yield in_thread(phase1)
+        self.addCleanup(b.close)
+        yield one.stop("TERM")
+
+        def phase2():
+            closed = []
+            try:
+                while True:
+                    recv(a)
+            except Exception:
+                closed.append(a.close_code)
+            send(b, type="message", payload={"text": "m2"}, client_msg_id="c2")
+            sent = until(b, "sent")
+            a2 = opener(two)
+            join(a2, A, "roll", "Ann", last_seq=sent1["seq"])
+            got = until(a2, "message")
+            return closed, a2, sent, got
+
+        closed, a2, sent2, got2 = yield in_thread(phase2)
+        self.addCleanup(a2.close)
+        three = yield cluster.node("node3").start()
+        yield two.stop("TERM")
+
+        def phase3():
+            codes = []
+            for ws in (a2, b):
+                try:
+                    while True:
+                        recv(ws)
+                except Exception:
+                    codes.append(ws.close_code)
+            with opener(three) as a3, opener(three) as b3:
+                join(a3, A, "roll", "Ann", last_seq=got2["seq"])
+                join(b3, B, "roll", "Bob", last_seq=sent2["seq"])
+                three.until_online("ROLL", 2)
+                send(a3, type="message", payload={"text": "m3"}, client_msg_id="c3")
+                sent = until(a3, "sent")
+                return codes, sent, until(b3, "message")
+
+        codes, sent3, got3 = yield in_thread(phase3)
+        self.assertEqual(closed + codes, [1001, 1001, 1001])
+        self.assertEqual([(s["seq"], s["id"]) for s in (sent1, sent2, sent3)],
+                         [(g["seq"], g["id"]) for g in (got1, got2, got3)])
+        self.assertEqual([g["payload"]["text"] for g in (got1, got2, got3)], ["m1", "m2", "m3"])
+        self.assertEqual([g["seq"] for g in (got1, got2, got3)], [1, 2, 3])
