@@ -37,12 +37,15 @@ class Effects:
     """
     What a batch means here: C{taken}, the devices another node took (to
     close if connected here); C{changed}, crews to read again;
-    C{gone}, members (crew, device, name) of a dead node, to show offline.
+    C{gone}, members (crew, device, name) of a dead node, to show offline;
+    C{joined}, (node, crew) where a member came online.
     """
 
-    __slots__ = ("taken", "changed", "gone")
+    __slots__ = ("taken", "changed", "gone", "joined")
 
     def __init__(self) -> None:
+        # (node, crew): a member came online there.
+        self.joined: list[tuple[str, str]] = []
         self.taken: list[str] = []
         self.changed: list[str] = []
         self.gone: list[tuple[str, str, str]] = []
@@ -144,6 +147,7 @@ class ClusterMirror:
             kind = op[0]
             if kind == "J":
                 self._add(op[1], op[2], node, op[3])
+                effects.joined.append((node, op[1]))
             elif kind == "L":
                 self._remove(op[1], op[2], node)
             elif kind == "C":
@@ -203,4 +207,5 @@ class ClusterMirror:
             effects.taken += more.taken
             effects.changed += more.changed
             effects.gone += more.gone
+            effects.joined += more.joined
         return effects

@@ -217,6 +217,8 @@ class RedisFanout(LocalFanout):
         self.subscriber.received = self._received
         self._beat = LoopingCall(self.beat)
         self._beat.clock = reactor
+        # Crew code -> the last sequence this node published to it.
+        self._published: dict[str, int] = {}
         # Figures.
         self.sent_remote = 0
         self.received_remote = 0
@@ -382,6 +384,8 @@ class RedisFanout(LocalFanout):
 
     def publish(self, crew_code: str, out: Outgoing, sender: Any = None, seq: int = 0) -> int:
         reached = LocalFanout.publish(self, crew_code, out, sender, seq)
+        if seq:
+            self._published[crew_code] = seq
         nodes = self.mirror.nodes_of.get(crew_code)
         if nodes:
             frame = _framed(b"M", crew_code, seq, out.payload)
@@ -415,6 +419,9 @@ class RedisFanout(LocalFanout):
                 self.received_remote += 1
                 code, seq, payload = _unframed(message, True)
                 self._deliver(code, seq, payload)
+            elif message[:1] == b"F":
+                code, seq, _ = _unframed(message, True)
+                self._fill(code, seq)
             elif message[:1] == b"T":
                 device_id, _, payload = _unframed(message, False)
                 self._to_device(device_id, payload)
@@ -467,6 +474,12 @@ class RedisFanout(LocalFanout):
             listeners = self._crews.get(code)
             if listeners and device_id not in listeners and device_id not in self.mirror.elsewhere(code):
                 LocalFanout.publish(self, code, Outgoing(messages.MemberOffline(device_id, name, code)))
+        for node, code in effects.joined:
+            seq = self._published.get(code)
+            if seq:
+                # What this node published before it knew of that member
+                # did not go to its node: it fills from the store up to here.
+                self._publish(self.channel(node), _framed(b"F", code, seq, b""))
         for code in dict.fromkeys(effects.changed):
             if relay is not None:
                 relay.store.find_crew(code).addCallbacks(
@@ -529,19 +542,24 @@ class RedisFanout(LocalFanout):
         return d.addCallback(self._filled, codes)
 
     def _filled(self, seqs: list, codes: list[str]) -> None:
-        if self.relay is None:
+        for code, seq in zip(codes, seqs):
+            if seq is not None:
+                self._fill(code, int(seq))
+
+    def _fill(self, code: str, seq: int) -> None:
+        """
+        Crew C{code}'s log holds up to C{seq}: this node's listeners sent
+        less are sent the rest from the store (live traffic waits).
+        """
+        listeners = self._crews.get(code)
+        if not listeners or self.relay is None:
             return
         replayer = self.relay.replayer
-        for code, seq in zip(codes, seqs):
-            listeners = self._crews.get(code)
-            if seq is None or not listeners:
-                continue
-            seq = int(seq)
-            for membership in tuple(listeners.values()):
-                if seq > membership.crew.fanned_seq:
-                    membership.crew.fanned_seq = seq
-                if membership.held is None and membership.last_sent_seq < seq:
-                    replayer.catch_up(membership)
+        for membership in tuple(listeners.values()):
+            if seq > membership.crew.fanned_seq:
+                membership.crew.fanned_seq = seq
+            if membership.held is None and membership.last_sent_seq < seq:
+                replayer.catch_up(membership)
 
     def stats(self) -> dict:
         figures = LocalFanout.stats(self)

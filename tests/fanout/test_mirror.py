@@ -104,3 +104,77 @@ class MirrorTests(SynchronousTestCase):
         ["K", code] reports the crew changed.
         """
         self.assertEqual(self.mirror.apply("b", 1, [["K", "DUO"]]).changed, ["DUO"])
+
+
+class _Replayer:
+    def __init__(self):
+        self.caught_up = []
+
+    def catch_up(self, membership):
+        self.caught_up.append(membership)
+
+
+class _Relay:
+    def __init__(self):
+        self.replayer = _Replayer()
+
+
+class _Crew:
+    def __init__(self, code, fanned_seq):
+        self.code = code
+        self.fanned_seq = fanned_seq
+
+
+class _Membership:
+    def __init__(self, crew, last_sent_seq):
+        self.crew = crew
+        self.last_sent_seq = last_sent_seq
+        self.held = None
+        self.session = self
+
+
+class FillTests(SynchronousTestCase):
+    """
+    A member coming online on another node is sent, from the store, what
+    this node published to its crew before it knew of it.
+    """
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+
+        from leeloo.fanout.redis import RedisFanout
+        from leeloo.redisurl import parse_redis_url
+
+        self.fanout = RedisFanout(parse_redis_url("redis://127.0.0.1:1/0"), Clock(), node="me")
+        self.published = []
+        self.fanout._publish = lambda channel, frame: self.published.append((channel, frame))
+        self.fanout.relay = _Relay()
+
+    def test_fill_notice_sent(self):
+        """
+        A node that published seq 7 to a crew tells a node where a member
+        of it came online to fill up to 7.
+        """
+        from leeloo.core.peer import Outgoing
+
+        self.fanout.publish("DUO", Outgoing(None, b"{}"), None, 7)
+        self.fanout._received(b"leeloo:presence", b'b\x001\x00[["J", "DUO", "d1", "Ann"]]')
+        self.assertEqual(self.published, [("leeloo:to:b", b"F3:DUO7:")])
+
+    def test_no_notice_without_publishing(self):
+        """
+        A node that published nothing to the crew sends nothing.
+        """
+        self.fanout._received(b"leeloo:presence", b'b\x001\x00[["J", "DUO", "d1", "Ann"]]')
+        self.assertEqual(self.published, [])
+
+    def test_fill_notice_received(self):
+        """
+        A fill notice up to 7 catches up a listener sent 5 (and raises the
+        crew's last sequence), not one sent 7.
+        """
+        crew = _Crew("DUO", 5)
+        behind, current = _Membership(crew, 5), _Membership(crew, 7)
+        self.fanout._crews["DUO"] = {"d1": behind, "d2": current}
+        self.fanout._received(b"leeloo:to:me", b"F3:DUO7:")
+        self.assertEqual((self.fanout.relay.replayer.caught_up, crew.fanned_seq), ([behind], 7))
