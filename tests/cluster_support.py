@@ -71,10 +71,11 @@ class Node:
             self.cluster.testcase, "--listen", "tcp:0:interface=127.0.0.1", "--data-dir", self.data_dir,
             "--redis", self.cluster.redis.url, "--secrets-key-file", self.cluster.key_file,
             "--node-heartbeat", HEARTBEAT, "--presence-grace", "0", "--connect-rate", "1000",
-            "--redis-max-retry-delay", "0.2", *self.cluster.extra,
+            "--redis-max-retry-delay", "0.2", "--admin-listen", "tcp:0:interface=127.0.0.1", *self.cluster.extra,
             environ={"TELEGRAM_API_SECRET": BOT_SECRET}, proto=proto)
         self.port = yield proto.port
         yield proto.logged(r"joined the cluster")
+        yield proto.ready()
         return self
 
     @property
@@ -99,6 +100,21 @@ class Node:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
                                          headers={"X-Api-Secret": BOT_SECRET, "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return json.loads(response.read())
+
+    def admin(self, command, body):
+        """
+        The admin API's answer to C{command} (its C{--admin-listen} and
+        token from the data directory), blocking.
+        """
+        with open(os.path.join(self.data_dir, "admin.json")) as f:
+            url = json.load(f)["admin"][0]["url"]
+        with open(os.path.join(self.data_dir, "admin.token")) as f:
+            token = f.read().strip()
+        request = urllib.request.Request(f"{url}/admin/{command}", data=json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
             return json.loads(response.read())
 

@@ -333,3 +333,52 @@ class RestartTests(TestCase):
                          [(g["seq"], g["id"]) for g in (got1, got2, got3)])
         self.assertEqual([g["payload"]["text"] for g in (got1, got2, got3)], ["m1", "m2", "m3"])
         self.assertEqual([g["seq"] for g in (got1, got2, got3)], [1, 2, 3])
+
+
+class OperatorTests(TestCase):
+    """
+    The operator renames or deletes a crew through one node's admin API.
+    """
+
+    skip = SKIP
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_rename_then_delete_across_nodes(self):
+        """
+        A crew renamed on node one is renamed on node two: its member
+        there is told, sends under the new code, and both nodes count both
+        members under it.  Deleted on node one, its member on node two is
+        told and closed (4004), and node two knows the crew no more.
+        """
+        cluster = yield Cluster(self, 2).start()
+        one, two = cluster.nodes
+
+        def script():
+            with opener(one) as a, opener(two) as b:
+                join(a, A, "band", "Ann")
+                join(b, B, "band", "Bob")
+                one.until_online("BAND", 2)
+                renamed = one.admin("rename-crew", {"crew_code": "BAND", "new_crew_code": "GROUP"})
+                told = [until(a, "crew_renamed"), until(b, "crew_renamed")]
+                status = two.until_online("GROUP", 2)
+                send(b, type="reaction", reaction_type="love")
+                reaction = until(a, "reaction")
+                deleted = one.admin("delete-crew", {"crew_code": "GROUP"})
+                gone = until(b, "crew_deleted")
+                try:
+                    while True:
+                        recv(b)
+                except Exception:
+                    code = b.close_code
+                after = two.until_status("GROUP", lambda s: not s["exists"])
+                return renamed, told, status, reaction, deleted, gone, code, after
+
+        renamed, told, status, reaction, deleted, gone, code, after = yield in_thread(script)
+        self.assertEqual((renamed["old_crew_code"], renamed["crew_code"]), ("BAND", "GROUP"))
+        self.assertEqual([(t["crew_code"], t["old_crew_code"]) for t in told], [("GROUP", "BAND")] * 2)
+        self.assertEqual(sorted(status["device_names"]), ["Ann", "Bob"])
+        self.assertEqual((reaction["from"], reaction["crew_code"]), ("Bob", "GROUP"))
+        self.assertEqual(deleted["crew_code"], "GROUP")
+        self.assertEqual((gone["crew_code"], code), ("GROUP", 4004))
+        self.assertFalse(after["exists"])

@@ -268,6 +268,25 @@ class Crews:
         message numbered under the old code before it.
         """
         old = crew.code
+        self._renamed(crew, new)
+        self.journal.put((RENAME_CREW, functools.partial(self._move_sequences, old, new)), wait=False)
+        self.moving.setdefault(new, [])
+        self.journal.barrier().addBoth(self._moved, new)
+        self.fanout.renamed(old, new)
+        _log.info("crew {crew_code} renamed {new_code}", crew_code=old, new_code=new)
+
+    def renamed_elsewhere(self, crew: Crew, new: str) -> None:
+        """
+        Another node renamed C{crew} to C{new} (the store has it so): the
+        same here, without storing it again.
+        """
+        old = crew.code
+        self._renamed(crew, new)
+        self._move_sequences(old, new)
+        _log.info("crew {crew_code} renamed {new_code} on another node", crew_code=old, new_code=new)
+
+    def _renamed(self, crew: Crew, new: str) -> None:
+        old = crew.code
         online = list(self.fanout.listeners(old).items())
         for device_id, membership in online:
             self.fanout.unsubscribe(old, device_id, membership)
@@ -294,10 +313,6 @@ class Crews:
         self.aliases.pop(new, None)
         self.aliases[old] = new
         self.presence.renamed(old, new)
-        self.journal.put((RENAME_CREW, functools.partial(self._move_sequences, old, new)), wait=False)
-        self.moving.setdefault(new, [])
-        self.journal.barrier().addBoth(self._moved, new)
-        _log.info("crew {crew_code} renamed {new_code}", crew_code=old, new_code=new)
 
     def _moved(self, result: Any, code: str) -> None:
         """
@@ -584,7 +599,7 @@ class Crews:
             raise NotInCrew(f"this device is not in crew {code}")
         return membership
 
-    def leave_crew(self, membership: Membership, announce: bool) -> None:
+    def leave_crew(self, membership: Membership, announce: bool, save: bool = True) -> None:
         """
         Take C{membership}'s session out of its crew, keeping how far it
         got; the crew hears it went offline when C{announce}.  Leaving the
@@ -615,7 +630,8 @@ class Crews:
             sent = membership.last_sent_seq if session.acks else membership.proven_seq
             member.delivered_seq = max(member.delivered_seq, sent)
             member.last_seen = self.clock.seconds()
-            self.save_member(crew, member, online=False)
+            if save:
+                self.save_member(crew, member, online=False)
             if announce:
                 self.presence.left(membership)
 
@@ -625,16 +641,20 @@ class Crews:
         self.journal.put((PUT_BOT_USER, BotUserRecord(crew.code, user_id, name)), wait=False)
         self.fanout.changed(crew.code)
 
-    def forget(self, crew: Crew) -> None:
+    def forget(self, crew: Crew, stored: bool = False) -> None:
         """
-        Forget C{crew} (it has no one online).
+        Forget C{crew} (it has no one online); C{stored}: the store has
+        forgotten it already (another node deleted it).
         """
         del self.crews[crew.code]
-        # A crew made again under this code starts its log afresh: its
-        # sequence is forgotten when the deletion's batch forms, after the
-        # messages numbered before it.
-        self.journal.put((DELETE_CREW, functools.partial(self._forget_sequence, crew.code)), wait=False)
-        self.fanout.changed(crew.code)
+        if stored:
+            self._forget_sequence(crew.code)
+        else:
+            # A crew made again under this code starts its log afresh: its
+            # sequence is forgotten when the deletion's batch forms, after the
+            # messages numbered before it.
+            self.journal.put((DELETE_CREW, functools.partial(self._forget_sequence, crew.code)), wait=False)
+            self.fanout.changed(crew.code)
         for alias in [a for a, code in self.aliases.items() if code == crew.code]:
             del self.aliases[alias]
         # No multi-crew device comes back to another crew made under its code.

@@ -45,6 +45,11 @@ class IFanout(Interface):
         nodes read it again.
         """
 
+    def renamed(old: str, new: str) -> None:
+        """
+        Crew C{old} is called C{new} now, here: other nodes rename it too.
+        """
+
     def publish(crew_code: str, out: Any, sender: Any = None, seq: int = 0) -> int:
         """
         Send C{out} (an L{leeloo.core.peer.Outgoing}, encoded once) to every

@@ -62,6 +62,10 @@ class LocalFanout:
     def changed(crew_code: str) -> None:
         pass
 
+    @staticmethod
+    def renamed(old: str, new: str) -> None:
+        pass
+
     def publish(self, crew_code: str, out: Outgoing, sender: Any = None, seq: int = 0) -> int:
         listeners = self._crews.get(crew_code)
         if listeners is None:

@@ -18,8 +18,9 @@ The operations of a batch:
   - C{["R", device]}: it is no longer;
   - C{["X"]}: forget everything of the node (it states its whole part
     again in the same batch);
-  - C{["K", code]}: crew C{code} changed in the store (created, a member
-    or bot user added, deleted): read it again.
+  - C{["K", code]}: crew C{code} changed in the store (created, a bot
+    user added, deleted): read it again;
+  - C{["N", old, new]}: crew C{old} was renamed C{new} (in the store too).
 
 A node found dead is announced by the node that reaped it as batch
 number 0 of the dead node, C{[["D"]]}: applied whatever came before.
@@ -41,9 +42,11 @@ class Effects:
     C{joined}, (node, crew) where a member came online.
     """
 
-    __slots__ = ("taken", "changed", "gone", "joined")
+    __slots__ = ("taken", "changed", "gone", "joined", "renamed")
 
     def __init__(self) -> None:
+        # (old, new): crews another node renamed.
+        self.renamed: list[tuple[str, str]] = []
         # (node, crew): a member came online there.
         self.joined: list[tuple[str, str]] = []
         self.taken: list[str] = []
@@ -160,6 +163,8 @@ class ClusterMirror:
                 self._forget_node(node)
             elif kind == "K":
                 changed.append(op[1])
+            elif kind == "N":
+                effects.renamed.append((op[1], op[2]))
         return effects
 
     def dead(self, node: str) -> list[tuple[str, str, str]]:
@@ -208,4 +213,5 @@ class ClusterMirror:
             effects.changed += more.changed
             effects.gone += more.gone
             effects.joined += more.joined
+            effects.renamed += more.renamed
         return effects

@@ -372,6 +372,15 @@ class RedisFanout(LocalFanout):
             return
         self.relay.journal.barrier().addBoth(lambda _: self._op(["K", crew_code]))
 
+    def renamed(self, old: str, new: str) -> None:
+        """
+        Crew C{old} is C{new} now, here: the other nodes rename it too once
+        the store has.
+        """
+        if self.relay is None:
+            return
+        self.relay.journal.barrier().addBoth(lambda _: self._op(["N", old, new]))
+
     def reserve(self, code: str) -> Deferred:
         """
         Fires with whether generated crew code C{code} is this node's to
@@ -480,6 +489,9 @@ class RedisFanout(LocalFanout):
                 # What this node published before it knew of that member
                 # did not go to its node: it fills from the store up to here.
                 self._publish(self.channel(node), _framed(b"F", code, seq, b""))
+        for old, new in effects.renamed:
+            if relay is not None:
+                self._rename(old, new)
         for code in dict.fromkeys(effects.changed):
             if relay is not None:
                 relay.store.find_crew(code).addCallbacks(
@@ -487,13 +499,40 @@ class RedisFanout(LocalFanout):
                                                       crew_code=code, error=f.getErrorMessage()),
                     callbackArgs=(code,))
 
+    def _rename(self, old: str, new: str) -> None:
+        crews = self.relay.crews_part
+        crew = crews.crews.get(old)
+        if crew is None or new in crews.crews:
+            return
+        crews.renamed_elsewhere(crew, new)
+        told = messages.CrewRenamed(new, old)
+        for membership in tuple(self._crews.get(new, {}).values()):
+            membership.session.send(told)
+
+    def _deleted(self, crew: Any) -> None:
+        """
+        Another node deleted C{crew}: its members here are told, and
+        closed if they are left in no crew, as the operator's node does.
+        """
+        crews = self.relay.crews_part
+        if crews.crews.get(crew.code) is not crew:
+            return
+        told = messages.CrewDeleted(crew.code)
+        for membership in tuple(self._crews.get(crew.code, {}).values()):
+            session = membership.session
+            crews.leave_crew(membership, announce=False, save=False)
+            session.send(told)
+            if not session.memberships() and not session.closing:
+                session.close(messages.CLOSE_OPERATOR, "crew deleted by the relay's operator; reconnect")
+        crews.forget(crew, stored=True)
+        _log.info("crew {crew_code} was deleted on another node", crew_code=crew.code)
+
     def _reread(self, snapshot: Any, code: str) -> None:
         crews = self.relay.crews_part
         crew = crews.crews.get(code)
         if snapshot is None:
-            if crew is not None and code not in self._crews:
-                # Another node forgot it.
-                del crews.crews[code]
+            if crew is not None:
+                self._deleted(crew)
             return
         if crew is None:
             crews.restore(snapshot)
