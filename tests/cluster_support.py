@@ -72,7 +72,7 @@ class Node:
             "--redis", self.cluster.redis.url, "--secrets-key-file", self.cluster.key_file,
             "--node-heartbeat", HEARTBEAT, "--presence-grace", "0", "--connect-rate", "1000",
             "--redis-max-retry-delay", "0.2", "--admin-listen", "tcp:0:interface=127.0.0.1", *self.cluster.extra,
-            environ={"TELEGRAM_API_SECRET": BOT_SECRET}, proto=proto)
+            environ={"TELEGRAM_API_SECRET": BOT_SECRET, **self.cluster.environ}, proto=proto)
         self.port = yield proto.port
         yield proto.logged(r"joined the cluster")
         yield proto.ready()
@@ -147,8 +147,9 @@ class Cluster:
     A Redis and C{count} nodes on it, for C{testcase}.
     """
 
-    def __init__(self, testcase, count, extra=(), appendfsync="always"):
+    def __init__(self, testcase, count, extra=(), appendfsync="always", environ=None):
         self.testcase = testcase
+        self.environ = dict(environ or {})
         self.count = count
         self.extra = tuple(extra)
         self.redis = RedisServer(testcase, appendfsync=appendfsync)

@@ -382,3 +382,58 @@ class OperatorTests(TestCase):
         self.assertEqual(deleted["crew_code"], "GROUP")
         self.assertEqual((gone["crew_code"], code), ("GROUP", 4004))
         self.assertFalse(after["exists"])
+
+
+class SpotifyTests(TestCase):
+    """
+    The Spotify callback on one node, the device on another.
+    """
+
+    skip = SKIP
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_tokens_reach_a_device_on_another_node(self):
+        """
+        The callback on node two hands the tokens to the device online on
+        node one; tokens for a device offline are kept, and handed to it
+        when it registers on node one.
+        """
+        from twisted.internet import reactor
+        from twisted.web.server import Site
+
+        from leeloo.testing import FakeSpotifyAccounts
+
+        redirect = "https://relay.cluster.test/spotify/callback"
+        accounts = FakeSpotifyAccounts("cid", "csecret", redirect)
+        accounts.issue("code-online", "access-online", "refresh-online")
+        accounts.issue("code-offline", "access-offline", "refresh-offline")
+        port = reactor.listenTCP(0, Site(accounts), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        cluster = yield Cluster(self, 2, environ={
+            "SPOTIFY_CLIENT_ID": "cid", "SPOTIFY_CLIENT_SECRET": "csecret", "SPOTIFY_REDIRECT_URI": redirect,
+            "SPOTIFY_ACCOUNTS_URL": f"http://127.0.0.1:{port.getHost().port}"}).start()
+        one, two = cluster.nodes
+
+        def script():
+            import urllib.request
+
+            with opener(one) as a:
+                # Its claim and its crew reach node two in one batch.
+                join(a, A, "spot", "Ann")
+                two.until_online("SPOT", 1)
+                page = urllib.request.urlopen(
+                    f"http://127.0.0.1:{two.port}/spotify/callback?code=code-online&state={A}", timeout=TIMEOUT)
+                online = until(a, "spotify_auth_complete")
+            urllib.request.urlopen(
+                f"http://127.0.0.1:{two.port}/spotify/callback?code=code-offline&state={C}", timeout=TIMEOUT)
+            with opener(one) as c:
+                send(c, type="register", device_id=C)
+                recv(c)
+                offline = until(c, "spotify_auth_complete")
+            return page.status, online, offline
+
+        status, online, offline = yield in_thread(script)
+        self.assertEqual(status, 200)
+        self.assertEqual(online["tokens"]["access_token"], "access-online")
+        self.assertEqual(offline["tokens"]["access_token"], "access-offline")
