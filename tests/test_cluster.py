@@ -179,6 +179,75 @@ class TwoNodeTests(TestCase):
         self.assertEqual(sorted(status["telegram_user_names"]), ["Gram", "Tel"])
 
     @defer.inlineCallbacks
+    def test_resend_on_another_node(self):
+        """
+        A client_msg_id sent through node one and sent again through node
+        two (the device moved) is answered with its first seq and id, and
+        not delivered twice.
+        """
+        one, two = self.one, self.two
+
+        def script():
+            with opener(two) as b:
+                join(b, B, "once", "Bob", last_seq=0)
+                with opener(one) as a:
+                    first = join(a, A, "once", "Ann", last_seq=0)
+                    send(a, type="message", payload={"text": "x"}, client_msg_id="cx")
+                    sent = until(a, "sent")
+                with opener(two) as a:
+                    join(a, A, "once", "Ann", last_seq=sent["seq"], device_key=first["device_key"])
+                    send(a, type="message", payload={"text": "x"}, client_msg_id="cx")
+                    again = until(a, "sent")
+                received = until(b, "message")
+                send(b, type="ping")
+                between = []
+                while True:
+                    message = recv(b)
+                    if message["type"] == "pong":
+                        break
+                    between.append(message["type"])
+                return sent, again, received, between
+
+        sent, again, received, between = yield in_thread(script)
+        self.assertEqual((again["seq"], again["id"]), (sent["seq"], sent["id"]))
+        self.assertEqual((received["seq"], received["id"]), (sent["seq"], sent["id"]))
+        self.assertNotIn("message", between)
+
+    @defer.inlineCallbacks
+    def test_one_crew_made_on_two_nodes(self):
+        """
+        Two devices creating the same code at once on two nodes are in one
+        crew; a code the relay generates is reserved in Redis for the node
+        that made it.
+        """
+        one, two = self.one, self.two
+
+        def script():
+            from leeloo.redisstore import BlockingRedis
+            from leeloo.redisurl import parse_redis_url
+
+            with opener(one) as a, opener(two) as b, opener(one) as c:
+                send(a, type="create_crew", device_id=A, crew_code="same", display_name="Ann")
+                send(b, type="create_crew", device_id=B, crew_code="same", display_name="Bob")
+                answers = [recv(a), recv(b)]
+                statuses = [one.until_online("SAME", 2), two.until_online("SAME", 2)]
+                send(c, type="create_crew", device_id=C, display_name="Cat")
+                made = recv(c)
+                redis = BlockingRedis(parse_redis_url(self.cluster.redis.url))
+                try:
+                    reserved = redis.command("HEXISTS", "leeloo:codes", made["crew_code"])
+                finally:
+                    redis.close()
+                return answers, statuses, made, reserved
+
+        answers, statuses, made, reserved = yield in_thread(script)
+        self.assertEqual([a["crew_code"] for a in answers], ["SAME", "SAME"])
+        for status in statuses:
+            self.assertEqual(sorted(status["device_names"]), ["Ann", "Bob"])
+        self.assertTrue(made["crew_code"].startswith("LEELOO-"))
+        self.assertEqual(int(reserved), 1)
+
+    @defer.inlineCallbacks
     def test_node_killed(self):
         """
         Node one is killed with SIGKILL: its device is shown offline to
