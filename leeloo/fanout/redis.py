@@ -135,6 +135,15 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 return redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
 """
 
+# ARGV: channel, message, channel, message...: this turn's messages to
+# other nodes, in order (channels are not keys).
+PUBLISH_MANY = r"""
+for i = 1, #ARGV, 2 do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return #ARGV / 2
+"""
+
 # KEYS: P seq.  ARGV: crew codes.  Their last sequences.
 LAST_SEQS = r"""
 if #ARGV == 0 then return {} end
@@ -143,7 +152,7 @@ return redis.call('HMGET', KEYS[1], unpack(ARGV))
 
 _SCRIPTS = {name: (hashlib.sha1(body.encode()).hexdigest(), body) for name, body in
             {"PRESENCE": PRESENCE, "BEAT": BEAT, "STOP": STOP, "LOAD": LOAD, "RESERVE": RESERVE,
-             "LAST_SEQS": LAST_SEQS}.items()}
+             "LAST_SEQS": LAST_SEQS, "PUBLISH_MANY": PUBLISH_MANY}.items()}
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
@@ -205,6 +214,8 @@ class RedisFanout(LocalFanout):
         self.mirror = ClusterMirror(self.node)
         self.relay: Any = None
         self._ops: list[list] = []
+        # This turn's messages to other nodes: channel, frame, ...
+        self._outbox: list[Any] = []
         self._flush_call: Any = None
         # Redis may not hold this node's part as it is: state it whole.
         self._dirty = False
@@ -317,12 +328,25 @@ class RedisFanout(LocalFanout):
 
     def _flush(self) -> Deferred:
         """
-        Send this turn's changes of presence, as one batch.
+        Send this turn's changes of presence, as one batch, then its
+        messages to other nodes, as one command.
         """
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()
             self._flush_call = None
+        d = self._flush_presence()
+        outbox, self._outbox = self._outbox, []
+        if outbox:
+            if len(outbox) == 2:
+                sent = self.commands.call("PUBLISH", *outbox)
+            else:
+                sent = self._script("PUBLISH_MANY", [], outbox)
+            sent.addErrback(lambda f: _log.warn("could not send {count} messages to other nodes: {error}",
+                                                count=len(outbox) // 2, error=f.getErrorMessage()))
+        return d
+
+    def _flush_presence(self) -> Deferred:
         ops, self._ops = self._ops, []
         if self._dirty:
             self._dirty = False
@@ -413,9 +437,15 @@ class RedisFanout(LocalFanout):
         return True
 
     def _publish(self, channel: str, frame: bytes) -> None:
+        """
+        Send C{frame} to C{channel} at the end of this turn (with the
+        turn's others, in one command).
+        """
         self.sent_remote += 1
-        self.commands.call("PUBLISH", channel, frame).addErrback(
-            lambda f: _log.warn("could not publish to another node: {error}", error=f.getErrorMessage()))
+        self._outbox.append(channel)
+        self._outbox.append(frame)
+        if self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self._flush)
 
     # ----------------------------------------------------------- receiving
 
