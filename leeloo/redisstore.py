@@ -442,6 +442,12 @@ class RedisConnection:
     """
 
     log = _log
+    # What it logs (the cluster's connections say it otherwise).
+    CANNOT_CONNECT = "cannot connect to Redis at {where}: {error}; retrying"
+    CONNECTED = "connected to Redis at {where}"
+    CONNECTED_AGAIN = "connected to Redis at {where} again"
+    NOT_READY = "the new connection to Redis at {where} failed: {error}"
+    LOST = "lost the connection to Redis at {where}; reconnecting"
 
     def __init__(self, settings: RedisSettings, reactor: Any,
                  on_ready: Callable[[RedisConnection], Deferred | None] | None = None,
@@ -468,8 +474,7 @@ class RedisConnection:
 
     def _first_failed(self, failure: Failure) -> None:
         if self._first is not None and not failure.check(StoreError):
-            _log.error("cannot connect to Redis at {where}: {error}; retrying", where=self.settings.where,
-                       error=failure.getErrorMessage())
+            _log.error(self.CANNOT_CONNECT, where=self.settings.where, error=failure.getErrorMessage())
         self._release_first()
 
     def _release_first(self) -> None:
@@ -499,23 +504,19 @@ class RedisConnection:
         if not p.connected:
             return
         self.protocol = p
-        if self._was_connected:
-            _log.info("connected to Redis at {where} again", where=self.settings.where)
-        else:
-            _log.info("connected to Redis at {where}", where=self.settings.where)
+        _log.info(self.CONNECTED_AGAIN if self._was_connected else self.CONNECTED, where=self.settings.where)
         self._was_connected = True
         self._release_first()
 
     def _not_ready(self, failure: Failure, p: Any) -> None:
-        _log.error("the new connection to Redis at {where} failed: {error}", where=self.settings.where,
-                   error=failure.getErrorMessage())
+        _log.error(self.NOT_READY, where=self.settings.where, error=failure.getErrorMessage())
         p.transport.loseConnection()
         self._release_first()
 
     def _lost(self, p: Any) -> None:
         if self.protocol is p:
             self.protocol = None
-            _log.warn("lost the connection to Redis at {where}; reconnecting", where=self.settings.where)
+            _log.warn(self.LOST, where=self.settings.where)
 
     def call(self, *args: Any, protocol: Any = None) -> Deferred:
         p = self.protocol if protocol is None else protocol

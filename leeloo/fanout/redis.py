@@ -155,6 +155,19 @@ _SCRIPTS = {name: (hashlib.sha1(body.encode()).hexdigest(), body) for name, body
              "LAST_SEQS": LAST_SEQS, "PUBLISH_MANY": PUBLISH_MANY}.items()}
 
 
+class _ClusterConnection(RedisConnection):
+    """
+    One of a node's two links to the other nodes through Redis (commands,
+    and the subscription), logged as such.
+    """
+
+    CANNOT_CONNECT = "the cluster's link to Redis at {where} cannot connect: {error}; retrying"
+    CONNECTED = "the cluster's link to Redis at {where} is up"
+    CONNECTED_AGAIN = "the cluster's link to Redis at {where} is up again"
+    NOT_READY = "the cluster's new link to Redis at {where} failed: {error}"
+    LOST = "lost the cluster's link to Redis at {where}; reconnecting"
+
+
 class _Subscriber(txredisapi.SubscriberProtocol):
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
         self.factory.connection.received(channel, message)
@@ -222,9 +235,9 @@ class RedisFanout(LocalFanout):
         self._beats = 0
         self._loads = 0
         self.stopped = False
-        self.commands = RedisConnection(settings, reactor, on_ready=self._commands_ready)
-        self.subscriber = RedisConnection(settings, reactor, on_ready=self._subscribe,
-                                          protocol_class=_Subscriber)
+        self.commands = _ClusterConnection(settings, reactor, on_ready=self._commands_ready)
+        self.subscriber = _ClusterConnection(settings, reactor, on_ready=self._subscribe,
+                                             protocol_class=_Subscriber)
         self.subscriber.received = self._received
         self._beat = LoopingCall(self.beat)
         self._beat.clock = reactor
