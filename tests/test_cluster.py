@@ -506,3 +506,53 @@ class SpotifyTests(TestCase):
         self.assertEqual(status, 200)
         self.assertEqual(online["tokens"]["access_token"], "access-online")
         self.assertEqual(offline["tokens"]["access_token"], "access-offline")
+
+
+class ThreeNodeTests(TestCase):
+    """
+    Three nodes, a device on each.
+    """
+
+    skip = SKIP
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_three_nodes(self):
+        """
+        A message from the device on node one reaches those on nodes two
+        and three (one command to both nodes); every node counts three;
+        node two killed, the others' devices see its device offline and
+        every node counts two.
+        """
+        cluster = yield Cluster(self, 3).start()
+        one, two, three = cluster.nodes
+
+        def before():
+            a, b, c = opener(one), opener(two), opener(three)
+            join(a, A, "tri", "Ann")
+            join(b, B, "tri", "Bob")
+            join(c, C, "tri", "Cat")
+            counts = [node.until_online("TRI", 3)["devices_online"] for node in cluster.nodes]
+            send(a, type="share_music", spotify_uri="spotify:track:9", artist="X", track="T", album="Z")
+            got = [until(b, "music_shared"), until(c, "music_shared")]
+            return a, b, c, counts, got
+
+        a, b, c, counts, got = yield in_thread(before)
+        for ws in (a, b, c):
+            self.addCleanup(ws.close)
+        # Whichever of the two left reaps it.
+        reaped = defer.DeferredList([one.logged(r"stopped beating"), three.logged(r"stopped beating")],
+                                    fireOnOneCallback=True)
+        yield two.stop("KILL")
+        yield reaped
+
+        def after():
+            offline = [until(a, "member_offline"), until(c, "member_offline")]
+            return offline, [one.until_online("TRI", 2), three.until_online("TRI", 2)]
+
+        offline, statuses = yield in_thread(after)
+        self.assertEqual(counts, [3, 3, 3])
+        self.assertEqual([(m["pushed_by"], m["seq"]) for m in got], [("Ann", 1), ("Ann", 1)])
+        self.assertEqual([m["device_id"] for m in offline], [B, B])
+        for status in statuses:
+            self.assertEqual(sorted(status["device_names"]), ["Ann", "Cat"])
