@@ -223,6 +223,7 @@ class RedisFanout(LocalFanout):
         self.k_devices = f"{p}node:{self.node}:devices"
         self.k_counter = f"{p}node:{self.node}:n"
         self.presence_channel = p + "presence"
+        self._presence_bytes = self.presence_channel.encode()
         self.own_channel = self.channel(self.node)
         self.mirror = ClusterMirror(self.node)
         self.relay: Any = None
@@ -233,6 +234,7 @@ class RedisFanout(LocalFanout):
         # Redis may not hold this node's part as it is: state it whole.
         self._dirty = False
         self._beats = 0
+        self._beat_failing = False
         self._loads = 0
         self.stopped = False
         self.commands = _ClusterConnection(settings, reactor, on_ready=self._commands_ready)
@@ -308,6 +310,9 @@ class RedisFanout(LocalFanout):
 
     def _beaten(self, reply: list) -> None:
         added, reaped = reply
+        if self._beat_failing:
+            self._beat_failing = False
+            _log.info("node {node} beats again", node=self.node)
         if int(added) and self._beats:
             _log.warn("node {node} was taken for dead (its heartbeat expired); announcing its devices again",
                       node=self.node)
@@ -319,8 +324,12 @@ class RedisFanout(LocalFanout):
             _log.info("node {dead} stopped beating; its devices are offline", dead=node.decode())
 
     def _beat_failed(self, failure: Any) -> None:
-        if not self.stopped:
-            _log.warn("node {node}'s heartbeat failed: {error}", node=self.node, error=failure.getErrorMessage())
+        if not self.stopped and not self._beat_failing:
+            # Said once, not every heartbeat while Redis is away.
+            self._beat_failing = True
+            _log.warn("node {node}'s heartbeat failed: {error}; the other nodes take it for dead after "
+                      "{dead:g}s without one", node=self.node, error=failure.getErrorMessage(),
+                      dead=self.heartbeat * 3)
 
     # ----------------------------------------------------------- presence
 
@@ -464,7 +473,7 @@ class RedisFanout(LocalFanout):
 
     def _received(self, channel: bytes, message: bytes) -> None:
         try:
-            if channel == self.presence_channel.encode():
+            if channel == self._presence_bytes:
                 node, number, ops = message.split(b"\0", 2)
                 self._effects(self.mirror.apply(node.decode(), int(number), json.loads(ops)))
             elif message[:1] == b"M":
