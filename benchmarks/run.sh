@@ -22,7 +22,7 @@
 #   SAT_START=500 SAT_STEP=4 SAT_FACTOR=2 SAT_REFINE=3 SAT_RETRIES=1 P99_MS=50   saturate
 #   STORM_CONC=500    storm: connections pending at once, in total
 #   CONNECT_RATE=2000 devices/s while setting up idle/fanout/saturate
-#   PROFILE=py-spy    record the relay with py-spy during saturate and fanout (OUTDIR/SCENARIO.pyspy.txt
+#   PROFILE=py-spy    record the relay with py-spy during saturate, fanout and storm (OUTDIR/SCENARIO.pyspy.txt
 #                     and OUTDIR/SCENARIO.profile.txt, the top functions); PROFILE_NATIVE=1 adds --native
 #   RAISE_LIMITS=1    pass the relay options that lift its per-address and per-connection
 #                     limits (those this relay has); 0 runs it with its defaults
@@ -182,8 +182,11 @@ run_scenario() {  # $1 = scenario, $2 = devices, rest = loadgen options
     echo "{\"scenario\":\"$sc\",\"label\":\"$LABEL\",\"ok\":false,\"error\":\"the relay did not start\"}" >"$base.json"
     return
   fi
-  if { [ "$sc" = saturate ] || [ "$sc" = fanout ]; } && [ "$PROFILE" = py-spy ]; then
-    py-spy record --pid "$RELAY_PID" --rate 200 --nonblocking --format raw ${PROFILE_NATIVE:+--native} \
+  if { [ "$sc" = saturate ] || [ "$sc" = fanout ] || [ "$sc" = storm ]; } && [ "$PROFILE" = py-spy ]; then
+    # py-spy cannot read native stacks without pausing the relay (--nonblocking)
+    local PYSPY_MODE=--nonblocking
+    [ -n "$PROFILE_NATIVE" ] && PYSPY_MODE=--native
+    py-spy record --pid "$RELAY_PID" --rate 200 $PYSPY_MODE --format raw \
       -o "$base.pyspy.txt" >"$base.pyspy.log" 2>&1 &
     PROFILER_PID=$!
   fi
