@@ -147,6 +147,35 @@ class TwoNodeTests(TestCase):
         self.assertEqual(reaction["from"], "Cat")
 
     @defer.inlineCallbacks
+    def test_key_bound_on_another_node(self):
+        """
+        A device key issued by node two and first presented on node one is
+        required on node two from then on, though node two held the id
+        unbound.
+        """
+        one, two = self.one, self.two
+
+        def script():
+            with opener(two) as first:
+                issued = join(first, A, "keys", "Ann")
+            with opener(one) as bound:
+                presented = join(bound, A, "keys", "Ann", device_key=issued["device_key"])
+                # Answered sent once durable, with the binding written before it.
+                send(bound, type="message", payload={"text": "bound"}, client_msg_id="k1")
+                until(bound, "sent")
+            with opener(two) as thief:
+                refused = join(thief, A, "keys", "Ann")
+            with opener(two) as owner:
+                again = join(owner, A, "keys", "Ann", device_key=issued["device_key"])
+            return issued, presented, refused, again
+
+        issued, presented, refused, again = yield in_thread(script)
+        self.assertIn("device_key", issued)
+        self.assertEqual(presented["type"], "crew_joined")
+        self.assertEqual((refused["type"], refused["error"]), ("error", "device_auth_failed"))
+        self.assertEqual(again["type"], "crew_joined")
+
+    @defer.inlineCallbacks
     def test_bot_on_either_node(self):
         """
         A crew made by the bot API on node one is found by node two's;

@@ -145,6 +145,9 @@ class Handlers:
         if device_id is not None:
             if device_id not in self.identity.keys:
                 self._find(waits, self.store.find_device(device_id), self.identity.adopt)
+            elif self.crews.fanout.shared:
+                # Another node may have bound its key since.
+                self._find(waits, self.store.find_device(device_id), self.identity.refresh)
             if device_id not in self.tokens.pending:
                 self._find(waits, self.store.find_token(device_id), self.tokens.adopt)
         if not waits:
