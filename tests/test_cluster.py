@@ -176,6 +176,39 @@ class TwoNodeTests(TestCase):
         self.assertEqual(again["type"], "crew_joined")
 
     @defer.inlineCallbacks
+    def test_key_reset_on_another_node(self):
+        """
+        The operator's key reset on node one closes the device's
+        connection on node two (4004) and node two forgets the key: the
+        device comes back there without one and is issued a new key.
+        """
+        one, two = self.one, self.two
+
+        def script():
+            with opener(two) as first:
+                issued = join(first, A, "reset", "Ann")
+            with opener(two) as holder:
+                bound = join(holder, A, "reset", "Ann", device_key=issued["device_key"])
+                send(holder, type="message", payload={"text": "bound"}, client_msg_id="r1")
+                until(holder, "sent")
+                answer = one.admin("reset-key", {"device_id": A})
+                try:
+                    while True:
+                        recv(holder)
+                except Exception:
+                    code = holder.close_code
+            with opener(two) as back:
+                again = join(back, A, "reset", "Ann")
+            return issued, bound, answer, code, again
+
+        issued, bound, answer, code, again = yield in_thread(script)
+        self.assertEqual((bound["type"], answer["device_id"]), ("crew_joined", A))
+        self.assertEqual(code, 4004)
+        self.assertEqual(again["type"], "crew_joined")
+        self.assertNotEqual(again.get("device_key"), issued["device_key"])
+        self.assertIn("device_key", again)
+
+    @defer.inlineCallbacks
     def test_bot_on_either_node(self):
         """
         A crew made by the bot API on node one is found by node two's;

@@ -93,12 +93,21 @@ class Operator:
     def reset_key(self, device_id: str) -> Deferred:
         """
         Forget C{device_id}'s key.  Fires with C{{"device_id", "closed"}}
-        (whether its connection was closed) once that is durable.
+        (whether its connection was closed) once that is durable.  With
+        other nodes, a device this one does not hold is looked up first.
         """
+        if device_id not in self.identity.keys and self.crews.fanout.shared:
+            d = self.store.find_device(device_id)
+            d.addCallback(self.identity.adopt)
+            return d.addCallback(lambda _: self._reset_key(device_id))
+        return self._reset_key(device_id)
+
+    def _reset_key(self, device_id: str) -> Deferred:
         if device_id not in self.identity.keys:
             raise Refused(f"no device {device_id}")
         del self.identity.keys[device_id]
         d = self.journal.put((DELETE_DEVICE, device_id))
+        self.crews.fanout.key_reset(device_id)
         session = self.crews.fanout.connection(device_id)
         if session is not None and not session.closing:
             session.close(CLOSE_OPERATOR, "device key reset by the relay's operator; reconnect")

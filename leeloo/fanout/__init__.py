@@ -50,6 +50,12 @@ class IFanout(Interface):
         Crew C{old} is called C{new} now, here: other nodes rename it too.
         """
 
+    def key_reset(device_id: str) -> None:
+        """
+        The operator reset C{device_id}'s key here: other nodes forget it
+        too, and close the device's connection if they hold it.
+        """
+
     def publish(crew_code: str, out: Any, sender: Any = None, seq: int = 0) -> int:
         """
         Send C{out} (an L{leeloo.core.peer.Outgoing}, encoded once) to every

@@ -66,6 +66,10 @@ class LocalFanout:
     def renamed(old: str, new: str) -> None:
         pass
 
+    @staticmethod
+    def key_reset(device_id: str) -> None:
+        pass
+
     def publish(self, crew_code: str, out: Outgoing, sender: Any = None, seq: int = 0) -> int:
         listeners = self._crews.get(crew_code)
         if listeners is None:

@@ -20,7 +20,8 @@ The operations of a batch:
     again in the same batch);
   - C{["K", code]}: crew C{code} changed in the store (created, a bot
     user added, deleted): read it again;
-  - C{["N", old, new]}: crew C{old} was renamed C{new} (in the store too).
+  - C{["N", old, new]}: crew C{old} was renamed C{new} (in the store too);
+  - C{["Z", device]}: the operator reset the device's key (in the store too).
 
 A node found dead is announced by the node that reaped it as batch
 number 0 of the dead node, C{[["D"]]}: applied whatever came before.
@@ -42,9 +43,11 @@ class Effects:
     C{joined}, (node, crew) where a member came online.
     """
 
-    __slots__ = ("taken", "changed", "gone", "joined", "renamed")
+    __slots__ = ("taken", "changed", "gone", "joined", "renamed", "reset")
 
     def __init__(self) -> None:
+        # Devices whose key the operator reset on another node.
+        self.reset: list[str] = []
         # (old, new): crews another node renamed.
         self.renamed: list[tuple[str, str]] = []
         # (node, crew): a member came online there.
@@ -165,6 +168,8 @@ class ClusterMirror:
                 changed.append(op[1])
             elif kind == "N":
                 effects.renamed.append((op[1], op[2]))
+            elif kind == "Z":
+                effects.reset.append(op[1])
         return effects
 
     def dead(self, node: str) -> list[tuple[str, str, str]]:
@@ -214,4 +219,5 @@ class ClusterMirror:
             effects.gone += more.gone
             effects.joined += more.joined
             effects.renamed += more.renamed
+            effects.reset += more.reset
         return effects

@@ -427,6 +427,15 @@ class RedisFanout(LocalFanout):
             return
         self.relay.journal.barrier().addBoth(lambda _: self._op(["N", old, new]))
 
+    def key_reset(self, device_id: str) -> None:
+        """
+        The operator reset C{device_id}'s key here: the other nodes forget
+        it once the store has, and close the device if they hold it.
+        """
+        if self.relay is None:
+            return
+        self.relay.journal.barrier().addBoth(lambda _: self._op(["Z", device_id]))
+
     def reserve(self, code: str) -> Deferred:
         """
         Fires with whether generated crew code C{code} is this node's to
@@ -541,6 +550,12 @@ class RedisFanout(LocalFanout):
                 # What this node published before it knew of that member
                 # did not go to its node: it fills from the store up to here.
                 self._publish(self.channel(node), _framed(b"F", code, seq, b""))
+        for device_id in effects.reset:
+            if relay is not None:
+                relay.identity.keys.pop(device_id, None)
+                session = self.devices.get(device_id)
+                if session is not None and not session.closing:
+                    session.close(messages.CLOSE_OPERATOR, "device key reset by the relay's operator; reconnect")
         for old, new in effects.renamed:
             if relay is not None:
                 self._rename(old, new)
