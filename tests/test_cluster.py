@@ -515,6 +515,38 @@ class OperatorTests(TestCase):
         self.assertFalse(after["exists"])
 
 
+class RemoveTests(TestCase):
+    skip = SKIP
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_member_removed_on_another_node(self):
+        """
+        The operator on node one takes a member online on node two out of
+        its crew: it is told crew_left there, the crew hears it went
+        offline, and both nodes count one member.
+        """
+        cluster = yield Cluster(self, 2).start()
+        one, two = cluster.nodes
+
+        def script():
+            with opener(one) as a, opener(two) as b:
+                join(a, A, "pair", "Ann")
+                join(b, B, "pair", "Bob")
+                one.until_online("PAIR", 2)
+                answer = one.admin("remove", {"device_id": B, "crew_code": "PAIR"})
+                left = until(b, "crew_left")
+                offline = until(a, "member_offline")
+                return answer, left, offline, [one.until_online("PAIR", 1), two.until_online("PAIR", 1)]
+
+        answer, left, offline, statuses = yield in_thread(script)
+        self.assertEqual((answer["device_id"], answer["online"]), (B, False))
+        self.assertEqual(left["crew_code"], "PAIR")
+        self.assertEqual(offline["device_id"], B)
+        for status in statuses:
+            self.assertEqual(status["device_names"], ["Ann"])
+
+
 class SpotifyTests(TestCase):
     """
     The Spotify callback on one node, the device on another.

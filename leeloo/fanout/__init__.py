@@ -56,6 +56,12 @@ class IFanout(Interface):
         too, and close the device's connection if they hold it.
         """
 
+    def member_removed(crew_code: str, device_id: str) -> None:
+        """
+        The operator took C{device_id} out of crew C{crew_code} here: the
+        node where it is online there takes it out too.
+        """
+
     def publish(crew_code: str, out: Any, sender: Any = None, seq: int = 0) -> int:
         """
         Send C{out} (an L{leeloo.core.peer.Outgoing}, encoded once) to every

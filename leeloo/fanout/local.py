@@ -70,6 +70,10 @@ class LocalFanout:
     def key_reset(device_id: str) -> None:
         pass
 
+    @staticmethod
+    def member_removed(crew_code: str, device_id: str) -> None:
+        pass
+
     def publish(self, crew_code: str, out: Outgoing, sender: Any = None, seq: int = 0) -> int:
         listeners = self._crews.get(crew_code)
         if listeners is None:

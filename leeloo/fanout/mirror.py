@@ -21,7 +21,8 @@ The operations of a batch:
   - C{["K", code]}: crew C{code} changed in the store (created, a bot
     user added, deleted): read it again;
   - C{["N", old, new]}: crew C{old} was renamed C{new} (in the store too);
-  - C{["Z", device]}: the operator reset the device's key (in the store too).
+  - C{["Z", device]}: the operator reset the device's key (in the store too);
+  - C{["V", crew, device]}: the operator took the device out of the crew.
 
 A node found dead is announced by the node that reaped it as batch
 number 0 of the dead node, C{[["D"]]}: applied whatever came before.
@@ -43,9 +44,11 @@ class Effects:
     C{joined}, (node, crew) where a member came online.
     """
 
-    __slots__ = ("taken", "changed", "gone", "joined", "renamed", "reset")
+    __slots__ = ("taken", "changed", "gone", "joined", "renamed", "reset", "removed")
 
     def __init__(self) -> None:
+        # (crew, device): members the operator removed on another node.
+        self.removed: list[tuple[str, str]] = []
         # Devices whose key the operator reset on another node.
         self.reset: list[str] = []
         # (old, new): crews another node renamed.
@@ -170,6 +173,8 @@ class ClusterMirror:
                 effects.renamed.append((op[1], op[2]))
             elif kind == "Z":
                 effects.reset.append(op[1])
+            elif kind == "V":
+                effects.removed.append((op[1], op[2]))
         return effects
 
     def dead(self, node: str) -> list[tuple[str, str, str]]:
@@ -220,4 +225,5 @@ class ClusterMirror:
             effects.joined += more.joined
             effects.renamed += more.renamed
             effects.reset += more.reset
+            effects.removed += more.removed
         return effects

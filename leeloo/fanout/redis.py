@@ -436,6 +436,14 @@ class RedisFanout(LocalFanout):
             return
         self.relay.journal.barrier().addBoth(lambda _: self._op(["Z", device_id]))
 
+    def member_removed(self, crew_code: str, device_id: str) -> None:
+        """
+        The operator took C{device_id} out of crew C{crew_code} here: the
+        node where it is online there takes it out too.
+        """
+        if self.relay is not None and device_id in self.mirror.elsewhere(crew_code):
+            self.relay.journal.barrier().addBoth(lambda _: self._op(["V", crew_code, device_id]))
+
     def reserve(self, code: str) -> Deferred:
         """
         Fires with whether generated crew code C{code} is this node's to
@@ -556,6 +564,12 @@ class RedisFanout(LocalFanout):
                 session = self.devices.get(device_id)
                 if session is not None and not session.closing:
                     session.close(messages.CLOSE_OPERATOR, "device key reset by the relay's operator; reconnect")
+        for code, device_id in effects.removed:
+            membership = self._crews.get(code, {}).get(device_id)
+            if membership is not None and relay is not None:
+                # As the operator's node does for a member online there.
+                relay.crews_part.end(membership)
+                membership.session.send(messages.CrewLeft(code))
         for old, new in effects.renamed:
             if relay is not None:
                 self._rename(old, new)
