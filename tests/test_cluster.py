@@ -372,18 +372,17 @@ class RestartTests(TestCase):
         a, b, first = yield in_thread(before)
         self.addCleanup(b.close)
         self.addCleanup(a.close)
-        again = [one.logged(r"subscribed again"), two.logged(r"subscribed again")]
+        # Each node's cluster links and its store's connection are back.
+        again = [node.logged(pattern) for node in (one, two)
+                 for pattern in (r"subscribed again", r"connected to Redis at \S+ again")]
         yield cluster.redis.stop()
         yield cluster.redis.start()
         yield defer.gatherResults(again)
 
         def after():
             two.until_online("STORM", 2)
-            while True:
-                send(a, type="message", payload={"text": "after"}, client_msg_id="c2")
-                sent = recv(a)
-                if sent["type"] == "sent":
-                    break
+            send(a, type="message", payload={"text": "after"}, client_msg_id="c2")
+            sent = until(a, "sent")
             received = until(b, "message")
             send(b, type="ping")
             between = []
