@@ -667,10 +667,16 @@ class RedisStore:
             return
         entries = iter(arg for kind, arg in ops if kind == APPEND and arg.renumber is not None)
         for seq in minted:
-            seq = int(seq)
             entry = next(entries)
             while _split_stamp(entry) is None:
                 entry = next(entries)
+            if isinstance(seq, list):
+                # A resend already in the log (sent through another node at
+                # the same time): stored once, answered as the first.
+                first = _entry(entry.crew_code, seq[0], seq[1])
+                entry.renumber(first.seq, first.id)
+                continue
+            seq = int(seq)
             self.sequences.seen(entry.crew_code, seq)
             if seq != entry.seq:
                 entry.renumber(seq)

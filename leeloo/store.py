@@ -145,8 +145,11 @@ class LogEntry:
     ephemeral: bool = False
     # For an engine that mints the number itself (Sequences.engine_mints):
     # called with the number it gave, when that is not C{seq}, before the
-    # write's Deferred fires, so that the entry's sender stamps it again.
-    renumber: Callable[[int], Any] | None = field(default=None, repr=False, compare=False)
+    # write's Deferred fires, so that the entry's sender stamps it again;
+    # called with the number and id of the entry already stored for its
+    # sender and client_msg_id (a resend through another node at the same
+    # time), when the engine stored it not again.
+    renumber: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
