@@ -25,7 +25,11 @@ The operations of a batch:
   - C{["V", crew, device]}: the operator took the device out of the crew.
 
 A node found dead is announced by the node that reaped it as batch
-number 0 of the dead node, C{[["D"]]}: applied whatever came before.
+number 0 of the dead node, C{[["D"]]}: applied whatever came before.  A
+node taken for dead while it lived (its link to Redis lost for three
+heartbeats) states its whole part again (C{["X"]} then its C{J}s) when it
+beats again: its members, shown offline when it was reaped, are online
+again (C{back}).
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ class Effects:
     What a batch means here: C{taken}, the devices another node took (to
     close if connected here); C{changed}, crews to read again;
     C{gone}, members (crew, device, name) of a dead node, to show offline;
-    C{joined}, (node, crew) where a member came online.
+    C{joined}, (node, crew) where a member came online; C{back}, members
+    (crew, device, name) of a node reaped while it lived, to show online.
     """
 
-    __slots__ = ("taken", "changed", "gone", "joined", "renamed", "reset", "removed")
+    __slots__ = ("taken", "changed", "gone", "joined", "renamed", "reset", "removed", "back")
 
     def __init__(self) -> None:
+        self.back: list[tuple[str, str, str]] = []
         # (crew, device): members the operator removed on another node.
         self.removed: list[tuple[str, str]] = []
         # Devices whose key the operator reset on another node.
@@ -79,6 +85,9 @@ class ClusterMirror:
         self.last: dict[str, int] = {}
         # While the state is being loaded: the batches that came meanwhile.
         self.buffered: list[tuple[str, int, list]] | None = None
+        # Nodes reaped (their members shown offline) that have not stated
+        # their part again since.
+        self.reaped: set[str] = set()
 
     def elsewhere(self, crew_code: str) -> Mapping[str, tuple[str, str]]:
         members = self.crews.get(crew_code)
@@ -152,11 +161,14 @@ class ClusterMirror:
             return effects
         self.last[node] = number
         taken, changed = effects.taken, effects.changed
+        revived = False
         for op in ops:
             kind = op[0]
             if kind == "J":
                 self._add(op[1], op[2], node, op[3])
                 effects.joined.append((node, op[1]))
+                if revived:
+                    effects.back.append((op[1], op[2], op[3]))
             elif kind == "L":
                 self._remove(op[1], op[2], node)
             elif kind == "C":
@@ -167,6 +179,9 @@ class ClusterMirror:
                     del self.devices[op[1]]
             elif kind == "X":
                 self._forget_node(node)
+                if node in self.reaped:
+                    self.reaped.discard(node)
+                    revived = True
             elif kind == "K":
                 changed.append(op[1])
             elif kind == "N":
@@ -185,6 +200,7 @@ class ClusterMirror:
         self.last.pop(node, None)
         if node == self.node:
             return []
+        self.reaped.add(node)
         return self._forget_node(node)
 
     def loading(self) -> None:
@@ -226,4 +242,5 @@ class ClusterMirror:
             effects.renamed += more.renamed
             effects.reset += more.reset
             effects.removed += more.removed
+            effects.back += more.back
         return effects

@@ -552,6 +552,11 @@ class RedisFanout(LocalFanout):
             listeners = self._crews.get(code)
             if listeners and device_id not in listeners and device_id not in self.mirror.elsewhere(code):
                 LocalFanout.publish(self, code, Outgoing(messages.MemberOffline(device_id, name, code)))
+        for code, device_id, name in effects.back:
+            listeners = self._crews.get(code)
+            if listeners and device_id not in listeners:
+                # Shown offline when its node was reaped; its node lives.
+                LocalFanout.publish(self, code, Outgoing(messages.MemberJoined(device_id, name, code)))
         for node, code in effects.joined:
             seq = self._published.get(code)
             if seq:

@@ -75,6 +75,22 @@ class MirrorTests(SynchronousTestCase):
         self.mirror.apply("b", 1, [["J", "DUO", "d1", "Ann"]])
         self.assertIn("d1", self.mirror.elsewhere("DUO"))
 
+    def test_reaped_while_alive(self):
+        """
+        A node reaped while it lived states its part again: its members
+        are reported back (to show online again), once; a restatement from
+        a node never reaped reports nobody back.
+        """
+        self.mirror.apply("b", 1, [["J", "DUO", "d1", "Ann"], ["C", "d1"]])
+        self.mirror.apply("c", 1, [["J", "DUO", "d2", "Bob"]])
+        self.mirror.apply("b", 0, [["D"]])
+        effects = self.mirror.apply("b", 7, [["X"], ["J", "DUO", "d1", "Ann"], ["C", "d1"]])
+        self.assertEqual(effects.back, [("DUO", "d1", "Ann")])
+        self.assertEqual(dict(self.mirror.elsewhere("DUO")), {"d1": ("b", "Ann"), "d2": ("c", "Bob")})
+        again = self.mirror.apply("b", 8, [["X"], ["J", "DUO", "d1", "Ann"]])
+        restated = self.mirror.apply("c", 2, [["X"], ["J", "DUO", "d2", "Bob"]])
+        self.assertEqual((again.back, restated.back), ([], []))
+
     def test_reset(self):
         """
         ["X"] forgets the node's part, and the rest of its batch states it
@@ -178,3 +194,36 @@ class FillTests(SynchronousTestCase):
         self.fanout._crews["DUO"] = {"d1": behind, "d2": current}
         self.fanout._received(b"leeloo:to:me", b"F3:DUO7:")
         self.assertEqual((self.fanout.relay.replayer.caught_up, crew.fanned_seq), ([behind], 7))
+
+
+class _Peer:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, out):
+        self.sent.append(out.message)
+
+
+class RevivedTests(SynchronousTestCase):
+    """
+    Members of a node reaped while it lived are shown online again to
+    their crews here when it states its part again.
+    """
+
+    def test_member_joined_again(self):
+        from twisted.internet.task import Clock
+
+        from leeloo import messages
+        from leeloo.fanout.redis import RedisFanout
+        from leeloo.redisurl import parse_redis_url
+
+        fanout = RedisFanout(parse_redis_url("redis://127.0.0.1:1/0"), Clock(), node="me")
+        fanout._publish = lambda channel, frame: None
+        listener = _Membership(_Crew("DUO", 0), 0)
+        listener.peer = _Peer()
+        fanout._crews["DUO"] = {"d2": listener}
+        fanout._received(b"leeloo:presence", b'b\x001\x00[["J", "DUO", "d1", "Ann"]]')
+        fanout._received(b"leeloo:presence", b'b\x000\x00[["D"]]')
+        fanout._received(b"leeloo:presence", b'b\x004\x00[["X"], ["J", "DUO", "d1", "Ann"]]')
+        self.assertEqual([type(m) for m in listener.peer.sent], [messages.MemberOffline, messages.MemberJoined])
+        self.assertEqual((listener.peer.sent[1].device_id, listener.peer.sent[1].display_name), ("d1", "Ann"))
