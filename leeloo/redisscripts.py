@@ -242,7 +242,8 @@ return minted
 # ARGV: prefix, code ('' for every crew).  Returns the state as load()
 # reads it: {crews, aliases, devices, tokens, multicrew, pairings, per crew
 # {code, members, bots, last seq, bytes, newest entry's meta, sent metas}},
-# hashes as flat field/value lists.
+# hashes as flat field/value lists.  For the old code of a renamed crew, the
+# crew under its code now, and that alias.
 SNAPSHOT = _COMMON + r"""
 local only = ARGV[2]
 local out = {}
@@ -258,9 +259,17 @@ if only == '' then
   out[8] = redis.call('HGETALL', P .. 'grants')
 else
   local record = redis.call('HGET', P .. 'crews', only)
-  if not record then return {} end
-  out[1] = {only, record}
   out[2], out[3], out[4], out[5], out[6], out[8] = {}, {}, {}, {}, {}, {}
+  if not record then
+    -- The old code of a renamed crew: the crew under its code now, and
+    -- the alias.
+    local target = redis.call('HGET', P .. 'aliases', only)
+    record = target and redis.call('HGET', P .. 'crews', target)
+    if not record then return {} end
+    out[2] = {only, target}
+    only = target
+  end
+  out[1] = {only, record}
   codes = {only}
 end
 local crews = {}

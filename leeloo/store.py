@@ -273,7 +273,9 @@ class ICrewStore(Interface):
         """
         Everything of crew C{code} as L{load} gives it, for that crew alone
         (a L{Snapshot}), or C{None} when the engine has no such crew: how a
-        relay learns of a crew it does not hold (another node made it).
+        relay learns of a crew it does not hold (another node made it).  For
+        the old code of a renamed crew: that crew under its code now, with
+        the alias (C{aliases}).
 
         Like every C{find_*}: a Deferred firing with the answer, or the
         answer itself when the store knows it without asking (an engine in
@@ -530,10 +532,15 @@ class MemoryStore:
         return succeed(None)
 
     def find_crew(self, code: str) -> Snapshot | None:
+        aliases = {}
         if code not in self.crews:
-            return None
+            target = self.aliases.get(code)
+            if target not in self.crews:
+                return None
+            aliases, code = {code: target}, target
         snapshot = Snapshot(
             crews=[self.crews[code]],
+            aliases=aliases,
             members=[MemberRecord(**_fields(m)) for (c, _), m in self.members.items() if c == code],
             bot_users=[b for (c, _), b in self.bot_users.items() if c == code],
         )

@@ -446,6 +446,51 @@ class MintingTests(RedisTestCase):
         self.assertEqual(json.loads(replay.entries[0][1])["id"], sent[0]["id"])
 
     @inlineCallbacks
+    def test_renamed_on_another_relay(self):
+        """
+        A legacy device that comes back with its crew's old code through a
+        relay that never held the crew (renamed through another relay
+        sharing the Redis) joins the crew under its new code, as through
+        the relay that renamed it, rather than being told no such crew
+        (and then making a new crew of the old code).
+        """
+        from leeloo.relay import Relay
+        from leeloo.testing import Device
+
+        stores = [self.open(), self.open()]
+        relays = [Relay(reactor, store, presence_grace=0, bind_timeout=0) for store in stores]
+
+        @inlineCallbacks
+        def settled(i):
+            for _ in range(3):
+                yield stores[i].connection.call("PING")
+                yield relays[i].journal.barrier()
+
+        ann, bob = Device(relays[0], "127.0.0.1"), Device(relays[0], "127.0.0.1")
+        ann.send(type="create_crew", device_id="leeloo_aaaaaaaaaaaa", crew_code=ALPHA)
+        yield settled(0)
+        bob.send(type="join_crew", device_id="leeloo_bbbbbbbbbbbb", crew_code=ALPHA)
+        yield settled(0)
+        bob.close()
+        yield relays[0].operator.rename_crew(ALPHA, "LEELOO-BRAV")
+        bob = Device(relays[1], "127.0.0.1")
+        bob.send(type="join_crew", device_id="leeloo_bbbbbbbbbbbb", crew_code=ALPHA)
+        yield settled(1)
+        [joined] = bob.take()
+        self.assertEqual(joined["type"], "crew_joined", joined)
+        bob.send(type="message", payload={"text": "back"}, client_msg_id="b1")
+        yield settled(1)
+        [sent] = [m for m in bob.take() if m["type"] == "sent"]
+        self.assertEqual(sent["crew_code"], "LEELOO-BRAV")
+        for device in (ann, bob):
+            device.close()
+        for relay in relays:
+            yield relay.journal.drain()
+        self.assertEqual(sorted((yield stores[1].connection.call("HKEYS", "leeloo:crews"))), [b"LEELOO-BRAV"])
+        replay = yield stores[1].replay("LEELOO-BRAV", 0, 9, 0.0, "nobody", 9)
+        self.assertEqual([json.loads(p)["payload"]["text"] for _, p in replay.entries], ["back"])
+
+    @inlineCallbacks
     def test_two_relays_one_crew(self):
         """
         Devices on two relays sharing one Redis send to one crew: each

@@ -155,7 +155,19 @@ class Handlers:
             return None
         wait = waits[0] if len(waits) == 1 else DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
         wait.addErrback(self._lookup_failed)
-        return wait.addCallback(lambda _: None if session.closing else then(session, message))
+        return wait.addCallback(self._after_lookup, session, message, then)
+
+    def _after_lookup(self, _: Any, session: Session, message: Any, then: Any) -> None:
+        if session.closing:
+            return
+        code = message.crew_code
+        if code is not None and code not in self.crews.crews and code in self.crews.aliases:
+            # The lookup found it renamed (on another node, since this one
+            # learnt its aliases).
+            resolved = self.crews.resolve(code, getattr(message, "device_id", None) or session.device_id)
+            if resolved != code:
+                message = dataclasses.replace(message, crew_code=resolved)
+        then(session, message)
 
     @staticmethod
     def _find(waits: list, answer: Any, adopt: Any, *args: Any) -> None:
@@ -199,6 +211,12 @@ class Handlers:
 
     def _adopt_crew(self, snapshot: Snapshot | None, code: str) -> None:
         if snapshot is not None and code not in self.crews.crews:
+            if any(record.code in self.crews.crews for record in snapshot.crews):
+                # C{code} is the old code of a crew held here under its new:
+                # as the store holds it now.
+                self.crews.aliases.update(snapshot.aliases)
+                self.crews.refresh(snapshot)
+                return
             self.crews.restore(snapshot)
             self.delivery.restore(snapshot)
 
