@@ -139,6 +139,9 @@ local function delete_crew(code)
   redis.call('HDEL', P .. 'crews', code)
   redis.call('HDEL', P .. 'seq', code)
   redis.call('HDEL', P .. 'bytes', code)
+  -- A generated code's reservation (leeloo.fanout.redis RESERVE) goes with
+  -- its crew.
+  redis.call('HDEL', P .. 'codes', code)
   local aliases = redis.call('HGETALL', P .. 'aliases')
   for j = 1, #aliases, 2 do
     if aliases[j + 1] == code then redis.call('HDEL', P .. 'aliases', aliases[j]) end

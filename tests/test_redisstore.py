@@ -337,6 +337,24 @@ class TLSTests(TestCase):
         self.assertIsNone(good.command("GET", "written"))
 
 
+class ReservationTests(RedisTestCase):
+    @inlineCallbacks
+    def test_reservation_goes_with_the_crew(self):
+        """
+        A generated code's reservation (several nodes: leeloo.fanout.redis)
+        is dropped when its crew is deleted, so the reservations do not
+        grow for ever; another crew's stays.
+        """
+        from leeloo.store import DELETE_CREW
+
+        store = self.open()
+        yield store.write([*with_crew(code=ALPHA), *with_crew(code="LEELOO-KEEP")])
+        yield store.connection.call("HSET", "leeloo:codes", ALPHA, "node-a")
+        yield store.connection.call("HSET", "leeloo:codes", "LEELOO-KEEP", "node-a")
+        yield store.write([(DELETE_CREW, ALPHA)])
+        self.assertEqual((yield store.connection.call("HKEYS", "leeloo:codes")), [b"LEELOO-KEEP"])
+
+
 class MintingTests(RedisTestCase):
     """
     Redis mints each crew's sequence numbers as it stores the entries: two

@@ -12,7 +12,8 @@ as L{LocalFanout} does, and in Redis (prefix C{P}, C{leeloo:}):
     number of its last presence batch;
   - C{P where}: hash, device id -> the node it is connected to;
   - C{P codes}: hash of the crew codes generated (reserved) so far, so two
-    nodes never hand out one code.
+    nodes never hand out one code (a crew's reservation goes when the crew
+    is deleted).
 
 It publishes its changes of presence, batched once per reactor turn, on
 C{P presence} (every node listens; L{leeloo.fanout.mirror}), and a crew
