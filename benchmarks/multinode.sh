@@ -118,7 +118,7 @@ for _ in $(seq 1 100); do
 done
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 redis_cli() { redis-cli -p "$REDIS_PORT" "$@" >/dev/null; }
-# One secrets key file for every node on the Redis (README: "Several
+# One secrets key file for every node on the Redis (README: "Deploying several
 # nodes"): the first node started creates it, the others read it.
 
 {

@@ -62,8 +62,9 @@ end
 
 # ARGV: prefix, then each operation: its kind and its fields (see
 # leeloo.redisstore._encode).  Returns the numbers minted for the batch's
-# 'mint' entries, in order, or an error reply starting LEELOO-REFUSED (for
-# good) or LEELOO-TAKEN (a sequence already taken).
+# 'mint' entries, in order (for a resend already in the log, its {seq,
+# meta}: see append), or an error reply starting LEELOO-REFUSED (for good)
+# or LEELOO-TAKEN (a sequence already taken).
 WRITE = _COMMON + r"""
 local ops = {}
 local i = 2
@@ -138,6 +139,9 @@ local function delete_crew(code)
   redis.call('HDEL', P .. 'crews', code)
   redis.call('HDEL', P .. 'seq', code)
   redis.call('HDEL', P .. 'bytes', code)
+  -- A generated code's reservation (leeloo.fanout.redis RESERVE) goes with
+  -- its crew.
+  redis.call('HDEL', P .. 'codes', code)
   local aliases = redis.call('HGETALL', P .. 'aliases')
   for j = 1, #aliases, 2 do
     if aliases[j + 1] == code then redis.call('HDEL', P .. 'aliases', aliases[j]) end
@@ -173,6 +177,41 @@ local function rename(old, new)
   redis.call('HSET', P .. 'aliases', old, new)
 end
 local minted = {}
+-- append: code, seq, meta, payload, time, ''; mint: code, the seq the
+-- relay proposed, meta, the payload before its seq's digits, time, the
+-- payload after them: the number is the crew's next here.  A mint whose
+-- sender and client_msg_id the crew's log holds already (a resend through
+-- another node, racing the first) is not stored again: its answer is the
+-- first one's {seq, meta}.
+local function append(kind, op)
+  local code, seq = op[2], op[3]
+  local m = cjson.decode(op[4])
+  local field = nil
+  if m.cmid ~= cjson.null and m.cmid ~= nil then field = sentfield(m.sender, m.cmid) end
+  if kind == 'mint' then
+    if field then
+      local first = redis.call('HGET', P .. 'sent:' .. code, field)
+      local meta = first and redis.call('HGET', P .. 'meta:' .. code, first)
+      if meta then
+        minted[#minted + 1] = {first, meta}
+        return
+      end
+    end
+    seq = tostring(redis.call('HINCRBY', P .. 'seq', code, 1))
+    op[5] = op[5] .. seq .. op[7]
+    minted[#minted + 1] = tonumber(seq)
+  end
+  redis.call('HSET', P .. 'log:' .. code, seq, op[5])
+  redis.call('HSET', P .. 'meta:' .. code, seq, op[4])
+  redis.call('ZADD', P .. 'seqs:' .. code, seq, seq)
+  redis.call('ZADD', P .. 'times', op[6], code .. '\0' .. seq)
+  redis.call('HINCRBY', P .. 'bytes', code, #op[5])
+  if field then
+    redis.call('HSET', P .. 'sent:' .. code, field, seq)
+  end
+  local last = tonumber(redis.call('HGET', P .. 'seq', code) or '0')
+  if tonumber(seq) > last then redis.call('HSET', P .. 'seq', code, seq) end
+end
 local hashes = {device='devices', token='tokens', multi_crew='multicrew', grant='grants'}
 local deletes = {delete_device='devices', delete_token='tokens', delete_multi_crew='multicrew',
                  delete_grant='grants'}
@@ -193,26 +232,7 @@ for _, op in ipairs(ops) do
   elseif deletes[kind] then
     redis.call('HDEL', P .. deletes[kind], op[2])
   elseif kind == 'append' or kind == 'mint' then
-    -- append: code, seq, meta, payload, time, ''; mint: code, the seq the
-    -- relay proposed, meta, the payload before its seq's digits, time, the
-    -- payload after them: the number is the crew's next here.
-    local code, seq = op[2], op[3]
-    if kind == 'mint' then
-      seq = tostring(redis.call('HINCRBY', P .. 'seq', code, 1))
-      op[5] = op[5] .. seq .. op[7]
-      minted[#minted + 1] = tonumber(seq)
-    end
-    redis.call('HSET', P .. 'log:' .. code, seq, op[5])
-    redis.call('HSET', P .. 'meta:' .. code, seq, op[4])
-    redis.call('ZADD', P .. 'seqs:' .. code, seq, seq)
-    redis.call('ZADD', P .. 'times', op[6], code .. '\0' .. seq)
-    redis.call('HINCRBY', P .. 'bytes', code, #op[5])
-    local m = cjson.decode(op[4])
-    if m.cmid ~= cjson.null and m.cmid ~= nil then
-      redis.call('HSET', P .. 'sent:' .. code, sentfield(m.sender, m.cmid), seq)
-    end
-    local last = tonumber(redis.call('HGET', P .. 'seq', code) or '0')
-    if tonumber(seq) > last then redis.call('HSET', P .. 'seq', code, seq) end
+    append(kind, op)
   elseif kind == 'rename_crew' then
     rename(op[2], op[3])
   elseif kind == 'alias' then
@@ -225,7 +245,8 @@ return minted
 # ARGV: prefix, code ('' for every crew).  Returns the state as load()
 # reads it: {crews, aliases, devices, tokens, multicrew, pairings, per crew
 # {code, members, bots, last seq, bytes, newest entry's meta, sent metas}},
-# hashes as flat field/value lists.
+# hashes as flat field/value lists.  For the old code of a renamed crew, the
+# crew under its code now, and that alias.
 SNAPSHOT = _COMMON + r"""
 local only = ARGV[2]
 local out = {}
@@ -241,9 +262,17 @@ if only == '' then
   out[8] = redis.call('HGETALL', P .. 'grants')
 else
   local record = redis.call('HGET', P .. 'crews', only)
-  if not record then return {} end
-  out[1] = {only, record}
   out[2], out[3], out[4], out[5], out[6], out[8] = {}, {}, {}, {}, {}, {}
+  if not record then
+    -- The old code of a renamed crew: the crew under its code now, and
+    -- the alias.
+    local target = redis.call('HGET', P .. 'aliases', only)
+    record = target and redis.call('HGET', P .. 'crews', target)
+    if not record then return {} end
+    out[2] = {only, target}
+    only = target
+  end
+  out[1] = {only, record}
   codes = {only}
 end
 local crews = {}

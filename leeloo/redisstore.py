@@ -410,12 +410,13 @@ class _Factory(protocol.Factory):
     isLazy = False
     noisy = False
 
-    def __init__(self, connection: RedisConnection) -> None:
+    def __init__(self, connection: RedisConnection, protocol_class: Any = None) -> None:
         self.connection = connection
+        self.protocol_class = txredisapi.RedisProtocol if protocol_class is None else protocol_class
 
     def buildProtocol(self, addr: Any) -> Any:
         s = self.connection.settings
-        p = txredisapi.RedisProtocol(
+        p = self.protocol_class(
             charset=None, replyTimeout=s.reply_timeout, password=s.password, dbid=s.db or None,
             convertNumbers=False, username=s.username)
         p.factory = self
@@ -441,9 +442,16 @@ class RedisConnection:
     """
 
     log = _log
+    # What it logs (the cluster's connections say it otherwise).
+    CANNOT_CONNECT = "cannot connect to Redis at {where}: {error}; retrying"
+    CONNECTED = "connected to Redis at {where}"
+    CONNECTED_AGAIN = "connected to Redis at {where} again"
+    NOT_READY = "the new connection to Redis at {where} failed: {error}"
+    LOST = "lost the connection to Redis at {where}; reconnecting"
 
     def __init__(self, settings: RedisSettings, reactor: Any,
-                 on_ready: Callable[[RedisConnection], Deferred | None] | None = None) -> None:
+                 on_ready: Callable[[RedisConnection], Deferred | None] | None = None,
+                 protocol_class: Any = None) -> None:
         self.settings = settings
         self.reactor = reactor
         self.on_ready = on_ready
@@ -456,7 +464,7 @@ class RedisConnection:
         if settings.tls:
             endpoint = wrapClientTLS(tls_options(settings), endpoint)
         self.service = ClientService(
-            endpoint, _Factory(self),
+            endpoint, _Factory(self, protocol_class),
             retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=settings.max_retry_delay, factor=2.0),
             clock=reactor)
 
@@ -487,8 +495,7 @@ class RedisConnection:
 
     def _first_failed(self, failure: Failure) -> None:
         if self._first is not None and not failure.check(StoreError):
-            _log.error("cannot connect to Redis at {where}: {error}; retrying", where=self.settings.where,
-                       error=failure.getErrorMessage())
+            _log.error(self.CANNOT_CONNECT, where=self.settings.where, error=failure.getErrorMessage())
         self._release_first()
 
     def _release_first(self) -> None:
@@ -518,23 +525,19 @@ class RedisConnection:
         if not p.connected:
             return
         self.protocol = p
-        if self._was_connected:
-            _log.info("connected to Redis at {where} again", where=self.settings.where)
-        else:
-            _log.info("connected to Redis at {where}", where=self.settings.where)
+        _log.info(self.CONNECTED_AGAIN if self._was_connected else self.CONNECTED, where=self.settings.where)
         self._was_connected = True
         self._release_first()
 
     def _not_ready(self, failure: Failure, p: Any) -> None:
-        _log.error("the new connection to Redis at {where} failed: {error}", where=self.settings.where,
-                   error=failure.getErrorMessage())
+        _log.error(self.NOT_READY, where=self.settings.where, error=failure.getErrorMessage())
         p.transport.loseConnection()
         self._release_first()
 
     def _lost(self, p: Any) -> None:
         if self.protocol is p:
             self.protocol = None
-            _log.warn("lost the connection to Redis at {where}; reconnecting", where=self.settings.where)
+            _log.warn(self.LOST, where=self.settings.where)
 
     def call(self, *args: Any, protocol: Any = None) -> Deferred:
         p = self.protocol if protocol is None else protocol
@@ -685,10 +688,16 @@ class RedisStore:
             return
         entries = iter(arg for kind, arg in ops if kind == APPEND and arg.renumber is not None)
         for seq in minted:
-            seq = int(seq)
             entry = next(entries)
             while _split_stamp(entry) is None:
                 entry = next(entries)
+            if isinstance(seq, list):
+                # A resend already in the log (sent through another node at
+                # the same time): stored once, answered as the first.
+                first = _entry(entry.crew_code, seq[0], seq[1])
+                entry.renumber(first.seq, first.id)
+                continue
+            seq = int(seq)
             self.sequences.seen(entry.crew_code, seq)
             if seq != entry.seq:
                 entry.renumber(seq)

@@ -189,6 +189,11 @@ class Relay:
                                    crew_ttl)
         self.operator = Operator(self.store, journal, crews, self.identity, self.tokens, self.restore)
         self.restore(self.store.load())
+        attach = getattr(fanout, "attach", None)
+        if attach is not None:
+            # A fan-out shared with other nodes acts on the relay's parts
+            # (a device another node took, crews changed elsewhere).
+            attach(self)
 
     def restore(self, snapshot: Snapshot) -> None:
         """

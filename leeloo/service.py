@@ -175,6 +175,27 @@ class StoreService(Service):
         return DeferredList(waiting, consumeErrors=True).addCallback(lambda _: self.store.close())
 
 
+class FanoutService(Service):
+    """
+    Owns a fan-out shared with other nodes (C{--redis}): it joins the
+    cluster at start, and leaves it at stop, after the relay has closed
+    its connections (their leaving is told to the other nodes first).
+    """
+
+    name = "fanout"
+
+    def __init__(self, fanout: Any) -> None:
+        self.fanout = fanout
+
+    def startService(self) -> None:
+        super().startService()
+        self.fanout.start()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self.fanout.stop()
+
+
 class RelayService(Service):
     """
     Owns the relay: logs its limits at start and closes every connection,
@@ -379,10 +400,12 @@ class RelayTree(MultiService):
 
 
 
-def _relay(config: Config, reactor: Any, clock: Any, store: StoreService, spotify: Any, sealer: Sealer) -> Relay:
+def _relay(config: Config, reactor: Any, clock: Any, store: StoreService, spotify: Any, sealer: Sealer,
+           fanout: Any = None) -> Relay:
     return Relay(
         reactor if clock is None else clock,
         store.store,
+        fanout=fanout,
         spotify=spotify,
         pairing=PairingSettings(public_url=config.public_url, legacy_state=config.legacy_spotify_state,
                                 pkce=config.spotify_pkce),
@@ -435,8 +458,13 @@ def build_service(config: Config, reactor: Any, http: Any = None,
         spotify = SpotifyOAuth(config.spotify, http, reactor)
     sealer = open_sealer(config) if config.store != "memory" else Sealer()
     store = StoreService(open_store(config, reactor, sealer))
+    fanout = None
+    if config.redis is not None:
+        from leeloo.fanout.redis import RedisFanout
+
+        fanout = RedisFanout(config.redis, reactor, config.node_heartbeat)
     try:
-        relay = _relay(config, reactor, clock, store, spotify, sealer)
+        relay = _relay(config, reactor, clock, store, spotify, sealer, fanout)
     except SealError:
         store.store.close()
         raise StartupError(
@@ -488,9 +516,8 @@ def build_service(config: Config, reactor: Any, http: Any = None,
 
         # Every node on this Redis counts each client address's
         # connections together (one cap for the cluster, not one a node).
-        # Heartbeats as the nodes' presence does (--node-heartbeat, issue
-        # 26's fan-out; 5 s until it is there).
-        shared = SharedLimits(store.store.connection, reactor, heartbeat=getattr(config, "node_heartbeat", 5.0))
+        # Heartbeats as the nodes' presence does (--node-heartbeat).
+        shared = SharedLimits(store.store.connection, reactor, heartbeat=config.node_heartbeat)
         gate.shared = ws_factory.shared = shared
         limits_service = SharedLimitsService(shared)
     if pool is not None:
@@ -499,6 +526,9 @@ def build_service(config: Config, reactor: Any, http: Any = None,
     store.setServiceParent(top)
     if config.redis is not None:
         limits_service.setServiceParent(top)
+    if fanout is not None:
+        # Stopped after the relay, before the store.
+        FanoutService(fanout).setServiceParent(top)
     RelayService(relay, ws_factory, config, store).setServiceParent(top)
     timers(relay, reactor).setServiceParent(top)
     if certificates:

@@ -290,13 +290,21 @@ _INDEXED = frozenset({PUT_CREW, DELETE_CREW, PUT_DEVICE, DELETE_DEVICE, PUT_TOKE
 
 def _find_crew(db: Any, code: str) -> Snapshot | None:
     """
-    Crew C{code} alone, as L{_load} reads every crew; None if there is none.
+    Crew C{code} alone, as L{_load} reads every crew; for the old code of
+    a renamed crew, that crew and the alias; None if there is none.
     """
     crews = [CrewRecord(*row) for row in db.execute(
         "SELECT code, created_at, created_by, name FROM crews WHERE code = ?", (code,))]
+    aliases = {}
     if not crews:
-        return None
-    snapshot = Snapshot(crews=crews)
+        for (target,) in db.execute("SELECT crew_code FROM crew_aliases WHERE code = ?", (code,)):
+            crews = [CrewRecord(*row) for row in db.execute(
+                "SELECT code, created_at, created_by, name FROM crews WHERE code = ?", (target,))]
+            aliases = {code: target}
+            code = target
+        if not crews:
+            return None
+    snapshot = Snapshot(crews=crews, aliases=aliases)
     snapshot.members = [
         MemberRecord(c, device, name, seen, delivered, acked, bool(online))
         for c, device, name, seen, delivered, acked, online in db.execute(
@@ -659,6 +667,10 @@ class SQLiteStore:
         # This store is the database's one writer: it mints the sequences.
         self.sequences = Sequences(self._snapshot.last_seq)
         self._crew_codes = {c.code for c in self._snapshot.crews}
+        # Old codes of renamed crews (find_crew follows them); may hold a
+        # few the database no longer has (their crew deleted): asked, not
+        # found.
+        self._alias_codes = set(self._snapshot.aliases)
         self._device_ids = {d.device_id for d in self._snapshot.devices}
         self._token_ids = {t.device_id for t in self._snapshot.tokens}
         self._grant_ids = {g.device_id for g in self._snapshot.grants}
@@ -756,6 +768,10 @@ class SQLiteStore:
             elif kind == RENAME_CREW:
                 self._crew_codes.discard(arg[0])
                 self._crew_codes.add(arg[1])
+                self._alias_codes.add(arg[0])
+                self._alias_codes.discard(arg[1])
+            elif kind == PUT_ALIAS:
+                self._alias_codes.add(arg[0])
             elif kind == PUT_DEVICE:
                 self._device_ids.add(arg.device_id)
             elif kind == DELETE_DEVICE:
@@ -773,7 +789,7 @@ class SQLiteStore:
     def find_crew(self, code: str) -> Deferred | None:
         # This store is the database's one writer, and knows every code it
         # holds: an unknown one is answered at once, not by a query.
-        if code not in self._crew_codes:
+        if code not in self._crew_codes and code not in self._alias_codes:
             return None
         return self._run(_find_crew, code)
 

@@ -145,8 +145,11 @@ class LogEntry:
     ephemeral: bool = False
     # For an engine that mints the number itself (Sequences.engine_mints):
     # called with the number it gave, when that is not C{seq}, before the
-    # write's Deferred fires, so that the entry's sender stamps it again.
-    renumber: Callable[[int], Any] | None = field(default=None, repr=False, compare=False)
+    # write's Deferred fires, so that the entry's sender stamps it again;
+    # called with the number and id of the entry already stored for its
+    # sender and client_msg_id (a resend through another node at the same
+    # time), when the engine stored it not again.
+    renumber: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -270,7 +273,9 @@ class ICrewStore(Interface):
         """
         Everything of crew C{code} as L{load} gives it, for that crew alone
         (a L{Snapshot}), or C{None} when the engine has no such crew: how a
-        relay learns of a crew it does not hold (another node made it).
+        relay learns of a crew it does not hold (another node made it).  For
+        the old code of a renamed crew: that crew under its code now, with
+        the alias (C{aliases}).
 
         Like every C{find_*}: a Deferred firing with the answer, or the
         answer itself when the store knows it without asking (an engine in
@@ -527,10 +532,15 @@ class MemoryStore:
         return succeed(None)
 
     def find_crew(self, code: str) -> Snapshot | None:
+        aliases = {}
         if code not in self.crews:
-            return None
+            target = self.aliases.get(code)
+            if target not in self.crews:
+                return None
+            aliases, code = {code: target}, target
         snapshot = Snapshot(
             crews=[self.crews[code]],
+            aliases=aliases,
             members=[MemberRecord(**_fields(m)) for (c, _), m in self.members.items() if c == code],
             bot_users=[b for (c, _), b in self.bot_users.items() if c == code],
         )

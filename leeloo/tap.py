@@ -82,6 +82,8 @@ class Config:
     fsync: bool = False
     # --redis: the Redis store (store is then "redis").
     redis: RedisSettings | None = None
+    # --node-heartbeat: seconds between a node's beats in Redis (with --redis).
+    node_heartbeat: float = 5.0
     # None: DATA_DIR/secrets.key.
     secrets_key_file: Path | None = None
     replay_limit: int = 50
@@ -538,6 +540,10 @@ class Options(usage.Options):
          "redis://[USER@]HOST:PORT/DB or rediss://... (TLS, the certificate verified): keep the "
          "state in Redis instead (several relays can share it). The password comes from "
          "LEELOO_REDIS_PASSWORD (environment or --env-file), never the command line."],
+        ["node-heartbeat", None, 5.0,
+         "With --redis: seconds between this node's heartbeats in Redis. A node silent for three "
+         "beats is taken for dead by the others, which show its devices offline to their crews.",
+         _positive_float],
         ["redis-ca", None, None,
          "PEM file of the certificates rediss:// trusts (default: the system's)."],
         ["redis-timeout", None, 5.0,
@@ -733,6 +739,7 @@ class Options(usage.Options):
             store="redis" if redis is not None else self["store"] or "sqlite",
             fsync=bool(self["fsync"]),
             redis=redis,
+            node_heartbeat=self["node-heartbeat"],
             secrets_key_file=Path(self["secrets-key-file"]) if self["secrets-key-file"] else None,
             replay_limit=self["replay-limit"],
             retention_days=self["retention-days"],

@@ -337,6 +337,24 @@ class TLSTests(TestCase):
         self.assertIsNone(good.command("GET", "written"))
 
 
+class ReservationTests(RedisTestCase):
+    @inlineCallbacks
+    def test_reservation_goes_with_the_crew(self):
+        """
+        A generated code's reservation (several nodes: leeloo.fanout.redis)
+        is dropped when its crew is deleted, so the reservations do not
+        grow for ever; another crew's stays.
+        """
+        from leeloo.store import DELETE_CREW
+
+        store = self.open()
+        yield store.write([*with_crew(code=ALPHA), *with_crew(code="LEELOO-KEEP")])
+        yield store.connection.call("HSET", "leeloo:codes", ALPHA, "node-a")
+        yield store.connection.call("HSET", "leeloo:codes", "LEELOO-KEEP", "node-a")
+        yield store.write([(DELETE_CREW, ALPHA)])
+        self.assertEqual((yield store.connection.call("HKEYS", "leeloo:codes")), [b"LEELOO-KEEP"])
+
+
 class MintingTests(RedisTestCase):
     """
     Redis mints each crew's sequence numbers as it stores the entries: two
@@ -375,6 +393,120 @@ class MintingTests(RedisTestCase):
         found = yield one.find_sent(ALPHA, "leeloo_a", "c-two")
         self.assertEqual(found.seq, 2)
         self.assertEqual(two.sequences.next(ALPHA), 3)
+
+    @inlineCallbacks
+    def test_resend_through_another_relay_stored_once(self):
+        """
+        A resend of a client_msg_id written by a second store while the
+        first one's write was on its way (neither store held it) is not
+        stored again: the second is told the first one's number and id, and
+        the log holds one entry, its number spent once.
+        """
+        one, two = self.open(), self.open()
+        yield one.write(with_crew())
+        first, second = [], []
+        a = replace(self.minted_entry(1, [], "same"), id="id-same", renumber=lambda *args: first.append(args))
+        b = replace(self.minted_entry(1, [], "same"), id="id-resent",
+                    renumber=lambda *args: second.append(args))
+        yield one.write(appends(a))
+        yield two.write(appends(b))
+        self.assertEqual((first, second), ([], [(1, "id-same")]))
+        replay = yield one.replay(ALPHA, 0, 9, 0.0, "nobody", 9)
+        self.assertEqual([seq for seq, _ in replay.entries], [1])
+        self.assertEqual(json.loads(replay.entries[0][1])["id"], "id-same")
+        # The next message is numbered 2: the resend took no number.
+        third = []
+        yield two.write(appends(self.minted_entry(5, third, "next")))
+        self.assertEqual(third, [2])
+
+    @inlineCallbacks
+    def test_resend_racing_on_two_relays(self):
+        """
+        One device sends a message with a client_msg_id through two relays
+        at once (a connection on each, neither relay holding the id yet):
+        both connections are answered sent with one number and one id, and
+        the crew's log holds it once.
+        """
+        from leeloo.relay import Relay
+        from leeloo.testing import Device
+
+        stores = [self.open(), self.open()]
+        relays = [Relay(reactor, store, presence_grace=0, bind_timeout=0) for store in stores]
+
+        @inlineCallbacks
+        def settled(i):
+            yield stores[i].connection.call("PING")
+            yield relays[i].journal.barrier()
+
+        here, there = Device(relays[0], "127.0.0.1"), Device(relays[1], "127.0.0.1")
+        here.send(type="create_crew", device_id="leeloo_aaaaaaaaaaaa", crew_code=ALPHA)
+        yield settled(0)
+        there.send(type="join_crew", device_id="leeloo_aaaaaaaaaaaa", crew_code=ALPHA)
+        yield settled(1)
+        self.assertEqual([here.take()[0]["type"], there.take()[0]["type"]], ["crew_created", "crew_joined"])
+        for device in (here, there):
+            device.send(type="message", payload={"text": "once"}, client_msg_id="m1")
+        sent = {}
+        for _ in range(20):
+            for i, device in enumerate((here, there)):
+                yield settled(i)
+                sent.update({i: m for m in device.take() if m["type"] == "sent"})
+            if len(sent) == 2:
+                break
+        for device in (here, there):
+            device.close()
+        for relay in relays:
+            yield relay.journal.drain()
+        self.assertEqual(len(sent), 2, sent)
+        self.assertEqual((sent[0]["seq"], sent[0]["id"]), (sent[1]["seq"], sent[1]["id"]))
+        replay = yield stores[0].replay(ALPHA, 0, 9, 0.0, "nobody", 9)
+        self.assertEqual([seq for seq, _ in replay.entries], [sent[0]["seq"]])
+        self.assertEqual(json.loads(replay.entries[0][1])["id"], sent[0]["id"])
+
+    @inlineCallbacks
+    def test_renamed_on_another_relay(self):
+        """
+        A legacy device that comes back with its crew's old code through a
+        relay that never held the crew (renamed through another relay
+        sharing the Redis) joins the crew under its new code, as through
+        the relay that renamed it, rather than being told no such crew
+        (and then making a new crew of the old code).
+        """
+        from leeloo.relay import Relay
+        from leeloo.testing import Device
+
+        stores = [self.open(), self.open()]
+        relays = [Relay(reactor, store, presence_grace=0, bind_timeout=0) for store in stores]
+
+        @inlineCallbacks
+        def settled(i):
+            for _ in range(3):
+                yield stores[i].connection.call("PING")
+                yield relays[i].journal.barrier()
+
+        ann, bob = Device(relays[0], "127.0.0.1"), Device(relays[0], "127.0.0.1")
+        ann.send(type="create_crew", device_id="leeloo_aaaaaaaaaaaa", crew_code=ALPHA)
+        yield settled(0)
+        bob.send(type="join_crew", device_id="leeloo_bbbbbbbbbbbb", crew_code=ALPHA)
+        yield settled(0)
+        bob.close()
+        yield relays[0].operator.rename_crew(ALPHA, "LEELOO-BRAV")
+        bob = Device(relays[1], "127.0.0.1")
+        bob.send(type="join_crew", device_id="leeloo_bbbbbbbbbbbb", crew_code=ALPHA)
+        yield settled(1)
+        [joined] = bob.take()
+        self.assertEqual(joined["type"], "crew_joined", joined)
+        bob.send(type="message", payload={"text": "back"}, client_msg_id="b1")
+        yield settled(1)
+        [sent] = [m for m in bob.take() if m["type"] == "sent"]
+        self.assertEqual(sent["crew_code"], "LEELOO-BRAV")
+        for device in (ann, bob):
+            device.close()
+        for relay in relays:
+            yield relay.journal.drain()
+        self.assertEqual(sorted((yield stores[1].connection.call("HKEYS", "leeloo:crews"))), [b"LEELOO-BRAV"])
+        replay = yield stores[1].replay("LEELOO-BRAV", 0, 9, 0.0, "nobody", 9)
+        self.assertEqual([json.loads(p)["payload"]["text"] for _, p in replay.entries], ["back"])
 
     @inlineCallbacks
     def test_two_relays_one_crew(self):

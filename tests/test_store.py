@@ -872,6 +872,21 @@ class StoreContract:
         self.assertEqual((bravo.last_seq, bravo.client_messages), ({}, []))
 
     @contract
+    def test_find_crew_by_its_old_code(self):
+        """
+        find_crew of a renamed crew's old code gives the crew under its
+        code now, with the alias (a node that missed the rename learns it).
+        """
+        yield self.store.write([*with_crew(code=ALPHA), (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_a", "Ann", T0, 1))])
+        yield self.store.write([(RENAME_CREW, (ALPHA, BRAVO))])
+        found = yield self.store.find_crew(ALPHA)
+        self.assertEqual(([c.code for c in found.crews], found.aliases), ([BRAVO], {ALPHA: BRAVO}))
+        self.assertEqual([(m.crew_code, m.device_id) for m in found.members], [(BRAVO, "leeloo_a")])
+        self.assertEqual((yield self.store.find_crew(BRAVO)).aliases, {})
+        yield self.store.write([(DELETE_CREW, BRAVO)])
+        self.assertIsNone((yield self.store.find_crew(ALPHA)))
+
+    @contract
     def test_find_crew_after_restart(self):
         """
         A crew written before a restart is found after it.

@@ -704,6 +704,18 @@ class RedisOptionsTests(OptionsTestCase):
         config = self.parse()
         self.assertEqual((config.store, config.redis), ("sqlite", None))
 
+    def test_node_heartbeat(self):
+        """
+        --node-heartbeat SECONDS is 5 by default, and must be more than 0.
+        """
+        self.assertEqual(self.parse().node_heartbeat, 5.0)
+        self.assertEqual(self.parse("--redis", "redis://127.0.0.1:6379/0", "--node-heartbeat", "0.5").node_heartbeat,
+                         0.5)
+        for bad in ("0", "-1", "soon"):
+            with self.assertRaises(UsageError) as raised:
+                self.parse("--node-heartbeat", bad)
+            self.assertIn("--node-heartbeat", str(raised.exception))
+
     def test_redis_with_password_from_environment(self):
         """
         --redis makes Redis the store; the password comes from

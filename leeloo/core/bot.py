@@ -62,7 +62,12 @@ class BotUsers:
         A new crew with a bot user in it; fires with its code once it is
         durable, or fails with L{StoreUnavailable}.
         """
-        crew = self.crews.create(self.crews.unused_code(), f"telegram:{user_id}")
+        if self.crews.fanout.shared:
+            return self.crews.reserve_code().addCallback(self._create_crew, user_id, name)
+        return self._create_crew(self.crews.unused_code(), user_id, name)
+
+    def _create_crew(self, code: str, user_id: str, name: str) -> Deferred:
+        crew = self.crews.create(code, f"telegram:{user_id}")
         self.crews.add_bot_user(crew, user_id, name)
 
         def failed(failure: Any) -> None:
@@ -80,7 +85,7 @@ class BotUsers:
         self.admission.check_bot_join(user_id)
         crew = self._crew(code, user_id)
         self.crews.add_bot_user(crew, user_id, name)
-        return crew.code, len(self.crews.online(crew))
+        return crew.code, self.crews.online_count(crew)
 
     def message(self, user_id: str, code: str, sender_name: str, msg_type: str, payload: dict) -> Deferred:
         """
@@ -112,7 +117,7 @@ class BotUsers:
         for code in self.crews.bot_user_index.get(user_id, ()):
             crew = self.crews.crews.get(code)
             if crew is not None and user_id in crew.bot_users:
-                crews.append(BotCrew(code, crew.bot_users[user_id], len(self.crews.online(crew))))
+                crews.append(BotCrew(code, crew.bot_users[user_id], self.crews.online_count(crew)))
         return crews
 
     def crew_status(self, code: str) -> CrewStatus:
@@ -120,5 +125,5 @@ class BotUsers:
         crew = self.crews.crews.get(code)
         if crew is None:
             return CrewStatus(code, False, [], [])
-        return CrewStatus(code, True, [m.session.name for m in self.crews.online(crew).values()],
+        return CrewStatus(code, True, self.crews.online_names(crew),
                           list(crew.bot_users.values()))

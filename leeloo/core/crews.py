@@ -21,8 +21,9 @@ from twisted.logger import Logger
 
 from leeloo import messages
 from leeloo.core.defaults import CODE_TRIES, MAX_GENERATED_CODE_LENGTH
-from leeloo.messages import CrewLimit, InvalidCrewCode, InvalidLastSeq, NotInCrew
+from leeloo.messages import CrewLimit, InvalidCrewCode, InvalidLastSeq, NotInCrew, StoreUnavailable
 from leeloo.store import (
+    StoreError,
     DELETE_CREW,
     DELETE_MEMBER,
     DELETE_MULTI_CREW,
@@ -179,6 +180,65 @@ class Crews:
         """
         return self.fanout.listeners(crew.code)
 
+    def online_count(self, crew: Crew) -> int:
+        """
+        How many of C{crew}'s members are online, on any node.
+        """
+        listeners = self.fanout.listeners(crew.code)
+        elsewhere = self.fanout.elsewhere(crew.code)
+        if not elsewhere:
+            return len(listeners)
+        return len(listeners) + sum(1 for device_id in elsewhere if device_id not in listeners)
+
+    def online_names(self, crew: Crew, but: Session | None = None) -> list[str]:
+        """
+        The names of C{crew}'s members online on any node (but session
+        C{but}'s).
+        """
+        listeners = self.fanout.listeners(crew.code)
+        names = [m.session.name for m in listeners.values() if m.session is not but]
+        skip = but.device_id if but is not None else None
+        for device_id, (_, name) in self.fanout.elsewhere(crew.code).items():
+            if device_id not in listeners and device_id != skip:
+                names.append(name)
+        return names
+
+    def online_anywhere(self, crew: Crew, device_id: str) -> bool:
+        return device_id in self.fanout.listeners(crew.code) or device_id in self.fanout.elsewhere(crew.code)
+
+    def refresh(self, snapshot: Snapshot) -> None:
+        """
+        Take up what the store holds of crews held here (another node
+        changed them): their names, members (how far each got, never
+        backwards), bot users and last sequences.
+        """
+        for record in snapshot.crews:
+            crew = self.crews.get(record.code)
+            if crew is None:
+                continue
+            crew.name = record.name
+            last = snapshot.last_seq.get(record.code, 0)
+            if last > crew.fanned_seq:
+                crew.fanned_seq = last
+            crew.last_message_at = max(crew.last_message_at, snapshot.last_message_at.get(record.code, 0.0))
+        for m in snapshot.members:
+            crew = self.crews.get(m.crew_code)
+            if crew is None:
+                continue
+            member = crew.members.get(m.device_id)
+            if member is None:
+                crew.members[m.device_id] = Member(m.device_id, m.name, m.last_seen, m.delivered_seq, m.acked_seq)
+            elif m.device_id not in self.fanout.listeners(crew.code):
+                member.delivered_seq = max(member.delivered_seq, m.delivered_seq)
+                if m.acked_seq is not None and (member.acked_seq is None or m.acked_seq > member.acked_seq):
+                    member.acked_seq = m.acked_seq
+                member.last_seen = max(member.last_seen, m.last_seen)
+        for b in snapshot.bot_users:
+            crew = self.crews.get(b.crew_code)
+            if crew is not None:
+                crew.bot_users[b.user_id] = b.name
+                self.bot_user_index.setdefault(b.user_id, {})[b.crew_code] = None
+
     def is_current(self, membership: Membership) -> bool:
         """
         Whether C{membership} is still its device's connection in its crew.
@@ -208,6 +268,25 @@ class Crews:
         message numbered under the old code before it.
         """
         old = crew.code
+        self._renamed(crew, new)
+        self.journal.put((RENAME_CREW, functools.partial(self._move_sequences, old, new)), wait=False)
+        self.moving.setdefault(new, [])
+        self.journal.barrier().addBoth(self._moved, new)
+        self.fanout.renamed(old, new)
+        _log.info("crew {crew_code} renamed {new_code}", crew_code=old, new_code=new)
+
+    def renamed_elsewhere(self, crew: Crew, new: str) -> None:
+        """
+        Another node renamed C{crew} to C{new} (the store has it so): the
+        same here, without storing it again.
+        """
+        old = crew.code
+        self._renamed(crew, new)
+        self._move_sequences(old, new)
+        _log.info("crew {crew_code} renamed {new_code} on another node", crew_code=old, new_code=new)
+
+    def _renamed(self, crew: Crew, new: str) -> None:
+        old = crew.code
         online = list(self.fanout.listeners(old).items())
         for device_id, membership in online:
             self.fanout.unsubscribe(old, device_id, membership)
@@ -234,10 +313,6 @@ class Crews:
         self.aliases.pop(new, None)
         self.aliases[old] = new
         self.presence.renamed(old, new)
-        self.journal.put((RENAME_CREW, functools.partial(self._move_sequences, old, new)), wait=False)
-        self.moving.setdefault(new, [])
-        self.journal.barrier().addBoth(self._moved, new)
-        _log.info("crew {crew_code} renamed {new_code}", crew_code=old, new_code=new)
 
     def _moved(self, result: Any, code: str) -> None:
         """
@@ -272,6 +347,7 @@ class Crews:
     def create(self, code: str, created_by: str | None, name: str | None = None) -> Crew:
         crew = self.crews[code] = Crew(code, self.clock.seconds(), created_by, name)
         self.journal.put((PUT_CREW, CrewRecord(code, crew.created_at, created_by, name)), wait=False)
+        self.fanout.changed(code)
         _log.info("crew {crew_code} created", crew_code=code)
         return crew
 
@@ -290,6 +366,33 @@ class Crews:
         _log.error("no unused crew code found after {tries} tries up to {length} characters",
                    tries=CODE_TRIES, length=MAX_GENERATED_CODE_LENGTH)
         raise CrewLimit("the relay cannot create more crews now; try again later")
+
+    def reserve_code(self) -> Deferred:
+        """
+        Fires with a random code no crew has on any node, reserved in the
+        shared store for this node to create (L{unused_code} knows only
+        the crews held here).
+        """
+        tries = [0]
+
+        def attempt() -> Deferred:
+            code = self.unused_code()
+            return self.fanout.reserve(code).addCallback(reserved, code)
+
+        def reserved(ok: bool, code: str) -> Any:
+            if ok:
+                return code
+            tries[0] += 1
+            if tries[0] >= CODE_TRIES:
+                raise CrewLimit("the relay cannot create more crews now; try again later")
+            return attempt()
+
+        def failed(failure: Any) -> None:
+            failure.trap(StoreError)
+            _log.error("could not reserve a crew code: {error}", error=failure.getErrorMessage())
+            raise StoreUnavailable("the crew could not be stored; try again")
+
+        return attempt().addErrback(failed)
 
     @staticmethod
     def check_last_seq(crew: Crew | None, last_seq: int | None) -> None:
@@ -496,7 +599,7 @@ class Crews:
             raise NotInCrew(f"this device is not in crew {code}")
         return membership
 
-    def leave_crew(self, membership: Membership, announce: bool) -> None:
+    def leave_crew(self, membership: Membership, announce: bool, save: bool = True) -> None:
         """
         Take C{membership}'s session out of its crew, keeping how far it
         got; the crew hears it went offline when C{announce}.  Leaving the
@@ -527,7 +630,8 @@ class Crews:
             sent = membership.last_sent_seq if session.acks else membership.proven_seq
             member.delivered_seq = max(member.delivered_seq, sent)
             member.last_seen = self.clock.seconds()
-            self.save_member(crew, member, online=False)
+            if save:
+                self.save_member(crew, member, online=False)
             if announce:
                 self.presence.left(membership)
 
@@ -535,16 +639,22 @@ class Crews:
         crew.bot_users[user_id] = name
         self.bot_user_index.setdefault(user_id, {})[crew.code] = None
         self.journal.put((PUT_BOT_USER, BotUserRecord(crew.code, user_id, name)), wait=False)
+        self.fanout.changed(crew.code)
 
-    def forget(self, crew: Crew) -> None:
+    def forget(self, crew: Crew, stored: bool = False) -> None:
         """
-        Forget C{crew} (it has no one online).
+        Forget C{crew} (it has no one online); C{stored}: the store has
+        forgotten it already (another node deleted it).
         """
         del self.crews[crew.code]
-        # A crew made again under this code starts its log afresh: its
-        # sequence is forgotten when the deletion's batch forms, after the
-        # messages numbered before it.
-        self.journal.put((DELETE_CREW, functools.partial(self._forget_sequence, crew.code)), wait=False)
+        if stored:
+            self._forget_sequence(crew.code)
+        else:
+            # A crew made again under this code starts its log afresh: its
+            # sequence is forgotten when the deletion's batch forms, after the
+            # messages numbered before it.
+            self.journal.put((DELETE_CREW, functools.partial(self._forget_sequence, crew.code)), wait=False)
+            self.fanout.changed(crew.code)
         for alias in [a for a, code in self.aliases.items() if code == crew.code]:
             del self.aliases[alias]
         # No multi-crew device comes back to another crew made under its code.

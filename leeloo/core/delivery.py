@@ -88,7 +88,7 @@ class Publication:
     """
 
     __slots__ = ("sequences", "crew", "code", "message", "id", "sender", "client_msg_id", "digest", "created_at",
-                 "remembered", "seq", "out", "answer")
+                 "remembered", "seq", "out", "answer", "stored_before")
 
     def __init__(self, sequences: Sequences, crew: Crew, message: Fanout, id: str, sender: str,
                  client_msg_id: str | None, digest: bytes | None, created_at: float,
@@ -109,6 +109,8 @@ class Publication:
         self.answer = False
         self.seq = 0
         self.out: Outgoing | None = None
+        # The engine held it already (L{renumbered}): answer, do not fan out.
+        self.stored_before = False
 
     def __call__(self) -> LogEntry:
         code = self.code
@@ -121,17 +123,24 @@ class Publication:
                         self.created_at, self.out.payload, messages.is_ephemeral(fanout),
                         self.renumbered if self.sequences.engine_mints else None)
 
-    def renumbered(self, seq: int) -> None:
+    def renumbered(self, seq: int, first_id: str | None = None) -> None:
         """
         The engine stored this message as C{seq} (another relay sharing it
         took the number proposed): stamp it so before it is fanned out and
-        answered.
+        answered.  With C{first_id}, the engine held it already, as C{seq}
+        and C{first_id} (a resend of its client_msg_id through another node
+        while the first was being stored): it is answered as that one, and
+        not fanned out again.
         """
+        if first_id is not None:
+            self.stored_before = True
+            self.id = first_id
         self.seq = seq
         self.out = Outgoing(messages.stamped(self.message.to_dict(), int(self.created_at * 1000), seq, self.id,
                                              self.code))
         if self.remembered is not None:
             self.remembered.seq = seq
+            self.remembered.id = self.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +301,9 @@ class Delivery:
                               errbackArgs=(entry,))
 
     def _stored(self, _: Any, entry: Publication, session: Session | None) -> int:
+        if entry.stored_before:
+            self._answer(entry, session)
+            return 0
         crew, seq, out, remembered = entry.crew, entry.seq, entry.out, entry.remembered
         crew.fanned_seq = seq
         crew.last_message_at = self.clock.seconds()
@@ -311,15 +323,20 @@ class Delivery:
         if not self._until_sample:
             self._until_sample = self.sample_every
             self.fanout_seconds.observe(max(0.0, self.clock.seconds() - entry.created_at))
+        self._answer(entry, session)
+        return reached
+
+    @staticmethod
+    def _answer(entry: Publication, session: Session | None) -> None:
+        code, remembered = entry.crew.code, entry.remembered
         if remembered is not None:
             waiting, remembered.waiting = remembered.waiting, None
-            reply = messages.Sent(entry.client_msg_id, remembered.id, remembered.seq, crew.code)
+            reply = messages.Sent(entry.client_msg_id, remembered.id, remembered.seq, code)
             for s in [session, *waiting]:
                 if s is not None:
                     s.send(reply)
         elif entry.answer and session is not None and not session.closing:
-            session.send(messages.Sent(None, entry.id, seq, crew.code))
-        return reached
+            session.send(messages.Sent(None, entry.id, entry.seq, code))
 
     def _not_stored(self, failure: Any, entry: Publication) -> None:
         crew, client_msg_id, remembered = entry.crew, entry.client_msg_id, entry.remembered

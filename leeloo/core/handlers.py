@@ -102,6 +102,11 @@ class Handlers:
         return self._looked_up(session, message, self._register)
 
     def create_crew(self, session: Session, message: CreateCrew, size: int) -> Deferred | None:
+        if message.crew_code is None and self.crews.fanout.shared:
+            # Other nodes make crews too: a new code is reserved in the store.
+            return self.crews.reserve_code().addCallback(
+                lambda code: self._looked_up(session, dataclasses.replace(message, crew_code=code),
+                                             self._create_crew))
         return self._looked_up(session, message, self._create_crew)
 
     def join_crew(self, session: Session, message: JoinCrew, size: int) -> Deferred | None:
@@ -126,6 +131,10 @@ class Handlers:
                 code = resolved
         if code is not None and code not in self.crews.crews:
             self._find(waits, self.store.find_crew(code), self._adopt_crew, code)
+        elif code is not None and self.crews.fanout.shared:
+            # Other nodes change it: as the store holds it now (its
+            # members, how far each got, its last sequence).
+            self._find(waits, self.store.find_crew(code), self._refresh_crew)
         multi = self.crews.multi.get(device_id) if device_id is not None else None
         if multi is not None:
             # A multi-crew device comes back to its crews: those another
@@ -136,6 +145,9 @@ class Handlers:
         if device_id is not None:
             if device_id not in self.identity.keys:
                 self._find(waits, self.store.find_device(device_id), self.identity.adopt)
+            elif self.crews.fanout.shared:
+                # Another node may have bound its key since.
+                self._find(waits, self.store.find_device(device_id), self.identity.refresh)
             if device_id not in self.tokens.pending:
                 self._find(waits, self.store.find_token(device_id), self.tokens.adopt)
         if not waits:
@@ -143,7 +155,19 @@ class Handlers:
             return None
         wait = waits[0] if len(waits) == 1 else DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
         wait.addErrback(self._lookup_failed)
-        return wait.addCallback(lambda _: None if session.closing else then(session, message))
+        return wait.addCallback(self._after_lookup, session, message, then)
+
+    def _after_lookup(self, _: Any, session: Session, message: Any, then: Any) -> None:
+        if session.closing:
+            return
+        code = message.crew_code
+        if code is not None and code not in self.crews.crews and code in self.crews.aliases:
+            # The lookup found it renamed (on another node, since this one
+            # learnt its aliases).
+            resolved = self.crews.resolve(code, getattr(message, "device_id", None) or session.device_id)
+            if resolved != code:
+                message = dataclasses.replace(message, crew_code=resolved)
+        then(session, message)
 
     @staticmethod
     def _find(waits: list, answer: Any, adopt: Any, *args: Any) -> None:
@@ -181,8 +205,18 @@ class Handlers:
         raise StoreUnavailable("the message could not be stored and was not delivered; send it again",
                                client_msg_id=client_msg_id)
 
+    def _refresh_crew(self, snapshot: Snapshot | None) -> None:
+        if snapshot is not None:
+            self.crews.refresh(snapshot)
+
     def _adopt_crew(self, snapshot: Snapshot | None, code: str) -> None:
         if snapshot is not None and code not in self.crews.crews:
+            if any(record.code in self.crews.crews for record in snapshot.crews):
+                # C{code} is the old code of a crew held here under its new:
+                # as the store holds it now.
+                self.crews.aliases.update(snapshot.aliases)
+                self.crews.refresh(snapshot)
+                return
             self.crews.restore(snapshot)
             self.delivery.restore(snapshot)
 
@@ -269,9 +303,8 @@ class Handlers:
         The members of C{crew} online counting C{session}'s device, and the
         others' names.
         """
-        listeners = self.crews.online(crew)
-        others = [m.session.name for m in listeners.values() if m.session is not session]
-        return len(listeners) + (session.device_id not in listeners), others
+        others = self.crews.online_names(crew, session)
+        return self.crews.online_count(crew) + (not self.crews.online_anywhere(crew, session.device_id)), others
 
     def _crew_joined(self, session: Session, crew: Crew, key: str | None = None) -> messages.CrewJoined:
         online, others = self._online(session, crew)

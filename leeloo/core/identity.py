@@ -67,6 +67,18 @@ class Identity:
         if record is not None and record.device_id not in self.keys:
             self.keys[record.device_id] = record
 
+    def refresh(self, record: DeviceRecord | None) -> None:
+        """
+        Take up C{record} as the store holds it now (another node may
+        have bound the key since): a bound key there wins over one held
+        here unbound, or bound to another key.
+        """
+        if record is None:
+            return
+        held = self.keys.get(record.device_id)
+        if held is None or (record.bound and (not held.bound or held.key_hash != record.key_hash)):
+            self.keys[record.device_id] = record
+
     def unseen(self, session: Session, device_id: str | None) -> bool:
         """
         Whether C{session} would be a device id the relay has never seen.

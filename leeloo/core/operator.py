@@ -93,19 +93,51 @@ class Operator:
     def reset_key(self, device_id: str) -> Deferred:
         """
         Forget C{device_id}'s key.  Fires with C{{"device_id", "closed"}}
-        (whether its connection was closed) once that is durable.
+        (whether its connection was closed) once that is durable.  With
+        other nodes, a device this one does not hold is looked up first.
         """
+        if device_id not in self.identity.keys and self.crews.fanout.shared:
+            d = self.store.find_device(device_id)
+            d.addCallback(self.identity.adopt)
+            return d.addCallback(lambda _: self._reset_key(device_id))
+        return self._reset_key(device_id)
+
+    def _reset_key(self, device_id: str) -> Deferred:
         if device_id not in self.identity.keys:
             raise Refused(f"no device {device_id}")
         del self.identity.keys[device_id]
         d = self.journal.put((DELETE_DEVICE, device_id))
+        self.crews.fanout.key_reset(device_id)
         session = self.crews.fanout.connection(device_id)
         if session is not None and not session.closing:
             session.close(CLOSE_OPERATOR, "device key reset by the relay's operator; reconnect")
         _log.info("operator: device {device_id}'s key reset", device_id=device_id)
         return d.addCallback(lambda _: {"device_id": device_id, "closed": session is not None})
 
+    def _looked_up(self, code: str, then: Callable[[], Deferred]) -> Deferred:
+        """
+        C{then()}, once the crew of C{code} is held here as the store holds
+        it: with other nodes, it is read from the store first (they change
+        its members).
+        """
+        normal = messages.normalize_crew_code(code)
+        if not self.crews.fanout.shared:
+            return then()
+
+        def found(snapshot: Snapshot | None) -> Deferred:
+            if snapshot is not None:
+                if normal in self.crews.crews:
+                    self.crews.refresh(snapshot)
+                else:
+                    self._restore(snapshot)
+            return then()
+
+        return self.store.find_crew(normal).addCallback(found)
+
     def remove(self, device_id: str, code: str) -> Deferred:
+        return self._looked_up(code, lambda: self._remove(device_id, code))
+
+    def _remove(self, device_id: str, code: str) -> Deferred:
         """
         Take C{device_id} out of crew C{code}.  Fires with C{{"device_id",
         "crew_code", "online"}} (whether it was online there).
@@ -121,6 +153,8 @@ class Operator:
             membership.session.send(messages.CrewLeft(crew.code))
         else:
             self.crews.remove_member(crew, device_id)
+            # Online on another node, it is taken out there.
+            self.crews.fanout.member_removed(crew.code, device_id)
         d = self.journal.barrier()
         _log.info("operator: device {device_id} removed from crew {crew_code}", device_id=device_id,
                   crew_code=crew.code)
@@ -128,6 +162,9 @@ class Operator:
                                         "online": membership is not None})
 
     def rename_crew(self, old: str, new: str) -> Deferred:
+        return self._looked_up(old, lambda: self._rename_crew(old, new))
+
+    def _rename_crew(self, old: str, new: str) -> Deferred:
         """
         Give crew C{old} the code C{new}.  Fires with C{{"old_crew_code",
         "crew_code", "online"}} (its members online, told) once durable.
@@ -152,6 +189,9 @@ class Operator:
         return d.addCallback(lambda _: {"old_crew_code": old_code, "crew_code": code, "online": len(online)})
 
     def delete_crew(self, code: str) -> Deferred:
+        return self._looked_up(code, lambda: self._delete_crew(code))
+
+    def _delete_crew(self, code: str) -> Deferred:
         """
         Delete crew C{code} with its members, bot users and log.  Fires
         with C{{"crew_code", "online", "closed"}} (members online, and the

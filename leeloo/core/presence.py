@@ -67,7 +67,7 @@ class Presence:
 
     def _gone(self, crew: Crew, key: tuple[str, str], out: Outgoing) -> None:
         del self._leaving[key]
-        if key[1] not in self.crews.online(crew) and self.crews.crews.get(crew.code) is crew:
+        if not self.crews.online_anywhere(crew, key[1]) and self.crews.crews.get(crew.code) is crew:
             self.crews.fanout.publish(crew.code, out)
 
     def _returned(self, crew: Crew, device_id: str) -> frozenset | None:

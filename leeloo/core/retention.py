@@ -51,7 +51,7 @@ class Retention:
         crews = self.crews.crews
         stale = [
             crew for crew in crews.values()
-            if not self.crews.online(crew)
+            if not self.crews.online(crew) and not self.crews.fanout.elsewhere(crew.code)
             and max(crew.created_at, crew.last_message_at,
                     max((m.last_seen for m in crew.members.values()), default=0.0)) < idle_before
         ]

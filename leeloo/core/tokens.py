@@ -56,10 +56,16 @@ class PendingTokens:
         """
         if self.fanout.send_to_device(device_id, messages.SpotifyAuthComplete(tokens)):
             return True
+        self.park(device_id, tokens)
+        return False
+
+    def park(self, device_id: str, tokens: dict) -> None:
+        """
+        Keep C{device_id}'s tokens for its return.
+        """
         expires = self.clock.seconds() + self.ttl
         self.pending[device_id] = (tokens, expires)
         self.journal.put((PUT_TOKEN, TokenRecord(device_id, self.sealer.seal_tokens(tokens), expires)), wait=False)
-        return False
 
     def hand_over(self, session: Session) -> None:
         """

@@ -33,6 +33,35 @@ class IFanout(Interface):
         The crew's listeners by device id: its members online.  Read only.
         """
 
+    def elsewhere(crew_code: str) -> Mapping[str, Any]:
+        """
+        The crew's members online on other nodes: device id -> (node,
+        name).  Read only; empty for a single node.
+        """
+
+    def changed(crew_code: str) -> None:
+        """
+        Crew C{crew_code} was made, gained a bot user or went, here: other
+        nodes read it again.
+        """
+
+    def renamed(old: str, new: str) -> None:
+        """
+        Crew C{old} is called C{new} now, here: other nodes rename it too.
+        """
+
+    def key_reset(device_id: str) -> None:
+        """
+        The operator reset C{device_id}'s key here: other nodes forget it
+        too, and close the device's connection if they hold it.
+        """
+
+    def member_removed(crew_code: str, device_id: str) -> None:
+        """
+        The operator took C{device_id} out of crew C{crew_code} here: the
+        node where it is online there takes it out too.
+        """
+
     def publish(crew_code: str, out: Any, sender: Any = None, seq: int = 0) -> int:
         """
         Send C{out} (an L{leeloo.core.peer.Outgoing}, encoded once) to every

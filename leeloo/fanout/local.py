@@ -22,6 +22,9 @@ class LocalFanout:
     C{devices}: device id -> its connection (a L{leeloo.core.sessions.Session}).
     """
 
+    # Whether other nodes share the crews (and lookups must ask the store).
+    shared = False
+
     def __init__(self) -> None:
         self._crews: dict[str, dict[str, Any]] = {}
         self.devices: dict[str, Any] = {}
@@ -50,6 +53,26 @@ class LocalFanout:
     def listeners(self, crew_code: str) -> Mapping[str, Any]:
         listeners = self._crews.get(crew_code)
         return _NONE if listeners is None else listeners
+
+    @staticmethod
+    def elsewhere(crew_code: str) -> Mapping[str, Any]:
+        return _NONE
+
+    @staticmethod
+    def changed(crew_code: str) -> None:
+        pass
+
+    @staticmethod
+    def renamed(old: str, new: str) -> None:
+        pass
+
+    @staticmethod
+    def key_reset(device_id: str) -> None:
+        pass
+
+    @staticmethod
+    def member_removed(crew_code: str, device_id: str) -> None:
+        pass
 
     def publish(self, crew_code: str, out: Outgoing, sender: Any = None, seq: int = 0) -> int:
         listeners = self._crews.get(crew_code)

@@ -4,6 +4,7 @@ and quiet for a device that is back within it.
 """
 
 from leeloo.core.defaults import PRESENCE_GRACE
+from leeloo.fanout.local import LocalFanout
 from tests.core.support import BoundsTestCase, RelayTestCase
 
 
@@ -95,3 +96,56 @@ class PresenceTests(BoundsTestCase):
         v.close()
         self.successResultOf(done)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class _TwoNodeFanout(LocalFanout):
+    """
+    This node's fan-out, with members said to be online on another node
+    (C{remote}: crew code -> device id -> (node, name)).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.remote = {}
+
+    def elsewhere(self, crew_code):
+        return self.remote.get(crew_code, {})
+
+
+class ElsewhereTests(BoundsTestCase):
+    """
+    Members online on other nodes count as online here.
+    """
+
+    def setUp(self):
+        self.fanout = _TwoNodeFanout()
+        super().setUp()
+
+    def make_relay(self, **kwargs):
+        return super().make_relay(fanout=self.fanout, **kwargs)
+
+    def test_back_on_another_node_unannounced(self):
+        """
+        A device that leaves this node and is online on another within
+        the grace is not announced offline here.
+        """
+        victim, mover = self.member("v"), self.member("m")
+        victim.take()
+        mover.close()
+        self.fanout.remote["ALPHA"] = {"m": ("other", "m")}
+        self.clock.advance(PRESENCE_GRACE)
+        self.assertEqual(victim.take(), [])
+
+    def test_counted_and_named(self):
+        """
+        crew_joined counts and names the members online on other nodes,
+        once each, and so does the bot API's crew status.
+        """
+        self.member("v", name="Vee")
+        self.fanout.remote["ALPHA"] = {"r": ("other", "Arr"), "v": ("other", "Vee")}
+        joiner = self.device()
+        joiner.send(type="join_crew", crew_code="ALPHA", device_id="j", display_name="Jay")
+        [joined] = [m for m in joiner.take() if m["type"] == "crew_joined"]
+        self.assertEqual((joined["crew_members"], sorted(joined["member_names"])), (3, ["Arr", "Vee"]))
+        status = self.relay.crew_status("ALPHA")
+        self.assertEqual(sorted(status.device_names), ["Arr", "Jay", "Vee"])
