@@ -303,6 +303,12 @@ class _StartFactory:
         self.error = why
 
 
+class KeyMismatch(StoreError):
+    """
+    This node's secrets key is not the one the other nodes on its Redis use.
+    """
+
+
 class BlockingRedis:
     """
     One connection to Redis, synchronous: txredisapi's protocol fed from a
@@ -646,6 +652,26 @@ class RedisStore:
         self._started = False
         self._closed = False
         self.connection.start()
+
+    def check_key(self, fingerprint: str) -> None:
+        """
+        Make sure every node on this Redis seals with one secrets key: the
+        first to start records its key's fingerprint (not the key), and a
+        node whose key has another is refused, before it seals anything
+        the others could not open.  Blocking, at start.
+
+        @raise KeyMismatch: Redis records another key's fingerprint.
+        @raise StoreError: Redis cannot be reached.
+        """
+        name = self.settings.prefix + "secrets-key"
+        start = BlockingRedis(self.settings)
+        try:
+            start.command("SET", name, fingerprint, "NX")
+            recorded = start.command("GET", name)
+        finally:
+            start.close()
+        if recorded is not None and _text(recorded) != fingerprint:
+            raise KeyMismatch("the other nodes on this Redis use another secrets key")
 
     def _resync(self, p: Any) -> Deferred | None:
         """

@@ -12,6 +12,8 @@ log line or an error message.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 from pathlib import Path
@@ -42,7 +44,11 @@ class Sealer:
     """
 
     def __init__(self, key: bytes | None = None) -> None:
-        self._fernet = Fernet(key if key is not None else Fernet.generate_key())
+        key = key if key is not None else Fernet.generate_key()
+        self._fernet = Fernet(key)
+        # Tells keys apart without giving anything of them away: nodes
+        # sharing one store compare it (leeloo.redisstore.RedisStore.check_key).
+        self.fingerprint = hmac.new(key, b"leeloo secrets key fingerprint", hashlib.sha256).hexdigest()[:32]
 
     def __repr__(self) -> str:
         return "<Sealer>"

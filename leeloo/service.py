@@ -128,6 +128,26 @@ def open_sealer(config: Config, create: bool = True) -> Sealer:
     return Sealer(key)
 
 
+def _check_shared_key(config: Config, store: Any, sealer: Sealer) -> None:
+    """
+    Every node on one Redis must seal with one secrets key: refuse to start
+    with another (a node started without the key file makes a new one).
+    """
+    from leeloo.redisstore import KeyMismatch
+
+    try:
+        store.check_key(sealer.fingerprint)
+    except KeyMismatch:
+        store.close()
+        raise StartupError(
+            f"the secrets key file {key_file(config)} is not the key the other nodes on this Redis use: copy the "
+            "secrets key file of a node already running to this one, or pass --secrets-key-file "
+            "(README.rst, 'Deploying several nodes')") from None
+    except StoreError as e:
+        store.close()
+        raise StartupError(f"cannot open the Redis store: {e}") from None
+
+
 def open_store(config: Config, reactor: Any, sealer: Sealer | None = None) -> IStore:
     if config.store == "memory":
         return MemoryStore()
@@ -470,6 +490,8 @@ def build_service(config: Config, reactor: Any, http: Any = None,
         raise StartupError(
             f"the secrets key file {key_file(config)} does not open the Spotify tokens in the database: it is not "
             "the key they were encrypted with; restore the right one (README.rst, 'The secrets key')") from None
+    if config.redis is not None:
+        _check_shared_key(config, store.store, sealer)
 
     proxies = TrustedProxies(config.trusted_proxies)
     ws_factory = RelayServerFactory(relay, config.limits, proxies, OriginPolicy(config.public_url), reactor)

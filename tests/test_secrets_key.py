@@ -16,12 +16,17 @@ from pathlib import Path
 import txaio
 from cryptography.fernet import Fernet
 from twisted.internet.testing import MemoryReactorClock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from leeloo.redisstore import BlockingRedis
+from leeloo.redisurl import parse_redis_url
 from leeloo.sealing import KEY_FILE_NAME, SealError, Sealer, create_key, read_key
 from leeloo.service import StartupError, build_service
 from leeloo.sqlitestore import DATABASE_NAME
 from leeloo.tap import Options
+
+from .redis_support import SKIP as REDIS_SKIP
+from .redis_support import RedisServer
 
 T0 = 1_700_000_000.0
 
@@ -156,3 +161,46 @@ class KeyFileTests(SynchronousTestCase):
         error = self.assertRaises(StartupError, self.build)
         self.assertIn("holds no key", str(error))
         self.assertNotIn("not-a-key-at-all", str(error))
+
+
+class SharedKeyTests(TestCase):
+    """
+    Nodes sharing one Redis seal with one secrets key: a node whose key is
+    another (started without the key file, it made a new one) is refused,
+    before it seals anything the others could not open.
+    """
+
+    skip = REDIS_SKIP
+    timeout = 20
+
+    def setUp(self):
+        previous = txaio.config.loop
+        self.addCleanup(setattr, txaio.config, "loop", previous)
+        self.redis = RedisServer(self)
+        return self.redis.start()
+
+    def build(self, data: str, *argv: str):
+        options = Options(environ={})
+        options.parseOptions(["--data-dir", os.path.join(self.tmp, data), "--redis", self.redis.url, *argv])
+        tree = build_service(options.config, MemoryReactorClock(), exit=self.fail, notify=lambda s: None,
+                             environ={})
+        self.addCleanup(tree.getServiceNamed("store").store.close)
+        return tree
+
+    def test_one_key_for_every_node(self) -> None:
+        self.tmp = self.mktemp()
+        os.makedirs(self.tmp)
+        self.build("one")
+        first_key = os.path.join(self.tmp, "one", KEY_FILE_NAME)
+        error = self.assertRaises(StartupError, self.build, "two")
+        self.assertIn("is not the key the other nodes on this Redis use", str(error))
+        self.assertNotIn("\n", str(error))
+        # With the first node's key it starts.
+        self.build("three", "--secrets-key-file", first_key)
+        with open(first_key, "rb") as f:
+            key = f.read().strip()
+        redis = BlockingRedis(parse_redis_url(self.redis.url))
+        self.addCleanup(redis.close)
+        recorded = redis.command("GET", "leeloo:secrets-key")
+        self.assertEqual(len(recorded), 32)
+        self.assertNotIn(key[:8], recorded)

@@ -8,6 +8,7 @@ answer each node lets connections in on its own limits.  Plus the table's
 bookkeeping on its own, over a connection that is there or not.
 """
 
+import os
 import socket
 
 import txaio
@@ -113,11 +114,14 @@ class TwoNodes(TestCase):
         self.redis = RedisServer(self)
         yield self.redis.start()
         self.nodes = []
+        # Nodes on one Redis share one secrets key (the second one's start
+        # is refused otherwise).
+        key_file = os.path.abspath(self.mktemp())
         for _ in range(2):
             options = Options(environ={})
             options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--data-dir", self.mktemp(),
                                   "--redis", self.redis.url, "--redis-max-retry-delay", "0.2",
-                                  *self.ARGS])
+                                  "--secrets-key-file", key_file, *self.ARGS])
             service = build_service(options.config, reactor)
             service.startService()
             self.addCleanup(service.stopService)
