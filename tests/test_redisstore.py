@@ -362,6 +362,27 @@ class MintingTests(RedisTestCase):
     message because the other took its number.
     """
 
+    def two_relays(self):
+        """
+        Two relays, each on its own store on this Redis, and C{settled(i)}:
+        fires once relay i's lookups and writes so far are done.
+        """
+        from leeloo.relay import Relay
+
+        stores = [self.open(), self.open()]
+        relays = [Relay(reactor, store, presence_grace=0, bind_timeout=0) for store in stores]
+
+        @inlineCallbacks
+        def settled(i, rounds=1):
+            # Redis answers in order: once a PING sent now is answered, the
+            # lookups sent before it were, and what they queued is written
+            # once the journal's barrier fires.
+            for _ in range(rounds):
+                yield stores[i].connection.call("PING")
+                yield relays[i].journal.barrier()
+
+        return stores, relays, settled
+
     def minted_entry(self, seq, renumbered, text="x"):
         """
         A log entry as the relay makes it: stamped with C{seq}, which Redis
@@ -427,16 +448,9 @@ class MintingTests(RedisTestCase):
         both connections are answered sent with one number and one id, and
         the crew's log holds it once.
         """
-        from leeloo.relay import Relay
         from leeloo.testing import Device
 
-        stores = [self.open(), self.open()]
-        relays = [Relay(reactor, store, presence_grace=0, bind_timeout=0) for store in stores]
-
-        @inlineCallbacks
-        def settled(i):
-            yield stores[i].connection.call("PING")
-            yield relays[i].journal.barrier()
+        stores, relays, settled = self.two_relays()
 
         here, there = Device(relays[0], "127.0.0.1"), Device(relays[1], "127.0.0.1")
         here.send(type="create_crew", device_id="leeloo_aaaaaaaaaaaa", crew_code=ALPHA)
@@ -472,17 +486,12 @@ class MintingTests(RedisTestCase):
         the relay that renamed it, rather than being told no such crew
         (and then making a new crew of the old code).
         """
-        from leeloo.relay import Relay
         from leeloo.testing import Device
 
-        stores = [self.open(), self.open()]
-        relays = [Relay(reactor, store, presence_grace=0, bind_timeout=0) for store in stores]
+        stores, relays, settled3 = self.two_relays()
 
-        @inlineCallbacks
         def settled(i):
-            for _ in range(3):
-                yield stores[i].connection.call("PING")
-                yield relays[i].journal.barrier()
+            return settled3(i, rounds=3)
 
         ann, bob = Device(relays[0], "127.0.0.1"), Device(relays[0], "127.0.0.1")
         ann.send(type="create_crew", device_id="leeloo_aaaaaaaaaaaa", crew_code=ALPHA)
@@ -515,19 +524,9 @@ class MintingTests(RedisTestCase):
         message is answered sent with its own number, in the order stored,
         and the log holds both, stamped with those numbers.
         """
-        from leeloo.relay import Relay
         from leeloo.testing import Device
 
-        stores = [self.open(), self.open()]
-        relays = [Relay(reactor, store, presence_grace=0, bind_timeout=0) for store in stores]
-
-        @inlineCallbacks
-        def settled(i):
-            # Redis answers in order: once a PING sent now is answered, the
-            # lookups sent before it were, and what they queued is written
-            # once the journal's barrier fires.
-            yield stores[i].connection.call("PING")
-            yield relays[i].journal.barrier()
+        stores, relays, settled = self.two_relays()
 
         ann, bob = Device(relays[0], "127.0.0.1"), Device(relays[1], "127.0.0.1")
         ann.send(type="create_crew", device_id="leeloo_aaaaaaaaaaaa", crew_code=ALPHA)

@@ -6,6 +6,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from leeloo.fanout.mirror import ClusterMirror
 
+from . import fakes
+
 
 class MirrorTests(SynchronousTestCase):
     def setUp(self):
@@ -122,33 +124,6 @@ class MirrorTests(SynchronousTestCase):
         self.assertEqual(self.mirror.apply("b", 1, [["K", "DUO"]]).changed, ["DUO"])
 
 
-class _Replayer:
-    def __init__(self):
-        self.caught_up = []
-
-    def catch_up(self, membership):
-        self.caught_up.append(membership)
-
-
-class _Relay:
-    def __init__(self):
-        self.replayer = _Replayer()
-
-
-class _Crew:
-    def __init__(self, code, fanned_seq):
-        self.code = code
-        self.fanned_seq = fanned_seq
-
-
-class _Membership:
-    def __init__(self, crew, last_sent_seq):
-        self.crew = crew
-        self.last_sent_seq = last_sent_seq
-        self.held = None
-        self.session = self
-
-
 class FillTests(SynchronousTestCase):
     """
     A member coming online on another node is sent, from the store, what
@@ -164,7 +139,7 @@ class FillTests(SynchronousTestCase):
         self.fanout = RedisFanout(parse_redis_url("redis://127.0.0.1:1/0"), Clock(), node="me")
         self.published = []
         self.fanout._publish = lambda channel, frame: self.published.append((channel, frame))
-        self.fanout.relay = _Relay()
+        self.fanout.relay = fakes.Relay()
 
     def test_fill_notice_sent(self):
         """
@@ -189,19 +164,11 @@ class FillTests(SynchronousTestCase):
         A fill notice up to 7 catches up a listener sent 5 (and raises the
         crew's last sequence), not one sent 7.
         """
-        crew = _Crew("DUO", 5)
-        behind, current = _Membership(crew, 5), _Membership(crew, 7)
+        crew = fakes.Crew("DUO", 5)
+        behind, current = fakes.Membership(crew, 5), fakes.Membership(crew, 7)
         self.fanout._crews["DUO"] = {"d1": behind, "d2": current}
         self.fanout._received(b"leeloo:to:me", b"F3:DUO7:")
         self.assertEqual((self.fanout.relay.replayer.caught_up, crew.fanned_seq), ([behind], 7))
-
-
-class _Peer:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, out):
-        self.sent.append(out.message)
 
 
 class RevivedTests(SynchronousTestCase):
@@ -219,8 +186,8 @@ class RevivedTests(SynchronousTestCase):
 
         fanout = RedisFanout(parse_redis_url("redis://127.0.0.1:1/0"), Clock(), node="me")
         fanout._publish = lambda channel, frame: None
-        listener = _Membership(_Crew("DUO", 0), 0)
-        listener.peer = _Peer()
+        listener = fakes.Membership(fakes.Crew("DUO", 0), 0)
+        listener.peer = fakes.Peer()
         fanout._crews["DUO"] = {"d2": listener}
         fanout._received(b"leeloo:presence", b'b\x001\x00[["J", "DUO", "d1", "Ann"]]')
         fanout._received(b"leeloo:presence", b'b\x000\x00[["D"]]')

@@ -11,6 +11,7 @@ from leeloo.fanout.redis import RedisFanout
 from leeloo.redisurl import parse_redis_url
 
 from ..redis_support import SKIP, RedisServer
+from . import fakes
 
 
 class ScriptTests(TestCase):
@@ -73,32 +74,6 @@ class ScriptTests(TestCase):
         self.assertFalse(taken)
 
 
-class _Replayer:
-    def __init__(self):
-        self.caught_up = []
-
-    def catch_up(self, membership):
-        self.caught_up.append(membership)
-
-
-class _Relay:
-    def __init__(self):
-        self.replayer = _Replayer()
-
-
-class _Crew:
-    def __init__(self, code, fanned_seq):
-        self.code = code
-        self.fanned_seq = fanned_seq
-
-
-class _Membership:
-    def __init__(self, crew, last_sent_seq):
-        self.crew = crew
-        self.last_sent_seq = last_sent_seq
-        self.held = None
-
-
 class ReconnectTests(TestCase):
     skip = SKIP
     timeout = 30
@@ -110,7 +85,7 @@ class ReconnectTests(TestCase):
         self.fanout = RedisFanout(parse_redis_url(self.redis.url), reactor, heartbeat=5, node="n")
         self.fanout.commands.start()
         self.addCleanup(self.fanout.commands.stop)
-        self.fanout.relay = _Relay()
+        self.fanout.relay = fakes.Relay()
 
     @defer.inlineCallbacks
     def test_resubscribed_fills_gaps(self):
@@ -121,8 +96,8 @@ class ReconnectTests(TestCase):
         not, and the crew's last sequence here becomes 5.
         """
         yield self.fanout.commands.call("HSET", "leeloo:seq", "DUO", "5")
-        crew = _Crew("DUO", 3)
-        behind, current = _Membership(crew, 3), _Membership(crew, 5)
+        crew = fakes.Crew("DUO", 3)
+        behind, current = fakes.Membership(crew, 3), fakes.Membership(crew, 5)
         self.fanout._crews["DUO"] = {"d1": behind, "d2": current}
         yield self.fanout._loaded([])
         self.assertEqual(self.fanout.relay.replayer.caught_up, [])
