@@ -61,7 +61,7 @@ class Limiter:
     refilled are forgotten by L{sweep}, so memory follows recent activity.
     """
 
-    def __init__(self, clock: Any, rate: Rate) -> None:
+    def __init__(self, clock: Any, rate: Rate, name: str = "") -> None:
         self.clock = clock
         self.rate = rate
         self.buckets: dict[Hashable, Bucket] = {}

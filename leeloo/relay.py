@@ -47,7 +47,7 @@ from leeloo.core.sessions import Session, Sessions
 from leeloo.core.tokens import PendingTokens
 from leeloo.fanout import IFanout
 from leeloo.fanout.local import LocalFanout
-from leeloo.limits import RelayLimits
+from leeloo.limits import Limiter, RelayLimits
 from leeloo.messages import (
     CLOSE_ABUSE,
     CLOSE_BIND_TIMEOUT,
@@ -161,8 +161,11 @@ class Relay:
         spotify: Any = None,
         pairing: PairingSettings = PairingSettings(),
         sealer: Sealer | None = None,
+        budget: Callable[..., Limiter] = Limiter,
     ) -> None:
         self.clock = clock
+        # Makes the limiter of a budget by key: budget(clock, rate, name).
+        self.budget = budget
         self.store = store if store is not None else MemoryStore()
         self.journal = journal = Journal(self.store, clock, gather=getattr(self.store, "gather_writes", 0.0),
                                          gather_clock=getattr(self.store, "gather_clock", None))
@@ -171,7 +174,7 @@ class Relay:
         self.fanout = fanout = LocalFanout() if fanout is None else fanout
         self.sessions_part = sessions = Sessions(clock, fanout, bind_timeout)
         self.identity = Identity(clock, journal, limits.require_device_key, device_id, device_key)
-        self.admission = Admission(clock, limits)
+        self.admission = Admission(clock, limits, budget)
         self.crews_part = crews = Crews(clock, journal, fanout, limits.crew_code_length, crew_code)
         crews.presence = self.presence = Presence(clock, crews, presence_grace)
         self.delivery = Delivery(clock, self.store, journal, crews, replay_limit, crew_log_bytes,

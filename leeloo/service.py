@@ -29,6 +29,7 @@ The parts expose their figures through C{stats()}, which the metrics read.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 from pathlib import Path
@@ -52,6 +53,7 @@ from leeloo.process import (
 )
 from leeloo.relay import DAY, Relay
 from leeloo.spotify import SpotifyOAuth
+from leeloo.limits import Limiter
 from leeloo.sealing import KEY_FILE_NAME, KeyFileError, SealError, Sealer, create_key, read_key
 from leeloo.sqlitestore import DATABASE_NAME, SchemaError, SQLiteStore, schema_version
 from leeloo.store import IStore, MemoryStore, StoreError
@@ -421,11 +423,12 @@ class RelayTree(MultiService):
 
 
 def _relay(config: Config, reactor: Any, clock: Any, store: StoreService, spotify: Any, sealer: Sealer,
-           fanout: Any = None) -> Relay:
+           fanout: Any = None, budget: Any = Limiter) -> Relay:
     return Relay(
         reactor if clock is None else clock,
         store.store,
         fanout=fanout,
+        budget=budget,
         spotify=spotify,
         pairing=PairingSettings(public_url=config.public_url, legacy_state=config.legacy_spotify_state,
                                 pkce=config.spotify_pkce),
@@ -478,13 +481,22 @@ def build_service(config: Config, reactor: Any, http: Any = None,
         spotify = SpotifyOAuth(config.spotify, http, reactor)
     sealer = open_sealer(config) if config.store != "memory" else Sealer()
     store = StoreService(open_store(config, reactor, sealer))
-    fanout = None
+    fanout = shared = None
+    budget: Any = Limiter
     if config.redis is not None:
+        # Imported here: the SQLite path never loads the Redis client.
         from leeloo.fanout.redis import RedisFanout
+        from leeloo.sharedlimits import SharedBudget, SharedLimits
 
         fanout = RedisFanout(config.redis, reactor, config.node_heartbeat)
+        # Every node on this Redis counts each client address's
+        # connections together (one cap for the cluster, not one a node),
+        # and spends its budgets together (crew entries, bot joins, /pair/
+        # lookups).  Heartbeats as the nodes' presence does (--node-heartbeat).
+        shared = SharedLimits(store.store.connection, reactor, heartbeat=config.node_heartbeat)
+        budget = functools.partial(SharedBudget, shared)
     try:
-        relay = _relay(config, reactor, clock, store, spotify, sealer, fanout)
+        relay = _relay(config, reactor, clock, store, spotify, sealer, fanout, budget)
     except SealError:
         store.store.close()
         raise StartupError(
@@ -532,14 +544,9 @@ def build_service(config: Config, reactor: Any, http: Any = None,
 
     top = RelayTree()
     top.metrics = metrics
-    if config.redis is not None:
-        # Imported here: the SQLite path never loads the Redis client.
-        from leeloo.sharedlimits import SharedLimits, SharedLimitsService
+    if shared is not None:
+        from leeloo.sharedlimits import SharedLimitsService
 
-        # Every node on this Redis counts each client address's
-        # connections together (one cap for the cluster, not one a node).
-        # Heartbeats as the nodes' presence does (--node-heartbeat).
-        shared = SharedLimits(store.store.connection, reactor, heartbeat=config.node_heartbeat)
         gate.shared = ws_factory.shared = shared
         limits_service = SharedLimitsService(shared)
     if pool is not None:

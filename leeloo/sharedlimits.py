@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import uuid
 from hashlib import sha1
-from typing import Any
+from typing import Any, Hashable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -40,7 +40,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from leeloo.access import CONNECTING_TOO_FAST, TOO_MANY_FROM_ADDRESS
-from leeloo.limits import Rate
+from leeloo.limits import Limiter, Rate
 
 _log = Logger()
 
@@ -119,9 +119,29 @@ end
 return 0
 """
 
+# ARGV: prefix, budget name, key, per_second, burst.  Spend one token of
+# the cluster's bucket for the key, going below zero (down to -burst) if
+# it is empty: a node let it in on its own bucket already.  Returns the
+# tokens left (a string), by Redis's clock.
+SPEND = """
+local key = ARGV[1] .. 'limits:budget:' .. ARGV[2] .. ':' .. ARGV[3]
+local per_second, burst = tonumber(ARGV[4]), tonumber(ARGV[5])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local bucket = redis.call('HMGET', key, 't', 's')
+local tokens = burst
+if bucket[1] then
+  tokens = math.min(burst, tonumber(bucket[1]) + math.max(0, now - tonumber(bucket[2])) * per_second)
+end
+tokens = math.max(-burst, tokens - 1)
+redis.call('HSET', key, 't', tostring(tokens), 's', tostring(now))
+redis.call('PEXPIRE', key, math.ceil((burst - tokens) / per_second * 1000) + 1000)
+return tostring(tokens)
+"""
+
 _SCRIPTS = {name: (sha1(body.encode()).hexdigest(), body.encode())
             for name, body in (("ADMIT", ADMIT), ("RELEASE", RELEASE), ("HEARTBEAT", HEARTBEAT),
-                               ("RESYNC", RESYNC))}
+                               ("RESYNC", RESYNC), ("SPEND", SPEND))}
 
 
 def new_node_id() -> str:
@@ -354,3 +374,41 @@ class SharedLimitsService(Service):
         if loop is not None and loop.running:
             loop.stop()
         return None
+
+
+class SharedBudget(Limiter):
+    """
+    A L{Limiter} whose buckets (a client address's crew entries, a bot
+    user's joins, an address's /pair/ lookups) are the cluster's: each
+    token this node spends is spent in Redis too, and when the cluster's
+    bucket turns out to be empty, this node's is emptied as far.  The
+    node decides at once on its own bucket, so over K nodes a key gets at
+    most the budget and one token per node in flight, not K budgets.  While
+    Redis does not answer, each node keeps to its own bucket (fail open).
+    """
+
+    def __init__(self, shared: SharedLimits, clock: Any, rate: Rate, name: str) -> None:
+        super().__init__(clock, rate)
+        self.shared = shared
+        self.name = name
+
+    def take(self, key: Hashable) -> float:
+        wait = super().take(key)
+        if not wait and self.shared.connection.protocol is not None:
+            d = self.shared._script("SPEND", self.name, str(key), repr(float(self.rate.per_second)),
+                                    repr(float(self.rate.burst)))
+            d.addCallbacks(self._spent, self._unspent, callbackArgs=(key,))
+        return wait
+
+    def _spent(self, left: Any, key: Hashable) -> None:
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            return
+        now = self.clock.seconds()
+        tokens = min(self.rate.burst, bucket.tokens + (now - bucket.stamp) * self.rate.per_second)
+        # Spent on other nodes too: no more here than the cluster has.
+        bucket.tokens, bucket.stamp = min(tokens, float(left)), now
+
+    @staticmethod
+    def _unspent(failure: Any) -> None:
+        _log.debug("a shared budget's spend was not answered: {error}", error=failure.getErrorMessage())

@@ -41,7 +41,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site, supportedMethods
 from leeloo import __version__, messages, pages
 from leeloo.access import CONNECTING_TOO_FAST, ConnectionGate, TrustedProxies, is_loopback
 from leeloo.core.pairing import COOKIE_NAME, PairingProblem, is_pairing_state
-from leeloo.limits import Limiter, Rate
+from leeloo.limits import Rate
 from leeloo.messages import ProtocolError
 from leeloo.relay import BotCrew, CrewStatus, Relay, Stats
 from leeloo.spotify import SpotifyError, SpotifyOAuth, origin
@@ -438,7 +438,7 @@ class PairPage(Resource):
     def __init__(self, relay: Relay, rate: Rate = PAIR_LOOKUPS) -> None:
         super().__init__()
         self.relay = relay
-        self.limiter = Limiter(relay.clock, rate)
+        self.limiter = relay.budget(relay.clock, rate, "pair")
         self._swept = relay.clock.seconds()
 
     def render(self, request: Request) -> Any:

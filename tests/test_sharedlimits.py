@@ -8,6 +8,7 @@ answer each node lets connections in on its own limits.  Plus the table's
 bookkeeping on its own, over a connection that is there or not.
 """
 
+import json
 import os
 import socket
 
@@ -157,6 +158,92 @@ class TwoNodes(TestCase):
         from twisted.internet.threads import deferToThread
 
         return deferToThread(f)
+
+
+class BudgetTests(TwoNodes):
+    """
+    The crew-entry budget per address is the cluster's: a client spreading
+    its attempts over the nodes gets the one budget (and at most one more
+    attempt per node while the spends cross), not one budget a node.
+    """
+
+    ARGS = ["--join-attempts", "2", "--join-window", "600"]
+
+    def attempt(self, index):
+        """
+        One crew entry (a code no crew has: a failed join counts) through
+        node C{index}, on a connection of its own; fires with the answer's
+        error code.
+        """
+        url = self.nodes[index][1]
+
+        def script(opened):
+            ws = connect(url, open_timeout=TIMEOUT, close_timeout=TIMEOUT)
+            opened.append(ws)
+            ws.send(json.dumps({"type": "join_crew", "crew_code": "LEELOO-NONE",
+                                "device_id": "leeloo_aaaaaaaaaaaa"}))
+            return json.loads(ws.recv(timeout=TIMEOUT))["error"]
+
+        return self.in_thread(script)
+
+    @defer.inlineCallbacks
+    def test_spread_over_two_nodes_one_budget(self):
+        answers = []
+        for index in (0, 0, 1, 1):
+            answers.append((yield self.attempt(index)))
+            # What the node spent in Redis is answered before what comes
+            # after it on its connection (Redis answers in order).
+            yield self.shared(index).connection.call("PING")
+        self.assertEqual(answers, ["invalid_crew_code", "invalid_crew_code", "invalid_crew_code", "rate_limited"])
+        left = yield self.shared(0).connection.call("HGET", "leeloo:limits:budget:entries:127.0.0.1", "t")
+        self.assertLess(float(left), 0)
+
+
+class SharedBudgetTests(SynchronousTestCase):
+    """
+    L{SharedBudget}'s bookkeeping, over a connection whose answers the test
+    gives.
+    """
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+
+        from leeloo.limits import Rate
+        from leeloo.sharedlimits import SharedBudget
+
+        self.spends = []
+        connection = FakeConnection()
+        connection.protocol = object()
+        shared = SharedLimits(connection, Clock(), node="me")
+        shared._script = lambda name, *args: self.spends.append((name, args, defer.Deferred())) or self.spends[-1][2]
+        self.budget = SharedBudget(shared, shared.clock, Rate.per_window(2, 600), "entries")
+        self.connection = connection
+
+    def test_emptied_as_far_as_the_cluster(self):
+        """
+        A take this node allows is spent in Redis too; when Redis says the
+        cluster's bucket is empty, so is this node's; when it has more,
+        this node's keeps what it has.
+        """
+        self.assertEqual(self.budget.take("1.2.3.4"), 0)
+        [(name, args, answer)] = self.spends
+        self.assertEqual((name, args[:2]), ("SPEND", ("entries", "1.2.3.4")))
+        answer.callback(b"-1")
+        self.assertGreater(self.budget.take("1.2.3.4"), 0)
+        self.assertEqual(len(self.spends), 1)
+        self.assertEqual(self.budget.take("5.6.7.8"), 0)
+        self.spends[-1][2].callback(b"1.5")
+        self.assertEqual(self.budget.take("5.6.7.8"), 0)
+
+    def test_fail_open(self):
+        """
+        With no connection to Redis the node keeps to its own bucket.
+        """
+        self.connection.protocol = None
+        waits = [self.budget.take("1.2.3.4") for _ in range(3)]
+        self.assertEqual(waits[:2], [0, 0])
+        self.assertGreater(waits[2], 0)
+        self.assertEqual(self.spends, [])
 
 
 class SpreadTests(TwoNodes):

@@ -21,11 +21,17 @@ _log = Logger()
 
 
 class Admission:
-    def __init__(self, clock: Any, limits: RelayLimits) -> None:
+    """
+    @param budget: makes the limiter of a budget by key (C{budget(clock,
+        rate, name)}): a L{Limiter}, or one the nodes sharing a Redis
+        share (L{leeloo.sharedlimits.SharedBudget}).
+    """
+
+    def __init__(self, clock: Any, limits: RelayLimits, budget: Any = Limiter) -> None:
         self.clock = clock
         self.limits = limits
-        self._entries_by_address = Limiter(clock, limits.entries)
-        self._bot_joins = Limiter(clock, limits.entries)
+        self._entries_by_address = budget(clock, limits.entries, "entries")
+        self._bot_joins = budget(clock, limits.entries, "bot-joins")
 
     def message_bucket(self) -> Bucket:
         """

@@ -304,7 +304,7 @@ class Delivery:
         if entry.stored_before:
             self._answer(entry, session)
             return 0
-        crew, seq, out, remembered = entry.crew, entry.seq, entry.out, entry.remembered
+        crew, seq, out = entry.crew, entry.seq, entry.out
         crew.fanned_seq = seq
         crew.last_message_at = self.clock.seconds()
         self._logged(crew, len(out.payload))
