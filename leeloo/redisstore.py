@@ -562,13 +562,22 @@ class RedisConnection:
     def script(self, name: str, *args: Any, protocol: Any = None) -> Deferred:
         digest, body = _SCRIPTS[name]
         p = self.protocol if protocol is None else protocol
+        return run_script(self.call, digest, body, [], [self.settings.prefix, *args], protocol=p)
 
-        def missing(failure: Failure) -> Any:
-            if failure.check(StoreError) and failure.getErrorMessage().startswith("Redis: NOSCRIPT"):
-                return self.call("EVAL", body, 0, self.settings.prefix, *args, protocol=p)
-            return failure
 
-        return self.call("EVALSHA", digest, 0, self.settings.prefix, *args, protocol=p).addErrback(missing)
+def run_script(call: Callable[..., Deferred], digest: str, body: bytes, keys: list, args: list,
+               **options: Any) -> Deferred:
+    """
+    Run a Lua script through C{call} (a L{RedisConnection}'s) by its
+    digest, sending its body once when Redis does not hold it (after a
+    restart, say).
+    """
+    def missing(failure: Failure) -> Any:
+        if failure.check(StoreError) and failure.getErrorMessage().startswith("Redis: NOSCRIPT"):
+            return call("EVAL", body, len(keys), *keys, *args, **options)
+        return failure
+
+    return call("EVALSHA", digest, len(keys), *keys, *args, **options).addErrback(missing)
 
 
 def tls_options(settings: RedisSettings) -> Any:

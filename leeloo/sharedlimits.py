@@ -209,15 +209,10 @@ class SharedLimits:
         return max(1, math.ceil(3 * self.heartbeat * 1000))
 
     def _script(self, name: str, *args: Any, protocol: Any = None) -> Deferred:
+        from leeloo.redisstore import run_script
+
         digest, body = _SCRIPTS[name]
-        connection = self.connection
-
-        def missing(failure: Any) -> Any:
-            if failure.getErrorMessage().startswith("Redis: NOSCRIPT"):
-                return connection.call("EVAL", body, 0, self.prefix, *args, protocol=protocol)
-            return failure
-
-        return connection.call("EVALSHA", digest, 0, self.prefix, *args, protocol=protocol).addErrback(missing)
+        return run_script(self.connection.call, digest, body, [], [self.prefix, *args], protocol=protocol)
 
     def admit(self, address: str, cap: int, rate: Rate | None = None) -> tuple[Ticket, Deferred | None]:
         """

@@ -47,8 +47,7 @@ from leeloo.core.peer import Outgoing
 from leeloo.fanout import IFanout
 from leeloo.fanout.local import LocalFanout
 from leeloo.fanout.mirror import ClusterMirror, Effects
-from leeloo.redisstore import RedisConnection
-from leeloo.store import StoreError
+from leeloo.redisstore import RedisConnection, run_script
 
 _log = Logger()
 
@@ -284,13 +283,7 @@ class RedisFanout(LocalFanout):
 
     def _script(self, name: str, keys: list[str], args: list[Any]) -> Deferred:
         digest, body = _SCRIPTS[name]
-
-        def missing(failure: Any) -> Any:
-            if failure.check(StoreError) and failure.getErrorMessage().startswith("Redis: NOSCRIPT"):
-                return self.commands.call("EVAL", body, len(keys), *keys, *args)
-            return failure
-
-        return self.commands.call("EVALSHA", digest, len(keys), *keys, *args).addErrback(missing)
+        return run_script(self.commands.call, digest, body, keys, args)
 
     def _commands_ready(self, p: Any) -> None:
         if self._beats:
