@@ -39,7 +39,7 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 
 from leeloo import __version__
 from leeloo.access import OriginPolicy, TrustedProxies
@@ -391,6 +391,19 @@ class RelayTree(MultiService):
     """
 
     metrics: Metrics
+    # The log observer twistd's application is given (L{setServiceParent}).
+    log_observer: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        """
+        Under twistd, C{parent} is its application: give it
+        C{log_observer}, which twistd's logger takes in place of its own
+        (C{AppLogger.start}), unless the application has one.
+        """
+        if self.log_observer is not None and hasattr(parent, "setComponent") \
+                and parent.getComponent(ILogObserver, None) is None:
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def _named(self, name: str) -> Any:
         return self.namedServices.get(name)
