@@ -3,8 +3,9 @@ Log observers.
 
 Under twistd with no C{--logger}, the relay writes twistd's own text log
 (L{text}: the same lines, to the same C{--logfile} twistd would choose, see
-L{twistd_text_observer}) for less CPU: twistd's observer formats the time
-stamp again for every line, which is half of what a line costs.
+L{twistd_text_observer}) for a quarter of the CPU per line: twistd's
+observer formats the time stamp, and the text with C{string.Formatter},
+for every line (C{benchmarks/log_cost.py} measures both).
 
 For twistd's C{--logger}, for journald or a log shipper:
 
