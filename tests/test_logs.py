@@ -382,6 +382,7 @@ class TwistdTextObserverTests(TestCase):
         application = Application("leeloo")
         tree.setServiceParent(application)
         observer = application.getComponent(ILogObserver)
+        self.assertIsNotNone(observer)
         self.assertIs(observer, tree.log_observer)
         self.assertIs(observer._outFile, sys.stdout)
         theirs = Application("leeloo")
