@@ -9,6 +9,9 @@ that does not keep up may make the relay hold for it.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from collections import Counter
 from dataclasses import dataclass
 from types import FunctionType
@@ -17,8 +20,13 @@ from typing import Any
 import autobahn.twisted.websocket
 import autobahn.util
 import autobahn.websocket.protocol
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.types import ConnectionDeny
+from autobahn.websocket.compress import PERMESSAGE_COMPRESSION_EXTENSION
+from autobahn.twisted.util import create_transport_details
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol, parseHttpHeader
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -61,6 +69,8 @@ _HANDSHAKE_LEFTOVERS = (
     "http_request_data", "http_response_data", "http_headers", "http_status_line",
     "http_request_uri", "http_request_path", "http_request_params", "http_request_host",
     "websocket_origin", "websocket_protocols", "websocket_extensions", "_wskey",
+    # (The server's list is only ever written: compression is refused.)
+    "websocket_extensions_in_use",
 )
 
 
@@ -94,6 +104,28 @@ _OPEN = WebSocketServerProtocol.STATE_OPEN
 
 _BETWEEN_MESSAGES = ("current_frame_masker", "frame_length", "message_data_total_length", "utf8validateLast",
                      "_fragments")
+
+
+# A Sec-WebSocket-Key as Autobahn accepts it: 16 bytes in base64.
+_WEBSOCKET_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
+# Characters of a request URI that Autobahn's urlparse would split off
+# (query, fragment, path parameters): such a URI takes Autobahn's path.
+_URI_SPLITS = frozenset("?#;")
+
+
+class _LazyValidator:
+    """
+    A connection's UTF-8 validator, made the first time Autobahn's frame
+    parser asks for it (a text message in several frames; devices send
+    whole ones): a validator per idle connection would cost its allocation
+    and its memory.
+    """
+
+    def __get__(self, protocol: Any, owner: type | None = None) -> Any:
+        if protocol is None:
+            return self
+        validator = protocol.__dict__["utf8validator"] = Utf8Validator()
+        return validator
 
 
 class _SendQueue(list):
@@ -202,8 +234,21 @@ class RelayServerProtocol(WebSocketServerProtocol):
     # The relay's delivery mark when it sent its close.
     _close_mark: Any = None
 
+    utf8validator = _LazyValidator()
+    # Set by Autobahn's _connectionMade, and once open (L{_connectionMade}).
+    autoPingPendingCall = None
+
     def connectionMade(self) -> None:
-        super().connectionMade()
+        # Autobahn's (autobahn.twisted.websocket), without its debug line.
+        transport = self.transport
+        details = self._transport_details = create_transport_details(transport, self.is_server)
+        self.peer = details.peer
+        try:
+            transport.setTcpNoDelay(self.tcpNoDelay)
+        except Exception:
+            # As Autobahn: not every transport has it (a Unix socket).
+            pass
+        self._connectionMade()
         if isinstance(self.transport, tcp.Connection):
             self._socket = self.transport.socket
         # twisted.web's HTTPChannel registered itself as the transport's
@@ -211,7 +256,30 @@ class RelayServerProtocol(WebSocketServerProtocol):
         # request it parsed).  The WebSocket is the producer now.
         self.transport.unregisterProducer()
         self.transport.registerProducer(self, True)
+
+    def _connectionMade(self) -> None:
+        """
+        Autobahn's WebSocketServerProtocol._connectionMade and
+        WebSocketProtocol._connectionMade, for what the relay's connections
+        are (a server's, every option on the class): the state that is not
+        the class's already (L{_IDLE_DEFAULTS}), with no debug line (whose
+        arguments Autobahn formats for every connection), no copy of the
+        options, a list for the send queue and the UTF-8 validator made
+        when first used.  Pinned by test_websocket's ConnectionMadeTests,
+        which compare it with Autobahn's.
+        """
+        for name in self.CONFIG_ATTRS:
+            if not hasattr(self, name):
+                setattr(self, name, getattr(self.factory, name))
+        # (Autobahn's setTrackTimings makes no Timings for the option the
+        # class has already: trackedTimings stays the class's None.)
+        self.trafficStats = TrafficStats()
+        self.state = WebSocketProtocol.STATE_CONNECTING
         self.send_queue = _SendQueue()
+        if self.openHandshakeTimeout > 0:
+            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout)
+        self.factory.countConnections += 1
 
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's own dataReceived formats a debug line's arguments (with
@@ -328,6 +396,115 @@ class RelayServerProtocol(WebSocketServerProtocol):
             self.transport.loseConnection()
         return False
 
+    def processHandshake(self) -> None:
+        if not self._plain_handshake():
+            super().processHandshake()
+
+    def _plain_handshake(self) -> bool:
+        """
+        Answer an opening handshake as devices send it (a request line
+        C{GET <path> HTTP/1.1} with no query, each header once, version
+        13, no Origin, no subprotocol, extensions offered only as the relay
+        refuses them) as Autobahn's processHandshake and succeedHandshake
+        would, without their generality: the URL parse, the Deferreds
+        around onConnect, the debug lines.  Return False, having changed
+        nothing, for anything else (an incomplete head too), which
+        Autobahn's path takes with its errors.  Autobahn's state it reads
+        and sets is pinned by test_websocket's PlainHandshakeTests, which
+        compare both paths for any request.
+        """
+        data = self.data
+        end = data.find(b"\r\n\r\n")
+        # (The factory speaks version 13 alone and leaves maxConnections
+        # to its own caps: both are Autobahn's checks passed.)
+        if end < 0 or self._wskey is not None:
+            return False
+        try:
+            status, headers, counts = parseHttpHeader(data[:end + 4])
+        except Exception:
+            return False
+        parts = status.split()
+        if len(parts) != 3 or parts[0] != "GET" or parts[2] != "HTTP/1.1" or max(counts.values(), default=2) > 1:
+            return False
+        uri = parts[1]
+        if uri[0] != "/" or uri[1:2] == "/" or not _URI_SPLITS.isdisjoint(uri):
+            return False
+        host = headers.get("host")
+        key = headers.get("sec-websocket-key")
+        upgrade = headers.get("upgrade")
+        connection = headers.get("connection")
+        offers = headers.get("sec-websocket-extensions")
+        extensions = [] if offers is None else self.factory.refused_offers(self, offers)
+        if (host is None or key is None or upgrade is None or connection is None
+                or headers.get("sec-websocket-version") != "13"
+                or "origin" in headers or "sec-websocket-protocol" in headers
+                or (self.trustXForwardedFor and "x-forwarded-for" in headers)
+                or _WEBSOCKET_KEY.fullmatch(key) is None
+                or not (upgrade.lower() == "websocket"
+                        or any(u.strip().lower() == "websocket" for u in upgrade.split(",")))
+                or not (connection.lower() == "upgrade"
+                        or any(c.strip().lower() == "upgrade" for c in connection.split(",")))
+                or extensions is None):
+            return False
+        if ":" in host and not host.endswith("]"):
+            host, port = host.rsplit(":", 1)
+            try:
+                int(port.strip())
+            except ValueError:
+                return False
+            if self.factory.externalPort:
+                return False
+        # The request is one Autobahn would take: from here on, as it does.
+        self.data = data[end + 4:]
+        self._wskey = key
+        request = ConnectionRequest(self.peer, headers, host, uri, {}, 13, "", [], extensions)
+        try:
+            accepted = self.onConnect(request)
+        except ConnectionDeny as deny:
+            self.failHandshake(deny.reason, deny.code)
+            return True
+        except Exception:
+            self._connect_failed(txaio.create_failure())
+            return True
+        if accepted is not None:
+            # Autobahn's way for the rest: a Deferred (the cluster's count)
+            # or a subprotocol (none is offered: refused there).
+            self.websocket_protocols = []
+            self.websocket_extensions = extensions
+            txaio.add_callbacks(txaio.as_future(lambda: accepted), self.succeedHandshake, self._connect_failed)
+            return True
+        factory = self.factory
+        response = factory.upgrade_response_head()
+        digest = hashlib.sha1(key.encode("ascii") + WebSocketProtocol._WS_MAGIC).digest()
+        self.sendData(b"%sSec-WebSocket-Accept: %s\r\n\r\n" % (response, base64.b64encode(digest)))
+        self.state = _OPEN
+        if self.openHandshakeTimeoutCall is not None:
+            self.openHandshakeTimeoutCall.cancel()
+            self.openHandshakeTimeoutCall = None
+        # (inside_message and current_frame: the class's False and None
+        # until the first frame.)
+        if self.autoPingInterval:
+            self.autoPingPendingCall = factory._batched_timer.call_later(self.autoPingInterval, self._sendAutoPing)
+        if self.trackedTimings:
+            self.trackedTimings.track("onOpen")
+        self._onOpen()
+        txaio.resolve(self.is_open, None)
+        if self.data:
+            self.consumeData()
+        return True
+
+    def _connect_failed(self, failure: Any) -> None:
+        """
+        onConnect refused the connection (ConnectionDeny) or failed: fail
+        the handshake as Autobahn's processHandshake does.
+        """
+        if isinstance(failure.value, ConnectionDeny):
+            self.failHandshake(failure.value.reason, failure.value.code)
+            return
+        self.log.warn("Unexpected exception in onConnect ['{err.value}']", err=failure)
+        self.log.warn("{tb}", tb=txaio.failure_format_traceback(failure))
+        self.failHandshake(f"Internal server error: {failure.value}", ConnectionDeny.INTERNAL_SERVER_ERROR)
+
     def _handshake_done(self) -> None:
         guard, self.handshake_guard = self.handshake_guard, None
         if guard is not None:
@@ -370,8 +547,10 @@ class RelayServerProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         if self.handshake_guard is not None:
             self._handshake_done()
+        # (Left to the class's None: set only by Autobahn's own path.)
+        state = self.__dict__
         for name in _HANDSHAKE_LEFTOVERS:
-            setattr(self, name, None)
+            state.pop(name, None)
         try:
             self.session = self.factory.relay.connect(self, self.address)
         except Exception:
@@ -697,6 +876,9 @@ class RelayServerFactory(WebSocketServerFactory):
         # was logged since they were last under their cap: one warning each
         # time a cap is reached, however many are refused.
         self._warned: set = set()
+        # Sec-WebSocket-Extensions headers seen, and what refused_offers
+        # made of them.
+        self._offers: dict[str, list | None] = {}
         self.setProtocolOptions(
             versions=[13],
             webStatus=False,
@@ -738,6 +920,52 @@ class RelayServerFactory(WebSocketServerFactory):
             # relay's CPU in a reconnect storm).
             "CONFIG_ATTRS": (),
         })
+
+    def upgrade_response_head(self) -> bytes:
+        """
+        The start of Autobahn's answer to an opening handshake it accepts
+        with no subprotocol and no extension, up to its
+        Sec-WebSocket-Accept header (as succeedHandshake writes it).
+        """
+        response = "HTTP/1.1 101 Switching Protocols\r\n"
+        if self.server:
+            response += f"Server: {self.server}\r\n"
+        response += "Upgrade: WebSocket\r\nConnection: Upgrade\r\n"
+        for name, values in self.headers.items():
+            if isinstance(values, str):
+                values = [values]
+            else:
+                try:
+                    values = iter(values)
+                except TypeError:
+                    values = [values]
+            for value in values:
+                response += f"{name}: {value}\r\n"
+        return response.encode("utf8")
+
+    def refused_offers(self, protocol: RelayServerProtocol, header: str) -> list | None:
+        """
+        The extensions Autobahn parses from a Sec-WebSocket-Extensions
+        header C{header} (for the connection request), if it would refuse
+        every offer in it (as this factory refuses compression); None if it
+        would accept one or fail the handshake over it.  Remembered for the
+        few headers clients send (the same for every device).
+        """
+        known = self._offers.get(header, False)
+        if known is not False:
+            return known
+        try:
+            extensions = protocol._parseExtensionsHeader(header)
+            offers = [PERMESSAGE_COMPRESSION_EXTENSION[name]["Offer"].parse(params)
+                      for name, params in extensions if name in PERMESSAGE_COMPRESSION_EXTENSION]
+        except Exception:
+            result = None
+        else:
+            result = extensions if not offers or protocol.perMessageCompressionAccept(offers) is None else None
+        if len(self._offers) >= 64:
+            self._offers.clear()
+        self._offers[header] = result
+        return result
 
     def admit(self, address: str | None) -> None:
         """

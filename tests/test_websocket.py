@@ -5,6 +5,7 @@ in memory with twisted.test.iosim, Autobahn's timers on a Clock.
 
 import json
 import os
+import re
 
 import txaio
 from twisted.internet.task import Clock
@@ -918,12 +919,14 @@ class AutobahnPrivatesTests(WebSocketTestCase):
 
     def test_handshake_leftovers_are_autobahns(self):
         """
-        Every handshake attribute the adapter nulls in onOpen is one Autobahn
-        set during the handshake (a renamed one would be kept alive by
-        Autobahn under its new name), and none is held once open.
+        Every handshake attribute the adapter drops in onOpen is one
+        Autobahn's path sets during the handshake (a renamed one would be
+        kept alive by Autobahn under its new name), and none is held once
+        open.
         """
         from leeloo.websocket import _HANDSHAKE_LEFTOVERS, RelayServerProtocol
 
+        self.patch(RelayServerProtocol, "_plain_handshake", lambda protocol: False)
         seen = {}
         on_open = RelayServerProtocol.onOpen
 
@@ -980,11 +983,16 @@ class CompactTests(WebSocketTestCase):
         do the masker, transport description
         and send queue the relay replaces.
         """
-        from leeloo.websocket import _BETWEEN_MESSAGES, _IDLE_DEFAULTS, _SendQueue
+        from leeloo.websocket import _BETWEEN_MESSAGES, _HANDSHAKE_LEFTOVERS, _IDLE_DEFAULTS
 
+        from autobahn.websocket.protocol import WebSocketServerProtocol
+
+        # Autobahn's own connectionMade and handshake (the relay's set
+        # fewer: ConnectionMadeTests, PlainHandshakeTests).
+        self.patch(RelayServerProtocol, "_connectionMade", WebSocketServerProtocol._connectionMade)
+        self.patch(RelayServerProtocol, "_plain_handshake", lambda protocol: False)
         client = self.client()
         server = self.server(client)
-        self.assertIsInstance(server.send_queue, _SendQueue)
         before = {}
         compact = server._compact
 
@@ -998,8 +1006,10 @@ class CompactTests(WebSocketTestCase):
         client.sendMessage(json.dumps({"type": "register", "device_id": "d0", "crew_code": "ALPHA"}).encode(),
                            fragmentSize=7)
         self.net.flush()
+        # (Those of the handshake are gone once open: AutobahnPrivatesTests.)
         for name in [*_IDLE_DEFAULTS, *_BETWEEN_MESSAGES, "_transport_details", "_valid_events", "_results"]:
-            self.assertIn(name, before, name)
+            if name not in _HANDSHAKE_LEFTOVERS:
+                self.assertIn(name, before, name)
         for name in _BETWEEN_MESSAGES:
             self.assertNotIn(name, vars(server), name)
         after = vars(server)
@@ -1230,3 +1240,332 @@ class MessageEndTests(WebSocketTestCase):
         self.assertIsNone(server.message_data)
         self.assertIsNone(server._listeners)
         self.assertEqual(fired, [])
+
+
+_CONNECTION_MADE = RelayServerProtocol._connectionMade
+
+
+class ConnectionMadeTests(WebSocketTestCase):
+    """
+    RelayServerProtocol._connectionMade leaves a new connection reading as
+    Autobahn's own leaves it, setting only what the class does not hold
+    already: this pins every attribute Autobahn's sets.
+    """
+
+    def made(self, connection_made):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        class Transport(StringTransport):
+            def setTcpNoDelay(self, enabled):
+                self.no_delay = enabled
+
+        self.patch(RelayServerProtocol, "_connectionMade", connection_made)
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        protocol = self.factory.buildProtocol(peer)
+        transport = Transport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), peerAddress=peer)
+        # As twisted.web's channel, which hands the connection over.
+        transport.registerProducer(object(), True)
+        before = self.factory.countConnections
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.no_delay)
+        self.assertIs(transport.producer, protocol)
+        return protocol, self.factory.countConnections - before
+
+    def test_reads_as_autobahns(self):
+        from collections import deque
+
+        from autobahn.websocket.protocol import WebSocketServerProtocol
+        from twisted.internet.defer import Deferred
+
+        from leeloo.timers import WheelCall
+        from leeloo.websocket import _SendQueue
+
+        ours, counted = self.made(_CONNECTION_MADE)
+        theirs, their_count = self.made(WebSocketServerProtocol._connectionMade)
+        self.assertEqual((counted, their_count), (1, 1))
+        self.assertEqual(ours.peer, "tcp4:127.0.0.1:40000")
+        names = set(vars(theirs))
+        self.assertIn("utf8validator", names)
+        for name in sorted(names):
+            mine, autobahns = getattr(ours, name), getattr(theirs, name)
+            if name == "transport":
+                continue
+            if isinstance(autobahns, deque):
+                # The relay's send queue: a list with deque's popleft.
+                self.assertEqual((type(mine), list(mine)), (_SendQueue, []), name)
+            elif isinstance(autobahns, (Deferred, WheelCall, type(theirs.utf8validator), type(theirs.trafficStats),
+                                        type(theirs._transport_details))):
+                self.assertIs(type(mine), type(autobahns), name)
+                if name == "trafficStats":
+                    self.assertEqual(vars(mine), vars(autobahns))
+            else:
+                self.assertEqual(mine, autobahns, name)
+        # The UTF-8 validator is made when first asked for, once.
+        self.assertIs(ours.utf8validator, ours.utf8validator)
+        fresh, _ = self.made(_CONNECTION_MADE)
+        self.assertNotIn("utf8validator", vars(fresh))
+        self.assertLess(len(vars(fresh)), len(vars(theirs)) // 2)
+
+
+_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+_PLAIN_HANDSHAKE = RelayServerProtocol._plain_handshake
+
+
+def _handshake(lines, frames=b""):
+    """
+    An opening handshake of the given request line and header lines, and
+    C{frames} after it.
+    """
+    return "".join(line + "\r\n" for line in lines).encode("iso-8859-1") + b"\r\n" + frames
+
+
+class PlainHandshakeTests(WebSocketTestCase):
+    """
+    An opening handshake as devices send it is answered without Autobahn's
+    processHandshake (RelayServerProtocol._plain_handshake); any other
+    takes Autobahn's path.  For any request both paths answer the same
+    bytes and leave the connection, the relay and the log the same: these
+    pin the Autobahn state the short path reads and sets.
+    """
+
+    DEVICE = ["GET /ws HTTP/1.1", "Host: relay.example.org", "Upgrade: websocket", "Connection: Upgrade",
+              f"Sec-WebSocket-Key: {_KEY}", "Sec-WebSocket-Version: 13",
+              "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+              "User-Agent: Python/3.11 websockets/10.4"]
+
+    def run_handshake(self, data, cuts=(), plain=True, full=False, cluster=None, external_port=None):
+        """
+        Feed C{data} to a new connection of a relay of its own (cut into
+        reads at C{cuts}), by the short path or (C{plain} false) Autobahn's
+        alone; return what it answered and what it left.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        class Transport(StringTransport):
+            def setTcpNoDelay(self, enabled):
+                pass
+
+        relay = Relay(self.clock)
+        proxies = TrustedProxies(["127.0.0.0/8"]) if cluster is not None else TrustedProxies()
+        factory = RelayServerFactory(relay, WebSocketLimits(max_connections_per_address=1), proxies)
+        factory.shared = cluster
+        factory.externalPort = external_port
+        site = make_site(relay, factory, None, None, reactor=self.clock)
+        if full:
+            factory.admit("127.0.0.1")
+        taken = []
+        if plain:
+            def recording(protocol):
+                taken.append(_PLAIN_HANDSHAKE(protocol))
+                return taken[-1]
+
+            self.patch(RelayServerProtocol, "_plain_handshake", recording)
+        else:
+            self.patch(RelayServerProtocol, "_plain_handshake", lambda protocol: False)
+        events = []
+        observer = events.append
+        globalLogPublisher.addObserver(observer)
+        try:
+            peer = IPv4Address("TCP", "127.0.0.1", 40000)
+            transport = Transport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), peerAddress=peer)
+            channel = site.buildProtocol(peer)
+            transport.protocol = channel
+            channel.makeConnection(transport)
+            start = 0
+            for cut in sorted(set(c for c in cuts if c < len(data))) + [len(data)]:
+                transport.protocol.dataReceived(data[start:cut])
+                start = cut
+            if cluster is not None:
+                cluster.answer()
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        self.patch(RelayServerProtocol, "_plain_handshake", _PLAIN_HANDSHAKE)
+        protocol = transport.protocol
+        state = {}
+        if isinstance(protocol, RelayServerProtocol):
+            from leeloo.websocket import _HANDSHAKE_LEFTOVERS
+
+            missing = object()
+            for name, value in vars(protocol).items():
+                if name in _HANDSHAKE_LEFTOVERS:
+                    # Autobahn's description of the request: only its path
+                    # keeps it, on a connection refused before onOpen.
+                    continue
+                default = getattr(type(protocol), name, missing)
+                if value is default or (type(value) is type(default) and value == default):
+                    # Reads the same as the class's value.
+                    continue
+                if value is None or isinstance(value, (bool, int, float, str, bytes)):
+                    state[name] = value
+                else:
+                    state[name] = type(value).__name__
+            state["trafficStats"] = str(protocol.trafficStats)
+        sessions = [(s.address, s.device_id) for s in relay.sessions]
+        logged = [formatEvent(e) for e in events if e.get("log_level", LogLevel.debug) > LogLevel.debug]
+        # (Device keys are random, the same length each time; twisted.web's
+        # answers are dated.)
+        answer = re.sub(rb'"device_key":"[^"]*"', b'"device_key":"K"', transport.value())
+        answer = re.sub(rb"\r\nDate: [^\r]*", b"\r\nDate: D", answer)
+        outcome = (answer, transport.disconnecting, state, sessions, factory.caps.total,
+                   dict(factory.refused), logged)
+        return outcome, taken
+
+    def register(self):
+        return _frame(json.dumps({"type": "register", "device_id": "d0", "crew_code": "ALPHA",
+                                  "device_name": "D0"}).encode())
+
+    def test_device_handshake_short_path(self):
+        """
+        What devices send (with the websockets library's compression
+        offer) takes the short path; it is answered 101 with Autobahn's
+        headers and accept key, and the register after it in the same read
+        is handled.
+        """
+        data = _handshake(self.DEVICE, self.register())
+        (answer, dropped, state, sessions, *_), taken = self.run_handshake(data)
+        self.assertEqual(taken, [True])
+        self.assertTrue(answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\nServer: AutobahnPython/"))
+        self.assertIn(b"\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n", answer)
+        self.assertIn(b'"registered"', answer)
+        self.assertNotIn(b"Sec-WebSocket-Extensions", answer)
+        self.assertFalse(dropped)
+        self.assertEqual(sessions, [("127.0.0.1", "d0")])
+        self.assertEqual(state["state"], RelayServerProtocol.STATE_OPEN)
+        self.assertEqual(self.run_handshake(data, plain=False)[0], self.run_handshake(data)[0])
+
+    def test_options_the_short_path_assumes(self):
+        """
+        The short path leaves out two of Autobahn's checks the factory's
+        options make pass: it speaks version 13 alone, and caps
+        connections itself (Autobahn's maxConnections off).
+        """
+        protocol = self.factory.protocol
+        self.assertEqual((protocol.versions, protocol.maxConnections, protocol.trustXForwardedFor), ([13], 0, 0))
+
+    def test_others_take_autobahns_path(self):
+        """
+        A browser's (with Origin), a subprotocol, a query, an offer the
+        relay could not refuse, a duplicated header, a bad key: each takes
+        Autobahn's path, untouched by the short one.
+        """
+        cases = [
+            self.DEVICE + ["Origin: http://relay.example.org"],
+            self.DEVICE + ["Sec-WebSocket-Protocol: chat"],
+            ["GET /ws?x=1 HTTP/1.1"] + self.DEVICE[1:],
+            self.DEVICE[:6] + ["Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=7"],
+            self.DEVICE + ["Host: other.example.org"],
+            self.DEVICE[:4] + ["Sec-WebSocket-Key: short==", "Sec-WebSocket-Version: 13"],
+            self.DEVICE[:5] + ["Sec-WebSocket-Version: 8"],
+        ]
+        for lines in cases:
+            data = _handshake(lines, self.register())
+            outcome, taken = self.run_handshake(data)
+            self.assertEqual(taken, [False], lines)
+            self.assertEqual(outcome, self.run_handshake(data, plain=False)[0], lines)
+        # A port in Host, with a public port set for Autobahn to check it
+        # against (the relay sets none).
+        data = _handshake(["GET /ws HTTP/1.1", "Host: relay.example.org:8080", *self.DEVICE[2:]])
+        outcome, taken = self.run_handshake(data, external_port=443)
+        self.assertEqual(taken, [False])
+        self.assertTrue(outcome[0].startswith(b"HTTP/1.1 400 "))
+        self.assertEqual(outcome, self.run_handshake(data, plain=False, external_port=443)[0])
+
+    def test_refusal_same_as_autobahns(self):
+        """
+        A device over its address's cap is refused by the short path (503)
+        as by Autobahn's, with the same warning and counts.
+        """
+        data = _handshake(self.DEVICE, self.register())
+        outcome, taken = self.run_handshake(data, full=True)
+        self.assertEqual(taken, [True])
+        self.assertTrue(outcome[0].startswith(b"HTTP/1.1 503 "))
+        self.assertTrue(outcome[1])
+        self.assertEqual(outcome[3], [])
+        self.assertEqual(outcome, self.run_handshake(data, plain=False, full=True)[0])
+
+    def test_cluster_verdict_same_as_autobahns(self):
+        """
+        A forwarded client the cluster counts (onConnect's Deferred) opens,
+        or is refused, after the verdict as on Autobahn's path.
+        """
+        from twisted.internet.defer import Deferred
+
+        class Cluster:
+            def __init__(self, refused):
+                self.refused = refused
+                self.verdicts = []
+
+            def admit(self, address, cap):
+                self.verdicts.append(Deferred())
+                return Ticket(), self.verdicts[-1]
+
+            def answer(self):
+                for verdict in self.verdicts:
+                    verdict.callback(self.refused)
+
+        class Ticket:
+            def release(self):
+                pass
+
+        data = _handshake(self.DEVICE + ["X-Forwarded-For: 203.0.113.9"], self.register())
+        for refused, status in [(None, b"101"), (("too_many", 1.0), b"503")]:
+            outcome, taken = self.run_handshake(data, cluster=Cluster(refused))
+            self.assertEqual(taken, [True])
+            self.assertEqual(outcome[0][9:12], status)
+            self.assertEqual(outcome, self.run_handshake(data, plain=False, cluster=Cluster(refused))[0])
+
+    def test_same_as_autobahns(self):
+        """
+        For any request (each part of a device's handshake varied, broken,
+        duplicated or left out), cut into reads anywhere, with a frame
+        after it, the short path answers and leaves everything as
+        Autobahn's alone does.
+        """
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        def header(names, values):
+            return st.tuples(st.sampled_from(names), st.sampled_from(values)).map(lambda nv: f"{nv[0]}: {nv[1]}")
+
+        request_lines = st.sampled_from([
+            "GET /ws HTTP/1.1", "GET /ws HTTP/1.1", "GET /ws/x HTTP/1.1", "GET /ws?a=b HTTP/1.1",
+            "GET /ws#f HTTP/1.1", "GET /ws;p HTTP/1.1", "GET //ws HTTP/1.1", "GET /ws HTTP/1.0",
+            "get /ws HTTP/1.1", "POST /ws HTTP/1.1", "GET /ws  HTTP/1.1", "GET /ws HTTP/1.1 x",
+            "GET http://h/ws HTTP/1.1",
+        ])
+        headers = st.one_of(
+            header(["Host", "host", "HOST"], ["relay.example.org", "127.0.0.1:8080", "h:port", "[::1]", "[::1]:80",
+                                              "h:+80", ""]),
+            header(["Upgrade", "upgrade"], ["websocket", "WebSocket", "h2c, websocket", "foo", ""]),
+            header(["Connection"], ["Upgrade", "upgrade", "keep-alive, Upgrade", "close"]),
+            header(["Sec-WebSocket-Key"], [_KEY, _KEY[:-2] + "=x", "AAAAAAAAAAAAAAAAAAAAA$==", "short=="]),
+            header(["Sec-WebSocket-Version", "sec-websocket-version"], ["13", "8", "12", "x", "013"]),
+            header(["Sec-WebSocket-Extensions"], [
+                "permessage-deflate; client_max_window_bits", "permessage-deflate",
+                "permessage-deflate; server_max_window_bits=7", "permessage-deflate; foo=1",
+                "x-webkit-deflate-frame", "permessage-bzip2", ""]),
+            header(["Origin"], ["http://relay.example.org", "null", "not a url"]),
+            header(["Sec-WebSocket-Protocol"], ["chat", "chat, chat"]),
+            header(["X-Forwarded-For"], ["203.0.113.9"]),
+            header(["User-Agent", "X-Other"], ["a", ""]),
+            st.sampled_from(["no colon", " Host: folded"]),
+        )
+        device = st.lists(st.sampled_from(self.DEVICE[1:6]), unique=True, min_size=3).flatmap(st.permutations)
+        frames = st.sampled_from([b"", self.register(), _frame(b'{"type": "ping"}') + b"\r\n\r\n"])
+
+        @settings(max_examples=int(os.environ.get("LEELOO_FRAME_EXAMPLES", 300)), deadline=None, database=None)
+        @given(request_lines, device, st.lists(headers, max_size=3), frames, st.lists(st.integers(0, 400), max_size=3),
+               st.booleans())
+        def same(line, device, others, after, cuts, full):
+            data = _handshake([line, *device, *others], after)
+            plain, taken = self.run_handshake(data, cuts, full=full)
+            self.assertEqual(plain, self.run_handshake(data, cuts, plain=False, full=full)[0])
+            seen.add((True in taken, plain[0][9:12]))
+
+        seen = set()
+        same()
+        # Both paths were compared, the short one opening and refusing.
+        self.assertLessEqual({(True, b"101"), (True, b"503"), (False, b"400")}, seen)
