@@ -1486,6 +1486,30 @@ class PlainHandshakeTests(WebSocketTestCase):
         self.assertEqual(outcome[3], [])
         self.assertEqual(outcome, self.run_handshake(data, plain=False, full=True)[0])
 
+    def test_bug_in_on_connect_same_as_autobahns(self):
+        """
+        A bug while the relay admits a connection (onConnect raises) is
+        answered 500 and logged as Autobahn's path does, and the relay
+        holds nothing for it.
+        """
+        def broken(address):
+            raise ZeroDivisionError("a bug")
+
+        self.patch(RelayServerFactory, "admit", lambda factory, address: broken(address))
+        data = _handshake(self.DEVICE, self.register())
+        outcome, taken = self.run_handshake(data)
+        self.assertEqual(taken, [True])
+        self.assertTrue(outcome[0].startswith(b"HTTP/1.1 500 "))
+        self.assertIn("Unexpected exception in onConnect ['a bug']", outcome[-1])
+        self.assertEqual((outcome[3], outcome[4]), ([], 0))
+
+        def without_stacks(outcome):
+            # The traceback's last line, the exception: the calls to it
+            # differ by path.
+            return (*outcome[:-1], [line.splitlines()[-1] for line in outcome[-1]])
+
+        self.assertEqual(without_stacks(outcome), without_stacks(self.run_handshake(data, plain=False)[0]))
+
     def test_cluster_verdict_same_as_autobahns(self):
         """
         A forwarded client the cluster counts (onConnect's Deferred) opens,
