@@ -1112,8 +1112,7 @@ class RelayChannel(HTTPChannel):
         # the handshake's head has the limits twisted.web gives a request's.
         protocol.handshake_guard = HandshakeGuard(
             self.site.deadlines, self, self.totalHeadersSize, self.maxHeaders, HEADERS_TOO_LARGE)
-        protocol.makeConnection(transport)
-        protocol.dataReceived(data)
+        protocol.take_over(transport, data)
 
     def lineReceived(self, line: bytes) -> None:
         if self._refused:

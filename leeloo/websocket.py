@@ -235,6 +235,8 @@ class RelayServerProtocol(WebSocketServerProtocol):
     _close_mark: Any = None
 
     utf8validator = _LazyValidator()
+    # True while L{take_over} makes the connection.
+    _taking_over = False
     # Set by Autobahn's _connectionMade, and once open (L{_connectionMade}).
     autoPingPendingCall = None
 
@@ -276,10 +278,31 @@ class RelayServerProtocol(WebSocketServerProtocol):
         self.trafficStats = TrafficStats()
         self.state = WebSocketProtocol.STATE_CONNECTING
         self.send_queue = _SendQueue()
-        if self.openHandshakeTimeout > 0:
-            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
-                self.openHandshakeTimeout, self.onOpenHandshakeTimeout)
+        if self.openHandshakeTimeout > 0 and not self._taking_over:
+            self._start_open_timer()
         self.factory.countConnections += 1
+
+    def _start_open_timer(self) -> None:
+        self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+            self.openHandshakeTimeout, self.onOpenHandshakeTimeout)
+
+    def take_over(self, transport: Any, data: bytes) -> None:
+        """
+        Take the connection on C{transport} over from the HTTP channel
+        that read C{data}, its first bytes: L{makeConnection}, then
+        L{dataReceived}.  Autobahn's opening handshake timeout is set once
+        those are read, and only if they did not open the connection (a
+        device's whole handshake comes at once: the timer would be set and
+        cancelled in one call), from the same moment.
+        """
+        self._taking_over = True
+        try:
+            self.makeConnection(transport)
+        finally:
+            del self._taking_over
+        self.dataReceived(data)
+        if self.state != _OPEN and self.openHandshakeTimeout > 0 and self.openHandshakeTimeoutCall is None:
+            self._start_open_timer()
 
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's own dataReceived formats a debug line's arguments (with

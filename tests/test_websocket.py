@@ -17,6 +17,7 @@ from leeloo.access import OriginPolicy, TrustedProxies
 from leeloo.relay import PRESENCE_GRACE, Relay
 from leeloo.testing import MemoryWebSocketClients, RecordingClientProtocol, strip_keys
 from leeloo.web import make_site
+from leeloo.timers import TimerWheel
 from leeloo.websocket import RelayServerFactory, RelayServerProtocol, WebSocketLimits
 
 txaio.use_twisted()
@@ -1308,6 +1309,60 @@ class ConnectionMadeTests(WebSocketTestCase):
         self.assertLess(len(vars(fresh)), len(vars(theirs)) // 2)
 
 
+class OpenHandshakeTimerTests(WebSocketTestCase):
+    """
+    A connection the HTTP channel hands over (RelayServerProtocol.take_over)
+    gets Autobahn's opening handshake timeout only if its first bytes did
+    not open it, from the same moment.
+    """
+
+    limits = WebSocketLimits(open_handshake_timeout=3)
+
+    def connect(self, data):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from leeloo.web import HTTPLimits
+
+        class Transport(StringTransport):
+            def setTcpNoDelay(self, enabled):
+                pass
+
+        # The site's own request deadline well after Autobahn's timeout.
+        site = make_site(self.relay, self.factory, None, None, reactor=self.clock,
+                         limits=HTTPLimits(request_timeout=60))
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        transport = Transport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), peerAddress=peer)
+        channel = site.buildProtocol(peer)
+        transport.protocol = channel
+        channel.makeConnection(transport)
+        channel.dataReceived(data)
+        return transport
+
+    def test_whole_handshake_sets_no_timer(self):
+        wheel = self.factory._batched_timer
+        calls = []
+        self.patch(wheel, "call_later", lambda delay, f, *a, **k: calls.append(delay) or
+                   TimerWheel.call_later(wheel, delay, f, *a, **k))
+        transport = self.connect(_handshake(PlainHandshakeTests.DEVICE))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "))
+        # The auto-ping's alone.
+        self.assertEqual(calls, [self.limits.auto_ping_interval])
+        self.assertIsNone(transport.protocol.openHandshakeTimeoutCall)
+
+    def test_partial_handshake_times_out(self):
+        data = _handshake(PlainHandshakeTests.DEVICE)
+        transport = self.connect(data[:40])
+        protocol = transport.protocol
+        self.assertIsInstance(protocol, RelayServerProtocol)
+        self.clock.advance(2.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.35)
+        self.assertTrue(protocol.wasOpenHandshakeTimeout)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+
 _KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 _PLAIN_HANDSHAKE = RelayServerProtocol._plain_handshake
 
@@ -1548,7 +1603,7 @@ class PlainHandshakeTests(WebSocketTestCase):
         after it, the short path answers and leaves everything as
         Autobahn's alone does.
         """
-        from hypothesis import given, settings
+        from hypothesis import example, given, settings
         from hypothesis import strategies as st
 
         def header(names, values):
@@ -1583,6 +1638,11 @@ class PlainHandshakeTests(WebSocketTestCase):
         @settings(max_examples=int(os.environ.get("LEELOO_FRAME_EXAMPLES", 300)), deadline=None, database=None)
         @given(request_lines, device, st.lists(headers, max_size=3), frames, st.lists(st.integers(0, 400), max_size=3),
                st.booleans())
+        # A device's whole handshake, opened and refused, every time.
+        @example("GET /ws HTTP/1.1", self.DEVICE[1:6], [], b"", [], False)
+        @example("GET /ws HTTP/1.1", self.DEVICE[1:6], [], b"", [], True)
+        @example("GET /ws HTTP/1.1", [*self.DEVICE[1:4], "Sec-WebSocket-Version: 13"],
+                 ["Sec-WebSocket-Key: short=="], b"", [], False)
         def same(line, device, others, after, cuts, full):
             data = _handshake([line, *device, *others], after)
             plain, taken = self.run_handshake(data, cuts, full=full)

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from leeloo.core.peer import IPeer, Outgoing
 from leeloo.limits import Bucket
 from leeloo.messages import CLOSE_BIND_TIMEOUT, CLOSE_INTERNAL_ERROR, CLOSE_REPLACED
+from leeloo.timers import TimerWheel
 
 if TYPE_CHECKING:
     from leeloo.fanout import IFanout
@@ -113,6 +114,10 @@ class Sessions:
         self.clock = clock
         self.fanout = fanout
         self.bind_timeout = bind_timeout
+        # Every connection's bind timer on one wheel: a storm of new
+        # connections sets and cancels thousands, a reactor timer each
+        # would cost its heap place (leeloo.timers).
+        self._timers = TimerWheel(clock)
         self.sessions: set[Session] = set()
         # Set by close_all: the close code and reason of connections opening now.
         self.stopping: tuple[int, str] | None = None
@@ -125,7 +130,7 @@ class Sessions:
         """
         session = Session(peer, address, bucket)
         if self.bind_timeout:
-            session.bind_timer = self.clock.callLater(self.bind_timeout, self._bind_expired, session)
+            session.bind_timer = self._timers.call_later(self.bind_timeout, self._bind_expired, session)
         self.sessions.add(session)
         if self.stopping is not None:
             try:
