@@ -8,8 +8,9 @@ import os
 import re
 
 import txaio
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -1243,6 +1244,32 @@ class MessageEndTests(WebSocketTestCase):
         self.assertEqual(fired, [])
 
 
+class _Transport(StringTransport):
+    """
+    A TCP connection's transport in memory, from 127.0.0.1:40000 to the
+    relay's port, recording its Nagle setting.
+    """
+
+    PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+
+    def __init__(self):
+        super().__init__(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), peerAddress=self.PEER)
+
+    def setTcpNoDelay(self, enabled):
+        self.no_delay = enabled
+
+
+def _site_connection(site):
+    """
+    A new connection to C{site}, made: its transport, whose C{protocol} is
+    whatever reads it (the HTTP channel, then the WebSocket).
+    """
+    transport = _Transport()
+    transport.protocol = site.buildProtocol(transport.PEER)
+    transport.protocol.makeConnection(transport)
+    return transport
+
+
 _CONNECTION_MADE = RelayServerProtocol._connectionMade
 
 
@@ -1254,17 +1281,9 @@ class ConnectionMadeTests(WebSocketTestCase):
     """
 
     def made(self, connection_made):
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.testing import StringTransport
-
-        class Transport(StringTransport):
-            def setTcpNoDelay(self, enabled):
-                self.no_delay = enabled
-
         self.patch(RelayServerProtocol, "_connectionMade", connection_made)
-        peer = IPv4Address("TCP", "127.0.0.1", 40000)
-        protocol = self.factory.buildProtocol(peer)
-        transport = Transport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), peerAddress=peer)
+        transport = _Transport()
+        protocol = self.factory.buildProtocol(transport.PEER)
         # As twisted.web's channel, which hands the connection over.
         transport.registerProducer(object(), True)
         before = self.factory.countConnections
@@ -1319,24 +1338,12 @@ class OpenHandshakeTimerTests(WebSocketTestCase):
     limits = WebSocketLimits(open_handshake_timeout=3)
 
     def connect(self, data):
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.testing import StringTransport
-
         from leeloo.web import HTTPLimits
 
-        class Transport(StringTransport):
-            def setTcpNoDelay(self, enabled):
-                pass
-
         # The site's own request deadline well after Autobahn's timeout.
-        site = make_site(self.relay, self.factory, None, None, reactor=self.clock,
-                         limits=HTTPLimits(request_timeout=60))
-        peer = IPv4Address("TCP", "127.0.0.1", 40000)
-        transport = Transport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), peerAddress=peer)
-        channel = site.buildProtocol(peer)
-        transport.protocol = channel
-        channel.makeConnection(transport)
-        channel.dataReceived(data)
+        transport = _site_connection(make_site(self.relay, self.factory, None, None, reactor=self.clock,
+                                               limits=HTTPLimits(request_timeout=60)))
+        transport.protocol.dataReceived(data)
         return transport
 
     def test_whole_handshake_sets_no_timer(self):
@@ -1395,13 +1402,6 @@ class PlainHandshakeTests(WebSocketTestCase):
         reads at C{cuts}), by the short path or (C{plain} false) Autobahn's
         alone; return what it answered and what it left.
         """
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.testing import StringTransport
-
-        class Transport(StringTransport):
-            def setTcpNoDelay(self, enabled):
-                pass
-
         relay = Relay(self.clock)
         proxies = TrustedProxies(["127.0.0.0/8"]) if cluster is not None else TrustedProxies()
         factory = RelayServerFactory(relay, WebSocketLimits(max_connections_per_address=1), proxies)
@@ -1423,11 +1423,7 @@ class PlainHandshakeTests(WebSocketTestCase):
         observer = events.append
         globalLogPublisher.addObserver(observer)
         try:
-            peer = IPv4Address("TCP", "127.0.0.1", 40000)
-            transport = Transport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), peerAddress=peer)
-            channel = site.buildProtocol(peer)
-            transport.protocol = channel
-            channel.makeConnection(transport)
+            transport = _site_connection(site)
             start = 0
             for cut in sorted(set(c for c in cuts if c < len(data))) + [len(data)]:
                 transport.protocol.dataReceived(data[start:cut])
