@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from leeloo.process import sd_notify
 from leeloo.sealing import is_sealed
 
 from leeloo.store import (
@@ -189,6 +190,36 @@ MIGRATIONS = [
     );
     ALTER TABLE pairings ADD COLUMN keep INTEGER NOT NULL DEFAULT 0;
     """,
+    # 10: the log kept in the order it is written (a rowid table), its key
+    # an index.  Clustered by crew (WITHOUT ROWID), every message went into
+    # its crew's page of whole rows: a batch of messages to many crews
+    # dirtied (and wrote to the WAL) a page of rows for each, about twice
+    # the database work per message of appending them to the last page and
+    # the crew's key to a page of small index entries.  Each row is copied
+    # as it was, oldest first; the other indexes are made again.
+    """
+    CREATE TABLE messages_in_order (
+        crew_code TEXT NOT NULL REFERENCES crews(code) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        id TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        client_msg_id TEXT,
+        digest BLOB,
+        created_at REAL NOT NULL,
+        payload BLOB NOT NULL,
+        ephemeral INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (crew_code, seq)
+    );
+    INSERT INTO messages_in_order
+        (crew_code, seq, id, sender, client_msg_id, digest, created_at, payload, ephemeral)
+        SELECT crew_code, seq, id, sender, client_msg_id, digest, created_at, payload, ephemeral
+        FROM messages ORDER BY created_at, crew_code, seq;
+    DROP TABLE messages;
+    ALTER TABLE messages_in_order RENAME TO messages;
+    CREATE UNIQUE INDEX messages_client_msg_id
+        ON messages (crew_code, sender, client_msg_id) WHERE client_msg_id IS NOT NULL;
+    CREATE INDEX messages_created_at ON messages (created_at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -222,7 +253,25 @@ def _seal_pending_tokens(db: sqlite3.Connection, sealer: Any) -> None:
                    (encode_tokens(sealer.seal_tokens(tokens)), device))
 
 
-# What runs after a migration's script, in its transaction.
+# The messages a second migration 10 is reckoned to copy, for what systemd
+# is asked to wait: a sixth of what a 2-core machine copied (30,000).
+LOG_COPY_RATE = 5_000
+
+
+def _announce_log_copy(db: sqlite3.Connection, sealer: Any) -> None:
+    """
+    Before migration 10 copies the log: say how long it is, and ask
+    systemd (a Type=notify unit times a start out after 90 s by default,
+    and a killed migration is rolled back, to start again) to wait for it.
+    """
+    [(count,)] = db.execute("SELECT COUNT(*) FROM messages")
+    if count:
+        _log.info("copying the message log ({count} entries) into schema version 10", count=count)
+        sd_notify(f"EXTEND_TIMEOUT_USEC={int((60 + count / LOG_COPY_RATE) * 1_000_000)}")
+
+
+# What runs before and after a migration's script, in its transaction.
+_BEFORE = {10: _announce_log_copy}
 _AFTER = {9: _seal_pending_tokens}
 
 
@@ -242,6 +291,9 @@ def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION, sealer: Any = 
         script = MIGRATIONS[current]
         db.execute("BEGIN")
         try:
+            before = _BEFORE.get(current + 1)
+            if before is not None:
+                before(db, sealer)
             for statement in filter(str.strip, script.split(";")):
                 db.execute(statement)
             after = _AFTER.get(current + 1)

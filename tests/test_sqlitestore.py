@@ -6,6 +6,7 @@ The IStore contract itself is in test_store.
 """
 
 import os
+import socket
 import sqlite3
 import stat
 import threading
@@ -13,17 +14,20 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from leeloo.sealing import Sealer
 from leeloo.sqlitestore import (
     DATABASE_NAME,
     JOURNAL_SIZE_LIMIT,
+    LOG_COPY_RATE,
     MIGRATIONS,
     SCHEMA_VERSION,
     SchemaError,
     SQLiteStore,
     migrate,
+    read_log,
     schema_version,
 )
 from leeloo.store import (
@@ -260,6 +264,89 @@ class MigrationTests(SQLiteTestCase):
         store = self.open(directory)
         replay = yield store.replay(ALPHA, 0, 6, 0.0, "nobody", 10, T0 + 1)
         self.assertEqual([seq for seq, _ in replay.entries], [1, 5, 6])
+
+    @inlineCallbacks
+    def test_log_kept_in_write_order(self):
+        """
+        Migration 10 moves the log to a rowid table in the order it was
+        written, with every entry (each field) as it was, the crew and
+        sequence still its unique key, and the same indexes: a replay, an
+        append and a second entry with the same key or client_msg_id are
+        as before.
+        """
+        directory = self.directory()
+        db = self.connect(directory)
+        migrate(db, 9)
+        db.execute("INSERT INTO crews (code, created_at, created_by) VALUES (?, ?, ?)", (ALPHA, T0, "leeloo_a"))
+        db.execute("INSERT INTO crews (code, created_at, created_by) VALUES (?, ?, ?)", ("LEELOO-BRAVO", T0, "b"))
+        rows = [
+            (ALPHA, 1, "m1", "leeloo_a", None, None, T0 + 1, b'{"type":"music_shared"}', 0),
+            ("LEELOO-BRAVO", 1, "b1", "b", "c-1", b"\x00\x01digest", T0 + 2, b"\xff binary", 0),
+            (ALPHA, 2, "m2", "leeloo_b", "c-1", b"d2", T0 + 3, b'{"type":"reaction"}', 1),
+        ]
+        # Written in another order than the key's: the copy keeps each row.
+        for row in reversed(rows):
+            db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        db.commit()
+        db.close()
+        store = self.open(directory)
+        snapshot = store.load()
+        self.assertEqual(snapshot.last_seq, {ALPHA: 2, "LEELOO-BRAVO": 1})
+        db = self.connect(directory)
+        self.assertEqual(schema_version(db), SCHEMA_VERSION)
+        [sql] = db.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()
+        self.assertNotIn("WITHOUT ROWID", sql.upper())
+        indexes = {name for (name,) in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'")}
+        self.assertTrue({"messages_client_msg_id", "messages_created_at"} <= indexes, indexes)
+        entries = [entry for code in (ALPHA, "LEELOO-BRAVO") for entry in read_log(db, code)]
+        self.assertEqual(
+            sorted((e.crew_code, e.seq, e.id, e.sender, e.client_msg_id, e.digest, e.created_at, e.payload,
+                    int(e.ephemeral)) for e in entries),
+            sorted(rows))
+        # Oldest first, as written since: the rowids follow created_at.
+        self.assertEqual([seq for (seq,) in db.execute("SELECT seq FROM messages ORDER BY rowid")], [1, 1, 2])
+        for duplicate in ((ALPHA, 2, "x", "leeloo_c", None, None, T0, b"{}", 0),
+                          (ALPHA, 3, "x", "leeloo_b", "c-1", None, T0, b"{}", 0)):
+            self.assertRaises(sqlite3.IntegrityError, db.execute,
+                              "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", duplicate)
+        db.close()
+        yield store.write([append_op(3, b"three")])
+        replay = yield store.replay(ALPHA, 0, 3, 0.0, "nobody", 10)
+        self.assertEqual(replay, Replay([(1, b'{"type":"music_shared"}'), (2, b'{"type":"reaction"}'),
+                                         (3, b"three")]))
+
+    def test_log_copy_announced(self):
+        """
+        Before migration 10 copies a log, the relay says how many entries
+        it copies, and asks systemd to wait a minute more than they take at
+        LOG_COPY_RATE; an empty log is not announced.
+        """
+        path = os.path.abspath(os.path.join(self.directory(), "notify"))
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.setblocking(False)
+        self.patch(os, "environ", dict(os.environ, NOTIFY_SOCKET=path))
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for count in (0, 250):
+            directory = self.directory()
+            db = self.connect(directory)
+            migrate(db, 9)
+            db.execute("INSERT INTO crews (code, created_at, created_by) VALUES (?, ?, ?)", (ALPHA, T0, "a"))
+            db.execute("BEGIN")
+            db.executemany("INSERT INTO messages (crew_code, seq, id, sender, created_at, payload) "
+                           "VALUES (?, ?, ?, ?, ?, ?)",
+                           [(ALPHA, seq, f"m{seq}", "a", T0, b"{}") for seq in range(1, count + 1)])
+            db.commit()
+            migrate(db)
+            db.close()
+        self.assertEqual(listener.recv(100), b"EXTEND_TIMEOUT_USEC=%d" % ((60 + 250 / LOG_COPY_RATE) * 1e6))
+        self.assertRaises(BlockingIOError, listener.recv, 100)
+        lines = [e["log_format"].format(**e) for e in events if "message log" in e.get("log_format", "")]
+        self.assertEqual(lines, ["copying the message log (250 entries) into schema version 10"])
 
     def test_failed_migration(self):
         """
