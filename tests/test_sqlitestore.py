@@ -33,8 +33,11 @@ from leeloo.sqlitestore import (
 from leeloo.store import (
     APPEND,
     PUT_CREW,
+    PUT_DEVICE,
+    PUT_MEMBER,
     BotUserRecord,
     CrewRecord,
+    DeviceRecord,
     LogEntry,
     MemberRecord,
     Replay,
@@ -474,6 +477,55 @@ class ThreadTests(SQLiteTestCase):
         kinds = {sql.split()[0] for _, sql in statements}
         self.assertTrue({"INSERT", "SELECT", "DELETE"} <= kinds, kinds)
         self.assertEqual([sql for thread, sql in statements if thread is threading.main_thread()], [])
+
+
+class StatementTests(SQLiteTestCase):
+    """
+    A batch's rows of one kind go in one multi-row INSERT (per thousand):
+    SQLite lets go of the GIL around every statement, and the database
+    thread queues for it behind a busy reactor each time.
+    """
+
+    @inlineCallbacks
+    def statements_of(self, store, batch):
+        statements = []
+        yield store._pool.runWithConnection(lambda connection: connection.set_trace_callback(statements.append))
+        yield store.write(batch)
+        yield store._pool.runWithConnection(lambda connection: connection.set_trace_callback(None))
+        return [sql.split(" (")[0] for sql in statements if sql.startswith("INSERT")]
+
+    @inlineCallbacks
+    def test_one_insert_per_kind(self):
+        """
+        A reconnect storm's batch (new crews, their members and devices)
+        with a few log entries is one INSERT per table.
+        """
+        store = self.open()
+        batch = [crew_op(f"LEELOO-C{i}") for i in range(3)]
+        batch += [(PUT_MEMBER, MemberRecord(f"LEELOO-C{i % 3}", f"leeloo_{i}", f"D{i}", T0)) for i in range(30)]
+        batch += [(PUT_DEVICE, DeviceRecord(f"leeloo_{i}", "h", False, T0)) for i in range(30)]
+        batch += [crew_op()] + [append_op(seq) for seq in range(1, 31)]
+        inserts = yield self.statements_of(store, batch)
+        self.assertEqual(inserts, ["INSERT INTO crews", "INSERT OR REPLACE INTO devices", "INSERT INTO members",
+                                   "INSERT INTO messages"])
+        rows = yield store._pool.runQuery(
+            "SELECT (SELECT COUNT(*) FROM crews), (SELECT COUNT(*) FROM members), (SELECT COUNT(*) FROM devices), "
+            "(SELECT COUNT(*) FROM messages)")
+        self.assertEqual(rows, [(4, 30, 30, 30)])
+
+    @inlineCallbacks
+    def test_a_thousand_rows_a_statement(self):
+        """
+        Past a thousand rows, another INSERT takes the rest; every row is
+        written.
+        """
+        store = self.open()
+        yield store.write([crew_op()])
+        members = [(PUT_MEMBER, MemberRecord(ALPHA, f"leeloo_{i}", f"D{i}", T0)) for i in range(1001)]
+        inserts = yield self.statements_of(store, members)
+        self.assertEqual(inserts, ["INSERT INTO members"] * 2)
+        rows = yield store._pool.runQuery("SELECT COUNT(*) FROM members")
+        self.assertEqual(rows, [(1001,)])
 
 
 class CheckpointTests(SQLiteTestCase):

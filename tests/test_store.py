@@ -507,6 +507,53 @@ class StoreContract:
         self.assertEqual((snapshot.crews, snapshot.last_seq), ([], {}))
 
     @contract
+    def test_many_rows_of_each_kind_in_one_write(self):
+        """
+        One write with several rows of every kind, some of them put twice:
+        each comes back as the last put of it in the write says, as if the
+        operations were applied one at a time.
+        """
+        tokens = {"access_token": "at", "refresh_token": "rt", "expires_in": 3600, "scope": None}
+        yield self.store.write([
+            (PUT_CREW, CrewRecord(ALPHA, T0, "leeloo_a")),
+            (PUT_CREW, CrewRecord(BRAVO, T0, "leeloo_b")),
+            (PUT_CREW, CrewRecord(ALPHA, T0 + 1, "leeloo_a", "Alfa")),
+            *[(PUT_MEMBER, MemberRecord(code, f"leeloo_{i}", f"D{i}", T0 + i)) for code in (ALPHA, BRAVO)
+              for i in range(3)],
+            (PUT_MEMBER, MemberRecord(ALPHA, "leeloo_1", "Again", T0 + 9, 4, 2, True)),
+            *[(PUT_DEVICE, DeviceRecord(f"leeloo_{i}", f"h{i}", False, T0)) for i in range(3)],
+            (PUT_DEVICE, DeviceRecord("leeloo_0", "bound", True, T0, T0 + 5)),
+            (PUT_BOT_USER, BotUserRecord(ALPHA, "42", "Ann")),
+            (PUT_BOT_USER, BotUserRecord(ALPHA, "43", "Bob")),
+            (PUT_BOT_USER, BotUserRecord(ALPHA, "42", "Annie")),
+            *appends(entry(1), entry(2), entry(1, crew=BRAVO)),
+            (PUT_TOKEN, TokenRecord("leeloo_0", tokens, T0 + 1)),
+            (PUT_TOKEN, TokenRecord("leeloo_1", tokens, T0 + 2)),
+            (PUT_TOKEN, TokenRecord("leeloo_0", {**tokens, "access_token": "at2"}, T0 + 3)),
+            (PUT_MULTI_CREW, MultiCrewRecord("leeloo_0", (ALPHA,), ALPHA)),
+            (PUT_MULTI_CREW, MultiCrewRecord("leeloo_0", (ALPHA, BRAVO), BRAVO)),
+            (PUT_GRANT, GrantRecord("leeloo_0", "sealed-old")),
+            (PUT_GRANT, GrantRecord("leeloo_0", "sealed-new")),
+        ])
+        snapshot = yield self.restart()
+        self.assertEqual(sorted((c.code, c.created_at, c.name) for c in snapshot.crews),
+                         [(ALPHA, T0 + 1, "Alfa"), (BRAVO, T0, None)])
+        members = {(m.crew_code, m.device_id): m for m in snapshot.members}
+        self.assertEqual(len(members), 6)
+        self.assertEqual(members[ALPHA, "leeloo_1"], MemberRecord(ALPHA, "leeloo_1", "Again", T0 + 9, 4, 2, True))
+        self.assertEqual(members[BRAVO, "leeloo_1"], MemberRecord(BRAVO, "leeloo_1", "D1", T0 + 1))
+        self.assertEqual(sorted((d.device_id, d.key_hash, d.bound) for d in snapshot.devices),
+                         [("leeloo_0", "bound", True), ("leeloo_1", "h1", False), ("leeloo_2", "h2", False)])
+        self.assertEqual(sorted(snapshot.bot_users, key=lambda b: b.user_id),
+                         [BotUserRecord(ALPHA, "42", "Annie"), BotUserRecord(ALPHA, "43", "Bob")])
+        self.assertEqual(snapshot.last_seq, {ALPHA: 2, BRAVO: 1})
+        self.assertEqual(sorted(snapshot.tokens, key=lambda t: t.device_id),
+                         [TokenRecord("leeloo_0", {**tokens, "access_token": "at2"}, T0 + 3),
+                          TokenRecord("leeloo_1", tokens, T0 + 2)])
+        self.assertEqual(snapshot.multi_crew, [MultiCrewRecord("leeloo_0", (ALPHA, BRAVO), BRAVO)])
+        self.assertEqual(snapshot.grants, [GrantRecord("leeloo_0", "sealed-new")])
+
+    @contract
     def test_failed_write_undoes_deletes(self):
         """
         A failed write puts back what its earlier operations deleted: the
