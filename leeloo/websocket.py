@@ -128,6 +128,31 @@ class _LazyValidator:
         return validator
 
 
+class _LazyFuture:
+    """
+    Autobahn's C{is_open} or C{is_closed} future (its
+    WebSocketProtocol.__init__ makes both for every connection), made the
+    first time it is asked for: Autobahn asks for C{is_closed} when the
+    connection closes, and nothing of the relay's asks for either, so an
+    idle connection holds neither (two Deferreds and their lists, a
+    sixth of what the collector tracks per device).  C{is_open} asked for
+    once the short handshake opened the connection (C{_was_opened}) is one
+    that has fired, as Autobahn's would have.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, protocol: Any, owner: type | None = None) -> Any:
+        if protocol is None:
+            return self
+        future = txaio.create_future()
+        if self.name == "is_open" and protocol._was_opened:
+            txaio.resolve(future, None)
+        protocol.__dict__[self.name] = future
+        return future
+
+
 class _SendQueue(list):
     """
     Autobahn's queue of chopped or synchronous sends (it uses C{append},
@@ -231,6 +256,10 @@ class RelayServerProtocol(WebSocketServerProtocol):
     message_data_total_length = 0
     utf8validateLast = (True, True, 0, 0)
     _transport_details = None
+    is_open = _LazyFuture()
+    is_closed = _LazyFuture()
+    # True once the short handshake opened the connection (L{is_open}).
+    _was_opened = False
     # The relay's delivery mark when it sent its close.
     _close_mark: Any = None
 
@@ -239,6 +268,15 @@ class RelayServerProtocol(WebSocketServerProtocol):
     _taking_over = False
     # Set by Autobahn's _connectionMade, and once open (L{_connectionMade}).
     autoPingPendingCall = None
+
+    def __init__(self) -> None:
+        """
+        Autobahn's WebSocketProtocol.__init__ without its two futures
+        (L{_LazyFuture}) and its placeholder transport description (the
+        class's C{None} until L{connectionMade} describes the transport).
+        Pinned by test_websocket's LazyFutureTests.
+        """
+        self.set_valid_events(["message"])
 
     def connectionMade(self) -> None:
         # Autobahn's (autobahn.twisted.websocket), without its debug line.
@@ -519,7 +557,12 @@ class RelayServerProtocol(WebSocketServerProtocol):
         if self.trackedTimings:
             self.trackedTimings.track("onOpen")
         self._onOpen()
-        txaio.resolve(self.is_open, None)
+        # Autobahn resolves is_open here; made later, it reads as resolved.
+        is_open = self.__dict__.get("is_open")
+        if is_open is not None:
+            txaio.resolve(is_open, None)
+        else:
+            self._was_opened = True
         if self.data:
             self.consumeData()
         return True

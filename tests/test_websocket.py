@@ -1440,6 +1440,9 @@ class PlainHandshakeTests(WebSocketTestCase):
 
             missing = object()
             for name, value in vars(protocol).items():
+                if name in ("is_open", "is_closed", "_was_opened"):
+                    # Made when first asked for (LazyFutureTests): as they read, below.
+                    continue
                 if name in _HANDSHAKE_LEFTOVERS:
                     # Autobahn's description of the request: only its path
                     # keeps it, on a connection refused before onOpen.
@@ -1453,6 +1456,8 @@ class PlainHandshakeTests(WebSocketTestCase):
                 else:
                     state[name] = type(value).__name__
             state["trafficStats"] = str(protocol.trafficStats)
+            state["is_open"] = protocol.is_open.called
+            state["is_closed"] = protocol.is_closed.called
         sessions = [(s.address, s.device_id) for s in relay.sessions]
         logged = [formatEvent(e) for e in events if e.get("log_level", LogLevel.debug) > LogLevel.debug]
         # (Device keys are random, the same length each time; twisted.web's
@@ -1649,3 +1654,97 @@ class PlainHandshakeTests(WebSocketTestCase):
         same()
         # Both paths were compared, the short one opening and refusing.
         self.assertLessEqual({(True, b"101"), (True, b"503"), (False, b"400")}, seen)
+
+
+class LazyFutureTests(WebSocketTestCase):
+    """
+    A connection makes Autobahn's C{is_open} and C{is_closed} futures when
+    they are first asked for (RelayServerProtocol.__init__, _LazyFuture),
+    not every connection in its __init__, and they fire as Autobahn's do.
+    These pin what Autobahn's WebSocketProtocol.__init__ sets.
+    """
+
+    DEVICE = ["GET /ws HTTP/1.1", "Host: relay.example.org", "Upgrade: websocket", "Connection: Upgrade",
+              f"Sec-WebSocket-Key: {_KEY}", "Sec-WebSocket-Version: 13"]
+
+    def test_autobahns_init(self):
+        """
+        Autobahn's __init__ sets its two futures, its events and a
+        placeholder transport description; the relay's sets the same but
+        the futures and the placeholder (the class's None), alike.
+        """
+        from autobahn.twisted.websocket import WebSocketServerProtocol
+
+        theirs, ours = WebSocketServerProtocol(), RelayServerProtocol()
+        self.assertEqual(set(vars(theirs)), {"is_open", "is_closed", "_valid_events", "_results",
+                                             "_transport_details"})
+        self.assertEqual(vars(ours), {name: getattr(theirs, name) for name in ("_valid_events", "_results")})
+        self.assertIsNone(ours.transport_details)
+        self.assertEqual((type(ours.is_open), ours.is_open.called), (type(theirs.is_open), False))
+        self.assertIs(ours.is_open, ours.is_open)
+        self.assertIsNot(ours.is_closed, RelayServerProtocol().is_closed)
+
+    def opened(self, cut):
+        """
+        A connection opened by a device's handshake read in two parts (the
+        first C{cut} bytes, then the rest), its WebSocket protocol, and
+        whether C{is_open} had fired when asked for after the first part.
+        """
+        data = _handshake(self.DEVICE)
+        transport = _site_connection(self.site)
+        transport.protocol.dataReceived(data[:cut])
+        early = transport.protocol
+        fired_early = None
+        if cut < len(data) and isinstance(early, RelayServerProtocol):
+            fired_early = early.is_open.called
+        transport.protocol.dataReceived(data[cut:])
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "))
+        return transport.protocol, fired_early
+
+    def test_opened_without_them(self):
+        """
+        A device's connection, opened, holds neither future; asked for,
+        C{is_open} has fired and C{is_closed} has not.
+        """
+        protocol, _ = self.opened(len(_handshake(self.DEVICE)))
+        self.assertNotIn("is_open", vars(protocol))
+        self.assertNotIn("is_closed", vars(protocol))
+        self.assertEqual((protocol.is_open.called, protocol.is_closed.called), (True, False))
+
+    def test_asked_for_before_open(self):
+        """
+        C{is_open} asked for while the handshake is still being read fires
+        when it opens, as Autobahn's.
+        """
+        protocol, fired_early = self.opened(len(self.DEVICE[0]) + 2 + len(self.DEVICE[1]) + 2)
+        self.assertIs(fired_early, False)
+        self.assertTrue(protocol.is_open.called)
+
+    def test_autobahns_path(self):
+        """
+        A handshake Autobahn's path answers resolves C{is_open} itself.
+        """
+        self.patch(RelayServerProtocol, "_plain_handshake", lambda protocol: False)
+        protocol, _ = self.opened(len(_handshake(self.DEVICE)))
+        self.assertIn("is_open", vars(protocol))
+        self.assertTrue(protocol.is_open.called)
+
+    def test_is_closed_fires(self):
+        """
+        C{is_closed} fires with the protocol when the connection closes,
+        whether or not it was asked for before.
+        """
+        results = []
+        for ask_first in (True, False):
+            client = self.client()
+            server = self.net.pumps[-1].serverIO.protocol
+            if ask_first:
+                server.is_closed.addCallback(results.append)
+            self.assertFalse(server.is_closed.called)
+            client.sendClose()
+            self.net.flush()
+            self.assertTrue(server.is_closed.called)
+            if not ask_first:
+                server.is_closed.addCallback(results.append)
+        self.assertEqual(len(results), 2)
+        self.assertTrue(all(isinstance(r, RelayServerProtocol) for r in results))
