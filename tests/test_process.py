@@ -46,6 +46,34 @@ class ProcessTuningTests(SynchronousTestCase):
         self.assertEqual(gc.get_threshold(), GC_THRESHOLDS)
         self.assertEqual([hook for hook, _, _ in reactor.whenRunningHooks], [gc.freeze])
 
+    def test_middle_generation_stays_small(self):
+        """
+        Under the relay's thresholds, long-lived objects made in a burst
+        (10,000 devices connecting) pass through the middle generation a
+        few young collections' worth at a time: no collection of it walks
+        more than five times the first threshold (at the old 20, one
+        walked 22 times it, pausing every delivery of the moment).
+        """
+        import gc
+
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        walked = []
+
+        def middle(phase, info):
+            if phase == "start" and info["generation"] == 1:
+                walked.append(len(gc.get_objects(0)) + len(gc.get_objects(1)))
+
+        gc.collect()
+        gc.set_threshold(*GC_THRESHOLDS)
+        gc.callbacks.append(middle)
+        try:
+            kept = [[i] for i in range(30 * GC_THRESHOLDS[0])]
+        finally:
+            gc.callbacks.remove(middle)
+        self.assertEqual(len(kept), 30 * GC_THRESHOLDS[0])
+        self.assertGreater(len(walked), 1)
+        self.assertLess(max(walked), 5 * GC_THRESHOLDS[0])
+
     def test_freeze_moves_objects_out_of_collections(self):
         """
         gc.freeze (run once the relay started) moves every tracked object to
