@@ -40,7 +40,7 @@ GIL_SWITCH_INTERVAL = 0.0005
 # about that many times the first threshold, and a connection's objects
 # pass through it once.  At 20, a collection of it walked 200,000 objects
 # after 10,000 devices connected (80 ms, every delivery of the moment late);
-# at 2 it walks a tenth as many, as often as needed to pass them all on.
+# at 2 it walks at most 40,000, as often as needed to pass them all on.
 GC_THRESHOLDS = (10_000, 2, 20)
 
 
