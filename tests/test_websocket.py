@@ -1739,8 +1739,10 @@ class LazyFutureTests(WebSocketTestCase):
             client = self.client()
             server = self.net.pumps[-1].serverIO.protocol
             if ask_first:
+                self.assertFalse(server.is_closed.called)
                 server.is_closed.addCallback(results.append)
-            self.assertFalse(server.is_closed.called)
+            else:
+                self.assertNotIn("is_closed", vars(server))
             client.sendClose()
             self.net.flush()
             self.assertTrue(server.is_closed.called)
