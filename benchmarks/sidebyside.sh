@@ -46,7 +46,9 @@ PEER_DIR="${PEER_DIR:-$(mktemp -d /tmp/leeloo-node-original.XXXXXX)}"
 case "$(cd "$PEER_DIR" && pwd)/" in
   "$(cd "$HERE/.." && pwd)/"*) echo "sidebyside.sh: PEER_DIR must be outside this repository" >&2; exit 2 ;;
 esac
-if [ ! -d "$PEER_DIR/node_modules/ws" ]; then
+# Installed afresh unless a whole install is there (a PEER_DIR with packages
+# but no server.js, say, from an install that was cut short, is completed).
+if [ ! -d "$PEER_DIR/node_modules/ws" ] || ! cmp -s "$SERVER_JS" "$PEER_DIR/server.js"; then
   cp "$SERVER_JS" "$PEER_DIR/server.js"
   [ -d "$PEER_SRC/leeloo_server/public" ] && cp -r "$PEER_SRC/leeloo_server/public" "$PEER_DIR/"
   printf '{"name":"leeloo-node-original","private":true}\n' >"$PEER_DIR/package.json"
