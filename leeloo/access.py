@@ -9,6 +9,7 @@ Plain objects with no I/O: the WebSocket adapter and the HTTP site ask them.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
@@ -48,6 +49,23 @@ def _ip(value: str) -> _IP | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def _is_ip(value: str) -> bool:
+    """
+    Whether L{_ip} reads C{value} as an address: a plain IPv4 or IPv6
+    address, as a transport's peer host always is, is told by the C
+    library (C{inet_pton} takes a subset of what L{ipaddress} does:
+    test_access's IsIPTests), in a tenth of a microsecond where
+    L{ipaddress} takes two; anything else is L{_ip}'s.
+    """
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, value)
+        except (OSError, ValueError):
+            continue
+        return True
+    return _ip(value) is not None
 
 
 def is_loopback(host: str | None) -> bool:
@@ -244,7 +262,13 @@ class ConnectionGate:
         """
         Whether connections from C{host} (a transport's peer host) count.
         """
-        ip = _ip(host) if host else None
+        if not host:
+            return False
+        if not self.proxies:
+            # Every connection counts whose host is an address (the
+            # common case: no proxy is trusted, and no address parsed).
+            return _is_ip(host)
+        ip = _ip(host)
         return ip is not None and not self.proxies.trusts(ip)
 
     def admit(self, host: str | None) -> tuple[str, float] | None:

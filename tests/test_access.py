@@ -3,6 +3,8 @@ Tests for L{leeloo.access}: the client address behind trusted proxies, the
 browser origins the WebSocket accepts, and the connection caps.
 """
 
+import random
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -14,6 +16,8 @@ from leeloo.access import (
     ConnectionGate,
     OriginPolicy,
     TrustedProxies,
+    _ip,
+    _is_ip,
     is_loopback,
     parse_network,
 )
@@ -259,3 +263,50 @@ class ConnectionGateTests(SynchronousTestCase):
         self.clock.advance(ConnectionGate.SWEEP_EVERY)
         self.gate.admit("198.51.100.1")
         self.assertEqual(list(self.gate.limiter.buckets), ["198.51.100.1"])
+
+    def test_counted_without_proxies(self):
+        """
+        With no trusted proxy, every peer with an IP address is counted, in
+        any form a transport or a proxy writes it, and nothing else is.
+        """
+        gate = ConnectionGate(self.clock, 3, Rate(100, 100))
+        for host in ["192.0.2.1", "2001:db8::1", "::ffff:192.0.2.1", "[2001:db8::1]:443", " 192.0.2.1",
+                     "fe80::1%eth0"]:
+            self.assertTrue(gate.counted(host), host)
+        for host in [None, "", "relay.example.org", "/run/leeloo.sock", "192.0.2", "300.1.2.3", "01.2.3.4",
+                     "192.0.2.1\x00"]:
+            self.assertFalse(gate.counted(host), host)
+
+
+class IsIPTests(SynchronousTestCase):
+    """
+    L{_is_ip} asks the C library first: it must answer as L{_ip} does for
+    any string, or the gate would count (or not) what it did not before.
+    """
+
+    EDGES = ["1.2.3.4", "0.0.0.0", "255.255.255.255", "256.1.1.1", "1.2.3", "1.2.3.4.5", "01.2.3.4", "1.2.3.04",
+             "1.2.3.4 ", " 1.2.3.4", "1.2.3.4:80", "::", "::1", "1::", "1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8:9",
+             "::ffff:1.2.3.4", "::1.2.3.4", "::ffff:01.2.3.4", "12345::", "fe80::1%eth0", "[::1]", "[::1]:80",
+             "::g", "", ":", "1.2.3.4\x00", "\u0661.2.3.4", "1.2.3.\u0664"]
+
+    def test_edges(self):
+        for value in self.EDGES:
+            self.assertEqual(_is_ip(value), _ip(value) is not None, repr(value))
+
+    def test_random(self):
+        """
+        Strings of address characters, at random (seeded): the same answer.
+        """
+        rng = random.Random(17)
+        alphabet = "0123456789abcdefg:.[]% "
+        for _ in range(20000):
+            value = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 16)))
+            self.assertEqual(_is_ip(value), _ip(value) is not None, repr(value))
+        for _ in range(5000):
+            value = ".".join(str(rng.randint(0, 300)) for _ in range(rng.choice([3, 4, 4, 5])))
+            self.assertEqual(_is_ip(value), _ip(value) is not None, repr(value))
+        for _ in range(5000):
+            groups = ["".join(rng.choice("0123456789abcdef") for _ in range(rng.randint(0, 5)))
+                      for _ in range(rng.randint(1, 9))]
+            value = ":".join(groups)
+            self.assertEqual(_is_ip(value), _ip(value) is not None, repr(value))
