@@ -23,7 +23,7 @@ import autobahn.websocket.protocol
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PERMESSAGE_COMPRESSION_EXTENSION
-from autobahn.twisted.util import create_transport_details
+from autobahn.twisted.util import create_transport_details, peer2str
 from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol, parseHttpHeader
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.utf8validator import Utf8Validator
@@ -153,6 +153,28 @@ class _LazyFuture:
         return future
 
 
+class _LazyTransportDetails:
+    """
+    Autobahn's description of the transport (C{create_transport_details},
+    which its connectionMade makes for every connection), made the first
+    time it is asked for: it reads the process and thread ids (two system
+    calls) and the TLS state, and nothing of the relay's reads it, so a
+    reconnect storm makes none.  Before the transport is made (or after
+    L{RelayServerProtocol._compact} let go of it) it is made from the
+    transport then; with no transport it is C{None}, Autobahn's
+    placeholder's place.  Pinned by test_websocket's ConnectionMadeTests.
+    """
+
+    def __get__(self, protocol: Any, owner: type | None = None) -> Any:
+        if protocol is None:
+            return self
+        transport = protocol.transport
+        if transport is None:
+            return None
+        details = protocol.__dict__["_transport_details"] = create_transport_details(transport, protocol.is_server)
+        return details
+
+
 class _SendQueue(list):
     """
     Autobahn's queue of chopped or synchronous sends (it uses C{append},
@@ -255,7 +277,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
     frame_length = 0
     message_data_total_length = 0
     utf8validateLast = (True, True, 0, 0)
-    _transport_details = None
+    _transport_details = _LazyTransportDetails()
     is_open = _LazyFuture()
     is_closed = _LazyFuture()
     # True once the short handshake opened the connection (L{is_open}).
@@ -281,8 +303,9 @@ class RelayServerProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         # Autobahn's (autobahn.twisted.websocket), without its debug line.
         transport = self.transport
-        details = self._transport_details = create_transport_details(transport, self.is_server)
-        self.peer = details.peer
+        # (The rest of Autobahn's transport description is made when asked
+        # for: _LazyTransportDetails.)
+        self.peer = peer2str(transport)
         try:
             transport.setTcpNoDelay(self.tcpNoDelay)
         except Exception:
@@ -617,6 +640,19 @@ class RelayServerProtocol(WebSocketServerProtocol):
             self._ticket = None
             self.factory.refused_by_cluster(self.address)
         raise ConnectionDeny(503, "Too Many Connections From Your Address")
+
+    def _onOpen(self) -> None:
+        """
+        Autobahn's, which first sets the TLS channel id and peer
+        certificate on the transport description, now that TLS is up: a
+        description not made yet (L{_LazyTransportDetails}) reads them when
+        it is made, so it is not made here.  Pinned by test_websocket's
+        ConnectionMadeTests.
+        """
+        if "_transport_details" in self.__dict__:
+            super()._onOpen()
+        else:
+            self.onOpen()
 
     def onOpen(self) -> None:
         if self.handshake_guard is not None:

@@ -989,10 +989,14 @@ class CompactTests(WebSocketTestCase):
 
         from autobahn.websocket.protocol import WebSocketServerProtocol
 
-        # Autobahn's own connectionMade and handshake (the relay's set
-        # fewer: ConnectionMadeTests, PlainHandshakeTests).
+        # Autobahn's own connectionMade, handshake and open (the relay's
+        # set fewer: ConnectionMadeTests, PlainHandshakeTests; Autobahn's
+        # open reads the transport description, which makes it).
+        from autobahn.twisted.websocket import WebSocketAdapterProtocol
+
         self.patch(RelayServerProtocol, "_connectionMade", WebSocketServerProtocol._connectionMade)
         self.patch(RelayServerProtocol, "_plain_handshake", lambda protocol: False)
+        self.patch(RelayServerProtocol, "_onOpen", WebSocketAdapterProtocol._onOpen)
         client = self.client()
         server = self.server(client)
         before = {}
@@ -1291,6 +1295,66 @@ class ConnectionMadeTests(WebSocketTestCase):
         self.assertTrue(transport.no_delay)
         self.assertIs(transport.producer, protocol)
         return protocol, self.factory.countConnections - before
+
+    def test_transport_described_when_asked(self):
+        """
+        Autobahn's connectionMade describes the transport for every
+        connection (create_transport_details: the process and thread ids,
+        the TLS state) and takes the peer from it; the relay's takes the
+        same peer and holds no description until one is asked for, then
+        the one Autobahn's would have made, once.  Without a transport
+        there is none, as Autobahn's placeholder holds none.
+        """
+        from autobahn.twisted.websocket import WebSocketAdapterProtocol
+
+        ours, _ = self.made(_CONNECTION_MADE)
+        self.assertNotIn("_transport_details", vars(ours))
+        theirs = self.factory.buildProtocol(_Transport.PEER)
+        theirs.transport = _Transport()
+        self.patch(RelayServerProtocol, "_connectionMade", lambda self: None)
+        WebSocketAdapterProtocol.connectionMade(theirs)
+        self.assertEqual(ours.peer, theirs.peer)
+        self.assertEqual(ours.transport_details.marshal(), theirs._transport_details.marshal())
+        self.assertIs(ours.transport_details, ours.transport_details)
+        self.assertIsNone(RelayServerProtocol().transport_details)
+
+    def test_tls_described_as_autobahns_open_leaves_it(self):
+        """
+        Autobahn's _onOpen sets the TLS channel id and peer certificate on
+        a description made while connecting, now that TLS is up; the
+        relay's leaves a description not made yet to be made when asked
+        for, and then it holds the same.
+        """
+        import autobahn.twisted.util as util
+        import autobahn.twisted.websocket as adapter
+        from twisted.internet.interfaces import ISSLTransport
+        from zope.interface import directlyProvides
+
+        up = []
+        for module in (util, adapter):
+            self.patch(module, "transport_channel_id", lambda transport, is_server, kind: b"unique" if up else None)
+            self.patch(module, "extract_peer_certificate", lambda transport: "certificate" if up else None)
+
+        def opened(asked_before):
+            transport = _Transport()
+            directlyProvides(transport, ISSLTransport)
+            transport.registerProducer(object(), True)
+            protocol = self.factory.buildProtocol(transport.PEER)
+            protocol.makeConnection(transport)
+            if asked_before:
+                self.assertIsNone(protocol.transport_details.channel_id["tls-unique"])
+            opens = []
+            protocol.onOpen = lambda: opens.append(True)
+            up.append(True)
+            protocol._onOpen()
+            details = protocol.transport_details
+            up.clear()
+            self.assertEqual(opens, [True])
+            return details
+
+        early, late = opened(True), opened(False)
+        self.assertEqual((early.channel_id, early.peer_cert), ({"tls-unique": b"unique"}, "certificate"))
+        self.assertEqual(late.marshal(), early.marshal())
 
     def test_reads_as_autobahns(self):
         from collections import deque
@@ -1700,6 +1764,17 @@ class LazyFutureTests(WebSocketTestCase):
         transport.protocol.dataReceived(data[cut:])
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "))
         return transport.protocol, fired_early
+
+    def test_opened_without_transport_details(self):
+        """
+        A device's connection, opened, holds no description of its
+        transport (RelayServerProtocol._onOpen does not ask for one);
+        asked for, it describes the connection's peer.
+        """
+        protocol, _ = self.opened(len(_handshake(self.DEVICE)))
+        self.assertNotIn("_transport_details", vars(protocol))
+        self.assertIsNotNone(protocol.session)
+        self.assertEqual(protocol.transport_details.peer, protocol.peer)
 
     def test_opened_without_them(self):
         """
