@@ -159,10 +159,10 @@ class _LazyTransportDetails:
     which its connectionMade makes for every connection), made the first
     time it is asked for: it reads the process and thread ids (two system
     calls) and the TLS state, and nothing of the relay's reads it, so a
-    reconnect storm makes none.  Before the transport is made (or after
-    L{RelayServerProtocol._compact} let go of it) it is made from the
-    transport then; with no transport it is C{None}, Autobahn's
-    placeholder's place.  Pinned by test_websocket's ConnectionMadeTests.
+    reconnect storm makes none.  Asked for again after
+    L{RelayServerProtocol._compact} let go of it, it is made again from the
+    transport; with no transport it is C{None}, as Autobahn's placeholder
+    holds none.  Pinned by test_websocket's ConnectionMadeTests.
     """
 
     def __get__(self, protocol: Any, owner: type | None = None) -> Any:
@@ -272,7 +272,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
     _compacted: bool | None = False
     # What Autobahn keeps between messages: the last frame's masker, length
     # and UTF-8 state, the last message's length; and its description of
-    # the transport (only read while connecting).
+    # the transport (made when asked for).
     current_frame_masker = None
     frame_length = 0
     message_data_total_length = 0
