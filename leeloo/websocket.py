@@ -28,7 +28,7 @@ from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol, parseHt
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import tcp
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -306,11 +306,15 @@ class RelayServerProtocol(WebSocketServerProtocol):
         # (The rest of Autobahn's transport description is made when asked
         # for: _LazyTransportDetails.)
         self.peer = peer2str(transport)
-        try:
-            transport.setTcpNoDelay(self.tcpNoDelay)
-        except Exception:
-            # As Autobahn: not every transport has it (a Unix socket).
-            pass
+        # twisted.web's channel, which hands the connection over, has set
+        # TCP_NODELAY on a TCP transport already (one system call less a
+        # connection; pinned by ConnectionMadeTests).
+        if not (self._taking_over and self.tcpNoDelay and ITCPTransport.providedBy(transport)):
+            try:
+                transport.setTcpNoDelay(self.tcpNoDelay)
+            except Exception:
+                # As Autobahn: not every transport has it (a Unix socket).
+                pass
         self._connectionMade()
         if isinstance(self.transport, tcp.Connection):
             self._socket = self.transport.socket

@@ -1296,6 +1296,29 @@ class ConnectionMadeTests(WebSocketTestCase):
         self.assertIs(transport.producer, protocol)
         return protocol, self.factory.countConnections - before
 
+    def test_no_delay_set_once(self):
+        """
+        A TCP connection handed over by twisted.web's channel has
+        TCP_NODELAY set once, by the channel; one made directly has it set
+        by the WebSocket, as Autobahn's connectionMade does.
+        """
+        from twisted.internet.interfaces import ITCPTransport
+        from zope.interface import directlyProvides
+
+        site = self.site
+        calls = []
+        transport = _Transport()
+        directlyProvides(transport, ITCPTransport)
+        transport.setTcpNoDelay = calls.append
+        transport.protocol = site.buildProtocol(transport.PEER)
+        transport.protocol.makeConnection(transport)
+        transport.protocol.dataReceived(_handshake(LazyFutureTests.DEVICE))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "))
+        self.assertIsInstance(transport.protocol, RelayServerProtocol)
+        self.assertEqual(calls, [True])
+        ours, _ = self.made(_CONNECTION_MADE)
+        self.assertTrue(ours.transport.no_delay)
+
     def test_transport_described_when_asked(self):
         """
         Autobahn's connectionMade describes the transport for every
