@@ -1469,6 +1469,100 @@ def _handshake(lines, frames=b""):
     return "".join(line + "\r\n" for line in lines).encode("iso-8859-1") + b"\r\n" + frames
 
 
+class DeviceHeadTests(SynchronousTestCase):
+    """
+    The handshake's short path parses a device's request head with one
+    regular expression (leeloo.websocket.device_head): where it gives an
+    answer it is parseHttpHeader's (Autobahn's strict parser, which it
+    stands in for), and every head parseHttpHeader refuses it leaves to
+    parseHttpHeader.
+    """
+
+    DEVICE = ["GET /ws HTTP/1.1", "Host: relay.example.org", "Upgrade: websocket", "Connection: Upgrade",
+              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+
+    def autobahn(self, head):
+        from autobahn.websocket.protocol import parseHttpHeader
+
+        try:
+            return parseHttpHeader(head)
+        except ValueError:
+            return None
+
+    def test_devices_head_parsed(self):
+        """
+        A device's head, its values with or without spaces and tabs around
+        them, is parsed here, as parseHttpHeader parses it.
+        """
+        from leeloo.websocket import device_head
+
+        for lines in (self.DEVICE, [self.DEVICE[0], "Host:relay.example.org", "Upgrade: \twebsocket \t",
+                                    *self.DEVICE[3:], "X-Empty:", "User-Agent: Python/3.11 websockets/10.4"]):
+            head = _handshake(lines)
+            parsed = device_head(head)
+            self.assertIsNotNone(parsed, lines)
+            status, headers, counts = self.autobahn(head)
+            self.assertEqual(parsed, (status, headers))
+            self.assertEqual(set(counts.values()), {1})
+        self.assertEqual(device_head(_handshake(self.DEVICE))[1]["upgrade"], "websocket")
+
+    def test_others_left_to_autobahn(self):
+        """
+        A duplicated header, another method, a bare LF or CR, a folded
+        line, a control character, a space before the colon: none is parsed
+        here.
+        """
+        from leeloo.websocket import device_head
+
+        for lines in ([*self.DEVICE, "Host: other"], ["POST /ws HTTP/1.1", *self.DEVICE[1:]],
+                      [*self.DEVICE[:2], "X: a\nb"], [*self.DEVICE[:2], "X: a\rb"], [*self.DEVICE, " folded"],
+                      [*self.DEVICE, "X: \x00"], [*self.DEVICE, "X : y"], ["GET /ws HTTP/1.1 ", *self.DEVICE[1:]],
+                      ["GET /w\x7fs HTTP/1.1", *self.DEVICE[1:]], [*self.DEVICE, "no colon"]):
+            self.assertIsNone(device_head(_handshake(lines)), lines)
+
+    def test_same_as_parse_http_header(self):
+        """
+        For any head made of header-like lines (names, values and line ends
+        drawn from the characters that matter to the parsers), whatever
+        device_head gives, parseHttpHeader gives too, with each header
+        once; and a long run of spaces in a value parses alike.
+        """
+        from hypothesis import example, given, settings
+        from hypothesis import strategies as st
+
+        from leeloo.websocket import device_head
+
+        # Mostly what parses, so that many heads do; the rest each part of
+        # a line can break it with.
+        chars = st.sampled_from(list("aZ09-_:!~ \t/,;=\x80\xa0\xff") * 5 + list("\r\n\x00\x1f\x7f\x85"))
+        names = st.sampled_from(["Host", "host", "Upgrade", "X-Y", "x", "Sec-WebSocket-Key", "A1", "B2", "c3", "d4",
+                                 "a b", "", "Ä", " x"])
+        lines = st.one_of(st.tuples(names, st.text(chars, max_size=8)).map(lambda nv: f"{nv[0]}:{nv[1]}"),
+                          st.text(chars, max_size=8))
+        starts = st.sampled_from(["GET /ws HTTP/1.1", "GET /ws HTTP/1.1", "GET /\xa0 HTTP/1.1", "GET /ws HTTP/1.0",
+                                  "GET  /ws HTTP/1.1", "GET /ws\tHTTP/1.1", " GET /ws HTTP/1.1", "get /ws HTTP/1.1"])
+        ends = st.sampled_from(["\r\n", "\r\n", "\r\n", " \r\n", "\n", "\r"])
+
+        @settings(max_examples=int(os.environ.get("LEELOO_FRAME_EXAMPLES", 300)) * 3, deadline=None, database=None)
+        @given(starts, st.lists(st.tuples(lines, ends), max_size=6))
+        @example("GET /ws HTTP/1.1", [("Host: h", "\r\n"), ("X-Y:\t a ", "\r\n")])
+        def same(start, body):
+            head = (start + "\r\n" + "".join(line + end for line, end in body) + "\r\n").encode("iso-8859-1")
+            parsed = device_head(head)
+            if parsed is not None:
+                seen.add(len(parsed[1]))
+                status, headers, counts = self.autobahn(head)
+                self.assertEqual(parsed, (status, headers))
+                self.assertEqual(set(counts.values()) | {1}, {1})
+
+        seen = set()
+        same()
+        # Heads with several headers were parsed here, and compared.
+        self.assertTrue(seen - {0, 1})
+        head = _handshake([*self.DEVICE, "X: " + " " * 5000 + "x" + "\t " * 2000])
+        self.assertEqual(device_head(head), self.autobahn(head)[:2])
+
+
 class PlainHandshakeTests(WebSocketTestCase):
     """
     An opening handshake as devices send it is answered without Autobahn's
