@@ -195,7 +195,9 @@ class _ClassicText:
                 system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
             elif type(system) is not str:
                 return None
-            text = format.format_map(_Fields(event))
+            # A format with no call in it reads the event's fields straight
+            # from the event (no Python call per field).
+            text = format.format_map(_Fields(event) if "()" in format else event)
             if not text:
                 return None
             return f"{self._time(event.get('log_time'))} [{system}] {text}".replace("\n", "\n\t") + "\n"
