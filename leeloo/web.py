@@ -976,12 +976,17 @@ class RelayChannel(HTTPChannel):
     # The connection's first bytes while its request line is not yet
     # whole (see L{dataReceived}); None once routed.
     _routing: bytes | None = b""
+    # The client's address (the transport's getPeer()), once connected.
+    _peer: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # The client's address, asked for once (a transport makes a new one
+        # each time it is asked), for the gate and the WebSocket.
+        self._peer = self.transport.getPeer()
         gate = self.site.gate
         if gate is not None:
-            host = getattr(self.transport.getPeer(), "host", None)
+            host = getattr(self._peer, "host", None)
             refused = gate.admit(host)
             if refused is not None:
                 self.turn_away(*refused)
@@ -1094,7 +1099,8 @@ class RelayChannel(HTTPChannel):
         everything read so far.
         """
         transport = self.transport
-        protocol = factory.buildProtocol(transport.getPeer())
+        protocol = factory.buildProtocol(self._peer)
+        protocol.peer_address = self._peer
         if isinstance(transport, ProtocolWrapper):
             # TLS: the channel is the TLS layer's wrapped protocol.
             transport.wrappedProtocol = protocol

@@ -28,6 +28,7 @@ from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol, parseHt
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import tcp
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -111,6 +112,21 @@ _WEBSOCKET_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
 # Characters of a request URI that Autobahn's urlparse would split off
 # (query, fragment, path parameters): such a URI takes Autobahn's path.
 _URI_SPLITS = frozenset("?#;")
+def peer_string(transport: Any, address: Any = None) -> str:
+    """
+    Autobahn's peer descriptor of C{transport} (its peer2str:
+    C{tcp4:HOST:PORT}, C{tcp6:HOST:PORT}, ...), from C{address}, the
+    transport's getPeer() already asked for, when it is a TCP address.
+    Pinned by test_websocket's PeerStringTests.
+    """
+    kind = type(address)
+    if kind is IPv4Address:
+        return f"tcp4:{address.host}:{address.port}"
+    if kind is IPv6Address:
+        return f"tcp6:{address.host}:{address.port}"
+    return peer2str(transport)
+
+
 # A request head as devices send it, in one regular expression: a GET
 # request line, then header lines each a token, a colon and a value of the
 # characters Autobahn's strict parseHttpHeader allows (RFC 9110: VCHAR,
@@ -294,6 +310,9 @@ class RelayServerProtocol(WebSocketServerProtocol):
     # handshake is done.
     handshake_guard: Any = None
     _head_refused = False
+    # The client's address, as the HTTP channel that handed the connection
+    # over had it from the transport (None: ask the transport).
+    peer_address: Any = None
 
     # The payload of the last ping sent, and the relay's delivery mark then.
     _ping_payload: bytes | None = None
@@ -336,7 +355,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
         transport = self.transport
         # (The rest of Autobahn's transport description is made when asked
         # for: _LazyTransportDetails.)
-        self.peer = peer2str(transport)
+        self.peer = peer_string(transport, self.peer_address)
         # twisted.web's channel, which hands the connection over, has set
         # TCP_NODELAY on a TCP transport already (one system call less a
         # connection; pinned by ConnectionMadeTests).
@@ -654,7 +673,7 @@ class RelayServerProtocol(WebSocketServerProtocol):
         if not factory.origins.allows(request.origin, request.headers.get("host")):
             factory.refused[REFUSED_ORIGIN] += 1
             raise ConnectionDeny(403, "Origin Not Allowed")
-        peer = getattr(self.transport.getPeer(), "host", None)
+        peer = getattr(self.peer_address or self.transport.getPeer(), "host", None)
         address = factory.proxies.client_address(peer, request.headers.get("x-forwarded-for"))
         factory.admit(address)
         self.address = address

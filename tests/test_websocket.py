@@ -1274,6 +1274,57 @@ def _site_connection(site):
     return transport
 
 
+class PeerStringTests(WebSocketTestCase):
+    """
+    A connection's peer descriptor (Autobahn's C{peer}) is made from the
+    address its HTTP channel asked the transport for once
+    (leeloo.websocket.peer_string), as Autobahn's peer2str makes it.
+    """
+
+    def test_same_as_peer2str(self):
+        """
+        For TCP over IPv4 and IPv6 and for the addresses it leaves to
+        peer2str, given the address or not, the descriptor is peer2str's.
+        """
+        from autobahn.twisted.util import peer2str
+        from twisted.internet.address import IPv6Address, UNIXAddress
+
+        from leeloo.websocket import peer_string
+
+        for address in (IPv4Address("TCP", "192.0.2.7", 40000), IPv6Address("TCP", "2001:db8::1", 443),
+                        IPv6Address("TCP", "::ffff:192.0.2.7", 1), UNIXAddress(b"/run/leeloo.sock"), UNIXAddress(None)):
+            transport = StringTransport(peerAddress=address)
+            self.assertEqual(peer_string(transport, transport.getPeer()), peer2str(transport), address)
+            self.assertEqual(peer_string(transport), peer2str(transport), address)
+        self.assertEqual(peer_string(None, IPv4Address("TCP", "192.0.2.7", 40000)), "tcp4:192.0.2.7:40000")
+
+    def test_handed_over_connection_asks_once(self):
+        """
+        An upgrade the site hands over asks its transport for the client's
+        address once: the gate, the WebSocket's descriptor and the address
+        its session is counted under all come from that answer.
+        """
+        asked = []
+
+        class Counting(_Transport):
+            def getPeer(self):
+                asked.append(1)
+                return super().getPeer()
+
+        transport = Counting()
+        transport.protocol = self.site.buildProtocol(transport.PEER)
+        transport.protocol.makeConnection(transport)
+        transport.protocol.dataReceived(_handshake(["GET /ws HTTP/1.1", "Host: relay.example.org",
+                                                    "Upgrade: websocket", "Connection: Upgrade",
+                                                    f"Sec-WebSocket-Key: {_KEY}", "Sec-WebSocket-Version: 13"]))
+        protocol = transport.protocol
+        self.assertIsInstance(protocol, RelayServerProtocol)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "))
+        self.assertEqual((protocol.peer, protocol.address), ("tcp4:127.0.0.1:40000", "127.0.0.1"))
+        self.assertEqual([s.address for s in self.relay.sessions], ["127.0.0.1"])
+        self.assertEqual(len(asked), 1)
+
+
 _CONNECTION_MADE = RelayServerProtocol._connectionMade
 
 
