@@ -69,6 +69,9 @@ CHECKPOINT_INTERVAL = 1.0
 # (a flood can grow it far past this); when the store is idle it is
 # truncated to nothing.
 JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
+# A WAL of this many frames (pages) or more, checkpointed while writes came,
+# is caught up on the writing connection so that it starts over.
+CATCH_UP_FRAMES = JOURNAL_SIZE_LIMIT // 4096
 
 # Each entry takes the schema from version N to N + 1.
 MIGRATIONS = [
@@ -789,7 +792,24 @@ class SQLiteStore:
         d = self._checkpoints.runQuery(f"PRAGMA wal_checkpoint({mode})")
         if mode == "TRUNCATE":
             d.addCallback(self._idle_checkpointed)
+        else:
+            d.addCallback(self._catch_up)
         return d.addErrback(lambda f: _log.warn("WAL checkpoint failed: {error}", error=f.getErrorMessage()))
+
+    def _catch_up(self, rows: list) -> Deferred | None:
+        # The WAL starts over from its beginning (and is cut back to
+        # JOURNAL_SIZE_LIMIT) only when a commit finds every frame in it
+        # copied, which a checkpoint on another connection never leaves
+        # while commits keep coming: under a steady flood the WAL grew by
+        # every byte written, each new page a fresh page of the kernel's
+        # cache to zero.  Once it is past its limit, the frames appended
+        # while that checkpoint ran (milliseconds' worth) are copied on the
+        # writing connection, between two batches: the next commit starts
+        # the WAL over.
+        [(busy, frames, copied)] = rows
+        if busy or frames < CATCH_UP_FRAMES or self._closed:
+            return None
+        return self._pool.runQuery("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _idle_checkpointed(self, rows: list) -> None:
         [(busy, _, _)] = rows

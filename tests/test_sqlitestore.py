@@ -19,6 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from leeloo.sealing import Sealer
 from leeloo.sqlitestore import (
+    CATCH_UP_FRAMES,
     DATABASE_NAME,
     JOURNAL_SIZE_LIMIT,
     LOG_COPY_RATE,
@@ -532,8 +533,9 @@ class CheckpointTests(SQLiteTestCase):
     @inlineCallbacks
     def test_commits_never_checkpoint(self):
         """
-        The writing connection never checkpoints the WAL itself (that would
-        make a commit wait for an fsync of the database).
+        A commit never checkpoints the WAL (that would make it wait for an
+        fsync of the database): the writing connection checkpoints only to
+        catch up a WAL past its limit (test_starts_over_under_steady_writes).
         """
         store = self.open()
         self.assertEqual((yield self.pragma(store, "wal_autocheckpoint")), 0)
@@ -585,3 +587,42 @@ class WALSizeTests(SQLiteTestCase):
         self.assertIsNone(store._checkpoint())
         yield store.write([append_op(2000)])
         self.assertGreater(self.wal_size(store), 0)
+
+    @inlineCallbacks
+    def test_starts_over_under_steady_writes(self):
+        """
+        Commits that came while the other connection's checkpoint ran leave
+        frames it did not copy, and the WAL could never start over while
+        writes keep coming; past CATCH_UP_FRAMES the writing connection
+        copies them, and the next commit starts the WAL over, cut back to
+        JOURNAL_SIZE_LIMIT.
+        """
+        store = self.open()
+        yield store.write([crew_op()] + [append_op(seq, b"x" * 4096) for seq in range(1, 1000)])
+        # A reader's snapshot stands for the commit that came while the
+        # checkpoint ran: the checkpoint copies only what that snapshot holds.
+        reader = self.connect(store.path.parent)
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM messages").fetchone()
+        yield store.write([append_op(seq, b"x" * 4096) for seq in range(1000, 2000)])
+        checkpoint = store._checkpoints.runQuery
+        rows = []
+
+        def then_reader_done(query):
+            def done(result):
+                rows.extend(result)
+                reader.execute("COMMIT")
+                return result
+            return checkpoint(query).addCallback(done)
+        store._checkpoints.runQuery = then_reader_done
+        yield store._checkpoint()
+        [(busy, frames, copied)] = rows
+        self.assertEqual(busy, 0)
+        self.assertGreaterEqual(frames, CATCH_UP_FRAMES)
+        self.assertLess(copied, frames)
+        before = self.wal_size(store)
+        yield store.write([append_op(2000)])
+        self.assertLessEqual(self.wal_size(store), JOURNAL_SIZE_LIMIT)
+        self.assertGreater(before, JOURNAL_SIZE_LIMIT)
+        rows = yield store._pool.runQuery("SELECT COUNT(*) FROM messages")
+        self.assertEqual(rows, [(2000,)])
