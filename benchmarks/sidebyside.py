@@ -87,6 +87,10 @@ def main(outdir: Path) -> int:
                 verdict = f"{'>=' if better == 'higher' else '<='} {target:g}: {'met' if met else 'NOT met'}"
             mem = f"; --store memory {show(memory, unit)}" + (
                 f" ({memory / node:.2f})" if memory is not None and node else "") if memory is not None else ""
+            checkout = value(rnd / f"{fig}-checkout", read)
+            if checkout is not None:
+                mem += f"; on the checkout's twistd {show(checkout, unit)}" + (
+                    f" ({checkout / node:.2f})" if node else "")
             print(f"  {what}: {'failed' if ratio is None else f'{bound}{ratio:.2f}'}  {verdict}")
             lost = {side: value(rnd / f"{fig}-{side}", lambda r: r.get("lost")) for side in ("node", "relay")}
             node_text = node_note if bound else f"Node {show(node, unit, lost['node'])}"

@@ -18,12 +18,23 @@
 # sat10k (sustained deliveries/s with p99 <= 50 ms at N=2,000 and 10,000),
 # fanout (p99 at 8,000 deliveries/s, N=10,000), cpu2k (the relay's CPU per
 # 1,000 deliveries at 4,000 deliveries/s, N=2,000), storm (10,000 devices at once, 500 pending: time until all
-# registered).  SIDES="node relay memory".
+# registered).  SIDES="node relay memory" (and "checkout", below).
+#
+# The relay sides run as the README's deployment runs the relay: on the
+# system's Python (RELAY_PYTHON, default /usr/bin/python3, Debian's
+# optimised build), in a virtualenv outside this repository (RELAY_VENV,
+# default /tmp/leeloo-bench-relay-venv, made once with the checkout's
+# dependencies pip-installed, and reused), the checkout's code on
+# PYTHONPATH.  An interpreter built without optimisations (pyenv's default
+# build, say, which a checkout's .venv may come from) costs the relay a
+# quarter of its Python's speed, which production does not pay.  The side
+# "checkout" runs the twistd on PATH (default store) beside, to show it;
+# RELAY_PYTHON=path runs every relay side on that twistd.
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PEER_SRC="${1:-}"
-[ -n "$PEER_SRC" ] && [ "${PEER_SRC#-}" = "$PEER_SRC" ] || { sed -n '2,22p' "$0"; exit 2; }
+[ -n "$PEER_SRC" ] && [ "${PEER_SRC#-}" = "$PEER_SRC" ] || { sed -n '2,32p' "$0"; exit 2; }
 shift
 OUTDIR=""
 ROUNDS=1
@@ -56,6 +67,36 @@ if [ ! -d "$PEER_DIR/node_modules/ws" ] || ! cmp -s "$SERVER_JS" "$PEER_DIR/serv
   (cd "$PEER_DIR" && npm install --no-audit --no-fund express@4 ws@8 dotenv@16 >/dev/null) ||
     { echo "sidebyside.sh: npm install failed in $PEER_DIR" >&2; exit 1; }
 fi
+RELAY_PYTHON="${RELAY_PYTHON:-/usr/bin/python3}"
+RELAY_TWISTD="twistd"
+made_by=""
+if [ "$RELAY_PYTHON" != path ]; then
+  RELAY_VENV="${RELAY_VENV:-/tmp/leeloo-bench-relay-venv}"
+  mkdir -p "$RELAY_VENV"
+  case "$(cd "$RELAY_VENV" && pwd)/" in
+    "$(cd "$HERE/.." && pwd)/"*) echo "sidebyside.sh: RELAY_VENV must be outside this repository" >&2; exit 2 ;;
+  esac
+  made_by="$("$RELAY_PYTHON" -c 'import sys; print(sys.executable, sys.version.split()[0])')" ||
+    { echo "sidebyside.sh: RELAY_PYTHON $RELAY_PYTHON does not run (RELAY_PYTHON=path runs the twistd on PATH)" >&2; exit 2; }
+  # Made afresh unless a whole one of this interpreter is there: the
+  # checkout's dependencies only (the checkout itself is uninstalled again:
+  # run.sh puts its code on PYTHONPATH, and a second copy of its twistd
+  # plugin would shadow it).
+  if [ ! -x "$RELAY_VENV/bin/twistd" ] || [ "$(cat "$RELAY_VENV/made-by" 2>/dev/null)" != "$made_by" ]; then
+    echo "sidebyside.sh: installing the relay's dependencies in $RELAY_VENV ($made_by)" >&2
+    rm -rf "$RELAY_VENV"
+    # Built from a copy of what is committed (pip builds in the tree it is given).
+    src="$(mktemp -d)"
+    { git -C "$HERE/.." archive HEAD | tar -x -C "$src" &&
+      "$RELAY_PYTHON" -m venv "$RELAY_VENV" &&
+      "$RELAY_VENV/bin/pip" install -q --disable-pip-version-check "$src" &&
+      "$RELAY_VENV/bin/pip" uninstall -q -y leeloo-relay &&
+      echo "$made_by" >"$RELAY_VENV/made-by"; } ||
+      { rm -rf "$src"; echo "sidebyside.sh: could not make $RELAY_VENV (Debian: apt install python3-venv)" >&2; exit 1; }
+    rm -rf "$src"
+  fi
+  RELAY_TWISTD="$RELAY_VENV/bin/twistd"
+fi
 NODE_SERVER="node --require $HERE/peer/loopback-listen.cjs --require $HERE/peer/quiet-console.cjs server.js"
 
 figure_env() {  # the run.sh sizes of a figure
@@ -77,6 +118,8 @@ figure_env() {  # the run.sh sizes of a figure
   echo "commit: $(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "peer: $(git -C "$PEER_SRC" rev-parse --short HEAD 2>/dev/null || echo "$PEER_SRC")"
   echo "peer packages: $(cd "$PEER_DIR" && node -p "['express','ws','dotenv'].map(n => n + ' ' + require(n + '/package.json').version).join(', ')")"
+  echo "relay: $RELAY_TWISTD${made_by:+ ($made_by)}"
+  echo "checkout: $(command -v twistd 2>/dev/null || echo 'no twistd on PATH')"
   echo "figures: $FIGURES; sides: $SIDES; rounds: $ROUNDS"
 } >"$OUTDIR/about.txt"
 cat "$OUTDIR/about.txt" >&2
@@ -89,8 +132,9 @@ for round in $(seq 1 "$ROUNDS"); do
       echo "=== round $round: $fig, $side" >&2
       case "$side" in
         node) env $sizes SERVER="$NODE_SERVER" SERVER_DIR="$PEER_DIR" "$HERE/run.sh" -l "$side" -o "$out" >/dev/null ;;
-        relay) env $sizes "$HERE/run.sh" -l "$side" -o "$out" >/dev/null ;;
-        memory) env $sizes "$HERE/run.sh" -l "$side" -o "$out" -- --store memory >/dev/null ;;
+        relay) env $sizes TWISTD="$RELAY_TWISTD" "$HERE/run.sh" -l "$side" -o "$out" >/dev/null ;;
+        memory) env $sizes TWISTD="$RELAY_TWISTD" "$HERE/run.sh" -l "$side" -o "$out" -- --store memory >/dev/null ;;
+        checkout) env $sizes TWISTD=twistd "$HERE/run.sh" -l "$side" -o "$out" >/dev/null ;;
         *) echo "sidebyside.sh: unknown side $side" >&2; exit 2 ;;
       esac
     done

@@ -103,3 +103,17 @@ class RatioTests(SynchronousTestCase):
         text = self.report(root)
         self.assertIn("N=10,000: 0.01", text)
         self.assertIn("Node 9,398 ms (lost 25,992 deliveries), this relay 51.20 ms", text)
+
+    def test_checkout_side_beside(self):
+        """
+        The relay on the checkout's own twistd is shown beside, with its
+        own ratio; the verdict stays the deployed relay's.
+        """
+        root = Path(self.mktemp())
+        self.write(root, "storm", "node", {"elapsed_ms": 3000, "registered": 10, "failed": 0, "params": {"n": 10}})
+        self.write(root, "storm", "relay", {"elapsed_ms": 2700, "registered": 10, "failed": 0, "params": {"n": 10}})
+        self.write(root, "storm", "checkout", {"elapsed_ms": 3300, "registered": 10, "failed": 0,
+                                               "params": {"n": 10}})
+        text = self.report(root)
+        self.assertIn("all registered: 0.90  <= 1: met", text)
+        self.assertIn("Node 3.00 s, this relay 2.70 s; on the checkout's twistd 3.30 s (1.10)", text)
