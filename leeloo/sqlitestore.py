@@ -69,8 +69,9 @@ CHECKPOINT_INTERVAL = 1.0
 # (a flood can grow it far past this); when the store is idle it is
 # truncated to nothing.
 JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
-# A WAL of this many frames (pages) or more, checkpointed while writes came,
-# is caught up on the writing connection so that it starts over.
+# A WAL of this many frames (pages of SQLite's default 4 KiB, which the
+# store keeps) or more, checkpointed while writes came, is caught up on the
+# writing connection so that it starts over.
 CATCH_UP_FRAMES = JOURNAL_SIZE_LIMIT // 4096
 
 # Each entry takes the schema from version N to N + 1.
