@@ -83,6 +83,11 @@ if [ "$RELAY_PYTHON" != path ]; then
   # run.sh puts its code on PYTHONPATH, and a second copy of its twistd
   # plugin would shadow it).
   if [ ! -x "$RELAY_VENV/bin/twistd" ] || [ "$(cat "$RELAY_VENV/made-by" 2>/dev/null)" != "$made_by" ]; then
+    # Only an empty directory or a virtualenv is made afresh: anything else
+    # given as RELAY_VENV is not this script's to delete.
+    if [ -n "$(ls -A "$RELAY_VENV")" ] && [ ! -f "$RELAY_VENV/pyvenv.cfg" ]; then
+      echo "sidebyside.sh: RELAY_VENV $RELAY_VENV is neither empty nor a virtualenv" >&2; exit 2
+    fi
     echo "sidebyside.sh: installing the relay's dependencies in $RELAY_VENV ($made_by)" >&2
     rm -rf "$RELAY_VENV"
     # Built from a copy of what is committed (pip builds in the tree it is given).
