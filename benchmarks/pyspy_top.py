@@ -39,7 +39,7 @@ def frame_key(frame: str) -> tuple[str, str]:
 _PHASES = (
     ("opening handshake (HTTP request, upgrade, onOpen)", ("WebSocketResource.render", "HTTPChannel.", "processHandshake", "_connectionMade", "onOpen")),
     ("connection closed (onClose, member_offline)", ("connectionLost", "onClose", "_connectionLost")),
-    ("database thread (adbapi: commits, checkpoints)", ("_runInteraction", "ThreadWorker")),
+    ("WAL checkpoints' thread (adbapi; commits are in the writer process)", ("_runInteraction", "ThreadWorker")),
     ("socket writes (send)", ("doWrite", "writeSomeData", "RelayServerProtocol._write")),
     ("fan-out (framing, per-recipient bookkeeping)", ("Relay._fanout", "RelayServerProtocol.send")),
     ("frame in -> decode -> relay core", ("onMessage", "_onMessageEnd")),

@@ -151,7 +151,7 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
-start_relay() {  # $1 = log file; sets PORT RELAY_PID DATA_DIR
+start_relay() {  # $1 = log file; sets PORT RELAY_PID SERVER_PIDS DATA_DIR
   PORT="$(free_port)"
   DATA_DIR="$(mktemp -d /tmp/leeloo-bench-data.XXXXXX)"
   # exec: the started process is the relay itself, so its pid is the one measured
@@ -166,7 +166,14 @@ start_relay() {  # $1 = log file; sets PORT RELAY_PID DATA_DIR
     if ! kill -0 "$RELAY_PID" 2>/dev/null; then
       echo "run.sh: the relay exited while starting; its log:" >&2; tail -20 "$1" >&2; RELAY_PID=""; return 1
     fi
-    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then sleep 0.5; return 0; fi
+    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+      sleep 0.5
+      # The relay's processes, measured together: the relay and its
+      # children (the SQLite store's database writer).
+      SERVER_PIDS="$RELAY_PID"
+      for child in $(pgrep -P "$RELAY_PID"); do SERVER_PIDS="$SERVER_PIDS,$child"; done
+      return 0
+    fi
     sleep 0.1
   done
   echo "run.sh: the relay did not listen on 127.0.0.1:$PORT within ${READY_TIMEOUT}s" >&2
@@ -190,7 +197,7 @@ run_scenario() {  # $1 = scenario, $2 = devices, rest = loadgen options
       -o "$base.pyspy.txt" >"$base.pyspy.log" 2>&1 &
     PROFILER_PID=$!
   fi
-  local cmd=(node "$HERE/loadgen/loadgen.mjs" "$sc" --url "ws://127.0.0.1:$PORT/ws" --server-pid "$RELAY_PID"
+  local cmd=(node "$HERE/loadgen/loadgen.mjs" "$sc" --url "ws://127.0.0.1:$PORT/ws" --server-pid "$SERVER_PIDS"
     --n "$n" --crew-size "$CREW_SIZE" --workers "$WORKERS" --client "$CLIENT" --label "$LABEL" "$@")
   # shellcheck disable=SC2206
   cmd+=($LOADGEN_ARGS)

@@ -4,7 +4,7 @@ sockets: the opening handshake through the real site (RelayChannel's
 routing, Autobahn's handshake, the relay's onConnect and onOpen), then its
 ``register`` (identity, crew entry, the journal on the in-memory store, the
 reply), in crews of 5, on the real reactor (not run: timers are only
-scheduled, as a storm's are).  The kernel, the database thread and the log
+scheduled, as a storm's are).  The kernel, the database writer and the log
 observer are left out; ``benchmarks/run.sh``'s storm has them.
 
     PYTHONPATH=. python benchmarks/storm_cpu.py [DEVICES [ROUNDS]]

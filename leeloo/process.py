@@ -23,9 +23,10 @@ log = Logger()
 
 
 # How long a thread that wants the GIL waits for the reactor thread to let
-# go of it.  Python's default is 5 ms; the database thread takes the GIL a
-# few times for every batch it commits, so at the default each batch waits
-# up to 15 ms behind a busy reactor, and every message with it.
+# go of it.  Python's default is 5 ms; a thread that takes the GIL a few
+# times for each piece of work (the WAL checkpoints' thread; the database
+# thread did, for every batch, before the store's writer was a process of
+# its own) waits up to that each time behind a busy reactor.
 GIL_SWITCH_INTERVAL = 0.0005
 
 

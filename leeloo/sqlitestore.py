@@ -1,7 +1,8 @@
 """
 The SQLite store: WAL mode, a versioned schema with migrations, and every
-runtime read and write on one database thread (L{twisted.enterprise.adbapi}
-with a single connection), so the reactor never waits on the disk.
+runtime read and write on one connection in a process of its own
+(L{leeloo.sqlitewriter}), so the reactor never waits on the disk and never
+shares its GIL with the database's work.
 
 The schema is read and migrated, and the state loaded, synchronously at
 start-up, before the relay serves anyone.
@@ -9,9 +10,12 @@ start-up, before the relay serves anyone.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
+import time
+from pickle import PickleBuffer
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
@@ -19,12 +23,24 @@ from typing import Any, Callable, Iterator
 
 from twisted.enterprise import adbapi
 from twisted.internet.task import LoopingCall
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from leeloo.process import sd_notify
 from leeloo.sealing import is_sealed
+from leeloo.sqlitechild import (
+    BUSY_TIMEOUT,
+    EXECUTE,
+    EXECUTE_MANY,
+    JOURNAL_SIZE_LIMIT,
+    RENAME,
+    configure as _configure,
+    crew_rows,
+    execute_steps,
+    trim,
+)
+from leeloo.sqlitewriter import WriterProcess
 
 from leeloo.store import (
     APPEND,
@@ -65,10 +81,6 @@ _log = Logger()
 
 DATABASE_NAME = "leeloo.sqlite3"
 CHECKPOINT_INTERVAL = 1.0
-# What the WAL is cut back to each time a checkpoint lets it start over
-# (a flood can grow it far past this); when the store is idle it is
-# truncated to nothing.
-JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
 # A WAL of this many frames (pages of SQLite's default 4 KiB, which the
 # store keeps) or more, checkpointed while writes came, is caught up on the
 # writing connection so that it starts over.
@@ -234,6 +246,40 @@ class SchemaError(Exception):
     """
 
 
+class DatabaseInUse(Exception):
+    """
+    Another store (another relay, or the database writer of one) holds the
+    database's lock.
+    """
+
+
+# How long a store that starts waits for the lock: long enough for the
+# writer of a relay killed a moment ago to finish its last commit.
+LOCK_WAIT = 5.0
+LOCK_POLL = 0.01
+
+
+def _lock(path: Path) -> int:
+    """
+    A descriptor holding the exclusive lock on C{path} (created readable
+    by its owner only), taken within LOCK_WAIT seconds or L{DatabaseInUse}.
+    """
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise DatabaseInUse(
+                    f"another relay is using this database (it holds {path.name}): stop it first") from None
+            # The writer of a relay that went holds it until its last
+            # commit is done: milliseconds.
+            time.sleep(LOCK_POLL)
+
+
 def schema_version(db: sqlite3.Connection) -> int:
     return db.execute("PRAGMA user_version").fetchone()[0]
 
@@ -320,20 +366,6 @@ def _private_file(path: Path) -> None:
     os.chmod(path, 0o600)
 
 
-BUSY_TIMEOUT = 2.0
-
-
-def _configure(db: sqlite3.Connection, fsync: bool, busy_timeout: float = BUSY_TIMEOUT,
-               checkpoints: bool = True) -> None:
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-    if not checkpoints:
-        db.execute("PRAGMA wal_autocheckpoint = 0")
-    db.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
-    db.execute("PRAGMA foreign_keys = ON")
-    db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-
-
 def _connect(path: Path, fsync: bool, busy_timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     _configure(db, fsync, busy_timeout)
@@ -344,61 +376,53 @@ _INDEXED = frozenset({PUT_CREW, DELETE_CREW, PUT_DEVICE, DELETE_DEVICE, PUT_TOKE
                       PUT_GRANT, DELETE_GRANT})
 
 
-def _find_crew(db: Any, code: str) -> Snapshot | None:
+def _crew_snapshot(rows: tuple | None) -> Snapshot | None:
     """
-    Crew C{code} alone, as L{_load} reads every crew; for the old code of
-    a renamed crew, that crew and the alias; None if there is none.
+    Crew C{code} alone, as L{_load} reads every crew, from its rows
+    (L{leeloo.sqlitechild.crew_rows}); for the old code of a renamed crew,
+    that crew and the alias; None if there is none.
     """
-    crews = [CrewRecord(*row) for row in db.execute(
-        "SELECT code, created_at, created_by, name FROM crews WHERE code = ?", (code,))]
-    aliases = {}
-    if not crews:
-        for (target,) in db.execute("SELECT crew_code FROM crew_aliases WHERE code = ?", (code,)):
-            crews = [CrewRecord(*row) for row in db.execute(
-                "SELECT code, created_at, created_by, name FROM crews WHERE code = ?", (target,))]
-            aliases = {code: target}
-            code = target
-        if not crews:
-            return None
-    snapshot = Snapshot(crews=crews, aliases=aliases)
+    if rows is None:
+        return None
+    crews, alias, members, bot_users, summary, client_messages = rows
+    snapshot = Snapshot(crews=[CrewRecord(*row) for row in crews], aliases=dict([alias]) if alias else {})
     snapshot.members = [
         MemberRecord(c, device, name, seen, delivered, acked, bool(online))
-        for c, device, name, seen, delivered, acked, online in db.execute(
-            "SELECT crew_code, device_id, display_name, last_seen, delivered_seq, acked_seq, online "
-            "FROM members WHERE crew_code = ?", (code,))
+        for c, device, name, seen, delivered, acked, online in members
     ]
-    snapshot.bot_users = [BotUserRecord(*row) for row in db.execute(
-        "SELECT crew_code, user_id, display_name FROM bot_users WHERE crew_code = ?", (code,))]
-    for c, seq, created, size in db.execute(
-        "SELECT crew_code, MAX(seq), MAX(created_at), SUM(length(payload)) FROM messages WHERE crew_code = ?",
-        (code,),
-    ):
+    snapshot.bot_users = [BotUserRecord(*row) for row in bot_users]
+    for c, seq, created, size in summary:
         if seq is not None:
             snapshot.last_seq[c] = seq
             snapshot.last_message_at[c] = created
             snapshot.log_bytes[c] = size
     snapshot.client_messages = [
         LogEntry(c, seq, id, sender, client_msg_id, digest, created, b"")
-        for c, seq, id, sender, client_msg_id, digest, created in db.execute(
-            "SELECT crew_code, seq, id, sender, client_msg_id, digest, created_at "
-            "FROM messages WHERE crew_code = ? AND client_msg_id IS NOT NULL", (code,))
+        for c, seq, id, sender, client_msg_id, digest, created in client_messages
     ]
     return snapshot
 
 
-def _find_device(db: Any, device_id: str) -> DeviceRecord | None:
-    for device, key_hash, bound, created, seen in db.execute(
-        "SELECT device_id, key_hash, bound, created_at, last_seen FROM devices WHERE device_id = ?", (device_id,)
-    ):
+_FIND_DEVICE = "SELECT device_id, key_hash, bound, created_at, last_seen FROM devices WHERE device_id = ?"
+_FIND_TOKEN = "SELECT device_id, tokens, expires_at FROM pending_tokens WHERE device_id = ?"
+_FIND_GRANT = "SELECT device_id, sealed FROM spotify_grants WHERE device_id = ?"
+
+
+def _device(rows: list) -> DeviceRecord | None:
+    for device, key_hash, bound, created, seen in rows:
         return DeviceRecord(device, key_hash, bool(bound), created, seen)
     return None
 
 
-def _find_token(db: Any, device_id: str) -> TokenRecord | None:
-    for device, tokens, expires in db.execute(
-        "SELECT device_id, tokens, expires_at FROM pending_tokens WHERE device_id = ?", (device_id,)
-    ):
+def _token(rows: list) -> TokenRecord | None:
+    for device, tokens, expires in rows:
         return TokenRecord(device, json.loads(tokens), expires)
+    return None
+
+
+def _grant(rows: list) -> GrantRecord | None:
+    for device, sealed in rows:
+        return GrantRecord(device, sealed)
     return None
 
 
@@ -430,13 +454,6 @@ _PAIRING_COLUMNS = ("user_code, device_id, device_name, crew_code, scopes, creat
 def _pairing(row: tuple) -> PairingRecord:
     *fields, keep = row
     return PairingRecord(*fields, keep_offered=keep >= 1, keep=keep >= 2)
-
-
-def _find_grant(db: Any, device_id: str) -> GrantRecord | None:
-    for device, sealed in db.execute("SELECT device_id, sealed FROM spotify_grants WHERE device_id = ?",
-                                     (device_id,)):
-        return GrantRecord(device, sealed)
-    return None
 
 
 def _load(db: sqlite3.Connection) -> Snapshot:
@@ -485,13 +502,23 @@ def _load(db: sqlite3.Connection) -> Snapshot:
     return snapshot
 
 
+# A payload this large or larger goes to the database writer out of band,
+# written down the pipe as it is (pickle protocol 5); a smaller one is
+# cheaper copied into the pickle.
+OUT_OF_BAND_BYTES = 4096
+
+
+def _blob(payload: bytes) -> Any:
+    return PickleBuffer(payload) if len(payload) >= OUT_OF_BAND_BYTES else payload
+
+
 # Each write operation: its statement and its row.
 _STATEMENTS: dict[str, tuple[str, Callable[[Any], tuple]]] = {
     APPEND: (
         "INSERT INTO messages (crew_code, seq, id, sender, client_msg_id, digest, created_at, payload, "
         "ephemeral) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        lambda e: (e.crew_code, e.seq, e.id, e.sender, e.client_msg_id, e.digest, e.created_at, e.payload,
-                   int(e.ephemeral)),
+        lambda e: (e.crew_code, e.seq, e.id, e.sender, e.client_msg_id, e.digest, e.created_at,
+                   _blob(e.payload), int(e.ephemeral)),
     ),
     PUT_MEMBER: (
         "INSERT INTO members (crew_code, device_id, display_name, last_seen, delivered_seq, acked_seq, online) "
@@ -537,22 +564,6 @@ _STATEMENTS: dict[str, tuple[str, Callable[[Any], tuple]]] = {
 }
 
 
-def _rename(cursor: Any, old: str, new: str) -> None:
-    """
-    Move crew C{old} to C{new} with its members, bot users and log; C{old}
-    becomes an alias of C{new} (and C{new} is no longer one).
-    """
-    cursor.execute("INSERT INTO crews (code, created_at, created_by, name) "
-                   "SELECT ?, created_at, created_by, name FROM crews WHERE code = ?", (new, old))
-    if cursor.rowcount != 1:
-        raise sqlite3.IntegrityError(f"no crew {old}")
-    for table in ("members", "bot_users", "messages", "crew_aliases"):
-        cursor.execute(f"UPDATE {table} SET crew_code = ? WHERE crew_code = ?", (new, old))
-    cursor.execute("DELETE FROM crew_aliases WHERE code = ?", (new,))
-    cursor.execute("INSERT OR REPLACE INTO crew_aliases (code, crew_code) VALUES (?, ?)", (old, new))
-    cursor.execute("DELETE FROM crews WHERE code = ?", (old,))
-
-
 # Rows per multi-row INSERT: at most nine columns, so 9,000 parameters, well
 # under SQLite's limit.
 _ROWS_PER_INSERT = 1000
@@ -569,20 +580,21 @@ def _split_insert(sql: str) -> tuple[str, str, str]:
     return sql[:start], sql[start:end], sql[end:]
 
 
-def _insert_many(cursor: Any, sql: str, rows: list[tuple]) -> None:
+def _insert_many(steps: list, sql: str, rows: list[tuple]) -> None:
     """
-    Insert C{rows} with C{sql} (one row's INSERT) as one multi-row INSERT
-    per thousand rows.  SQLite lets go of the GIL around each statement it
-    steps, and this thread then queues for it behind the reactor: one
-    statement a batch, not one a row (a log entry, or in a reconnect storm
-    a member and a device per device), is a tenth less of the relay's CPU
-    in a storm (the rows go in the order given, so a row put twice ends as
+    Add to C{steps} the insertion of C{rows} with C{sql} (one row's INSERT)
+    as one multi-row INSERT per thousand rows.  SQLite lets go of the GIL
+    around each statement it steps: one statement a batch, not one a row
+    (a log entry, or in a reconnect storm a member and a device per
+    device), was a tenth less of the relay's CPU in a storm when the
+    database ran on a thread of the relay's, and is still less of the
+    writer's (the rows go in the order given, so a row put twice ends as
     the second one says, as one row at a time would).
     """
     head, row, tail = _INSERTS[sql]
     for start in range(0, len(rows), _ROWS_PER_INSERT):
         chunk = rows[start:start + _ROWS_PER_INSERT]
-        cursor.execute(head + ", ".join([row] * len(chunk)) + tail, [value for r in chunk for value in r])
+        steps.append((EXECUTE, head + ", ".join([row] * len(chunk)) + tail, [value for r in chunk for value in r]))
 
 
 # Every INSERT among the statements, cut for L{_insert_many}.
@@ -598,17 +610,18 @@ _RANK = {PUT_CREW: 0, PUT_DEVICE: 1, PUT_MEMBER: 2, DELETE_MEMBER: 2, PUT_BOT_US
          PUT_TOKEN: 5, DELETE_TOKEN: 5, PUT_MULTI_CREW: 6, DELETE_MULTI_CREW: 6, PUT_GRANT: 7, DELETE_GRANT: 7}
 
 
-def _write(cursor: Any, ops: list) -> None:
+def _steps(ops: list) -> list:
     """
-    Apply C{ops}, each run of operations of one kind as one statement where
-    it can (a batch of appends is one INSERT).
+    What applying C{ops} takes, as the writer's steps
+    (L{leeloo.sqlitechild.execute_steps}): each run of operations of one
+    kind as one statement where it can (a batch of appends is one INSERT).
     """
     if all(kind in _RANK for kind, _ in ops):
         ops = sorted(ops, key=lambda op: _RANK[op[0]])
+    steps: list = []
     for kind, run in groupby(ops, key=itemgetter(0)):
         if kind == RENAME_CREW:
-            for _, (old, new) in run:
-                _rename(cursor, old, new)
+            steps.extend((RENAME, old, new) for _, (old, new) in run)
             continue
         statement = _STATEMENTS.get(kind)
         if statement is None:
@@ -616,86 +629,54 @@ def _write(cursor: Any, ops: list) -> None:
         sql, row = statement
         rows = [row(arg) for _, arg in run]
         if len(rows) > 1 and sql in _INSERTS:
-            _insert_many(cursor, sql, rows)
+            _insert_many(steps, sql, rows)
+        elif len(rows) == 1:
+            steps.append((EXECUTE, sql, rows[0]))
         else:
-            cursor.executemany(sql, rows)
+            steps.append((EXECUTE_MANY, sql, rows))
+    return steps
 
 
-def _replay(cursor: Any, crew_code: str, after_seq: int, up_to_seq: int, since: float,
-            exclude_sender: str, limit: int, ephemeral_since: float | None = None) -> Any:
-    cursor.execute(
-        "SELECT seq, payload FROM messages WHERE crew_code = ? AND seq > ? AND seq <= ? "
-        "AND created_at >= ? AND sender != ? AND (ephemeral = 0 OR created_at >= ?) "
-        "ORDER BY seq DESC LIMIT ?",
-        (crew_code, after_seq, up_to_seq, since, exclude_sender,
-         since if ephemeral_since is None else ephemeral_since, limit + 1),
-    )
-    rows = [(seq, bytes(payload)) for seq, payload in cursor.fetchall()]
+_REPLAY = ("SELECT seq, payload FROM messages WHERE crew_code = ? AND seq > ? AND seq <= ? "
+           "AND created_at >= ? AND sender != ? AND (ephemeral = 0 OR created_at >= ?) "
+           "ORDER BY seq DESC LIMIT ?")
+
+
+def _replayed(rows: list, after_seq: int, limit: int) -> Replay:
+    rows = [(seq, bytes(payload)) for seq, payload in rows]
     rows.reverse()
     return _replay_window(rows, after_seq, limit)
 
 
-def _prune(cursor: Any, log_before: float) -> int:
-    cursor.execute(
-        "DELETE FROM messages WHERE created_at < ? AND seq < "
-        "(SELECT MAX(seq) FROM messages AS newest WHERE newest.crew_code = messages.crew_code)",
-        (log_before,),
-    )
-    return cursor.rowcount
+_PRUNE = ("DELETE FROM messages WHERE created_at < ? AND seq < "
+          "(SELECT MAX(seq) FROM messages AS newest WHERE newest.crew_code = messages.crew_code)")
+_PUT_PAIRING = f"INSERT OR REPLACE INTO pairings ({_PAIRING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
-def _trim(cursor: Any, crew_code: str, max_bytes: int, keep: int) -> tuple[int, int]:
-    # Newest first, with the running total of the payloads: the first row
-    # (past the kept ones) that takes the total over the bound, and every
-    # older one, go.
-    cursor.execute(
-        "SELECT seq, total FROM (SELECT seq, SUM(length(payload)) OVER w AS total, "
-        "ROW_NUMBER() OVER w AS n FROM messages WHERE crew_code = ? WINDOW w AS (ORDER BY seq DESC)) "
-        "WHERE total > ? AND n > ? ORDER BY seq DESC LIMIT 1",
-        (crew_code, max_bytes, max(1, keep)),
-    )
-    row = cursor.fetchone()
-    if row is not None:
-        cursor.execute("DELETE FROM messages WHERE crew_code = ? AND seq <= ?", (crew_code, row[0]))
-    cursor.execute("SELECT MIN(seq), SUM(length(payload)) FROM messages WHERE crew_code = ?", (crew_code,))
-    first, left = cursor.fetchone()
-    return first or 0, left or 0
-
-
-def _put_pairing(cursor: Any, r: PairingRecord) -> None:
-    cursor.execute(
-        f"INSERT OR REPLACE INTO pairings ({_PAIRING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (r.user_code, r.device_id, r.device_name, r.crew_code, r.scopes, r.created_at, r.expires_at,
-         r.state_hash, r.cookie_hash, r.verifier, 2 if r.keep else 1 if r.keep_offered else 0))
-
-
-def _delete_pairing(cursor: Any, user_code: str) -> None:
-    cursor.execute("DELETE FROM pairings WHERE user_code = ?", (user_code,))
-
-
-def _delete_expired_pairings(cursor: Any, now: float) -> int:
-    cursor.execute("DELETE FROM pairings WHERE expires_at <= ?", (now,))
-    return cursor.rowcount
+def _pairing_row(r: PairingRecord) -> tuple:
+    return (r.user_code, r.device_id, r.device_name, r.crew_code, r.scopes, r.created_at, r.expires_at,
+            r.state_hash, r.cookie_hash, r.verifier, 2 if r.keep else 1 if r.keep_offered else 0)
 
 
 @implementer(IPairings)
 class SQLitePairings:
     """
     The pairing flows of a L{SQLiteStore}, in its C{pairings} table, written
-    on the store's database thread.
+    by the store's database writer.
     """
 
     def __init__(self, store: "SQLiteStore") -> None:
         self._store = store
 
     def put(self, record: PairingRecord) -> Deferred:
-        return self._store._write_with(_put_pairing, record)
+        return self._store._execute(_PUT_PAIRING, _pairing_row(record)).addCallback(lambda _: None)
 
     def delete(self, user_code: str) -> Deferred:
-        return self._store._write_with(_delete_pairing, user_code)
+        return self._store._execute("DELETE FROM pairings WHERE user_code = ?", (user_code,)).addCallback(
+            lambda _: None)
 
     def delete_expired(self, now: float) -> Deferred:
-        return self._store._write_with(_delete_expired_pairings, now)
+        return self._store._execute("DELETE FROM pairings WHERE expires_at <= ?", (now,))
 
 
 @implementer(IStore)
@@ -713,30 +694,38 @@ class SQLiteStore:
         lock before the operation fails with L{StoreError}.
     """
 
-    # Each commit is a round trip to the database thread (a wake-up on each
-    # side and the GIL handed back and forth, about 100 us of CPU here):
-    # at a thousand messages a second, one each.  Gathered for 2 ms, a few
-    # share one, for 2 ms more before the crew sees them.
+    # Each commit is a round trip to the database writer (a pipe written
+    # and read on each side, and the writer's commit): at a thousand
+    # messages a second, one each.  Gathered for 2 ms, a few share one, for
+    # 2 ms more before the crew sees them.
     gather_writes = 0.002
 
     def __init__(self, directory: Path | str, reactor: Any, fsync: bool = False,
                  busy_timeout: float = BUSY_TIMEOUT, sealer: Any = None) -> None:
         self.path = Path(directory) / DATABASE_NAME
         self.fsync = fsync
-        # The database thread answers on this reactor: the gathering window
+        # The database writer answers on this reactor: the gathering window
         # is timed there, whatever clock the relay's own timers run on.
         self.gather_clock = reactor
         for suffix in ("", "-wal", "-shm"):
             _private_file(Path(f"{self.path}{suffix}"))
-        db = _connect(self.path, fsync, busy_timeout)
+        # Held from before the state is read until this store's writer has
+        # exited (the writer inherits it): this store is the database's one
+        # writer, and mints its sequence numbers from what it read.
+        self._lock = _lock(Path(f"{self.path}.lock"))
         try:
-            start = migrate(db, sealer=sealer)
-            if start != SCHEMA_VERSION:
-                _log.info("database schema migrated from version {start} to {version}",
-                          start=start, version=SCHEMA_VERSION)
-            self._snapshot = _load(db)
-        finally:
-            db.close()
+            db = _connect(self.path, fsync, busy_timeout)
+            try:
+                start = migrate(db, sealer=sealer)
+                if start != SCHEMA_VERSION:
+                    _log.info("database schema migrated from version {start} to {version}",
+                              start=start, version=SCHEMA_VERSION)
+                self._snapshot = _load(db)
+            finally:
+                db.close()
+        except BaseException:
+            os.close(self._lock)
+            raise
         # This store is the database's one writer: it mints the sequences.
         self.sequences = Sequences(self._snapshot.last_seq)
         self._crew_codes = {c.code for c in self._snapshot.crews}
@@ -751,19 +740,9 @@ class SQLiteStore:
         self._written = False
         self._truncated = False
         self.pairings = SQLitePairings(self)
-        self._pool = adbapi.ConnectionPool(
-            # The default isolation level opens a transaction before the first
-            # write of an interaction; adbapi commits it: one commit a batch.
-            "sqlite3", str(self.path), check_same_thread=False,
-            # A cached statement keeps a copy of what was last bound to it
-            # until it runs again: a batch's multi-row INSERT (one statement
-            # per row count) would keep that batch's payloads, megabytes a
-            # statement, for good.  Compiling each batch's few statements
-            # afresh costs microseconds.
-            cached_statements=0,
-            cp_min=1, cp_max=1, cp_noisy=False, cp_reactor=reactor,
-            cp_openfun=lambda db: _configure(db, fsync, busy_timeout, checkpoints=False),
-        )
+        # Every write and runtime read, on one connection in a process of
+        # its own (leeloo.sqlitewriter), in the order asked.
+        self._pool = WriterProcess(reactor, self.path, fsync, busy_timeout, self._lock)
         # WAL checkpoints (which copy the log into the database and fsync
         # it) run on a connection and thread of their own, every second, so
         # that no commit waits behind one: commits only append to the WAL.
@@ -840,7 +819,11 @@ class SQLiteStore:
 
     def write(self, ops: list) -> Deferred:
         self._written = True
-        d = self._run(_write, ops)
+        try:
+            steps = _steps(ops)
+        except Exception as e:
+            return fail(e)
+        d = self._run(execute_steps, steps).addCallback(lambda _: None)
         if any(kind in _INDEXED for kind, _ in ops):
             d.addCallback(self._index, ops)
         return d
@@ -881,12 +864,12 @@ class SQLiteStore:
         # holds: an unknown one is answered at once, not by a query.
         if code not in self._crew_codes and code not in self._alias_codes:
             return None
-        return self._run(_find_crew, code)
+        return self._run(crew_rows, code).addCallback(_crew_snapshot)
 
     def find_device(self, device_id: str) -> Deferred | None:
         if device_id not in self._device_ids:
             return None
-        return self._run(_find_device, device_id)
+        return self._query(_FIND_DEVICE, (device_id,)).addCallback(_device)
 
     def find_sent(self, crew_code: str, sender: str, client_msg_id: str) -> None:
         # The relay holds every client_msg_id this store's log holds: it
@@ -896,35 +879,46 @@ class SQLiteStore:
     def find_token(self, device_id: str) -> Deferred | None:
         if device_id not in self._token_ids:
             return None
-        return self._run(_find_token, device_id)
+        return self._query(_FIND_TOKEN, (device_id,)).addCallback(_token)
 
     def find_grant(self, device_id: str) -> Deferred | None:
         if device_id not in self._grant_ids:
             return None
-        return self._run(_find_grant, device_id)
+        return self._query(_FIND_GRANT, (device_id,)).addCallback(_grant)
 
-    def _write_with(self, interaction: Any, *args: Any) -> Deferred:
+    def _query(self, sql: str, params: tuple) -> Deferred:
+        return self._pool.runQuery(sql, params).addErrback(self._store_error)
+
+    def _execute(self, sql: str, params: tuple) -> Deferred:
+        """
+        Run one statement in a transaction of its own; fires with the rows
+        it changed.
+        """
         self._written = True
-        return self._run(interaction, *args)
+        return self._run(execute_steps, [(EXECUTE, sql, params)])
 
     def replay(self, crew_code: str, after_seq: int, up_to_seq: int, since: float,
                exclude_sender: str, limit: int, ephemeral_since: float | None = None) -> Deferred:
-        return self._run(_replay, crew_code, after_seq, up_to_seq, since, exclude_sender, limit,
-                         ephemeral_since)
+        d = self._query(_REPLAY, (crew_code, after_seq, up_to_seq, since, exclude_sender,
+                                  since if ephemeral_since is None else ephemeral_since, limit + 1))
+        return d.addCallback(_replayed, after_seq, limit)
 
     def prune(self, log_before: float) -> Deferred:
-        self._written = True
-        return self._run(_prune, log_before)
+        return self._execute(_PRUNE, (log_before,))
 
     def trim(self, crew_code: str, max_bytes: int, keep: int) -> Deferred:
         self._written = True
-        return self._run(_trim, crew_code, max_bytes, keep)
+        return self._run(trim, crew_code, max_bytes, keep)
 
     def close(self) -> Deferred:
+        """
+        Stop checkpointing and let the writer answer what it was sent;
+        fires once it has exited (and let go of the database's lock).
+        """
         if not self._closed:
             self._closed = True
             if self._checkpointing.running:
                 self._checkpointing.stop()
             self._checkpoints.close()
-            self._pool.close()
-        return succeed(None)
+            os.close(self._lock)
+        return self._pool.close()

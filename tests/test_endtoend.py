@@ -165,7 +165,7 @@ class TwistdTests(TestCase):
     def test_sigterm_closes_every_websocket_with_1001_memory_store(self):
         """
         So does a relay whose store has nothing to flush (its shutdown does
-        not wait on the database thread).
+        not wait on a database writer).
         """
         return self.sigterm_closes_every_websocket("--store", "memory")
 

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from leeloo.store import (
@@ -160,10 +160,20 @@ class GatherTests(JournalTestCase):
         self.store.commit()
         self.assertIsNone(self.successResultOf(drained))
 
+
+class SQLiteGatherTests(TestCase):
+    """
+    The relay gathers for the SQLite store's window (a real store, with its
+    writer process: closed, and the writer gone, after the test).
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+
     def test_sqlite_gathers(self):
         """
         The relay gathers for its store's window: SQLite's commits are a
-        round trip to its thread each; the memory store has none.
+        round trip to its writer each; the memory store has none.
         """
         from twisted.internet import reactor
 

@@ -27,8 +27,9 @@ LIMITS = RelayLimits(messages=Rate(1000, 1000), entries=Rate.per_window(1000, 60
 
 class SQLiteRelayTestCase(TestCase):
     """
-    Relays on a SQLiteStore in a temporary directory (its queries on the
-    real reactor's database thread), with a test clock for their time.
+    Relays on a SQLiteStore in a temporary directory (its queries in its
+    database writer, answered on the real reactor), with a test clock for
+    their time.
     """
 
     timeout = 20
@@ -39,11 +40,15 @@ class SQLiteRelayTestCase(TestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000.0)
 
+    @inlineCallbacks
     def open_relay(self):
         """
-        A relay on the directory's store (a restart: a new store object
-        opening the same file).
+        A relay on the directory's store (a restart: the last relay's store
+        closed, its writer gone, and a new store opening the same file).
         """
+        previous = getattr(self, "relay", None)
+        if previous is not None:
+            yield previous.store.close()
         store = SQLiteStore(self.directory, reactor)
         self.addCleanup(store.close)
         self.relay = Relay(self.clock, store=store, limits=LIMITS, presence_grace=0)
@@ -53,7 +58,7 @@ class SQLiteRelayTestCase(TestCase):
     def settle(self):
         """
         Wait until what the relay asked of its store (writes, replays) is
-        done: everything is queued on the store's one database thread, so
+        done: everything is queued on the store's one database writer, so
         a query put after it comes back after it.
         """
         yield self.relay.journal.barrier()
@@ -96,6 +101,7 @@ class PreviousReleaseTests(SQLiteRelayTestCase):
         # An hour after the old relay stopped.
         self.clock.advance(self.made_at + 3600 - self.clock.seconds())
 
+    @inlineCallbacks
     def test_fixture_is_the_previous_schema(self):
         """
         The fixture is at schema version 6, the last before this one, with
@@ -107,15 +113,16 @@ class PreviousReleaseTests(SQLiteRelayTestCase):
         self.assertGreater(SCHEMA_VERSION, 6)
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.assertNotIn("multi_crew_devices", tables)
-        self.open_relay()
+        yield self.open_relay()
         self.assertEqual(schema_version(db), SCHEMA_VERSION)
 
+    @inlineCallbacks
     def test_crews_members_and_logs_load(self):
         """
         After the migration the crews (with no name), every member row, the
         bot user and each crew's sequence load; no device is multi-crew.
         """
-        relay = self.open_relay()
+        relay = yield self.open_relay()
         crews = relay.crews_part.crews
         self.assertEqual(sorted(crews), ["BAND", "HOME"])
         self.assertEqual((crews["HOME"].name, crews["BAND"].name), (None, None))
@@ -132,7 +139,7 @@ class PreviousReleaseTests(SQLiteRelayTestCase):
         the old log, tagged with its crew (entries the old relay stored),
         and new messages continue the crew's sequence.
         """
-        self.open_relay()
+        yield self.open_relay()
         bob = yield self.device(BOB, "home")
         got = [(f["seq"], f.get("crew_code"), f["msg_type"]) for f in bob.take() if f["type"] == "message"]
         self.assertEqual(got, [(2, "HOME", "song_push")])
@@ -148,7 +155,7 @@ class PreviousReleaseTests(SQLiteRelayTestCase):
         A resend of a message the old relay stored with a client_msg_id is
         answered from the migrated log, not stored again.
         """
-        self.open_relay()
+        yield self.open_relay()
         cat = yield self.device(CAT, "BAND")
         cat.take()
         yield self.send(cat, type="message", payload={"text": "band one"}, client_msg_id="c-1")
@@ -162,7 +169,7 @@ class PreviousReleaseTests(SQLiteRelayTestCase):
         BAND only: HOME does not hear of her, and the bot API counts her in
         BAND alone; registered without a crew she is in none.
         """
-        self.open_relay()
+        yield self.open_relay()
         bob = yield self.device(BOB, "HOME")
         bob.take()
         ann = yield self.device(ANN)
@@ -181,7 +188,7 @@ class PreviousReleaseTests(SQLiteRelayTestCase):
         before the upgrade (her member row there stays); after a restart
         she comes back to those two, and HOME hears nothing of her.
         """
-        self.open_relay()
+        yield self.open_relay()
         yield self.device(CAT, "BAND")
         yield self.device("leeloo_dddddddddddd", "NEW")
         ann = yield self.device(ANN, "BAND")
@@ -189,7 +196,7 @@ class PreviousReleaseTests(SQLiteRelayTestCase):
         self.assertEqual(self.relay.crews_part.multi[ANN], MultiCrewRecord(ANN, ("BAND", "NEW"), "BAND"))
         ann.close()
         yield self.settle()
-        self.open_relay()
+        yield self.open_relay()
         self.assertIn(ANN, self.relay.crews_part.crews["HOME"].members)
         bob = yield self.device(BOB, "HOME")
         bob.take()
@@ -206,7 +213,7 @@ class ReopenedTests(SQLiteRelayTestCase):
 
     @inlineCallbacks
     def three_crews(self):
-        self.open_relay()
+        yield self.open_relay()
         for code in ("ALPHA", "BRAVO", "CHARLIE"):
             yield self.device(f"{code.lower()}_1", code)
         m = yield self.device("m", "ALPHA")
@@ -223,7 +230,7 @@ class ReopenedTests(SQLiteRelayTestCase):
         live traffic follows.
         """
         yield self.three_crews()
-        self.open_relay()
+        yield self.open_relay()
         members = {}
         for code in ("ALPHA", "BRAVO", "CHARLIE"):
             members[code] = yield self.device(f"{code.lower()}_1", code)
@@ -242,7 +249,7 @@ class ReopenedTests(SQLiteRelayTestCase):
         The primary set before a restart, and a crew's name, are what
         C{crews} says after it.
         """
-        self.open_relay()
+        yield self.open_relay()
         namer = Device(self.relay, "192.0.2.9")
         namer.send(type="create_crew", device_id="n", crew_code="BAND", crew_name="The band")
         yield self.settle()
@@ -252,7 +259,7 @@ class ReopenedTests(SQLiteRelayTestCase):
         yield self.send(m, type="crew_primary", crew_code="HOME")
         m.close()
         yield self.settle()
-        self.open_relay()
+        yield self.open_relay()
         back = yield self.device("m")
         back.take()
         back.send(type="crews")

@@ -207,7 +207,7 @@ class RestartTests(TestCase):
         device = Device(relay)
         device.send(type="register", device_id="leeloo_00000000000a", device_name="Kitchen")
         device.send(type="spotify_pair")
-        # The store's one database thread runs its operations in order: once
+        # The store's one database writer runs its operations in order: once
         # this one is done, the flow's put was, and its answer went out.
         yield store.pairings.delete("ZZZZZZZZ")
         answer = device.take()[-1]

@@ -9,15 +9,18 @@ import os
 import socket
 import sqlite3
 import stat
-import threading
+import signal
+import sys
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from leeloo import sqlitestore
 from leeloo.sealing import Sealer
+from leeloo.sqlitechild import trace_statements
 from leeloo.sqlitestore import (
     CATCH_UP_FRAMES,
     DATABASE_NAME,
@@ -25,6 +28,7 @@ from leeloo.sqlitestore import (
     LOG_COPY_RATE,
     MIGRATIONS,
     SCHEMA_VERSION,
+    DatabaseInUse,
     SchemaError,
     SQLiteStore,
     migrate,
@@ -88,9 +92,9 @@ class SQLiteTestCase(TestCase):
 
     def pragma(self, store, name):
         """
-        The value of PRAGMA C{name} on the connection the store's pool uses.
+        The value of PRAGMA C{name} on the store's writing connection.
         """
-        return store._pool.runInteraction(lambda c: c.execute(f"PRAGMA {name}").fetchone()[0])
+        return store._pool.runQuery(f"PRAGMA {name}").addCallback(lambda rows: rows[0][0])
 
 
 class ConnectionTests(SQLiteTestCase):
@@ -417,10 +421,7 @@ class FailureTests(SQLiteTestCase):
         self.assertEqual([seq for seq, _ in replay.entries], [1])
 
     def limit_pages(self, store, pages):
-        def limit(connection):
-            connection.execute(f"PRAGMA max_page_count = {pages}")
-
-        return store._pool.runWithConnection(limit)
+        return store._pool.runQuery(f"PRAGMA max_page_count = {pages}")
 
     @inlineCallbacks
     def test_full(self):
@@ -453,31 +454,158 @@ class FailureTests(SQLiteTestCase):
         self.assertEqual([seq for seq, _ in replay.entries], [1])
 
 
-class ThreadTests(SQLiteTestCase):
+class WriterProcessTests(SQLiteTestCase):
     """
-    The reactor never waits on the disk.
+    The reactor never waits on the disk, nor shares its GIL with the
+    database's work: the store's SQL runs in a process of its own, which
+    holds the database's lock.
     """
 
     @inlineCallbacks
-    def test_sql_off_the_reactor_thread(self):
+    def test_sql_in_the_writer_process(self):
         """
-        Writes, replays and pruning run their SQL on a thread other than
-        the reactor's.
+        Writes, replays and pruning run their SQL in the writer, a process
+        other than the relay's.
         """
-        self.assertIs(threading.current_thread(), threading.main_thread())
         store = self.open()
-        statements = []
-
-        def trace(connection):
-            connection.set_trace_callback(lambda sql: statements.append((threading.current_thread(), sql)))
-
-        yield store._pool.runWithConnection(trace)
+        yield store._pool.runWithConnection(trace_statements, True)
         yield store.write([crew_op(), append_op(1)])
         yield store.replay(ALPHA, 0, 1, 0.0, "nobody", 10)
         yield store.prune(T0)
-        kinds = {sql.split()[0] for _, sql in statements}
+        pid, statements = yield store._pool.runWithConnection(trace_statements, False)
+        kinds = {sql.split()[0] for sql in statements}
         self.assertTrue({"INSERT", "SELECT", "DELETE"} <= kinds, kinds)
-        self.assertEqual([sql for thread, sql in statements if thread is threading.main_thread()], [])
+        self.assertEqual(pid, store._pool.pid)
+        self.assertNotEqual(pid, os.getpid())
+
+    @inlineCallbacks
+    def test_exits_at_close(self):
+        """
+        Closing the store lets the writer answer what it was sent, then it
+        exits, and the database is free for the next store.
+        """
+        directory = self.directory()
+        store = self.open(directory)
+        yield store.write([crew_op()])
+        pid = store._pool.pid
+        written = store.write([append_op(1)])
+        closed = store.close()
+        yield written
+        yield closed
+        self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+        again = self.open(directory)
+        replay = yield again.replay(ALPHA, 0, 9, 0.0, "nobody", 10)
+        self.assertEqual([seq for seq, _ in replay.entries], [1])
+        yield self.assertFailure(store.write([append_op(2)]), StoreError)
+
+    def test_one_store_a_database(self):
+        """
+        A second store on a database another store has open is refused,
+        with an error that says so.
+        """
+        self.patch(sqlitestore, "LOCK_WAIT", 0.05)
+        directory = self.directory()
+        self.open(directory)
+        e = self.assertRaises(DatabaseInUse, SQLiteStore, directory, reactor, sealer=Sealer())
+        self.assertIn("another relay is using this database", str(e))
+
+    @inlineCallbacks
+    def test_writer_holds_the_lock(self):
+        """
+        The writer holds the database's lock by itself: a relay killed while
+        its writer commits leaves the lock held until the writer is done, so
+        the relay started after it reads every entry committed.
+        """
+        self.patch(sqlitestore, "LOCK_WAIT", 0.05)
+        directory = self.directory()
+        store = self.open(directory)
+        yield store.write([crew_op()])
+        # The relay's own descriptor gone, as a kill -9 takes it.
+        os.close(store._lock)
+        store._lock = os.open(os.devnull, os.O_RDONLY)
+        self.assertRaises(DatabaseInUse, SQLiteStore, directory, reactor, sealer=Sealer())
+        yield store._pool.close()
+        self.open(directory)
+
+    @inlineCallbacks
+    def test_lock_waits_for_a_writer_finishing(self):
+        """
+        A store that starts while the lock is held waits for it (the writer
+        of a relay that just went finishing its last commit), up to
+        LOCK_WAIT.
+        """
+        directory = self.directory()
+        path = os.path.join(directory, DATABASE_NAME + ".lock")
+        holder = yield self.hold_lock(path)
+        store = self.open(directory)
+        yield store.write([crew_op()])
+        yield holder.ended
+
+    def hold_lock(self, path):
+        """
+        A process holding the lock on C{path} for a moment, as the writer of
+        a relay just killed does until its last commit is done; fires once
+        it holds it.
+        """
+        from twisted.internet.protocol import ProcessProtocol
+
+        class Holder(ProcessProtocol):
+            def __init__(self):
+                self.holding, self.ended = Deferred(), Deferred()
+
+            def outReceived(self, data):
+                self.holding.callback(self)
+
+            def processEnded(self, reason):
+                self.ended.callback(None)
+
+        holder = Holder()
+        code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(0.3)")
+        reactor.spawnProcess(holder, sys.executable, [sys.executable, "-c", code, path], env=os.environ,
+                             childFDs={1: "r", 2: 2})
+        return holder.holding
+
+    @inlineCallbacks
+    def test_ignores_the_signals_that_stop_the_relay(self):
+        """
+        SIGTERM and SIGINT (which systemd and a terminal send to every
+        process of the relay) leave the writer running: it commits what the
+        relay flushes while it stops.
+        """
+        store = self.open()
+        # Once it runs (it answered), not while its interpreter starts.
+        yield store.write([crew_op()])
+        pid = store._pool.pid
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+        yield store.write([append_op(1)])
+        replay = yield store.replay(ALPHA, 0, 9, 0.0, "nobody", 10)
+        self.assertEqual([seq for seq, _ in replay.entries], [1])
+        self.assertEqual(store._pool.pid, pid)
+
+    @inlineCallbacks
+    def test_writer_killed(self):
+        """
+        A writer killed while a write waits fails that write (transient:
+        the journal retries it), and the next write starts another writer
+        and is committed; nothing the dead one had not committed is there.
+        """
+        directory = self.directory()
+        store = self.open(directory)
+        yield store.write([crew_op()])
+        locker = self.connect(directory)
+        locker.execute("BEGIN EXCLUSIVE")
+        waiting = store.write([append_op(1)])
+        dead = store._pool.pid
+        os.kill(dead, signal.SIGKILL)
+        failure = yield self.assertFailure(waiting, StoreError)
+        self.assertTrue(failure.transient)
+        locker.execute("ROLLBACK")
+        yield store.write([append_op(2)])
+        self.assertNotEqual(store._pool.pid, dead)
+        replay = yield store.replay(ALPHA, 0, 9, 0.0, "nobody", 10)
+        self.assertEqual([seq for seq, _ in replay.entries], [2])
 
 
 class StatementTests(SQLiteTestCase):
@@ -489,10 +617,9 @@ class StatementTests(SQLiteTestCase):
 
     @inlineCallbacks
     def statements_of(self, store, batch):
-        statements = []
-        yield store._pool.runWithConnection(lambda connection: connection.set_trace_callback(statements.append))
+        yield store._pool.runWithConnection(trace_statements, True)
         yield store.write(batch)
-        yield store._pool.runWithConnection(lambda connection: connection.set_trace_callback(None))
+        _, statements = yield store._pool.runWithConnection(trace_statements, False)
         return [sql.split(" (")[0] for sql in statements if sql.startswith("INSERT")]
 
     @inlineCallbacks

@@ -1066,7 +1066,7 @@ class MemoryStoreTests(StoreContract, SynchronousTestCase):
 class SQLiteStoreTests(StoreContract, TestCase):
     """
     The contract, on L{SQLiteStore} in a temporary directory with the real
-    reactor (its queries run on a database thread).
+    reactor (its queries run in its database writer, a process of its own).
     """
 
     timeout = 10
