@@ -178,6 +178,9 @@ class WriterProcess(ProcessProtocol):
             pending, self._pending = self._pending, deque()
             for d in pending:
                 d.errback(Failure(StoreError(f"cannot start the database writer: {e}", transient=True)))
+            closed, self._closed = self._closed, []
+            for d in closed:
+                d.callback(None)
             return
         self.pid = self._process.pid
         os.set_blocking(ours, False)

@@ -16,11 +16,13 @@ import time
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from leeloo import sqlitestore
 from leeloo.sealing import Sealer
 from leeloo.sqlitechild import trace_statements
+from leeloo.sqlitewriter import WriterProcess
 from leeloo.sqlitestore import (
     CATCH_UP_FRAMES,
     DATABASE_NAME,
@@ -606,6 +608,58 @@ class WriterProcessTests(SQLiteTestCase):
         self.assertNotEqual(store._pool.pid, dead)
         replay = yield store.replay(ALPHA, 0, 9, 0.0, "nobody", 10)
         self.assertEqual([seq for seq, _ in replay.entries], [2])
+
+
+class WriterStartTests(SynchronousTestCase):
+    """
+    The writer starts once the reactor runs, and a writer that cannot start
+    fails what waits for it (transient: retried), not the relay.
+    """
+
+    def writer(self, reactor):
+        lock = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(os.close, lock)
+        return WriterProcess(reactor, self.mktemp(), False, 1.0, lock)
+
+    def test_starts_when_the_reactor_runs(self):
+        """
+        A request made before the reactor runs waits for it: the child is
+        started then, with the request.
+        """
+        spawned = []
+
+        class Recording(MemoryReactorClock):
+            def spawnProcess(self, *args, **kwargs):
+                spawned.append(kwargs["childFDs"])
+                raise OSError("recorded")
+
+        reactor = Recording()
+        d = self.writer(reactor).runQuery("SELECT 1")
+        self.assertNoResult(d)
+        self.assertEqual(spawned, [])
+        reactor.run()
+        self.assertEqual([sorted(fds) for fds in spawned], [[0, 1, 2, 3]])
+        self.failureResultOf(d, StoreError)
+
+    def test_cannot_start(self):
+        """
+        A writer that cannot be started fails each request with a transient
+        StoreError, and is tried again at the next; closing it still fires.
+        """
+
+        class NoProcesses(MemoryReactorClock):
+            def spawnProcess(self, *args, **kwargs):
+                raise OSError("no processes here")
+
+        reactor = NoProcesses()
+        reactor.run()
+        writer = self.writer(reactor)
+        for _ in range(2):
+            failure = self.failureResultOf(writer.runQuery("SELECT 1"), StoreError)
+            self.assertTrue(failure.value.transient)
+            self.assertIn("no processes here", str(failure.value))
+        self.assertIsNone(self.successResultOf(writer.close()))
+        self.failureResultOf(writer.runQuery("SELECT 1"), StoreError)
 
 
 class StatementTests(SQLiteTestCase):
