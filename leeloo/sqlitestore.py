@@ -68,6 +68,7 @@ from leeloo.store import (
     MemberRecord,
     MultiCrewRecord,
     PairingRecord,
+    Replay,
     Sequences,
     Snapshot,
     StoreError,
@@ -583,13 +584,13 @@ def _split_insert(sql: str) -> tuple[str, str, str]:
 def _insert_many(steps: list, sql: str, rows: list[tuple]) -> None:
     """
     Add to C{steps} the insertion of C{rows} with C{sql} (one row's INSERT)
-    as one multi-row INSERT per thousand rows.  SQLite lets go of the GIL
-    around each statement it steps: one statement a batch, not one a row
-    (a log entry, or in a reconnect storm a member and a device per
-    device), was a tenth less of the relay's CPU in a storm when the
-    database ran on a thread of the relay's, and is still less of the
-    writer's (the rows go in the order given, so a row put twice ends as
-    the second one says, as one row at a time would).
+    as one multi-row INSERT per thousand rows: one statement a batch, not
+    one a row (a log entry, or in a reconnect storm a member and a device
+    per device), is less of the writer's work (and was a tenth of the
+    relay's CPU in a storm while the database ran on a thread of the
+    relay's, queueing for the GIL at every statement).  The rows go in the
+    order given, so a row put twice ends as the second one says, as one
+    row at a time would.
     """
     head, row, tail = _INSERTS[sql]
     for start in range(0, len(rows), _ROWS_PER_INSERT):
