@@ -169,7 +169,8 @@ start_relay() {  # $1 = log file; sets PORT RELAY_PID SERVER_PIDS DATA_DIR
     if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
       sleep 0.5
       # The relay's processes, measured together: the relay and its
-      # children (the SQLite store's database writer).
+      # children (the SQLite store's database writer, started by the
+      # store's first request: retention's prune as the relay starts).
       SERVER_PIDS="$RELAY_PID"
       for child in $(pgrep -P "$RELAY_PID"); do SERVER_PIDS="$SERVER_PIDS,$child"; done
       return 0

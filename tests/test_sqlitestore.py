@@ -5,6 +5,7 @@ when the database is locked or full, and keeping SQL off the reactor thread.
 The IStore contract itself is in test_store.
 """
 
+import fcntl
 import os
 import socket
 import sqlite3
@@ -13,7 +14,9 @@ import signal
 import sys
 import time
 
-from twisted.internet import reactor
+from pathlib import Path
+
+from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import globalLogPublisher
 from twisted.internet.testing import MemoryReactorClock
@@ -534,20 +537,40 @@ class WriterProcessTests(SQLiteTestCase):
         """
         A store that starts while the lock is held waits for it (the writer
         of a relay that just went finishing its last commit), up to
-        LOCK_WAIT.
+        LOCK_WAIT, and takes it once it is let go.
         """
         directory = self.directory()
         path = os.path.join(directory, DATABASE_NAME + ".lock")
         holder = yield self.hold_lock(path)
-        store = self.open(directory)
-        yield store.write([crew_op()])
+        refused = Deferred()
+        flock = fcntl.flock
+
+        def attempt(fd, operation):
+            try:
+                return flock(fd, operation)
+            except BlockingIOError:
+                reactor.callFromThread(lambda: refused.called or refused.callback(None))
+                raise
+
+        self.patch(sqlitestore.fcntl, "flock", attempt)
+        # Taken on a thread of its own, as the relay takes it before its
+        # reactor runs: this one lets the holder go once it was refused.
+        taking = threads.deferToThread(sqlitestore._lock, Path(path))
+        yield refused
+        holder.transport.write(b"done\n")
+        fd = yield taking
+        self.addCleanup(os.close, fd)
         yield holder.ended
+        # The store's descriptor holds it now.
+        other = os.open(path, os.O_RDWR)
+        self.addCleanup(os.close, other)
+        self.assertRaises(BlockingIOError, flock, other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def hold_lock(self, path):
         """
-        A process holding the lock on C{path} for a moment, as the writer of
-        a relay just killed does until its last commit is done; fires once
-        it holds it.
+        A process holding the lock on C{path} until it reads a line, as the
+        writer of a relay just killed does until its last commit is done;
+        fires once it holds it.
         """
         from twisted.internet.protocol import ProcessProtocol
 
@@ -562,10 +585,10 @@ class WriterProcessTests(SQLiteTestCase):
                 self.ended.callback(None)
 
         holder = Holder()
-        code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-                "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(0.3)")
+        code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()")
         reactor.spawnProcess(holder, sys.executable, [sys.executable, "-c", code, path], env=os.environ,
-                             childFDs={1: "r", 2: 2})
+                             childFDs={0: "w", 1: "r", 2: 2})
         return holder.holding
 
     @inlineCallbacks
