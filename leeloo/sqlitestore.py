@@ -31,9 +31,12 @@ from leeloo.process import sd_notify
 from leeloo.sealing import is_sealed
 from leeloo.sqlitechild import (
     BUSY_TIMEOUT,
+    CLIENT_MESSAGE_COLUMNS,
+    CREW_COLUMNS,
     EXECUTE,
     EXECUTE_MANY,
     JOURNAL_SIZE_LIMIT,
+    MEMBER_COLUMNS,
     RENAME,
     configure as _configure,
     crew_rows,
@@ -459,13 +462,11 @@ def _pairing(row: tuple) -> PairingRecord:
 
 def _load(db: sqlite3.Connection) -> Snapshot:
     snapshot = Snapshot()
-    snapshot.crews = [CrewRecord(*row) for row in db.execute(
-        "SELECT code, created_at, created_by, name FROM crews")]
+    snapshot.crews = [CrewRecord(*row) for row in db.execute(f"SELECT {CREW_COLUMNS} FROM crews")]
     snapshot.members = [
         MemberRecord(code, device, name, seen, delivered, acked, bool(online))
         for code, device, name, seen, delivered, acked, online in db.execute(
-            "SELECT crew_code, device_id, display_name, last_seen, delivered_seq, acked_seq, online "
-            "FROM members")
+            f"SELECT {MEMBER_COLUMNS} FROM members")
     ]
     snapshot.bot_users = [BotUserRecord(*row) for row in db.execute(
         "SELECT crew_code, user_id, display_name FROM bot_users")]
@@ -497,8 +498,7 @@ def _load(db: sqlite3.Connection) -> Snapshot:
     snapshot.client_messages = [
         LogEntry(code, seq, id, sender, client_msg_id, digest, created, b"")
         for code, seq, id, sender, client_msg_id, digest, created in db.execute(
-            "SELECT crew_code, seq, id, sender, client_msg_id, digest, created_at "
-            "FROM messages WHERE client_msg_id IS NOT NULL")
+            f"SELECT {CLIENT_MESSAGE_COLUMNS} FROM messages WHERE client_msg_id IS NOT NULL")
     ]
     return snapshot
 
